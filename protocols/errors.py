@@ -1,0 +1,145 @@
+"""Every exception the project raises on purpose, in one tree.
+
+All packages import from here (``protocols`` is the one package everybody may import), so a
+caller can catch one base class at the edge of a loop and know what it got::
+
+    AmigwError
+     ├─ ConfigError            .key_path + reason: "buses[1].baud: expected int, got 'fast'"
+     ├─ ProtocolError          the peer's bytes were wrong
+     │   ├─ FrameError         .raw: the offending bytes
+     │   │   ├─ ChecksumError
+     │   │   ├─ FramingError
+     │   │   └─ FrameTooLong
+     │   ├─ MeterErrorReply    the meter answered "no": .error_code (bits), .di
+     │   └─ PayloadError       undecodable MQTT payload -> dead letter, with .reason
+     ├─ TransportError         the line or the socket failed
+     │   └─ TransportTimeout   also a builtin TimeoutError
+     ├─ CommandRejected        .reason: bad_signature | expired | not_yet_valid | replayed | unknown_meter | malformed
+     └─ SinkError              InfluxDB refused or was unreachable; .retryable
+
+"We did something wrong" (a programming error) stays a plain ``ValueError``/``TypeError``;
+these classes say the *outside world* (a config file, a meter, a broker payload, a server) did.
+Errors carry their data as attributes, not as prefixes baked into the message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmigwError",
+    "ChecksumError",
+    "CommandRejected",
+    "ConfigError",
+    "FrameError",
+    "FrameTooLong",
+    "FramingError",
+    "MeterErrorReply",
+    "PayloadError",
+    "ProtocolError",
+    "SinkError",
+    "TransportError",
+    "TransportTimeout",
+]
+
+
+class AmigwError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(AmigwError):
+    """A configuration value is missing, unknown or of the wrong type.
+
+    ``key_path`` is the dotted path of the bad key (``"buses[1].baud"``), ``reason`` says why.
+    """
+
+    def __init__(self, key_path: str, reason: str) -> None:
+        self.key_path = key_path
+        self.reason = reason
+        super().__init__(f"{key_path}: {reason}" if key_path else reason)
+
+
+class ProtocolError(AmigwError):
+    """The bytes a peer sent (a meter, a gateway, a broker payload) were wrong."""
+
+
+class FrameError(ProtocolError):
+    """A frame could not be decoded. ``raw`` holds the offending bytes."""
+
+    def __init__(self, message: str, raw: bytes = b"") -> None:
+        self.raw = bytes(raw)
+        super().__init__(f"{message} (raw={self.raw.hex(' ')})" if raw else message)
+
+
+class ChecksumError(FrameError):
+    """The frame's checksum does not match its contents."""
+
+
+class FramingError(FrameError):
+    """Start/end markers, length field or structure are wrong."""
+
+
+class FrameTooLong(FrameError):
+    """A frame (or a run of unframed bytes) exceeds the decoder's bound."""
+
+
+class MeterErrorReply(ProtocolError):
+    """The meter answered with an error reply.
+
+    ``error_code`` is the raw error byte (bit field), ``di`` the data identifier asked for
+    (``None`` when not applicable), ``reasons`` the names of the bits set.
+    """
+
+    def __init__(self, error_code: int, di: int | None = None, reasons: tuple[str, ...] = ()) -> None:
+        self.error_code = error_code
+        self.di = di
+        self.reasons = reasons
+        where = f" for di={di:08X}" if di is not None else ""
+        names = ", ".join(reasons) if reasons else "unspecified"
+        super().__init__(f"meter error reply 0x{error_code:02X}{where}: {names}")
+
+
+class PayloadError(ProtocolError):
+    """An MQTT payload could not be decoded; ``reason`` says what is wrong."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class TransportError(AmigwError):
+    """The serial line or the socket failed (closed, unplugged, refused)."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """No (complete) answer arrived within the timeout."""
+
+
+class CommandRejected(AmigwError):
+    """A downlink command was refused before it reached a meter.
+
+    ``reason`` is one of :data:`CommandRejected.REASONS`; ``command_id`` the command's id when known.
+    """
+
+    REASONS = frozenset(
+        {"bad_signature", "expired", "not_yet_valid", "replayed", "unknown_meter", "malformed"}
+    )
+
+    def __init__(self, reason: str, command_id: str | None = None, detail: str = "") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        self.reason = reason
+        self.command_id = command_id
+        self.detail = detail
+        super().__init__(f"command {command_id or '?'} rejected: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class SinkError(AmigwError):
+    """InfluxDB refused a write or could not be reached.
+
+    ``retryable`` is true for outages and overload (5xx, 429, connection errors), false for
+    writes the server will never accept (4xx: bad line protocol, type conflicts).
+    """
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        self.retryable = retryable
+        self.status = status
+        super().__init__(message)

@@ -1,0 +1,60 @@
+"""Quality flags: one bit per rule, carried in every reading's ``flags`` (uint16).
+
+A reading is never silently dropped: whatever is wrong with it is recorded here and it is
+stored with its flags. The edge sets ``METER_ERROR`` and ``CLOCK_SKEW``-at-read; ingest's
+validation kernels set the rest. Bits are stable: never renumber, only add.
+
+==== ==================  ============================================================
+bit  name                meaning
+==== ==================  ============================================================
+0    OUT_OF_RANGE        value outside the quantity's physical range
+1    WENT_BACKWARDS      cumulative register lower than the previous reading (not a rollover)
+2    ROLLOVER            cumulative register wrapped at its maximum; the delta is computed across the wrap
+3    SPIKE               consumption above the physical maximum from the meter's rating
+4    GAP_BEFORE          one or more expected readings are missing before this one
+5    ESTIMATED           value produced by estimation, not read from the meter
+6    CLOCK_SKEW          meter clock differs from the head-end's beyond tolerance
+7    FUTURE_TIME         timestamp later than receive time + tolerance
+8    DUPLICATE           same (meter, quantity, ts) seen before
+9    METER_ERROR         the meter answered this read with an error reply (value is 0)
+10   METER_REPLACED      register restarted near zero: a new meter, not consumption
+11   ZERO_WITH_CURRENT   no energy consumed while current flowed
+12   PHASE_LOSS          one phase voltage collapsed while the others were normal
+13   PF_OUT_OF_BOUNDS    power factor outside [-1, 1] or below the configured floor
+14   OUT_OF_ORDER        timestamp earlier than a reading already seen for this channel
+==== ==================  ============================================================
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Flag", "describe"]
+
+
+class Flag(enum.IntFlag):
+    OUT_OF_RANGE = 1 << 0
+    WENT_BACKWARDS = 1 << 1
+    ROLLOVER = 1 << 2
+    SPIKE = 1 << 3
+    GAP_BEFORE = 1 << 4
+    ESTIMATED = 1 << 5
+    CLOCK_SKEW = 1 << 6
+    FUTURE_TIME = 1 << 7
+    DUPLICATE = 1 << 8
+    METER_ERROR = 1 << 9
+    METER_REPLACED = 1 << 10
+    ZERO_WITH_CURRENT = 1 << 11
+    PHASE_LOSS = 1 << 12
+    PF_OUT_OF_BOUNDS = 1 << 13
+    OUT_OF_ORDER = 1 << 14
+
+
+def describe(flags: int) -> tuple[str, ...]:
+    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit15``."""
+    names = [f.name or "" for f in Flag if flags & f]
+    known = 0
+    for f in Flag:
+        known |= f
+    names.extend(f"bit{b}" for b in range(16) if flags & ~known & (1 << b))
+    return tuple(names)
