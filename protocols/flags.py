@@ -53,8 +53,6 @@ class Flag(enum.IntFlag):
 def describe(flags: int) -> tuple[str, ...]:
     """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit15``."""
     names = [f.name or "" for f in Flag if flags & f]
-    known = 0
-    for f in Flag:
-        known |= f
+    known = sum(int(f) for f in Flag)
     names.extend(f"bit{b}" for b in range(16) if flags & ~known & (1 << b))
     return tuple(names)

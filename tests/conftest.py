@@ -1,0 +1,76 @@
+"""Real-service fixtures for the whole suite (DESIGN §8): mosquitto and influxd as child processes.
+
+- ``mosquitto``: plain broker, anonymous, ``.url`` is ``mqtt://127.0.0.1:<port>`` (session).
+- ``mosquitto_secure``: TLS + password file + ACL (see ``services.Mosquitto``) (session).
+- ``influxd``: InfluxDB 1.x (session); ``influx_db``: ``(influxd, fresh database name)`` per test.
+
+The servers are shared by the session, so tests use their own client ids, topics and databases.
+A test may stop or kill a server (to test outages); after that test it is started again, on the
+same port, so one failing outage test does not cascade. A missing binary is a setup *error* with
+the install command, never a skip: CI installs both servers.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # so `import services` works in any import mode
+from services import Influxd, Mosquitto, ServiceBinaryMissing  # noqa: E402
+
+SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd")
+
+
+def _started(service_factory, workdir: Path):  # type: ignore[no-untyped-def]
+    try:
+        service = service_factory(workdir)
+    except ServiceBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    service.start()
+    return service
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = _started(Mosquitto, tmp_path_factory.mktemp("mosquitto"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = _started(lambda d: Mosquitto(d, secure=True), tmp_path_factory.mktemp("mosquitto-secure"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influxd]:
+    server = _started(Influxd, tmp_path_factory.mktemp("influxd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def influx_db(influxd: Influxd, request: pytest.FixtureRequest) -> Iterator[tuple[Influxd, str]]:
+    """A fresh database named after the test, dropped afterwards."""
+    name = f"t_{re.sub(r'[^A-Za-z0-9]+', '_', request.node.name)[:40]}_{uuid.uuid4().hex[:8]}"
+    influxd.create_database(name)
+    yield influxd, name
+    if not influxd.running:
+        influxd.start()
+    influxd.drop_database(name)
+
+
+@pytest.fixture(autouse=True)
+def _restart_stopped_services(request: pytest.FixtureRequest) -> Iterator[None]:
+    used = [request.getfixturevalue(name) for name in SERVICE_FIXTURES if name in request.fixturenames]
+    yield
+    for service in used:
+        if not service.running:
+            service.start()
