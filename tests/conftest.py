@@ -13,26 +13,28 @@ the install command, never a skip: CI installs both servers.
 from __future__ import annotations
 
 import re
-import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # so `import services` works in any import mode
-from services import Influxd, Mosquitto, ServiceBinaryMissing  # noqa: E402
+from tests.services import Influxd, Mosquitto, ServiceNotInstalledError
 
 SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd")
+S = TypeVar("S", Mosquitto, Influxd)
 
 
-def _started(service_factory, workdir: Path):  # type: ignore[no-untyped-def]
+def _started(service_factory: Callable[[Path], S], workdir: Path) -> S:
     try:
         service = service_factory(workdir)
-    except ServiceBinaryMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    service.start()
-    return service
+    except ServiceNotInstalledError as exc:
+        missing = str(exc)  # fail outside the except block: one clean line, no exception chain
+    else:
+        service.start()
+        return service
+    pytest.fail(missing, pytrace=False)
 
 
 @pytest.fixture(scope="session")

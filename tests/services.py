@@ -19,9 +19,10 @@ Contract:
 - Every child is killed at interpreter exit (atexit) and, on Linux, when the thread that started
   it dies (PR_SET_PDEATHSIG), so a crashed or killed test run leaves no servers behind. Start
   servers from the main thread: a worker thread's exit would kill them.
-- A missing binary raises ``ServiceBinaryMissing`` naming the setup command. Nothing is skipped.
+- A missing binary raises ``ServiceNotInstalledError`` naming the setup command. Nothing is skipped.
 
-Only the standard library is used, so the demo can load this file without test dependencies.
+Only the standard library is used, so the demo can use it too (`from tests.services import Mosquitto`,
+run from the repository root) without test dependencies.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ from typing import Any, ClassVar
 __all__ = [
     "GATEWAY_USERS",
     "HEADEND_USER",
-    "Influxd",
     "InfluxError",
+    "Influxd",
     "Mosquitto",
-    "ServiceBinaryMissing",
     "ServiceError",
+    "ServiceNotInstalledError",
     "TlsFiles",
     "free_port",
     "free_ports",
@@ -71,7 +72,7 @@ class ServiceError(RuntimeError):
     """A test server failed to start, stop or answer. The message carries the server's log tail."""
 
 
-class ServiceBinaryMissing(ServiceError, FileNotFoundError):
+class ServiceNotInstalledError(ServiceError, FileNotFoundError):
     """The server's executable is not installed."""
 
 
@@ -105,12 +106,12 @@ def find_binary(name: str, *fallbacks: str) -> str:
     """Path of executable ``name`` on PATH or at one of ``fallbacks`` (sbin is often not on PATH).
 
     Raises:
-        ServiceBinaryMissing: nowhere to be found.
+        ServiceNotInstalledError: nowhere to be found.
     """
     for candidate in (shutil.which(name), *fallbacks):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise ServiceBinaryMissing(f"{name} not found: {SETUP_HINT}")
+    raise ServiceNotInstalledError(f"{name} not found: {SETUP_HINT}")
 
 
 _LIVE: dict[int, subprocess.Popen[bytes]] = {}
@@ -210,7 +211,7 @@ class _ChildServer:
 
         Raises:
             ServiceError: already running, exited early or not answering in time (with log tail).
-            ServiceBinaryMissing: the executable is not installed.
+            ServiceNotInstalledError: the executable is not installed.
         """
         if self.running:
             raise ServiceError(f"{self!r} is already running")
@@ -246,7 +247,7 @@ class _ChildServer:
         self._write_config()
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv built from our own config
+            proc = subprocess.Popen(
                 self._argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -254,7 +255,7 @@ class _ChildServer:
                 cwd=self.workdir,
                 env=self._env(),
                 start_new_session=True,  # a Ctrl-C on the test run must not kill servers mid-test
-                preexec_fn=_die_with_parent_preexec(),  # noqa: PLW1509 - documented above
+                preexec_fn=_die_with_parent_preexec(),
             )
         self._proc = proc
         with _LIVE_LOCK:
@@ -336,38 +337,31 @@ def make_tls_files(directory: str | os.PathLike[str], *, days: int = 7) -> TlsFi
     """Generate a CA, a server certificate for 127.0.0.1/localhost and a wrong CA (openssl CLI).
 
     Raises:
-        ServiceBinaryMissing: no ``openssl``.
+        ServiceNotInstalledError: no ``openssl``.
         ServiceError: openssl failed (with its output).
     """
     openssl = find_binary("openssl", "/usr/bin/openssl")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    cnf = out / "openssl.cnf"
-    cnf.write_text(_OPENSSL_CNF)
-
-    def run(*args: str | Path) -> None:
-        proc = subprocess.run([openssl, *map(str, args)], capture_output=True, cwd=out, check=False)  # noqa: S603
+    (out / "openssl.cnf").write_text(_OPENSSL_CNF)
+    tag, serial = secrets.token_hex(4), secrets.randbits(63)
+    ec_key = "genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out"
+    self_signed = f"req -config openssl.cnf -new -x509 -sha256 -days {days} -extensions ca_ext"
+    steps = (
+        f"{ec_key} ca.key",
+        f"{self_signed} -key ca.key -subj /CN=amigw-test-ca-{tag} -out ca.crt",
+        f"{ec_key} wrong-ca.key",
+        f"{self_signed} -key wrong-ca.key -subj /CN=amigw-unrelated-ca-{tag} -out wrong-ca.crt",
+        f"{ec_key} server.key",
+        "req -config openssl.cnf -new -key server.key -subj /CN=127.0.0.1 -out server.csr",
+        f"x509 -req -sha256 -days {days} -in server.csr -CA ca.crt -CAkey ca.key -set_serial {serial}"
+        " -extfile openssl.cnf -extensions server_ext -out server.crt",
+    )
+    for step in steps:  # relative names (cwd=out): a directory with spaces needs no quoting
+        proc = subprocess.run([openssl, *step.split()], capture_output=True, cwd=out, check=False)
         if proc.returncode != 0:
-            raise ServiceError(f"openssl {args[0]} failed: {proc.stderr.decode(errors='replace')}")
-
-    def new_key(path: Path) -> None:
-        run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
-
-    def new_ca(stem: str, common_name: str) -> Path:
-        new_key(out / f"{stem}.key")
-        run("req", "-config", cnf, "-new", "-x509", "-sha256", "-days", str(days), "-key", out / f"{stem}.key",
-            "-subj", f"/CN={common_name}", "-extensions", "ca_ext", "-out", out / f"{stem}.crt")  # fmt: skip
-        return out / f"{stem}.crt"
-
-    ca = new_ca("ca", f"amigw test CA {secrets.token_hex(4)}")
-    wrong_ca = new_ca("wrong-ca", f"amigw unrelated CA {secrets.token_hex(4)}")
-    new_key(out / "server.key")
-    run("req", "-config", cnf, "-new", "-key", out / "server.key", "-subj", "/CN=127.0.0.1",
-        "-out", out / "server.csr")  # fmt: skip
-    run("x509", "-req", "-sha256", "-days", str(days), "-in", out / "server.csr", "-CA", ca,
-        "-CAkey", out / "ca.key", "-set_serial", str(secrets.randbits(63)),
-        "-extfile", cnf, "-extensions", "server_ext", "-out", out / "server.crt")  # fmt: skip
-    return TlsFiles(ca_file=ca, certfile=out / "server.crt", keyfile=out / "server.key", wrong_ca_file=wrong_ca)
+            raise ServiceError(f"openssl {step!r} failed: {proc.stderr.decode(errors='replace')}")
+    return TlsFiles(out / "ca.crt", out / "server.crt", out / "server.key", out / "wrong-ca.crt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +446,8 @@ class Mosquitto(_ChildServer):
             f"max_queued_messages {self.max_queued_messages}",
             "set_tcp_nodelay true",
             "log_dest stderr\nlog_timestamp_format %Y-%m-%dT%H:%M:%S",
-            *(f"log_type {t}" for t in self.log_types),
+            # "information" carries the "running" line that start() waits for
+            *(f"log_type {t}" for t in dict.fromkeys((*self.log_types, "information"))),
             "connection_messages true",
         ]
         if os.geteuid() == 0:
@@ -475,7 +470,7 @@ class Mosquitto(_ChildServer):
         path = self.workdir / "passwd"
         path.write_text("")
         for user, password in self.passwords.items():
-            proc = subprocess.run([tool, "-b", str(path), user, password], capture_output=True, check=False)  # noqa: S603
+            proc = subprocess.run([tool, "-b", str(path), user, password], capture_output=True, check=False)
             if proc.returncode != 0:
                 raise ServiceError(f"mosquitto_passwd failed: {proc.stdout!r} {proc.stderr!r}")
 
@@ -535,7 +530,9 @@ class Influxd(_ChildServer):
 
     def _write_config(self) -> None:
         w = self.workdir
-        disabled = "".join(f"[[{s}]]\n  enabled = false\n" for s in ("graphite", "collectd", "opentsdb", "udp"))
+        disabled = "".join(
+            f"[[{s}]]\n  enabled = false\n" for s in ("graphite", "collectd", "opentsdb", "udp")
+        )
         self.config_file.write_text(
             f'reporting-disabled = true\nbind-address = "{self.host}:{self.rpc_port}"\n'
             f'[meta]\n  dir = "{w / "meta"}"\n'
@@ -559,7 +556,9 @@ class Influxd(_ChildServer):
 
     # -- HTTP API --------------------------------------------------------------------------
 
-    def query_raw(self, influxql: str, db: str | None = None, *, epoch: str | None = "ms") -> list[dict[str, Any]]:
+    def query_raw(
+        self, influxql: str, db: str | None = None, *, epoch: str | None = "ms"
+    ) -> list[dict[str, Any]]:
         """POST /query; influxd's ``results`` list, one entry per statement.
 
         Raises:
@@ -570,15 +569,19 @@ class Influxd(_ChildServer):
             params["db"] = db
         if epoch is not None:
             params["epoch"] = epoch
-        body = self._request("/query", urllib.parse.urlencode(params).encode(), influxql,
-                             "application/x-www-form-urlencoded")  # fmt: skip
+        form = urllib.parse.urlencode(params).encode()
+        body = self._request("/query", form, influxql, "application/x-www-form-urlencoded")
         results: list[dict[str, Any]] = json.loads(body)["results"]
         for result in results:
             if "error" in result:
-                raise InfluxError(f"influxd rejected {influxql!r}: {result['error']}", status=200, error=result["error"])
+                raise InfluxError(
+                    f"influxd rejected {influxql!r}: {result['error']}", status=200, error=result["error"]
+                )
         return results
 
-    def query(self, influxql: str, db: str | None = None, *, epoch: str | None = "ms") -> list[dict[str, Any]]:
+    def query(
+        self, influxql: str, db: str | None = None, *, epoch: str | None = "ms"
+    ) -> list[dict[str, Any]]:
         """Rows as ``{tag or column: value}`` over every series of every statement.
 
         Times are integers in ``epoch`` units (milliseconds by default; ``epoch=None`` gives
@@ -620,8 +623,8 @@ class Influxd(_ChildServer):
                     yield {**tags, **dict(zip(series["columns"], values, strict=True))}
 
     def _request(self, path: str, data: bytes, what: str, content_type: str) -> bytes:
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST",
-                                     headers={"Content-Type": content_type})  # fmt: skip
+        headers = {"Content-Type": content_type}
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return bytes(resp.read())
@@ -631,7 +634,9 @@ class Influxd(_ChildServer):
                 error = str(json.loads(body)["error"])
             except (ValueError, KeyError, TypeError):
                 error = body.strip()
-            raise InfluxError(f"influxd {exc.code} for {what!r}: {error}", status=exc.code, error=error) from exc
+            raise InfluxError(
+                f"influxd {exc.code} for {what!r}: {error}", status=exc.code, error=error
+            ) from exc
         except OSError as exc:
             raise ServiceError(f"{self!r} unreachable for {what!r}: {exc}") from exc
 
