@@ -1,1 +1,33 @@
-"""drivers package."""
+"""I/O to meters: transports, the shared RS-485 bus, and the meter-driver interface.
+
+* :mod:`drivers.transport` -- :class:`Transport` (write/read/discard_input/aclose) and the one
+  request/response loop :func:`exchange`.
+* :mod:`drivers.serial_transport`, :mod:`drivers.tcp_transport` -- pyserial and serial-over-TCP.
+* :mod:`drivers.bus` -- one lock per line, guard times, adaptive response timeouts.
+* :mod:`drivers.base` -- :class:`MeterDriver`, :class:`MeterRef`, :class:`ReadResult`,
+  :class:`RelayAction`, and the lazy registry :data:`DRIVERS` / :func:`load_driver`.
+* :mod:`drivers.modbus` (+ :mod:`drivers.modbus_transport`, the only pymodbus importer).
+
+Importing this package imports neither pyserial nor pymodbus; the modules that need them do.
+"""
+
+from drivers.base import DRIVERS, MeterDriver, MeterRef, ReadResult, RelayAction, load_driver
+from drivers.bus import Bus, BusTransaction, ResponseTimeout, frame_gap_s
+from drivers.transport import StreamDecoder, Transport, exchange, read_frame
+
+__all__ = [
+    "DRIVERS",
+    "Bus",
+    "BusTransaction",
+    "MeterDriver",
+    "MeterRef",
+    "ReadResult",
+    "RelayAction",
+    "ResponseTimeout",
+    "StreamDecoder",
+    "Transport",
+    "exchange",
+    "frame_gap_s",
+    "load_driver",
+    "read_frame",
+]

@@ -88,7 +88,7 @@ def _get(table: dict[str, Any], key: str, kind: type, path: str, default: Any = 
             raise ConfigError(f"{path}.{key}", "missing")
         return default
     value = table[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"{path}.{key}", f"expected {kind.__name__}, got {value!r}")
     return value
 
@@ -136,7 +136,9 @@ def _register(raw: Any, i: int, defaults: dict[str, Any], path: str) -> Register
         address=address,
         function=_function(_get(raw, "function", int, where, defaults["function"]), f"{where}.function"),
         dtype=dtype,
-        order=_enum(WordOrder, _get(raw, "word_order", str, where, defaults["word_order"]), f"{where}.word_order"),
+        order=_enum(
+            WordOrder, _get(raw, "word_order", str, where, defaults["word_order"]), f"{where}.word_order"
+        ),
         scale=scale,
     )
 
@@ -161,7 +163,9 @@ def parse_map(data: dict[str, Any], source: str = "map") -> RegisterMap:
     defaults = {
         "function": _function(_get(data, "function", int, source, 3), f"{source}.function"),
         "type": _enum(DataType, _get(data, "type", str, source, "float32"), f"{source}.type").value,
-        "word_order": _enum(WordOrder, _get(data, "word_order", str, source, "ABCD"), f"{source}.word_order").value,
+        "word_order": _enum(
+            WordOrder, _get(data, "word_order", str, source, "ABCD"), f"{source}.word_order"
+        ).value,
     }
     max_gap = _get(data, "max_gap", int, source, 4)
     if not 0 <= max_gap <= 120:

@@ -80,8 +80,10 @@ def decode_block(block: ReadBlock, values: Sequence[int]) -> dict[int, int]:
     (callers that want per-quantity errors use :func:`decode_one`)."""
     if len(values) != block.count:
         raise ValueError(f"expected {block.count} registers, got {len(values)}")
-    return {reg.quantity.code: decode_one(reg, values[reg.address - block.start : reg.end - block.start])
-            for reg in block.registers}
+    return {
+        reg.quantity.code: decode_one(reg, values[reg.address - block.start : reg.end - block.start])
+        for reg in block.registers
+    }
 
 
 def decode_one(reg: RegisterDef, words: Sequence[int]) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from protocols.errors import FrameTooLong
 
 __all__ = [
+    "EXCEPTION_NAMES",
     "NEED_DATA",
     "ExceptionReply",
     "NeedData",
@@ -30,7 +31,9 @@ __all__ = [
     "ResponseDecoder",
     "Skipped",
     "crc16",
+    "encode_exception_reply",
     "encode_read",
+    "encode_registers_reply",
 ]
 
 EXCEPTION_NAMES = {
