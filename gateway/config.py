@@ -1,0 +1,345 @@
+"""The edge agent's configuration: TOML -> frozen dataclasses, validated once at start.
+
+:func:`load_config` reads the file and raises :class:`~protocols.errors.ConfigError` naming the
+dotted key for every problem: unknown keys, wrong types, bad values, and cross-references
+(a meter on a bus that does not exist, a plan that names an unknown quantity, two meters with
+the same id). :data:`SAMPLE` is the commented sample (``amigw config sample``); a unit test loads
+it, so it cannot rot. The commented values are the defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from protocols.config import loads_toml
+from protocols.errors import ConfigError
+from protocols.quantities import by_name
+
+__all__ = ["SAMPLE", "BusConfig", "EdgeConfig", "MeterConfig", "PlanConfig", "load_config"]
+
+_STANDARD_BAUDS = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = ""  # default: amigw-edge-<gateway_id>
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 30
+    encoding: Literal["binary", "json"] = "binary"
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^mqtts?://[^:/]+(:\d+)?/?$", self.url):
+            raise ValueError(f"url: expected mqtt://host[:port] or mqtts://host[:port], got {self.url!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    path: str = "/var/lib/amigw/outbox.sqlite"
+    max_bytes: int = 64 * 1024 * 1024
+    policy: Literal["shed_by_kind", "reject_new"] = "shed_by_kind"
+    max_inflight: int = 256
+    max_readings_per_batch: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 64 * 1024:
+            raise ValueError("max_bytes: must be at least 65536")
+        if not 1 <= self.max_inflight <= 65535:
+            raise ValueError("max_inflight: must be 1..65535 (MQTT packet ids are 16-bit)")
+        if self.max_readings_per_batch < 1:
+            raise ValueError("max_readings_per_batch: must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ClockConfig:
+    tolerance_s: int = 60
+    max_adjust_s: int = 300  # DL/T 645 broadcast time sync: at most +-5 min, once a day
+    check_interval_s: int = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    name: str
+    port: str  # /dev/ttyS1, tcp://host:port (transparent serial server) or modbus-tcp://host:port
+    baud: int = 2400
+    parity: Literal["N", "E", "O"] = "E"
+    stop_bits: int = 1
+    timeout_s: float = 1.0
+    min_timeout_s: float = 0.2
+    max_timeout_s: float = 3.0
+    min_gap_ms: int = 0
+    retries: int = 2
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        if not _ID.match(self.name):
+            raise ValueError(f"name: {self.name!r} must be 1-64 letters, digits or _.:-")
+        if self.baud not in _STANDARD_BAUDS:
+            raise ValueError(f"baud: {self.baud} is not a standard rate ({', '.join(map(str, _STANDARD_BAUDS))})")
+        if self.stop_bits not in (1, 2):
+            raise ValueError("stop_bits: must be 1 or 2")
+        if not 0 < self.min_timeout_s <= self.timeout_s <= self.max_timeout_s:
+            raise ValueError("timeout_s: need 0 < min_timeout_s <= timeout_s <= max_timeout_s")
+        if not 0 <= self.retries <= 10:
+            raise ValueError("retries: must be 0..10")
+        if self.port.startswith(("tcp://", "modbus-tcp://")) and not re.match(r"^[a-z-]+://[^:/]+:\d+$", self.port):
+            raise ValueError(f"port: expected tcp://host:port, got {self.port!r}")
+
+    @property
+    def kind(self) -> Literal["serial", "tcp", "modbus-tcp"]:
+        if self.port.startswith("modbus-tcp://"):
+            return "modbus-tcp"
+        return "tcp" if self.port.startswith("tcp://") else "serial"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanConfig:
+    name: str
+    quantities: tuple[str, ...]
+    interval_s: int = 900
+    kind: Literal["register", "daily", "instant"] = "register"
+
+    def __post_init__(self) -> None:
+        if self.interval_s < 1 or 86_400 % self.interval_s:
+            raise ValueError(f"interval_s: {self.interval_s} must divide a day (60, 300, 900, 3600 ...)")
+        if not self.quantities:
+            raise ValueError("quantities: must not be empty")
+        for i, name in enumerate(self.quantities):
+            try:
+                by_name(name)
+            except KeyError:
+                raise ValueError(f"quantities: [{i}] unknown quantity {name!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConfig:
+    id: str
+    bus: str
+    protocol: Literal["dlt645-2007", "dlt645-1997", "modbus"] = "dlt645-2007"
+    address: str = ""  # DL/T 645: 12 digits as on the nameplate; Modbus: unit id (1..247)
+    model: str | None = None  # Modbus register map: sdm630, sdm120, dtsu666, ddsu666
+    password: str | None = None  # DL/T 645 control password, 8 hex digits (level + 3 bytes)
+    operator: str | None = None  # DL/T 645 operator code, 8 hex digits
+    plans: tuple[str, ...] = ("registers", "instant")
+    rated_current_a: float = 60.0
+    rated_voltage_v: float = 220.0
+    phases: int = 1
+    meter_constant: int = 0  # imp/kWh, informative
+
+    def __post_init__(self) -> None:
+        if not _ID.match(self.id):
+            raise ValueError(f"id: {self.id!r} must be 1-64 letters, digits or _.:-")
+        if self.protocol.startswith("dlt645") and not re.fullmatch(r"\d{12}", self.address):
+            raise ValueError(f"address: a DL/T 645 address is 12 digits, got {self.address!r}")
+        if self.protocol == "modbus":
+            if not self.address.isdigit() or not 1 <= int(self.address) <= 247:
+                raise ValueError(f"address: a Modbus unit id is 1..247, got {self.address!r}")
+            if not self.model:
+                raise ValueError("model: a Modbus meter needs a register map (sdm630, sdm120, dtsu666, ddsu666)")
+        for name in ("password", "operator"):
+            value = getattr(self, name)
+            if value is not None and not re.fullmatch(r"[0-9A-Fa-f]{8}", value):
+                raise ValueError(f"{name}: expected 8 hex digits")
+        if self.phases not in (1, 3):
+            raise ValueError("phases: must be 1 or 3")
+
+
+def _default_plans() -> tuple[PlanConfig, ...]:
+    return (
+        PlanConfig("registers", ("energy_fwd_active_total", "energy_fwd_active_t1", "energy_fwd_active_t2",
+                                 "energy_fwd_active_t3", "energy_fwd_active_t4"), 900, "register"),
+        PlanConfig("instant", ("voltage_a", "current_a", "power_active_total"), 60, "instant"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    gateway_id: str
+    command_key_file: str | None = None
+    command_key: str | None = None  # hex; prefer command_key_file
+    metrics_listen: str = "127.0.0.1:9108"  # "" disables the Prometheus endpoint
+    state_dir: str = "/var/lib/amigw"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    buses: tuple[BusConfig, ...] = ()
+    meters: tuple[MeterConfig, ...] = ()
+    plans: tuple[PlanConfig, ...] = field(default_factory=_default_plans)
+
+    def __post_init__(self) -> None:
+        if not _ID.match(self.gateway_id):
+            raise ValueError(f"gateway_id: {self.gateway_id!r} must be 1-64 letters, digits or _.:- (it is a topic level)")
+        if self.command_key is not None and not re.fullmatch(r"([0-9A-Fa-f]{2}){16,}", self.command_key):
+            raise ValueError("command_key: expected at least 32 hex digits (16 bytes)")
+
+    def key_bytes(self) -> bytes:
+        """The command key (from ``command_key`` or the file). Raises :class:`ConfigError`."""
+        if self.command_key:
+            return bytes.fromhex(self.command_key)
+        if self.command_key_file:
+            try:
+                text = Path(self.command_key_file).read_text().strip()
+                key = bytes.fromhex(text)
+            except (OSError, ValueError) as exc:
+                raise ConfigError("command_key_file", f"cannot read a hex key: {exc}") from None
+            if len(key) < 16:
+                raise ConfigError("command_key_file", "key must be at least 16 bytes")
+            return key
+        raise ConfigError("command_key", "no command key configured (command_key_file or command_key)")
+
+
+def _check_references(cfg: EdgeConfig) -> None:
+    buses = {b.name: b for b in cfg.buses}
+    plans = {p.name for p in cfg.plans}
+    if len(buses) != len(cfg.buses):
+        raise ConfigError("buses", "bus names must be unique")
+    if len(plans) != len(cfg.plans):
+        raise ConfigError("plans", "plan names must be unique")
+    seen: set[str] = set()
+    for i, m in enumerate(cfg.meters):
+        where = f"meters[{i}]"
+        if m.id in seen:
+            raise ConfigError(f"{where}.id", f"duplicate meter id {m.id!r}")
+        seen.add(m.id)
+        bus = buses.get(m.bus)
+        if bus is None:
+            raise ConfigError(f"{where}.bus", f"no bus named {m.bus!r} (buses: {', '.join(buses) or 'none'})")
+        if bus.kind == "modbus-tcp" and m.protocol != "modbus":
+            raise ConfigError(f"{where}.protocol", f"bus {m.bus!r} is Modbus TCP; only modbus meters can be on it")
+        for j, p in enumerate(m.plans):
+            if p not in plans:
+                raise ConfigError(f"{where}.plans[{j}]", f"no plan named {p!r}")
+    if cfg.command_key is None and cfg.command_key_file is None:
+        raise ConfigError("command_key_file", "required: the per-gateway key that signs commands")
+
+
+def parse_config(text: str, source: str = "edge.toml") -> EdgeConfig:
+    cfg = loads_toml(EdgeConfig, text, source)
+    _check_references(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> EdgeConfig:
+    """Read and validate ``path``. Raises :class:`ConfigError`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, str(path))
+
+
+SAMPLE = '''\
+# amigw edge agent configuration. Values shown are the defaults unless marked "example".
+
+# This gateway's id: it is a level in every MQTT topic (ami/v1/<gateway_id>/...). Example value.
+gateway_id = "gw-1"
+
+# The per-gateway key that signs downlink commands (hex, at least 16 bytes), in a file readable
+# only by the agent. Example value.
+command_key_file = "/etc/amigw/gw-1.key"
+
+# Where the Prometheus metrics are served; an empty string disables them.
+metrics_listen = "127.0.0.1:9108"
+
+# Where the agent keeps its state (replay-protection ids).
+state_dir = "/var/lib/amigw"
+
+[mqtt]
+# The broker: mqtt://host:port, or mqtts://host:port for TLS.
+url = "mqtt://127.0.0.1:1883"
+# The MQTT client id; empty means amigw-edge-<gateway_id>.
+client_id = ""
+# Username and password, when the broker asks for them.
+# username = "gw-1"
+# password = "secret"
+# The CA that signed the broker's certificate, and an optional client certificate and key.
+# ca_file = "/etc/amigw/ca.pem"
+# cert_file = "/etc/amigw/gw-1.pem"
+# key_file = "/etc/amigw/gw-1.key.pem"
+keepalive_s = 30
+# Reading batches as "binary" (compact, the default) or "json" (for debugging).
+encoding = "binary"
+
+[outbox]
+# Every batch is written here before it is published and deleted after the broker's PUBACK.
+path = "/var/lib/amigw/outbox.sqlite"
+# The bound on the outbox's size. When it is reached, "shed_by_kind" drops instantaneous values
+# first and keeps register and daily readings longest; "reject_new" refuses new batches.
+# Whatever is dropped is counted and reported in the status message.
+max_bytes = 67108864
+policy = "shed_by_kind"
+# How many publishes may wait for their PUBACK at once (MQTT packet ids are 16-bit).
+max_inflight = 256
+# A bus cycle's readings are split into batches of at most this many readings.
+max_readings_per_batch = 5000
+
+[clock]
+# Meters whose clock is off by more than this are corrected with the protocol's time sync.
+tolerance_s = 60
+# The largest correction made at once (DL/T 645 allows +-5 minutes a day by broadcast).
+max_adjust_s = 300
+# How often meter clocks are checked.
+check_interval_s = 86400
+
+# One [[buses]] table per RS-485 line or serial server. Example values.
+[[buses]]
+name = "rs485-1"
+# A serial device, tcp://host:port for a transparent serial server, or modbus-tcp://host:port.
+port = "/dev/ttyS1"
+baud = 2400
+parity = "E"
+stop_bits = 1
+# The response timeout starts here and adapts to each meter between the two bounds.
+timeout_s = 1.0
+min_timeout_s = 0.2
+max_timeout_s = 3.0
+# Extra quiet time between frames, on top of 3.5 character times.
+min_gap_ms = 0
+# Retries of a failed read before a meter is counted as failed for this cycle.
+retries = 2
+# Set true for RS-485 adapters that echo what they send.
+echo = false
+
+# One [[meters]] table per meter. Example values.
+[[meters]]
+id = "000012345678"
+bus = "rs485-1"
+# dlt645-2007, dlt645-1997 or modbus.
+protocol = "dlt645-2007"
+# DL/T 645: the 12-digit address printed on the nameplate. Modbus: the unit id.
+address = "000012345678"
+# Modbus only: the register map (sdm630, sdm120, dtsu666, ddsu666).
+# model = "sdm630"
+# DL/T 645 relay-control password and operator code, 8 hex digits each.
+# password = "02000000"
+# operator = "00000000"
+# Which read plans this meter follows.
+plans = ["registers", "instant"]
+# The meter's rating: ingest uses it to flag physically impossible consumption.
+rated_current_a = 60.0
+rated_voltage_v = 220.0
+phases = 1
+meter_constant = 0
+
+# Read plans: which quantities, how often. Reads are aligned to multiples of interval_s.
+# kind decides what the outbox sheds first when full: instant first, register and daily last.
+[[plans]]
+name = "registers"
+quantities = ["energy_fwd_active_total", "energy_fwd_active_t1", "energy_fwd_active_t2", "energy_fwd_active_t3", "energy_fwd_active_t4"]
+interval_s = 900
+kind = "register"
+
+[[plans]]
+name = "instant"
+quantities = ["voltage_a", "current_a", "power_active_total"]
+interval_s = 60
+kind = "instant"
+'''

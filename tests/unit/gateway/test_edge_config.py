@@ -1,0 +1,77 @@
+"""Edge config: the sample loads; every error names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import SAMPLE, load_config, parse_config
+from protocols import ConfigError
+
+
+def test_sample_loads_and_has_defaults() -> None:
+    cfg = parse_config(SAMPLE)
+    assert cfg.gateway_id == "gw-1"
+    assert cfg.buses[0].baud == 2400 and cfg.buses[0].kind == "serial"
+    assert cfg.meters[0].plans == ("registers", "instant")
+    assert {p.name: p.interval_s for p in cfg.plans} == {"registers": 900, "instant": 60}
+    assert cfg.outbox.policy == "shed_by_kind"
+
+
+def _with(replace: str, by: str) -> str:
+    assert replace in SAMPLE
+    return SAMPLE.replace(replace, by, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "reason"),
+    [
+        (_with("baud = 2400", "baud = 2401"), "buses[0].baud", "not a standard rate"),
+        (_with('baud = 2400', 'baud = "fast"'), "buses[0].baud", "expected int, got str 'fast'"),
+        (_with('bus = "rs485-1"', 'bus = "rs485-9"'), "meters[0].bus", "no bus named 'rs485-9'"),
+        (_with('address = "000012345678"', 'address = "12345"'), "meters[0].address", "12 digits"),
+        (_with('plans = ["registers", "instant"]', 'plans = ["hourly"]'), "meters[0].plans[0]", "no plan named"),
+        (_with('"voltage_a", "current_a"', '"voltage_x", "current_a"'), "plans[1].quantities", "unknown quantity 'voltage_x'"),
+        (_with("interval_s = 900", "interval_s = 7"), "plans[0].interval_s", "must divide a day"),
+        (_with('url = "mqtt://127.0.0.1:1883"', 'url = "http://x"'), "mqtt.url", "expected mqtt://"),
+        (_with("max_inflight = 256", "max_inflight = 70000"), "outbox.max_inflight", "16-bit"),
+        (_with("keepalive_s = 30", "keepalive_s = 30\nkeep_alive = 3"), "mqtt.keep_alive", "unknown key"),
+        (_with('command_key_file = "/etc/amigw/gw-1.key"', ""), "command_key_file", "required"),
+    ],
+)
+def test_errors_name_the_key(text: str, key_path: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert err.value.key_path == key_path
+    assert reason in err.value.reason
+
+
+def test_duplicate_meter_ids(tmp_path: Path) -> None:
+    meter = SAMPLE[SAMPLE.index("\n[[meters]]") : SAMPLE.index("# Read plans")]
+    with pytest.raises(ConfigError, match=r"meters\[1\].id: duplicate"):
+        parse_config(SAMPLE + "\n" + meter)
+
+
+def test_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "gw.key"
+    key.write_text("00" * 32 + "\n")
+    cfg = parse_config(_with('"/etc/amigw/gw-1.key"', f'"{key}"'))
+    assert cfg.key_bytes() == bytes(32)
+    key.write_text("zz")
+    with pytest.raises(ConfigError, match="command_key_file"):
+        cfg.key_bytes()
+
+
+def test_cli_sample_and_check(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "sample"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == SAMPLE
+    good = tmp_path / "edge.toml"
+    good.write_text(SAMPLE)
+    assert load_config(good).gateway_id == "gw-1"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_with("baud = 2400", "baud = 3"))
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "buses[0].baud" in out.stderr
