@@ -1,0 +1,90 @@
+"""Remote prepaid fee control (DESIGN §7; business rules FC-01…FC-14, TOU-03…TOU-06): the pure core.
+
+A ledger per account (integer money, an append-only journal, balances derived from it), tariffs
+as data, exactly-once interval charging, decisions as a pure function of state and ``now_ms``,
+and the relay-command lifecycle persisted beside the ledger. MQTT wiring and command signing are
+not here: commands leave as plain fields (:meth:`Command.fields`), results come back as
+:class:`CommandResult`.
+"""
+
+from .config import FeeControlConfig, NoTripWindows, feectl_config_from_mapping, load_feectl_config
+from .decide import AccountSnapshot, Evaluation, MeterSnapshot, decide, level_of
+from .engine import AuditResult, Evaluated, FeeController, ResultOutcome
+from .lifecycle import (
+    TRANSITIONS,
+    Command,
+    CommandEvent,
+    CommandResult,
+    CommandState,
+    InvalidTransitionError,
+    next_state,
+)
+from .model import (
+    Account,
+    Balance,
+    ChargeResult,
+    ChargeStatus,
+    CommandAction,
+    Decision,
+    DecisionKind,
+    EstimatePolicy,
+    FeeControlError,
+    Level,
+    MeterRef,
+    PaymentResult,
+    RelayState,
+    round_half_up,
+)
+from .sqlite_store import SqliteLedgerStore
+from .store import ConsistencyReport, Hold, IntervalRow, JournalEntry, JournalKind, LedgerStore
+from .tariff import IntervalPrice, Tariff, TariffVersion, TierTable, load_tariff, tariff_from_mapping
+
+__all__ = [
+    "TRANSITIONS",
+    "Account",
+    "AccountSnapshot",
+    "AuditResult",
+    "Balance",
+    "ChargeResult",
+    "ChargeStatus",
+    "Command",
+    "CommandAction",
+    "CommandEvent",
+    "CommandResult",
+    "CommandState",
+    "ConsistencyReport",
+    "Decision",
+    "DecisionKind",
+    "EstimatePolicy",
+    "Evaluated",
+    "Evaluation",
+    "FeeControlConfig",
+    "FeeControlError",
+    "FeeController",
+    "Hold",
+    "IntervalPrice",
+    "IntervalRow",
+    "InvalidTransitionError",
+    "JournalEntry",
+    "JournalKind",
+    "LedgerStore",
+    "Level",
+    "MeterRef",
+    "MeterSnapshot",
+    "NoTripWindows",
+    "PaymentResult",
+    "RelayState",
+    "ResultOutcome",
+    "SqliteLedgerStore",
+    "Tariff",
+    "TariffVersion",
+    "TierTable",
+    "decide",
+    "feectl_config_from_mapping",
+    "level_of",
+    "load_feectl_config",
+    "load_tariff",
+    "next_state",
+    "round_half_up",
+    "tariff_from_mapping",
+]

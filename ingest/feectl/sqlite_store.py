@@ -1,0 +1,530 @@
+"""SQLite ledger store: the embedded default behind :class:`~.store.LedgerStore` (DESIGN §7).
+
+One connection, WAL journal, ``synchronous=FULL``, explicit ``BEGIN IMMEDIATE`` transactions.
+The rules that must hold whatever the code above does are in the schema: triggers refuse
+UPDATE and DELETE on the journal (FC-13), partial UNIQUE indexes make an interval charge once
+(FC-05), a payment id post once, and a meter carry at most one outstanding command (FC-11).
+Blocking calls; low volume, correctness first. Never reads the clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .decide import MeterSnapshot
+from .lifecycle import Command, CommandState
+from .model import (
+    Account,
+    Balance,
+    CommandAction,
+    FeeControlError,
+    Level,
+    MeterRef,
+    RelayState,
+    round_half_up,
+)
+from .store import (
+    CHARGE_KINDS,
+    ConsistencyReport,
+    Hold,
+    IntervalRow,
+    JournalEntry,
+    JournalKind,
+    LedgerStore,
+)
+
+__all__ = ["SqliteLedgerStore"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id TEXT PRIMARY KEY, tariff_id TEXT NOT NULL, customer_class TEXT NOT NULL,
+    protected INTEGER NOT NULL,
+    notified_level INTEGER NOT NULL DEFAULT 0, notice_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS meters (
+    meter TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(account_id),
+    gateway TEXT NOT NULL, remote INTEGER NOT NULL, position INTEGER NOT NULL,
+    relay TEXT NOT NULL DEFAULT 'closed', failed_action TEXT, failed_attempts INTEGER NOT NULL DEFAULT 0,
+    last_failed_ms INTEGER, blocked_reason TEXT, last_sig TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, account_id TEXT NOT NULL,
+    kind TEXT NOT NULL, code TEXT NOT NULL, meter TEXT, interval_start_ms INTEGER, interval_end_ms INTEGER,
+    revision INTEGER, energy_centi_kwh INTEGER, estimated INTEGER NOT NULL, exact_micro INTEGER NOT NULL,
+    amount_fen INTEGER NOT NULL, ref TEXT, reasons TEXT NOT NULL, detail TEXT NOT NULL
+);
+-- FC-05: an interval is charged exactly once, whatever is redelivered or replayed.
+CREATE UNIQUE INDEX IF NOT EXISTS journal_charge_once
+    ON journal(meter, interval_start_ms) WHERE kind = 'charge';
+CREATE UNIQUE INDEX IF NOT EXISTS journal_held_once ON journal(meter, interval_start_ms) WHERE kind = 'held';
+CREATE UNIQUE INDEX IF NOT EXISTS journal_revision_once
+    ON journal(meter, interval_start_ms, revision) WHERE kind IN ('trueup', 'reprice');
+CREATE UNIQUE INDEX IF NOT EXISTS journal_ref_once
+    ON journal(kind, ref) WHERE kind IN ('payment', 'adjustment');
+CREATE INDEX IF NOT EXISTS journal_account ON journal(account_id, seq);
+-- FC-13: the journal is append-only.
+CREATE TRIGGER IF NOT EXISTS journal_no_update BEFORE UPDATE ON journal
+    BEGIN SELECT RAISE(ABORT, 'journal is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS journal_no_delete BEFORE DELETE ON journal
+    BEGIN SELECT RAISE(ABORT, 'journal is append-only'); END;
+CREATE TABLE IF NOT EXISTS balances (
+    account_id TEXT PRIMARY KEY REFERENCES accounts(account_id), balance_fen INTEGER NOT NULL,
+    charge_exact_micro INTEGER NOT NULL, charge_posted_fen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intervals (
+    meter TEXT NOT NULL, interval_start_ms INTEGER NOT NULL, interval_end_ms INTEGER NOT NULL,
+    account_id TEXT NOT NULL, energy_centi_kwh INTEGER NOT NULL, estimated INTEGER NOT NULL,
+    charged INTEGER NOT NULL, exact_micro INTEGER NOT NULL, revision INTEGER NOT NULL,
+    tariff_version TEXT NOT NULL, period TEXT NOT NULL,
+    PRIMARY KEY (meter, interval_start_ms)
+);
+CREATE INDEX IF NOT EXISTS intervals_account ON intervals(account_id, interval_start_ms, meter);
+CREATE TABLE IF NOT EXISTS holds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, account_id TEXT NOT NULL, meter TEXT, day TEXT,
+    reason TEXT NOT NULL, set_ms INTEGER NOT NULL, released_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS commands (
+    command_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, gateway TEXT NOT NULL, meter TEXT NOT NULL,
+    action TEXT NOT NULL, issued_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    state TEXT NOT NULL, state_ms INTEGER NOT NULL
+);
+-- FC-11: at most one outstanding relay command per meter.
+CREATE UNIQUE INDEX IF NOT EXISTS commands_one_outstanding
+    ON commands(meter) WHERE state IN ('issued', 'acked');
+"""
+
+
+class SqliteLedgerStore(LedgerStore):
+    """``path`` is a file (WAL mode) or ``":memory:"`` (tests)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._depth = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _one(self, sql: str, *args: object) -> tuple | None:  # type: ignore[type-arg]
+        return self._db.execute(sql, args).fetchone()  # type: ignore[no-any-return]
+
+    # accounts -------------------------------------------------------------------------------------
+    def put_account(self, account: Account) -> bool:
+        try:
+            before = self.account(account.account_id)
+        except FeeControlError:
+            before = None
+        if before == account:
+            return False
+        for ref in account.meters:
+            owner = self._one("SELECT account_id FROM meters WHERE meter = ?", ref.meter)
+            if owner is not None and owner[0] != account.account_id:
+                raise FeeControlError("meter_taken", ref.meter, f"belongs to {owner[0]}")
+        self._db.execute(
+            "INSERT INTO accounts(account_id, tariff_id, customer_class, protected) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(account_id) DO UPDATE SET tariff_id = excluded.tariff_id, "
+            "customer_class = excluded.customer_class, protected = excluded.protected",
+            (account.account_id, account.tariff_id, account.customer_class, int(account.protected)),
+        )
+        self._db.execute(
+            "INSERT OR IGNORE INTO balances VALUES (?, 0, 0, 0)",
+            (account.account_id,),
+        )
+        for pos, ref in enumerate(account.meters):
+            self._db.execute(
+                "INSERT INTO meters(meter, account_id, gateway, remote, position) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(meter) DO UPDATE SET gateway = excluded.gateway, remote = excluded.remote, "
+                "position = excluded.position",
+                (ref.meter, account.account_id, ref.gateway, int(ref.remote), pos),
+            )
+        return True
+
+    def account(self, account_id: str) -> Account:
+        row = self._one(
+            "SELECT tariff_id, customer_class, protected FROM accounts WHERE account_id = ?", account_id
+        )
+        if row is None:
+            raise FeeControlError("unknown_account", account_id)
+        meters = self._db.execute(
+            "SELECT meter, gateway, remote FROM meters WHERE account_id = ? ORDER BY position", (account_id,)
+        ).fetchall()
+        refs = tuple(MeterRef(m, g, bool(r)) for m, g, r in meters)
+        return Account(account_id, refs, row[0], row[1], bool(row[2]))
+
+    def account_of_meter(self, meter: str) -> str:
+        row = self._one("SELECT account_id FROM meters WHERE meter = ?", meter)
+        if row is None:
+            raise FeeControlError("unknown_meter", meter)
+        return str(row[0])
+
+    def account_ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT account_id FROM accounts ORDER BY account_id")]
+
+    # intervals ------------------------------------------------------------------------------------
+    _ICOLS = (
+        "meter, account_id, interval_start_ms, interval_end_ms, energy_centi_kwh, estimated, charged, "
+        "exact_micro, revision, tariff_version, period"
+    )
+
+    @staticmethod
+    def _irow(r: tuple) -> IntervalRow:  # type: ignore[type-arg]
+        return IntervalRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]), r[7], r[8], r[9], r[10])
+
+    def interval(self, meter: str, interval_start_ms: int) -> IntervalRow | None:
+        r = self._one(
+            f"SELECT {self._ICOLS} FROM intervals WHERE meter = ? AND interval_start_ms = ?",
+            meter,
+            interval_start_ms,
+        )
+        return None if r is None else self._irow(r)
+
+    def put_interval(self, row: IntervalRow) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO intervals({self._ICOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.meter,
+                row.account_id,
+                row.interval_start_ms,
+                row.interval_end_ms,
+                row.energy_centi_kwh,
+                int(row.estimated),
+                int(row.charged),
+                row.exact_micro,
+                row.revision,
+                row.tariff_version,
+                row.period,
+            ),
+        )
+
+    def cycle_energy_before(self, account_id: str, lo_ms: int, start_ms: int, meter: str) -> int:
+        r = self._one(
+            "SELECT COALESCE(SUM(energy_centi_kwh), 0) FROM intervals WHERE account_id = ? AND charged = 1 "
+            "AND interval_start_ms >= ? AND (interval_start_ms < ? OR (interval_start_ms = ? AND meter < ?))",
+            account_id,
+            lo_ms,
+            start_ms,
+            start_ms,
+            meter,
+        )
+        return int(r[0]) if r else 0
+
+    def cycle_intervals_after(
+        self, account_id: str, start_ms: int, meter: str, hi_ms: int
+    ) -> list[IntervalRow]:
+        rows = self._db.execute(
+            f"SELECT {self._ICOLS} FROM intervals WHERE account_id = ? AND charged = 1 "
+            "AND interval_start_ms < ? AND (interval_start_ms > ? OR (interval_start_ms = ? AND meter > ?)) "
+            "ORDER BY interval_start_ms, meter",
+            (account_id, hi_ms, start_ms, start_ms, meter),
+        )
+        return [self._irow(r) for r in rows]
+
+    def meter_intervals(self, meter: str, lo_ms: int, hi_ms: int) -> list[IntervalRow]:
+        rows = self._db.execute(
+            f"SELECT {self._ICOLS} FROM intervals WHERE meter = ? AND interval_start_ms >= ? "
+            "AND interval_start_ms < ? ORDER BY interval_start_ms",
+            (meter, lo_ms, hi_ms),
+        )
+        return [self._irow(r) for r in rows]
+
+    # journal and balances -------------------------------------------------------------------------
+    def append(self, entry: JournalEntry) -> int:
+        cur = self._db.execute(
+            "INSERT INTO journal(ts_ms, account_id, kind, code, meter, interval_start_ms, interval_end_ms, "
+            "revision, energy_centi_kwh, estimated, exact_micro, amount_fen, ref, reasons, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.ts_ms,
+                entry.account_id,
+                entry.kind.value,
+                entry.code,
+                entry.meter,
+                entry.interval_start_ms,
+                entry.interval_end_ms,
+                entry.revision,
+                entry.energy_centi_kwh,
+                int(entry.estimated),
+                entry.exact_micro,
+                entry.amount_fen,
+                entry.ref,
+                json.dumps(list(entry.reasons)),
+                entry.detail,
+            ),
+        )
+        if entry.amount_fen or entry.exact_micro:
+            is_charge = entry.kind in CHARGE_KINDS
+            self._db.execute(
+                "UPDATE balances SET balance_fen = balance_fen + ?, "
+                "charge_exact_micro = charge_exact_micro + ?, "
+                "charge_posted_fen = charge_posted_fen + ? WHERE account_id = ?",
+                (
+                    entry.amount_fen,
+                    entry.exact_micro if is_charge else 0,
+                    -entry.amount_fen if is_charge else 0,
+                    entry.account_id,
+                ),
+            )
+        return int(cur.lastrowid or 0)
+
+    _JCOLS = (
+        "ts_ms, account_id, kind, code, meter, interval_start_ms, interval_end_ms, revision, "
+        "energy_centi_kwh, estimated, exact_micro, amount_fen, ref, reasons, detail, seq"
+    )
+
+    @staticmethod
+    def _jrow(r: tuple) -> JournalEntry:  # type: ignore[type-arg]
+        return JournalEntry(
+            r[0],
+            r[1],
+            JournalKind(r[2]),
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            r[7],
+            r[8],
+            bool(r[9]),
+            r[10],
+            r[11],
+            r[12],
+            tuple(json.loads(r[13])),
+            r[14],
+            r[15],
+        )
+
+    def find_ref(self, kind: JournalKind, ref: str) -> JournalEntry | None:
+        r = self._one(f"SELECT {self._JCOLS} FROM journal WHERE kind = ? AND ref = ?", kind.value, ref)
+        return None if r is None else self._jrow(r)
+
+    def journal(self, account_id: str | None = None) -> Iterator[JournalEntry]:
+        if account_id is None:
+            rows = self._db.execute(f"SELECT {self._JCOLS} FROM journal ORDER BY seq").fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT {self._JCOLS} FROM journal WHERE account_id = ? ORDER BY seq", (account_id,)
+            ).fetchall()
+        return iter([self._jrow(r) for r in rows])
+
+    def balance(self, account_id: str) -> Balance:
+        r = self._one(
+            "SELECT balance_fen, charge_exact_micro, charge_posted_fen FROM balances WHERE account_id = ?",
+            account_id,
+        )
+        if r is None:
+            raise FeeControlError("unknown_account", account_id)
+        est = self._one(
+            "SELECT COALESCE(SUM(exact_micro), 0) FROM intervals WHERE account_id = ? AND charged = 1 "
+            "AND estimated = 1",
+            account_id,
+        )
+        balance, exact, posted = r
+        est_micro = int(est[0]) if est else 0
+        credits = balance + posted
+        actual = credits - round_half_up(exact - est_micro)  # FC-04 b_actual, rounded as TOU-06
+        return Balance(account_id, balance, actual, exact, est_micro)
+
+    # notification, meter and hold state -----------------------------------------------------------
+    def notification_state(self, account_id: str) -> tuple[Level, int | None]:
+        r = self._one("SELECT notified_level, notice_ms FROM accounts WHERE account_id = ?", account_id)
+        if r is None:
+            raise FeeControlError("unknown_account", account_id)
+        return Level(r[0]), r[1]
+
+    def put_notification_state(self, account_id: str, level: Level, notice_ms: int | None) -> None:
+        self._db.execute(
+            "UPDATE accounts SET notified_level = ?, notice_ms = ? WHERE account_id = ?",
+            (int(level), notice_ms, account_id),
+        )
+
+    def meter_snapshots(self, account_id: str) -> list[MeterSnapshot]:
+        rows = self._db.execute(
+            "SELECT m.meter, m.gateway, m.remote, m.relay, c.action, m.failed_action, m.failed_attempts, "
+            "m.last_failed_ms, m.blocked_reason, m.last_sig FROM meters m LEFT JOIN commands c "
+            "ON c.meter = m.meter AND c.state IN ('issued', 'acked') "
+            "WHERE m.account_id = ? ORDER BY m.position",
+            (account_id,),
+        ).fetchall()
+        return [
+            MeterSnapshot(
+                MeterRef(r[0], r[1], bool(r[2])),
+                RelayState(r[3]),
+                None if r[4] is None else CommandAction(r[4]),
+                None if r[5] is None else CommandAction(r[5]),
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+            )
+            for r in rows
+        ]
+
+    def put_meter_snapshot(self, snap: MeterSnapshot) -> None:
+        self._db.execute(
+            "UPDATE meters SET relay = ?, failed_action = ?, failed_attempts = ?, last_failed_ms = ?, "
+            "blocked_reason = ?, last_sig = ? WHERE meter = ?",
+            (
+                snap.relay.value,
+                None if snap.failed_action is None else snap.failed_action.value,
+                snap.failed_attempts,
+                snap.last_failed_ms,
+                snap.blocked_reason,
+                snap.last_sig,
+                snap.ref.meter,
+            ),
+        )
+
+    def holds(self, account_id: str) -> list[Hold]:
+        rows = self._db.execute(
+            "SELECT account_id, meter, day, reason, set_ms FROM holds "
+            "WHERE account_id = ? AND released_ms IS NULL ORDER BY id",
+            (account_id,),
+        )
+        return [Hold(a, m, None if d is None else dt.date.fromisoformat(d), r, s) for a, m, d, r, s in rows]
+
+    def add_hold(self, hold: Hold) -> bool:
+        day = None if hold.day is None else hold.day.isoformat()
+        dup = self._one(
+            "SELECT 1 FROM holds WHERE account_id = ? AND meter IS ? AND day IS ? AND reason = ? "
+            "AND released_ms IS NULL",
+            hold.account_id,
+            hold.meter,
+            day,
+            hold.reason,
+        )
+        if dup:
+            return False
+        self._db.execute(
+            "INSERT INTO holds(account_id, meter, day, reason, set_ms) VALUES (?, ?, ?, ?, ?)",
+            (hold.account_id, hold.meter, day, hold.reason, hold.set_ms),
+        )
+        return True
+
+    def release_holds(self, account_id: str, meter: str | None, before: dt.date | None, now_ms: int) -> int:
+        sql = "UPDATE holds SET released_ms = ? WHERE account_id = ? AND released_ms IS NULL"
+        args: list[object] = [now_ms, account_id]
+        if meter is not None:
+            sql += " AND meter = ?"
+            args.append(meter)
+        if before is not None:
+            sql += " AND day < ?"
+            args.append(before.isoformat())
+        return self._db.execute(sql, args).rowcount
+
+    # commands -------------------------------------------------------------------------------------
+    _CCOLS = "command_id, account_id, gateway, meter, action, issued_ms, expires_ms, attempt, state, state_ms"
+
+    @staticmethod
+    def _crow(r: tuple) -> Command:  # type: ignore[type-arg]
+        return Command(
+            r[0], r[1], r[2], r[3], CommandAction(r[4]), r[5], r[6], r[7], CommandState(r[8]), r[9]
+        )
+
+    def insert_command(self, command: Command) -> None:
+        self._db.execute(
+            f"INSERT INTO commands({self._CCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                command.command_id,
+                command.account_id,
+                command.gateway,
+                command.meter,
+                command.action.value,
+                command.issued_ms,
+                command.expires_ms,
+                command.attempt,
+                command.state.value,
+                command.state_ms or command.issued_ms,
+            ),
+        )
+
+    def command(self, command_id: str) -> Command | None:
+        r = self._one(f"SELECT {self._CCOLS} FROM commands WHERE command_id = ?", command_id)
+        return None if r is None else self._crow(r)
+
+    def set_command_state(self, command_id: str, state: CommandState, now_ms: int) -> None:
+        self._db.execute(
+            "UPDATE commands SET state = ?, state_ms = ? WHERE command_id = ?",
+            (state.value, now_ms, command_id),
+        )
+
+    def commands(self, states: Sequence[CommandState]) -> list[Command]:
+        marks = ", ".join("?" for _ in states)
+        rows = self._db.execute(
+            f"SELECT {self._CCOLS} FROM commands WHERE state IN ({marks}) ORDER BY issued_ms, command_id",
+            [s.value for s in states],
+        )
+        return [self._crow(r) for r in rows]
+
+    # checks ---------------------------------------------------------------------------------------
+    def check_consistency(self) -> ConsistencyReport:
+        problems: list[str] = []
+        money: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # balance, exact, posted
+        per_interval: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])  # exact, charges, est
+        rows = 0
+        for e in self.journal():
+            rows += 1
+            acc = money[e.account_id]
+            acc[0] += e.amount_fen
+            if e.kind in CHARGE_KINDS:
+                acc[1] += e.exact_micro
+                acc[2] -= e.amount_fen
+                assert e.meter is not None and e.interval_start_ms is not None
+                iv = per_interval[(e.meter, e.interval_start_ms)]
+                iv[0] += e.exact_micro
+                iv[1] += e.kind is JournalKind.CHARGE
+                iv[2] = int(e.estimated)
+        cached = {r[0]: r[1:] for r in self._db.execute("SELECT * FROM balances")}
+        for account_id, (balance, exact, posted) in cached.items():
+            got = money.get(account_id, [0, 0, 0])
+            if [balance, exact, posted] != got:
+                problems.append(
+                    f"{account_id}: cached (b, exact, posted)={balance, exact, posted} journal={got}"
+                )
+            if got[2] != round_half_up(got[1]):  # TOU-06: posted total = round_half_up(exact total)
+                problems.append(f"{account_id}: posted {got[2]} fen != round_half_up({got[1]} micro)")
+        for account_id in set(money) - set(cached):
+            problems.append(f"{account_id}: journal rows without an account balance")
+        for r in self._db.execute(f"SELECT {self._ICOLS} FROM intervals"):
+            row = self._irow(r)
+            exact, charges, est = per_interval.pop((row.meter, row.interval_start_ms), [0, 0, 0])
+            if (
+                charges != int(row.charged)
+                or exact != row.exact_micro
+                or (row.charged and est != row.estimated)
+            ):
+                problems.append(f"{row.meter}@{row.interval_start_ms}: interval row disagrees with journal")
+        for key in per_interval:
+            problems.append(f"{key[0]}@{key[1]}: journal charges without an interval row")
+        return ConsistencyReport(not problems, tuple(problems), len(cached), rows)
