@@ -1,0 +1,420 @@
+"""The edge agent: poll meters on schedule, store every reading durably, publish, obey commands.
+
+Tasks (one ``asyncio.TaskGroup``, every task named):
+
+* ``poll-<bus>`` -- one per bus, so buses run in parallel while each bus carries one transaction
+  at a time (the :class:`~drivers.bus.Bus` lock). Reads are aligned to each plan's interval
+  boundaries; a failing meter backs off (:func:`gateway.schedule.backoff_ms`) so it never starves
+  its bus. After each cycle the readings go into the outbox as batches, per plan kind, with the
+  next sequence number and the previous value sent of every cumulative channel, atomically.
+* ``drain`` -- publishes the outbox (QoS 1, bounded in-flight window) whenever the broker is
+  reachable; rows leave the outbox only once PUBACKed. After an outage or a restart it replays
+  in order.
+* ``commands`` -- verified, replay-protected downlink commands (:mod:`gateway.commands`). A
+  command waits for the bus lock like a poll transaction does; ``asyncio.Lock`` is FIFO and the
+  drivers take the lock per transaction, so a command gets the bus right after the transaction in
+  progress (the priority lane), and its validity window is its deadline.
+* ``status`` -- the retained status message with health and counters, every ``status_interval_s``.
+
+Time comes from ``now_ms`` (injected); nothing here reads the wall clock directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drivers.base import MeterDriver, MeterRef, RelayAction, load_driver
+from drivers.bus import Bus, ResponseTimeout
+from drivers.serial_transport import SerialTransport
+from drivers.tcp_transport import TcpTransport
+from gateway.commands import CommandIntake, ExecutedCommands
+from gateway.config import BusConfig, EdgeConfig, MeterConfig, PlanConfig
+from gateway.metrics import EdgeMetrics, serve
+from gateway.outbox import Outbox
+from gateway.publisher import ConnectionLostError, Publisher
+from gateway.schedule import MeterStats, next_boundary
+from protocols import payload
+from protocols.commands import RELAY_ACTIONS, Command, CommandResult
+from protocols.errors import (
+    AmigwError,
+    ChecksumError,
+    FrameError,
+    MeterErrorReply,
+    TransportError,
+    TransportTimeout,
+)
+from protocols.quantities import Quantity, by_code, by_name
+
+__all__ = ["EdgeAgent", "wall_ms"]
+
+log = logging.getLogger("amigw.edge")
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, TransportTimeout):
+        return "timeout"
+    if isinstance(exc, ChecksumError | FrameError):
+        return "checksum"
+    if isinstance(exc, MeterErrorReply):
+        return "error_reply"
+    if isinstance(exc, TransportError):
+        return "transport"
+    return "other"
+
+
+@dataclass(slots=True)
+class _Meter:
+    cfg: MeterConfig
+    ref: MeterRef
+    driver: MeterDriver
+    plans: list[PlanConfig]
+    stats: MeterStats = field(default_factory=MeterStats)
+    relay_state: int | None = None
+    failing: bool = False
+
+
+class _Cycle:
+    """Readings of one bus cycle as ``(meter, ts_ms, quantity, value, flags)`` rows, per plan kind."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[str, int, int, int, int]]] = {}
+
+    def add(self, kind: str, meter: str, ts_ms: int, q: int, value: int, flags: int) -> None:
+        self.rows.setdefault(kind, []).append((meter, ts_ms, q, value, flags))
+
+
+class EdgeAgent:
+    """Runs until :meth:`stop` (or cancellation). Raises :class:`~protocols.errors.ConfigError`
+    at start for a configuration that cannot work (unreadable key, unknown register map)."""
+
+    def __init__(self, cfg: EdgeConfig, *, now_ms: Callable[[], int] = wall_ms, status_interval_s: float = 30.0,
+                 version: str = "") -> None:
+        self.cfg = cfg
+        self.now_ms = now_ms
+        self.metrics = EdgeMetrics()
+        self.status_interval_s = status_interval_s
+        self.version = version
+        self.topic_readings = f"ami/v1/{cfg.gateway_id}/up/readings"
+        self.topic_events = f"ami/v1/{cfg.gateway_id}/up/events"
+        self.topic_results = f"ami/v1/{cfg.gateway_id}/up/cmd-result"
+        self._key = cfg.key_bytes()
+        self._plans = {p.name: p for p in cfg.plans}
+        self._meters: dict[str, _Meter] = {}
+        self._buses: list[tuple[BusConfig, list[_Meter]]] = []
+        self._outbox_wakeup = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.outbox: Outbox | None = None
+        self.publisher: Publisher | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- setup --------------------------------------------------------------------------------
+
+    async def _open_bus(self, bus_cfg: BusConfig, stack: contextlib.AsyncExitStack) -> Bus | None:
+        if bus_cfg.kind == "modbus-tcp":
+            return None  # Modbus TCP drivers own their connection
+        if bus_cfg.kind == "tcp":
+            host, _, port = bus_cfg.port.removeprefix("tcp://").rpartition(":")
+            transport: SerialTransport | TcpTransport = await TcpTransport.connect(host, int(port))
+        else:
+            transport = SerialTransport(bus_cfg.port, baud=bus_cfg.baud, parity=bus_cfg.parity,
+                                        stop_bits=bus_cfg.stop_bits, echo=bus_cfg.echo)
+        bus = Bus(transport, baud=bus_cfg.baud, name=bus_cfg.name)
+        await stack.enter_async_context(bus)
+        return bus
+
+    def _driver(self, bus_cfg: BusConfig, bus: Bus | None, protocol: str, cache: dict[str, MeterDriver]) -> MeterDriver:
+        if protocol in cache:
+            return cache[protocol]
+        cls = load_driver(protocol)
+        if bus is None:  # modbus-tcp://host:port
+            host, _, port = bus_cfg.port.removeprefix("modbus-tcp://").rpartition(":")
+            driver = cls.tcp(host, int(port), timeout_s=bus_cfg.timeout_s, retries=bus_cfg.retries)  # type: ignore[attr-defined]
+        elif protocol == "modbus":
+            driver = cls.rtu(bus, retries=bus_cfg.retries)  # type: ignore[attr-defined]
+        else:
+            driver = cls(bus, retries=bus_cfg.retries, edition=protocol.removeprefix("dlt645-"))  # type: ignore[call-arg]
+        cache[protocol] = driver
+        return driver
+
+    async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
+        for bus_cfg in self.cfg.buses:
+            bus = await self._open_bus(bus_cfg, stack)
+            drivers: dict[str, MeterDriver] = {}
+            meters = []
+            for mc in (m for m in self.cfg.meters if m.bus == bus_cfg.name):
+                driver = self._driver(bus_cfg, bus, mc.protocol, drivers)
+                ref = MeterRef(mc.id, mc.address, mc.protocol, mc.model, mc.password, mc.operator)
+                if bus is not None:
+                    bus.configure_device(mc.address, min_gap_s=bus_cfg.min_gap_ms / 1000, timeout=ResponseTimeout(
+                        initial_s=bus_cfg.timeout_s, min_s=bus_cfg.min_timeout_s, max_s=bus_cfg.max_timeout_s))
+                meter = _Meter(mc, ref, driver, [self._plans[p] for p in mc.plans])
+                self._meters[mc.id] = meter
+                meters.append(meter)
+            for driver in drivers.values():
+                stack.push_async_callback(driver.aclose)
+            self._buses.append((bus_cfg, meters))
+
+    # -- run ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        state_dir = Path(cfg.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        Path(cfg.outbox.path).parent.mkdir(parents=True, exist_ok=True)
+        if cfg.metrics_listen:
+            serve(self.metrics, cfg.metrics_listen)
+        async with contextlib.AsyncExitStack() as stack:
+            self.outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, policy=cfg.outbox.policy)
+            stack.callback(self.outbox.close)
+            executed = ExecutedCommands(state_dir / f"{cfg.gateway_id}-commands.sqlite")
+            stack.callback(executed.close)
+            await self._setup(stack)
+            intake = CommandIntake(cfg.gateway_id, self._key, executed, self._execute, self._meters.__contains__)
+            m = cfg.mqtt
+            self.publisher = await stack.enter_async_context(Publisher(
+                m.url, gateway=cfg.gateway_id, client_id=m.client_id or f"amigw-edge-{cfg.gateway_id}",
+                username=m.username, password=m.password, ca_file=m.ca_file, certfile=m.cert_file,
+                keyfile=m.key_file, keepalive_s=m.keepalive_s, window=cfg.outbox.max_inflight, version=self.version))
+            log.info("edge agent started", extra={"kv": {"gateway": cfg.gateway_id, "buses": len(self._buses),
+                                                          "meters": len(self._meters)}})
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._poll_bus(b, ms), name=f"poll-{b.name}") for b, ms in self._buses]
+                tasks.append(tg.create_task(self._drain(), name="drain"))
+                tasks.append(tg.create_task(self._commands(intake), name="commands"))
+                tasks.append(tg.create_task(self._status(), name="status"))
+                await self._stop.wait()
+                for t in tasks:
+                    t.cancel()
+            self._publish_stats()
+
+    # -- polling ------------------------------------------------------------------------------
+
+    async def _sleep_until(self, due_ms: int) -> None:
+        delay = (due_ms - self.now_ms()) / 1000
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _poll_bus(self, bus_cfg: BusConfig, meters: list[_Meter]) -> None:
+        start = self.now_ms()
+        due = {(m.cfg.id, p.name): next_boundary(start, p.interval_s * 1000) for m in meters for p in m.plans}
+        while True:
+            at = min(due.values(), default=None)
+            if at is None:
+                return
+            await self._sleep_until(at)
+            t0 = time.perf_counter()
+            cycle = _Cycle()
+            for meter in meters:
+                plans = [p for p in meter.plans if due[(meter.cfg.id, p.name)] <= at]
+                for p in plans:
+                    due[(meter.cfg.id, p.name)] = next_boundary(max(at, self.now_ms()), p.interval_s * 1000)
+                if plans:
+                    await self._read_meter(bus_cfg, meter, plans, cycle)
+            elapsed = time.perf_counter() - t0
+            self.metrics.cycle_seconds.labels(bus_cfg.name).observe(elapsed)
+            self.metrics.bus_busy.labels(bus_cfg.name).inc(elapsed)
+            self._store_cycle(cycle)
+            await asyncio.to_thread(self.outbox.checkpoint)  # type: ignore[union-attr]
+
+    async def _read_meter(self, bus_cfg: BusConfig, meter: _Meter, plans: list[PlanConfig], cycle: _Cycle) -> None:
+        now = self.now_ms()
+        interval_ms = min(p.interval_s for p in plans) * 1000
+        if meter.stats.skip_until_ms > now:
+            return  # backing off a meter that keeps failing: its bus serves the others
+        quantities: list[Quantity] = []
+        kind_of: dict[int, str] = {}
+        for p in plans:
+            for name in p.quantities:
+                q = by_name(name)
+                if q.code not in kind_of:
+                    quantities.append(q)
+                    kind_of[q.code] = p.kind
+        try:
+            result = await meter.driver.read(meter.ref, quantities)
+        except AmigwError as exc:
+            cause = _cause(exc)
+            meter.stats.record_failure(cause, now, interval_ms)
+            self.metrics.reads.labels(bus_cfg.name, "failed").inc()
+            self.metrics.read_failures.labels(bus_cfg.name, cause).inc()
+            if not meter.failing:  # edge-triggered: ERROR once, DEBUG while it keeps failing
+                meter.failing = True
+                log.error("meter read failing", extra={"kv": {"meter": meter.cfg.id, "bus": bus_cfg.name,
+                                                               "cause": cause, "error": str(exc)}})
+                self._event("meter_unreachable", meter.cfg.id, {"cause": cause})
+            else:
+                log.debug("meter read failed", extra={"kv": {"meter": meter.cfg.id, "cause": cause}})
+        else:
+            meter.stats.record_success(now)
+            self.metrics.reads.labels(bus_cfg.name, "ok").inc()
+            if meter.failing:
+                meter.failing = False
+                log.info("meter recovered", extra={"kv": {"meter": meter.cfg.id, "bus": bus_cfg.name}})
+                self._event("meter_recovered", meter.cfg.id, {})
+            ts = result.meter_ts_ms or result.read_ts_ms
+            for code, value, flags in result.values:
+                cycle.add(kind_of.get(code, "instant"), meter.cfg.id, ts, code, value, flags)
+        self.metrics.success_rate.labels(meter.cfg.id).set(meter.stats.success_rate)
+        bus = getattr(meter.driver, "bus", None)
+        if isinstance(bus, Bus):
+            self.metrics.response_timeout.labels(bus_cfg.name, meter.cfg.id).set(bus.response_timeout_s(meter.cfg.address))
+
+    def _store_cycle(self, cycle: _Cycle) -> None:
+        """Each kind's rows become batches of at most ``max_readings_per_batch`` readings; each
+        batch carries the previous value sent of its cumulative channels and, in the same outbox
+        transaction, records its own last values as the new previous ones."""
+        outbox = self.outbox
+        assert outbox is not None
+        limit = self.cfg.outbox.max_readings_per_batch
+        for kind, rows in cycle.rows.items():
+            for start in range(0, len(rows), limit):
+                self._add_batch(outbox, kind, rows[start : start + limit])
+        self._outbox_wakeup.set()
+
+    def _add_batch(self, outbox: Outbox, kind: str, rows: list[tuple[str, int, int, int, int]]) -> None:
+        builder = payload.BatchBuilder()
+        last: dict[tuple[str, int], tuple[int, int]] = {}
+        for meter, ts, q, value, flags in rows:
+            builder.add(meter, ts, q, value, flags)
+            if flags == 0 and _is_cumulative(q):
+                last[(meter, q)] = (value, ts)
+        for (meter, q), (value, ts) in outbox.get_prev(last).items():
+            builder.set_prev(meter, q, value, ts)
+        sent_ms = self.now_ms()
+        encoding = self.cfg.mqtt.encoding
+
+        def make(seq: int) -> bytes:
+            return payload.encode(builder.build(self.cfg.gateway_id, seq, sent_ms), encoding)
+
+        added = outbox.add_batch(self.topic_readings, make, kind=kind, prev=last)
+        if added.dropped:
+            log.warning("outbox full: dropped messages", extra={"kv": {"dropped": added.dropped, "kind": kind}})
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        assert self.publisher is not None and self.outbox is not None
+        while True:
+            await self.publisher.wait_connected()
+            self._outbox_wakeup.clear()
+            try:
+                delivered = await self.publisher.drain(self.outbox)
+                self.metrics.published.inc(delivered)
+            except ConnectionLostError:
+                await asyncio.sleep(0.2)
+                continue
+            self._publish_stats()
+            await self._outbox_wakeup.wait()
+
+    def _publish_stats(self) -> None:
+        if self.outbox is None:
+            return
+        s = self.outbox.stats()
+        self.metrics.outbox_pending.set(s.pending)
+        self.metrics.outbox_pending_bytes.set(s.pending_bytes)
+        for kind, n in s.dropped.items():
+            self.metrics.outbox_dropped.labels(kind).set(n)
+
+    def _event(self, kind: str, meter: str | None, detail: dict[str, object]) -> None:
+        if self.outbox is None:
+            return
+        ev = payload.Event(f"{self.cfg.gateway_id}-{uuid.uuid4().hex}", self.cfg.gateway_id, kind, self.now_ms(),
+                           meter, detail)
+        self.outbox.add(self.topic_events, ev.to_json(), kind="event")
+        self._outbox_wakeup.set()
+
+    def counters(self) -> dict[str, int | float]:
+        attempts = sum(m.stats.attempts for m in self._meters.values())
+        successes = sum(m.stats.successes for m in self._meters.values())
+        out: dict[str, int | float] = {"meters": len(self._meters), "reads": attempts, "read_successes": successes,
+                                       "read_success_rate": round(successes / attempts, 4) if attempts else 1.0}
+        if self.outbox is not None:
+            s = self.outbox.stats()
+            out.update({"outbox_pending": s.pending, "outbox_pending_bytes": s.pending_bytes,
+                        "outbox_added": s.added, "outbox_published": s.published})
+            out.update({f"outbox_dropped_{k}": n for k, n in s.dropped.items()})
+        return out
+
+    async def _status(self) -> None:
+        assert self.publisher is not None
+        while True:
+            await asyncio.sleep(self.status_interval_s)
+            status = payload.Status(self.cfg.gateway_id, True, self.now_ms(), self.version, self.counters())
+            with contextlib.suppress(ConnectionLostError):
+                await self.publisher.publish(self.publisher.status_topic, status.to_json(), retain=True)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def _commands(self, intake: CommandIntake) -> None:
+        assert self.publisher is not None and self.outbox is not None
+        async for raw in self.publisher.commands():
+            result = await intake.handle(raw, self.now_ms())
+            self.outbox.add(self.topic_results, result, kind="cmd_result")
+            self._outbox_wakeup.set()
+
+    async def _execute(self, cmd: Command) -> CommandResult:
+        meter = self._meters[cmd.meter]
+        deadline_s = max(0.1, (cmd.expires_ms - self.now_ms()) / 1000)
+
+        def result(status: str, detail: str = "", state: int | None = None) -> CommandResult:
+            self.metrics.commands.labels(status).inc()
+            return CommandResult(cmd.id, cmd.gateway, cmd.meter, cmd.action, status, self.now_ms(), None, detail, state)
+
+        try:
+            async with asyncio.timeout(deadline_s):
+                if cmd.action in RELAY_ACTIONS:
+                    return await self._relay(meter, cmd, result)
+                if cmd.action == "time_sync":
+                    await meter.driver.set_clock(meter.ref, self.now_ms())
+                    self._event("clock_adjusted", meter.cfg.id, {"by": "command", "command": cmd.id})
+                    return result("done")
+                names = cmd.params.get("quantities") or [q for p in meter.plans for q in p.quantities]
+                cycle = _Cycle()
+                await self._read_meter(self._bus_of(meter), meter, [PlanConfig("read_now", tuple(names), 60, "register")],
+                                       cycle)
+                self._store_cycle(cycle)
+                return result("done" if not meter.failing else "failed", "read stored" if not meter.failing else "read failed")
+        except MeterErrorReply as exc:
+            return result("failed", str(exc))
+        except (AmigwError, NotImplementedError, ValueError) as exc:
+            return result("failed", f"{type(exc).__name__}: {exc}")
+        except TimeoutError:
+            return result("failed", "deadline passed before the meter answered")
+
+    async def _relay(self, meter: _Meter, cmd: Command, result: Callable[..., CommandResult]) -> CommandResult:
+        before = meter.relay_state
+        await meter.driver.control(meter.ref, RelayAction(cmd.action))
+        if cmd.action not in ("trip", "close_allowed", "direct_close"):
+            return result("done")
+        state = await meter.driver.read_relay_state(meter.ref)
+        meter.relay_state = state
+        if state != before:
+            self._event("relay_changed", meter.cfg.id, {"from": before, "to": state, "command": cmd.id})
+        expected = 1 if cmd.action == "trip" else 0
+        if state == expected:
+            return result("done", "relay state verified by read-back", state)
+        if cmd.action == "close_allowed":
+            return result("done", "closing allowed; relay stays open until the customer closes it", state)
+        return result("failed", f"relay state read back as {state}, expected {expected}", state)
+
+    def _bus_of(self, meter: _Meter) -> BusConfig:
+        return next(b for b, ms in self._buses if meter in ms)
+
+
+def _is_cumulative(code: int) -> bool:
+    try:
+        return by_code(code).kind == "cumulative"
+    except KeyError:
+        return False
