@@ -1,0 +1,202 @@
+"""Meter metadata registry: rating, tariff, transformer area, account and master-meter flag per meter.
+
+Loaded from a TOML file into numpy arrays indexed by the registry's meter index, so the kernels
+can take a meter's parameters by integer index. ``MeterRegistry.load(path)`` reads and validates
+the whole file; ``reload()`` re-reads it and swaps in the new arrays only when the new file is
+valid (a bad edit leaves the old registry in force and raises). Every problem raises
+:class:`protocols.errors.ConfigError` whose ``key_path`` names the bad key
+(``meters."M1".phases``). It never logs.
+
+File format (every key shown; ``multiplier``, ``ib_a``, ``tariff``, ``area``, ``account`` and
+``master`` are optional)::
+
+    [meters."000012345678"]
+    voltage_v = 220          # U_n, phase voltage (VEE-05/16/17); decimals allowed to 0.1 V
+    imax_a = 60              # I_max of a 5(60) A meter (VEE-05); to 0.001 A
+    ib_a = 5                 # I_b, basic current (VEE-17); default 5
+    phases = 1               # 1 or 3
+    multiplier = 1           # CT x PT (VEE-01); default 1
+    tariff = "residential-tou"
+    area = "TA-0042"         # transformer area (LL-01, OUT-02)
+    account = "AC-778"
+    master = false           # true for the area's master (check) meter
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protocols.errors import ConfigError
+
+__all__ = ["MeterParams", "MeterRegistry"]
+
+_KEYS = {"voltage_v", "imax_a", "ib_a", "phases", "multiplier", "tariff", "area", "account", "master"}
+_REQUIRED = ("voltage_v", "imax_a", "phases")
+
+
+@dataclass(frozen=True, slots=True)
+class MeterParams:
+    """Per-meter parameter columns for one batch's meter-id table (row i = batch meter i).
+
+    Unknown meters get ``known = False``, ``un_dv = imax_ma = 0`` (rating checks skipped),
+    ``multiplier = 1`` and ``area = -1``."""
+
+    known: npt.NDArray[np.bool_]
+    un_dv: npt.NDArray[np.int64]  # rated phase voltage, 0.1 V
+    imax_ma: npt.NDArray[np.int64]  # maximum current, mA
+    ib_ma: npt.NDArray[np.int64]  # basic current, mA
+    phases: npt.NDArray[np.int64]
+    multiplier: npt.NDArray[np.int64]
+    area: npt.NDArray[np.int32]  # index into MeterRegistry.areas, -1 = none
+    master: npt.NDArray[np.bool_]
+
+
+def _fixed(value: Any, scale: int, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    try:
+        scaled = Decimal(str(value)) * scale
+    except InvalidOperation:
+        raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if scaled != scaled.to_integral_value() or scaled <= 0:
+        raise ConfigError(key, f"expected a positive number with at most {len(str(scale)) - 1} decimals")
+    return int(scaled)
+
+
+def _label(table: dict[str, int], name: str | None) -> int:
+    if name is None:
+        return -1
+    return table.setdefault(name, len(table))
+
+
+class MeterRegistry:
+    """The registry's arrays; see the module docstring for the file format."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._load()
+
+    @classmethod
+    def load(cls, path: str | Path) -> MeterRegistry:
+        """Read and validate ``path``. Raises: ConfigError naming the bad key."""
+        return cls(path)
+
+    def reload(self) -> None:
+        """Re-read the file; on error the previous contents stay. Raises: ConfigError."""
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            doc = tomllib.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(str(self.path), f"cannot read registry: {exc}") from exc
+        unknown = set(doc) - {"meters"}
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "unknown key")
+        meters = doc.get("meters", {})
+        if not isinstance(meters, dict):
+            raise ConfigError("meters", "expected a table")
+        cols: dict[str, list[Any]] = {
+            k: [] for k in ("un", "imax", "ib", "ph", "mul", "area", "tariff", "account", "master")
+        }
+        areas: dict[str, int] = {}
+        tariffs: dict[str, int] = {}
+        accounts: dict[str, int] = {}
+        for mid, row in meters.items():
+            self._row(f'meters."{mid}"', row, cols, areas, tariffs, accounts)
+        self.ids: tuple[str, ...] = tuple(meters)
+        self.index = {m: i for i, m in enumerate(self.ids)}
+        self.un_dv = np.array(cols["un"], dtype=np.int64)
+        self.imax_ma = np.array(cols["imax"], dtype=np.int64)
+        self.ib_ma = np.array(cols["ib"], dtype=np.int64)
+        self.phases = np.array(cols["ph"], dtype=np.int64)
+        self.multiplier = np.array(cols["mul"], dtype=np.int64)
+        self.area = np.array(cols["area"], dtype=np.int32)
+        self.tariff = np.array(cols["tariff"], dtype=np.int32)
+        self.account = np.array(cols["account"], dtype=np.int32)
+        self.master = np.array(cols["master"], dtype=np.bool_)
+        self.areas = tuple(areas)
+        self.tariffs = tuple(tariffs)
+        self.accounts = tuple(accounts)
+
+    @staticmethod
+    def _row(
+        key: str,
+        row: Any,
+        cols: dict[str, list[Any]],
+        areas: dict[str, int],
+        tariffs: dict[str, int],
+        accounts: dict[str, int],
+    ) -> None:
+        if not isinstance(row, dict):
+            raise ConfigError(key, "expected a table")
+        for k in row:
+            if k not in _KEYS:
+                raise ConfigError(f"{key}.{k}", "unknown key")
+        for k in _REQUIRED:
+            if k not in row:
+                raise ConfigError(f"{key}.{k}", "required key missing")
+        phases = row["phases"]
+        if isinstance(phases, bool) or phases not in (1, 3):
+            raise ConfigError(f"{key}.phases", f"expected 1 or 3, got {phases!r}")
+        mul = row.get("multiplier", 1)
+        if isinstance(mul, bool) or not isinstance(mul, int) or mul < 1:
+            raise ConfigError(f"{key}.multiplier", f"expected a positive integer, got {mul!r}")
+        names = {}
+        for k in ("tariff", "area", "account"):
+            v = row.get(k)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ConfigError(f"{key}.{k}", f"expected a non-empty string, got {v!r}")
+            names[k] = v
+        master = row.get("master", False)
+        if not isinstance(master, bool):
+            raise ConfigError(f"{key}.master", f"expected true or false, got {master!r}")
+        if master and names["area"] is None:
+            raise ConfigError(f"{key}.area", "a master meter needs an area")
+        cols["un"].append(_fixed(row["voltage_v"], 10, f"{key}.voltage_v"))
+        cols["imax"].append(_fixed(row["imax_a"], 1000, f"{key}.imax_a"))
+        cols["ib"].append(_fixed(row.get("ib_a", 5), 1000, f"{key}.ib_a"))
+        cols["ph"].append(phases)
+        cols["mul"].append(mul)
+        cols["area"].append(_label(areas, names["area"]))
+        cols["tariff"].append(_label(tariffs, names["tariff"]))
+        cols["account"].append(_label(accounts, names["account"]))
+        cols["master"].append(master)
+
+    def rows(self, meter_ids: list[str] | tuple[str, ...]) -> npt.NDArray[np.int64]:
+        """Registry index of each id; -1 for an id the registry does not know."""
+        return np.array([self.index.get(m, -1) for m in meter_ids], dtype=np.int64)
+
+    def params(self, meter_ids: list[str] | tuple[str, ...]) -> MeterParams:
+        """Parameter columns for a batch's meter-id table (per meter, not per reading)."""
+        r = self.rows(meter_ids)
+        known = r >= 0
+        safe = np.where(known, r, 0)
+
+        def take(col: npt.NDArray[Any], missing: int) -> npt.NDArray[Any]:
+            if col.shape[0] == 0:
+                return np.full(r.shape[0], missing, dtype=col.dtype)
+            return np.where(known, col[safe], missing).astype(col.dtype)
+
+        return MeterParams(
+            known=known,
+            un_dv=take(self.un_dv, 0),
+            imax_ma=take(self.imax_ma, 0),
+            ib_ma=take(self.ib_ma, 0),
+            phases=take(self.phases, 1),
+            multiplier=take(self.multiplier, 1),
+            area=take(self.area, -1),
+            master=take(self.master, False),
+        )
+
+    def area_sizes(self) -> npt.NDArray[np.int64]:
+        """Customer (non-master) meters per area, indexed like :attr:`areas`."""
+        customers = (self.area >= 0) & ~self.master
+        return np.bincount(self.area[customers], minlength=len(self.areas)).astype(np.int64)

@@ -1,0 +1,708 @@
+"""Checking wrappers around :mod:`ingest.kernels`: one per pipeline stage.
+
+Each wrapper checks dtypes and shapes (a ``TypeError``/``ValueError`` naming the column: these are
+programming errors of the caller, not bad data), builds integer group labels and per-meter
+parameter columns, allocates, and calls a kernel. Bad *data* never raises: it comes back as
+quality-flag bits (:mod:`protocols.flags`). Inputs are never written (``numpy.frombuffer`` arrays
+are read-only and work as they are). Stages, in pipeline order::
+
+    validate_batch(readings, previous, meters, receive_ts_ms)        -> Checked
+    aggregate_intervals(readings, checked, meters)                   -> Intervals  (VEE-01, VEE-20)
+    interval_totals(intervals, bucket_ms)                            -> Totals     (hourly / daily)
+    tou_split(intervals, calendar)                                   -> TouDays    (TOU-03, VEE-15)
+    line_loss(daily_totals, meters, area_sizes)                      -> LineLoss   (LL-01/02)
+    completeness(intervals, readings, checked, meter_ids)            -> CompletenessReport (KPI-01)
+    area_outages(event_meter, event_ts, meters, area_sizes)          -> Outages    (OUT-02)
+    encode_lines(readings, LineTables.build(meter_ids, gateway_id))  -> bytes      (line protocol)
+
+Rule IDs refer to ``shared/reference/business_rules.md``; ``docs/ingest-kernels.md`` has the flag
+rules, parameters and the line-protocol schema.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest import kernels as k
+from ingest.registry import MeterParams
+from ingest.tariff_calendar import TariffCalendar
+from protocols.quantities import QUANTITIES
+
+__all__ = [
+    "Checked",
+    "CompletenessReport",
+    "DayCompleteness",
+    "Intervals",
+    "LineLoss",
+    "LineTables",
+    "Outages",
+    "PreviousRegisters",
+    "Readings",
+    "Totals",
+    "TouDays",
+    "ValidationParams",
+    "aggregate_intervals",
+    "area_outages",
+    "completeness",
+    "encode_lines",
+    "escape_tag",
+    "interval_totals",
+    "line_loss",
+    "tou_split",
+    "unescape_tag",
+    "validate_batch",
+]
+
+I64 = npt.NDArray[np.int64]
+DAY_MS = 86_400_000
+INTERVAL_MS = 900_000
+SHANGHAI_MS = 8 * 3_600_000
+
+
+def _col(name: str, arr: Any, dtype: Any, n: int | None = None) -> Any:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"column {name!r}: expected a numpy array, got {type(arr).__name__}")
+    if arr.dtype != np.dtype(dtype):
+        raise TypeError(f"column {name!r}: expected dtype {np.dtype(dtype)}, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"column {name!r}: expected 1-D, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"column {name!r}: expected length {n}, got {arr.shape[0]}")
+    return arr
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """A batch's reading columns. ``meter`` indexes the batch's meter-id table."""
+
+    meter: npt.NDArray[np.uint32]
+    ts: I64  # epoch ms
+    quantity: npt.NDArray[np.uint16]
+    value: I64  # fixed point, scaled by the quantity's decimals
+    flags: npt.NDArray[np.uint16]
+
+    def __post_init__(self) -> None:
+        n = _col("meter", self.meter, np.uint32).shape[0]
+        _col("ts", self.ts, np.int64, n)
+        _col("quantity", self.quantity, np.uint16, n)
+        _col("value", self.value, np.int64, n)
+        _col("flags", self.flags, np.uint16, n)
+
+    def __len__(self) -> int:
+        return int(self.meter.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousRegisters:
+    """Per (meter, quantity): the register value and time the edge sent before this batch."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    value: I64
+    ts: I64
+
+    def __post_init__(self) -> None:
+        n = _col("previous.meter", self.meter, np.uint32).shape[0]
+        _col("previous.quantity", self.quantity, np.uint16, n)
+        _col("previous.value", self.value, np.int64, n)
+        _col("previous.ts", self.ts, np.int64, n)
+
+    @classmethod
+    def empty(cls) -> PreviousRegisters:
+        e = np.empty(0, dtype=np.int64)
+        return cls(np.empty(0, np.uint32), np.empty(0, np.uint16), e, e)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationParams:
+    """Thresholds of the validation rules; integer units in the names (defaults from the rules)."""
+
+    interval_ms: int = INTERVAL_MS  # VEE-13 grid and gap
+    future_tol_ms: int = 300_000  # VEE-11
+    skew_tol_ms: int = 300_000  # VEE-12
+    meter_clock_utc_offset_ms: int = SHANGHAI_MS  # meter_clock is meter-local time as UTC-naive
+    decrease_min: int = 5  # VEE-04, 0.05 kWh
+    replaced_below: int = 1_000  # VEE-03, R(t) < 10.00 kWh
+    replaced_drop: int = 1_000  # VEE-03, drop >= 10.00 kWh
+    spike_margin_pct: int = 10  # VEE-05
+    pf_floor: int = 300  # VEE-18, 0.300
+    zero_power_min_w: int = 400  # VEE-08, 0.4 kW
+
+
+# Quantity tables indexed by code (uint16 range, so any code is a valid index).
+_NQ = 1 << 16
+Q_KIND = np.zeros(_NQ, dtype=np.int64)
+Q_REGMAX = np.zeros(_NQ, dtype=np.int64)
+Q_LO = np.zeros(_NQ, dtype=np.int64)
+Q_HI = np.zeros(_NQ, dtype=np.int64)
+Q_ENERGY = np.zeros(_NQ, dtype=np.bool_)
+Q_SIGNED = np.zeros(_NQ, dtype=np.bool_)
+Q_DECIMALS = np.zeros(_NQ, dtype=np.int64)
+_I64 = np.iinfo(np.int64)
+for _q in QUANTITIES:
+    Q_KIND[_q.code] = {
+        "cumulative": k.KIND_CUMULATIVE,
+        "instantaneous": k.KIND_INSTANT,
+        "state": k.KIND_STATE,
+    }[_q.kind]
+    Q_DECIMALS[_q.code] = _q.decimals
+    Q_SIGNED[_q.code] = _q.signed
+    Q_ENERGY[_q.code] = _q.kind == "cumulative" and _q.unit in ("kWh", "kvarh", "kVAh")
+    if _q.register_max is not None:
+        Q_REGMAX[_q.code] = _q.register_max
+        Q_LO[_q.code], Q_HI[_q.code] = (-_q.register_max if _q.signed else 0), _q.register_max
+    else:
+        Q_LO[_q.code], Q_HI[_q.code] = (_I64.min if _q.signed else 0), _I64.max
+Q_LO[k.Q_PF_TOTAL : k.Q_PF_TOTAL + 4] = _I64.min  # PF has its own rule and bit (VEE-18)
+Q_LO[56], Q_HI[56] = 4_500, 6_500  # frequency 45.00..65.00 Hz
+for _q in QUANTITIES:
+    if _q.name == "relay_state":
+        Q_HI[_q.code] = 1
+for _a in (Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED, Q_DECIMALS):
+    _a.setflags(write=False)
+
+
+def _meter_columns(meters: MeterParams, nmeters: int, p: ValidationParams) -> dict[str, I64]:
+    for name in ("un_dv", "imax_ma", "ib_ma", "phases", "multiplier"):
+        _col(f"meters.{name}", getattr(meters, name), np.int64, nmeters)
+    pmax_mw = meters.un_dv * meters.imax_ma * meters.phases // 10  # 0.1 V x mA = 0.1 mW
+    izero = np.zeros(nmeters, dtype=np.int64)
+    ok = meters.un_dv > 0
+    # VEE-08: the current that carries zero_power_min_w at U_n, in mA, rounded up.
+    izero[ok] = -(-p.zero_power_min_w * 10_000 // meters.un_dv[ok])
+    return {"kmax": pmax_mw * (100 + p.spike_margin_pct), "izero": izero}
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """``validate_batch`` output, per reading (input positions): ``flags``; ``delta`` the register
+    delta since the previous anchor (rollover unwrapped, 0 when invalid or none); ``anchor_ts``
+    that anchor's time (``INT64_MIN`` if none); ``order`` the positions sorted by (meter, ts,
+    quantity, arrival)."""
+
+    flags: npt.NDArray[np.uint16]
+    delta: I64
+    anchor_ts: I64
+    order: I64
+
+
+def sort_order(readings: Readings) -> I64:
+    """Positions sorted by (meter, ts, quantity), arrival order kept for ties."""
+    return np.lexsort((readings.quantity, readings.ts, readings.meter)).astype(np.int64)
+
+
+def channel_labels(
+    readings: Readings, previous: PreviousRegisters
+) -> tuple[I64, I64, I64, npt.NDArray[np.bool_]]:
+    """Dense (meter, quantity) labels and the previous register per label."""
+    key = (readings.meter.astype(np.int64) << 16) | readings.quantity
+    uniq, chan = np.unique(key, return_inverse=True)
+    pkey = (previous.meter.astype(np.int64) << 16) | previous.quantity
+    pos = np.searchsorted(uniq, pkey)
+    hit = pos < uniq.shape[0]
+    hit[hit] = uniq[pos[hit]] == pkey[hit]
+    prev_value = np.zeros(uniq.shape[0], dtype=np.int64)
+    prev_ts = np.full(uniq.shape[0], k.INT64_MIN, dtype=np.int64)
+    has_prev = np.zeros(uniq.shape[0], dtype=np.bool_)
+    prev_value[pos[hit]] = previous.value[hit]
+    prev_ts[pos[hit]] = previous.ts[hit]
+    has_prev[pos[hit]] = True
+    return chan.astype(np.int64).ravel(), prev_value, prev_ts, has_prev
+
+
+def validate_batch(
+    readings: Readings,
+    previous: PreviousRegisters,
+    meters: MeterParams,
+    receive_ts_ms: int,
+    params: ValidationParams = ValidationParams(),
+) -> Checked:
+    """Every per-reading rule (VEE-02..05, 08, 10..13, 16..18): see docs/ingest-kernels.md.
+
+    ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``).
+    Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
+    nmeters = int(meters.un_dv.shape[0])
+    if len(readings) and int(readings.meter.max()) >= nmeters:
+        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
+    mc = _meter_columns(meters, nmeters, params)
+    order = sort_order(readings)
+    chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous)
+    p = params
+    flags, delta, anchor_ts = k.validate(
+        order,
+        chan,
+        readings.meter,
+        readings.ts,
+        readings.quantity,
+        readings.value,
+        readings.flags,
+        prev_value,
+        prev_ts,
+        has_prev,
+        Q_KIND,
+        Q_REGMAX,
+        Q_LO,
+        Q_HI,
+        Q_ENERGY,
+        Q_SIGNED,
+        meters.un_dv,
+        mc["kmax"],
+        meters.ib_ma,
+        meters.phases,
+        mc["izero"],
+        receive_ts_ms,
+        p.future_tol_ms,
+        p.meter_clock_utc_offset_ms,
+        p.skew_tol_ms,
+        p.interval_ms,
+        p.decrease_min,
+        p.replaced_below,
+        p.replaced_drop,
+        p.pf_floor,
+        p.zero_power_min_w * 10,
+    )
+    return Checked(flags, delta, anchor_ts, order)
+
+
+@dataclass(frozen=True, slots=True)
+class Intervals:
+    """End-labelled interval energies, multiplier applied (0.01 kWh units x CT·PT)."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    end_ts: I64
+    energy: I64
+    flags: npt.NDArray[np.uint16]
+
+
+ENERGY_CHANNELS = (1, 2, 3, 4, 5, 6)  # forward total, T1..T4, reverse total
+
+
+def aggregate_intervals(
+    readings: Readings,
+    checked: Checked,
+    meters: MeterParams,
+    *,
+    quantities: tuple[int, ...] = ENERGY_CHANNELS,
+    interval_ms: int = INTERVAL_MS,
+    max_gap_intervals: int = 8,
+) -> Intervals:
+    """VEE-01 interval energy from register deltas, VEE-20 estimation of gaps of at most
+    ``max_gap_intervals`` missing intervals (2 h by default); longer gaps stay gaps (VEE-21).
+    Raises: TypeError/ValueError naming the column."""
+    n = len(readings)
+    _col("checked.delta", checked.delta, np.int64, n)
+    _col("checked.anchor_ts", checked.anchor_ts, np.int64, n)
+    _col("checked.flags", checked.flags, np.uint16, n)
+    _col("meters.multiplier", meters.multiplier, np.int64)
+    selected = np.zeros(_NQ, dtype=np.bool_)
+    selected[list(quantities)] = True
+    out = k.intervals(
+        readings.meter,
+        readings.ts,
+        readings.quantity,
+        checked.flags,
+        checked.delta,
+        checked.anchor_ts,
+        selected,
+        meters.multiplier,
+        interval_ms,
+        max_gap_intervals,
+    )
+    return Intervals(*out)
+
+
+def group_labels(*keys: I64) -> tuple[I64, int, I64]:
+    """Dense labels of the distinct key tuples: (labels, ngroups, first row of each group)."""
+    if keys[0].shape[0] == 0:
+        e = np.empty(0, dtype=np.int64)
+        return e, 0, e
+    order = np.lexsort(keys[::-1])
+    change = np.zeros(order.shape[0], dtype=np.bool_)
+    change[0] = True
+    for key in keys:
+        s = key[order]
+        change[1:] |= s[1:] != s[:-1]
+    labels = np.empty(order.shape[0], dtype=np.int64)
+    labels[order] = np.cumsum(change) - 1
+    return labels, int(change.sum()), order[change].astype(np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Per (meter, quantity, bucket): billable energy and interval counts."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    start_ts: I64
+    energy: I64
+    n_actual: I64
+    n_estimated: I64
+    n_invalid: I64
+
+
+def _bucket_start(end_ts: I64, interval_ms: int, bucket_ms: int, utc_offset_ms: int) -> I64:
+    # An end-labelled interval belongs to the bucket holding its start (the 24:00 interval is day D).
+    return (end_ts - interval_ms + utc_offset_ms) // bucket_ms * bucket_ms - utc_offset_ms
+
+
+def interval_totals(
+    iv: Intervals,
+    *,
+    bucket_ms: int = DAY_MS,
+    interval_ms: int = INTERVAL_MS,
+    utc_offset_ms: int = SHANGHAI_MS,
+) -> Totals:
+    """Hourly (``bucket_ms=3_600_000``) or local-day totals. Not-billable intervals (SPIKE,
+    WENT_BACKWARDS, METER_REPLACED) are counted in ``n_invalid`` and left out of ``energy``."""
+    start = _bucket_start(iv.end_ts, interval_ms, bucket_ms, utc_offset_ms)
+    labels, ng, first = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), start)
+    tot, n_act, n_est, n_bad = k.group_totals(labels, ng, iv.energy, iv.flags)
+    return Totals(iv.meter[first], iv.quantity[first], start[first], tot, n_act, n_est, n_bad)
+
+
+@dataclass(frozen=True, slots=True)
+class TouDays:
+    """Per (meter, local day): calendar split of the total register against the tariff registers
+    (columns sharp, peak, flat, valley), the largest interval, and VEE-15 bucket mismatches
+    (``mismatch`` would be ``TOU_CAL_MISMATCH``, a bit protocols/flags.py does not have)."""
+
+    meter: npt.NDArray[np.uint32]
+    day_start_ts: I64
+    calendar: npt.NDArray[np.int64]
+    registers: npt.NDArray[np.int64]
+    largest: I64
+    mismatch: npt.NDArray[np.bool_]
+
+
+def tou_split(iv: Intervals, calendar: TariffCalendar, *, interval_ms: int = INTERVAL_MS) -> TouDays:
+    """TOU-03 classification by interval start, VEE-15 cross-check against T1..T4 deltas."""
+    period = k.tou_periods(
+        iv.end_ts,
+        interval_ms,
+        calendar.utc_offset_ms,
+        calendar.month_season,
+        calendar.day_profile,
+        calendar.profiles,
+        calendar.holidays,
+    )
+    day = _bucket_start(iv.end_ts, interval_ms, DAY_MS, calendar.utc_offset_ms)
+    labels, ng, first = group_labels(iv.meter.astype(np.int64), day)
+    cal, reg, big, bad = k.tou_split(labels, ng, iv.quantity, iv.energy, iv.flags, period)
+    return TouDays(iv.meter[first], day[first], cal, reg, big, bad)
+
+
+@dataclass(frozen=True, slots=True)
+class LineLoss:
+    """Per (area, local day): LL-01 supply, sales, loss (0.01 kWh), rate in 0.01 %, LL-02 class."""
+
+    area: I64
+    day_start_ts: I64
+    supply: I64
+    sales: I64
+    loss: I64
+    rate_bp: I64
+    klass: npt.NDArray[np.uint8]
+    customers_present: I64
+
+    CLASSES = ("QUALIFIED", "HIGH", "NEGATIVE", "NOT_COMPUTABLE", "INCOMPLETE", "OUT_OF_SERVICE")
+
+
+def line_loss(
+    daily: Totals,
+    meters: MeterParams,
+    area_sizes: I64,
+    *,
+    intervals_per_day: int = 96,
+    min_complete_pct: int = 98,
+    high_bp: int = 1_000,
+) -> LineLoss:
+    """LL-01/02 from daily totals of forward (1) and reverse (6) active energy, multiplier applied.
+
+    A meter-day counts when all its intervals are there, actual or estimated, and none is invalid.
+    ``area_sizes`` is customers per area (``registry.area_sizes()``); meters without an area are
+    ignored. The 3-day persistence alarm of LL-02 is the caller's (it spans batches)."""
+    area_of_row = meters.area[daily.meter].astype(np.int64)
+    keep = (area_of_row >= 0) & np.isin(daily.quantity, (1, 6))
+    meter = daily.meter[keep].astype(np.int64)
+    day, q, area = daily.start_ts[keep], daily.quantity[keep], area_of_row[keep]
+    ok = (daily.n_actual + daily.n_estimated == intervals_per_day)[keep] & (daily.n_invalid[keep] == 0)
+    rows, nrows, first = group_labels(meter, day)
+    fwd = np.zeros(nrows, np.int64)
+    rev = np.zeros(nrows, np.int64)
+    fwd_ok = np.zeros(nrows, np.bool_)
+    rev_ok = np.zeros(nrows, np.bool_)
+    is_fwd = q == 1
+    fwd[rows[is_fwd]], fwd_ok[rows[is_fwd]] = daily.energy[keep][is_fwd], ok[is_fwd]
+    rev[rows[~is_fwd]], rev_ok[rows[~is_fwd]] = daily.energy[keep][~is_fwd], ok[~is_fwd]
+    r_area, r_day = area[first], day[first]
+    labels, ng, gfirst = group_labels(r_area, r_day)
+    g_area = r_area[gfirst]
+    expected = area_sizes[g_area] if ng else np.empty(0, np.int64)
+    out = k.line_loss(
+        labels,
+        ng,
+        meters.master[meter[first]],
+        fwd,
+        fwd_ok,
+        rev,
+        rev_ok,
+        expected.astype(np.int64),
+        min_complete_pct,
+        high_bp,
+    )
+    return LineLoss(g_area, r_day[gfirst], *out)
+
+
+@dataclass(frozen=True, slots=True)
+class DayCompleteness:
+    """What a billing user asks: for meter M, day D, how complete is the interval data."""
+
+    meter_id: str
+    day: dt.date
+    expected: int
+    actual: int
+    estimated: int
+    invalid: int
+    duplicates: int
+
+    @property
+    def intervals(self) -> int:
+        return self.actual + self.estimated
+
+    def __str__(self) -> str:
+        return (
+            f"{self.meter_id} {self.day}: {self.intervals} of {self.expected} intervals, "
+            f"{self.duplicates} duplicates, {self.estimated} estimated, {self.invalid} invalid"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompletenessReport:
+    """Per (meter, local day) counts for one register channel; counts add up across batches.
+    KPI-01: estimated intervals do not count as collected (``actual / expected``)."""
+
+    meter_ids: tuple[str, ...]
+    meter: npt.NDArray[np.uint32]
+    day_start_ts: I64
+    actual: I64
+    estimated: I64
+    invalid: I64
+    duplicates: I64
+    expected_per_day: int
+    utc_offset_ms: int
+    _index: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for r, (m, d) in enumerate(zip(self.meter.tolist(), self.day_start_ts.tolist(), strict=True)):
+            self._index[(m, d)] = r
+
+    def query(self, meter_id: str, day: dt.date) -> DayCompleteness:
+        """Raises: KeyError when the meter is not in this report's meter-id table."""
+        m = self.meter_ids.index(meter_id) if meter_id in self.meter_ids else None
+        if m is None:
+            raise KeyError(f"meter {meter_id!r} not in this report")
+        start = (day - dt.date(1970, 1, 1)).days * DAY_MS - self.utc_offset_ms
+        r = self._index.get((m, start))
+        vals = (
+            (0, 0, 0, 0)
+            if r is None
+            else (int(self.actual[r]), int(self.estimated[r]), int(self.invalid[r]), int(self.duplicates[r]))
+        )
+        return DayCompleteness(meter_id, day, self.expected_per_day, *vals)
+
+    def rates(self, group_of_meter: I64, group_size: I64) -> tuple[I64, I64, I64, I64]:
+        """KPI-01 curve completeness per (group, day) for gateway or area groups:
+        ``(group, day_start_ts, received, expected)`` with expected = meters in service x 96."""
+        g = group_of_meter[self.meter].astype(np.int64)
+        labels, ng, first = group_labels(g, self.day_start_ts)
+        received = k.group_count(
+            np.repeat(labels, self.actual), ng, np.ones(int(self.actual.sum()), np.bool_)
+        )
+        grp = g[first]
+        return grp, self.day_start_ts[first], received, group_size[grp] * self.expected_per_day
+
+
+def completeness(
+    iv: Intervals,
+    readings: Readings,
+    checked: Checked,
+    meter_ids: tuple[str, ...] | list[str],
+    *,
+    quantity: int = 1,
+    interval_ms: int = INTERVAL_MS,
+    utc_offset_ms: int = SHANGHAI_MS,
+) -> CompletenessReport:
+    """VEE-13 / KPI-01 counts per (meter, day) of one channel; duplicates come from the readings."""
+    sel = iv.quantity == quantity
+    d_sel = (readings.quantity == quantity) & ((checked.flags & k.F_DUPLICATE) != 0)
+    meter = np.concatenate([iv.meter[sel], readings.meter[d_sel]]).astype(np.int64)
+    day = np.concatenate(
+        [
+            _bucket_start(iv.end_ts[sel], interval_ms, DAY_MS, utc_offset_ms),
+            _bucket_start(readings.ts[d_sel], interval_ms, DAY_MS, utc_offset_ms),
+        ]
+    )
+    flags = np.concatenate([iv.flags[sel], np.zeros(int(d_sel.sum()), np.uint16)])
+    is_dup = np.concatenate([np.zeros(int(sel.sum()), np.bool_), np.ones(int(d_sel.sum()), np.bool_)])
+    labels, ng, first = group_labels(meter, day)
+    _, n_act, n_est, n_bad = k.group_totals(labels[~is_dup], ng, iv.energy[sel], flags[~is_dup])
+    dups = k.group_count(labels, ng, is_dup)
+    return CompletenessReport(
+        tuple(meter_ids),
+        meter[first].astype(np.uint32),
+        day[first],
+        n_act,
+        n_est,
+        n_bad,
+        dups,
+        DAY_MS // interval_ms,
+        utc_offset_ms,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outages:
+    """OUT-02: ``alarm_of_event[i]`` is the alarm event i attached to (-1: none); per alarm its
+    area, opening time and number of attached events."""
+
+    alarm_of_event: I64
+    alarm_area: I64
+    alarm_ts: I64
+    alarm_events: I64
+
+
+def area_outages(
+    event_meter: npt.NDArray[np.uint32],
+    event_ts: I64,
+    meters: MeterParams,
+    area_sizes: I64,
+    *,
+    window_ms: int = 120_000,
+    k_min: int = 3,
+    pct: int = 30,
+) -> Outages:
+    """Correlate power-down events (OUT-01: meter events, or points whose phase voltages all
+    collapsed) into one alarm per area. Raises: TypeError/ValueError naming the column."""
+    n = _col("event_meter", event_meter, np.uint32).shape[0]
+    _col("event_ts", event_ts, np.int64, n)
+    area = meters.area.astype(np.int64)
+    order = np.lexsort((event_ts, area[event_meter])).astype(np.int64)
+    return Outages(
+        *k.area_outages(
+            order,
+            event_meter,
+            event_ts,
+            meters.area,
+            meters.master,
+            area_sizes.astype(np.int64),
+            window_ms,
+            k_min,
+            pct,
+        )
+    )
+
+
+# --- line protocol ------------------------------------------------------------------------------------
+
+_BACKSLASH_ESCAPED = {ord(","): b"\\,", ord("="): b"\\=", ord(" "): b"\\ "}
+
+
+def escape_tag(text: str) -> bytes:
+    """Tag key/value bytes that cannot break out of their tag, reversibly (see docs).
+
+    Step 1, percent-encoding: ``%``, ``\\``, every C0 control (``\\n``, ``\\r``, ``\\t``…) and DEL become
+    ``%XX`` (line protocol cannot carry a raw newline, and a trailing or doubled backslash is read
+    differently by InfluxDB 1.x and 2.x). Step 2, line protocol: comma, equals and space get a
+    backslash. Quotes and non-ASCII (UTF-8) pass through. Raises: ValueError for an empty string
+    (InfluxDB rejects an empty tag value)."""
+    if not text:
+        raise ValueError("an empty string cannot be a tag value")
+    out = bytearray()
+    for b in text.encode("utf-8"):
+        if b < 0x20 or b in (0x25, 0x5C, 0x7F):
+            out += b"%%%02X" % b
+        elif b in _BACKSLASH_ESCAPED:
+            out += _BACKSLASH_ESCAPED[b]
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape_tag(raw: str) -> str:
+    """Inverse of :func:`escape_tag` applied to the tag value a parser returns (after it removed
+    the line-protocol backslashes): percent-decoding."""
+    out = bytearray()
+    data = raw.encode("utf-8")
+    i = 0
+    while i < len(data):
+        if data[i] == 0x25:
+            out.append(int(data[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(data[i])
+            i += 1
+    return out.decode("utf-8")
+
+
+def _table(parts: list[bytes]) -> tuple[npt.NDArray[np.uint8], I64]:
+    off = np.zeros(len(parts) + 1, dtype=np.int64)
+    off[1:] = np.cumsum([len(p) for p in parts])
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), off
+
+
+_FIELD_NAMES = [b"q%d" % c for c in range(_NQ)]
+for _q in QUANTITIES:
+    _FIELD_NAMES[_q.code] = _q.name.encode()
+FNAME, FNAME_OFF = _table(_FIELD_NAMES)
+FNAME_LEN = np.diff(FNAME_OFF)
+
+
+@dataclass(frozen=True, slots=True)
+class LineTables:
+    """Escaped ``measurement,meter=<id>,gateway=<gw>`` prefix per meter of one batch."""
+
+    head: npt.NDArray[np.uint8]
+    head_off: I64
+
+    @classmethod
+    def build(
+        cls, meter_ids: list[str] | tuple[str, ...], gateway_id: str, measurement: str = "meter_reading"
+    ) -> LineTables:
+        """Escape once per batch (per meter, not per reading). Raises: ValueError for an empty id."""
+        gw = escape_tag(gateway_id)
+        meas = measurement.encode().replace(b",", b"\\,").replace(b" ", b"\\ ")
+        return cls(*_table([meas + b",meter=" + escape_tag(m) + b",gateway=" + gw for m in meter_ids]))
+
+
+def encode_lines(readings: Readings, tables: LineTables, *, wide: bool = False) -> bytes:
+    """Line protocol (ms timestamps) for a batch; narrow = one point per reading, wide = one point
+    per (meter, ts) with a field per quantity. Raises: ValueError for a meter index off the table."""
+    nmeters = tables.head_off.shape[0] - 1
+    if len(readings) and int(readings.meter.max()) >= nmeters:
+        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meter ids")
+    head_len = np.diff(tables.head_off)
+    bound = int((head_len[readings.meter] + 2 * FNAME_LEN[readings.quantity] + 100).sum())
+    buf = np.empty(bound, dtype=np.uint8)
+    order = sort_order(readings)
+    used = k.encode_lines(
+        order,
+        readings.meter,
+        readings.ts,
+        readings.quantity,
+        readings.value,
+        readings.flags,
+        tables.head,
+        tables.head_off,
+        FNAME,
+        FNAME_OFF,
+        Q_DECIMALS,
+        wide,
+        buf,
+    )
+    return buf[:used].tobytes()

@@ -1,0 +1,132 @@
+"""Registry loading (ConfigError naming the key), tariff calendar checks, wrapper column checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ingest import stages
+from ingest.registry import MeterRegistry
+from ingest.tariff_calendar import TariffCalendar
+from protocols.errors import ConfigError
+
+GOOD = """
+[meters."M1"]
+voltage_v = 220
+imax_a = 60
+phases = 1
+area = "TA-1"
+tariff = "res"
+account = "AC1"
+[meters."M2"]
+voltage_v = 57.7
+imax_a = 1.5
+ib_a = 0.3
+phases = 3
+multiplier = 40
+area = "TA-1"
+master = true
+"""
+
+
+def test_registry_loads_arrays_and_reloads(tmp_path) -> None:
+    path = tmp_path / "meters.toml"
+    path.write_text(GOOD)
+    reg = MeterRegistry.load(path)
+    assert reg.un_dv.tolist() == [2200, 577] and reg.imax_ma.tolist() == [60_000, 1_500]
+    assert reg.ib_ma.tolist() == [5_000, 300] and reg.multiplier.tolist() == [1, 40]
+    assert reg.master.tolist() == [False, True] and reg.area_sizes().tolist() == [1]
+    p = reg.params(["M2", "nope"])
+    assert (
+        p.known.tolist() == [True, False] and p.area.tolist() == [0, -1] and p.multiplier.tolist() == [40, 1]
+    )
+    path.write_text(GOOD.replace("phases = 3", "phases = 2"))
+    with pytest.raises(ConfigError) as exc:
+        reg.reload()
+    assert exc.value.key_path == 'meters."M2".phases'
+    assert reg.phases.tolist() == [1, 3]  # the old registry stays in force
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[meters."X"]\nvoltage_v = 220\nphases = 1', 'meters."X".imax_a'),
+        ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ncolour = 1', 'meters."X".colour'),
+        ('[meters."X"]\nvoltage_v = "high"\nimax_a = 60\nphases = 1', 'meters."X".voltage_v'),
+        ('[meters."X"]\nvoltage_v = 220\nimax_a = 0.0001\nphases = 1', 'meters."X".imax_a'),
+        ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nmaster = true', 'meters."X".area'),
+        ("[other]\n", "other"),
+    ],
+)
+def test_registry_errors_name_the_key(tmp_path, text, key) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        MeterRegistry.load(path)
+    assert exc.value.key_path == key
+
+
+def test_calendar_rejects_gaps_and_overlaps() -> None:
+    base = {"seasons": {"all": {"months": list(range(1, 13)), "workday": "d"}}}
+    with pytest.raises(ConfigError, match="do not cover 08:00"):
+        TariffCalendar.from_dict({**base, "profiles": {"d": {"segments": [["00:00", "08:00", "valley"]]}}})
+    with pytest.raises(ConfigError, match="overlaps"):
+        TariffCalendar.from_dict(
+            {
+                **base,
+                "profiles": {"d": {"segments": [["00:00", "24:00", "flat"], ["01:00", "02:00", "peak"]]}},
+            }
+        )
+    with pytest.raises(ConfigError) as exc:
+        TariffCalendar.from_dict(
+            {
+                "seasons": {"s": {"months": [1], "workday": "d"}},
+                "profiles": {"d": {"segments": [["00:00", "24:00", "flat"]]}},
+            }
+        )
+    assert exc.value.key_path == "tariff_calendar.seasons"
+
+
+def test_wrapper_names_the_bad_column() -> None:
+    with pytest.raises(TypeError, match="column 'value': expected dtype int64, got float64"):
+        stages.Readings(
+            np.zeros(1, np.uint32),
+            np.zeros(1, np.int64),
+            np.zeros(1, np.uint16),
+            np.zeros(1, np.float64),
+            np.zeros(1, np.uint16),
+        )
+    with pytest.raises(ValueError, match="column 'flags': expected length 1"):
+        stages.Readings(
+            np.zeros(1, np.uint32),
+            np.zeros(1, np.int64),
+            np.zeros(1, np.uint16),
+            np.zeros(1, np.int64),
+            np.zeros(2, np.uint16),
+        )
+
+
+def test_read_only_frombuffer_columns_work_and_stay_unchanged() -> None:
+    raw = {
+        name: np.frombuffer(np.array(v, dt).tobytes(), dtype=dt)
+        for name, v, dt in (
+            ("meter", [0, 0], np.uint32),
+            ("ts", [900_000, 1_800_000], np.int64),
+            ("quantity", [1, 1], np.uint16),
+            ("value", [100, 90], np.int64),
+            ("flags", [0, 0], np.uint16),
+        )
+    }
+    r = stages.Readings(**raw)
+    reg = stages.validate_batch(
+        r, stages.PreviousRegisters.empty(), MeterRegistryStub.params(), receive_ts_ms=10**7
+    )
+    assert reg.flags.tolist() == [0, 2] and r.value.tolist() == [100, 90] and not r.value.flags.writeable
+
+
+class MeterRegistryStub:
+    @staticmethod
+    def params():
+        from tests.unit.ingest.test_rules import meters
+
+        return meters()
