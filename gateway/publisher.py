@@ -114,6 +114,7 @@ class _Link:
 
     client: aiomqtt.Client
     lost: bool = False
+    refused: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def start(self, topic: str, payload: bytes, qos: int, retain: bool) -> asyncio.Task[None]:
@@ -128,6 +129,39 @@ class _Link:
         self.lost = True
         for task in list(self.tasks):
             task.cancel()
+
+    def watch_refusals(self) -> None:
+        """Treat a PUBACK with a failure reason code (MQTT 5, e.g. 0x87 Not authorized) as a lost
+        link instead of a delivery.
+
+        aiomqtt 2.x resolves ``publish()`` on any PUBACK and drops the reason code, so a refused
+        batch would be deleted from the outbox as if delivered. We wrap paho's ``on_publish`` on
+        this one client (aiomqtt is pinned < 3, and this is its only private attribute we touch):
+        on a refusal the link is dropped *before* aiomqtt sees the PUBACK, so every in-flight
+        publish fails with ``ConnectionLostError`` and its row stays in the outbox. The refusal is
+        logged; the next connection replays the rows (and a misconfigured ACL shows up as a
+        reconnect loop with errors, never as silent loss)."""
+        paho_client = self.client._client
+        deliver = paho_client.on_publish
+
+        def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
+            if getattr(reason_code, "is_failure", False):
+                log.error("broker refused a publish",
+                          extra={"kv": {"mid": mid, "reason": str(reason_code)}})
+                self.refused += 1
+                loop.call_soon_threadsafe(self.drop) if not _on_loop(loop) else self.drop()
+                return
+            deliver(client, userdata, mid, reason_code, properties)
+
+        loop = asyncio.get_running_loop()
+        paho_client.on_publish = on_publish
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 @dataclass(eq=False)
@@ -393,6 +427,7 @@ class Publisher:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         link = _Link(client)
+        link.watch_refusals()
         try:
             self._link = link
             await client.subscribe(self.command_topic, qos=1)

@@ -346,3 +346,24 @@ async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(mosquitto: Mosqu
         assert pub.protocol_version == 4 and proxy.refused == 1
         await pub.publish(f"ami/v1/{gw}/up/readings", b"via-311")
         await sub.wait_for(lambda got: b"via-311" in got)
+
+
+@pytest.mark.integration
+async def test_a_refused_publish_stays_in_the_outbox(mosquitto_secure: Mosquitto, tmp_path: Path) -> None:
+    """The ACL refuses gw-1 a topic of gw-2 (MQTT 5 PUBACK 0x87): the row must not be deleted as if
+    it had been delivered, and the gateway can never publish outside its own tree."""
+    broker = mosquitto_secure
+    outbox = Outbox(tmp_path / "o.sqlite", max_bytes=1 << 20)
+    outbox.add("ami/v1/gw-2/up/readings", b"forged", kind="register")
+    creds = {"username": "gw-1", "password": broker.passwords["gw-1"], "ca_file": str(broker.ca_file)}
+    async with collecting(broker, "ami/v1/#", user="headend") as sub, Publisher(
+        broker.url, gateway="gw-1", protocol="5", backoff_base_s=0.05, backoff_cap_s=0.2, **creds
+    ) as pub:
+        await pub.wait_connected(10)
+        with pytest.raises(ConnectionLostError):
+            async with asyncio.timeout(20):  # without refusal detection the drain "succeeds" or hangs
+                await pub.drain(outbox)
+        await asyncio.sleep(0.5)
+        assert b"forged" not in sub.got
+    assert len(outbox) == 1 and outbox.stats().published == 0
+    outbox.close()
