@@ -1,0 +1,543 @@
+"""InfluxDB sink: awaited, gzip-compressed line-protocol writes, with retry and line-level rejection.
+
+Contract
+--------
+* :meth:`InfluxSink.write` takes line protocol (``bytes``, one point per ``\\n``-separated line,
+  ``precision=ms``) and returns a :class:`WriteResult` only when every line is either **written**
+  (the server answered 2xx for it) or **dead-lettered** (the server will never accept it; the line
+  and the server's message are committed to the :class:`~ingest.deadletter.DeadLetterStore`).
+  So the caller may acknowledge the MQTT message as soon as ``write`` returns (STYLE H8). There is
+  no background batching: the write is awaited, never fire-and-forget (unlike influxdb-client's
+  ``WriteApi``).
+* Input is split into requests bounded by ``max_batch_lines`` and ``max_batch_bytes``
+  (uncompressed), sent one after the other with ``Content-Encoding: gzip``.
+* Outages and overload (connection refused/reset, timeouts, 5xx, 408, 429) are retried with
+  exponential back-off (``Retry-After`` honoured, capped); after ``max_attempts`` the write raises
+  ``SinkError(retryable=True)``. Requests already answered 2xx stay written: a retry of the whole
+  message rewrites them, which is harmless because an InfluxDB point is keyed by series and
+  timestamp, so rewriting the same line is an idempotent overwrite (DESIGN §6).
+* Line rejection (400 naming a partial write, a parse error, a field type conflict or a retention
+  policy; 413 too large) is resolved by bisecting the request by lines down to the offending lines,
+  which are dead-lettered with the server's message, while every other line is written. One bad
+  point never blocks or drops a batch (field lessons 10 and 18). Halves re-sent after a partial
+  write may rewrite points the server already kept: idempotent, as above.
+* Any other 4xx (auth, unknown database or bucket, bad request shape) raises
+  ``SinkError(retryable=False)``: retrying cannot help and dead-lettering data for a config error
+  would be wrong.
+
+API generations (``SinkConfig.api``): ``"v1"`` posts ``/write?db=&rp=&precision=ms`` (InfluxDB 1.x,
+optional basic auth); ``"v2"`` posts ``/api/v2/write?org=&bucket=&precision=ms`` with
+``Authorization: Token …`` (InfluxDB 2.x, 3.x and anything speaking that API); ``"auto"`` asks
+``GET /ping`` once and reads ``X-Influxdb-Version`` (``1.*`` → v1, anything newer → v2).
+
+Transport choice: a ~100-line asyncio HTTP/1.1 client (:class:`_HttpConnection`, one keep-alive
+connection, ``Content-Length`` and chunked responses, optional TLS) rather than influxdb-client or
+urllib in a thread. It keeps the sink a plain coroutine (STYLE H9: no threads where no library
+forces one), makes ``asyncio.timeout`` and cancellation work on the socket itself, and exposes the
+raw status, headers and error body that retry and bisection decide on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import gzip
+import json
+import logging
+import random
+import ssl
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ingest.deadletter import DeadLetterStore
+from protocols.errors import SinkError
+
+__all__ = ["InfluxSink", "SinkConfig", "SinkStats", "WriteResult", "backoff_delay_s", "split_lines"]
+
+log = logging.getLogger(__name__)
+
+_MAX_HEADER_BYTES = 64 * 1024
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Substrings (lower case) of a 400 answer that means "these lines are bad", by server generation:
+# 1.x "partial write: field type conflict ... dropped=1", "unable to parse '...': ...",
+# "partial write: points beyond retention policy dropped=1"; 2.x "partial write error (n accepted)",
+# "unable to parse"; 3.x "partial write of line protocol occurred", "parsing failed".
+_LINE_REJECTION_MARKERS = (
+    "partial write",
+    "unable to parse",
+    "field type conflict",
+    "beyond retention policy",
+    "parsing failed",
+    "line protocol",
+    "max-values-per-tag",
+    "max-series-per-database",
+)
+# Short, low-cardinality dead-letter reasons; the server's full message goes into ``detail``.
+_REASONS = (
+    ("field type conflict", "field type conflict"),
+    ("conflict", "field type conflict"),
+    ("unable to parse", "unable to parse"),
+    ("parsing failed", "unable to parse"),
+    ("beyond retention policy", "beyond retention policy"),
+    ("max-values-per-tag", "series limit"),
+    ("max-series-per-database", "series limit"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """The ``[ingest.influx]`` section. Units are in the names (STYLE H6).
+
+    ``database``/``retention_policy``/``username``/``password`` serve v1; ``org``/``bucket``/``token``
+    serve v2 (``bucket`` defaults to ``database``). ``ca_file`` is for ``https://`` URLs.
+    """
+
+    url: str = "http://127.0.0.1:8086"
+    api: Literal["v1", "v2", "auto"] = "auto"
+    database: str = "amigw"
+    retention_policy: str | None = None
+    username: str | None = None
+    password: str | None = None
+    org: str = ""
+    bucket: str | None = None
+    token: str | None = None
+    ca_file: str | None = None
+    gzip: bool = True
+    gzip_level: int = 1
+    max_batch_lines: int = 5000
+    max_batch_bytes: int = 4 * 1024 * 1024
+    timeout_s: float = 10.0
+    max_attempts: int = 5
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+    retry_after_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        scheme = urllib.parse.urlsplit(self.url).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError(f"url: expected http:// or https://, got {self.url!r}")
+        if self.max_batch_lines < 1 or self.max_batch_bytes < 1:
+            raise ValueError("max_batch_lines: and max_batch_bytes must be positive")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: expected >= 1, got {self.max_attempts}")
+        if not 0 <= self.gzip_level <= 9:
+            raise ValueError(f"gzip_level: expected 0..9, got {self.gzip_level}")
+        if self.timeout_s <= 0 or self.backoff_initial_s < 0 or self.backoff_max_s < 0:
+            raise ValueError("timeout_s: timeouts and back-off must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one :meth:`InfluxSink.write` did: every input line is counted in exactly one field."""
+
+    written_lines: int
+    dead_lettered_lines: int
+
+
+@dataclass(slots=True)
+class SinkStats:
+    """Counters for the metrics endpoint (STYLE H12); monotonically increasing."""
+
+    requests: int = 0
+    retries: int = 0
+    lines_written: int = 0
+    lines_dead_lettered: int = 0
+    bytes_sent: int = 0
+    failures: int = 0
+    last_status: int | None = None
+    api: str | None = None
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+def backoff_delay_s(attempt: int, initial_s: float, max_s: float, jitter: float = 0.0) -> float:
+    """Delay before retry number ``attempt`` (1-based): ``initial * 2**(attempt-1)``, capped.
+
+    ``jitter`` in [0, 1) is a caller-supplied random fraction added on top (pure: time and
+    randomness are injected, STYLE H9)."""
+    base = min(max_s, initial_s * 2.0 ** max(0, attempt - 1))
+    return float(base * (1.0 + jitter))
+
+
+def split_lines(data: bytes | Sequence[bytes]) -> list[bytes]:
+    """Non-empty lines of line protocol (``bytes`` split on ``\\n``, or already a sequence)."""
+    raw = bytes(data).split(b"\n") if isinstance(data, bytes | bytearray | memoryview) else data
+    return [bytes(line).rstrip(b"\r") for line in raw if line.strip()]
+
+
+def _chunks(lines: list[bytes], max_lines: int, max_bytes: int) -> list[list[bytes]]:
+    chunks: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        if current and (len(current) >= max_lines or size + len(line) + 1 > max_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _retry_after_s(value: str | None, now_s: float) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now_s)
+
+
+def _server_message(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(doc, dict):
+        for key in ("error", "message"):
+            if isinstance(doc.get(key), str):
+                extra = doc.get("data")
+                return str(doc[key]) + (f" {json.dumps(extra)}" if extra else "")
+    return text
+
+
+def _is_line_rejection(status: int, message: str) -> bool:
+    if status == 413:
+        return True
+    low = message.lower()
+    return status in (400, 422) and any(m in low for m in _LINE_REJECTION_MARKERS)
+
+
+def _reason(status: int, message: str) -> str:
+    if status == 413:
+        return "request too large"
+    low = message.lower()
+    return next((reason for marker, reason in _REASONS if marker in low), "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class _HttpConnection:
+    """One keep-alive HTTP/1.1 connection; reconnects lazily. Transport failures raise
+    ``SinkError(retryable=True)`` (translated once, here: STYLE H4)."""
+
+    def __init__(self, url: str, timeout_s: float, ca_file: str | None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        self.ssl = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()  # one request at a time on the connection (no pipelining)
+
+    async def request(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
+        try:
+            async with self._lock, asyncio.timeout(self.timeout_s):
+                return await self._exchange(method, target, headers, body)
+        except TimeoutError as exc:
+            await self.aclose()
+            raise SinkError(
+                f"influxdb {self.host}:{self.port}: no answer in {self.timeout_s}s", retryable=True
+            ) from exc
+        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            await self.aclose()
+            raise SinkError(f"influxdb {self.host}:{self.port} unreachable: {exc!r}", retryable=True) from exc
+        except BaseException:  # cancelled mid-request: the connection state is unknown
+            await self.aclose()
+            raise
+
+    async def _exchange(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl, limit=_MAX_HEADER_BYTES
+            )
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        head = [f"{method} {self.base_path}{target} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        head += [f"{k}: {v}" for k, v in {**headers, "Content-Length": str(len(body))}.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        status, resp_headers = self._parse_head(await reader.readuntil(b"\r\n\r\n"))
+        resp_body = await self._read_body(reader, method, status, resp_headers)
+        if resp_headers.get("connection", "").lower() == "close":
+            await self.aclose()
+        return _Response(status, resp_headers, resp_body)
+
+    @staticmethod
+    def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+        lines = raw.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ValueError(f"not an HTTP/1.x status line: {lines[0]!r}")
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        return int(rest[:3]), headers
+
+    async def _read_body(
+        self, reader: asyncio.StreamReader, method: str, status: int, headers: dict[str, str]
+    ) -> bytes:
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            return b""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            parts: list[bytes] = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size > _MAX_BODY_BYTES:
+                    raise ValueError(f"chunk of {size} bytes")
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, then the end
+                        pass
+                    return b"".join(parts)
+                parts.append((await reader.readexactly(size + 2))[:-2])
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            if length > _MAX_BODY_BYTES:
+                raise ValueError(f"body of {length} bytes")
+            return await reader.readexactly(length)
+        body = await reader.read(_MAX_BODY_BYTES)  # delimited by close
+        await self.aclose()
+        return body
+
+    async def aclose(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+class InfluxSink:
+    """Awaited writes to InfluxDB 1.x (``/write``) or 2.x/3.x (``/api/v2/write``).
+
+    ``sleep`` and ``rng`` are injectable for tests (back-off without real waiting).
+    Use as ``async with InfluxSink(config, dead_letter=store) as sink: await sink.write(lines)``.
+    """
+
+    def __init__(
+        self,
+        config: SinkConfig,
+        *,
+        dead_letter: DeadLetterStore,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.dead_letter = dead_letter
+        self.stats = SinkStats()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._http = _HttpConnection(config.url, config.timeout_s, config.ca_file)
+        self._api: Literal["v1", "v2"] | None = None if config.api == "auto" else config.api
+        self._failing = False
+
+    async def __aenter__(self) -> InfluxSink:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def api(self) -> Literal["v1", "v2"] | None:
+        """The API generation in use; ``None`` until ``auto`` detection has run."""
+        return self._api
+
+    async def detect_api(self) -> Literal["v1", "v2"]:
+        """``GET /ping`` and read ``X-Influxdb-Version`` (cached once known).
+
+        Raises:
+            SinkError: unreachable after retries (retryable), or no version header (not retryable).
+        """
+        if self._api is None:
+            resp = await self._request("GET", "/ping", {}, b"")
+            version = resp.headers.get("x-influxdb-version", "").strip().lstrip("vV")
+            if not version[:1].isdigit():
+                raise SinkError(
+                    f"cannot detect the InfluxDB API: /ping answered {resp.status} with "
+                    f'X-Influxdb-Version={version!r}; set api = "v1" or "v2"',
+                    retryable=False,
+                    status=resp.status,
+                )
+            self._api = "v1" if version.split(".")[0] in ("0", "1") else "v2"
+            self.stats.api = self._api
+            log.info("influxdb api detected url=%s version=%s api=%s", self.config.url, version, self._api)
+        return self._api
+
+    async def write(self, lines: bytes | Sequence[bytes]) -> WriteResult:
+        """Write line protocol (``precision=ms``); see the module contract.
+
+        Raises:
+            SinkError: ``retryable=True`` when the server stayed unreachable or overloaded through
+                ``max_attempts``; ``retryable=False`` for a refusal that is not about lines
+                (authentication, unknown database or bucket).
+        """
+        all_lines = split_lines(lines)
+        if not all_lines:
+            return WriteResult(0, 0)
+        target, headers = self._write_target(await self.detect_api())
+        written = dead = 0
+        for chunk in _chunks(all_lines, self.config.max_batch_lines, self.config.max_batch_bytes):
+            ok, rejected = await self._write_bisect(chunk, target, headers)
+            if rejected:
+                self._dead_letter(rejected)
+            written += ok
+            dead += len(rejected)
+        self.stats.lines_written += written
+        self.stats.lines_dead_lettered += dead
+        return WriteResult(written, dead)
+
+    async def create_database(self, name: str) -> None:
+        """v1 only: ``CREATE DATABASE`` (a no-op when it exists).
+
+        Raises:
+            SinkError: unreachable (retryable) or refused (not retryable).
+        """
+        if await self.detect_api() != "v1":
+            raise SinkError("create_database is an InfluxDB 1.x (InfluxQL) operation", retryable=False)
+        ident = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        form = urllib.parse.urlencode({"q": f"CREATE DATABASE {ident}"}).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **self._auth_headers("v1")}
+        resp = await self._request("POST", "/query", headers, form)
+        try:
+            doc = json.loads(resp.body or b"{}")
+        except ValueError:
+            doc = {}
+        results = doc.get("results", []) if isinstance(doc, dict) else []
+        errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
+        if resp.status // 100 != 2 or errors:
+            message = errors[0] if errors else _server_message(resp.body)
+            raise SinkError(
+                f"CREATE DATABASE {name!r} refused: {message}", retryable=False, status=resp.status
+            )
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _auth_headers(self, api: str) -> dict[str, str]:
+        cfg = self.config
+        if api == "v2" and cfg.token:
+            return {"Authorization": f"Token {cfg.token}"}
+        if api == "v1" and cfg.username is not None:
+            cred = base64.b64encode(f"{cfg.username}:{cfg.password or ''}".encode()).decode()
+            return {"Authorization": f"Basic {cred}"}
+        return {}
+
+    def _write_target(self, api: Literal["v1", "v2"]) -> tuple[str, dict[str, str]]:
+        cfg = self.config
+        if api == "v1":
+            params = {"db": cfg.database, "precision": "ms"}
+            if cfg.retention_policy:
+                params["rp"] = cfg.retention_policy
+            path = "/write"
+        else:
+            params = {"org": cfg.org, "bucket": cfg.bucket or cfg.database, "precision": "ms"}
+            path = "/api/v2/write"
+        headers = {"Content-Type": "text/plain; charset=utf-8", **self._auth_headers(api)}
+        if cfg.gzip:
+            headers["Content-Encoding"] = "gzip"
+        return f"{path}?{urllib.parse.urlencode(params)}", headers
+
+    async def _write_bisect(
+        self, lines: list[bytes], target: str, headers: dict[str, str]
+    ) -> tuple[int, list[tuple[bytes, str, str]]]:
+        """(lines written, [(line, reason, server message)]) for ``lines``, bisecting on rejection."""
+        body = b"\n".join(lines) + b"\n"
+        if self.config.gzip:
+            body = gzip.compress(body, compresslevel=self.config.gzip_level, mtime=0)
+        resp = await self._request("POST", target, headers, body)
+        if resp.status // 100 == 2:
+            return len(lines), []
+        message = _server_message(resp.body)
+        if not _is_line_rejection(resp.status, message):
+            self.stats.failures += 1
+            raise SinkError(
+                f"influxdb refused the write ({resp.status}): {message}", retryable=False, status=resp.status
+            )
+        if len(lines) == 1:
+            return 0, [(lines[0], _reason(resp.status, message), message)]
+        mid = len(lines) // 2
+        ok_a, bad_a = await self._write_bisect(lines[:mid], target, headers)
+        ok_b, bad_b = await self._write_bisect(lines[mid:], target, headers)
+        return ok_a + ok_b, bad_a + bad_b
+
+    def _dead_letter(self, rejected: list[tuple[bytes, str, str]]) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        self.dead_letter.put_many(
+            [("line", reason, line, None, now_ms, message) for line, reason, message in rejected]
+        )
+        for line, reason, message in rejected[:10]:
+            log.warning("line dead-lettered reason=%r server=%r line=%r", reason, message[:300], line[:300])
+
+    async def _request(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
+        """One request with retries on outages and overload; returns any non-retryable answer."""
+        cfg = self.config
+        for attempt in range(1, cfg.max_attempts + 1):
+            retry_after: float | None = None
+            self.stats.requests += 1
+            self.stats.bytes_sent += len(body)
+            try:
+                resp = await self._http.request(method, target, headers, body)
+            except SinkError as exc:
+                error = exc
+            else:
+                self.stats.last_status = resp.status
+                self.stats.by_status[resp.status] = self.stats.by_status.get(resp.status, 0) + 1
+                if not (resp.status >= 500 or resp.status in (408, 429)):
+                    self._recovered()
+                    return resp
+                error = SinkError(
+                    f"influxdb busy or failing ({resp.status}): {_server_message(resp.body)[:500]}",
+                    retryable=True,
+                    status=resp.status,
+                )
+                retry_after = _retry_after_s(resp.headers.get("retry-after"), time.time())
+            if attempt == cfg.max_attempts:
+                break
+            self.stats.retries += 1
+            delay = backoff_delay_s(
+                attempt, cfg.backoff_initial_s, cfg.backoff_max_s, self._rng.random() * 0.2
+            )
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, cfg.retry_after_max_s))
+            self._failing_now(error)
+            await self._sleep(delay)
+        self.stats.failures += 1
+        self._failing_now(error)
+        raise SinkError(
+            f"{error} (gave up after {cfg.max_attempts} attempts)", retryable=True, status=error.status
+        ) from error
+
+    def _failing_now(self, error: SinkError) -> None:
+        """Edge-triggered logging (STYLE H12): ERROR once when writes start failing, then DEBUG."""
+        if not self._failing:
+            self._failing = True
+            log.error("influxdb write failing url=%s error=%s", self.config.url, error)
+        else:
+            log.debug("influxdb still failing url=%s error=%s", self.config.url, error)
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("influxdb write recovered url=%s", self.config.url)

@@ -1,0 +1,145 @@
+"""InfluxSink against the real influxd 1.x (Debian package), plus the v2 request shape.
+
+The v1 tests are the integration proof (a real server stores and returns the points). The v2
+test checks the request the sink sends (path, query, token, gzip, body) against a scripted HTTP
+peer that records it: a protocol-level check, not a stand-in database.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ingest.deadletter import DeadLetterStore
+from ingest.sink import InfluxSink, SinkConfig, WriteResult
+from protocols.errors import SinkError
+from tests.services import Influxd
+from tests.unit.ingest_io.http_peer import HttpPeer, Reply, Request
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture
+def dead_letter(tmp_path: Path) -> DeadLetterStore:
+    store = DeadLetterStore(tmp_path / "dead.sqlite")
+    yield store
+    store.close()
+
+
+def _sink(influxd: Influxd, db: str, dead_letter: DeadLetterStore, **overrides: object) -> InfluxSink:
+    cfg = SinkConfig(url=influxd.url, database=db, **overrides)  # type: ignore[arg-type]
+    return InfluxSink(cfg, dead_letter=dead_letter)
+
+
+async def test_gzip_write_is_queryable_with_escaped_tags(influx_db, dead_letter) -> None:
+    influxd, db = influx_db
+    lines = [
+        f"energy,meter=000012345678,site=north\\ yard\\,b\\=1 value={i}i,flags=0i {T0 + i * 900_000}".encode()
+        for i in range(200)
+    ]
+    async with _sink(influxd, db, dead_letter, api="v1") as sink:
+        result = await sink.write(b"\n".join(lines) + b"\n")
+        assert result == WriteResult(written_lines=200, dead_lettered_lines=0)
+        assert sink.stats.bytes_sent < sum(map(len, lines)) // 3  # the body really went gzip-compressed
+    rows = influxd.query("SELECT value, site FROM energy ORDER BY time", db=db)
+    assert [r["value"] for r in rows] == list(range(200))
+    assert rows[0]["time"] == T0 and rows[-1]["time"] == T0 + 199 * 900_000
+    assert {r["site"] for r in rows} == {"north yard,b=1"}
+    assert dead_letter.count_by_reason() == {}
+
+
+async def test_ping_detects_v1_on_debian_influxd(influx_db, dead_letter) -> None:
+    influxd, db = influx_db
+    async with _sink(influxd, db, dead_letter, api="auto") as sink:
+        assert sink.api is None
+        assert await sink.detect_api() == "v1"
+        assert (await sink.write([f"m value=1i {T0}".encode()])).written_lines == 1
+    assert influxd.query("SELECT value FROM m", db=db) == [{"time": T0, "value": 1}]
+
+
+async def test_bad_lines_are_dead_lettered_and_good_lines_written(influx_db, dead_letter) -> None:
+    influxd, db = influx_db
+    influxd.write(f"power,meter=m0 value=0i {T0}", db=db)  # the schema: value is an integer field
+    good = [f"power,meter=m{i} value={i}i {T0 + i}".encode() for i in range(1, 31)]
+    malformed = b"power,meter=broken value= 12"
+    conflict = f'power,meter=m99 value="not a number" {T0 + 99}'.encode()
+    batch = [*good[:3], malformed, *good[3:20], conflict, *good[20:]]
+
+    async with _sink(influxd, db, dead_letter, api="v1") as sink:
+        result = await sink.write(batch)
+
+    assert result == WriteResult(written_lines=30, dead_lettered_lines=2)
+    rows = influxd.query("SELECT value FROM power", db=db)
+    assert sorted(r["value"] for r in rows) == list(range(31))
+    assert dead_letter.count_by_reason(kind="line") == {"unable to parse": 1, "field type conflict": 1}
+    entries = {e.reason: e for e in dead_letter.list(10)}
+    assert entries["unable to parse"].payload == malformed
+    assert entries["field type conflict"].payload == conflict
+    assert "conflict" in entries["field type conflict"].detail  # influxd's own message is kept
+    assert "unable to parse" in entries["unable to parse"].detail
+
+
+async def test_unknown_database_is_not_retryable(influxd, dead_letter) -> None:
+    async with _sink(influxd, f"missing_{uuid.uuid4().hex[:8]}", dead_letter, api="v1") as sink:
+        with pytest.raises(SinkError) as info:
+            await sink.write([f"m value=1i {T0}".encode()])
+    assert info.value.retryable is False and info.value.status == 404
+    assert dead_letter.count_by_reason() == {}  # a config error is not the data's fault
+
+
+async def test_outage_raises_retryable_then_write_succeeds_after_restart(influx_db, dead_letter) -> None:
+    influxd, db = influx_db
+    async with _sink(influxd, db, dead_letter, api="v1", max_attempts=3, backoff_initial_s=0.05) as sink:
+        await sink.write([f"m value=1i {T0}".encode()])  # a live keep-alive connection first
+        influxd.stop()
+        started = time.monotonic()
+        with pytest.raises(SinkError) as info:
+            await sink.write([f"m value=2i {T0 + 1}".encode()])
+        assert info.value.retryable is True
+        assert sink.stats.retries == 2  # 3 attempts, bounded
+        assert time.monotonic() - started >= 0.05 + 0.1  # it backed off between attempts
+        influxd.start()
+        assert (await sink.write([f"m value=2i {T0 + 1}".encode()])).written_lines == 1
+    assert [r["value"] for r in influxd.query("SELECT value FROM m", db=db)] == [1, 2]
+
+
+async def test_create_database(influxd, dead_letter) -> None:
+    name = f"created_{uuid.uuid4().hex[:8]}"
+    async with _sink(influxd, name, dead_letter, api="auto") as sink:
+        await sink.create_database(name)
+        await sink.create_database(name)  # idempotent
+        assert (await sink.write([f"m value=7i {T0}".encode()])).written_lines == 1
+    try:
+        assert name in influxd.databases()
+        assert influxd.query("SELECT value FROM m", db=name) == [{"time": T0, "value": 7}]
+    finally:
+        influxd.drop_database(name)
+
+
+@pytest.mark.parametrize("version", ["v2.7.11", "3.0.1"])
+async def test_v2_request_shape(dead_letter, version: str) -> None:
+    def respond(req: Request) -> Reply:
+        if req.path == "/ping":
+            return Reply(204, {"X-Influxdb-Version": version, "X-Influxdb-Build": "OSS"})
+        return Reply(204)
+
+    lines = [f"energy,meter=a value={i}i {T0 + i}".encode() for i in range(5)]
+    async with HttpPeer(respond) as peer:
+        cfg = SinkConfig(url=peer.url, api="auto", org="acme", bucket="meters", token="s3cr3t")
+        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
+            assert (await sink.write(lines)) == WriteResult(5, 0)
+            assert sink.api == "v2"
+
+    ping, write = peer.requests
+    assert (ping.method, ping.path) == ("GET", "/ping")
+    assert (write.method, write.path) == ("POST", "/api/v2/write")
+    assert write.query == {"org": "acme", "bucket": "meters", "precision": "ms"}
+    assert write.headers["authorization"] == "Token s3cr3t"
+    assert write.headers["content-encoding"] == "gzip"
+    assert write.headers["content-type"].startswith("text/plain")
+    assert write.text == b"\n".join(lines) + b"\n"

@@ -1,0 +1,76 @@
+"""DedupStore: (gateway, seq) marks, persistence, per-gateway and age bounds, seq reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ingest.dedup import DedupConfig, DedupStore
+from protocols.config import load
+
+
+class Clock:
+    def __init__(self, now_s: float = 1_700_000_000.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_seen_only_after_mark_and_after_reopen(tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        assert not store.seen("gw-1", 7)
+        store.mark("gw-1", 7)
+        assert store.seen("gw-1", 7)
+        assert not store.seen("gw-2", 7) and not store.seen("gw-1", 8)
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        assert store.seen("gw-1", 7)
+
+
+def test_keeps_the_newest_seqs_per_gateway(tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite", keep_per_gateway=10, prune_every=5, max_age_s=None) as store:
+        for seq in range(1, 101):
+            store.mark("gw-1", seq)
+        store.mark("gw-2", 1)
+        entries_gw1 = store.stats().entries - 1
+        assert 10 <= entries_gw1 <= 10 + 5  # between N and N + prune_every
+        assert all(store.seen("gw-1", s) for s in range(91, 101))
+        assert not store.seen("gw-1", 50)  # forgotten, and reported as *not* seen (safe: a rewrite)
+        assert store.seen("gw-2", 1)  # another gateway's marks are untouched
+        store.prune()
+        assert store.stats().entries == 11 and store.stats().pruned == 90
+
+
+def test_out_of_order_marks_keep_the_highest_seqs(tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite", keep_per_gateway=3, prune_every=1000, max_age_s=None) as store:
+        for seq in (5, 1, 9, 3, 7):
+            store.mark("gw", seq)
+        assert store.prune("gw") == 2
+        assert [s for s in range(10) if store.seen("gw", s)] == [5, 7, 9]
+
+
+def test_age_bound(tmp_path: Path) -> None:
+    clock = Clock()
+    with DedupStore(tmp_path / "d.sqlite", max_age_s=3600, clock=clock) as store:
+        store.mark("gw", 1)
+        clock.now_s += 1800
+        store.mark("gw", 2)
+        clock.now_s += 1801
+        assert store.prune() == 1
+        assert not store.seen("gw", 1) and store.seen("gw", 2)
+
+
+def test_a_reused_seq_with_other_content_is_not_seen(tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        store.mark("gw", 1, digest=b"aaaa")
+        assert store.seen("gw", 1, digest=b"aaaa")
+        assert store.seen("gw", 1)  # no digest given: the key alone decides
+        assert not store.seen("gw", 1, digest=b"bbbb")  # the gateway restarted its sequence
+        assert store.stats().seq_reuse == 1
+        store.mark("gw", 1, digest=b"bbbb")
+        assert store.seen("gw", 1, digest=b"bbbb")
+
+
+def test_config_section(tmp_path: Path) -> None:
+    cfg = load(DedupConfig, {"path": str(tmp_path / "d.sqlite"), "keep_per_gateway": 5, "max_age_s": None})
+    with DedupStore.from_config(cfg) as store:
+        assert (store.keep_per_gateway, store.max_age_s, store.prune_every) == (5, None, 1000)
