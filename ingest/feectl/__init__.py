@@ -5,9 +5,26 @@ as data, exactly-once interval charging, decisions as a pure function of state a
 and the relay-command lifecycle persisted beside the ledger. MQTT wiring and command signing are
 not here: commands leave as plain fields (:meth:`Command.fields`), results come back as
 :class:`CommandResult`.
+
+The running service around the core (``amigw feectl``: MQTT, signing, the payments HTTP API) is
+:class:`~.service.FeeControlService` and :class:`~.api.PaymentsApi`, exported lazily so that
+importing the core never imports paho-mqtt.
 """
 
-from .config import FeeControlConfig, NoTripWindows, feectl_config_from_mapping, load_feectl_config
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import (
+    FeeControlConfig,
+    NoTripWindows,
+    ServiceConfig,
+    ServiceSettings,
+    feectl_config_from_mapping,
+    load_feectl_config,
+    load_service_config,
+)
 from .decide import AccountSnapshot, Evaluation, MeterSnapshot, decide, level_of
 from .engine import AuditResult, Evaluated, FeeController, ResultOutcome
 from .lifecycle import (
@@ -60,6 +77,7 @@ __all__ = [
     "Evaluation",
     "FeeControlConfig",
     "FeeControlError",
+    "FeeControlService",
     "FeeController",
     "Hold",
     "IntervalPrice",
@@ -73,8 +91,11 @@ __all__ = [
     "MeterSnapshot",
     "NoTripWindows",
     "PaymentResult",
+    "PaymentsApi",
     "RelayState",
     "ResultOutcome",
+    "ServiceConfig",
+    "ServiceSettings",
     "SqliteLedgerStore",
     "Tariff",
     "TariffVersion",
@@ -83,8 +104,18 @@ __all__ = [
     "feectl_config_from_mapping",
     "level_of",
     "load_feectl_config",
+    "load_service_config",
     "load_tariff",
     "next_state",
     "round_half_up",
     "tariff_from_mapping",
 ]
+
+_LAZY = {"FeeControlService": ".service", "PaymentsApi": ".api"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
