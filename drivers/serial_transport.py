@@ -47,16 +47,21 @@ class SerialTransport(Transport):
             self._serial = serial.Serial(
                 port, baudrate=baud, parity=_PARITY[parity], stopbits=stop_bits, bytesize=byte_size, timeout=0
             )
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
+            # termios.error is not an OSError: pyserial raises it when a pty refuses its settings
             raise TransportError(f"cannot open {port}: {exc}") from exc
         self._opened = True
         self.port, self.baud, self.echo = port, baud, echo
         self._fd = self._serial.fileno()
         os.set_blocking(self._fd, False)
         # VMIN=1: an empty non-blocking read is EAGAIN, so a 0-byte read really means hang-up.
-        attrs = termios.tcgetattr(self._fd)
-        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
-        termios.tcsetattr(self._fd, termios.TCSANOW, attrs)
+        try:
+            attrs = termios.tcgetattr(self._fd)
+            attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
+            termios.tcsetattr(self._fd, termios.TCSANOW, attrs)
+        except termios.error as exc:
+            self._serial.close()
+            raise TransportError(f"cannot configure {port}: {exc}") from exc
         self.char_time_s = (1 + byte_size + (parity != "N") + stop_bits) / baud
         # Modbus RTU ends a frame after 1.5 character times of silence; a loaded OS needs slack.
         self.inter_byte_timeout_s = (

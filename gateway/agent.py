@@ -145,7 +145,7 @@ class EdgeAgent:
         elif protocol == "modbus":
             driver = cls.rtu(bus, retries=bus_cfg.retries)  # type: ignore[attr-defined]
         else:
-            driver = cls(bus, retries=bus_cfg.retries, edition=protocol.removeprefix("dlt645-"))  # type: ignore[call-arg]
+            driver = cls(bus, retries=bus_cfg.retries)  # type: ignore[call-arg]
         cache[protocol] = driver
         return driver
 
@@ -158,8 +158,10 @@ class EdgeAgent:
                 driver = self._driver(bus_cfg, bus, mc.protocol, drivers)
                 ref = MeterRef(mc.id, mc.address, mc.protocol, mc.model, mc.password, mc.operator)
                 if bus is not None:
-                    bus.configure_device(mc.address, min_gap_s=bus_cfg.min_gap_ms / 1000, timeout=ResponseTimeout(
-                        initial_s=bus_cfg.timeout_s, min_s=bus_cfg.min_timeout_s, max_s=bus_cfg.max_timeout_s))
+                    bus.configure_device(_device_key(driver, ref), min_gap_s=bus_cfg.min_gap_ms / 1000,
+                                         timeout=ResponseTimeout(initial_s=bus_cfg.timeout_s,
+                                                                 min_s=bus_cfg.min_timeout_s,
+                                                                 max_s=bus_cfg.max_timeout_s))
                 meter = _Meter(mc, ref, driver, [self._plans[p] for p in mc.plans])
                 self._meters[mc.id] = meter
                 meters.append(meter)
@@ -267,9 +269,10 @@ class EdgeAgent:
             for code, value, flags in result.values:
                 cycle.add(kind_of.get(code, "instant"), meter.cfg.id, ts, code, value, flags)
         self.metrics.success_rate.labels(meter.cfg.id).set(meter.stats.success_rate)
-        bus = getattr(meter.driver, "bus", None)
+        bus = getattr(meter.driver, "bus", None) or getattr(getattr(meter.driver, "link", None), "bus", None)
         if isinstance(bus, Bus):
-            self.metrics.response_timeout.labels(bus_cfg.name, meter.cfg.id).set(bus.response_timeout_s(meter.cfg.address))
+            timeout_s = bus.response_timeout_s(_device_key(meter.driver, meter.ref))
+            self.metrics.response_timeout.labels(bus_cfg.name, meter.cfg.id).set(timeout_s)
 
     def _store_cycle(self, cycle: _Cycle) -> None:
         """Each kind's rows become batches of at most ``max_readings_per_batch`` readings; each
@@ -411,6 +414,13 @@ class EdgeAgent:
 
     def _bus_of(self, meter: _Meter) -> BusConfig:
         return next(b for b, ms in self._buses if meter in ms)
+
+
+def _device_key(driver: MeterDriver, ref: MeterRef) -> object:
+    """The key a driver's bus transactions use for this meter (timeouts and gaps are per device)."""
+    if hasattr(driver, "device_key"):
+        return driver.device_key(ref)
+    return (getattr(getattr(driver, "link", None), "key", "modbus"), ref.unit_id)
 
 
 def _is_cumulative(code: int) -> bool:
