@@ -443,8 +443,9 @@ class Dlt645Driver(MeterDriver):
             raise FramingError(f"status word 3 decoded to {word!r}")
         return relay_state(word)
 
-    async def set_clock(self, meter: MeterRef, epoch_ms: int) -> None:
-        """Set the clock to ``epoch_ms`` (meter-local time as UTC-naive epoch ms).
+    async def set_clock(self, meter: MeterRef, epoch_ms: int, *, method: str | None = None) -> None:
+        """Set the clock to ``epoch_ms`` (meter-local time as UTC-naive epoch ms); ``method``
+        overrides the constructor's ``clock_method`` for this call.
 
         ``clock_method="broadcast"``: time sync 0x08 to 99..99 (reference §5): every meter on the line
         takes it and none answers, so nothing can be verified here -- read the clock back.
@@ -456,7 +457,7 @@ class Dlt645Driver(MeterDriver):
         when = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=epoch_ms)
         when = when.replace(microsecond=0)
         edition = self.edition(meter)
-        if self.clock_method == "broadcast":
+        if (method or self.clock_method) == "broadcast":
             wire = encode_frame(BROADCAST_ADDRESS, ControlCode.BROADCAST_TIME_SYNC,
                                 TimeSyncRequest(when).payload(), preamble=self.preamble)  # fmt: skip
             async with self.bus.transaction(device=self.device_key(BROADCAST_ADDRESS)) as tx:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 import uuid
@@ -82,6 +83,8 @@ class _Meter:
     stats: MeterStats = field(default_factory=MeterStats)
     relay_state: int | None = None
     failing: bool = False
+    next_clock_check_ms: int = 0
+    power_down_count: int | None = None
 
 
 class _Cycle:
@@ -225,6 +228,7 @@ class EdgeAgent:
                     due[(meter.cfg.id, p.name)] = next_boundary(max(at, self.now_ms()), p.interval_s * 1000)
                 if plans:
                     await self._read_meter(bus_cfg, meter, plans, cycle)
+                    await self._check_clock(meter)
             elapsed = time.perf_counter() - t0
             self.metrics.cycle_seconds.labels(bus_cfg.name).observe(elapsed)
             self.metrics.bus_busy.labels(bus_cfg.name).inc(elapsed)
@@ -268,6 +272,11 @@ class EdgeAgent:
             ts = result.meter_ts_ms or result.read_ts_ms
             for code, value, flags in result.values:
                 cycle.add(kind_of.get(code, "instant"), meter.cfg.id, ts, code, value, flags)
+                if code == _POWER_DOWN_COUNT and not flags:
+                    if meter.power_down_count is not None and value > meter.power_down_count:
+                        self._event("power_down", meter.cfg.id, {"count": value,
+                                                                  "new": value - meter.power_down_count})
+                    meter.power_down_count = value
         self.metrics.success_rate.labels(meter.cfg.id).set(meter.stats.success_rate)
         bus = getattr(meter.driver, "bus", None) or getattr(getattr(meter.driver, "link", None), "bus", None)
         if isinstance(bus, Bus):
@@ -304,6 +313,41 @@ class EdgeAgent:
         added = outbox.add_batch(self.topic_readings, make, kind=kind, prev=last)
         if added.dropped:
             log.warning("outbox full: dropped messages", extra={"kv": {"dropped": added.dropped, "kind": kind}})
+
+    def _local_offset_ms(self, now_ms: int) -> int:
+        if self.cfg.clock.utc_offset_min is not None:
+            return self.cfg.clock.utc_offset_min * 60_000
+        offset = datetime.datetime.fromtimestamp(now_ms / 1000).astimezone().utcoffset()
+        return int(offset.total_seconds() * 1000) if offset else 0
+
+    async def _check_clock(self, meter: _Meter) -> None:
+        """Correct a DL/T 645 meter whose clock is off by more than the tolerance, and report it.
+
+        DL/T 645-2007 §5 (broadcast time sync, 0x08) reaches every meter on the line, needs no
+        password and is only accepted by meters within a few minutes of the sent time: a skew up
+        to ``max_adjust_s`` is corrected that way (which corrects the bus's other meters too).
+        A larger skew needs a password-authorised write of date and time (0x14, DIs
+        04000101/04000102) to that one meter."""
+        now = self.now_ms()
+        if now < meter.next_clock_check_ms or not meter.cfg.protocol.startswith("dlt645") or meter.failing:
+            return
+        clock = self.cfg.clock
+        meter.next_clock_check_ms = now + clock.check_interval_s * 1000
+        try:
+            result = await meter.driver.read(meter.ref, [], meter_clock=True)  # type: ignore[call-arg]
+            if result.meter_ts_ms is None:
+                return
+            true_local = self.now_ms() + self._local_offset_ms(now)
+            skew_ms = result.meter_ts_ms - true_local
+            if abs(skew_ms) <= clock.tolerance_s * 1000:
+                return
+            method = "broadcast" if abs(skew_ms) <= clock.max_adjust_s * 1000 else "write"
+            await meter.driver.set_clock(meter.ref, true_local, method=method)  # type: ignore[call-arg]
+        except (AmigwError, NotImplementedError) as exc:
+            log.warning("clock check failed", extra={"kv": {"meter": meter.cfg.id, "error": str(exc)}})
+            return
+        log.info("meter clock adjusted", extra={"kv": {"meter": meter.cfg.id, "skew_ms": skew_ms, "method": method}})
+        self._event("clock_adjusted", meter.cfg.id, {"skew_ms": skew_ms, "method": method})
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -343,6 +387,10 @@ class EdgeAgent:
         successes = sum(m.stats.successes for m in self._meters.values())
         out: dict[str, int | float] = {"meters": len(self._meters), "reads": attempts, "read_successes": successes,
                                        "read_success_rate": round(successes / attempts, 4) if attempts else 1.0}
+        for bus_cfg, meters in self._buses:  # the KPI per bus, beside the gateway's
+            b_attempts = sum(m.stats.attempts for m in meters)
+            b_ok = sum(m.stats.successes for m in meters)
+            out[f"bus_{bus_cfg.name}_read_success_rate"] = round(b_ok / b_attempts, 4) if b_attempts else 1.0
         if self.outbox is not None:
             s = self.outbox.stats()
             out.update({"outbox_pending": s.pending, "outbox_pending_bytes": s.pending_bytes,
@@ -414,6 +462,9 @@ class EdgeAgent:
 
     def _bus_of(self, meter: _Meter) -> BusConfig:
         return next(b for b, ms in self._buses if meter in ms)
+
+
+_POWER_DOWN_COUNT = by_name("power_down_count").code
 
 
 def _device_key(driver: MeterDriver, ref: MeterRef) -> object:

@@ -61,8 +61,15 @@ class OutboxConfig:
 @dataclass(frozen=True, slots=True)
 class ClockConfig:
     tolerance_s: int = 60
-    max_adjust_s: int = 300  # DL/T 645 broadcast time sync: at most +-5 min, once a day
+    max_adjust_s: int = 300  # largest skew corrected by broadcast (0x08); larger ones by a password write
     check_interval_s: int = 86_400
+    utc_offset_min: int | None = None  # meters keep local time; None: this machine's local zone
+
+    def __post_init__(self) -> None:
+        if self.tolerance_s < 1 or self.max_adjust_s < 1 or self.check_interval_s < 1:
+            raise ValueError("tolerance_s: tolerance_s, max_adjust_s and check_interval_s must be positive")
+        if self.utc_offset_min is not None and not -840 <= self.utc_offset_min <= 840:
+            raise ValueError("utc_offset_min: must be within -840..840")
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,10 +291,15 @@ max_readings_per_batch = 5000
 [clock]
 # Meters whose clock is off by more than this are corrected with the protocol's time sync.
 tolerance_s = 60
-# The largest correction made at once (DL/T 645 allows +-5 minutes a day by broadcast).
+# Skews up to this are corrected by DL/T 645 broadcast time sync (no password; meters accept
+# about +-5 minutes that way; it also sets the bus's other meters). Larger skews are corrected by
+# writing date and time to that meter with its password.
 max_adjust_s = 300
-# How often meter clocks are checked.
+# How often meter clocks are checked (DL/T 645 meters; the first check is at start).
 check_interval_s = 86400
+# Meters keep local time: their offset from UTC in minutes (480 for China). Unset: this
+# machine's local time zone.
+# utc_offset_min = 480
 
 # One [[buses]] table per RS-485 line or serial server. Example values.
 [[buses]]

@@ -12,8 +12,10 @@ The no-loss run (broker outage and SIGKILL) is in ``test_edge_no_loss.py``.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from protocols.quantities import by_name
 from simulators.dlt645_sim import Dlt645Simulator
 from simulators.modbus_sim import ModbusSimulator
 from tests.e2e.edge_helpers import KEY, MqttRecorder, edge_toml
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +182,46 @@ async def test_agent_on_the_tls_password_acl_broker(mosquitto_secure, tmp_path: 
         await _run_agent_until(agent, rec, lambda: len(rec.snapshot("/up/readings")) >= 2)
     rec.close()
     assert all(decode(p).gateway == "gw-1" for p in rec.snapshot("/up/readings"))
+
+
+async def test_clock_skew_corrected_within_protocol_limit_and_reported(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gw = "gw-clock"
+    rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/{gw}/#"], client_id="rec-clock")
+    near, far = M1, M2
+    async with Dlt645Simulator([near, far], load_kw=50.0, broadcast_sync_limit_s=300) as sim:
+        sim.meter(near).set_local_time(sim.meter(near).local_time() + dt.timedelta(seconds=200))
+        sim.meter(far).set_local_time(sim.meter(far).local_time() + dt.timedelta(seconds=900))
+        path = await sim.serve_pty()
+        port = free_port()
+        text = edge_toml(str(tmp_path), gw, mosquitto.url, f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
+                         _dlt_meter(near, "b") + _dlt_meter(far, "b"), FAST_PLAN,
+                         extra="[clock]\ntolerance_s = 60\nmax_adjust_s = 300\n")
+        text = text.replace('metrics_listen = ""', f'metrics_listen = "127.0.0.1:{port}"')
+        agent = EdgeAgent(parse_config(text), status_interval_s=0.5)
+
+        def adjusted() -> int:
+            return sum(1 for p in rec.snapshot("/up/events") if json.loads(p)["kind"] == "clock_adjusted")
+
+        task = asyncio.create_task(agent.run())
+        try:
+            await asyncio.to_thread(rec.wait_for, lambda: adjusted() >= 2 and rec.snapshot("/status"), 30)
+            metrics = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 15)
+        now_local = dt.datetime.now().replace(microsecond=0)
+        near_off = (sim.meter(near).local_time() - now_local).total_seconds()
+        far_off = (sim.meter(far).local_time() - now_local).total_seconds()
+    rec.close()
+    assert abs(near_off) <= 5, near_off  # broadcast time sync
+    assert abs(far_off) <= 5, far_off  # beyond the broadcast limit: written with the password
+    events = {e["meter"]: e for e in map(json.loads, rec.snapshot("/up/events")) if e["kind"] == "clock_adjusted"}
+    assert events[near]["detail"]["method"] == "broadcast" and 195_000 <= events[near]["detail"]["skew_ms"] <= 205_000
+    assert events[far]["detail"]["method"] == "write" and 895_000 <= events[far]["detail"]["skew_ms"] <= 905_000
+    assert 'amigw_reads_total{bus="b",result="ok"}' in metrics
+    assert "amigw_response_timeout_seconds" in metrics and "amigw_outbox_pending" in metrics
+    statuses = [json.loads(p) for p in rec.snapshot("/status")]
+    assert not statuses[-1]["online"]  # a clean stop says so (the last-will covers a crash)
+    online = [s for s in statuses if s["online"] and s["counters"]]
+    assert online and online[-1]["counters"]["bus_b_read_success_rate"] == 1.0
