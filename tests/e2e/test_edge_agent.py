@@ -225,3 +225,42 @@ async def test_clock_skew_corrected_within_protocol_limit_and_reported(mosquitto
     assert not statuses[-1]["online"]  # a clean stop says so (the last-will covers a crash)
     online = [s for s in statuses if s["online"] and s["counters"]]
     assert online and online[-1]["counters"]["bus_b_read_success_rate"] == 1.0
+
+
+async def test_a_command_gets_the_bus_right_after_the_current_transaction(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Priority lane: a trip arriving mid-cycle on a slow, busy bus is executed after the read in
+    progress, not after the whole cycle."""
+    gw = "gw-lane"
+    meters = [f"0000000003{i:02d}" for i in range(12)]
+    rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/{gw}/up/#"], client_id="rec-lane")
+    async with Dlt645Simulator(meters, load_kw=50.0, baud=2400, pace=True, turnaround_s=0.05) as sim:
+        path = await sim.serve_pty()
+        plan = ('[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total", "voltage_a", "current_a", '
+                '"power_active_total"]\ninterval_s = 10\n')
+        cfg = parse_config(edge_toml(str(tmp_path), gw, mosquitto.url,
+                                     f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 2400\n',
+                                     "".join(_dlt_meter(m, "b") for m in meters), plan))
+        agent = EdgeAgent(cfg)
+        task = asyncio.create_task(agent.run())
+        try:
+            # wait until a cycle is under way (its first reads answered), then send the trip
+            await asyncio.to_thread(rec.wait_for, lambda: len({r.meter for r in sim.reads}) >= 2, 30)
+            cycle_start = min(r.ts for r in sim.reads)
+            now = int(time.time() * 1000)
+            sent = time.time()
+            await asyncio.to_thread(rec.publish, f"ami/v1/{gw}/down/cmd",
+                                    Command("c-lane", gw, meters[-1], "trip", now, now + 60_000).signed(KEY))
+            await asyncio.to_thread(rec.wait_for, lambda: rec.snapshot("/up/cmd-result"), 30)
+            latency = time.time() - sent
+            await asyncio.to_thread(rec.wait_for, lambda: rec.snapshot("/up/readings"), 30)
+            cycle_s = max(r.ts for r in sim.reads if r.di == 0x00010000) - cycle_start
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 15)
+    rec.close()
+    result = decode_result(rec.snapshot("/up/cmd-result")[0], KEY)
+    assert result.status == "done" and result.relay_state == 1
+    per_meter_s = cycle_s / (len(meters) - 1)
+    assert cycle_s > 1.0, cycle_s  # a slow bus, so the comparison means something
+    assert latency < cycle_s / 2, (latency, cycle_s)  # not queued behind the rest of the cycle
+    assert latency < 4 * per_meter_s + 1.0, (latency, per_meter_s)

@@ -75,3 +75,18 @@ def test_cli_sample_and_check(tmp_path: Path) -> None:
     bad.write_text(_with("baud = 2400", "baud = 3"))
     out = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "buses[0].baud" in out.stderr
+
+
+def test_edge_check_config_cli(tmp_path: Path) -> None:
+    key = tmp_path / "gw.key"
+    key.write_text("ab" * 16)
+    good = tmp_path / "edge.toml"
+    good.write_text(_with('"/etc/amigw/gw-1.key"', f'"{key}"'))
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "edge", "--config", str(good), "--check-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "1 buses, 1 meters" in out.stdout
+    missing_key = tmp_path / "nokey.toml"
+    missing_key.write_text(SAMPLE)  # names /etc/amigw/gw-1.key, which does not exist here
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "edge", "--config", str(missing_key), "--check-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "command_key_file" in out.stderr
