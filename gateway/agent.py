@@ -101,8 +101,14 @@ class EdgeAgent:
     """Runs until :meth:`stop` (or cancellation). Raises :class:`~protocols.errors.ConfigError`
     at start for a configuration that cannot work (unreadable key, unknown register map)."""
 
-    def __init__(self, cfg: EdgeConfig, *, now_ms: Callable[[], int] = wall_ms, status_interval_s: float = 30.0,
-                 version: str = "") -> None:
+    def __init__(
+        self,
+        cfg: EdgeConfig,
+        *,
+        now_ms: Callable[[], int] = wall_ms,
+        status_interval_s: float = 30.0,
+        version: str = "",
+    ) -> None:
         self.cfg = cfg
         self.now_ms = now_ms
         self.metrics = EdgeMetrics()
@@ -132,13 +138,20 @@ class EdgeAgent:
             host, _, port = bus_cfg.port.removeprefix("tcp://").rpartition(":")
             transport: SerialTransport | TcpTransport = await TcpTransport.connect(host, int(port))
         else:
-            transport = SerialTransport(bus_cfg.port, baud=bus_cfg.baud, parity=bus_cfg.parity,
-                                        stop_bits=bus_cfg.stop_bits, echo=bus_cfg.echo)
+            transport = SerialTransport(
+                bus_cfg.port,
+                baud=bus_cfg.baud,
+                parity=bus_cfg.parity,
+                stop_bits=bus_cfg.stop_bits,
+                echo=bus_cfg.echo,
+            )
         bus = Bus(transport, baud=bus_cfg.baud, name=bus_cfg.name)
         await stack.enter_async_context(bus)
         return bus
 
-    def _driver(self, bus_cfg: BusConfig, bus: Bus | None, protocol: str, cache: dict[str, MeterDriver]) -> MeterDriver:
+    def _driver(
+        self, bus_cfg: BusConfig, bus: Bus | None, protocol: str, cache: dict[str, MeterDriver]
+    ) -> MeterDriver:
         if protocol in cache:
             return cache[protocol]
         cls = load_driver(protocol)
@@ -161,10 +174,15 @@ class EdgeAgent:
                 driver = self._driver(bus_cfg, bus, mc.protocol, drivers)
                 ref = MeterRef(mc.id, mc.address, mc.protocol, mc.model, mc.password, mc.operator)
                 if bus is not None:
-                    bus.configure_device(_device_key(driver, ref), min_gap_s=bus_cfg.min_gap_ms / 1000,
-                                         timeout=ResponseTimeout(initial_s=bus_cfg.timeout_s,
-                                                                 min_s=bus_cfg.min_timeout_s,
-                                                                 max_s=bus_cfg.max_timeout_s))
+                    bus.configure_device(
+                        _device_key(driver, ref),
+                        min_gap_s=bus_cfg.min_gap_ms / 1000,
+                        timeout=ResponseTimeout(
+                            initial_s=bus_cfg.timeout_s,
+                            min_s=bus_cfg.min_timeout_s,
+                            max_s=bus_cfg.max_timeout_s,
+                        ),
+                    )
                 meter = _Meter(mc, ref, driver, [self._plans[p] for p in mc.plans])
                 self._meters[mc.id] = meter
                 meters.append(meter)
@@ -187,16 +205,35 @@ class EdgeAgent:
             executed = ExecutedCommands(state_dir / f"{cfg.gateway_id}-commands.sqlite")
             stack.callback(executed.close)
             await self._setup(stack)
-            intake = CommandIntake(cfg.gateway_id, self._key, executed, self._execute, self._meters.__contains__)
+            intake = CommandIntake(
+                cfg.gateway_id, self._key, executed, self._execute, self._meters.__contains__
+            )
             m = cfg.mqtt
-            self.publisher = await stack.enter_async_context(Publisher(
-                m.url, gateway=cfg.gateway_id, client_id=m.client_id or f"amigw-edge-{cfg.gateway_id}",
-                username=m.username, password=m.password, ca_file=m.ca_file, certfile=m.cert_file,
-                keyfile=m.key_file, keepalive_s=m.keepalive_s, window=cfg.outbox.max_inflight, version=self.version))
-            log.info("edge agent started", extra={"kv": {"gateway": cfg.gateway_id, "buses": len(self._buses),
-                                                          "meters": len(self._meters)}})
+            self.publisher = await stack.enter_async_context(
+                Publisher(
+                    m.url,
+                    gateway=cfg.gateway_id,
+                    client_id=m.client_id or f"amigw-edge-{cfg.gateway_id}",
+                    username=m.username,
+                    password=m.password,
+                    ca_file=m.ca_file,
+                    certfile=m.cert_file,
+                    keyfile=m.key_file,
+                    keepalive_s=m.keepalive_s,
+                    window=cfg.outbox.max_inflight,
+                    version=self.version,
+                )
+            )
+            log.info(
+                "edge agent started",
+                extra={
+                    "kv": {"gateway": cfg.gateway_id, "buses": len(self._buses), "meters": len(self._meters)}
+                },
+            )
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._poll_bus(b, ms), name=f"poll-{b.name}") for b, ms in self._buses]
+                tasks = [
+                    tg.create_task(self._poll_bus(b, ms), name=f"poll-{b.name}") for b, ms in self._buses
+                ]
                 tasks.append(tg.create_task(self._drain(), name="drain"))
                 tasks.append(tg.create_task(self._commands(intake), name="commands"))
                 tasks.append(tg.create_task(self._status(), name="status"))
@@ -235,7 +272,9 @@ class EdgeAgent:
             self._store_cycle(cycle)
             await asyncio.to_thread(self.outbox.checkpoint)  # type: ignore[union-attr]
 
-    async def _read_meter(self, bus_cfg: BusConfig, meter: _Meter, plans: list[PlanConfig], cycle: _Cycle) -> None:
+    async def _read_meter(
+        self, bus_cfg: BusConfig, meter: _Meter, plans: list[PlanConfig], cycle: _Cycle
+    ) -> None:
         now = self.now_ms()
         interval_ms = min(p.interval_s for p in plans) * 1000
         if meter.stats.skip_until_ms > now:
@@ -257,8 +296,12 @@ class EdgeAgent:
             self.metrics.read_failures.labels(bus_cfg.name, cause).inc()
             if not meter.failing:  # edge-triggered: ERROR once, DEBUG while it keeps failing
                 meter.failing = True
-                log.error("meter read failing", extra={"kv": {"meter": meter.cfg.id, "bus": bus_cfg.name,
-                                                               "cause": cause, "error": str(exc)}})
+                log.error(
+                    "meter read failing",
+                    extra={
+                        "kv": {"meter": meter.cfg.id, "bus": bus_cfg.name, "cause": cause, "error": str(exc)}
+                    },
+                )
                 self._event("meter_unreachable", meter.cfg.id, {"cause": cause})
             else:
                 log.debug("meter read failed", extra={"kv": {"meter": meter.cfg.id, "cause": cause}})
@@ -274,8 +317,11 @@ class EdgeAgent:
                 cycle.add(kind_of.get(code, "instant"), meter.cfg.id, ts, code, value, flags)
                 if code == _POWER_DOWN_COUNT and not flags:
                     if meter.power_down_count is not None and value > meter.power_down_count:
-                        self._event("power_down", meter.cfg.id, {"count": value,
-                                                                  "new": value - meter.power_down_count})
+                        self._event(
+                            "power_down",
+                            meter.cfg.id,
+                            {"count": value, "new": value - meter.power_down_count},
+                        )
                     meter.power_down_count = value
         self.metrics.success_rate.labels(meter.cfg.id).set(meter.stats.success_rate)
         bus = getattr(meter.driver, "bus", None) or getattr(getattr(meter.driver, "link", None), "bus", None)
@@ -312,7 +358,9 @@ class EdgeAgent:
 
         added = outbox.add_batch(self.topic_readings, make, kind=kind, prev=last)
         if added.dropped:
-            log.warning("outbox full: dropped messages", extra={"kv": {"dropped": added.dropped, "kind": kind}})
+            log.warning(
+                "outbox full: dropped messages", extra={"kv": {"dropped": added.dropped, "kind": kind}}
+            )
 
     def _local_offset_ms(self, now_ms: int) -> int:
         if self.cfg.clock.utc_offset_min is not None:
@@ -346,7 +394,10 @@ class EdgeAgent:
         except (AmigwError, NotImplementedError) as exc:
             log.warning("clock check failed", extra={"kv": {"meter": meter.cfg.id, "error": str(exc)}})
             return
-        log.info("meter clock adjusted", extra={"kv": {"meter": meter.cfg.id, "skew_ms": skew_ms, "method": method}})
+        log.info(
+            "meter clock adjusted",
+            extra={"kv": {"meter": meter.cfg.id, "skew_ms": skew_ms, "method": method}},
+        )
         self._event("clock_adjusted", meter.cfg.id, {"skew_ms": skew_ms, "method": method})
 
     # -- publishing ---------------------------------------------------------------------------
@@ -377,24 +428,40 @@ class EdgeAgent:
     def _event(self, kind: str, meter: str | None, detail: dict[str, object]) -> None:
         if self.outbox is None:
             return
-        ev = payload.Event(f"{self.cfg.gateway_id}-{uuid.uuid4().hex}", self.cfg.gateway_id, kind, self.now_ms(),
-                           meter, detail)
+        ev = payload.Event(
+            f"{self.cfg.gateway_id}-{uuid.uuid4().hex}",
+            self.cfg.gateway_id,
+            kind,
+            self.now_ms(),
+            meter,
+            detail,
+        )
         self.outbox.add(self.topic_events, ev.to_json(), kind="event")
         self._outbox_wakeup.set()
 
     def counters(self) -> dict[str, int | float]:
         attempts = sum(m.stats.attempts for m in self._meters.values())
         successes = sum(m.stats.successes for m in self._meters.values())
-        out: dict[str, int | float] = {"meters": len(self._meters), "reads": attempts, "read_successes": successes,
-                                       "read_success_rate": round(successes / attempts, 4) if attempts else 1.0}
+        out: dict[str, int | float] = {
+            "meters": len(self._meters),
+            "reads": attempts,
+            "read_successes": successes,
+            "read_success_rate": round(successes / attempts, 4) if attempts else 1.0,
+        }
         for bus_cfg, meters in self._buses:  # the KPI per bus, beside the gateway's
             b_attempts = sum(m.stats.attempts for m in meters)
             b_ok = sum(m.stats.successes for m in meters)
             out[f"bus_{bus_cfg.name}_read_success_rate"] = round(b_ok / b_attempts, 4) if b_attempts else 1.0
         if self.outbox is not None:
             s = self.outbox.stats()
-            out.update({"outbox_pending": s.pending, "outbox_pending_bytes": s.pending_bytes,
-                        "outbox_added": s.added, "outbox_published": s.published})
+            out.update(
+                {
+                    "outbox_pending": s.pending,
+                    "outbox_pending_bytes": s.pending_bytes,
+                    "outbox_added": s.added,
+                    "outbox_published": s.published,
+                }
+            )
             out.update({f"outbox_dropped_{k}": n for k, n in s.dropped.items()})
         return out
 
@@ -421,7 +488,9 @@ class EdgeAgent:
 
         def result(status: str, detail: str = "", state: int | None = None) -> CommandResult:
             self.metrics.commands.labels(status).inc()
-            return CommandResult(cmd.id, cmd.gateway, cmd.meter, cmd.action, status, self.now_ms(), None, detail, state)
+            return CommandResult(
+                cmd.id, cmd.gateway, cmd.meter, cmd.action, status, self.now_ms(), None, detail, state
+            )
 
         try:
             async with asyncio.timeout(deadline_s):
@@ -433,10 +502,14 @@ class EdgeAgent:
                     return result("done")
                 names = cmd.params.get("quantities") or [q for p in meter.plans for q in p.quantities]
                 cycle = _Cycle()
-                await self._read_meter(self._bus_of(meter), meter, [PlanConfig("read_now", tuple(names), 60, "register")],
-                                       cycle)
+                await self._read_meter(
+                    self._bus_of(meter), meter, [PlanConfig("read_now", tuple(names), 60, "register")], cycle
+                )
                 self._store_cycle(cycle)
-                return result("done" if not meter.failing else "failed", "read stored" if not meter.failing else "read failed")
+                return result(
+                    "done" if not meter.failing else "failed",
+                    "read stored" if not meter.failing else "read failed",
+                )
         except MeterErrorReply as exc:
             return result("failed", str(exc))
         except (AmigwError, NotImplementedError, ValueError) as exc:
@@ -444,7 +517,9 @@ class EdgeAgent:
         except TimeoutError:
             return result("failed", "deadline passed before the meter answered")
 
-    async def _relay(self, meter: _Meter, cmd: Command, result: Callable[..., CommandResult]) -> CommandResult:
+    async def _relay(
+        self, meter: _Meter, cmd: Command, result: Callable[..., CommandResult]
+    ) -> CommandResult:
         before = meter.relay_state
         await meter.driver.control(meter.ref, RelayAction(cmd.action))
         if cmd.action not in ("trip", "close_allowed", "direct_close"):

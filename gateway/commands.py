@@ -61,8 +61,9 @@ class ExecutedCommands:
         self._db.execute("UPDATE executed_commands SET status = ? WHERE id = ?", (status, command_id))
 
     def prune(self, now_ms: int, skew_ms: int) -> int:
-        cur = self._db.execute("DELETE FROM executed_commands WHERE received_ms < ?",
-                               (now_ms - MAX_VALIDITY_MS - 2 * skew_ms,))
+        cur = self._db.execute(
+            "DELETE FROM executed_commands WHERE received_ms < ?", (now_ms - MAX_VALIDITY_MS - 2 * skew_ms,)
+        )
         return cur.rowcount
 
     def close(self) -> None:
@@ -75,8 +76,16 @@ Execute = Callable[[Command], Awaitable[CommandResult]]
 class CommandIntake:
     """Turns raw downlink payloads into at-most-once executions and signed results."""
 
-    def __init__(self, gateway: str, key: bytes, store: ExecutedCommands, execute: Execute,
-                 known_meters: Callable[[str], bool], *, max_skew_ms: int = 60_000) -> None:
+    def __init__(
+        self,
+        gateway: str,
+        key: bytes,
+        store: ExecutedCommands,
+        execute: Execute,
+        known_meters: Callable[[str], bool],
+        *,
+        max_skew_ms: int = 60_000,
+    ) -> None:
         self.gateway = gateway
         self._key = key
         self._store = store
@@ -85,11 +94,14 @@ class CommandIntake:
         self._skew = max_skew_ms
         self.counts = {"received": 0, "executed": 0, "rejected": 0}
 
-    def _rejected(self, reason: str, cmd_id: str | None, meter: str, action: str, now_ms: int, detail: str) -> bytes:
+    def _rejected(
+        self, reason: str, cmd_id: str | None, meter: str, action: str, now_ms: int, detail: str
+    ) -> bytes:
         self.counts["rejected"] += 1
         log.warning("command rejected", extra={"kv": {"id": cmd_id, "reason": reason, "detail": detail}})
-        return CommandResult(cmd_id or "?", self.gateway, meter, action, "rejected", now_ms, reason,
-                             detail).signed(self._key)
+        return CommandResult(
+            cmd_id or "?", self.gateway, meter, action, "rejected", now_ms, reason, detail
+        ).signed(self._key)
 
     async def handle(self, payload: bytes, now_ms: int) -> bytes:
         """Process one downlink payload; return the signed result to publish (never raises
@@ -100,12 +112,24 @@ class CommandIntake:
         except CommandRejected as exc:
             return self._rejected(exc.reason, exc.command_id, "?", "?", now_ms, exc.detail)
         if not self._known(cmd.meter):
-            return self._rejected("unknown_meter", cmd.id, cmd.meter, cmd.action, now_ms,
-                                  f"meter {cmd.meter!r} is not configured on this gateway")
+            return self._rejected(
+                "unknown_meter",
+                cmd.id,
+                cmd.meter,
+                cmd.action,
+                now_ms,
+                f"meter {cmd.meter!r} is not configured on this gateway",
+            )
         previous = self._store.claim(cmd.id, now_ms)
         if previous is not None and previous != "claimed":
-            return self._rejected("replayed", cmd.id, cmd.meter, cmd.action, now_ms,
-                                  f"command already executed with status {previous}")
+            return self._rejected(
+                "replayed",
+                cmd.id,
+                cmd.meter,
+                cmd.action,
+                now_ms,
+                f"command already executed with status {previous}",
+            )
         result = await self._execute(cmd)
         self._store.finish(cmd.id, result.status)
         self._store.prune(now_ms, self._skew)

@@ -90,14 +90,18 @@ class BusConfig:
         if not _ID.match(self.name):
             raise ValueError(f"name: {self.name!r} must be 1-64 letters, digits or _.:-")
         if self.baud not in _STANDARD_BAUDS:
-            raise ValueError(f"baud: {self.baud} is not a standard rate ({', '.join(map(str, _STANDARD_BAUDS))})")
+            raise ValueError(
+                f"baud: {self.baud} is not a standard rate ({', '.join(map(str, _STANDARD_BAUDS))})"
+            )
         if self.stop_bits not in (1, 2):
             raise ValueError("stop_bits: must be 1 or 2")
         if not 0 < self.min_timeout_s <= self.timeout_s <= self.max_timeout_s:
             raise ValueError("timeout_s: need 0 < min_timeout_s <= timeout_s <= max_timeout_s")
         if not 0 <= self.retries <= 10:
             raise ValueError("retries: must be 0..10")
-        if self.port.startswith(("tcp://", "modbus-tcp://")) and not re.match(r"^[a-z-]+://[^:/]+:\d+$", self.port):
+        if self.port.startswith(("tcp://", "modbus-tcp://")) and not re.match(
+            r"^[a-z-]+://[^:/]+:\d+$", self.port
+        ):
             raise ValueError(f"port: expected tcp://host:port, got {self.port!r}")
 
     @property
@@ -150,7 +154,9 @@ class MeterConfig:
             if not self.address.isdigit() or not 1 <= int(self.address) <= 247:
                 raise ValueError(f"address: a Modbus unit id is 1..247, got {self.address!r}")
             if not self.model:
-                raise ValueError("model: a Modbus meter needs a register map (sdm630, sdm120, dtsu666, ddsu666)")
+                raise ValueError(
+                    "model: a Modbus meter needs a register map (sdm630, sdm120, dtsu666, ddsu666)"
+                )
         for name in ("password", "operator"):
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"[0-9A-Fa-f]{8}", value):
@@ -161,8 +167,18 @@ class MeterConfig:
 
 def _default_plans() -> tuple[PlanConfig, ...]:
     return (
-        PlanConfig("registers", ("energy_fwd_active_total", "energy_fwd_active_t1", "energy_fwd_active_t2",
-                                 "energy_fwd_active_t3", "energy_fwd_active_t4"), 900, "register"),
+        PlanConfig(
+            "registers",
+            (
+                "energy_fwd_active_total",
+                "energy_fwd_active_t1",
+                "energy_fwd_active_t2",
+                "energy_fwd_active_t3",
+                "energy_fwd_active_t4",
+            ),
+            900,
+            "register",
+        ),
         PlanConfig("instant", ("voltage_a", "current_a", "power_active_total"), 60, "instant"),
     )
 
@@ -183,7 +199,9 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         if not _ID.match(self.gateway_id):
-            raise ValueError(f"gateway_id: {self.gateway_id!r} must be 1-64 letters, digits or _.:- (it is a topic level)")
+            raise ValueError(
+                f"gateway_id: {self.gateway_id!r} must be 1-64 letters, digits or _.:- (it is a topic level)"
+            )
         if self.command_key is not None and not re.fullmatch(r"([0-9A-Fa-f]{2}){16,}", self.command_key):
             raise ValueError("command_key: expected at least 32 hex digits (16 bytes)")
 
@@ -220,7 +238,9 @@ def _check_references(cfg: EdgeConfig) -> None:
         if bus is None:
             raise ConfigError(f"{where}.bus", f"no bus named {m.bus!r} (buses: {', '.join(buses) or 'none'})")
         if bus.kind == "modbus-tcp" and m.protocol != "modbus":
-            raise ConfigError(f"{where}.protocol", f"bus {m.bus!r} is Modbus TCP; only modbus meters can be on it")
+            raise ConfigError(
+                f"{where}.protocol", f"bus {m.bus!r} is Modbus TCP; only modbus meters can be on it"
+            )
         for j, p in enumerate(m.plans):
             if p not in plans:
                 raise ConfigError(f"{where}.plans[{j}]", f"no plan named {p!r}")
@@ -243,7 +263,7 @@ def load_config(path: str | Path) -> EdgeConfig:
     return parse_config(text, str(path))
 
 
-SAMPLE = '''\
+SAMPLE = """\
 # amigw edge agent configuration. Values shown are the defaults unless marked "example".
 
 # This gateway's id: it is a level in every MQTT topic (ami/v1/<gateway_id>/...). Example value.
@@ -345,7 +365,10 @@ meter_constant = 0
 # kind decides what the outbox sheds first when full: instant first, register and daily last.
 [[plans]]
 name = "registers"
-quantities = ["energy_fwd_active_total", "energy_fwd_active_t1", "energy_fwd_active_t2", "energy_fwd_active_t3", "energy_fwd_active_t4"]
+quantities = [
+    "energy_fwd_active_total",
+    "energy_fwd_active_t1", "energy_fwd_active_t2", "energy_fwd_active_t3", "energy_fwd_active_t4",
+]
 interval_s = 900
 kind = "register"
 
@@ -354,4 +377,4 @@ name = "instant"
 quantities = ["voltage_a", "current_a", "power_active_total"]
 interval_s = 60
 kind = "instant"
-'''
+"""

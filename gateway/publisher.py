@@ -146,8 +146,7 @@ class _Link:
 
         def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
             if getattr(reason_code, "is_failure", False):
-                log.error("broker refused a publish",
-                          extra={"kv": {"mid": mid, "reason": str(reason_code)}})
+                log.error("broker refused a publish", extra={"kv": {"mid": mid, "reason": str(reason_code)}})
                 self.refused += 1
                 loop.call_soon_threadsafe(self.drop) if not _on_loop(loop) else self.drop()
                 return

@@ -23,7 +23,9 @@ def next_boundary(now_ms: int, interval_ms: int, offset_ms: int = 0) -> int:
     return k * interval_ms + offset_ms
 
 
-def backoff_ms(consecutive_failures: int, interval_ms: int, *, free_failures: int = 2, cap_ms: int = 3_600_000) -> int:
+def backoff_ms(
+    consecutive_failures: int, interval_ms: int, *, free_failures: int = 2, cap_ms: int = 3_600_000
+) -> int:
     """How long to skip a meter after ``consecutive_failures`` failed cycles.
 
     The first ``free_failures`` failures cost nothing extra (the next cycle retries); after that

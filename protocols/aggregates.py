@@ -24,7 +24,14 @@ from typing import Any
 
 from protocols.errors import PayloadError
 
-__all__ = ["DailyTotal", "IntervalRecord", "decode_daily", "decode_intervals", "encode_daily", "encode_intervals"]
+__all__ = [
+    "DailyTotal",
+    "IntervalRecord",
+    "decode_daily",
+    "decode_intervals",
+    "encode_daily",
+    "encode_intervals",
+]
 
 VERSION = 1
 _MAX = 16 * 1024 * 1024
@@ -58,8 +65,15 @@ def _dump(doc: dict[str, Any]) -> bytes:
 
 
 def encode_intervals(gateway: str, batch_seq: int, items: Sequence[IntervalRecord]) -> bytes:
-    return _dump({"v": VERSION, "type": "intervals", "gateway": gateway, "batch_seq": batch_seq,
-                  "intervals": [asdict(i) for i in items]})
+    return _dump(
+        {
+            "v": VERSION,
+            "type": "intervals",
+            "gateway": gateway,
+            "batch_seq": batch_seq,
+            "intervals": [asdict(i) for i in items],
+        }
+    )
 
 
 def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:

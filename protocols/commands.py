@@ -107,13 +107,23 @@ class Command:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative int")
         if not 0 < self.expires_ms - self.issued_ms <= MAX_VALIDITY_MS:
-            raise ValueError(f"validity window: expires_ms must be after issued_ms by at most {MAX_VALIDITY_MS} ms")
+            raise ValueError(
+                f"validity window: expires_ms must be after issued_ms by at most {MAX_VALIDITY_MS} ms"
+            )
         _check_json_value(self.params, "params")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": VERSION, "type": "command", "id": self.id, "gateway": self.gateway, "meter": self.meter,
-                "action": self.action, "issued_ms": self.issued_ms, "expires_ms": self.expires_ms,
-                "params": self.params}
+        return {
+            "v": VERSION,
+            "type": "command",
+            "id": self.id,
+            "gateway": self.gateway,
+            "meter": self.meter,
+            "action": self.action,
+            "issued_ms": self.issued_ms,
+            "expires_ms": self.expires_ms,
+            "params": self.params,
+        }
 
     def signed(self, key: bytes) -> bytes:
         """The wire form: the command with its ``sig``."""
@@ -134,7 +144,9 @@ def _load(data: bytes, kind: str) -> dict[str, Any]:
     return doc
 
 
-def verify_command(data: bytes, key: bytes, now_ms: int, *, gateway: str, max_skew_ms: int = 60_000) -> Command:
+def verify_command(
+    data: bytes, key: bytes, now_ms: int, *, gateway: str, max_skew_ms: int = 60_000
+) -> Command:
     """Check signature, addressee and validity window; return the command.
 
     Raises :class:`CommandRejected` with reason ``malformed``, ``bad_signature``, ``expired`` or
@@ -156,8 +168,15 @@ def verify_command(data: bytes, key: bytes, now_ms: int, *, gateway: str, max_sk
     if not hmac.compare_digest(expected, sig.lower()):
         raise CommandRejected("bad_signature", command_id)
     try:
-        cmd = Command(doc.get("id"), doc.get("gateway"), doc.get("meter"), doc.get("action"),  # type: ignore[arg-type]
-                      doc.get("issued_ms"), doc.get("expires_ms"), doc.get("params") or {})  # type: ignore[arg-type]
+        cmd = Command(
+            doc.get("id"),
+            doc.get("gateway"),
+            doc.get("meter"),
+            doc.get("action"),  # type: ignore[arg-type]
+            doc.get("issued_ms"),
+            doc.get("expires_ms"),
+            doc.get("params") or {},
+        )  # type: ignore[arg-type]
     except (ValueError, TypeError) as exc:
         raise CommandRejected("malformed", command_id, str(exc)) from None
     if cmd.gateway != gateway:
@@ -191,9 +210,19 @@ class CommandResult:
             raise ValueError(f"status: {self.status!r} not one of {sorted(RESULT_STATUSES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": VERSION, "type": "cmd-result", "id": self.id, "gateway": self.gateway, "meter": self.meter,
-                "action": self.action, "status": self.status, "ts_ms": self.ts_ms, "reason": self.reason,
-                "detail": self.detail, "relay_state": self.relay_state}
+        return {
+            "v": VERSION,
+            "type": "cmd-result",
+            "id": self.id,
+            "gateway": self.gateway,
+            "meter": self.meter,
+            "action": self.action,
+            "status": self.status,
+            "ts_ms": self.ts_ms,
+            "reason": self.reason,
+            "detail": self.detail,
+            "relay_state": self.relay_state,
+        }
 
     def signed(self, key: bytes) -> bytes:
         doc = self.to_dict()
@@ -213,7 +242,16 @@ def decode_result(data: bytes, key: bytes) -> CommandResult:
     if not ok:
         raise PayloadError("cmd-result: signature does not verify")
     try:
-        return CommandResult(doc["id"], doc["gateway"], doc["meter"], doc["action"], doc["status"], doc["ts_ms"],
-                             doc.get("reason"), doc.get("detail", ""), doc.get("relay_state"))
+        return CommandResult(
+            doc["id"],
+            doc["gateway"],
+            doc["meter"],
+            doc["action"],
+            doc["status"],
+            doc["ts_ms"],
+            doc.get("reason"),
+            doc.get("detail", ""),
+            doc.get("relay_state"),
+        )
     except (KeyError, ValueError, TypeError) as exc:
         raise PayloadError(f"cmd-result: {type(exc).__name__}: {exc}") from None

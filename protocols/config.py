@@ -109,7 +109,9 @@ def _dataclass(cls: type, value: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(value) - set(fields))
     if unknown:
-        raise ConfigError(_join(path, unknown[0]), f"unknown key (expected one of: {', '.join(sorted(fields))})")
+        raise ConfigError(
+            _join(path, unknown[0]), f"unknown key (expected one of: {', '.join(sorted(fields))})"
+        )
     kwargs = {}
     for name, f in fields.items():
         if name in value:

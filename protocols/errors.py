@@ -14,7 +14,8 @@ caller can catch one base class at the edge of a loop and know what it got::
      │   └─ PayloadError       undecodable MQTT payload -> dead letter, with .reason
      ├─ TransportError         the line or the socket failed
      │   └─ TransportTimeout   also a builtin TimeoutError
-     ├─ CommandRejected        .reason: bad_signature | expired | not_yet_valid | replayed | unknown_meter | malformed
+     ├─ CommandRejected        .reason: bad_signature | expired | not_yet_valid | replayed |
+     │                         unknown_meter | malformed
      └─ SinkError              InfluxDB refused or was unreachable; .retryable
 
 "We did something wrong" (a programming error) stays a plain ``ValueError``/``TypeError``;
@@ -129,7 +130,9 @@ class CommandRejected(AmigwError):
         self.reason = reason
         self.command_id = command_id
         self.detail = detail
-        super().__init__(f"command {command_id or '?'} rejected: {reason}" + (f" ({detail})" if detail else ""))
+        super().__init__(
+            f"command {command_id or '?'} rejected: {reason}" + (f" ({detail})" if detail else "")
+        )
 
 
 class SinkError(AmigwError):

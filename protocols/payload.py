@@ -79,10 +79,14 @@ def _as_view(name: str, col: Any, spec: tuple[str, int, frozenset[str]]) -> memo
     try:
         view = memoryview(col)
     except TypeError:
-        raise TypeError(f"column {name!r}: expected a buffer (array.array, memoryview), got {type(col).__name__}") from None
+        raise TypeError(
+            f"column {name!r}: expected a buffer (array.array, memoryview), got {type(col).__name__}"
+        ) from None
     fmt = view.format.lstrip("@=<")
     if view.ndim != 1 or view.itemsize != spec[1] or fmt not in spec[2]:
-        raise TypeError(f"column {name!r}: expected 1-d items of type {spec[0]!r}, got format {view.format!r}")
+        raise TypeError(
+            f"column {name!r}: expected 1-d items of type {spec[0]!r}, got format {view.format!r}"
+        )
     if not view.c_contiguous:
         raise TypeError(f"column {name!r}: must be contiguous")
     return view
@@ -121,8 +125,11 @@ class PrevRegisters:
 
     def __post_init__(self) -> None:
         n = len(_as_view("prev.meter", self.meter, _U32))
-        for name, col, spec in (("prev.quantity", self.quantity, _U16), ("prev.value", self.value, _I64),
-                                ("prev.ts", self.ts, _I64)):
+        for name, col, spec in (
+            ("prev.quantity", self.quantity, _U16),
+            ("prev.value", self.value, _I64),
+            ("prev.ts", self.ts, _I64),
+        ):
             if len(_as_view(name, col, spec)) != n:
                 raise ValueError(f"column {name!r}: length differs from prev.meter ({n})")
 
@@ -132,9 +139,14 @@ class PrevRegisters:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PrevRegisters):
             return NotImplemented
-        return all(list(a) == list(b) for a, b in zip(
-            (self.meter, self.quantity, self.value, self.ts),
-            (other.meter, other.quantity, other.value, other.ts), strict=True))
+        return all(
+            list(a) == list(b)
+            for a, b in zip(
+                (self.meter, self.quantity, self.value, self.ts),
+                (other.meter, other.quantity, other.value, other.ts),
+                strict=True,
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -169,8 +181,12 @@ class ReadingBatch:
         if not isinstance(self.meters, tuple) or not all(isinstance(m, str) for m in self.meters):
             raise TypeError("meters: expected a tuple of str")
         n = len(_as_view("meter", self.meter, _U32))
-        for name, col, spec in (("ts", self.ts, _I64), ("quantity", self.quantity, _U16),
-                                ("value", self.value, _I64), ("flags", self.flags, _U16)):
+        for name, col, spec in (
+            ("ts", self.ts, _I64),
+            ("quantity", self.quantity, _U16),
+            ("value", self.value, _I64),
+            ("flags", self.flags, _U16),
+        ):
             if len(_as_view(name, col, spec)) != n:
                 raise ValueError(f"column {name!r}: length differs from 'meter' ({n})")
 
@@ -181,7 +197,8 @@ class ReadingBatch:
         if not isinstance(other, ReadingBatch):
             return NotImplemented
         return (
-            (self.gateway, self.seq, self.meters, self.sent_ms) == (other.gateway, other.seq, other.meters, other.sent_ms)
+            (self.gateway, self.seq, self.meters, self.sent_ms)
+            == (other.gateway, other.seq, other.meters, other.sent_ms)
             and all(list(a) == list(b) for a, b in zip(self._columns(), other._columns(), strict=True))
             and self.prev == other.prev
         )
@@ -237,8 +254,9 @@ class BatchBuilder:
             col.append(v)
 
     def build(self, gateway: str, seq: int, sent_ms: int = 0) -> ReadingBatch:
-        return ReadingBatch(gateway, seq, tuple(self._index), *self._cols, prev=PrevRegisters(*self._prev),
-                            sent_ms=sent_ms)
+        return ReadingBatch(
+            gateway, seq, tuple(self._index), *self._cols, prev=PrevRegisters(*self._prev), sent_ms=sent_ms
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,10 +301,20 @@ def _encode_json(batch: ReadingBatch) -> bytes:
         for m, t, q, v, f in zip(*batch._columns(), strict=True)
     ]
     p = batch.prev
-    prev = [{"meter": m, "quantity": q, "value": v, "ts": t}
-            for m, q, v, t in zip(p.meter, p.quantity, p.value, p.ts, strict=True)]
-    doc = {"v": VERSION, "type": "readings", "gateway": batch.gateway, "seq": batch.seq,
-           "sent_ms": batch.sent_ms, "meters": list(batch.meters), "readings": readings, "prev": prev}
+    prev = [
+        {"meter": m, "quantity": q, "value": v, "ts": t}
+        for m, q, v, t in zip(p.meter, p.quantity, p.value, p.ts, strict=True)
+    ]
+    doc = {
+        "v": VERSION,
+        "type": "readings",
+        "gateway": batch.gateway,
+        "seq": batch.seq,
+        "sent_ms": batch.sent_ms,
+        "meters": list(batch.meters),
+        "readings": readings,
+        "prev": prev,
+    }
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -324,7 +352,9 @@ def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
         raise PayloadError(f"missing field {where}{key!r}")
     value = doc[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PayloadError(f"field {where}{key!r}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        raise PayloadError(
+            f"field {where}{key!r}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -343,8 +373,16 @@ def _uint63(value: Any, key: str) -> int:
 def _decode_binary(data: bytes) -> ReadingBatch:
     n = len(data)
     try:
-        body = msgpack.unpackb(data[4:], raw=False, strict_map_key=True,
-                               max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n, max_ext_len=0)
+        body = msgpack.unpackb(
+            data[4:],
+            raw=False,
+            strict_map_key=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n,
+            max_ext_len=0,
+        )
     except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise PayloadError(f"binary payload: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
@@ -355,30 +393,46 @@ def _decode_binary(data: bytes) -> ReadingBatch:
     seq = _uint63(_get(body, "seq", int), "seq")
     sent = _uint63(body.get("sent", 0), "sent")
     meters = _id_table(_get(body, "meters", list), "meters")
-    cols = [_column_from_bytes(name, _get(body, key, bytes), spec) for name, key, spec in (
-        ("meter", "meter", _U32), ("ts", "ts", _I64), ("quantity", "q", _U16), ("value", "v", _I64),
-        ("flags", "f", _U16))]
+    cols = [
+        _column_from_bytes(name, _get(body, key, bytes), spec)
+        for name, key, spec in (
+            ("meter", "meter", _U32),
+            ("ts", "ts", _I64),
+            ("quantity", "q", _U16),
+            ("value", "v", _I64),
+            ("flags", "f", _U16),
+        )
+    ]
     prev_doc = _get(body, "prev", dict)
-    prev = [_column_from_bytes(name, _get(prev_doc, key, bytes, "prev."), spec) for name, key, spec in (
-        ("prev.meter", "meter", _U32), ("prev.quantity", "q", _U16), ("prev.value", "v", _I64),
-        ("prev.ts", "ts", _I64))]
+    prev = [
+        _column_from_bytes(name, _get(prev_doc, key, bytes, "prev."), spec)
+        for name, key, spec in (
+            ("prev.meter", "meter", _U32),
+            ("prev.quantity", "q", _U16),
+            ("prev.value", "v", _I64),
+            ("prev.ts", "ts", _I64),
+        )
+    ]
     return _checked_batch(gateway, seq, meters, cols, prev, sent)
 
 
-def _checked_batch(gateway: str, seq: int, meters: tuple[str, ...], cols: list[Column],
-                   prev: list[Column], sent: int) -> ReadingBatch:
+def _checked_batch(
+    gateway: str, seq: int, meters: tuple[str, ...], cols: list[Column], prev: list[Column], sent: int
+) -> ReadingBatch:
     if not gateway or len(gateway) > _MAX_ID_LEN:
         raise PayloadError(f"field 'gateway': expected a non-empty string of at most {_MAX_ID_LEN} chars")
     if len({len(c) for c in cols}) > 1:
-        raise PayloadError("columns meter/ts/quantity/value/flags differ in length: "
-                           + "/".join(str(len(c)) for c in cols))
+        raise PayloadError(
+            "columns meter/ts/quantity/value/flags differ in length: " + "/".join(str(len(c)) for c in cols)
+        )
     if len({len(c) for c in prev}) > 1:
         raise PayloadError("prev columns differ in length: " + "/".join(str(len(c)) for c in prev))
     return ReadingBatch(gateway, seq, meters, *cols, prev=PrevRegisters(*prev), sent_ms=sent)
 
 
-def _json_rows(doc: dict[str, Any], key: str, names: tuple[str, ...],
-               specs: tuple[tuple[str, int, frozenset[str]], ...]) -> list[Column]:
+def _json_rows(
+    doc: dict[str, Any], key: str, names: tuple[str, ...], specs: tuple[tuple[str, int, frozenset[str]], ...]
+) -> list[Column]:
     rows = _get(doc, key, list)
     cols = [_empty(s) for s in specs]
     for i, row in enumerate(rows):
@@ -403,14 +457,18 @@ def _decode_json(data: bytes) -> ReadingBatch:
     if not isinstance(doc, dict):
         raise PayloadError("json payload: expected an object")
     if doc.get("v") != VERSION or isinstance(doc.get("v"), bool):
-        raise PayloadError(f"json payload version {doc.get('v')!r:.40} not supported (this build reads {VERSION})")
+        raise PayloadError(
+            f"json payload version {doc.get('v')!r:.40} not supported (this build reads {VERSION})"
+        )
     if doc.get("type") != "readings":
         raise PayloadError(f"json payload: type {doc.get('type')!r:.40} is not 'readings'")
     gateway = _get(doc, "gateway", str)
     seq = _uint63(_get(doc, "seq", int), "seq")
     sent = _uint63(doc.get("sent_ms", 0), "sent_ms")
     meters = _id_table(_get(doc, "meters", list), "meters")
-    cols = _json_rows(doc, "readings", ("meter", "ts", "quantity", "value", "flags"), (_U32, _I64, _U16, _I64, _U16))
+    cols = _json_rows(
+        doc, "readings", ("meter", "ts", "quantity", "value", "flags"), (_U32, _I64, _U16, _I64, _U16)
+    )
     prev = _json_rows(doc, "prev", ("meter", "quantity", "value", "ts"), (_U32, _U16, _I64, _I64))
     return _checked_batch(gateway, seq, meters, cols, prev, sent)
 
@@ -431,10 +489,19 @@ def _json_message(data: bytes, kind: str) -> dict[str, Any]:
     return doc
 
 
-EVENT_KINDS = frozenset({
-    "power_down", "power_up", "relay_changed", "clock_adjusted", "cover_opened", "meter_replaced",
-    "meter_unreachable", "meter_recovered", "outbox_dropped",
-})
+EVENT_KINDS = frozenset(
+    {
+        "power_down",
+        "power_up",
+        "relay_changed",
+        "clock_adjusted",
+        "cover_opened",
+        "meter_replaced",
+        "meter_unreachable",
+        "meter_recovered",
+        "outbox_dropped",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,9 +523,20 @@ class Event:
             raise ValueError(f"event kind {self.kind!r} not one of {sorted(EVENT_KINDS)}")
 
     def to_json(self) -> bytes:
-        return json.dumps({"v": VERSION, "type": "event", "id": self.id, "gateway": self.gateway,
-                           "kind": self.kind, "ts_ms": self.ts_ms, "meter": self.meter, "detail": self.detail},
-                          ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "v": VERSION,
+                "type": "event",
+                "id": self.id,
+                "gateway": self.gateway,
+                "kind": self.kind,
+                "ts_ms": self.ts_ms,
+                "meter": self.meter,
+                "detail": self.detail,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode()
 
 
 def decode_event(data: bytes) -> Event:
@@ -466,11 +544,17 @@ def decode_event(data: bytes) -> Event:
     doc = _json_message(data, "event")
     meter = doc.get("meter")
     detail = doc.get("detail", {})
-    if meter is not None and not isinstance(meter, str) or not isinstance(detail, dict):
+    if (meter is not None and not isinstance(meter, str)) or not isinstance(detail, dict):
         raise PayloadError("event: 'meter' must be a string or null and 'detail' an object")
     try:
-        return Event(_get(doc, "id", str), _get(doc, "gateway", str), _get(doc, "kind", str),
-                     _uint63(_get(doc, "ts_ms", int), "ts_ms"), meter, detail)
+        return Event(
+            _get(doc, "id", str),
+            _get(doc, "gateway", str),
+            _get(doc, "kind", str),
+            _uint63(_get(doc, "ts_ms", int), "ts_ms"),
+            meter,
+            detail,
+        )
     except ValueError as exc:
         raise PayloadError(f"event: {exc}") from None
 
@@ -488,9 +572,18 @@ class Status:
     counters: dict[str, int | float] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps({"v": VERSION, "type": "status", "gateway": self.gateway, "online": self.online,
-                           "ts_ms": self.ts_ms, "version": self.version, "counters": self.counters},
-                          separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "v": VERSION,
+                "type": "status",
+                "gateway": self.gateway,
+                "online": self.online,
+                "ts_ms": self.ts_ms,
+                "version": self.version,
+                "counters": self.counters,
+            },
+            separators=(",", ":"),
+        ).encode()
 
 
 def decode_status(data: bytes) -> Status:
@@ -501,8 +594,13 @@ def decode_status(data: bytes) -> Status:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in counters.values()
     ):
         raise PayloadError("status: 'counters' must map names to numbers")
-    return Status(_get(doc, "gateway", str), _get(doc, "online", bool), _uint63(doc.get("ts_ms", 0), "ts_ms"),
-                  str(doc.get("version", "")), counters)
+    return Status(
+        _get(doc, "gateway", str),
+        _get(doc, "online", bool),
+        _uint63(doc.get("ts_ms", 0), "ts_ms"),
+        str(doc.get("version", "")),
+        counters,
+    )
 
 
 def batches_from_rows(rows: Iterable[tuple[str, int, int, int, int]], gateway: str, seq: int) -> ReadingBatch:

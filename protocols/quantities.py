@@ -73,19 +73,37 @@ class Quantity:
         return 10**self.decimals
 
 
-def _cim(accumulation: int, flow: int, kind: int, unit: int, *, tou: int = 0, phases: int = 0,
-         multiplier: int = 0, currency: int = 0) -> str:
+def _cim(
+    accumulation: int,
+    flow: int,
+    kind: int,
+    unit: int,
+    *,
+    tou: int = 0,
+    phases: int = 0,
+    multiplier: int = 0,
+    currency: int = 0,
+) -> str:
     """Build an IEC 61968-9 ReadingType code from the attributes that vary in this vocabulary."""
     fields = (0, 0, 0, accumulation, flow, 1, kind, 0, 0, 0, 0, tou, 0, 0, phases, multiplier, unit, currency)
     return ".".join(str(f) for f in fields)
 
 
 # IEC 61968-9 enumerations used below (Annex C):
-_BULK, _INDICATING = 1, 6            # accumulation: bulkQuantity, indicating (instantaneous)
-_FWD, _REV, _NET, _TOTAL = 1, 19, 4, 20   # flowDirection
-_Q1, _Q2, _Q3, _Q4 = 15, 16, 17, 18       # flowDirection: reactive quadrants
-_ENERGY, _POWER, _VOLTAGE, _CURRENT, _PF, _FREQ, _DEMAND, _MONEY = 12, 37, 54, 4, 38, 15, 8, 0  # measurementKind
-_WH, _VARH, _VAH, _W, _VAR, _VA, _V, _A, _HZ, _COS = 72, 73, 71, 38, 63, 61, 29, 5, 33, 65     # unit
+_BULK, _INDICATING = 1, 6  # accumulation: bulkQuantity, indicating (instantaneous)
+_FWD, _REV, _NET, _TOTAL = 1, 19, 4, 20  # flowDirection
+_Q1, _Q2, _Q3, _Q4 = 15, 16, 17, 18  # flowDirection: reactive quadrants
+_ENERGY, _POWER, _VOLTAGE, _CURRENT, _PF, _FREQ, _DEMAND, _MONEY = (
+    12,
+    37,
+    54,
+    4,
+    38,
+    15,
+    8,
+    0,
+)  # measurementKind
+_WH, _VARH, _VAH, _W, _VAR, _VA, _V, _A, _HZ, _COS = 72, 73, 71, 38, 63, 61, 29, 5, 33, 65  # unit
 _KILO = 3
 _PH_A, _PH_B, _PH_C, _PH_ABC, _PH_N = 128, 64, 32, 224, 16
 _CNY = 156  # ISO 4217
@@ -101,75 +119,223 @@ def _build() -> tuple[Quantity, ...]:
         q.append(Quantity(*args, **kw))  # type: ignore[arg-type]
 
     # --- energy registers (0.01 kWh / kvarh) -------------------------------------------------
-    add(1, "energy_fwd_active_total", "kWh", 2, "cumulative", "forward active energy, total",
-        _cim(_BULK, _FWD, _ENERGY, _WH, multiplier=_KILO), register_max=e)
+    add(
+        1,
+        "energy_fwd_active_total",
+        "kWh",
+        2,
+        "cumulative",
+        "forward active energy, total",
+        _cim(_BULK, _FWD, _ENERGY, _WH, multiplier=_KILO),
+        register_max=e,
+    )
     for t, tname in enumerate(_TARIFF_NAMES, start=1):
-        add(1 + t, f"energy_fwd_active_t{t}", "kWh", 2, "cumulative",
+        add(
+            1 + t,
+            f"energy_fwd_active_t{t}",
+            "kWh",
+            2,
+            "cumulative",
             f"forward active energy, tariff {t} ({tname})",
-            _cim(_BULK, _FWD, _ENERGY, _WH, tou=t, multiplier=_KILO), register_max=e)
-    add(6, "energy_rev_active_total", "kWh", 2, "cumulative", "reverse active energy, total",
-        _cim(_BULK, _REV, _ENERGY, _WH, multiplier=_KILO), register_max=e)
+            _cim(_BULK, _FWD, _ENERGY, _WH, tou=t, multiplier=_KILO),
+            register_max=e,
+        )
+    add(
+        6,
+        "energy_rev_active_total",
+        "kWh",
+        2,
+        "cumulative",
+        "reverse active energy, total",
+        _cim(_BULK, _REV, _ENERGY, _WH, multiplier=_KILO),
+        register_max=e,
+    )
     for t, tname in enumerate(_TARIFF_NAMES, start=1):
-        add(6 + t, f"energy_rev_active_t{t}", "kWh", 2, "cumulative",
+        add(
+            6 + t,
+            f"energy_rev_active_t{t}",
+            "kWh",
+            2,
+            "cumulative",
             f"reverse active energy, tariff {t} ({tname})",
-            _cim(_BULK, _REV, _ENERGY, _WH, tou=t, multiplier=_KILO), register_max=e)
+            _cim(_BULK, _REV, _ENERGY, _WH, tou=t, multiplier=_KILO),
+            register_max=e,
+        )
     # Combined active = forward + reverse (or forward - reverse), by meter setting: it can be negative.
-    add(11, "energy_combined_active_total", "kWh", 2, "cumulative", "combined active energy, total",
-        _cim(_BULK, _NET, _ENERGY, _WH, multiplier=_KILO), signed=True, register_max=e)
-    add(12, "energy_combined_reactive1_total", "kvarh", 2, "cumulative", "combined reactive energy 1, total",
-        _cim(_BULK, _FWD, _ENERGY, _VARH, multiplier=_KILO), signed=True, register_max=e)
-    add(13, "energy_combined_reactive2_total", "kvarh", 2, "cumulative", "combined reactive energy 2, total",
-        _cim(_BULK, _REV, _ENERGY, _VARH, multiplier=_KILO), signed=True, register_max=e)
+    add(
+        11,
+        "energy_combined_active_total",
+        "kWh",
+        2,
+        "cumulative",
+        "combined active energy, total",
+        _cim(_BULK, _NET, _ENERGY, _WH, multiplier=_KILO),
+        signed=True,
+        register_max=e,
+    )
+    add(
+        12,
+        "energy_combined_reactive1_total",
+        "kvarh",
+        2,
+        "cumulative",
+        "combined reactive energy 1, total",
+        _cim(_BULK, _FWD, _ENERGY, _VARH, multiplier=_KILO),
+        signed=True,
+        register_max=e,
+    )
+    add(
+        13,
+        "energy_combined_reactive2_total",
+        "kvarh",
+        2,
+        "cumulative",
+        "combined reactive energy 2, total",
+        _cim(_BULK, _REV, _ENERGY, _VARH, multiplier=_KILO),
+        signed=True,
+        register_max=e,
+    )
     for i, flow in enumerate((_Q1, _Q2, _Q3, _Q4), start=1):
-        add(13 + i, f"energy_reactive_q{i}_total", "kvarh", 2, "cumulative",
+        add(
+            13 + i,
+            f"energy_reactive_q{i}_total",
+            "kvarh",
+            2,
+            "cumulative",
             f"quadrant {i} reactive energy, total",
-            _cim(_BULK, flow, _ENERGY, _VARH, multiplier=_KILO), register_max=e)
-    add(18, "energy_fwd_apparent_total", "kVAh", 2, "cumulative", "forward apparent energy, total",
-        _cim(_BULK, _FWD, _ENERGY, _VAH, multiplier=_KILO), register_max=e)
+            _cim(_BULK, flow, _ENERGY, _VARH, multiplier=_KILO),
+            register_max=e,
+        )
+    add(
+        18,
+        "energy_fwd_apparent_total",
+        "kVAh",
+        2,
+        "cumulative",
+        "forward apparent energy, total",
+        _cim(_BULK, _FWD, _ENERGY, _VAH, multiplier=_KILO),
+        register_max=e,
+    )
     for i, (ph, code) in enumerate((("a", _PH_A), ("b", _PH_B), ("c", _PH_C))):
-        add(19 + i, f"energy_fwd_active_{ph}", "kWh", 2, "cumulative",
+        add(
+            19 + i,
+            f"energy_fwd_active_{ph}",
+            "kWh",
+            2,
+            "cumulative",
             f"phase {ph.upper()} forward active energy",
-            _cim(_BULK, _FWD, _ENERGY, _WH, phases=code, multiplier=_KILO), register_max=e)
+            _cim(_BULK, _FWD, _ENERGY, _WH, phases=code, multiplier=_KILO),
+            register_max=e,
+        )
 
     # --- instantaneous values ---------------------------------------------------------------
     for i, (ph, code) in enumerate((("a", _PH_A), ("b", _PH_B), ("c", _PH_C))):
-        add(30 + i, f"voltage_{ph}", "V", 1, "instantaneous", f"phase {ph.upper()} voltage",
-            _cim(_INDICATING, 0, _VOLTAGE, _V, phases=code))
+        add(
+            30 + i,
+            f"voltage_{ph}",
+            "V",
+            1,
+            "instantaneous",
+            f"phase {ph.upper()} voltage",
+            _cim(_INDICATING, 0, _VOLTAGE, _V, phases=code),
+        )
     for i, (ph, code) in enumerate((("a", _PH_A), ("b", _PH_B), ("c", _PH_C), ("n", _PH_N))):
-        add(33 + i, f"current_{ph}", "A", 3, "instantaneous",
+        add(
+            33 + i,
+            f"current_{ph}",
+            "A",
+            3,
+            "instantaneous",
             f"{'neutral' if ph == 'n' else 'phase ' + ph.upper()} current (sign is the direction)",
-            _cim(_INDICATING, 0, _CURRENT, _A, phases=code), signed=True)
+            _cim(_INDICATING, 0, _CURRENT, _A, phases=code),
+            signed=True,
+        )
     for base, stem, unit, cim_unit, what in (
         (40, "power_active", "kW", _W, "active power"),
         (44, "power_reactive", "kvar", _VAR, "reactive power"),
         (48, "power_apparent", "kVA", _VA, "apparent power"),
     ):
         for i, (ph, code) in enumerate((("total", _PH_ABC), ("a", _PH_A), ("b", _PH_B), ("c", _PH_C))):
-            add(base + i, f"{stem}_{ph}", unit, 4, "instantaneous",
+            add(
+                base + i,
+                f"{stem}_{ph}",
+                unit,
+                4,
+                "instantaneous",
                 f"{what}, {'total' if ph == 'total' else 'phase ' + ph.upper()}",
-                _cim(_INDICATING, 0, _POWER, cim_unit, phases=code, multiplier=_KILO), signed=True)
+                _cim(_INDICATING, 0, _POWER, cim_unit, phases=code, multiplier=_KILO),
+                signed=True,
+            )
     for i, (ph, code) in enumerate((("total", _PH_ABC), ("a", _PH_A), ("b", _PH_B), ("c", _PH_C))):
-        add(52 + i, f"power_factor_{ph}", "", 3, "instantaneous",
+        add(
+            52 + i,
+            f"power_factor_{ph}",
+            "",
+            3,
+            "instantaneous",
             f"power factor, {'total' if ph == 'total' else 'phase ' + ph.upper()}",
-            _cim(_INDICATING, 0, _PF, _COS, phases=code), signed=True)
+            _cim(_INDICATING, 0, _PF, _COS, phases=code),
+            signed=True,
+        )
     add(56, "frequency", "Hz", 2, "instantaneous", "grid frequency", _cim(_INDICATING, 0, _FREQ, _HZ))
-    add(57, "demand_active", "kW", 4, "instantaneous", "current active demand",
-        _cim(_INDICATING, _FWD, _DEMAND, _W, multiplier=_KILO), signed=True)
-    add(58, "max_demand_fwd_active", "kW", 4, "instantaneous",
+    add(
+        57,
+        "demand_active",
+        "kW",
+        4,
+        "instantaneous",
+        "current active demand",
+        _cim(_INDICATING, _FWD, _DEMAND, _W, multiplier=_KILO),
+        signed=True,
+    )
+    add(
+        58,
+        "max_demand_fwd_active",
+        "kW",
+        4,
+        "instantaneous",
         "forward active maximum demand since the last settlement",
-        _cim(_BULK, _FWD, _DEMAND, _W, multiplier=_KILO))
-    add(59, "max_demand_rev_active", "kW", 4, "instantaneous",
+        _cim(_BULK, _FWD, _DEMAND, _W, multiplier=_KILO),
+    )
+    add(
+        59,
+        "max_demand_rev_active",
+        "kW",
+        4,
+        "instantaneous",
         "reverse active maximum demand since the last settlement",
-        _cim(_BULK, _REV, _DEMAND, _W, multiplier=_KILO))
+        _cim(_BULK, _REV, _DEMAND, _W, multiplier=_KILO),
+    )
     add(60, "meter_temperature", "°C", 1, "instantaneous", "meter internal temperature", None, signed=True)
-    add(61, "clock_battery_voltage", "V", 2, "instantaneous", "clock battery voltage",
-        _cim(_INDICATING, 0, _VOLTAGE, _V))
+    add(
+        61,
+        "clock_battery_voltage",
+        "V",
+        2,
+        "instantaneous",
+        "clock battery voltage",
+        _cim(_INDICATING, 0, _VOLTAGE, _V),
+    )
 
     # --- prepaid (money in fen) --------------------------------------------------------------
-    add(70, "prepaid_balance", "CNY", 2, "instantaneous", "remaining prepaid balance held by the meter",
-        _cim(_INDICATING, 0, _MONEY, 0, currency=_CNY))
-    add(71, "overdraft_amount", "CNY", 2, "instantaneous", "overdraft used, held by the meter",
-        _cim(_INDICATING, 0, _MONEY, 0, currency=_CNY))
+    add(
+        70,
+        "prepaid_balance",
+        "CNY",
+        2,
+        "instantaneous",
+        "remaining prepaid balance held by the meter",
+        _cim(_INDICATING, 0, _MONEY, 0, currency=_CNY),
+    )
+    add(
+        71,
+        "overdraft_amount",
+        "CNY",
+        2,
+        "instantaneous",
+        "overdraft used, held by the meter",
+        _cim(_INDICATING, 0, _MONEY, 0, currency=_CNY),
+    )
 
     # --- event counters ---------------------------------------------------------------------
     c = COUNTER_REGISTER_MAX
@@ -183,9 +349,23 @@ def _build() -> tuple[Quantity, ...]:
 
     # --- states -----------------------------------------------------------------------------
     add(100, "relay_state", "", 0, "state", "relay state: 0 = closed (supply on), 1 = open (tripped)")
-    add(101, "meter_clock", "ms", 0, "state", "meter clock as epoch milliseconds (meter-local time as UTC-naive)")
+    add(
+        101,
+        "meter_clock",
+        "ms",
+        0,
+        "state",
+        "meter clock as epoch milliseconds (meter-local time as UTC-naive)",
+    )
     add(102, "status_word_1", "", 0, "state", "meter run status word 1 (bit field)")
-    add(103, "status_word_3", "", 0, "state", "meter run status word 3 (bit field; bit 4 relay, bit 6 relay command)")
+    add(
+        103,
+        "status_word_3",
+        "",
+        0,
+        "state",
+        "meter run status word 3 (bit field; bit 4 relay, bit 6 relay command)",
+    )
     return tuple(q)
 
 

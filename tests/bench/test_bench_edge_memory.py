@@ -29,29 +29,48 @@ def _rss_kib(pid: int) -> int:
 
 
 async def test_bench_agent_rss_for_128_meters(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    idle = subprocess.Popen([sys.executable, "-c", "import gateway.agent, drivers.dlt645, drivers.modbus, time; "
-                             "print('ready', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE)
+    idle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import gateway.agent, drivers.dlt645, drivers.modbus, time; "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
     assert idle.stdout is not None and idle.stdout.readline().strip() == b"ready"
     baseline = _rss_kib(idle.pid)
     idle.kill()
 
     rec = MqttRecorder(mosquitto.host, mosquitto.port, ["ami/v1/gw-mem/up/readings"], client_id="rec-mem")
-    sims = [Dlt645Simulator([f"{b:04d}{m:08d}" for m in range(METERS // BUSES)], load_kw=20.0) for b in range(BUSES)]
+    sims = [
+        Dlt645Simulator([f"{b:04d}{m:08d}" for m in range(METERS // BUSES)], load_kw=20.0)
+        for b in range(BUSES)
+    ]
     buses, meters = "", ""
     for b, sim in enumerate(sims):
         await sim.__aenter__()
         path = await sim.serve_pty()
         buses += f'[[buses]]\nname = "b{b}"\nport = "{path}"\nbaud = 9600\n'
-        meters += "".join(f'[[meters]]\nid = "{a}"\nbus = "b{b}"\naddress = "{a}"\nplans = ["registers", "instant"]\n'
-                          for a in (f"{b:04d}{m:08d}" for m in range(METERS // BUSES)))
-    plans = ('[[plans]]\nname = "registers"\nquantities = ["energy_fwd_active_total", "energy_fwd_active_t1", '
-             '"energy_fwd_active_t2", "energy_fwd_active_t3", "energy_fwd_active_t4"]\ninterval_s = 10\n'
-             '[[plans]]\nname = "instant"\nquantities = ["voltage_a", "current_a", "power_active_total"]\n'
-             'interval_s = 10\nkind = "instant"\n')
+        meters += "".join(
+            f'[[meters]]\nid = "{a}"\nbus = "b{b}"\naddress = "{a}"\nplans = ["registers", "instant"]\n'
+            for a in (f"{b:04d}{m:08d}" for m in range(METERS // BUSES))
+        )
+    plans = (
+        '[[plans]]\nname = "registers"\nquantities = ["energy_fwd_active_total", "energy_fwd_active_t1", '
+        '"energy_fwd_active_t2", "energy_fwd_active_t3", "energy_fwd_active_t4"]\ninterval_s = 10\n'
+        '[[plans]]\nname = "instant"\nquantities = ["voltage_a", "current_a", "power_active_total"]\n'
+        'interval_s = 10\nkind = "instant"\n'
+    )
     config = tmp_path / "edge.toml"
     config.write_text(edge_toml(str(tmp_path), "gw-mem", mosquitto.url, buses, meters, plans))
-    agent = subprocess.Popen([sys.executable, "-m", "gateway.cli", "edge", "--config", str(config)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "edge", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         started = time.monotonic()
         while len(rec.snapshot()) < 3 * BUSES * 2 and time.monotonic() - started < 120:
@@ -65,6 +84,8 @@ async def test_bench_agent_rss_for_128_meters(mosquitto, tmp_path: Path) -> None
             await sim.__aexit__(None, None, None)
         rec.close()
     assert cycles >= 2, "the agent did not complete its poll cycles"
-    print(f"\nedge agent, {METERS} meters on {BUSES} buses, {cycles} cycles: VmRSS {rss / 1024:.1f} MiB; "
-          f"baseline (same imports, idle) {baseline / 1024:.1f} MiB; ratio {rss / baseline:.2f}x; "
-          f"{(rss - baseline) / METERS:.1f} KiB per meter above baseline")
+    print(
+        f"\nedge agent, {METERS} meters on {BUSES} buses, {cycles} cycles: VmRSS {rss / 1024:.1f} MiB; "
+        f"baseline (same imports, idle) {baseline / 1024:.1f} MiB; ratio {rss / baseline:.2f}x; "
+        f"{(rss - baseline) / METERS:.1f} KiB per meter above baseline"
+    )

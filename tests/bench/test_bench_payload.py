@@ -37,6 +37,8 @@ def test_bench_decode_binary_vs_json() -> None:
     binary, js = encode(batch, "binary"), encode(batch, "json")
     assert decode(binary) == decode(js) == batch
     rb, rj = _rate(binary), _rate(js)
-    print(f"\npayload decode, {N}-reading batch: binary {rb:,.0f} readings/s ({len(binary):,} B), "
-          f"json {rj:,.0f} readings/s ({len(js):,} B); binary/json = {rb / rj:.1f}x")
+    print(
+        f"\npayload decode, {N}-reading batch: binary {rb:,.0f} readings/s ({len(binary):,} B), "
+        f"json {rj:,.0f} readings/s ({len(js):,} B); binary/json = {rb / rj:.1f}x"
+    )
     assert rb > rj

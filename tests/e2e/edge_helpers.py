@@ -16,7 +16,9 @@ KEY = bytes.fromhex(KEY_HEX)
 class MqttRecorder:
     """Subscribes on the real broker and records (topic, payload) pairs, thread-safely."""
 
-    def __init__(self, host: str, port: int, topics: list[str], *, client_id: str = "recorder", **tls: object) -> None:
+    def __init__(
+        self, host: str, port: int, topics: list[str], *, client_id: str = "recorder", **tls: object
+    ) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -62,7 +64,9 @@ class MqttRecorder:
         self.client.disconnect()
 
 
-def edge_toml(tmp: str, gateway: str, mqtt_url: str, buses: str, meters: str, plans: str, extra: str = "") -> str:
+def edge_toml(
+    tmp: str, gateway: str, mqtt_url: str, buses: str, meters: str, plans: str, extra: str = ""
+) -> str:
     return f'''
 gateway_id = "{gateway}"
 command_key = "{KEY_HEX}"

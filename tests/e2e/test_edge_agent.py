@@ -41,7 +41,9 @@ def _dlt_meter(mid: str, bus: str, plans: str = '["fast"]') -> str:
     return f'[[meters]]\nid = "{mid}"\nbus = "{bus}"\nprotocol = "dlt645-2007"\naddress = "{mid}"\nplans = {plans}\n'
 
 
-FAST_PLAN = '[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total", "voltage_a"]\ninterval_s = 1\n'
+FAST_PLAN = (
+    '[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total", "voltage_a"]\ninterval_s = 1\n'
+)
 
 
 async def _run_agent_until(agent: EdgeAgent, rec: MqttRecorder, predicate, timeout_s: float = 30) -> None:  # type: ignore[no-untyped-def]
@@ -59,11 +61,15 @@ async def test_two_buses_dlt645_and_modbus_arrive_with_values_and_seqs(mosquitto
         msim.set_value("voltage_a", 2287)
         dpath = await dsim.serve_pty()
         mpath = await msim.serve_rtu_pty()
-        buses = (f'[[buses]]\nname = "dlt"\nport = "{dpath}"\nbaud = 9600\ntimeout_s = 0.5\n'
-                 f'[[buses]]\nname = "mb"\nport = "{mpath}"\nbaud = 9600\nparity = "N"\ntimeout_s = 0.5\n')
-        meters = (_dlt_meter(M1, "dlt")
-                  + '[[meters]]\nid = "sdm-7"\nbus = "mb"\nprotocol = "modbus"\naddress = "7"\nmodel = "sdm120"\n'
-                    'plans = ["fast"]\n')
+        buses = (
+            f'[[buses]]\nname = "dlt"\nport = "{dpath}"\nbaud = 9600\ntimeout_s = 0.5\n'
+            f'[[buses]]\nname = "mb"\nport = "{mpath}"\nbaud = 9600\nparity = "N"\ntimeout_s = 0.5\n'
+        )
+        meters = (
+            _dlt_meter(M1, "dlt")
+            + '[[meters]]\nid = "sdm-7"\nbus = "mb"\nprotocol = "modbus"\naddress = "7"\nmodel = "sdm120"\n'
+            'plans = ["fast"]\n'
+        )
         cfg = parse_config(edge_toml(str(tmp_path), "gw-two", mosquitto.url, buses, meters, FAST_PLAN))
         agent = EdgeAgent(cfg)
 
@@ -77,7 +83,9 @@ async def test_two_buses_dlt645_and_modbus_arrive_with_values_and_seqs(mosquitto
     batches = [decode(p) for p in rec.snapshot()]
     seqs = [b.seq for b in batches]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    readings = [(b.meters[m], q, v) for b in batches for m, q, v in zip(b.meter, b.quantity, b.value, strict=True)]
+    readings = [
+        (b.meters[m], q, v) for b in batches for m, q, v in zip(b.meter, b.quantity, b.value, strict=True)
+    ]
     assert ("sdm-7", VOLTAGE_A, 2287) in readings
     dlt_energy = {v for m, q, v in readings if m == M1 and q == E_TOTAL}
     assert dlt_energy and dlt_energy <= sim_energy  # the values the simulated meter answered, exactly
@@ -91,11 +99,21 @@ async def test_dead_and_garbage_meters_do_not_starve_the_healthy_one(mosquitto, 
         sim.meter(M1).inject("no_reply")  # dead
         sim.meter(M2).inject("garbage_inside")  # answers garbage, every time
         path = await sim.serve_pty()
-        bus = (f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\ntimeout_s = 0.2\nmin_timeout_s = 0.1\n'
-               f'max_timeout_s = {max_timeout_s}\nretries = {retries}\n')
+        bus = (
+            f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\ntimeout_s = 0.2\nmin_timeout_s = 0.1\n'
+            f"max_timeout_s = {max_timeout_s}\nretries = {retries}\n"
+        )
         plans = FAST_PLAN.replace("interval_s = 1", f"interval_s = {interval_s}")
-        cfg = parse_config(edge_toml(str(tmp_path), "gw-bad", mosquitto.url, bus,
-                                     _dlt_meter(M1, "b") + _dlt_meter(M2, "b") + _dlt_meter(M3, "b"), plans))
+        cfg = parse_config(
+            edge_toml(
+                str(tmp_path),
+                "gw-bad",
+                mosquitto.url,
+                bus,
+                _dlt_meter(M1, "b") + _dlt_meter(M2, "b") + _dlt_meter(M3, "b"),
+                plans,
+            )
+        )
         agent = EdgeAgent(cfg)
 
         def healthy_cycles() -> int:
@@ -115,18 +133,29 @@ async def test_dead_and_garbage_meters_do_not_starve_the_healthy_one(mosquitto, 
                 assert t % (interval_s * 1000) <= budget_ms, t % (interval_s * 1000)
 
 
-async def test_commands_forged_unsigned_expired_replayed_rejected_trip_and_close(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_commands_forged_unsigned_expired_replayed_rejected_trip_and_close(
+    mosquitto, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     gw = "gw-cmd"
     rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/{gw}/up/#"], client_id="rec-cmd")
     async with Dlt645Simulator([M1], load_kw=50.0) as sim:
         path = await sim.serve_pty()
-        cfg = parse_config(edge_toml(str(tmp_path), gw, mosquitto.url,
-                                     f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
-                                     _dlt_meter(M1, "b"), FAST_PLAN.replace("interval_s = 1", "interval_s = 60")))
+        cfg = parse_config(
+            edge_toml(
+                str(tmp_path),
+                gw,
+                mosquitto.url,
+                f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
+                _dlt_meter(M1, "b"),
+                FAST_PLAN.replace("interval_s = 1", "interval_s = 60"),
+            )
+        )
         agent = EdgeAgent(cfg)
         task = asyncio.create_task(agent.run())
         try:
-            await asyncio.to_thread(rec.wait_for, lambda: agent.publisher is not None and agent.publisher.connected, 15)
+            await asyncio.to_thread(
+                rec.wait_for, lambda: agent.publisher is not None and agent.publisher.connected, 15
+            )
             now = int(time.time() * 1000)
 
             def cmd(cid: str, action: str, issued: int = now, expires: int = now + 120_000) -> Command:
@@ -138,7 +167,9 @@ async def test_commands_forged_unsigned_expired_replayed_rejected_trip_and_close
             async def send(payload: bytes, expect_id: str) -> object:
                 before = len(rec.snapshot("/up/cmd-result"))
                 await asyncio.to_thread(rec.publish, f"ami/v1/{gw}/down/cmd", payload)
-                await asyncio.to_thread(rec.wait_for, lambda: len(rec.snapshot("/up/cmd-result")) > before, 20)
+                await asyncio.to_thread(
+                    rec.wait_for, lambda: len(rec.snapshot("/up/cmd-result")) > before, 20
+                )
                 return decode_result(rec.snapshot("/up/cmd-result")[-1], KEY)
 
             forged = await send(cmd("c-forged", "trip").signed(b"not-the-gateway-key-0123"), "c-forged")
@@ -169,14 +200,29 @@ async def test_commands_forged_unsigned_expired_replayed_rejected_trip_and_close
 
 async def test_agent_on_the_tls_password_acl_broker(mosquitto_secure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     broker = mosquitto_secure
-    rec = MqttRecorder(broker.host, broker.port, ["ami/v1/#"], client_id="rec-tls", username="headend",
-                       password=broker.passwords["headend"], ca_file=str(broker.ca_file))
+    rec = MqttRecorder(
+        broker.host,
+        broker.port,
+        ["ami/v1/#"],
+        client_id="rec-tls",
+        username="headend",
+        password=broker.passwords["headend"],
+        ca_file=str(broker.ca_file),
+    )
     async with Dlt645Simulator([M1], load_kw=50.0) as sim:
         path = await sim.serve_pty()
-        mqtt = (f'[mqtt]\nurl = "{broker.url}"\nusername = "gw-1"\npassword = "{broker.passwords["gw-1"]}"\n'
-                f'ca_file = "{broker.ca_file}"\n')
-        text = edge_toml(str(tmp_path), "gw-1", broker.url, f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
-                         _dlt_meter(M1, "b"), FAST_PLAN)
+        mqtt = (
+            f'[mqtt]\nurl = "{broker.url}"\nusername = "gw-1"\npassword = "{broker.passwords["gw-1"]}"\n'
+            f'ca_file = "{broker.ca_file}"\n'
+        )
+        text = edge_toml(
+            str(tmp_path),
+            "gw-1",
+            broker.url,
+            f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
+            _dlt_meter(M1, "b"),
+            FAST_PLAN,
+        )
         text = text.replace(f'[mqtt]\nurl = "{broker.url}"\n', mqtt)
         agent = EdgeAgent(parse_config(text))
         await _run_agent_until(agent, rec, lambda: len(rec.snapshot("/up/readings")) >= 2)
@@ -193,9 +239,15 @@ async def test_clock_skew_corrected_within_protocol_limit_and_reported(mosquitto
         sim.meter(far).set_local_time(sim.meter(far).local_time() + dt.timedelta(seconds=900))
         path = await sim.serve_pty()
         port = free_port()
-        text = edge_toml(str(tmp_path), gw, mosquitto.url, f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
-                         _dlt_meter(near, "b") + _dlt_meter(far, "b"), FAST_PLAN,
-                         extra="[clock]\ntolerance_s = 60\nmax_adjust_s = 300\n")
+        text = edge_toml(
+            str(tmp_path),
+            gw,
+            mosquitto.url,
+            f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
+            _dlt_meter(near, "b") + _dlt_meter(far, "b"),
+            FAST_PLAN,
+            extra="[clock]\ntolerance_s = 60\nmax_adjust_s = 300\n",
+        )
         text = text.replace('metrics_listen = ""', f'metrics_listen = "127.0.0.1:{port}"')
         agent = EdgeAgent(parse_config(text), status_interval_s=0.5)
 
@@ -206,7 +258,8 @@ async def test_clock_skew_corrected_within_protocol_limit_and_reported(mosquitto
         try:
             await asyncio.to_thread(rec.wait_for, lambda: adjusted() >= 2 and rec.snapshot("/status"), 30)
             metrics = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            )
         finally:
             agent.stop()
             await asyncio.wait_for(task, 15)
@@ -216,9 +269,16 @@ async def test_clock_skew_corrected_within_protocol_limit_and_reported(mosquitto
     rec.close()
     assert abs(near_off) <= 5, near_off  # broadcast time sync
     assert abs(far_off) <= 5, far_off  # beyond the broadcast limit: written with the password
-    events = {e["meter"]: e for e in map(json.loads, rec.snapshot("/up/events")) if e["kind"] == "clock_adjusted"}
-    assert events[near]["detail"]["method"] == "broadcast" and 195_000 <= events[near]["detail"]["skew_ms"] <= 205_000
-    assert events[far]["detail"]["method"] == "write" and 895_000 <= events[far]["detail"]["skew_ms"] <= 905_000
+    events = {
+        e["meter"]: e for e in map(json.loads, rec.snapshot("/up/events")) if e["kind"] == "clock_adjusted"
+    }
+    assert (
+        events[near]["detail"]["method"] == "broadcast"
+        and 195_000 <= events[near]["detail"]["skew_ms"] <= 205_000
+    )
+    assert (
+        events[far]["detail"]["method"] == "write" and 895_000 <= events[far]["detail"]["skew_ms"] <= 905_000
+    )
     assert 'amigw_reads_total{bus="b",result="ok"}' in metrics
     assert "amigw_response_timeout_seconds" in metrics and "amigw_outbox_pending" in metrics
     statuses = [json.loads(p) for p in rec.snapshot("/status")]
@@ -235,11 +295,20 @@ async def test_a_command_gets_the_bus_right_after_the_current_transaction(mosqui
     rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/{gw}/up/#"], client_id="rec-lane")
     async with Dlt645Simulator(meters, load_kw=50.0, baud=2400, pace=True, turnaround_s=0.05) as sim:
         path = await sim.serve_pty()
-        plan = ('[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total", "voltage_a", "current_a", '
-                '"power_active_total"]\ninterval_s = 2\n')
-        cfg = parse_config(edge_toml(str(tmp_path), gw, mosquitto.url,
-                                     f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 2400\n',
-                                     "".join(_dlt_meter(m, "b") for m in meters), plan))
+        plan = (
+            '[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total", "voltage_a", "current_a", '
+            '"power_active_total"]\ninterval_s = 2\n'
+        )
+        cfg = parse_config(
+            edge_toml(
+                str(tmp_path),
+                gw,
+                mosquitto.url,
+                f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 2400\n',
+                "".join(_dlt_meter(m, "b") for m in meters),
+                plan,
+            )
+        )
         agent = EdgeAgent(cfg)
         task = asyncio.create_task(agent.run())
         try:
@@ -248,8 +317,11 @@ async def test_a_command_gets_the_bus_right_after_the_current_transaction(mosqui
             cycle_start = min(r.ts for r in sim.reads)
             now = int(time.time() * 1000)
             sent = time.time()
-            await asyncio.to_thread(rec.publish, f"ami/v1/{gw}/down/cmd",
-                                    Command("c-lane", gw, meters[-1], "trip", now, now + 60_000).signed(KEY))
+            await asyncio.to_thread(
+                rec.publish,
+                f"ami/v1/{gw}/down/cmd",
+                Command("c-lane", gw, meters[-1], "trip", now, now + 60_000).signed(KEY),
+            )
             await asyncio.to_thread(rec.wait_for, lambda: rec.snapshot("/up/cmd-result"), 30)
             latency = time.time() - sent
             await asyncio.to_thread(rec.wait_for, lambda: rec.snapshot("/up/readings"), 30)

@@ -23,12 +23,16 @@ async def test_modbus_tcp_meter_readings_arrive_with_increasing_seq(mosquitto, t
         async with ModbusSimulator(model="sdm630", unit=3) as sim:
             sim.set_value("voltage_a", 2301)
             sim.set_value("energy_fwd_active_total", 1234567)
-            cfg = parse_config(edge_toml(
-                str(tmp_path), "gw-mb", mosquitto.url,
-                f'[[buses]]\nname = "mb"\nport = "modbus-tcp://127.0.0.1:{sim.port}"\nbaud = 9600\n',
-                '[[meters]]\nid = "sdm-3"\nbus = "mb"\nprotocol = "modbus"\naddress = "3"\nmodel = "sdm630"\nplans = ["fast"]\n',
-                '[[plans]]\nname = "fast"\nquantities = ["voltage_a", "energy_fwd_active_total"]\ninterval_s = 1\n',
-            ))
+            cfg = parse_config(
+                edge_toml(
+                    str(tmp_path),
+                    "gw-mb",
+                    mosquitto.url,
+                    f'[[buses]]\nname = "mb"\nport = "modbus-tcp://127.0.0.1:{sim.port}"\nbaud = 9600\n',
+                    '[[meters]]\nid = "sdm-3"\nbus = "mb"\nprotocol = "modbus"\naddress = "3"\nmodel = "sdm630"\nplans = ["fast"]\n',
+                    '[[plans]]\nname = "fast"\nquantities = ["voltage_a", "energy_fwd_active_total"]\ninterval_s = 1\n',
+                )
+            )
             agent = EdgeAgent(cfg, status_interval_s=0.5)
             task = asyncio.create_task(agent.run())
             await asyncio.to_thread(rec.wait_for, lambda: len(rec.snapshot("/up/readings")) >= 3, 30)

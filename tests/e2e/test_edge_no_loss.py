@@ -10,7 +10,6 @@ register is simply read again next cycle); everything before it must be there.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -33,8 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "edge", "--config", str(config)], cwd=ROOT,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "edge", "--config", str(config)],
+        cwd=ROOT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 async def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -51,11 +54,20 @@ async def test_broker_outage_and_sigkill_lose_nothing(mosquitto, tmp_path: Path)
     cut_windows: list[tuple[float, float]] = []  # simulated-time windows whose reads may be lost
     async with Dlt645Simulator(list(METERS), load_kw=80.0) as sim:
         path = await sim.serve_pty()
-        meters = "".join(f'[[meters]]\nid = "{m}"\nbus = "b"\naddress = "{m}"\nplans = ["fast"]\n' for m in METERS)
+        meters = "".join(
+            f'[[meters]]\nid = "{m}"\nbus = "b"\naddress = "{m}"\nplans = ["fast"]\n' for m in METERS
+        )
         config = tmp_path / "edge.toml"
-        config.write_text(edge_toml(
-            str(tmp_path), GW, mosquitto.url, f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n', meters,
-            '[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total"]\ninterval_s = 1\n'))
+        config.write_text(
+            edge_toml(
+                str(tmp_path),
+                GW,
+                mosquitto.url,
+                f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
+                meters,
+                '[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total"]\ninterval_s = 1\n',
+            )
+        )
 
         def batches() -> int:
             return len(rec.snapshot())
@@ -94,8 +106,12 @@ async def test_broker_outage_and_sigkill_lose_nothing(mosquitto, tmp_path: Path)
     for payload in rec.snapshot():
         b = decode(payload)
         by_seq.setdefault((b.gateway, b.seq), b)  # de-duplication by (gateway, seq)
-    readings = [(b.meters[m], t, v) for b in by_seq.values()
-                for m, t, q, v in zip(b.meter, b.ts, b.quantity, b.value, strict=True) if q == E_TOTAL]
+    readings = [
+        (b.meters[m], t, v)
+        for b in by_seq.values()
+        for m, t, q, v in zip(b.meter, b.ts, b.quantity, b.value, strict=True)
+        if q == E_TOTAL
+    ]
     # exactly once: no reading is carried by two different batches
     assert len(readings) == len({(m, t) for m, t, _ in readings})
     on_mqtt = {(m, v) for m, _, v in readings}
@@ -106,9 +122,13 @@ async def test_broker_outage_and_sigkill_lose_nothing(mosquitto, tmp_path: Path)
     expected = {(r.meter, r.value) for r in reads if not cut(r.ts)}
     missing = expected - on_mqtt
     assert len(expected) >= 30, f"only {len(expected)} reads: the run was too short to mean anything"
-    assert not missing, f"{len(missing)} of {len(expected)} readings never reached MQTT, e.g. {sorted(missing)[:5]}"
+    assert not missing, (
+        f"{len(missing)} of {len(expected)} readings never reached MQTT, e.g. {sorted(missing)[:5]}"
+    )
     during_outage = {(r.meter, r.value) for r in reads if t_down + 0.5 < r.ts < t_up - 0.5}
-    assert len(during_outage) >= 2 * len(METERS) and during_outage <= on_mqtt  # held by the outbox, then replayed
+    assert (
+        len(during_outage) >= 2 * len(METERS) and during_outage <= on_mqtt
+    )  # held by the outbox, then replayed
     # sequence numbers kept increasing across the SIGKILL (they may skip, never repeat)
     seqs = sorted(s for _, s in by_seq)
     assert len(seqs) == len(set(seqs))

@@ -31,8 +31,21 @@ def _huge_counts() -> list[bytes]:
         MAGIC + b"\xdf\xff\xff\xff\xff",  # map32 with 4 billion entries
         MAGIC + b"\x81\xa1t\xc6\xff\xff\xff\xff",  # bin32 of 4 GiB
         MAGIC + b"\x81\xa1t\xdb\xff\xff\xff\xff" + b"x" * 10,  # str32 of 4 GiB
-        MAGIC + msgpack.packb({"t": "readings", "gw": "g", "seq": 1, "meters": [], "meter": b"\0" * 4,
-                                "ts": b"", "q": b"", "v": b"", "f": b"", "prev": {}}),
+        MAGIC
+        + msgpack.packb(
+            {
+                "t": "readings",
+                "gw": "g",
+                "seq": 1,
+                "meters": [],
+                "meter": b"\0" * 4,
+                "ts": b"",
+                "q": b"",
+                "v": b"",
+                "f": b"",
+                "prev": {},
+            }
+        ),
         b'{"v":1,"type":"readings","gateway":"g","seq":1,"meters":[],"readings":' + b"[" * 50_000,
         b'{"v":1,"type":"readings","gateway":"g","seq":' + b"9" * 5000 + b"}",
     ]

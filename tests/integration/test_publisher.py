@@ -356,9 +356,12 @@ async def test_a_refused_publish_stays_in_the_outbox(mosquitto_secure: Mosquitto
     outbox = Outbox(tmp_path / "o.sqlite", max_bytes=1 << 20)
     outbox.add("ami/v1/gw-2/up/readings", b"forged", kind="register")
     creds = {"username": "gw-1", "password": broker.passwords["gw-1"], "ca_file": str(broker.ca_file)}
-    async with collecting(broker, "ami/v1/#", user="headend") as sub, Publisher(
-        broker.url, gateway="gw-1", protocol="5", backoff_base_s=0.05, backoff_cap_s=0.2, **creds
-    ) as pub:
+    async with (
+        collecting(broker, "ami/v1/#", user="headend") as sub,
+        Publisher(
+            broker.url, gateway="gw-1", protocol="5", backoff_base_s=0.05, backoff_cap_s=0.2, **creds
+        ) as pub,
+    ):
         await pub.wait_connected(10)
         with pytest.raises(ConnectionLostError):
             async with asyncio.timeout(20):  # without refusal detection the drain "succeeds" or hangs

@@ -9,7 +9,9 @@ from gateway.cli import SUBCOMMANDS
 
 
 def _amigw(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_help_lists_every_subcommand() -> None:

@@ -22,7 +22,16 @@ def _modules(package: str) -> list[str]:
 
 
 def test_fixed_top_level_layout() -> None:
-    for name in ("gateway", "drivers", "protocols", "ingest", "simulators", "tests", "pyproject.toml", "README.md"):
+    for name in (
+        "gateway",
+        "drivers",
+        "protocols",
+        "ingest",
+        "simulators",
+        "tests",
+        "pyproject.toml",
+        "README.md",
+    ):
         assert (ROOT / name).exists(), name
 
 
@@ -39,8 +48,20 @@ def test_edge_packages_import_no_numpy_numba_or_influxdb_client() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
-FORBIDDEN_IN_PROTOCOLS = {"asyncio", "socket", "serial", "numpy", "numba", "logging", "paho", "aiomqtt",
-                          "pymodbus", "influxdb_client", "threading", "subprocess"}
+FORBIDDEN_IN_PROTOCOLS = {
+    "asyncio",
+    "socket",
+    "serial",
+    "numpy",
+    "numba",
+    "logging",
+    "paho",
+    "aiomqtt",
+    "pymodbus",
+    "influxdb_client",
+    "threading",
+    "subprocess",
+}
 
 
 def test_protocols_are_sans_io() -> None:
@@ -53,7 +74,9 @@ def test_protocols_are_sans_io() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
-            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN_IN_PROTOCOLS]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN_IN_PROTOCOLS
+            ]
     assert offenders == []
 
 

@@ -30,11 +30,19 @@ def _with(replace: str, by: str) -> str:
     ("text", "key_path", "reason"),
     [
         (_with("baud = 2400", "baud = 2401"), "buses[0].baud", "not a standard rate"),
-        (_with('baud = 2400', 'baud = "fast"'), "buses[0].baud", "expected int, got str 'fast'"),
+        (_with("baud = 2400", 'baud = "fast"'), "buses[0].baud", "expected int, got str 'fast'"),
         (_with('bus = "rs485-1"', 'bus = "rs485-9"'), "meters[0].bus", "no bus named 'rs485-9'"),
         (_with('address = "000012345678"', 'address = "12345"'), "meters[0].address", "12 digits"),
-        (_with('plans = ["registers", "instant"]', 'plans = ["hourly"]'), "meters[0].plans[0]", "no plan named"),
-        (_with('"voltage_a", "current_a"', '"voltage_x", "current_a"'), "plans[1].quantities", "unknown quantity 'voltage_x'"),
+        (
+            _with('plans = ["registers", "instant"]', 'plans = ["hourly"]'),
+            "meters[0].plans[0]",
+            "no plan named",
+        ),
+        (
+            _with('"voltage_a", "current_a"', '"voltage_x", "current_a"'),
+            "plans[1].quantities",
+            "unknown quantity 'voltage_x'",
+        ),
         (_with("interval_s = 900", "interval_s = 7"), "plans[0].interval_s", "must divide a day"),
         (_with('url = "mqtt://127.0.0.1:1883"', 'url = "http://x"'), "mqtt.url", "expected mqtt://"),
         (_with("max_inflight = 256", "max_inflight = 70000"), "outbox.max_inflight", "16-bit"),
@@ -66,14 +74,18 @@ def test_key_file(tmp_path: Path) -> None:
 
 
 def test_cli_sample_and_check(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "sample"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "config", "sample"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout == SAMPLE
     good = tmp_path / "edge.toml"
     good.write_text(SAMPLE)
     assert load_config(good).gateway_id == "gw-1"
     bad = tmp_path / "bad.toml"
     bad.write_text(_with("baud = 2400", "baud = 3"))
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", str(bad)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "config", "check", str(bad)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "buses[0].baud" in out.stderr
 
 
@@ -82,11 +94,17 @@ def test_edge_check_config_cli(tmp_path: Path) -> None:
     key.write_text("ab" * 16)
     good = tmp_path / "edge.toml"
     good.write_text(_with('"/etc/amigw/gw-1.key"', f'"{key}"'))
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "edge", "--config", str(good), "--check-config"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "edge", "--config", str(good), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and "1 buses, 1 meters" in out.stdout
     missing_key = tmp_path / "nokey.toml"
     missing_key.write_text(SAMPLE)  # names /etc/amigw/gw-1.key, which does not exist here
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "edge", "--config", str(missing_key), "--check-config"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "edge", "--config", str(missing_key), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "command_key_file" in out.stderr

@@ -14,8 +14,14 @@ NOW = 1_700_000_000_000
 
 
 def _cmd(**kw: object) -> Command:
-    fields = {"id": "c-1", "gateway": "gw-1", "meter": "000012345678", "action": "trip",
-              "issued_ms": NOW, "expires_ms": NOW + 600_000}
+    fields = {
+        "id": "c-1",
+        "gateway": "gw-1",
+        "meter": "000012345678",
+        "action": "trip",
+        "issued_ms": NOW,
+        "expires_ms": NOW + 600_000,
+    }
     fields.update(kw)
     return Command(**fields)  # type: ignore[arg-type]
 

@@ -32,21 +32,32 @@ class Top:
 
 
 def test_loads_defaults_and_nested() -> None:
-    cfg = loads_toml(Top, 'gateway = "gw-1"\n[[buses]]\nport = "/dev/ttyS0"\n[[buses]]\nport = "tcp://h:1"\nbaud = 9600\ntimeout_s = 2\n')
+    cfg = loads_toml(
+        Top,
+        'gateway = "gw-1"\n[[buses]]\nport = "/dev/ttyS0"\n[[buses]]\nport = "tcp://h:1"\nbaud = 9600\ntimeout_s = 2\n',
+    )
     assert cfg == Top("gw-1", (Bus("/dev/ttyS0"), Bus("tcp://h:1", 9600, "E", 2.0)))
 
 
 @pytest.mark.parametrize(
     ("text", "key_path", "reason"),
     [
-        ('gateway = "g"\n[[buses]]\nport = "p"\n[[buses]]\nport = "q"\nbaud = "fast"\n', "buses[1].baud", "expected int, got str 'fast'"),
+        (
+            'gateway = "g"\n[[buses]]\nport = "p"\n[[buses]]\nport = "q"\nbaud = "fast"\n',
+            "buses[1].baud",
+            "expected int, got str 'fast'",
+        ),
         ('gateway = "g"\n[[buses]]\nport = "p"\nbuad = 9600\n', "buses[0].buad", "unknown key"),
         ('[[buses]]\nport = "p"\n', "gateway", "required key is missing"),
-        ('gateway = "g"\n[[buses]]\nport = "p"\nbaud = 1234\n', "buses[0].baud", "not a standard RS-485 rate"),
+        (
+            'gateway = "g"\n[[buses]]\nport = "p"\nbaud = 1234\n',
+            "buses[0].baud",
+            "not a standard RS-485 rate",
+        ),
         ('gateway = "g"\n[[buses]]\nport = "p"\nparity = "X"\n', "buses[0].parity", "expected one of"),
         ('gateway = "g"\n[[buses]]\nport = "p"\nbaud = true\n', "buses[0].baud", "expected int, got bool"),
         ('gateway = "g"\ntags = { a = 1 }\n', "tags.a", "expected str"),
-        ('gateway = 5\n', "gateway", "expected str"),
+        ("gateway = 5\n", "gateway", "expected str"),
     ],
 )
 def test_errors_name_the_key(text: str, key_path: str, reason: str) -> None:

@@ -96,22 +96,42 @@ def test_json_is_readable_and_recognised() -> None:
     data = encode(_sample(), "json")
     doc = json.loads(data)
     assert doc["v"] == 1 and doc["type"] == "readings" and doc["meters"][1] == "表 1, a=b"
-    assert doc["readings"][1] == {"meter": 1, "ts": 1_700_000_000_000, "quantity": 30, "value": 2201, "flags": 4}
+    assert doc["readings"][1] == {
+        "meter": 1,
+        "ts": 1_700_000_000_000,
+        "quantity": 30,
+        "value": 2201,
+        "flags": 4,
+    }
     assert decode(b"  \n" + data) == _sample()
 
 
 def test_encode_accepts_numpy_columns() -> None:
     batch = ReadingBatch(
-        "gw", 1, ("m",), np.zeros(2, np.uint32), np.arange(2, dtype=np.int64), np.ones(2, np.uint16),
-        np.array([-1, 2**63 - 1], np.int64), np.zeros(2, np.uint16),
+        "gw",
+        1,
+        ("m",),
+        np.zeros(2, np.uint32),
+        np.arange(2, dtype=np.int64),
+        np.ones(2, np.uint16),
+        np.array([-1, 2**63 - 1], np.int64),
+        np.zeros(2, np.uint16),
     )
     assert list(decode(encode(batch)).value) == [-1, 2**63 - 1]
 
 
 def test_encode_rejects_wrong_column_type() -> None:
     with pytest.raises(TypeError, match="'ts'"):
-        ReadingBatch("gw", 1, ("m",), array.array("I", [0]), array.array("i", [1]), array.array("H", [1]),
-                     array.array("q", [1]), array.array("H", [0]))
+        ReadingBatch(
+            "gw",
+            1,
+            ("m",),
+            array.array("I", [0]),
+            array.array("i", [1]),
+            array.array("H", [1]),
+            array.array("q", [1]),
+            array.array("H", [0]),
+        )
     with pytest.raises(ValueError, match="unknown encoding"):
         encode(_sample(), "xml")  # type: ignore[arg-type]
 
@@ -128,11 +148,17 @@ def test_encode_rejects_wrong_column_type() -> None:
         (b'{"v": 2, "type": "readings"}', "version 2"),
         (b'{"v": 1, "type": "events"}', "is not 'readings'"),
         (b'{"v": 1, "type": "readings", "gateway": "g", "seq": -1}', "seq"),
-        (b'{"v": 1, "type": "readings", "gateway": "g", "seq": 1, "meters": ["m"], "readings": '
-         b'[{"meter": 0, "ts": 1, "quantity": 70000, "value": 1, "flags": 0}], "prev": []}', "quantity"),
-        (b'{"v": 1, "type": "readings", "gateway": "g", "seq": 1, "meters": [], "readings": '
-         b'[{"meter": 3, "ts": 1, "quantity": 1, "value": 1, "flags": 0}], "prev": []}', "outside the 0-entry"),
-        (b"{\"a\":" + b"[" * 100_000, "json payload"),
+        (
+            b'{"v": 1, "type": "readings", "gateway": "g", "seq": 1, "meters": ["m"], "readings": '
+            b'[{"meter": 0, "ts": 1, "quantity": 70000, "value": 1, "flags": 0}], "prev": []}',
+            "quantity",
+        ),
+        (
+            b'{"v": 1, "type": "readings", "gateway": "g", "seq": 1, "meters": [], "readings": '
+            b'[{"meter": 3, "ts": 1, "quantity": 1, "value": 1, "flags": 0}], "prev": []}',
+            "outside the 0-entry",
+        ),
+        (b'{"a":' + b"[" * 100_000, "json payload"),
     ],
 )
 def test_malformed_payloads_raise_payload_error(payload: bytes, reason: str) -> None:

@@ -27,8 +27,17 @@ def test_codes_are_stable() -> None:
 
 
 def test_required_quantities_exist() -> None:
-    for name in ("energy_rev_active_total", "energy_combined_reactive1_total", "current_c", "power_apparent_b",
-                 "power_factor_total", "frequency", "max_demand_fwd_active", "meter_clock", "power_down_count"):
+    for name in (
+        "energy_rev_active_total",
+        "energy_combined_reactive1_total",
+        "current_c",
+        "power_apparent_b",
+        "power_factor_total",
+        "frequency",
+        "max_demand_fwd_active",
+        "meter_clock",
+        "power_down_count",
+    ):
         assert by_name(name).name == name
 
 
