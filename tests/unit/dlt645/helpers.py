@@ -8,12 +8,14 @@ from pathlib import Path
 from protocols.dlt645 import NEED_DATA, Frame, FrameDecoder, Skipped
 from protocols.errors import FrameError
 
-_VECTORS = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "dlt645_vectors.json"
+_ROOT = Path(__file__).resolve().parents[3]
+VECTORS_FILE = _ROOT / "tests" / "cases" / "dlt645_public_vectors" / "vectors.json"
+SHARED_VECTORS_FILE = _ROOT.parent / "shared" / "reference" / "dlt645_vectors.json"
 
 
 def load_vectors() -> list[dict[str, object]]:
-    """The public vectors of ``shared/reference`` (each with ``id``, ``hex``, ``kind``, ``decoded`` ...)."""
-    return list(json.loads(_VECTORS.read_text(encoding="utf-8")))
+    """The public vectors (each with ``id``, ``hex``, ``kind``, ``decoded`` ...), from the repo's copy."""
+    return list(json.loads(VECTORS_FILE.read_text(encoding="utf-8")))
 
 
 def drain(decoder: FrameDecoder) -> list[Frame | Skipped | FrameError]:

@@ -164,3 +164,11 @@ def test_truncated_vector_waits_for_more_data() -> None:
     dec.feed(b"\x16")
     frame = dec.next()
     assert isinstance(frame, Frame) and frame.payload[4:] == bytes.fromhex("26 00 00 00")
+
+
+def test_vendored_vectors_match_the_shared_reference() -> None:
+    from tests.unit.dlt645.helpers import SHARED_VECTORS_FILE, VECTORS_FILE
+
+    if not SHARED_VECTORS_FILE.exists():
+        pytest.skip("no shared/ beside this checkout: nothing to compare the vendored copy with")
+    assert VECTORS_FILE.read_bytes() == SHARED_VECTORS_FILE.read_bytes()
