@@ -1,0 +1,300 @@
+"""The ingest pipeline's configuration: TOML -> frozen dataclasses, validated once at start (H6).
+
+:func:`load_config` reads the file and raises :class:`~protocols.errors.ConfigError` naming the
+dotted key for every problem (unknown keys, wrong types, bad values, an unreadable registry or
+tariff calendar). :data:`SAMPLE` is the commented sample (``amigw config sample ingest``); a unit
+test loads it, so it cannot rot. The commented values are the defaults.
+
+Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sink.SinkConfig`),
+``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages), plus
+top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ingest.deadletter import DeadLetterConfig
+from ingest.dedup import DedupConfig
+from ingest.mqtt_consumer import ConsumerConfig
+from ingest.sink import SinkConfig
+from protocols.config import loads_toml
+from protocols.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CALENDAR",
+    "SAMPLE",
+    "IngestConfig",
+    "MqttSection",
+    "PipelineSection",
+    "load_config",
+    "parse_config",
+]
+
+READINGS_FILTER = "$share/ingest/ami/v1/+/up/readings"
+EVENTS_FILTER = "$share/ingest/ami/v1/+/up/events"
+
+# The built-in time-of-use calendar (used when ``tariff_calendar = ""``): one season, one profile,
+# the common 尖峰平谷 plan of the simulators (TOU-01/03).
+DEFAULT_CALENDAR: dict[str, Any] = {
+    "utc_offset_minutes": 480,
+    "seasons": {"all": {"months": list(range(1, 13)), "workday": "standard"}},
+    "profiles": {
+        "standard": {
+            "segments": [
+                ["00:00", "08:00", "valley"],
+                ["08:00", "10:00", "flat"],
+                ["10:00", "11:30", "peak"],
+                ["11:30", "13:00", "sharp"],
+                ["13:00", "17:00", "flat"],
+                ["17:00", "22:00", "peak"],
+                ["22:00", "24:00", "valley"],
+            ]
+        }
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSection:
+    """``[mqtt]``: the consumer of every worker. Worker ``i`` connects as ``<client_id>-<i>``."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = "amigw-ingest"
+    topics: tuple[str, ...] = (READINGS_FILTER, EVENTS_FILTER)
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    keepalive_s: int = 60
+    session_expiry_s: int = 7 * 86_400
+    queue_max: int = 16
+    connect_timeout_s: float = 10.0
+    publish_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        ConsumerConfig(url=self.url, client_id=self.client_id, topics=self.topics, queue_max=self.queue_max)
+        if self.publish_timeout_s <= 0:
+            raise ValueError("publish_timeout_s: must be positive")
+
+    def consumer(self, worker: int) -> ConsumerConfig:
+        return ConsumerConfig(
+            url=self.url,
+            client_id=f"{self.client_id}-{worker}",
+            topics=self.topics,
+            protocol=self.protocol,
+            username=self.username,
+            password=self.password,
+            ca_file=self.ca_file,
+            keepalive_s=self.keepalive_s,
+            session_expiry_s=self.session_expiry_s,
+            queue_max=self.queue_max,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSection:
+    """``[pipeline]``: what each batch turns into, and how hard the worker retries."""
+
+    schema: Literal["wide", "narrow"] = "wide"
+    interval_s: int = 900
+    max_gap_intervals: int = 8
+    future_tol_s: int = 300
+    check_topic_gateway: bool = True
+    publish_intervals: bool = True
+    publish_daily: bool = True
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    outage_window_s: int = 120
+    outage_min_meters: int = 3
+    outage_pct: int = 30
+    outage_hold_s: int = 1800
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or 86_400 % self.interval_s:
+            raise ValueError("interval_s: must divide a day")
+        if self.max_gap_intervals < 0:
+            raise ValueError("max_gap_intervals: must be >= 0")
+        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_initial_s: need 0 < retry_initial_s <= retry_max_s")
+        if self.outage_window_s <= 0 or self.outage_min_meters < 1 or not 0 <= self.outage_pct <= 100:
+            raise ValueError("outage_window_s: outage parameters out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    registry: str = ""
+    tariff_calendar: str = ""
+    metrics_listen: str = ""
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    influx: SinkConfig = field(default_factory=SinkConfig)
+    dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+
+    def __post_init__(self) -> None:
+        if self.metrics_listen:
+            _, sep, port = self.metrics_listen.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"metrics_listen: expected host:port or '', got {self.metrics_listen!r}")
+
+
+def _resolve(base: Path, value: str) -> str:
+    return value if not value or Path(value).is_absolute() else str(base / value)
+
+
+def parse_config(text: str, source: str = "ingest.toml", base_dir: Path | None = None) -> IngestConfig:
+    """Parse and check; relative file paths are taken from ``base_dir`` (the file's folder).
+
+    Raises: ConfigError naming the key (including an unreadable registry or calendar)."""
+    cfg = loads_toml(IngestConfig, text, source)
+    base = base_dir or Path.cwd()
+    cfg = replace(
+        cfg,
+        registry=_resolve(base, cfg.registry),
+        tariff_calendar=_resolve(base, cfg.tariff_calendar),
+        dead_letter=replace(cfg.dead_letter, path=_resolve(base, cfg.dead_letter.path)),
+        dedup=replace(cfg.dedup, path=_resolve(base, cfg.dedup.path)),
+    )
+    load_registry(cfg)
+    load_calendar(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> IngestConfig:
+    """Read and validate ``path``. Raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, str(p), p.resolve().parent)
+
+
+def load_registry(cfg: IngestConfig) -> Any:
+    """The meter registry (an empty one when ``registry = ""``). Raises: ConfigError."""
+    from ingest.registry import MeterRegistry
+
+    try:
+        return MeterRegistry.load(cfg.registry or "/dev/null")
+    except ConfigError as exc:
+        raise ConfigError("registry", f"{cfg.registry}: {exc}") from None
+
+
+def load_calendar(cfg: IngestConfig) -> Any:
+    """The tariff calendar (:data:`DEFAULT_CALENDAR` when ``tariff_calendar = ""``). Raises: ConfigError."""
+    from ingest.tariff_calendar import TariffCalendar
+
+    if not cfg.tariff_calendar:
+        return TariffCalendar.from_dict(DEFAULT_CALENDAR)
+    try:
+        doc = tomllib.loads(Path(cfg.tariff_calendar).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("tariff_calendar", f"cannot read {cfg.tariff_calendar}: {exc}") from None
+    return TariffCalendar.from_dict(doc, "tariff_calendar")
+
+
+SAMPLE = """\
+# amigw ingest configuration. Values shown are the defaults unless marked "example".
+
+# The meter registry (ratings, multipliers, areas; see ingest/registry.py). An empty string
+# means no registry: every meter is unknown, rating checks are skipped, multipliers are 1.
+# Relative paths are taken from this file's folder.
+registry = ""
+# The time-of-use calendar (see ingest/tariff_calendar.py). An empty string selects the built-in
+# calendar: valley 22:00-08:00, flat 08:00-10:00 and 13:00-17:00, peak 10:00-11:30 and
+# 17:00-22:00, sharp 11:30-13:00, UTC+8.
+tariff_calendar = ""
+# Where the Prometheus metrics are served (worker i listens on port + i); "" disables them.
+metrics_listen = ""
+
+[mqtt]
+# The broker: mqtt://host:port, or mqtts://host:port for TLS.
+url = "mqtt://127.0.0.1:1883"
+# Worker i connects as "<client_id>-<i>" with a persistent session, so a restarted worker gets
+# back what it had not acknowledged.
+client_id = "amigw-ingest"
+# Shared subscriptions: N workers split the stream.
+topics = ["$share/ingest/ami/v1/+/up/readings", "$share/ingest/ami/v1/+/up/events"]
+# "5" (MQTT 5) or "3.1.1".
+protocol = "5"
+# username = "headend"
+# password = "secret"
+# ca_file = "/etc/amigw/ca.pem"
+keepalive_s = 60
+session_expiry_s = 604800
+# At most this many messages wait in a worker unacknowledged (the MQTT 5 Receive Maximum too):
+# with payloads of at most 16 MiB this bounds a worker's buffered memory.
+queue_max = 16
+connect_timeout_s = 10.0
+# Publishing aggregates waits at most this long for the broker's PUBACK, then retries the batch.
+publish_timeout_s = 30.0
+
+[influx]
+url = "http://127.0.0.1:8086"
+# "v1" (/write, InfluxQL), "v2" (/api/v2/write) or "auto" (asks /ping).
+api = "auto"
+# v1 database (and v2 bucket when bucket is not set).
+database = "amigw"
+# retention_policy = "autogen"
+# username = "amigw"
+# password = "secret"
+# v2: organisation, bucket and token.
+org = ""
+# bucket = "amigw"
+# token = "..."
+gzip = true
+gzip_level = 1
+max_batch_lines = 5000
+max_batch_bytes = 4194304
+timeout_s = 10.0
+# Attempts inside one write; the worker then waits and retries the same batch, forever,
+# without acknowledging it (back-pressure, never loss).
+max_attempts = 5
+backoff_initial_s = 0.2
+backoff_max_s = 10.0
+retry_after_max_s = 60.0
+
+[dead_letter]
+# Undecodable payloads and lines InfluxDB refused, with the reason (SQLite).
+path = "deadletter.sqlite"
+max_entries = 100000
+max_bytes = 268435456
+
+[dedup]
+# Processed (gateway, seq) batches, so redeliveries are skipped (SQLite, shared by the workers).
+path = "dedup.sqlite"
+keep_per_gateway = 10000
+max_age_s = 604800.0
+prune_every = 1000
+
+[pipeline]
+# "wide": one point per (meter, ts) with a field per quantity (recommended); "narrow": one
+# point per reading with a quantity tag.
+schema = "wide"
+# The interval grid of register reads, and the longest gap (in intervals) that is estimated.
+interval_s = 900
+max_gap_intervals = 8
+# Readings later than the batch's send time plus this are flagged FUTURE_TIME.
+future_tol_s = 300
+# Dead-letter a batch whose gateway differs from its topic's gateway level.
+check_topic_gateway = true
+# Publish validated intervals to ami/v1/agg/intervals/<gateway> and running daily time-of-use
+# totals to ami/v1/agg/daily/<gateway> (QoS 1, before the batch is acknowledged).
+publish_intervals = true
+publish_daily = true
+# While InfluxDB is down: wait this long before retrying a batch, doubling up to the maximum.
+retry_initial_s = 0.5
+retry_max_s = 30.0
+# Area outage (OUT-02): power-down or collapsed-voltage events of max(outage_min_meters,
+# outage_pct % of the area's customers) meters within outage_window_s raise one alarm; events
+# within outage_hold_s of an open alarm join it.
+outage_window_s = 120
+outage_min_meters = 3
+outage_pct = 30
+outage_hold_s = 1800
+"""

@@ -1,0 +1,145 @@
+"""Pure parts of the ingest pipeline: config, transform determinism, vectorised checks, escaping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.cli import add_arguments
+from ingest.config import SAMPLE, load_config, parse_config
+from ingest.metrics import IngestMetrics
+from ingest.pipeline import Settings, event_line, quote_str, stored_tag, transform
+from ingest.stages import unescape_tag
+from protocols.errors import ConfigError, PayloadError
+from protocols.flags import Flag
+from protocols.payload import BatchBuilder, Event, ReadingBatch, decode, encode
+
+Q = 900_000
+T0 = 1_710_000_000_000  # 2024-03-10 00:00 at UTC+8
+
+
+def settings(**kw: object) -> Settings:
+    return Settings.from_config(parse_config(SAMPLE, **kw))  # type: ignore[arg-type]
+
+
+def batch(seq: int = 1, k0: int = 0, n: int = 4, gw: str = "gw-1") -> ReadingBatch:
+    b = BatchBuilder()
+    b.set_prev("M1", 1, 1000 + 25 * k0, T0 + k0 * Q)
+    for k in range(k0 + 1, k0 + n + 1):
+        b.add("M1", T0 + k * Q, 1, 1000 + 25 * k)
+        b.add("M1", T0 + k * Q, 30, 2200)
+    return b.build(gw, seq, sent_ms=T0 + (k0 + n) * Q)
+
+
+def test_sample_loads_with_the_documented_defaults() -> None:
+    cfg = parse_config(SAMPLE)
+    assert cfg.pipeline.schema == "wide" and cfg.mqtt.queue_max == 16
+    assert cfg.mqtt.consumer(2).client_id == "amigw-ingest-2"
+    assert cfg.mqtt.consumer(0).topics[0] == "$share/ingest/ami/v1/+/up/readings"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[pipeline]\nschema = 'tall'\n", "pipeline.schema"),
+        ("[influx]\nurll = 'http://x'\n", "influx.urll"),
+        ("[mqtt]\nqueue_max = 0\n", "mqtt.queue_max"),
+        ("[pipeline]\ninterval_s = 7\n", "pipeline.interval_s"),
+        ("registry = '/nonexistent/meters.toml'\n", "registry"),
+        ("metrics_listen = 'nope'\n", "metrics_listen"),
+    ],
+)
+def test_bad_keys_are_named(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert err.value.key_path.startswith(key)
+
+
+def test_relative_paths_come_from_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "ingest.toml").write_text("[dedup]\npath = 'd.sqlite'\n")
+    assert load_config(tmp_path / "ingest.toml").dedup.path == str(tmp_path / "d.sqlite")
+
+
+def test_transform_is_deterministic_and_independent_of_other_batches() -> None:
+    s = settings()
+    a = transform(decode(encode(batch(2, 4))), s)
+    transform(decode(encode(batch(1, 0))), s)
+    b = transform(decode(encode(batch(2, 4), "json")), s)
+    assert a.lines == b.lines and a.interval_records() == b.interval_records()
+    assert [(r.start_ms, r.energy) for r in a.interval_records()] == [(T0 + k * Q, 25) for k in range(4, 8)]
+    assert a.lines.count(b"\nmeter_reading,") + a.lines.startswith(b"meter_reading,") == 4
+
+
+def test_meter_index_out_of_range_is_a_payload_error() -> None:
+    good = batch()
+    bad = ReadingBatch(good.gateway, 1, good.meters, np.array([0, 1], np.uint32), np.array([T0, T0], np.int64),
+                       np.array([1, 1], np.uint16), np.array([1, 2], np.int64), np.zeros(2, np.uint16))  # fmt: skip
+    with pytest.raises(PayloadError, match="outside"):
+        transform(bad, settings())
+
+
+def test_duplicates_go_to_their_own_measurement_and_never_overwrite() -> None:
+    b = BatchBuilder()
+    b.add("M1", T0 + Q, 1, 1025)
+    b.add("M1", T0 + Q, 1, 9999)
+    out = transform(b.build("gw", 1, sent_ms=T0 + Q), settings())
+    main = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"meter_reading")]
+    dup = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"reading_duplicate")]
+    assert main == [b"meter_reading,meter=M1,gateway=gw energy_fwd_active_total=10.25 %d" % (T0 + Q)]
+    assert len(dup) == 1 and b"value=99.99" in dup[0] and b"flags=%di" % Flag.DUPLICATE in dup[0]
+
+
+def test_collapsed_voltage_becomes_an_event(tmp_path: Path) -> None:
+    reg = tmp_path / "m.toml"
+    reg.write_text('[meters."M1"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\narea = "A"\n')
+    s = Settings.from_config(parse_config(f"registry = '{reg}'\n"))
+    b = BatchBuilder()
+    b.add("M1", T0 + Q, 30, 120)  # 12.0 V of 220 V
+    b.add("M1", T0 + 2 * Q, 30, 2200)
+    out = transform(b.build("gw", 1, sent_ms=T0 + 2 * Q), s)
+    assert out.outage_events == 1 and out.outage_ts == (T0 + Q, T0 + Q)
+    assert b"events,gateway=gw,meter=M1,kind=voltage_collapsed" in out.lines
+
+
+@pytest.mark.parametrize("text", ['a b,c=d"e', "x\\y\nz%", "表计"])
+def test_stored_tag_round_trips(text: str) -> None:
+    assert unescape_tag(stored_tag(text)) == text
+
+
+def test_event_line_escapes_strings() -> None:
+    ev = Event('id "1"\\', "g w", "relay_changed", 5, "m,1", {"from": 0, "to": 1})
+    assert event_line(ev) == (
+        b'events,gateway=g\\ w,meter=m\\,1,kind=relay_changed id="id \\"1\\"\\\\",detail="{\\"from\\":0,\\"to\\":1}" 5\n'
+    )
+    assert quote_str("o'k\\") == "'o\\'k\\\\'"
+
+
+def test_flag_metrics_count_per_bit() -> None:
+    m = IngestMetrics()
+    m.count_flags(np.array([0, Flag.SPIKE, Flag.SPIKE | Flag.GAP_BEFORE], np.uint16))
+    assert m.flagged.labels("SPIKE")._value.get() == 2 and m.flagged.labels("GAP_BEFORE")._value.get() == 1
+
+
+def test_cli_arguments() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--config", "x.toml", "--workers", "3", "--completeness", "M1", "2024-03-10"])
+    assert args.workers == 3 and args.completeness == ["M1", "2024-03-10"]
+
+
+def test_fast_aggregate_payloads_equal_the_protocol_encoders() -> None:
+    from protocols.aggregates import DailyTotal, encode_daily, encode_intervals
+
+    b = BatchBuilder()
+    b.set_prev('m "1"\\ü', 1, 1000, T0)
+    b.add('m "1"\\ü', T0 + 3 * Q, 1, 1090)  # a gap: estimated rows
+    out = transform(b.build('g"w', 4, sent_ms=T0 + 3 * Q), settings())
+    assert out.intervals_payload('g"w', 4) == encode_intervals('g"w', 4, out.interval_records())
+    rows = [('m"1', "2024-03-10", 90, 0, 0, 0, 90, 3, 3), ("m2", "2024-03-11", 1, 1, 0, 0, 0, 1, 0)]
+    from ingest.pipeline import daily_payload
+
+    assert daily_payload("g", rows) == encode_daily("g", [DailyTotal(*r) for r in rows])
