@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.services import Influxd, Mosquitto, ServiceNotInstalledError
+from simulators.localstack import Influxd, Mosquitto, ServiceNotInstalledError
 
 SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd")
 S = TypeVar("S", Mosquitto, Influxd)

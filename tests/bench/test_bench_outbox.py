@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gateway.outbox import Outbox
 from gateway.publisher import Publisher
-from tests.services import Mosquitto
+from simulators.localstack import Mosquitto
 
 N = 20_000
 BASELINE_N = 2_000

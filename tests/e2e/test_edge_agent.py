@@ -26,9 +26,9 @@ from protocols.commands import Command, decode_result
 from protocols.payload import decode
 from protocols.quantities import by_name
 from simulators.dlt645_sim import Dlt645Simulator
+from simulators.localstack import free_port
 from simulators.modbus_sim import ModbusSimulator
 from tests.e2e.edge_helpers import KEY, MqttRecorder, edge_toml
-from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 

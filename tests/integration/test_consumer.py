@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.mqtt_consumer import ConsumerConfig, Message, MqttConsumer
 from protocols.errors import TransportError
-from tests.services import Mosquitto
+from simulators.localstack import Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -272,7 +272,7 @@ async def test_mqtts_with_ca_and_password(mosquitto_secure) -> None:
 
 
 async def test_connect_failure_is_a_transport_error(tmp_path) -> None:
-    from tests.services import free_port
+    from simulators.localstack import free_port
 
     cfg = ConsumerConfig(
         url=f"mqtt://127.0.0.1:{free_port()}", client_id=f"x-{_uid()}", connect_timeout_s=1.0

@@ -16,7 +16,7 @@ import pytest
 from ingest.deadletter import DeadLetterStore
 from ingest.sink import InfluxSink, SinkConfig, WriteResult
 from protocols.errors import SinkError
-from tests.services import Influxd
+from simulators.localstack import Influxd
 from tests.unit.ingest_io.http_peer import HttpPeer, Reply, Request
 
 pytestmark = pytest.mark.integration

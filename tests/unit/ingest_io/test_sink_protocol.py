@@ -84,7 +84,7 @@ async def test_4xx_that_is_not_about_lines_is_not_retryable(dead_letter) -> None
 
 
 async def test_connection_refused_is_retryable(dead_letter) -> None:
-    from tests.services import free_port
+    from simulators.localstack import free_port
 
     sleeps = Sleeps()
     async with _sink(f"http://127.0.0.1:{free_port()}", dead_letter, sleeps, max_attempts=2) as sink:
