@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "ingest": ("ingest.cli", "run the head-end ingest pipeline: MQTT -> validation -> InfluxDB", "ingest"),
     "feectl": ("ingest.feectl.cli", "run remote prepaid fee control", "ingest"),
     "config": ("gateway.config_cli", "print sample configuration, check a config file", "edge"),
-    "demo": ("gateway.demo_cli", "end-to-end demo on simulated meters", "all"),
+    "demo": ("simulators.demo", "end-to-end demo on simulated meters", "all"),
 }
 
 
