@@ -748,3 +748,92 @@ def encode_lines(
         buf[p] = 10
         p += 1
     return p
+
+
+# --- aggregates JSON and integer-field lines --------------------------------------------------------
+
+
+@_jit
+def _put_int(buf, p, v):
+    """Decimal text of an int64 (``-`` for negatives), as JSON and Python's ``str`` write it."""
+    if v < 0:
+        buf[p] = 45
+        p += 1
+        return _put_uint(buf, p, np.uint64(-(v + 1)) + np.uint64(1))
+    return _put_uint(buf, p, np.uint64(v))
+
+
+_J_METER = tuple(b'{"meter":')
+_J_QUANTITY = tuple(b',"quantity":')
+_J_START = tuple(b',"start_ms":')
+_J_END = tuple(b',"end_ms":')
+_J_ENERGY = tuple(b',"energy":')
+_J_FLAGS = tuple(b',"flags":')
+
+
+@_jit
+def _put_lit(buf, p, lit):
+    for ch in lit:
+        buf[p] = ch
+        p += 1
+    return p
+
+
+@_jit
+def encode_interval_items(meter, quantity, end_ts, energy, flags, interval_ms, names, names_off, buf):
+    """The ``intervals`` array items of ``protocols.aggregates.encode_intervals``, comma-joined,
+    into ``buf`` (preallocated by the wrapper); returns the bytes used. ``names[names_off[m]:
+    names_off[m+1]]`` is meter m's id already JSON-encoded (quotes and escapes included). Row i is
+    ``{"meter":…,"quantity":q,"start_ms":end-interval,"end_ms":end,"energy":e,"flags":f}``."""
+    p = 0
+    for i in range(meter.shape[0]):
+        if i > 0:
+            buf[p] = 44
+            p += 1
+        m = meter[i]
+        p = _put_lit(buf, p, _J_METER)
+        p = _put(buf, p, names, names_off[m], names_off[m + 1])
+        p = _put_lit(buf, p, _J_QUANTITY)
+        p = _put_int(buf, p, np.int64(quantity[i]))
+        p = _put_lit(buf, p, _J_START)
+        p = _put_int(buf, p, np.int64(end_ts[i]) - interval_ms)
+        p = _put_lit(buf, p, _J_END)
+        p = _put_int(buf, p, np.int64(end_ts[i]))
+        p = _put_lit(buf, p, _J_ENERGY)
+        p = _put_int(buf, p, np.int64(energy[i]))
+        p = _put_lit(buf, p, _J_FLAGS)
+        p = _put_int(buf, p, np.int64(flags[i]))
+        buf[p] = 125
+        p += 1
+    return p
+
+
+@_jit
+def encode_int_lines(head, head_off, row_head, text, text_off, row_text, names, names_off, values, ts, buf):
+    """One line-protocol point per row into ``buf``; returns the bytes used. Row r is
+    ``<head[row_head[r]]> <names[0]>"<text[row_text[r]]>",<names[1]><values[r,0]>i,… <ts[r]>\\n``:
+    ``names[k]`` carries its own ``=`` (and, for the string field, the opening quote is added here);
+    the string field's text must already be escaped for a line-protocol string."""
+    p = 0
+    nf = values.shape[1]
+    for r in range(values.shape[0]):
+        h = row_head[r]
+        p = _put(buf, p, head, head_off[h], head_off[h + 1])
+        buf[p] = 32
+        p = _put(buf, p + 1, names, names_off[0], names_off[1])
+        buf[p] = 34
+        t = row_text[r]
+        p = _put(buf, p + 1, text, text_off[t], text_off[t + 1])
+        buf[p] = 34
+        p += 1
+        for k in range(nf):
+            buf[p] = 44
+            p = _put(buf, p + 1, names, names_off[k + 1], names_off[k + 2])
+            p = _put_int(buf, p, values[r, k])
+            buf[p] = 105
+            p += 1
+        buf[p] = 32
+        p = _put_int(buf, p + 1, ts[r])
+        buf[p] = 10
+        p += 1
+    return p

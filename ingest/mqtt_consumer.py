@@ -7,9 +7,11 @@ over paho-mqtt 2.x with ``manual_ack=True``: nothing is acknowledged until the c
 
 Contract
 --------
-* ``async with MqttConsumer(config) as consumer:`` returns once connected and subscribed (SUBACK)
-  to every filter in ``config.topics`` (plain or ``$share/<group>/<filter>``), else raises
-  :class:`~protocols.errors.TransportError`. ``async for msg in consumer`` yields
+* ``async with MqttConsumer(config) as consumer:`` returns once the consumer is subscribed to
+  every filter in ``config.topics`` (plain or ``$share/<group>/<filter>``), else raises
+  :class:`~protocols.errors.TransportError`. "Subscribed" means: the SUBACKs came back (a new
+  session), or the CONNACK said ``session_present`` (a resumed session: the broker already holds
+  the subscriptions, see "Resumed sessions" below). ``async for msg in consumer`` yields
   :class:`Message` objects; ``await consumer.ack(msg)`` acknowledges one.
 * The session is persistent (MQTT 5: ``clean_start=False`` with ``session_expiry_s``; 3.1.1:
   ``clean_session=False``), so QoS 1 messages delivered but not acknowledged when the process dies
@@ -21,6 +23,17 @@ Contract
   redelivers that message anyway, and its packet id may by then name a different message, whose
   early PUBACK would lose it on a crash. The redelivered copy is skipped by
   :class:`~ingest.dedup.DedupStore` (stale acks are counted in :attr:`ConsumerStats.stale_acks`).
+
+Resumed sessions
+----------------
+A resumed session's backlog (its in-flight and queued messages) is delivered right after the
+CONNACK, *before* the SUBACK of the renewed subscriptions. Were ``connect()`` to wait for that
+SUBACK, a backlog larger than ``queue_max`` would deadlock: paho's thread waits in ``on_message``
+for a queue slot (step 2 below), nobody consumes because ``connect()`` has not returned, and the
+SUBACK behind the backlog is never read. So with ``session_present`` the consumer is ready at the
+CONNACK (the broker's subscriptions are already in force); the renewals' SUBACKs are read as the
+caller drains the queue, and a refused renewal ends the iteration with ``TransportError``.
+Back-pressure is unchanged: the paho thread still never queues more than ``queue_max``.
 
 Back-pressure, end to end
 -------------------------
@@ -157,6 +170,7 @@ class MqttConsumer:
         self._closing = threading.Event()
         self._ready: asyncio.Future[None] | None = None
         self._pending_subs: dict[int, str] = {}
+        self._error: TransportError | None = None  # a renewed subscription refused after ready
         self._client = self._make_client()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -169,7 +183,8 @@ class MqttConsumer:
         await self.aclose()
 
     async def connect(self) -> None:
-        """Connect and subscribe (waits for CONNACK and SUBACK).
+        """Connect and subscribe (waits for CONNACK, then for the SUBACKs of a new session; a
+        resumed session is ready at the CONNACK, see "Resumed sessions").
 
         Raises:
             TransportError: refused, unreachable, or a subscription refused, within
@@ -229,6 +244,8 @@ class MqttConsumer:
         msg = await self._queue.get()
         if msg is None:
             self._queue.put_nowait(None)  # every later __anext__ also ends
+            if self._error is not None:
+                raise self._error
             raise StopAsyncIteration
         self._slots.release()
         return msg
@@ -329,6 +346,8 @@ class MqttConsumer:
             self.config.client_id,
             flags.session_present,
         )
+        if flags.session_present:  # the backlog may precede the SUBACK: see "Resumed sessions"
+            self._to_loop(self._resolve_ready, None)
         for topic in self.config.topics:
             if self.config.protocol == "5":
                 _rc, mid = client.subscribe(topic, options=SubscribeOptions(qos=self.config.qos))
@@ -347,11 +366,19 @@ class MqttConsumer:
         failed = [r for r in reasons if r.is_failure]
         if failed:
             log.error("mqtt subscribe refused topic=%s reason=%s", topic, failed[0])
-            self._to_loop(
-                self._resolve_ready, TransportError(f"mqtt subscribe to {topic!r} refused: {failed[0]}")
-            )
+            self._to_loop(self._refused, TransportError(f"mqtt subscribe to {topic!r} refused: {failed[0]}"))
         elif not self._pending_subs:
             self._to_loop(self._resolve_ready, None)
+
+    def _refused(self, error: TransportError) -> None:  # on the event loop
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+            return
+        # Already consuming (a resumed session): end the iteration with the error. The queue
+        # always has room for one sentinel (queue_max slots, queue_max + 1 places).
+        self._error = error
+        if self._queue is not None and not self._queue.full():
+            self._queue.put_nowait(None)
 
     def _on_disconnect(self, _client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         with self._lock:

@@ -10,7 +10,10 @@ Contract
   no background batching: the write is awaited, never fire-and-forget (unlike influxdb-client's
   ``WriteApi``).
 * Input is split into requests bounded by ``max_batch_lines`` and ``max_batch_bytes``
-  (uncompressed), sent one after the other with ``Content-Encoding: gzip``.
+  (uncompressed), sent one after the other with ``Content-Encoding: gzip``. Well-formed ``bytes``
+  (every line ends in ``\n``; no empty, blank-led or ``\r`` lines: what the pipeline's encoders
+  produce) are cut at newline offsets found vectorised and posted as slices, with no Python object
+  per line; anything else is split into lines first. Either way the same lines reach the server.
 * Outages and overload (connection refused/reset, timeouts, 5xx, 408, 429) are retried with
   exponential back-off (``Retry-After`` honoured, capped); after ``max_attempts`` the write raises
   ``SinkError(retryable=True)``. Requests already answered 2xx stay written: a retry of the whole
@@ -30,7 +33,7 @@ optional basic auth); ``"v2"`` posts ``/api/v2/write?org=&bucket=&precision=ms``
 ``Authorization: Token …`` (InfluxDB 2.x, 3.x and anything speaking that API); ``"auto"`` asks
 ``GET /ping`` once and reads ``X-Influxdb-Version`` (``1.*`` → v1, anything newer → v2).
 
-Transport choice: a ~100-line asyncio HTTP/1.1 client (:class:`_HttpConnection`, one keep-alive
+Transport choice: a ~100-line asyncio HTTP/1.1 client (:class:`HttpConnection`, one keep-alive
 connection, ``Content-Length`` and chunked responses, optional TLS) rather than influxdb-client or
 urllib in a thread. It keeps the sink a plain coroutine (STYLE H9: no threads where no library
 forces one), makes ``asyncio.timeout`` and cancellation work on the socket itself, and exposes the
@@ -54,10 +57,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from ingest.deadletter import DeadLetterStore
 from protocols.errors import SinkError
 
-__all__ = ["InfluxSink", "SinkConfig", "SinkStats", "WriteResult", "backoff_delay_s", "split_lines"]
+__all__ = [
+    "HttpConnection",
+    "InfluxSink",
+    "SinkConfig",
+    "SinkStats",
+    "WriteResult",
+    "backoff_delay_s",
+    "split_lines",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +197,32 @@ def _chunks(lines: list[bytes], max_lines: int, max_bytes: int) -> list[list[byt
     return chunks
 
 
+def _cut(data: bytes, max_lines: int, max_bytes: int) -> list[bytes] | None:
+    """Well-formed ``data`` (every line ends in ``\\n``; none is empty, starts blank or holds
+    ``\\r``) cut at line ends into bodies of at most ``max_lines`` lines and ``max_bytes`` bytes (a
+    longer single line travels alone), exactly as ``_chunks`` groups the lines; ``None`` when
+    ``data`` is not well-formed. Vectorised: no Python object per line."""
+    if not data.endswith(b"\n") or data[:1] in (b"\n", b" ", b"\t") or b"\r" in data:
+        return None
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(raw == 10) + 1  # offset after each line
+    after = raw[ends[:-1]]  # first byte of every later line
+    if ((after == 10) | (after == 32) | (after == 9)).any():
+        return None
+    if len(data) <= max_bytes and ends.shape[0] <= max_lines:
+        return [data]
+    out = []
+    start, i, n = 0, 0, ends.shape[0]
+    while i < n:
+        j = min(n, i + max_lines)  # first line not in this body, by count
+        by_size = int(np.searchsorted(ends, start + max_bytes, side="right"))  # lines that fit
+        j = max(i + 1, min(j, by_size))
+        end = int(ends[j - 1])
+        out.append(data[start:end])
+        start, i = end, j
+    return out
+
+
 def _retry_after_s(value: str | None, now_s: float) -> float | None:
     """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
     if not value:
@@ -233,7 +272,7 @@ class _Response:
     body: bytes
 
 
-class _HttpConnection:
+class HttpConnection:
     """One keep-alive HTTP/1.1 connection; reconnects lazily. Transport failures raise
     ``SinkError(retryable=True)`` (translated once, here: STYLE H4)."""
 
@@ -347,7 +386,7 @@ class InfluxSink:
         self.stats = SinkStats()
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._http = _HttpConnection(config.url, config.timeout_s, config.ca_file)
+        self._http = HttpConnection(config.url, config.timeout_s, config.ca_file)
         self._api: Literal["v1", "v2"] | None = None if config.api == "auto" else config.api
         self._failing = False
 
@@ -394,12 +433,18 @@ class InfluxSink:
                 ``max_attempts``; ``retryable=False`` for a refusal that is not about lines
                 (authentication, unknown database or bucket).
         """
-        all_lines = split_lines(lines)
-        if not all_lines:
+        cfg = self.config
+        bodies: list[bytes] | list[list[bytes]]
+        cut = _cut(lines, cfg.max_batch_lines, cfg.max_batch_bytes) if isinstance(lines, bytes) else None
+        if cut is not None:
+            bodies = cut
+        else:
+            bodies = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
+        if not bodies:
             return WriteResult(0, 0)
         target, headers = self._write_target(await self.detect_api())
         written = dead = 0
-        for chunk in _chunks(all_lines, self.config.max_batch_lines, self.config.max_batch_bytes):
+        for chunk in bodies:
             ok, rejected = await self._write_bisect(chunk, target, headers)
             if rejected:
                 self._dead_letter(rejected)
@@ -460,21 +505,27 @@ class InfluxSink:
         return f"{path}?{urllib.parse.urlencode(params)}", headers
 
     async def _write_bisect(
-        self, lines: list[bytes], target: str, headers: dict[str, str]
+        self, lines: bytes | list[bytes], target: str, headers: dict[str, str]
     ) -> tuple[int, list[tuple[bytes, str, str]]]:
-        """(lines written, [(line, reason, server message)]) for ``lines``, bisecting on rejection."""
-        body = b"\n".join(lines) + b"\n"
+        """(lines written, [(line, reason, server message)]) for ``lines`` (a list, or one
+        well-formed body), bisecting on rejection."""
+        if isinstance(lines, bytes):
+            body, n = lines, lines.count(b"\n")
+        else:
+            body, n = b"\n".join(lines) + b"\n", len(lines)
         if self.config.gzip:
             body = gzip.compress(body, compresslevel=self.config.gzip_level, mtime=0)
         resp = await self._request("POST", target, headers, body)
         if resp.status // 100 == 2:
-            return len(lines), []
+            return n, []
         message = _server_message(resp.body)
         if not _is_line_rejection(resp.status, message):
             self.stats.failures += 1
             raise SinkError(
                 f"influxdb refused the write ({resp.status}): {message}", retryable=False, status=resp.status
             )
+        if isinstance(lines, bytes):
+            lines = split_lines(lines)
         if len(lines) == 1:
             return 0, [(lines[0], _reason(resp.status, message), message)]
         mid = len(lines) // 2

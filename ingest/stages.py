@@ -706,3 +706,50 @@ def encode_lines(readings: Readings, tables: LineTables, *, wide: bool = False) 
         buf,
     )
     return buf[:used].tobytes()
+
+
+def encode_interval_items(iv: Intervals, meter_json: list[bytes], *, interval_ms: int) -> bytes:
+    """The comma-joined ``intervals`` items of ``protocols.aggregates.encode_intervals`` for ``iv``;
+    ``meter_json[m]`` is meter m's id as JSON text (``json.dumps(id, ensure_ascii=False)``, UTF-8).
+    Raises: ValueError for a meter index off the table."""
+    n = iv.end_ts.shape[0]
+    if n and int(iv.meter.max()) >= len(meter_json):
+        raise ValueError(f"column 'meter': index {int(iv.meter.max())} beyond {len(meter_json)} meter ids")
+    names, off = _table(meter_json)
+    bound = int(np.diff(off)[iv.meter].sum()) + n * 200 if n else 0
+    buf = np.empty(bound, dtype=np.uint8)
+    used = k.encode_interval_items(
+        iv.meter, iv.quantity, iv.end_ts, iv.energy, iv.flags, np.int64(interval_ms), names, off, buf
+    )
+    return buf[:used].tobytes()
+
+
+def encode_int_lines(
+    heads: LineTables,
+    row_head: I64,
+    texts: list[bytes],
+    row_text: I64,
+    names: list[bytes],
+    values: I64,
+    ts: I64,
+) -> bytes:
+    """Points with one string field and integer fields, one per row (see the kernel):
+    ``names[0]`` is the string field's ``key=``, ``names[1:]`` the integer fields' ``key=``, one per
+    column of ``values`` (rows x fields, int64). Raises: ValueError on shape or index mismatches."""
+    n = ts.shape[0]
+    if values.ndim != 2 or values.shape[0] != n or values.shape[1] != len(names) - 1:
+        raise ValueError(f"values: expected ({n}, {len(names) - 1}), got {values.shape}")
+    if row_head.shape[0] != n or row_text.shape[0] != n:
+        raise ValueError("row_head and row_text need one entry per row")
+    if n and (int(row_head.max()) >= heads.head_off.shape[0] - 1 or int(row_text.max()) >= len(texts)):
+        raise ValueError("row_head or row_text: index beyond its table")
+    text, text_off = _table(texts)
+    name, name_off = _table(names)
+    per_row = int(name_off[-1]) + 23 * (len(names) + 1) + 4
+    bound = int(np.diff(heads.head_off)[row_head].sum() + np.diff(text_off)[row_text].sum()) + n * per_row
+    buf = np.empty(bound, dtype=np.uint8)
+    used = k.encode_int_lines(
+        heads.head, heads.head_off, row_head.astype(np.int64), text, text_off, row_text.astype(np.int64),
+        name, name_off, np.ascontiguousarray(values, dtype=np.int64), ts.astype(np.int64), buf,
+    )  # fmt: skip
+    return buf[:used].tobytes()

@@ -282,3 +282,33 @@ async def test_connect_failure_is_a_transport_error(tmp_path) -> None:
         async with MqttConsumer(cfg):
             pass
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_resumed_session_with_a_backlog_bigger_than_the_queue_connects(
+    mosquitto, publisher, protocol: str
+) -> None:
+    # Regression: a resumed session's backlog is delivered before the SUBACK of the renewed
+    # subscription. With more than queue_max of it, paho's thread waited for a queue slot inside
+    # on_message and never read the SUBACK, so connect() timed out (3.1.1: mosquitto's in-flight
+    # window of 20 is above the bound; 5: the in-flight messages of the old connection).
+    topic = f"ami/v1/gw-{_uid()}/up/readings"
+    n, bound = 60, 4
+    cfg = _config(mosquitto, (topic,), protocol=protocol, queue_max=bound, connect_timeout_s=5.0)
+    async with MqttConsumer(cfg) as consumer:
+        pass  # the session (and its subscription) stays on the broker
+    payloads = [f"{i:03d}".encode() for i in range(n)]
+    publisher.publish(topic, payloads)  # queued for the offline session
+    consumer = MqttConsumer(cfg)
+    started = time.monotonic()
+    await consumer.connect()
+    assert time.monotonic() - started < 3.0
+    try:
+        await asyncio.sleep(0.5)
+        assert consumer.queued <= bound  # back-pressure holds while nobody consumes
+        got = await _take(consumer, n, delay_s=0.002)
+        assert [m.payload for m in got] == payloads  # nothing lost, nothing reordered
+        assert await _nothing_more(consumer)
+        assert consumer.stats.queue_high_water <= bound
+    finally:
+        await consumer.aclose(end_session=True)

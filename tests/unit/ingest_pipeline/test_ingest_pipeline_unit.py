@@ -143,3 +143,48 @@ def test_fast_aggregate_payloads_equal_the_protocol_encoders() -> None:
     from ingest.pipeline import daily_payload
 
     assert daily_payload("g", rows) == encode_daily("g", [DailyTotal(*r) for r in rows])
+
+
+def _reference_daily_lines(out_lines: bytes) -> list[bytes]:
+    return [ln for ln in out_lines.split(b"\n") if ln.startswith(b"daily_tou")]
+
+
+def test_daily_partials_lines_are_the_documented_points() -> None:
+    # Two days (a batch crossing local midnight), estimated rows and the billable split.
+    b = BatchBuilder()
+    b.set_prev("M 1", 1, 1000, T0 - 2 * Q)
+    for k in (-1, 1, 2):  # the gap at k=0 is estimated; (T0 - Q, T0] belongs to the first day
+        b.add("M 1", T0 + k * Q, 1, 1000 + 25 * (k + 2))
+    out = transform(b.build("g,w", 3, sent_ms=T0 + 2 * Q), settings())
+    lines = _reference_daily_lines(out.lines)
+    assert lines == [
+        b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-09",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
+        b"intervals=2i,estimated=1i,invalid=0i %d" % (T0 - 2 * Q),
+        b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-10",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
+        b"intervals=2i,estimated=1i,invalid=0i %d" % T0,
+    ]
+    assert out.daily_keys == [("M 1", T0 - 86_400_000), ("M 1", T0)]
+
+
+def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
+    import random
+
+    from ingest.sink import _chunks, _cut, split_lines
+
+    rng = random.Random(7)
+    for _ in range(300):
+        lines = [b"m%d f=%s" % (i, b"x" * rng.randint(1, 50)) for i in range(rng.randint(1, 60))]
+        data = b"\n".join(lines) + b"\n"
+        max_lines, max_bytes = rng.randint(1, 20), rng.randint(5, 400)
+        expected = [b"\n".join(c) + b"\n" for c in _chunks(split_lines(data), max_lines, max_bytes)]
+        assert _cut(data, max_lines, max_bytes) == expected
+    for bad in (b"a\n\nb\n", b"a\r\n", b" a\n", b"a", b"a\n b\n", b"a\n\tb\n", b"\na\n", b""):
+        assert _cut(bad, 10, 100) is None, bad  # the sink splits these line by line instead
+
+
+def test_warm_up_leaves_the_tag_cache_alone() -> None:
+    from ingest.transform import warm_up
+
+    s = settings()
+    warm_up(s)
+    assert not s.tags._d

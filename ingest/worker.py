@@ -1,0 +1,571 @@
+"""The ingest worker: one MQTT session (shared subscription) -> transform -> InfluxDB -> aggregates -> ack.
+
+Contract
+--------
+:class:`IngestWorker` consumes one MQTT session and never acknowledges a message before its data
+is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dead-letter store):
+
+* **intake** (one task): per message, decode (a bad payload is dead-lettered with its reason,
+  nothing raises out of the loop) -> dedup by ``(gateway, seq, digest)`` against the store *and*
+  against the batches still in flight -> :func:`~ingest.transform.transform`. It takes a message
+  only while fewer than ``queue_max`` taken messages wait for their ack (the *window*), so the
+  pipeline's memory is bounded and a stalled sink stops intake (back-pressure, never loss).
+* **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
+  ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
+  (its lines concatenated; the sink cuts requests at ``max_batch_lines``/``max_batch_bytes``),
+  retried with back-off for as long as InfluxDB is unavailable; then the group's aggregates are
+  published (intervals per batch, running daily totals read back once per group, PUBACKs
+  awaited), outages correlated, ``dedup.mark`` per batch, and finally every message of the group
+  is acknowledged. While one group waits for InfluxDB the next is transformed and written on a
+  second connection.
+* **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
+  3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
+  is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.
+* A sink refusal that is not about lines (``SinkError(retryable=False)``: auth, unknown database)
+  dead-letters the group's payloads with the reason, then acks them.
+* Aggregates are published *before* the ack (acking first would lose them if the worker died in
+  between); they are idempotent: interval items are keyed by ``(meter, quantity, start_ms)``,
+  daily items are running totals of ``(meter, day)`` read from InfluxDB (the shared state of all
+  workers) after the write (the item with more ``intervals`` supersedes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import hashlib
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ingest import stages as st
+from ingest.config import IngestConfig
+from ingest.deadletter import DeadLetterStore
+from ingest.dedup import DedupStore
+from ingest.influxql import InfluxQuery, quote_str
+from ingest.metrics import IngestMetrics
+from ingest.mqtt_consumer import Message, MqttConsumer
+from ingest.sink import InfluxSink, backoff_delay_s
+from ingest.transform import (
+    DAY_MS,
+    BatchOutput,
+    Settings,
+    daily_payload,
+    event_line,
+    stored_tag,
+    transform,
+    warm_up,
+)
+from protocols.errors import AmigwError, PayloadError, SinkError, TransportError
+from protocols.payload import Event, ReadingBatch, decode, decode_event
+
+__all__ = ["COMMIT_SLOTS", "AggregatePublisher", "IngestWorker", "run_worker"]
+
+log = logging.getLogger("amigw.ingest")
+
+COMMIT_SLOTS = 2  # groups in flight at once, each on its own InfluxDB connection
+_EPOCH = dt.date(1970, 1, 1)
+_DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
+
+
+class AggregatePublisher:
+    """A paho client that publishes QoS 1 and awaits the PUBACK (its own connection, clean
+    session). Raises TransportError when no PUBACK arrives within ``timeout_s``."""
+
+    def __init__(self, cfg: IngestConfig, worker: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        m = cfg.mqtt
+        self.timeout_s = m.publish_timeout_s
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{m.client_id}-{worker}-pub",
+            protocol=mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311,
+        )
+        if m.username is not None:
+            self._client.username_pw_set(m.username, m.password)
+        if urllib.parse.urlsplit(m.url).scheme == "mqtts":
+            self._client.tls_set(ca_certs=m.ca_file)
+        self._client.on_publish = self._on_publish
+        self._client.max_inflight_messages_set(1000)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._early: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        parts = urllib.parse.urlsplit(m.url)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 1883
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(self._host, self._port)
+        self._client.loop_start()
+
+    async def aclose(self) -> None:
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+
+    def _on_publish(self, _c: Any, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
+        with self._lock:
+            fut = self._waiting.pop(mid, None)
+            if fut is None:
+                self._early.add(mid)
+        if fut is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Publish all, then await every PUBACK. Raises: TransportError on timeout."""
+        assert self._loop is not None
+        futs = []
+        for topic, payload in items:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            # Not under self._lock: paho calls on_publish holding its own mutex (lock order).
+            info = self._client.publish(topic, payload, qos=1)
+            with self._lock:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    fut.set_result(None)
+                else:
+                    self._waiting[info.mid] = fut
+            futs.append(fut)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.gather(*futs)
+        except TimeoutError:
+            raise TransportError(f"no PUBACK for aggregates within {self.timeout_s}s") from None
+
+
+@dataclass(slots=True)
+class _Item:
+    """One taken message on its way to the ack. ``lines`` empty: nothing to write (duplicate or
+    dead-lettered at intake, already durable)."""
+
+    msg: Message
+    result: str  # written | duplicate | dead_lettered | event
+    lines: bytes = b""
+    batch: ReadingBatch | None = None
+    out: BatchOutput | None = None
+    event: Event | None = None
+    key: tuple[str, int, bytes] | None = None  # dedup key, marked after the write
+
+
+@dataclass(slots=True)
+class _Resources:
+    sinks: asyncio.Queue[InfluxSink]
+    query: InfluxQuery
+    dead_letter: DeadLetterStore
+    dedup: DedupStore
+    publisher: AggregatePublisher | None
+    consumer: MqttConsumer | None = None
+
+
+@functools.lru_cache(maxsize=65_536)
+def _unescape(raw: str) -> str:
+    return st.unescape_tag(raw)
+
+
+class IngestWorker:
+    """One worker process's pipeline (see the module contract). ``await worker.run()`` until
+    :meth:`stop`."""
+
+    def __init__(self, cfg: IngestConfig, worker: int = 0, *, metrics: IngestMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.worker = worker
+        self.settings = Settings.from_config(cfg)
+        self.metrics = metrics or IngestMetrics()
+        self._rng = random.Random(worker)
+        self._task: asyncio.Task[None] | None = None
+        self._res: _Resources | None = None
+        self.ready = asyncio.Event()
+        window = cfg.mqtt.queue_max
+        self._window = asyncio.Semaphore(window)  # taken, not yet acknowledged messages
+        self._group_max = max(1, window // COMMIT_SLOTS)
+        self._slots = asyncio.Semaphore(COMMIT_SLOTS)
+        self._items: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._in_flight: dict[tuple[str, int, bytes], int] = {}
+
+    def stop(self) -> None:
+        """Stop consuming; unfinished messages stay unacknowledged (the broker redelivers them)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def reload_registry(self) -> None:
+        """Re-read the registry (SIGHUP); a bad file keeps the old one and raises ConfigError."""
+        self.settings.registry.reload()
+
+    async def run(self) -> None:
+        """Raises: TransportError when the MQTT session cannot be set up or a subscription is refused."""
+        self._task = asyncio.current_task()
+        cfg = self.cfg
+        dead = DeadLetterStore.from_config(cfg.dead_letter)
+        dedup = DedupStore.from_config(cfg.dedup)
+        sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
+        for _ in range(COMMIT_SLOTS):
+            sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
+        publisher = None
+        if cfg.pipeline.publish_intervals or cfg.pipeline.publish_daily:
+            publisher = AggregatePublisher(cfg, self.worker)
+        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher)
+        try:
+            warm_up(self.settings)
+            if publisher is not None:
+                await publisher.connect()
+            consumer = res.consumer = MqttConsumer(cfg.mqtt.consumer(self.worker))
+            try:
+                await consumer.connect()
+                self.ready.set()
+                log.info(
+                    "ingest worker started worker=%d client_id=%s", self.worker, consumer.config.client_id
+                )
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
+                    tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
+            except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
+                raise eg.exceptions[0] from None
+            finally:
+                await consumer.aclose()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            closers = [s.aclose for s in _drain(sinks)] + [res.query.aclose]
+            closers += [publisher.aclose] if publisher else []
+            for closer in closers:
+                with contextlib.suppress(Exception):
+                    await closer()
+            dead.close()
+            dedup.close()
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def _intake(self, consumer: MqttConsumer) -> None:
+        while True:
+            await self._window.acquire()
+            try:
+                msg = await anext(consumer)
+            except StopAsyncIteration:
+                self._items.put_nowait(None)
+                return
+            self.metrics.queue_depth.set(consumer.queued)
+            self._items.put_nowait(self._prepare(msg))
+            await asyncio.sleep(0)  # let the committer start on it while the next is transformed
+
+    def _prepare(self, msg: Message) -> _Item:
+        """Decode, dedup and transform one message (CPU only; dead letters are committed here)."""
+        if msg.topic.endswith("/up/events"):
+            try:
+                ev = decode_event(msg.payload)
+                return _Item(msg, "event", event_line(ev), event=ev)
+            except (PayloadError, ValueError) as exc:
+                return self._dead_letter(msg, "undecodable event", str(exc))
+        assert self._res is not None
+        try:
+            batch = decode(msg.payload, check_meter_indices=False)
+            if self.settings.check_topic_gateway and msg.topic != f"ami/v1/{batch.gateway}/up/readings":
+                raise PayloadError(f"gateway {batch.gateway!r} does not match topic {msg.topic!r}")
+            key = (batch.gateway, batch.seq, hashlib.blake2b(msg.payload, digest_size=16).digest())
+            # In flight counts as seen: its ack goes out after the original's, i.e. after its write.
+            if key in self._in_flight or self._res.dedup.seen(*key):
+                return _Item(msg, "duplicate")
+            out = transform(batch, self.settings)
+        except PayloadError as exc:
+            return self._dead_letter(msg, _reason(str(exc)), str(exc))
+        except (ValueError, TypeError, OverflowError) as exc:  # data the stages refuse: never crash
+            return self._dead_letter(msg, "rejected by pipeline", f"{type(exc).__name__}: {exc}")
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return _Item(msg, "written", out.lines, batch, out, key=key)
+
+    def _dead_letter(self, msg: Message, reason: str, detail: str) -> _Item:
+        assert self._res is not None
+        self._res.dead_letter.put("payload", reason, msg.payload, msg.topic, detail=detail)
+        self.metrics.dead_letters.labels(reason).inc()
+        log.warning("payload dead-lettered topic=%r reason=%s detail=%.200s", msg.topic, reason, detail)
+        return _Item(msg, "dead_lettered")
+
+    # -- commit ------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        prev: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            ended = False
+            while not ended:
+                await self._slots.acquire()
+                first = await self._items.get()
+                if first is None:
+                    return
+                group = [first]
+                while len(group) < self._group_max and not self._items.empty():
+                    item = self._items.get_nowait()
+                    if item is None:
+                        ended = True
+                        break
+                    group.append(item)
+                done: asyncio.Future[None] = loop.create_future()
+                tg.create_task(self._commit(group, prev, done), name=f"ingest-group-{self.worker}")
+                prev = done
+
+    async def _commit(
+        self, group: list[_Item], prev: asyncio.Future[None] | None, done: asyncio.Future[None]
+    ) -> None:
+        """Write, publish, mark and ack one group (see the module contract)."""
+        try:
+            writes = [it for it in group if it.lines]
+            if writes:
+                await self._durable(writes)
+            if prev is not None:
+                await prev  # acks in arrival order
+            await self._ack(group)
+            done.set_result(None)
+        finally:
+            if not done.done():
+                done.cancel()  # never let a later group ack past this one
+            self._slots.release()
+
+    async def _durable(self, writes: list[_Item]) -> None:
+        """Write and publish, retried as one (rewrites are idempotent) while InfluxDB or the
+        broker is unavailable: an unacknowledged message is not redelivered on a live session."""
+        attempt = 0
+        while True:
+            try:
+                await self._write(b"".join(it.lines for it in writes))
+                await self._after_write(writes)
+                return
+            except (TransportError, SinkError) as exc:
+                if isinstance(exc, SinkError) and not exc.retryable:
+                    for it in writes:
+                        self._dead_letter(it.msg, "influx refused", str(exc))
+                        it.result = "dead_lettered"
+                    return
+                attempt += 1
+                self.metrics.sink_retries.inc()
+                p = self.cfg.pipeline
+                delay = backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
+                log.debug(
+                    "group retry messages=%d attempt=%d delay_s=%.2f error=%s",
+                    len(writes),
+                    attempt,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+
+    async def _ack(self, group: list[_Item]) -> None:
+        res = self._res
+        assert res is not None and res.consumer is not None
+        m = self.metrics
+        for it in group:
+            if it.key is not None:
+                if it.result == "written":
+                    res.dedup.mark(*it.key)
+                    m.readings.inc(it.out.readings if it.out else 0)
+                    m.intervals.inc(it.out.n_intervals if it.out else 0)
+                    if it.out is not None:
+                        m.count_flags(it.out.flags)
+                n = self._in_flight.pop(it.key, 1) - 1
+                if n:
+                    self._in_flight[it.key] = n
+            if it.result == "event" and it.event is not None:
+                m.events.labels(it.event.kind).inc()
+            elif it.result != "event":
+                m.batches.labels(it.result).inc()
+            await res.consumer.ack(it.msg)
+            self._window.release()
+        m.unacked.set(res.consumer.stats.unacked)
+
+    async def _write(self, lines: bytes) -> None:
+        """The sink write on a free connection, retried (same lines) while InfluxDB is unavailable.
+
+        Raises: SinkError(retryable=False) for a refusal that is not about lines."""
+        assert self._res is not None
+        sinks = self._res.sinks
+        sink = await sinks.get()
+        t0 = time.monotonic()
+        attempt = 0
+        try:
+            while True:
+                try:
+                    result = await sink.write(lines)
+                    break
+                except SinkError as exc:
+                    if not exc.retryable:
+                        raise
+                    attempt += 1
+                    self.metrics.sink_retries.inc()
+                    p = self.cfg.pipeline
+                    await asyncio.sleep(
+                        backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
+                    )
+        finally:
+            sinks.put_nowait(sink)
+        self.metrics.sink_latency.observe(time.monotonic() - t0)
+        if result.dead_lettered_lines:
+            self.metrics.sink_lines_dead_lettered.inc(result.dead_lettered_lines)
+
+    async def _after_write(self, writes: list[_Item]) -> None:
+        await self._publish(writes)
+        for it in writes:
+            if it.out is not None and it.out.outage_events:
+                await self._outages(*it.out.outage_ts)
+            if it.event is not None and it.event.kind == "power_down" and it.event.meter:
+                await self._outages(it.event.ts_ms, it.event.ts_ms)
+
+    async def _publish(self, writes: list[_Item]) -> None:
+        """The group's intervals (one message per batch) and running daily totals (one message
+        per gateway, read back once for the whole group), PUBACKs awaited."""
+        res, p = self._res, self.cfg.pipeline
+        assert res is not None
+        if res.publisher is None:
+            return
+        items = []
+        keys: dict[str, set[tuple[str, int]]] = {}
+        for it in writes:
+            b, out = it.batch, it.out
+            if b is None or out is None:
+                continue
+            if p.publish_intervals and out.n_intervals:
+                items.append((f"ami/v1/agg/intervals/{b.gateway}", out.intervals_payload(b.gateway, b.seq)))
+                self.metrics.published.labels("intervals").inc()
+            if p.publish_daily and out.daily_keys:
+                keys.setdefault(b.gateway, set()).update(out.daily_keys)
+        if keys:
+            for gw, totals in (await self._daily_totals(keys)).items():
+                items.append((f"ami/v1/agg/daily/{gw}", daily_payload(gw, totals)))
+                self.metrics.published.labels("daily").inc()
+        if items:
+            await res.publisher.publish_many(items)
+
+    async def _daily_totals(self, keys: dict[str, set[tuple[str, int]]]) -> dict[str, list[tuple[Any, ...]]]:
+        """Running totals of the (meter, day) keys per gateway, read back after the write in one
+        query (InfluxDB is the shared state of all workers, so the last writer of a day publishes
+        all of it)."""
+        assert self._res is not None
+        off = self.settings.calendar.utc_offset_ms
+        days = [d for ks in keys.values() for _, d in ks]
+        lo, hi = min(days), max(days) + DAY_MS
+        gws = {stored_tag(g): g for g in keys}
+        cond = " OR ".join(f"gateway = {quote_str(g)}" for g in gws)
+        q = (
+            'SELECT sum("total") AS total, sum("sharp") AS sharp, sum("peak") AS peak, sum("flat") AS flat, '
+            'sum("valley") AS valley, sum("intervals") AS intervals, sum("estimated") AS estimated '
+            f'FROM "daily_tou" WHERE ({cond}) AND time >= {lo}ms AND time < {hi}ms '
+            f"GROUP BY time(1d, {(-off) % DAY_MS}ms), meter, gateway"
+        )
+        try:
+            rows = await self._res.query.rows(q)
+        except SinkError as exc:
+            if exc.retryable:
+                raise
+            log.error("daily totals query refused error=%s", exc)
+            return {}
+        wanted = {(g, stored_tag(m), d) for g, ks in keys.items() for m, d in ks}
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for r in rows:
+            gw = gws.get(r.get("gateway", ""))
+            if gw is None or (gw, r.get("meter"), r["time"]) not in wanted or r.get("total") is None:
+                continue
+            day = (_EPOCH + dt.timedelta(days=(r["time"] + off) // DAY_MS)).isoformat()
+            out.setdefault(gw, []).append((_unescape(r["meter"]), day, *(int(r[k]) for k in _DAILY_KEYS)))
+        for totals in out.values():
+            totals.sort()
+        return out
+
+    async def _outages(self, t_lo: int, t_hi: int) -> None:
+        """OUT-02 over every power-down-like event InfluxDB holds near [t_lo, t_hi] (all workers'),
+        then one ``alarms`` point per outage: an alarm already open for the area within
+        ``outage_hold_s`` is updated in place (same series and time), never duplicated."""
+        assert self._res is not None
+        p = self.cfg.pipeline
+        win = p.outage_window_s * 1000
+        rows = await self._res.query.rows(
+            "SELECT \"id\" FROM \"events\" WHERE (kind = 'power_down' OR kind = 'voltage_collapsed') "
+            f"AND time >= {t_lo - win}ms AND time <= {t_hi + win}ms GROUP BY meter"
+        )
+        rows = [r for r in rows if r.get("meter")]
+        if not rows:
+            return
+        ids = sorted({st.unescape_tag(r["meter"]) for r in rows})
+        index = {m: i for i, m in enumerate(ids)}
+        reg = self.settings.registry
+        params = reg.params(ids)
+        ev_meter = np.array([index[st.unescape_tag(r["meter"])] for r in rows], dtype=np.uint32)
+        ev_ts = np.array([int(r["time"]) for r in rows], dtype=np.int64)
+        known = params.area[ev_meter] >= 0
+        if not known.any():
+            return
+        out = st.area_outages(
+            ev_meter[known], ev_ts[known], params, reg.area_sizes(),
+            window_ms=win, k_min=p.outage_min_meters, pct=p.outage_pct,
+        )  # fmt: skip
+        for a in range(out.alarm_area.shape[0]):
+            area = reg.areas[int(out.alarm_area[a])]
+            await self._raise_alarm(area, int(out.alarm_ts[a]), int(out.alarm_events[a]))
+
+    async def _raise_alarm(self, area: str, ts: int, events: int) -> None:
+        assert self._res is not None
+        hold = self.cfg.pipeline.outage_hold_s * 1000
+        existing = await self._res.query.rows(
+            f'SELECT "events" FROM "alarms" WHERE area = {quote_str(stored_tag(area))} '
+            f"AND kind = 'area_outage' AND time >= {ts - hold}ms AND time <= {ts + hold}ms"
+        )
+        if existing:
+            first = min(existing, key=lambda r: r["time"])
+            ts, events = int(first["time"]), max(events, int(first["events"]))
+            if events == int(first["events"]):
+                return
+        else:
+            self.metrics.alarms.inc()
+            log.warning("area outage alarm area=%s ts_ms=%d events=%d", area, ts, events)
+        await self._write(
+            b"alarms,area=%s,kind=area_outage events=%di %d\n" % (st.escape_tag(area), events, ts)
+        )
+
+
+def _reason(message: str) -> str:
+    """A low-cardinality dead-letter reason for a PayloadError message."""
+    if "outside the" in message and "meter table" in message:
+        return "meter index out of range"
+    if "empty meter id" in message:
+        return "empty meter id"
+    if "does not match topic" in message:
+        return "gateway does not match topic"
+    return "undecodable"
+
+
+async def run_worker(cfg: IngestConfig, worker: int = 0) -> None:
+    """A worker until SIGTERM/SIGINT (SIGHUP reloads the registry). Metrics when configured."""
+    import signal
+
+    from ingest.metrics import serve
+
+    w = IngestWorker(cfg, worker)
+    if cfg.metrics_listen:
+        serve(w.metrics, cfg.metrics_listen, worker)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, w.stop)
+
+    def reload() -> None:
+        try:
+            w.reload_registry()
+        except AmigwError as exc:
+            log.error("registry reload failed, keeping the old one error=%s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await w.run()
+
+
+def _drain(q: asyncio.Queue[InfluxSink]) -> list[InfluxSink]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
