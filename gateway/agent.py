@@ -88,10 +88,14 @@ class _Meter:
 
 
 class _Cycle:
-    """Readings of one bus cycle as ``(meter, ts_ms, quantity, value, flags)`` rows, per plan kind."""
+    """Readings of one bus cycle as ``(meter, ts_ms, quantity, value, flags)`` rows, per plan kind.
 
-    def __init__(self) -> None:
+    ``ad_hoc`` cycles (read-now commands) are off the interval grid: their cumulative values are
+    published but never become the "previous value sent" that anchors the next batch's intervals."""
+
+    def __init__(self, *, ad_hoc: bool = False) -> None:
         self.rows: dict[str, list[tuple[str, int, int, int, int]]] = {}
+        self.ad_hoc = ad_hoc
 
     def add(self, kind: str, meter: str, ts_ms: int, q: int, value: int, flags: int) -> None:
         self.rows.setdefault(kind, []).append((meter, ts_ms, q, value, flags))
@@ -264,7 +268,7 @@ class EdgeAgent:
                 for p in plans:
                     due[(meter.cfg.id, p.name)] = next_boundary(max(at, self.now_ms()), p.interval_s * 1000)
                 if plans:
-                    await self._read_meter(bus_cfg, meter, plans, cycle)
+                    await self._read_meter(bus_cfg, meter, plans, cycle, at)
                     await self._check_clock(meter)
             elapsed = time.perf_counter() - t0
             self.metrics.cycle_seconds.labels(bus_cfg.name).observe(elapsed)
@@ -273,7 +277,12 @@ class EdgeAgent:
             await asyncio.to_thread(self.outbox.checkpoint)  # type: ignore[union-attr]
 
     async def _read_meter(
-        self, bus_cfg: BusConfig, meter: _Meter, plans: list[PlanConfig], cycle: _Cycle
+        self,
+        bus_cfg: BusConfig,
+        meter: _Meter,
+        plans: list[PlanConfig],
+        cycle: _Cycle,
+        slot_ms: int | None = None,
     ) -> None:
         now = self.now_ms()
         interval_ms = min(p.interval_s for p in plans) * 1000
@@ -312,9 +321,18 @@ class EdgeAgent:
                 meter.failing = False
                 log.info("meter recovered", extra={"kv": {"meter": meter.cfg.id, "bus": bus_cfg.name}})
                 self._event("meter_recovered", meter.cfg.id, {})
-            ts = result.meter_ts_ms or result.read_ts_ms
+            # The meter's clock is meter-local time (as UTC-naive ms): make it UTC before using it.
+            ts = result.meter_ts_ms - self._local_offset_ms(now) if result.meter_ts_ms else result.read_ts_ms
+            # A scheduled register read carries the grid slot it was due at (VEE-13: ingest takes
+            # interval deltas only between on-grid readings), if the read started inside it.
+            slot_ts = ts
+            if slot_ms is not None and result.meter_ts_ms is None and 0 <= now - slot_ms < interval_ms:
+                slot_ts = slot_ms
             for code, value, flags in result.values:
-                cycle.add(kind_of.get(code, "instant"), meter.cfg.id, ts, code, value, flags)
+                kind = kind_of.get(code, "instant")
+                cycle.add(
+                    kind, meter.cfg.id, slot_ts if kind in ("register", "daily") else ts, code, value, flags
+                )
                 if code == _POWER_DOWN_COUNT and not flags:
                     if meter.power_down_count is not None and value > meter.power_down_count:
                         self._event(
@@ -338,15 +356,22 @@ class EdgeAgent:
         limit = self.cfg.outbox.max_readings_per_batch
         for kind, rows in cycle.rows.items():
             for start in range(0, len(rows), limit):
-                self._add_batch(outbox, kind, rows[start : start + limit])
+                self._add_batch(outbox, kind, rows[start : start + limit], record_prev=not cycle.ad_hoc)
         self._outbox_wakeup.set()
 
-    def _add_batch(self, outbox: Outbox, kind: str, rows: list[tuple[str, int, int, int, int]]) -> None:
+    def _add_batch(
+        self,
+        outbox: Outbox,
+        kind: str,
+        rows: list[tuple[str, int, int, int, int]],
+        *,
+        record_prev: bool = True,
+    ) -> None:
         builder = payload.BatchBuilder()
         last: dict[tuple[str, int], tuple[int, int]] = {}
         for meter, ts, q, value, flags in rows:
             builder.add(meter, ts, q, value, flags)
-            if flags == 0 and _is_cumulative(q):
+            if record_prev and flags == 0 and _is_cumulative(q):
                 last[(meter, q)] = (value, ts)
         for (meter, q), (value, ts) in outbox.get_prev(last).items():
             builder.set_prev(meter, q, value, ts)
@@ -501,7 +526,7 @@ class EdgeAgent:
                     self._event("clock_adjusted", meter.cfg.id, {"by": "command", "command": cmd.id})
                     return result("done")
                 names = cmd.params.get("quantities") or [q for p in meter.plans for q in p.quantities]
-                cycle = _Cycle()
+                cycle = _Cycle(ad_hoc=True)
                 await self._read_meter(
                     self._bus_of(meter), meter, [PlanConfig("read_now", tuple(names), 60, "register")], cycle
                 )

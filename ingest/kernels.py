@@ -254,9 +254,12 @@ def validate(
                     ):
                         f |= F_ZERO_WITH_CURRENT  # VEE-08, one interval
                     delta[i] = d
-                    if move:
-                        a_val[c] = v
-                    a_ts[c] = t
+                    # VEE-13: an off-grid reading (an ad-hoc read, a late one) is validated, but an
+                    # on-grid anchor stays: the next on-grid reading still closes a whole interval.
+                    if t % interval_ms == 0 or a_ts[c] % interval_ms != 0:
+                        if move:
+                            a_val[c] = v
+                        a_ts[c] = t
                 else:
                     if kind == KIND_CUMULATIVE:
                         a_val[c] = v

@@ -150,7 +150,8 @@ def validate(
                     if (power is not None and power >= p_min) or (m_izero[m] > 0 and biggest >= m_izero[m]):
                         f |= k.F_ZERO_WITH_CURRENT
                 delta[i] = d
-                anchor[c] = (v if moves else a_v, t)
+                if t % interval == 0 or a_t % interval != 0:  # off-grid readings keep an on-grid anchor
+                    anchor[c] = (v if moves else a_v, t)
             else:
                 anchor[c] = (v, t)
         out[i] = f

@@ -63,6 +63,7 @@ async def test_simulator_reads_arrive_in_influxdb(mosquitto: Any, influx_db: Any
         f"[influx]\nurl = {json.dumps(influxd.url)}\napi = 'v1'\ndatabase = {json.dumps(db)}\n"
         f"[dead_letter]\npath = {json.dumps(str(tmp_path / 'dl.sqlite'))}\n"
         f"[dedup]\npath = {json.dumps(str(tmp_path / 'dd.sqlite'))}\n"
+        "[pipeline]\ninterval_s = 1\n"
     )
     worker = IngestWorker(ingest_cfg)
     worker_task = asyncio.create_task(worker.run())
@@ -88,6 +89,23 @@ async def test_simulator_reads_arrive_in_influxdb(mosquitto: Any, influx_db: Any
             await asyncio.sleep(0.3)
         assert {f for f, _ in wanted} == set(FIELDS)
         assert worker.metrics.batches.labels("written")._value.get() >= 2
+        # The edge stamps register reads with their grid slot (VEE-13), so validated intervals
+        # and daily TOU totals form from what the agent read, and they add up to the register.
+        while True:
+            rows = await asyncio.to_thread(
+                influxd.query,
+                "SELECT value, flags FROM intervals WHERE quantity = 'energy_fwd_active_total'",
+                db=db,
+            )
+            if len(rows) >= 3 or time.monotonic() > deadline + 30:
+                break
+            await asyncio.sleep(0.3)
+        assert len(rows) >= 3, rows
+        assert all(r["flags"] == 0 for r in rows)
+        totals = [v for q, v in _answered(sim) if q == "energy_fwd_active_total"]
+        assert round(sum(r["value"] for r in rows), 2) <= (max(totals) - min(totals)) / 100 + 1e-9
+        daily = await asyncio.to_thread(influxd.query, 'SELECT sum("total") FROM daily_tou', db=db)
+        assert daily and daily[0]["sum"] > 0
     finally:
         agent.stop()
         await asyncio.wait_for(agent_task, 10)

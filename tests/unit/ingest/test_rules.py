@@ -290,3 +290,14 @@ def test_out02_one_alarm_not_hundreds() -> None:
     assert (out.alarm_of_event == 0).all() and out.alarm_events[0] == 130
     two = stages.area_outages(np.arange(2, dtype=np.uint32), t[:2], m, np.array([n]))
     assert len(two.alarm_ts) == 0 and (two.alarm_of_event == -1).all()  # OUT-03 singles
+
+
+def test_vee13_an_off_grid_reading_does_not_cost_the_next_interval() -> None:
+    """An ad-hoc (read-now) or late reading between two grid readings is validated and stored,
+    but it must not become the interval anchor: the next grid reading still closes [T0+I, T0+2I]."""
+    rows = [(0, T0 + I, 1, 110), (0, T0 + I + 100_000, 1, 113), (0, T0 + 2 * I, 1, 120)]
+    r, c, m = check(rows, prev=[(0, 1, 100, T0)])
+    iv = stages.aggregate_intervals(r, c, m)
+    assert iv.end_ts.tolist() == [T0 + I, T0 + 2 * I]
+    assert iv.energy.tolist() == [10, 10]
+    assert c.flags.tolist() == [0, 0, 0]
