@@ -668,7 +668,9 @@ class FeeController:
             if relay is not snap.relay:
                 reasons = (f"FROM:{snap.relay.value}", f"TO:{relay.value}")
                 decisions.append(self._log(account_id, meter, DecisionKind.RELAY_STATE, reasons, {}, now_ms))
-                if snap.relay is RelayState.ARMED and relay is RelayState.CLOSED:
+                # Supply is back whether the customer closed an armed relay or the meter closed
+                # at once (close-allowed on meters without a button, direct close).
+                if snap.relay in (RelayState.ARMED, RelayState.OPEN) and relay is RelayState.CLOSED:
                     decisions.append(
                         self._log(account_id, meter, DecisionKind.RESTORE_CONFIRMED, (), {}, now_ms)
                     )

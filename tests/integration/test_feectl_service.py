@@ -258,14 +258,18 @@ async def test_charge_trip_verify_pay_restore(downlink: Downlink, running: Any) 
 
     # notifications: the zero notice and the trip, in the documented format
     await until(
-        lambda: {"ZERO_NOTICE", "TRIP_ISSUED", "RESTORE_ISSUED"} <= {n["kind"] for n in downlink.notes}
+        lambda: (
+            {"ZERO_NOTICE", "TRIP_ISSUED", "RESTORE_ISSUED", "RESTORE_CONFIRMED"}
+            <= {n["kind"] for n in downlink.notes}
+        )
     )
     zero = next(n for n in downlink.notes if n["kind"] == "ZERO_NOTICE")
     assert zero["v"] == 1 and zero["type"] == "feectl-notification" and zero["account"] == account
     # a new account opens at 0 fen, which is already the ZERO level (FC-03): noticed once, at 0
     assert zero["category"] == "balance" and zero["severity"] == "critical" and zero["balance_fen"] == 0
     mine = [n["kind"] for n in downlink.notes if n["account"] == account]
-    assert mine == ["ZERO_NOTICE", "TRIP_ISSUED", "RECOVERED", "RESTORE_ISSUED"]
+    # the meter closed at once (relay_state 0): supply restored is confirmed to the customer
+    assert mine == ["ZERO_NOTICE", "TRIP_ISSUED", "RECOVERED", "RESTORE_ISSUED", "RESTORE_CONFIRMED"]
     trip_note = next(n for n in downlink.notes if n["kind"] == "TRIP_ISSUED")
     assert trip_note["command_id"] == trip.id and trip_note["action"] == "trip"
     assert service.controller.check_consistency().ok

@@ -147,3 +147,15 @@ def test_fc12_done_without_readback_becomes_unconfirmed(ctl) -> None:  # type: i
     assert DecisionKind.UNCONFIRMED in [d.kind for d in ev.decisions]
     (retry,) = ctl.tick(TRIP_AT + 3_000 + 600_002).commands  # re-sending a trip is idempotent
     assert retry.attempt == 2
+
+
+def test_fc12_close_allowed_that_closes_at_once_confirms_the_restore(ctl) -> None:  # type: ignore[no-untyped-def]
+    tripping(ctl)
+    ctl.on_relay_status("G1", "M1", True, True, TRIP_AT + 5_000)
+    paid = ctl.record_payment("A17", "P1", 10_000, TRIP_AT + 60_000)
+    restore_id = next(d.command_id for d in paid.decisions if d.kind is DecisionKind.RESTORE_ISSUED)
+    ctl.on_result(CommandResult(restore_id, "G1", "M1", "done"), TRIP_AT + 62_000)
+    closed = ctl.on_relay_status("G1", "M1", relay_open=False, commanded_open=False, now_ms=TRIP_AT + 63_000)
+    kinds = [d.kind for d in closed]
+    assert DecisionKind.VERIFIED in kinds and DecisionKind.RESTORE_CONFIRMED in kinds
+    assert ctl.command(restore_id).state is CommandState.VERIFIED
