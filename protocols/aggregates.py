@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from protocols.errors import PayloadError
+from protocols.payload import load_json_message
 
 __all__ = [
     "DailyTotal",
@@ -81,14 +82,7 @@ def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:
 
 
 def _load(data: bytes, kind: str, key: str) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    if len(data) > _MAX:
-        raise PayloadError(f"{kind}: {len(data)} bytes is too large")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise PayloadError(f"{kind}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != VERSION or doc.get("type") != kind:
-        raise PayloadError(f"not a v{VERSION} {kind} message")
+    doc = load_json_message(data, kind, max_bytes=_MAX)
     items = doc.get(key)
     if not isinstance(doc.get("gateway"), str) or not isinstance(items, list):
         raise PayloadError(f"{kind}: 'gateway' must be a string and '{key}' a list")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocols.errors import CommandRejected, PayloadError
+from protocols.payload import load_json_message
 
 __all__ = [
     "ACTIONS",
@@ -132,18 +133,6 @@ class Command:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _load(data: bytes, kind: str) -> dict[str, Any]:
-    if len(data) > _MAX_MESSAGE:
-        raise PayloadError(f"{kind}: {len(data)} bytes is too large")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise PayloadError(f"{kind}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != VERSION or doc.get("type") != kind:
-        raise PayloadError(f"not a v{VERSION} {kind}")
-    return doc
-
-
 def verify_command(
     data: bytes, key: bytes, now_ms: int, *, gateway: str, max_skew_ms: int = 60_000
 ) -> Command:
@@ -154,7 +143,7 @@ def verify_command(
     is checked before anything in the command is trusted, in constant time.
     """
     try:
-        doc = _load(data, "command")
+        doc = load_json_message(data, "command", max_bytes=_MAX_MESSAGE)
     except PayloadError as exc:
         raise CommandRejected("malformed", None, str(exc)) from None
     command_id = doc.get("id") if isinstance(doc.get("id"), str) else None
@@ -233,7 +222,7 @@ class CommandResult:
 def decode_result(data: bytes, key: bytes) -> CommandResult:
     """Decode a result and verify its signature. Raises :class:`PayloadError` when malformed or
     when the signature does not verify (a result that cannot be trusted is not a result)."""
-    doc = _load(data, "cmd-result")
+    doc = load_json_message(data, "cmd-result", max_bytes=_MAX_MESSAGE)
     sig = doc.get("sig")
     try:
         ok = isinstance(sig, str) and hmac.compare_digest(sign(doc, key), sig.lower())

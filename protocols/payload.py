@@ -50,6 +50,7 @@ __all__ = [
     "decode_event",
     "decode_status",
     "encode",
+    "load_json_message",
 ]
 
 VERSION = 1
@@ -477,8 +478,11 @@ def _decode_json(data: bytes) -> ReadingBatch:
 # small JSON messages: events and status (commands and their results: protocols.commands)
 
 
-def _json_message(data: bytes, kind: str) -> dict[str, Any]:
-    if len(data) > 1024 * 1024:
+def load_json_message(data: bytes, kind: str, *, max_bytes: int = 1024 * 1024) -> dict[str, Any]:
+    """Parse a small versioned JSON message (``{"v": 1, "type": kind, ...}``): events, status,
+    commands and their results, aggregates. Raises :class:`PayloadError` for anything else,
+    including input over ``max_bytes`` and nesting deep enough to exhaust the parser."""
+    if len(data) > max_bytes:
         raise PayloadError(f"{kind} message of {len(data)} bytes is too large")
     try:
         doc = json.loads(data)
@@ -541,7 +545,7 @@ class Event:
 
 def decode_event(data: bytes) -> Event:
     """Raises :class:`PayloadError` for anything that is not a valid v1 event."""
-    doc = _json_message(data, "event")
+    doc = load_json_message(data, "event")
     meter = doc.get("meter")
     detail = doc.get("detail", {})
     if (meter is not None and not isinstance(meter, str)) or not isinstance(detail, dict):
@@ -588,7 +592,7 @@ class Status:
 
 def decode_status(data: bytes) -> Status:
     """Raises :class:`PayloadError` for anything that is not a valid v1 status message."""
-    doc = _json_message(data, "status")
+    doc = load_json_message(data, "status")
     counters = doc.get("counters", {})
     if not isinstance(counters, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in counters.values()
