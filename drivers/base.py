@@ -21,13 +21,16 @@ import abc
 import enum
 import importlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from protocols.errors import ConfigError
 from protocols.quantities import Quantity
+
+if TYPE_CHECKING:
+    from drivers.bus import Bus
 
 __all__ = ["DRIVERS", "MeterDriver", "MeterRef", "ReadResult", "RelayAction", "load_driver"]
 
@@ -119,6 +122,14 @@ class MeterDriver(abc.ABC):
 
     protocol: ClassVar[str]
     _closed: bool = False
+    #: The RS-485 bus this driver's transactions run on (``None``: the driver owns its own
+    #: connection, e.g. Modbus TCP). The edge agent configures per-device timing on it.
+    bus: Bus | None = None
+
+    def device_key(self, meter: MeterRef) -> Hashable:
+        """The key this driver's bus transactions use for ``meter`` (per-device gaps and
+        adaptive timeouts in :class:`~drivers.bus.Bus` are kept under it)."""
+        return (self.protocol, meter.address)
 
     @abc.abstractmethod
     async def read(self, meter: MeterRef, quantities: Sequence[Quantity]) -> ReadResult:

@@ -161,6 +161,7 @@ class Dlt645Driver(MeterDriver):
     """DL/T 645-2007 and -1997 meters on one bus (see the module docstring for the error rules)."""
 
     protocol = "dlt645-2007"
+    bus: Bus  # always on a shared RS-485 bus (or a serial server), never its own connection
 
     def __init__(
         self,

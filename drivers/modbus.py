@@ -17,7 +17,7 @@ Relay control and clock setting are not part of these models' maps: ``NotImpleme
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from drivers.base import MeterDriver, MeterRef, ReadResult, RelayAction
 from drivers.bus import Bus
@@ -43,6 +43,14 @@ class ModbusDriver(MeterDriver):
         self.link, self.retries = link, retries
         self._maps = dict(maps or {})
         self._opened = True
+
+    @property
+    def bus(self) -> Bus | None:  # type: ignore[override]
+        """The shared RS-485 bus for Modbus RTU; ``None`` for Modbus TCP (its own connection)."""
+        return self.link.bus if isinstance(self.link, RtuLink) else None
+
+    def device_key(self, meter: MeterRef) -> Hashable:
+        return (self.link.key if isinstance(self.link, RtuLink) else "modbus-tcp", meter.unit_id)
 
     def register_map(self, meter: MeterRef) -> RegisterMap:
         """The map for ``meter.model``. Raises ``ConfigError`` for an unknown model."""

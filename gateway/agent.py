@@ -159,6 +159,7 @@ class EdgeAgent:
         if protocol in cache:
             return cache[protocol]
         cls = load_driver(protocol)
+        driver: MeterDriver
         if bus is None:  # modbus-tcp://host:port
             host, _, port = bus_cfg.port.removeprefix("modbus-tcp://").rpartition(":")
             driver = cls.tcp(host, int(port), timeout_s=bus_cfg.timeout_s, retries=bus_cfg.retries)  # type: ignore[attr-defined]
@@ -179,7 +180,7 @@ class EdgeAgent:
                 ref = MeterRef(mc.id, mc.address, mc.protocol, mc.model, mc.password, mc.operator)
                 if bus is not None:
                     bus.configure_device(
-                        _device_key(driver, ref),
+                        driver.device_key(ref),
                         min_gap_s=bus_cfg.min_gap_ms / 1000,
                         timeout=ResponseTimeout(
                             initial_s=bus_cfg.timeout_s,
@@ -342,9 +343,9 @@ class EdgeAgent:
                         )
                     meter.power_down_count = value
         self.metrics.success_rate.labels(meter.cfg.id).set(meter.stats.success_rate)
-        bus = getattr(meter.driver, "bus", None) or getattr(getattr(meter.driver, "link", None), "bus", None)
-        if isinstance(bus, Bus):
-            timeout_s = bus.response_timeout_s(_device_key(meter.driver, meter.ref))
+        bus = meter.driver.bus
+        if bus is not None:
+            timeout_s = bus.response_timeout_s(meter.driver.device_key(meter.ref))
             self.metrics.response_timeout.labels(bus_cfg.name, meter.cfg.id).set(timeout_s)
 
     def _store_cycle(self, cycle: _Cycle) -> None:
@@ -565,13 +566,6 @@ class EdgeAgent:
 
 
 _POWER_DOWN_COUNT = by_name("power_down_count").code
-
-
-def _device_key(driver: MeterDriver, ref: MeterRef) -> object:
-    """The key a driver's bus transactions use for this meter (timeouts and gaps are per device)."""
-    if hasattr(driver, "device_key"):
-        return driver.device_key(ref)
-    return (getattr(getattr(driver, "link", None), "key", "modbus"), ref.unit_id)
 
 
 def _is_cumulative(code: int) -> bool:

@@ -51,12 +51,6 @@ class EdgeMetrics:
             "amigw_outbox_dropped", "Messages dropped by the outbox policy, by kind", ["kind"], registry=r
         )
         self.published = Counter("amigw_published_total", "Messages acknowledged by the broker", registry=r)
-        self.publish_latency = Histogram(
-            "amigw_publish_latency_seconds",
-            "From a batch's creation to the broker's PUBACK",
-            registry=r,
-            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 300, 3600),
-        )
         self.commands = Counter(
             "amigw_commands_total", "Downlink commands by outcome", ["status"], registry=r
         )

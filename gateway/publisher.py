@@ -41,7 +41,7 @@ import math
 import random
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Protocol
@@ -142,7 +142,7 @@ class _Link:
         logged; the next connection replays the rows (and a misconfigured ACL shows up as a
         reconnect loop with errors, never as silent loss)."""
         paho_client = self.client._client
-        deliver = paho_client.on_publish
+        deliver: Callable[..., None] | None = paho_client.on_publish
 
         def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
             if getattr(reason_code, "is_failure", False):
@@ -150,7 +150,8 @@ class _Link:
                 self.refused += 1
                 loop.call_soon_threadsafe(self.drop) if not _on_loop(loop) else self.drop()
                 return
-            deliver(client, userdata, mid, reason_code, properties)
+            if deliver is not None:
+                deliver(client, userdata, mid, reason_code, properties)
 
         loop = asyncio.get_running_loop()
         paho_client.on_publish = on_publish

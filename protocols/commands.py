@@ -157,15 +157,10 @@ def verify_command(
     if not hmac.compare_digest(expected, sig.lower()):
         raise CommandRejected("bad_signature", command_id)
     try:
-        cmd = Command(
-            doc.get("id"),
-            doc.get("gateway"),
-            doc.get("meter"),
-            doc.get("action"),  # type: ignore[arg-type]
-            doc.get("issued_ms"),
-            doc.get("expires_ms"),
-            doc.get("params") or {},
-        )  # type: ignore[arg-type]
+        # Untrusted values: Command's own checks reject wrong types as malformed.
+        names = ("id", "gateway", "meter", "action", "issued_ms", "expires_ms")
+        fields: dict[str, Any] = {k: doc.get(k) for k in names}
+        cmd = Command(**fields, params=doc.get("params") or {})
     except (ValueError, TypeError) as exc:
         raise CommandRejected("malformed", command_id, str(exc)) from None
     if cmd.gateway != gateway:

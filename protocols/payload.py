@@ -28,7 +28,6 @@ from __future__ import annotations
 import array
 import json
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,7 +108,8 @@ def _column_from_bytes(name: str, raw: bytes, spec: tuple[str, int, frozenset[st
         col = array.array(spec[0], raw)
         col.byteswap()
         return col
-    return memoryview(raw).cast(spec[0])
+    view: memoryview = memoryview(raw).cast(spec[0])  # type: ignore[call-overload]  # typecode from the spec
+    return view
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +255,18 @@ class BatchBuilder:
             col.append(v)
 
     def build(self, gateway: str, seq: int, sent_ms: int = 0) -> ReadingBatch:
+        meter, ts, quantity, value, flags = self._cols
         return ReadingBatch(
-            gateway, seq, tuple(self._index), *self._cols, prev=PrevRegisters(*self._prev), sent_ms=sent_ms
+            gateway,
+            seq,
+            tuple(self._index),
+            meter,
+            ts,
+            quantity,
+            value,
+            flags,
+            prev=PrevRegisters(*self._prev),
+            sent_ms=sent_ms,
         )
 
 
@@ -293,7 +303,8 @@ def _encode_binary(batch: ReadingBatch) -> bytes:
             "ts": _column_bytes("prev.ts", p.ts, _I64),
         },
     }
-    return MAGIC + msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return MAGIC + packed
 
 
 def _encode_json(batch: ReadingBatch) -> bytes:
@@ -428,18 +439,21 @@ def _checked_batch(
         )
     if len({len(c) for c in prev}) > 1:
         raise PayloadError("prev columns differ in length: " + "/".join(str(len(c)) for c in prev))
-    return ReadingBatch(gateway, seq, meters, *cols, prev=PrevRegisters(*prev), sent_ms=sent)
+    meter, ts, quantity, value, flags = cols
+    return ReadingBatch(
+        gateway, seq, meters, meter, ts, quantity, value, flags, prev=PrevRegisters(*prev), sent_ms=sent
+    )
 
 
 def _json_rows(
     doc: dict[str, Any], key: str, names: tuple[str, ...], specs: tuple[tuple[str, int, frozenset[str]], ...]
 ) -> list[Column]:
     rows = _get(doc, key, list)
-    cols = [_empty(s) for s in specs]
+    arrays = [_empty(s) for s in specs]
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise PayloadError(f"{key}[{i}]: expected an object")
-        for col, name in zip(cols, names, strict=True):
+        for col, name in zip(arrays, names, strict=True):
             value = row.get(name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PayloadError(f"{key}[{i}].{name}: expected an integer, got {value!r:.40}")
@@ -447,6 +461,7 @@ def _json_rows(
                 col.append(value)
             except OverflowError:
                 raise PayloadError(f"{key}[{i}].{name}: {value} out of range for {col.typecode!r}") from None
+    cols: list[Column] = [*arrays]
     return cols
 
 
@@ -605,11 +620,3 @@ def decode_status(data: bytes) -> Status:
         str(doc.get("version", "")),
         counters,
     )
-
-
-def batches_from_rows(rows: Iterable[tuple[str, int, int, int, int]], gateway: str, seq: int) -> ReadingBatch:
-    """Build a batch from ``(meter_id, ts_ms, quantity, value, flags)`` rows (tests, tools)."""
-    builder = BatchBuilder()
-    for row in rows:
-        builder.add(*row)
-    return builder.build(gateway, seq)

@@ -70,7 +70,7 @@ class Quantity:
     @property
     def scale(self) -> int:
         """The integer that one unit is multiplied by: 100 for 0.01 kWh."""
-        return 10**self.decimals
+        return int(10**self.decimals)
 
 
 def _cim(
