@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -514,3 +515,45 @@ async def test_power_down_events_of_one_area_raise_one_alarm(
     alarms = influxd.query("SELECT * FROM alarms", db=db)
     assert len(alarms) == 1 and alarms[0]["area"] == "TA-1" and alarms[0]["time"] == T0 + 20_000
     assert alarms[0]["events"] == 5
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+async def test_workers_option_runs_n_workers_restarts_a_dead_one_and_loses_nothing(
+    mosquitto: Any, influx_db: Any, tmp_path: Path
+) -> None:
+    """`amigw ingest --workers 2`: two worker processes on the shared subscription; one is
+    SIGKILLed mid-stream, the supervisor restarts it, and every reading still lands once."""
+    influxd, db = influx_db
+    gw = f"gw-w-{_uid()}"
+    meters = [f"W{i}" for i in range(10)]
+    batches = series_batches(gw, meters, 30)
+    cfg = tmp_path / "workers.toml"
+    cfg.write_text(ingest_toml(tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw])))
+    with cfg.with_suffix(".log").open("ab") as log:  # the children inherit the descriptor
+        argv = [sys.executable, "-m", "gateway.cli", "ingest", "--config", str(cfg), "--workers", "2"]
+        sup = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    pub = Publisher(mosquitto)
+    try:
+        await wait_for(lambda: cfg.with_suffix(".log").read_text().count("ingest worker started") >= 2, 60)
+        first = _children(sup.pid)
+        assert len(first) == 2
+        for b in batches[:15]:
+            pub.batch(b)
+        await wait_for(lambda: _readings_in(influxd, db, gw) > 0, 30)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        for b in batches[15:]:
+            pub.batch(b)
+        await wait_for(lambda: len(_children(sup.pid)) == 2 and victim not in _children(sup.pid), 30)
+        expected = len(batches) * len(meters) * 4
+        await wait_for(lambda: _readings_in(influxd, db, gw) == expected, 60)
+        await asyncio.sleep(1.0)
+        assert _readings_in(influxd, db, gw) == expected  # exactly once, not more
+    finally:
+        pub.close()
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(40)
+    assert sup.returncode == 0
