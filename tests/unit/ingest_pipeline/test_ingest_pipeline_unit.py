@@ -188,3 +188,28 @@ def test_warm_up_leaves_the_tag_cache_alone() -> None:
     s = settings()
     warm_up(s)
     assert not s.tags._d
+
+
+def test_warm_up_compiles_every_specialisation_a_wire_batch_needs() -> None:
+    """A batch decoded off the wire has read-only columns (views of the payload), a numba type of
+    its own: warm_up must load those specialisations too, or the first real message pays for it."""
+    import numba
+
+    from ingest import kernels, stages
+    from ingest.transform import warm_up
+
+    def signatures() -> dict[str, set[str]]:
+        return {
+            f"{mod.__name__}.{name}": {str(sig) for sig in fn.signatures}
+            for mod in (kernels, stages)
+            for name, fn in vars(mod).items()
+            if isinstance(fn, numba.core.registry.CPUDispatcher)
+        }
+
+    s = settings()
+    warm_up(s)
+    before = signatures()
+    for wire in (decode(encode(batch(seq=2))), decode(encode(batch(seq=3, k0=4, n=6)))):
+        transform(wire, s).intervals_payload("gw-1", wire.seq)
+    new = {k: v - before.get(k, set()) for k, v in signatures().items() if v - before.get(k, set())}
+    assert not new, new
