@@ -192,3 +192,21 @@ async def test_concurrent_writes_share_the_connection_one_request_at_a_time(dead
         results = await asyncio.gather(*(sink.write([f"m value={i}i {i}".encode()]) for i in range(8)))
     assert results == [WriteResult(1, 0)] * 8
     assert sorted(r.text for r in peer.requests) == sorted(f"m value={i}i {i}\n".encode() for i in range(8))
+
+
+@pytest.mark.parametrize("level", range(10))
+def test_gzip_body_is_a_gzip_member_of_the_body_at_every_level(level: int) -> None:
+    import gzip
+
+    from ingest import sink
+
+    body = b"".join(
+        b"meter_reading,meter=M%d,gateway=g v=%di %d\n" % (i, i * 7, 1_700_000_000_000 + i)
+        for i in range(3000)
+    )
+    packed = sink.gzip_body(body, level)
+    assert packed[:2] == b"\x1f\x8b" and gzip.decompress(packed) == body
+    if level:
+        assert len(packed) < len(body) // 5
+    # The ingest extra installs ISA-L; without it the fast path silently falls back to zlib.
+    assert sink._isal_gzip is not None
