@@ -107,6 +107,7 @@ class PipelineSection:
     check_topic_gateway: bool = True
     publish_intervals: bool = True
     publish_daily: bool = True
+    daily_publish_s: float = 5.0
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     outage_window_s: int = 120
@@ -117,6 +118,8 @@ class PipelineSection:
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or 86_400 % self.interval_s:
             raise ValueError("interval_s: must divide a day")
+        if not 0 < self.daily_publish_s <= 3600:
+            raise ValueError(f"daily_publish_s: expected 0 < seconds <= 3600, got {self.daily_publish_s}")
         if self.max_gap_intervals < 0:
             raise ValueError("max_gap_intervals: must be >= 0")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
@@ -283,10 +286,13 @@ max_gap_intervals = 8
 future_tol_s = 300
 # Dead-letter a batch whose gateway differs from its topic's gateway level.
 check_topic_gateway = true
-# Publish validated intervals to ami/v1/agg/intervals/<gateway> and running daily time-of-use
-# totals to ami/v1/agg/daily/<gateway> (QoS 1, before the batch is acknowledged).
+# Publish validated intervals to ami/v1/agg/intervals/<gateway> (QoS 1, before the batch is
+# acknowledged) and running daily time-of-use totals to ami/v1/agg/daily/<gateway>.
 publish_intervals = true
 publish_daily = true
+# Daily totals are read back from InfluxDB and published at most this often per worker, for every
+# (gateway, day) written since; the keys still owed survive a crash in the dedup database.
+daily_publish_s = 5.0
 # While InfluxDB is down: wait this long before retrying a batch, doubling up to the maximum.
 retry_initial_s = 0.5
 retry_max_s = 30.0

@@ -25,6 +25,15 @@ session, which are the newest seqs and well inside the kept window. A low-water-
 not be safe here: with a shared subscription, seq 50 of a gateway may still sit unacked at another
 worker (or in a crashed worker's session) while this one has processed seqs up to 10,000.
 
+Pending daily totals
+--------------------
+The same database is the outbox of the running daily totals the worker still owes
+``ami/v1/agg/daily``: :meth:`mark` records the batch and the ``(gateway, local day)`` keys whose
+totals it changed in **one transaction**, before the MQTT ack; the worker's timed flush reads them
+(:meth:`pending_days`), publishes, and only after the PUBACKs drops them (:meth:`done_days`), and
+only if no batch touched that key since it was read (a version counter). A crash between the ack
+and the publish therefore cannot lose a day's final total: the next start publishes it.
+
 Durability: WAL with ``synchronous=NORMAL``. A mark lost to power failure only makes a later
 redelivery look new, which, as above, costs a rewrite and never loses data.
 Synchronous and thread-safe; each call is one small indexed statement.
@@ -36,7 +45,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +62,12 @@ CREATE TABLE IF NOT EXISTS processed (
     PRIMARY KEY (gateway, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS processed_ts ON processed(ts_ms);
+CREATE TABLE IF NOT EXISTS daily_pending (
+    gateway TEXT    NOT NULL,
+    day_ms  INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (gateway, day_ms)
+) WITHOUT ROWID;
 """
 
 
@@ -138,18 +153,53 @@ class DedupStore:
             return False
         return True
 
-    def mark(self, gateway: str, seq: int, digest: bytes | None = None) -> None:
-        """Record the batch as durably processed; prunes that gateway every ``prune_every`` marks."""
+    def mark(
+        self, gateway: str, seq: int, digest: bytes | None = None, daily_days: Sequence[int] = ()
+    ) -> None:
+        """Record the batch as durably processed, and in the same transaction the local days
+        (epoch ms) whose daily totals it changed; prunes that gateway every ``prune_every`` marks."""
         now_ms = int(self._clock() * 1000)
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?)",
-                (gateway, seq, digest, now_ms),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?)",
+                    (gateway, seq, digest, now_ms),
+                )
+                if daily_days:
+                    self._db.executemany(
+                        "INSERT INTO daily_pending(gateway, day_ms, version) VALUES (?,?,1) "
+                        "ON CONFLICT(gateway, day_ms) DO UPDATE SET version = version + 1",
+                        [(gateway, int(d)) for d in daily_days],
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             count = self._marks_since_prune.get(gateway, 0) + 1
             self._marks_since_prune[gateway] = count
         if count >= self.prune_every:
             self.prune(gateway)
+
+    def pending_days(self, limit: int = 10_000) -> list[tuple[str, int, int]]:
+        """``(gateway, day_ms, version)`` whose daily totals are still to be published, oldest
+        day first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT gateway, day_ms, version FROM daily_pending ORDER BY day_ms, gateway LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(str(g), int(d), int(v)) for g, d, v in rows]
+
+    def done_days(self, rows: Sequence[tuple[str, int, int]]) -> int:
+        """Drop published keys, each only if no batch touched it since it was read (same version).
+        Returns how many were dropped."""
+        with self._lock:
+            before = self._db.total_changes
+            self._db.executemany(
+                "DELETE FROM daily_pending WHERE gateway = ? AND day_ms = ? AND version = ?", rows
+            )
+            return self._db.total_changes - before
 
     def prune(self, gateway: str | None = None) -> int:
         """Apply the bounds now (one gateway, or all); returns how many entries were dropped."""

@@ -137,7 +137,7 @@ class BatchOutput:
     iv: st.Intervals  # validated intervals, one row per (meter, quantity, end)
     meter_ids: tuple[str, ...]
     interval_ms: int
-    daily_keys: list[tuple[str, int]]  # (meter id, local day start ms) touched by this batch
+    daily_days: tuple[int, ...]  # local day starts (epoch ms) whose daily totals this batch changed
     outage_events: int  # collapsed-voltage events written (they feed the area-outage check)
     outage_ts: tuple[int, int] = (0, 0)
     tags: _Tags | None = field(default=None, compare=False, repr=False)
@@ -258,12 +258,12 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     iv = _dedup_intervals(iv)
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
     parts.append(st.encode_lines(iv_r, tags.table(b"intervals")))
-    daily_lines, daily_keys = _daily_partials(iv, batch.meters, tags, s)
+    daily_lines, daily_days = _daily_partials(iv, tags, s)
     parts.append(daily_lines)
     collapsed, span = _collapsed_voltage(checked_r, meters.un_dv, batch.meters, tags)
     parts.append(collapsed[0])
     return BatchOutput(
-        b"".join(parts), len(readings), flags, iv, batch.meters, s.interval_ms, daily_keys,
+        b"".join(parts), len(readings), flags, iv, batch.meters, s.interval_ms, daily_days,
         collapsed[1], span, tags,
     )  # fmt: skip
 
@@ -288,9 +288,7 @@ def warm_up(s: Settings) -> None:
             transform(batch, cold).intervals_payload("warm-up", 1)
 
 
-def _daily_partials(
-    iv: st.Intervals, meter_ids: tuple[str, ...], tags: _Tags, s: Settings
-) -> tuple[bytes, list[tuple[str, int]]]:
+def _daily_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> tuple[bytes, tuple[int, ...]]:
     """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals.
 
     The point's time is the start of the batch's first interval of that day: batches cover
@@ -299,7 +297,7 @@ def _daily_partials(
     work is per distinct day, not per row."""
     sel = iv.quantity == Q_ENERGY_TOTAL
     if not sel.any():
-        return b"", []
+        return b"", ()
     iv1 = st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
     off = s.calendar.utc_offset_ms
     tot = st.interval_totals(iv1, interval_ms=s.interval_ms, utc_offset_ms=off)
@@ -319,8 +317,7 @@ def _daily_partials(
     lines = st.encode_int_lines(
         tags.table(b"daily_tou"), meter, texts, row_day.astype(np.int64), _DAILY_FIELDS, values, first_start
     )
-    keys = list(zip([meter_ids[m] for m in meter.tolist()], tot.start_ts.tolist(), strict=True))
-    return lines, keys
+    return lines, tuple(days.tolist())
 
 
 def _collapsed_voltage(

@@ -13,20 +13,24 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
 * **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
   ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
   (its lines concatenated; the sink cuts requests at ``max_batch_lines``/``max_batch_bytes``),
-  retried with back-off for as long as InfluxDB is unavailable; then the group's aggregates are
-  published (intervals per batch, running daily totals read back once per group, PUBACKs
-  awaited), outages correlated, ``dedup.mark`` per batch, and finally every message of the group
-  is acknowledged. While one group waits for InfluxDB the next is transformed and written on a
-  second connection.
+  retried with back-off for as long as InfluxDB is unavailable; then the group's intervals are
+  published (one message per batch, PUBACKs awaited), outages correlated, ``dedup.mark`` per batch
+  (with the ``(gateway, day)`` keys whose daily totals it changed, in the same transaction), and
+  finally every message of the group is acknowledged. While one group waits for InfluxDB the next
+  is transformed and written on a second connection.
+* **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
+  read back from InfluxDB in one query and published as running totals, then dropped from the
+  store; what a crash interrupts is published by the next start (:mod:`ingest.dedup`).
 * **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
   3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
   is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.
 * A sink refusal that is not about lines (``SinkError(retryable=False)``: auth, unknown database)
   dead-letters the group's payloads with the reason, then acks them.
-* Aggregates are published *before* the ack (acking first would lose them if the worker died in
-  between); they are idempotent: interval items are keyed by ``(meter, quantity, start_ms)``,
-  daily items are running totals of ``(meter, day)`` read from InfluxDB (the shared state of all
-  workers) after the write (the item with more ``intervals`` supersedes).
+* Intervals are published *before* the ack (acking first would lose them if the worker died in
+  between), and the daily obligation is durable before the ack; both are idempotent: interval
+  items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
+  ``(meter, day)`` read from InfluxDB (the shared state of all workers) after the write (the item
+  with more ``intervals`` supersedes).
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ log = logging.getLogger("amigw.ingest")
 
 COMMIT_SLOTS = 2  # groups in flight at once, each on its own InfluxDB connection
 _EPOCH = dt.date(1970, 1, 1)
+_FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
+_DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
 _DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
 
 
@@ -193,6 +199,7 @@ class IngestWorker:
         self._slots = asyncio.Semaphore(COMMIT_SLOTS)
         self._items: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._in_flight: dict[tuple[str, int, bytes], int] = {}
+        self._owes_daily = cfg.pipeline.publish_daily
 
     def stop(self) -> None:
         """Stop consuming; unfinished messages stay unacknowledged (the broker redelivers them)."""
@@ -230,6 +237,8 @@ class IngestWorker:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
                     tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
+                    if publisher is not None and cfg.pipeline.publish_daily:
+                        tg.create_task(self._daily_loop(), name=f"ingest-daily-{self.worker}")
             except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
                 raise eg.exceptions[0] from None
             finally:
@@ -237,6 +246,9 @@ class IngestWorker:
         except asyncio.CancelledError:
             pass
         finally:
+            if publisher is not None and cfg.pipeline.publish_daily and self.ready.is_set():
+                with contextlib.suppress(Exception):  # best effort: what stays pending is kept
+                    await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
             closers = [s.aclose for s in _drain(sinks)] + [res.query.aclose]
             closers += [publisher.aclose] if publisher else []
             for closer in closers:
@@ -366,7 +378,8 @@ class IngestWorker:
         for it in group:
             if it.key is not None:
                 if it.result == "written":
-                    res.dedup.mark(*it.key)
+                    days = it.out.daily_days if it.out is not None and self._owes_daily else ()
+                    res.dedup.mark(*it.key, daily_days=days)
                     m.readings.inc(it.out.readings if it.out else 0)
                     m.intervals.inc(it.out.n_intervals if it.out else 0)
                     if it.out is not None:
@@ -420,37 +433,63 @@ class IngestWorker:
                 await self._outages(it.event.ts_ms, it.event.ts_ms)
 
     async def _publish(self, writes: list[_Item]) -> None:
-        """The group's intervals (one message per batch) and running daily totals (one message
-        per gateway, read back once for the whole group), PUBACKs awaited."""
+        """The group's intervals, one message per batch, PUBACKs awaited."""
         res, p = self._res, self.cfg.pipeline
         assert res is not None
-        if res.publisher is None:
+        if res.publisher is None or not p.publish_intervals:
             return
         items = []
-        keys: dict[str, set[tuple[str, int]]] = {}
         for it in writes:
             b, out = it.batch, it.out
-            if b is None or out is None:
-                continue
-            if p.publish_intervals and out.n_intervals:
+            if b is not None and out is not None and out.n_intervals:
                 items.append((f"ami/v1/agg/intervals/{b.gateway}", out.intervals_payload(b.gateway, b.seq)))
                 self.metrics.published.labels("intervals").inc()
-            if p.publish_daily and out.daily_keys:
-                keys.setdefault(b.gateway, set()).update(out.daily_keys)
-        if keys:
-            for gw, totals in (await self._daily_totals(keys)).items():
-                items.append((f"ami/v1/agg/daily/{gw}", daily_payload(gw, totals)))
-                self.metrics.published.labels("daily").inc()
         if items:
             await res.publisher.publish_many(items)
 
-    async def _daily_totals(self, keys: dict[str, set[tuple[str, int]]]) -> dict[str, list[tuple[Any, ...]]]:
-        """Running totals of the (meter, day) keys per gateway, read back after the write in one
-        query (InfluxDB is the shared state of all workers, so the last writer of a day publishes
-        all of it)."""
+    # -- daily totals ------------------------------------------------------------------------
+
+    async def _daily_loop(self) -> None:
+        """Publish the pending daily totals every ``daily_publish_s`` (failures retried next time)."""
+        while True:
+            await asyncio.sleep(self.cfg.pipeline.daily_publish_s)
+            try:
+                await self.publish_daily()
+            except (TransportError, SinkError) as exc:
+                log.warning("daily totals not published yet, retrying error=%s", exc)
+
+    async def publish_daily(self) -> int:
+        """Read back and publish the running totals of every pending ``(gateway, day)``, then drop
+        those keys (unless a batch touched one since). Returns the messages published.
+
+        Raises: TransportError (no PUBACK) or SinkError (InfluxDB unavailable)."""
+        res = self._res
+        assert res is not None and res.publisher is not None
+        pending = res.dedup.pending_days()
+        if not pending:
+            return 0
+        keys: dict[str, set[int]] = {}
+        for gw, day, _ in pending:
+            keys.setdefault(gw, set()).add(day)
+        items = []
+        gateways = sorted(keys)
+        for i in range(0, len(gateways), _DAILY_QUERY_GATEWAYS):
+            part = {g: keys[g] for g in gateways[i : i + _DAILY_QUERY_GATEWAYS]}
+            for gw, totals in (await self._daily_totals(part)).items():
+                items.append((f"ami/v1/agg/daily/{gw}", daily_payload(gw, totals)))
+        if items:
+            await res.publisher.publish_many(items)
+            self.metrics.published.labels("daily").inc(len(items))
+        res.dedup.done_days(pending)
+        return len(items)
+
+    async def _daily_totals(self, keys: dict[str, set[int]]) -> dict[str, list[tuple[Any, ...]]]:
+        """Running totals of every meter of the (gateway, local day) keys, read back in one query
+        (InfluxDB is the shared state of all workers, so the last reader of a day publishes all of
+        it)."""
         assert self._res is not None
         off = self.settings.calendar.utc_offset_ms
-        days = [d for ks in keys.values() for _, d in ks]
+        days = [d for ds in keys.values() for d in ds]
         lo, hi = min(days), max(days) + DAY_MS
         gws = {stored_tag(g): g for g in keys}
         cond = " OR ".join(f"gateway = {quote_str(g)}" for g in gws)
@@ -467,11 +506,10 @@ class IngestWorker:
                 raise
             log.error("daily totals query refused error=%s", exc)
             return {}
-        wanted = {(g, stored_tag(m), d) for g, ks in keys.items() for m, d in ks}
         out: dict[str, list[tuple[Any, ...]]] = {}
         for r in rows:
             gw = gws.get(r.get("gateway", ""))
-            if gw is None or (gw, r.get("meter"), r["time"]) not in wanted or r.get("total") is None:
+            if gw is None or r["time"] not in keys[gw] or r.get("total") is None:
                 continue
             day = (_EPOCH + dt.timedelta(days=(r["time"] + off) // DAY_MS)).isoformat()
             out.setdefault(gw, []).append((_unescape(r["meter"]), day, *(int(r[k]) for k in _DAILY_KEYS)))

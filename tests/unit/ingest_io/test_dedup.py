@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ingest.dedup import DedupConfig, DedupStore
 from protocols.config import load
 
@@ -74,3 +76,35 @@ def test_config_section(tmp_path: Path) -> None:
     cfg = load(DedupConfig, {"path": str(tmp_path / "d.sqlite"), "keep_per_gateway": 5, "max_age_s": None})
     with DedupStore.from_config(cfg) as store:
         assert (store.keep_per_gateway, store.max_age_s, store.prune_every) == (5, None, 1000)
+
+
+def test_pending_days_are_marked_with_the_batch_and_survive_a_reopen(tmp_path: Path) -> None:
+    day, next_day = 1_710_000_000_000, 1_710_086_400_000
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        store.mark("gw-1", 1, b"a", daily_days=[day])
+        store.mark("gw-1", 2, b"b", daily_days=[day, next_day])
+        store.mark("gw-2", 1, b"c", daily_days=[day])
+        store.mark("gw-3", 1, b"d")  # no daily totals changed (e.g. voltages only)
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        assert store.pending_days() == [("gw-1", day, 2), ("gw-2", day, 1), ("gw-1", next_day, 1)]
+
+
+def test_done_days_keeps_a_key_a_batch_touched_after_it_was_read(tmp_path: Path) -> None:
+    day = 1_710_000_000_000
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        store.mark("gw-1", 1, daily_days=[day])
+        store.mark("gw-2", 1, daily_days=[day])
+        read = store.pending_days()
+        store.mark("gw-1", 2, daily_days=[day])  # arrives while the flush publishes
+        assert store.done_days(read) == 1
+        assert store.pending_days() == [("gw-1", day, 2)]  # still owed: its new total is unpublished
+        assert store.done_days(store.pending_days()) == 1 and store.pending_days() == []
+
+
+def test_a_mark_that_fails_leaves_neither_the_batch_nor_its_days(tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        with pytest.raises(ValueError):
+            store.mark("gw-1", 1, b"a", daily_days=["not a day"])  # type: ignore[list-item]
+        assert not store.seen("gw-1", 1) and store.pending_days() == []
+        store.mark("gw-1", 1, b"a", daily_days=[5])  # the store is still usable
+        assert store.seen("gw-1", 1, b"a") and store.pending_days() == [("gw-1", 5, 1)]

@@ -163,7 +163,7 @@ def test_daily_partials_lines_are_the_documented_points() -> None:
         b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-10",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
         b"intervals=2i,estimated=1i,invalid=0i %d" % T0,
     ]
-    assert out.daily_keys == [("M 1", T0 - 86_400_000), ("M 1", T0)]
+    assert out.daily_days == (T0 - 86_400_000, T0)
 
 
 def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
