@@ -25,7 +25,7 @@ File format (every key shown; ``multiplier``, ``ib_a``, ``tariff``, ``area``, ``
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ __all__ = ["MeterParams", "MeterRegistry"]
 
 _KEYS = {"voltage_v", "imax_a", "ib_a", "phases", "multiplier", "tariff", "area", "account", "master"}
 _REQUIRED = ("voltage_v", "imax_a", "phases")
+_PARAMS_CACHE_MAX = 256  # meter tables: one per active gateway is the steady state
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,7 @@ class MeterRegistry:
             self._row(f'meters."{mid}"', row, cols, areas, tariffs, accounts)
         self.ids: tuple[str, ...] = tuple(meters)
         self.index = {m: i for i, m in enumerate(self.ids)}
+        self._params_cache: dict[tuple[str, ...], MeterParams] = {}
         self.un_dv = np.array(cols["un"], dtype=np.int64)
         self.imax_ma = np.array(cols["imax"], dtype=np.int64)
         self.ib_ma = np.array(cols["ib"], dtype=np.int64)
@@ -175,7 +177,20 @@ class MeterRegistry:
         return np.array([self.index.get(m, -1) for m in meter_ids], dtype=np.int64)
 
     def params(self, meter_ids: list[str] | tuple[str, ...]) -> MeterParams:
-        """Parameter columns for a batch's meter-id table (per meter, not per reading)."""
+        """Parameter columns for a batch's meter-id table (per meter, not per reading).
+
+        A gateway sends the same meter table batch after batch, so the answer is cached per table
+        (at most ``_PARAMS_CACHE_MAX`` tables; emptied by every successful load). The cached
+        columns are shared, hence read-only."""
+        key = tuple(meter_ids)
+        cached = self._params_cache.get(key)
+        if cached is None:
+            if len(self._params_cache) >= _PARAMS_CACHE_MAX:
+                del self._params_cache[next(iter(self._params_cache))]
+            cached = self._params_cache[key] = self._params(key)
+        return cached
+
+    def _params(self, meter_ids: tuple[str, ...]) -> MeterParams:
         r = self.rows(meter_ids)
         known = r >= 0
         safe = np.where(known, r, 0)
@@ -185,7 +200,7 @@ class MeterRegistry:
                 return np.full(r.shape[0], missing, dtype=col.dtype)
             return np.where(known, col[safe], missing).astype(col.dtype)
 
-        return MeterParams(
+        cols = MeterParams(
             known=known,
             un_dv=take(self.un_dv, 0),
             imax_ma=take(self.imax_ma, 0),
@@ -195,6 +210,9 @@ class MeterRegistry:
             area=take(self.area, -1),
             master=take(self.master, False),
         )
+        for f in fields(cols):
+            getattr(cols, f.name).setflags(write=False)
+        return cols
 
     def area_sizes(self) -> npt.NDArray[np.int64]:
         """Customer (non-master) meters per area, indexed like :attr:`areas`."""

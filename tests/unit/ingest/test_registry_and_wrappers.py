@@ -47,6 +47,20 @@ def test_registry_loads_arrays_and_reloads(tmp_path) -> None:
     assert reg.phases.tolist() == [1, 3]  # the old registry stays in force
 
 
+def test_registry_params_are_cached_per_meter_table_until_a_reload(tmp_path) -> None:
+    path = tmp_path / "meters.toml"
+    path.write_text(GOOD)
+    reg = MeterRegistry.load(path)
+    first = reg.params(("M1", "M2"))
+    assert reg.params(["M1", "M2"]) is first  # an equal table, as the next batch decodes it
+    assert reg.params(("M2", "M1")) is not first and reg.params(("M2", "M1")).multiplier.tolist() == [40, 1]
+    with pytest.raises(ValueError):
+        first.multiplier[0] = 7  # shared between batches: read-only
+    path.write_text(GOOD.replace("multiplier = 40", "multiplier = 80"))
+    reg.reload()
+    assert reg.params(("M1", "M2")).multiplier.tolist() == [1, 80]  # not the stale cached answer
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [

@@ -159,6 +159,11 @@ def test_encode_rejects_wrong_column_type() -> None:
             "outside the 0-entry",
         ),
         (b'{"a":' + b"[" * 100_000, "json payload"),
+        (b'{"v": 1, "type": "readings", "gateway": "g", "seq": 1, "meters": ["m", 7]}', "list of strings"),
+        (
+            b'{"v": 1, "type": "readings", "gateway": "g", "seq": 1, "meters": ["%s"]}' % (b"m" * 257),
+            "at most 256",
+        ),
     ],
 )
 def test_malformed_payloads_raise_payload_error(payload: bytes, reason: str) -> None:
