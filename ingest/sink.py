@@ -211,11 +211,11 @@ def gzip_body(data: bytes, level: int) -> bytes:
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
-def _cut(data: bytes, max_lines: int, max_bytes: int) -> list[bytes] | None:
+def _cut(data: bytes, max_lines: int, max_bytes: int) -> list[tuple[bytes, int]] | None:
     """Well-formed ``data`` (every line ends in ``\\n``; none is empty, starts blank or holds
-    ``\\r``) cut at line ends into bodies of at most ``max_lines`` lines and ``max_bytes`` bytes (a
-    longer single line travels alone), exactly as ``_chunks`` groups the lines; ``None`` when
-    ``data`` is not well-formed. Vectorised: no Python object per line."""
+    ``\\r``) cut at line ends into ``(body, lines in it)`` of at most ``max_lines`` lines and
+    ``max_bytes`` bytes (a longer single line travels alone), exactly as ``_chunks`` groups the
+    lines; ``None`` when ``data`` is not well-formed. Vectorised: no Python object per line."""
     if not data.endswith(b"\n") or data[:1] in (b"\n", b" ", b"\t") or b"\r" in data:
         return None
     raw = np.frombuffer(data, dtype=np.uint8)
@@ -223,16 +223,17 @@ def _cut(data: bytes, max_lines: int, max_bytes: int) -> list[bytes] | None:
     after = raw[ends[:-1]]  # first byte of every later line
     if ((after == 10) | (after == 32) | (after == 9)).any():
         return None
-    if len(data) <= max_bytes and ends.shape[0] <= max_lines:
-        return [data]
+    n = ends.shape[0]
+    if len(data) <= max_bytes and n <= max_lines:
+        return [(data, n)]
     out = []
-    start, i, n = 0, 0, ends.shape[0]
+    start, i = 0, 0
     while i < n:
         j = min(n, i + max_lines)  # first line not in this body, by count
         by_size = int(np.searchsorted(ends, start + max_bytes, side="right"))  # lines that fit
         j = max(i + 1, min(j, by_size))
         end = int(ends[j - 1])
-        out.append(data[start:end])
+        out.append((data[start:end], j - i))
         start, i = end, j
     return out
 
@@ -448,18 +449,19 @@ class InfluxSink:
                 (authentication, unknown database or bucket).
         """
         cfg = self.config
-        bodies: list[bytes] | list[list[bytes]]
+        bodies: list[tuple[bytes, int]] | list[tuple[list[bytes], int]]
         cut = _cut(lines, cfg.max_batch_lines, cfg.max_batch_bytes) if isinstance(lines, bytes) else None
         if cut is not None:
             bodies = cut
         else:
-            bodies = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
+            chunks = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
+            bodies = [(c, len(c)) for c in chunks]
         if not bodies:
             return WriteResult(0, 0)
         target, headers = self._write_target(await self.detect_api())
         written = dead = 0
-        for chunk in bodies:
-            ok, rejected = await self._write_bisect(chunk, target, headers)
+        for chunk, n in bodies:
+            ok, rejected = await self._write_bisect(chunk, n, target, headers)
             if rejected:
                 self._dead_letter(rejected)
             written += ok
@@ -519,14 +521,11 @@ class InfluxSink:
         return f"{path}?{urllib.parse.urlencode(params)}", headers
 
     async def _write_bisect(
-        self, lines: bytes | list[bytes], target: str, headers: dict[str, str]
+        self, lines: bytes | list[bytes], n: int, target: str, headers: dict[str, str]
     ) -> tuple[int, list[tuple[bytes, str, str]]]:
-        """(lines written, [(line, reason, server message)]) for ``lines`` (a list, or one
-        well-formed body), bisecting on rejection."""
-        if isinstance(lines, bytes):
-            body, n = lines, lines.count(b"\n")
-        else:
-            body, n = b"\n".join(lines) + b"\n", len(lines)
+        """(lines written, [(line, reason, server message)]) for the ``n`` lines of ``lines`` (a
+        list, or one well-formed body), bisecting on rejection."""
+        body = lines if isinstance(lines, bytes) else b"\n".join(lines) + b"\n"
         if self.config.gzip:
             body = gzip_body(body, self.config.gzip_level)
         resp = await self._request("POST", target, headers, body)
@@ -543,8 +542,8 @@ class InfluxSink:
         if len(lines) == 1:
             return 0, [(lines[0], _reason(resp.status, message), message)]
         mid = len(lines) // 2
-        ok_a, bad_a = await self._write_bisect(lines[:mid], target, headers)
-        ok_b, bad_b = await self._write_bisect(lines[mid:], target, headers)
+        ok_a, bad_a = await self._write_bisect(lines[:mid], mid, target, headers)
+        ok_b, bad_b = await self._write_bisect(lines[mid:], len(lines) - mid, target, headers)
         return ok_a + ok_b, bad_a + bad_b
 
     def _dead_letter(self, rejected: list[tuple[bytes, str, str]]) -> None:

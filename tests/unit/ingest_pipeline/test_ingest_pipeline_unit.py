@@ -176,7 +176,7 @@ def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
         lines = [b"m%d f=%s" % (i, b"x" * rng.randint(1, 50)) for i in range(rng.randint(1, 60))]
         data = b"\n".join(lines) + b"\n"
         max_lines, max_bytes = rng.randint(1, 20), rng.randint(5, 400)
-        expected = [b"\n".join(c) + b"\n" for c in _chunks(split_lines(data), max_lines, max_bytes)]
+        expected = [(b"\n".join(c) + b"\n", len(c)) for c in _chunks(split_lines(data), max_lines, max_bytes)]
         assert _cut(data, max_lines, max_bytes) == expected
     for bad in (b"a\n\nb\n", b"a\r\n", b" a\n", b"a", b"a\n b\n", b"a\n\tb\n", b"\na\n", b""):
         assert _cut(bad, 10, 100) is None, bad  # the sink splits these line by line instead
