@@ -56,7 +56,11 @@ NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
 _EPOCH = dt.date(1970, 1, 1)
 _TAG_CACHE_MAX = 256  # meter tables kept: one per active gateway is the steady state
-_DAILY_INTS = (b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated", b"invalid")
+_DAILY_INTS = (
+    b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated", b"invalid",
+    b"reg_sharp", b"reg_peak", b"reg_flat", b"reg_valley", b"tou_mismatch",
+)  # fmt: skip
+Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
 _DAILY_FIELDS = [b"day=", *(name + b"=" for name in _DAILY_INTS)]
 
 
@@ -289,7 +293,8 @@ def warm_up(s: Settings) -> None:
 
 
 def _daily_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> tuple[bytes, tuple[int, ...]]:
-    """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals.
+    """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals,
+    with the calendar's TOU split, the tariff registers' own deltas and the VEE-15 mismatches.
 
     The point's time is the start of the batch's first interval of that day: batches cover
     disjoint intervals, so partials never collide, a replay rewrites the same point, and the
@@ -301,17 +306,28 @@ def _daily_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> tuple[bytes, 
     iv1 = st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
     off = s.calendar.utc_offset_ms
     tot = st.interval_totals(iv1, interval_ms=s.interval_ms, utc_offset_ms=off)
-    tou = st.tou_split(iv1, s.calendar, interval_ms=s.interval_ms)
+    # VEE-15: the calendar's split of the total register against the meter's own tariff
+    # registers T1..T4 over the same (meter, day); its groups cover tot's (and days with tariff
+    # intervals only), both in (meter, day) order, so tot's rows are found by searchsorted.
+    regs = (iv.quantity >= Q_ENERGY_TOTAL) & (iv.quantity <= Q_TARIFF_LAST)
+    ivr = st.Intervals(iv.meter[regs], iv.quantity[regs], iv.end_ts[regs], iv.energy[regs], iv.flags[regs])
+    tou = st.tou_split(ivr, s.calendar, interval_ms=s.interval_ms)
+    day0 = int(tou.day_start_ts.min())
+    tou_key = (tou.meter.astype(np.int64) << 24) | ((tou.day_start_ts - day0) // DAY_MS)
+    tot_key = (tot.meter.astype(np.int64) << 24) | ((tot.start_ts - day0) // DAY_MS)
+    row = np.searchsorted(tou_key, tot_key)
     day = (iv1.end_ts - s.interval_ms + off) // DAY_MS * DAY_MS - off
     labels, ng, _ = st.group_labels(iv1.meter.astype(np.int64), day)
     first_start = np.full(ng, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first_start, labels, iv1.end_ts - s.interval_ms)
     days, row_day = np.unique(tot.start_ts, return_inverse=True)
     texts = [(_EPOCH + dt.timedelta(days=(int(d) + off) // DAY_MS)).isoformat().encode() for d in days]
-    cal = np.asarray(tou.calendar, dtype=np.int64)
+    cal = np.asarray(tou.calendar, dtype=np.int64)[row]
+    reg = np.asarray(tou.registers, dtype=np.int64)[row]
     values = np.column_stack((
         tot.energy, cal[:, 0], cal[:, 1], cal[:, 2], cal[:, 3],
         tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid,
+        reg[:, 0], reg[:, 1], reg[:, 2], reg[:, 3], tou.mismatch[row].sum(axis=1),
     )).astype(np.int64)  # fmt: skip
     meter = tot.meter.astype(np.int64)
     lines = st.encode_int_lines(

@@ -159,11 +159,43 @@ def test_daily_partials_lines_are_the_documented_points() -> None:
     lines = _reference_daily_lines(out.lines)
     assert lines == [
         b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-09",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
-        b"intervals=2i,estimated=1i,invalid=0i %d" % (T0 - 2 * Q),
+        b"intervals=2i,estimated=1i,invalid=0i,reg_sharp=0i,reg_peak=0i,reg_flat=0i,reg_valley=0i,"
+        b"tou_mismatch=0i %d" % (T0 - 2 * Q),
         b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-10",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
-        b"intervals=2i,estimated=1i,invalid=0i %d" % T0,
+        b"intervals=2i,estimated=1i,invalid=0i,reg_sharp=0i,reg_peak=0i,reg_flat=0i,reg_valley=0i,"
+        b"tou_mismatch=0i %d" % T0,
     ]
     assert out.daily_days == (T0 - 86_400_000, T0)
+
+
+def test_daily_partials_cross_check_the_calendar_split_with_the_tariff_registers() -> None:
+    """VEE-15 through transform: the built-in calendar puts 00:00-08:00 in valley. Meter OK's T4
+    (valley) register agrees with its total; meter BAD's energy lands on T2 (peak) instead, more
+    than the largest interval away from the calendar's peak of 0, so its partial counts a mismatch."""
+    b = BatchBuilder()
+    for m, q_tariff in (("OK", 5), ("BAD", 3)):
+        for q in (1, q_tariff):
+            b.set_prev(m, q, 1000, T0)
+            for k in range(1, 5):
+                b.add(m, T0 + k * Q, q, 1000 + 25 * k)
+    out = transform(b.build("gw", 1, sent_ms=T0 + 4 * Q), settings())
+    fields = {
+        line.split(b",", 2)[1]: dict(kv.split(b"=") for kv in line.split(b" ")[1].split(b",")[1:])
+        for line in _reference_daily_lines(out.lines)
+    }
+    ok, bad = fields[b"meter=OK"], fields[b"meter=BAD"]
+    assert (ok[b"valley"], ok[b"reg_valley"], ok[b"reg_peak"], ok[b"tou_mismatch"]) == (
+        b"100i",
+        b"100i",
+        b"0i",
+        b"0i",
+    )
+    assert (bad[b"valley"], bad[b"peak"], bad[b"reg_peak"], bad[b"tou_mismatch"]) == (
+        b"100i",
+        b"0i",
+        b"100i",
+        b"1i",
+    )
 
 
 def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
