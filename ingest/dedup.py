@@ -4,8 +4,8 @@ Contract
 --------
 * :meth:`DedupStore.seen` is true only when ``(gateway, seq)`` was :meth:`DedupStore.mark`-ed and
   is still remembered. :meth:`mark` must be called only **after** the batch's data is durably
-  written (InfluxDB answered 2xx, or it sits in the durable spool) and before the MQTT ack, so a
-  crash between the write and the mark only costs a redundant rewrite.
+  written (InfluxDB answered 2xx, or its rejected lines sit in the dead-letter store) and before
+  the MQTT ack, so a crash between the write and the mark only costs a redundant rewrite.
 * Optionally a short ``digest`` of the payload is stored with the key. ``seen`` with a digest that
   differs from the stored one answers *false* and counts a ``seq_reuse``: a gateway whose outbox
   was wiped restarts its sequence, and its new batch 1 must not be skipped as "already seen".

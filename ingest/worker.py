@@ -427,10 +427,21 @@ class IngestWorker:
     async def _after_write(self, writes: list[_Item]) -> None:
         await self._publish(writes)
         for it in writes:
+            span = None
             if it.out is not None and it.out.outage_events:
-                await self._outages(*it.out.outage_ts)
+                span = it.out.outage_ts
             if it.event is not None and it.event.kind == "power_down" and it.event.meter:
-                await self._outages(it.event.ts_ms, it.event.ts_ms)
+                span = (it.event.ts_ms, it.event.ts_ms)
+            if span is None:
+                continue
+            try:
+                await self._outages(*span)
+            except SinkError as exc:
+                if exc.retryable:
+                    raise  # the group is retried (its rewrite is idempotent)
+                # The data is written; only the correlation query was refused. Dead-lettering
+                # the group here would report written batches as lost.
+                log.error("outage correlation refused, no area alarm evaluated error=%s", exc)
 
     async def _publish(self, writes: list[_Item]) -> None:
         """The group's intervals, one message per batch, PUBACKs awaited."""
@@ -456,7 +467,9 @@ class IngestWorker:
             try:
                 await self.publish_daily()
             except (TransportError, SinkError) as exc:
-                log.warning("daily totals not published yet, retrying error=%s", exc)
+                # Kept pending either way; a refused query (not retryable) needs an operator.
+                level = logging.ERROR if isinstance(exc, SinkError) and not exc.retryable else logging.WARNING
+                log.log(level, "daily totals not published yet, will retry error=%s", exc)
 
     async def publish_daily(self) -> int:
         """Read back and publish the running totals of every pending ``(gateway, day)``, then drop
@@ -499,13 +512,7 @@ class IngestWorker:
             f'FROM "daily_tou" WHERE ({cond}) AND time >= {lo}ms AND time < {hi}ms '
             f"GROUP BY time(1d, {(-off) % DAY_MS}ms), meter, gateway"
         )
-        try:
-            rows = await self._res.query.rows(q)
-        except SinkError as exc:
-            if exc.retryable:
-                raise
-            log.error("daily totals query refused error=%s", exc)
-            return {}
+        rows = await self._res.query.rows(q)  # a refusal raises: the keys stay pending
         out: dict[str, list[tuple[Any, ...]]] = {}
         for r in rows:
             gw = gws.get(r.get("gateway", ""))
