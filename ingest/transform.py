@@ -62,6 +62,8 @@ _DAILY_INTS = (
 )  # fmt: skip
 Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
 _DAILY_FIELDS = [b"day=", *(name + b"=" for name in _DAILY_INTS)]
+_HOURLY_FIELDS = [b"hour=", b"total=", b"intervals=", b"estimated=", b"invalid="]
+HOUR_MS = 3_600_000
 
 
 class _Tags:
@@ -264,6 +266,7 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     parts.append(st.encode_lines(iv_r, tags.table(b"intervals")))
     daily_lines, daily_days = _daily_partials(iv, tags, s)
     parts.append(daily_lines)
+    parts.append(_hourly_partials(iv, tags, s))
     collapsed, span = _collapsed_voltage(checked_r, meters.un_dv, batch.meters, tags)
     parts.append(collapsed[0])
     return BatchOutput(
@@ -334,6 +337,34 @@ def _daily_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> tuple[bytes, 
         tags.table(b"daily_tou"), meter, texts, row_day.astype(np.int64), _DAILY_FIELDS, values, first_start
     )
     return lines, tuple(days.tolist())
+
+
+def _hourly_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> bytes:
+    """One ``hourly`` point per (meter, local hour) of this batch's total-register intervals:
+    billable energy and interval counts, a partial like ``daily_tou`` (time = the batch's first
+    interval start in that hour, so the hour's total is ``sum()`` and a replay rewrites it)."""
+    sel = iv.quantity == Q_ENERGY_TOTAL
+    if not sel.any():
+        return b""
+    iv1 = st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
+    off = s.calendar.utc_offset_ms
+    tot = st.interval_totals(iv1, bucket_ms=HOUR_MS, interval_ms=s.interval_ms, utc_offset_ms=off)
+    start = iv1.end_ts - s.interval_ms
+    labels, ng, _ = st.group_labels(iv1.meter.astype(np.int64), (start + off) // HOUR_MS)
+    first_start = np.full(ng, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_start, labels, start)
+    hours, row_hour = np.unique(tot.start_ts, return_inverse=True)
+    texts = [
+        (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=int(h) + off)).strftime("%Y-%m-%dT%H").encode()
+        for h in hours
+    ]
+    values = np.column_stack(
+        (tot.energy, tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid)
+    ).astype(np.int64)
+    return st.encode_int_lines(
+        tags.table(b"hourly"), tot.meter.astype(np.int64), texts, row_hour.astype(np.int64),
+        _HOURLY_FIELDS, values, first_start,
+    )  # fmt: skip
 
 
 def _collapsed_voltage(

@@ -240,6 +240,18 @@ async def test_batches_land_with_flags_intervals_daily_and_a_bad_payload_is_dead
             and daily[0]["n"] == 10
             and daily[0]["est"] == 2
         )
+        # hourly partials: an interval counts in the hour it starts in (hour 2: 2 estimated + 1 invalid)
+        hourly = influxd.query(
+            'SELECT sum("total") AS total, sum("intervals") AS n, sum("estimated") AS est, sum("invalid") AS bad '
+            f"FROM hourly WHERE meter = 'M1' AND gateway = '{gw}' AND time >= {T0}ms AND time < {T0 + 16 * Q}ms "
+            "GROUP BY time(1h) fill(none)",
+            db=db,
+        )
+        assert [(r["time"], r["total"], r["n"], r["est"], r["bad"]) for r in hourly] == [
+            (T0, 100, 4, 0, 0),
+            (T0 + 4 * Q, 100, 4, 0, 0),
+            (T0 + 8 * Q, 50, 2, 2, 1),
+        ]
         query = InfluxQuery(w.cfg.influx)
         report = await query_completeness(query, "M1", DAY)
         await query.aclose()

@@ -163,6 +163,11 @@ def test_vee01_multiplier_and_daily_totals() -> None:
     assert iv.energy.tolist() == [1_000] * 4  # 0.25 kWh x 40 = 10.00 kWh
     hourly = stages.interval_totals(iv, bucket_ms=3_600_000)
     assert hourly.energy.sum() == 4_000 and hourly.n_actual.sum() == 4
+    # Hourly buckets hold the intervals that *start* in the hour: from 00:30, two and two.
+    rows = [(0, T0 + j * I, 1, 100 + 25 * j) for j in range(3, 7)]
+    r, c, m = check(rows, prev=[(0, 1, 150, T0 + 2 * I)])
+    hourly = stages.interval_totals(stages.aggregate_intervals(r, c, m), bucket_ms=3_600_000)
+    assert hourly.start_ts.tolist() == [T0, T0 + 3_600_000] and hourly.energy.tolist() == [50, 50]
 
 
 def test_completeness_report_for_billing() -> None:

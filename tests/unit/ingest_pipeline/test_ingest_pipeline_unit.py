@@ -198,6 +198,23 @@ def test_daily_partials_cross_check_the_calendar_split_with_the_tariff_registers
     )
 
 
+def test_hourly_partials_split_the_batch_at_local_hours() -> None:
+    # prev at 00:30; reads 00:45 .. 01:45 (local): 2 intervals in hour 00, 3 in hour 01, one of
+    # them estimated (the 01:15 read is missing: the 01:30 delta is spread over both intervals,
+    # VEE-20) and the 01:45 one went backwards (not billable).
+    b = BatchBuilder()
+    b.set_prev("M 1", 1, 1000, T0 + 2 * Q)
+    for k, v in ((3, 1025), (4, 1050), (6, 1100), (7, 1090)):
+        b.add("M 1", T0 + k * Q, 1, v)
+    out = transform(b.build("g", 1, sent_ms=T0 + 7 * Q), settings())
+    assert [ln for ln in out.lines.split(b"\n") if ln.startswith(b"hourly")] == [
+        b'hourly,meter=M\\ 1,gateway=g hour="2024-03-10T00",total=50i,intervals=2i,estimated=0i,invalid=0i %d'
+        % (T0 + 2 * Q),
+        b'hourly,meter=M\\ 1,gateway=g hour="2024-03-10T01",total=50i,intervals=2i,estimated=2i,invalid=1i %d'
+        % (T0 + 4 * Q),
+    ]
+
+
 def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
     import random
 
