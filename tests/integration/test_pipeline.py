@@ -580,6 +580,70 @@ async def test_power_down_events_of_one_area_raise_one_alarm(
     assert alarms[0]["events"] == 5
 
 
+async def test_collapsed_voltages_of_one_area_raise_one_alarm(
+    mosquitto: Any, influx_db: Any, tmp_path: Path, run_worker: Any
+) -> None:
+    """OUT-01 from readings (no power-down events): every phase voltage of 4 of TA-1's 6 meters
+    collapses within 30 s; the pipeline writes 4 voltage_collapsed events and one area alarm."""
+    influxd, db = influx_db
+    gw = f"gw-v-{_uid()}"
+    reg = tmp_path / "meters.toml"
+    reg.write_text(
+        "".join(
+            f'[meters."V{i}"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\narea = "TA-1"\n' for i in range(6)
+        )
+    )
+    w = await run_worker(
+        ingest_toml(tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw]), registry=str(reg))
+    )
+    pub = Publisher(mosquitto)
+    try:
+        b = BatchBuilder()
+        for i in range(6):  # V0..V3 collapse (0.0 V and 95.0 V < 60 % of 220 V); V4, V5 stay normal
+            b.add(f"V{i}", T0 + i * 10_000, 30, (0, 950, 0, 950, 2200, 2180)[i])
+        pub.batch(b.build(gw, 1, sent_ms=T0 + 60_000))
+        await wait_for(lambda: written(w) == 1)
+        await wait_for(lambda: len(influxd.query("SELECT * FROM alarms", db=db)) >= 1)
+        await asyncio.sleep(1.0)  # room for a (wrong) second alarm
+    finally:
+        pub.close()
+    events = influxd.query("SELECT * FROM events WHERE kind = 'voltage_collapsed'", db=db)
+    assert sorted(r["meter"] for r in events) == ["V0", "V1", "V2", "V3"]
+    alarms = influxd.query("SELECT * FROM alarms", db=db)
+    assert len(alarms) == 1 and alarms[0]["area"] == "TA-1" and alarms[0]["time"] == T0 + 20_000
+    assert alarms[0]["events"] == 4
+
+
+async def test_tou_split_is_cross_checked_against_the_tariff_registers_in_influxdb(
+    mosquitto: Any, influx_db: Any, tmp_path: Path, run_worker: Any
+) -> None:
+    """VEE-15 through InfluxDB: 00:00-01:00 local is valley in the built-in calendar. Meter OK's
+    T4 (valley) register agrees; meter BAD's energy lands on T2 (peak): the day shows it."""
+    influxd, db = influx_db
+    gw = f"gw-t-{_uid()}"
+    w = await run_worker(ingest_toml(tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw])))
+    pub = Publisher(mosquitto)
+    try:
+        b = BatchBuilder()
+        for m, tariff in (("OK", 5), ("BAD", 3)):
+            for q in (1, tariff):
+                b.set_prev(m, q, 1000, T0)
+                for k in range(1, 5):
+                    b.add(m, T0 + k * Q, q, 1000 + 25 * k)
+        pub.batch(b.build(gw, 1, sent_ms=T0 + 4 * Q))
+        await wait_for(lambda: written(w) == 1)
+    finally:
+        pub.close()
+    rows = influxd.query(
+        'SELECT sum("valley") AS valley, sum("peak") AS peak, sum("reg_valley") AS reg_valley, '
+        'sum("reg_peak") AS reg_peak, sum("tou_mismatch") AS mismatch '
+        f"FROM daily_tou WHERE gateway = '{gw}' GROUP BY meter",
+        db=db,
+    )
+    got = {r["meter"]: (r["valley"], r["peak"], r["reg_valley"], r["reg_peak"], r["mismatch"]) for r in rows}
+    assert got == {"OK": (100, 0, 100, 0, 0), "BAD": (100, 0, 0, 100, 1)}
+
+
 def _children(pid: int) -> set[int]:
     return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
