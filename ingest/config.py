@@ -30,7 +30,10 @@ __all__ = [
     "IngestConfig",
     "MqttSection",
     "PipelineSection",
+    "load_calendar",
     "load_config",
+    "load_registry",
+    "load_tariff_calendars",
     "parse_config",
 ]
 
@@ -132,6 +135,7 @@ class PipelineSection:
 class IngestConfig:
     registry: str = ""
     tariff_calendar: str = ""
+    tariff_calendars: dict[str, str] = field(default_factory=dict)
     metrics_listen: str = ""
     mqtt: MqttSection = field(default_factory=MqttSection)
     influx: SinkConfig = field(default_factory=SinkConfig)
@@ -160,11 +164,12 @@ def parse_config(text: str, source: str = "ingest.toml", base_dir: Path | None =
         cfg,
         registry=_resolve(base, cfg.registry),
         tariff_calendar=_resolve(base, cfg.tariff_calendar),
+        tariff_calendars={name: _resolve(base, path) for name, path in cfg.tariff_calendars.items()},
         dead_letter=replace(cfg.dead_letter, path=_resolve(base, cfg.dead_letter.path)),
         dedup=replace(cfg.dedup, path=_resolve(base, cfg.dedup.path)),
     )
     load_registry(cfg)
-    load_calendar(cfg)
+    load_tariff_calendars(cfg, load_calendar(cfg))
     return cfg
 
 
@@ -194,11 +199,31 @@ def load_calendar(cfg: IngestConfig) -> Any:
 
     if not cfg.tariff_calendar:
         return TariffCalendar.from_dict(DEFAULT_CALENDAR)
+    return _calendar_file(cfg.tariff_calendar, "tariff_calendar")
+
+
+def load_tariff_calendars(cfg: IngestConfig, default: Any) -> dict[str, Any]:
+    """``[tariff_calendars]``: registry tariff name -> its calendar. Every calendar must share the
+    default's UTC offset (local days are cut once per batch). Raises: ConfigError."""
+    out = {}
+    for name, path in cfg.tariff_calendars.items():
+        key = f"tariff_calendars.{name}"
+        cal = _calendar_file(path, key)
+        if cal.utc_offset_ms != default.utc_offset_ms:
+            minutes = default.utc_offset_ms // 60_000
+            raise ConfigError(key, f"utc_offset_minutes must equal the default calendar's ({minutes})")
+        out[name] = cal
+    return out
+
+
+def _calendar_file(path: str, key: str) -> Any:
+    from ingest.tariff_calendar import TariffCalendar
+
     try:
-        doc = tomllib.loads(Path(cfg.tariff_calendar).read_text(encoding="utf-8"))
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("tariff_calendar", f"cannot read {cfg.tariff_calendar}: {exc}") from None
-    return TariffCalendar.from_dict(doc, "tariff_calendar")
+        raise ConfigError(key, f"cannot read {path}: {exc}") from None
+    return TariffCalendar.from_dict(doc, key)
 
 
 SAMPLE = """\
@@ -214,6 +239,11 @@ registry = ""
 tariff_calendar = ""
 # Where the Prometheus metrics are served (worker i listens on port + i); "" disables them.
 metrics_listen = ""
+
+# Calendars of meters on other tariffs: registry tariff name = calendar file, with the same UTC
+# offset as tariff_calendar. Meters whose tariff is not listed use tariff_calendar.
+[tariff_calendars]
+# commercial = "calendar-commercial.toml"   (example)
 
 [mqtt]
 # The broker: mqtt://host:port, or mqtts://host:port for TLS.

@@ -25,7 +25,7 @@ File format (every key shown; ``multiplier``, ``ib_a``, ``tariff``, ``area``, ``
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ class MeterParams:
     multiplier: npt.NDArray[np.int64]
     area: npt.NDArray[np.int32]  # index into MeterRegistry.areas, -1 = none
     master: npt.NDArray[np.bool_]
+    # index into MeterRegistry.tariffs, -1 = none (empty: no tariff information at all)
+    tariff: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, np.int32))
 
 
 def _fixed(value: Any, scale: int, key: str) -> int:
@@ -209,6 +211,7 @@ class MeterRegistry:
             multiplier=take(self.multiplier, 1),
             area=take(self.area, -1),
             master=take(self.master, False),
+            tariff=take(self.tariff, -1),
         )
         for f in fields(cols):
             getattr(cols, f.name).setflags(write=False)

@@ -53,6 +53,7 @@ __all__ = [
     "escape_tag",
     "interval_totals",
     "line_loss",
+    "tou_periods",
     "tou_split",
     "unescape_tag",
     "validate_batch",
@@ -380,10 +381,12 @@ class TouDays:
     mismatch: npt.NDArray[np.bool_]
 
 
-def tou_split(iv: Intervals, calendar: TariffCalendar, *, interval_ms: int = INTERVAL_MS) -> TouDays:
-    """TOU-03 classification by interval start, VEE-15 cross-check against T1..T4 deltas."""
-    period = k.tou_periods(
-        iv.end_ts,
+def tou_periods(
+    end_ts: I64, calendar: TariffCalendar, *, interval_ms: int = INTERVAL_MS
+) -> npt.NDArray[np.uint8]:
+    """TOU-03: the period (1 sharp .. 4 valley) of each end-labelled interval, by its start."""
+    return k.tou_periods(
+        end_ts,
         interval_ms,
         calendar.utc_offset_ms,
         calendar.month_season,
@@ -391,6 +394,20 @@ def tou_split(iv: Intervals, calendar: TariffCalendar, *, interval_ms: int = INT
         calendar.profiles,
         calendar.holidays,
     )
+
+
+def tou_split(
+    iv: Intervals,
+    calendar: TariffCalendar,
+    *,
+    interval_ms: int = INTERVAL_MS,
+    period: npt.NDArray[np.uint8] | None = None,
+) -> TouDays:
+    """TOU-03 classification by interval start, VEE-15 cross-check against T1..T4 deltas.
+    ``period`` (one per interval) overrides ``calendar``'s, e.g. for meters on other tariffs;
+    the local day still comes from ``calendar``'s UTC offset."""
+    if period is None:
+        period = tou_periods(iv.end_ts, calendar, interval_ms=interval_ms)
     day = _bucket_start(iv.end_ts, interval_ms, DAY_MS, calendar.utc_offset_ms)
     labels, ng, first = group_labels(iv.meter.astype(np.int64), day)
     cal, reg, big, bad = k.tou_split(labels, ng, iv.quantity, iv.energy, iv.flags, period)

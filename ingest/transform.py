@@ -31,8 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import stages as st
-from ingest.config import IngestConfig, load_calendar, load_registry
-from ingest.registry import MeterRegistry
+from ingest.config import IngestConfig, load_calendar, load_registry, load_tariff_calendars
+from ingest.registry import MeterParams, MeterRegistry
 from ingest.tariff_calendar import TariffCalendar
 from protocols.aggregates import IntervalRecord
 from protocols.errors import PayloadError
@@ -117,19 +117,22 @@ class Settings:
     max_gap_intervals: int = 8
     future_tol_ms: int = 300_000
     check_topic_gateway: bool = True
+    tariff_calendars: dict[str, TariffCalendar] = field(default_factory=dict)  # registry tariff -> calendar
     tags: _TagCache = field(default_factory=_TagCache, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> Settings:
         p = cfg.pipeline
+        calendar = load_calendar(cfg)
         return cls(
             load_registry(cfg),
-            load_calendar(cfg),
+            calendar,
             wide=p.schema == "wide",
             interval_ms=p.interval_s * 1000,
             max_gap_intervals=p.max_gap_intervals,
             future_tol_ms=p.future_tol_s * 1000,
             check_topic_gateway=p.check_topic_gateway,
+            tariff_calendars=load_tariff_calendars(cfg, calendar),
         )
 
 
@@ -264,7 +267,7 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     iv = _dedup_intervals(iv)
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
     parts.append(st.encode_lines(iv_r, tags.table(b"intervals")))
-    daily_lines, daily_days = _daily_partials(iv, tags, s)
+    daily_lines, daily_days = _daily_partials(iv, meters, tags, s)
     parts.append(daily_lines)
     parts.append(_hourly_partials(iv, tags, s))
     collapsed, span = _collapsed_voltage(checked_r, meters.un_dv, batch.meters, tags)
@@ -295,7 +298,24 @@ def warm_up(s: Settings) -> None:
             transform(batch, cold).intervals_payload("warm-up", 1)
 
 
-def _daily_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> tuple[bytes, tuple[int, ...]]:
+def _periods(iv: st.Intervals, meters: MeterParams, s: Settings) -> npt.NDArray[np.uint8]:
+    """TOU period of each interval: its meter's tariff calendar, else the default calendar."""
+    period = st.tou_periods(iv.end_ts, s.calendar, interval_ms=s.interval_ms)
+    if not s.tariff_calendars or meters.tariff.shape[0] == 0 or iv.end_ts.shape[0] == 0:
+        return period
+    tariff = meters.tariff[iv.meter]
+    names = s.registry.tariffs
+    for t in np.unique(tariff).tolist():
+        cal = s.tariff_calendars.get(names[t]) if t >= 0 else None
+        if cal is not None:
+            rows = tariff == t
+            period[rows] = st.tou_periods(iv.end_ts[rows], cal, interval_ms=s.interval_ms)
+    return period
+
+
+def _daily_partials(
+    iv: st.Intervals, meters: MeterParams, tags: _Tags, s: Settings
+) -> tuple[bytes, tuple[int, ...]]:
     """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals,
     with the calendar's TOU split, the tariff registers' own deltas and the VEE-15 mismatches.
 
@@ -314,7 +334,7 @@ def _daily_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> tuple[bytes, 
     # intervals only), both in (meter, day) order, so tot's rows are found by searchsorted.
     regs = (iv.quantity >= Q_ENERGY_TOTAL) & (iv.quantity <= Q_TARIFF_LAST)
     ivr = st.Intervals(iv.meter[regs], iv.quantity[regs], iv.end_ts[regs], iv.energy[regs], iv.flags[regs])
-    tou = st.tou_split(ivr, s.calendar, interval_ms=s.interval_ms)
+    tou = st.tou_split(ivr, s.calendar, interval_ms=s.interval_ms, period=_periods(ivr, meters, s))
     day0 = int(tou.day_start_ts.min())
     tou_key = (tou.meter.astype(np.int64) << 24) | ((tou.day_start_ts - day0) // DAY_MS)
     tot_key = (tot.meter.astype(np.int64) << 24) | ((tot.start_ts - day0) // DAY_MS)

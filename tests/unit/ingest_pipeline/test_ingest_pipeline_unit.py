@@ -215,6 +215,60 @@ def test_hourly_partials_split_the_batch_at_local_hours() -> None:
     ]
 
 
+FLAT_ALL_DAY = """utc_offset_minutes = %d
+[seasons.all]
+months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+workday = "flat"
+[profiles.flat]
+segments = [["00:00", "24:00", "flat"]]
+"""
+
+
+def _registry_with_tariffs(tmp_path: Path) -> None:
+    rows = {"A": 'tariff = "commercial"', "B": 'tariff = "residential"', "C": ""}
+    (tmp_path / "meters.toml").write_text(
+        "".join(f'[meters."{m}"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\n{t}\n' for m, t in rows.items())
+    )
+
+
+def test_meters_on_a_listed_tariff_get_their_own_tou_calendar(tmp_path: Path) -> None:
+    """Registry tariff "commercial" has a calendar (flat all day); "residential" is not listed and
+    C has no tariff: both use the default calendar, where 00:00-01:00 is valley."""
+    _registry_with_tariffs(tmp_path)
+    (tmp_path / "commercial.toml").write_text(FLAT_ALL_DAY % 480)
+    text = 'registry = "meters.toml"\n[tariff_calendars]\ncommercial = "commercial.toml"\n'
+    s = Settings.from_config(parse_config(text, base_dir=tmp_path))
+    b = BatchBuilder()
+    for m in ("A", "B", "C"):
+        b.set_prev(m, 1, 1000, T0)
+        for k in range(1, 5):
+            b.add(m, T0 + k * Q, 1, 1000 + 25 * k)
+    out = transform(b.build("gw", 1, sent_ms=T0 + 4 * Q), s)
+    split = {
+        line.split(b",", 2)[1]: [
+            kv for kv in line.split(b" ")[1].split(b",") if kv.split(b"=")[0] in (b"flat", b"valley")
+        ]
+        for line in _reference_daily_lines(out.lines)
+    }
+    assert split == {
+        b"meter=A": [b"flat=100i", b"valley=0i"],
+        b"meter=B": [b"flat=0i", b"valley=100i"],
+        b"meter=C": [b"flat=0i", b"valley=100i"],
+    }
+
+
+def test_tariff_calendars_errors_name_the_tariff(tmp_path: Path) -> None:
+    _registry_with_tariffs(tmp_path)
+    text = 'registry = "meters.toml"\n[tariff_calendars]\ncommercial = "commercial.toml"\n'
+    with pytest.raises(ConfigError) as missing:
+        parse_config(text, base_dir=tmp_path)
+    assert missing.value.key_path == "tariff_calendars.commercial"
+    (tmp_path / "commercial.toml").write_text(FLAT_ALL_DAY % 0)  # UTC, the default is UTC+8
+    with pytest.raises(ConfigError, match="utc_offset_minutes") as offset:
+        parse_config(text, base_dir=tmp_path)
+    assert offset.value.key_path == "tariff_calendars.commercial"
+
+
 def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
     import random
 
