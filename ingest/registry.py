@@ -7,8 +7,8 @@ valid (a bad edit leaves the old registry in force and raises). Every problem ra
 :class:`protocols.errors.ConfigError` whose ``key_path`` names the bad key
 (``meters."M1".phases``). It never logs.
 
-File format (every key shown; ``multiplier``, ``ib_a``, ``tariff``, ``area``, ``account`` and
-``master`` are optional)::
+File format (every key shown; ``multiplier``, ``ib_a``, ``register_digits``, ``tariff``, ``area``,
+``account`` and ``master`` are optional)::
 
     [meters."000012345678"]
     voltage_v = 220          # U_n, phase voltage (VEE-05/16/17); decimals allowed to 0.1 V
@@ -16,7 +16,9 @@ File format (every key shown; ``multiplier``, ``ib_a``, ``tariff``, ``area``, ``
     ib_a = 5                 # I_b, basic current (VEE-17); default 5
     phases = 1               # 1 or 3
     multiplier = 1           # CT x PT (VEE-01); default 1
-    tariff = "residential-tou"
+    register_digits = 6      # integer digits of the energy registers (XXXXXX.XX; VEE-02 rollover
+                             # point); 4..6, default 6
+    tariff = "residential-tou"       # selects [tariff_calendars] in ingest.toml when listed
     area = "TA-0042"         # transformer area (LL-01, OUT-02)
     account = "AC-778"
     master = false           # true for the area's master (check) meter
@@ -37,8 +39,12 @@ from protocols.errors import ConfigError
 
 __all__ = ["MeterParams", "MeterRegistry"]
 
-_KEYS = {"voltage_v", "imax_a", "ib_a", "phases", "multiplier", "tariff", "area", "account", "master"}
+_KEYS = {
+    "voltage_v", "imax_a", "ib_a", "phases", "multiplier", "register_digits",
+    "tariff", "area", "account", "master",
+}  # fmt: skip
 _REQUIRED = ("voltage_v", "imax_a", "phases")
+_DEFAULT_DIGITS = 6  # XXXXXX.XX, the quantity table's energy register maximum
 _PARAMS_CACHE_MAX = 256  # meter tables: one per active gateway is the steady state
 
 
@@ -59,6 +65,9 @@ class MeterParams:
     master: npt.NDArray[np.bool_]
     # index into MeterRegistry.tariffs, -1 = none (empty: no tariff information at all)
     tariff: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, np.int32))
+    # VEE-02: the energy registers' maximum (0.01 kWh) when the meter has fewer integer digits
+    # than the quantity table's XXXXXX.XX; 0 = the table's (empty: 0 for every meter)
+    energy_regmax: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def _fixed(value: Any, scale: int, key: str) -> int:
@@ -107,7 +116,7 @@ class MeterRegistry:
         if not isinstance(meters, dict):
             raise ConfigError("meters", "expected a table")
         cols: dict[str, list[Any]] = {
-            k: [] for k in ("un", "imax", "ib", "ph", "mul", "area", "tariff", "account", "master")
+            k: [] for k in ("un", "imax", "ib", "ph", "mul", "regmax", "area", "tariff", "account", "master")
         }
         areas: dict[str, int] = {}
         tariffs: dict[str, int] = {}
@@ -122,6 +131,7 @@ class MeterRegistry:
         self.ib_ma = np.array(cols["ib"], dtype=np.int64)
         self.phases = np.array(cols["ph"], dtype=np.int64)
         self.multiplier = np.array(cols["mul"], dtype=np.int64)
+        self.energy_regmax = np.array(cols["regmax"], dtype=np.int64)
         self.area = np.array(cols["area"], dtype=np.int32)
         self.tariff = np.array(cols["tariff"], dtype=np.int32)
         self.account = np.array(cols["account"], dtype=np.int32)
@@ -153,6 +163,9 @@ class MeterRegistry:
         mul = row.get("multiplier", 1)
         if isinstance(mul, bool) or not isinstance(mul, int) or mul < 1:
             raise ConfigError(f"{key}.multiplier", f"expected a positive integer, got {mul!r}")
+        digits = row.get("register_digits", _DEFAULT_DIGITS)
+        if isinstance(digits, bool) or not isinstance(digits, int) or not 4 <= digits <= _DEFAULT_DIGITS:
+            raise ConfigError(f"{key}.register_digits", f"expected 4..{_DEFAULT_DIGITS}, got {digits!r}")
         names = {}
         for k in ("tariff", "area", "account"):
             v = row.get(k)
@@ -169,6 +182,7 @@ class MeterRegistry:
         cols["ib"].append(_fixed(row.get("ib_a", 5), 1000, f"{key}.ib_a"))
         cols["ph"].append(phases)
         cols["mul"].append(mul)
+        cols["regmax"].append(0 if digits == _DEFAULT_DIGITS else 10 ** (digits + 2) - 1)  # 0.01 kWh
         cols["area"].append(_label(areas, names["area"]))
         cols["tariff"].append(_label(tariffs, names["tariff"]))
         cols["account"].append(_label(accounts, names["account"]))
@@ -212,6 +226,7 @@ class MeterRegistry:
             area=take(self.area, -1),
             master=take(self.master, False),
             tariff=take(self.tariff, -1),
+            energy_regmax=take(self.energy_regmax, 0),
         )
         for f in fields(cols):
             getattr(cols, f.name).setflags(write=False)

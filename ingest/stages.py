@@ -176,7 +176,11 @@ def _meter_columns(meters: MeterParams, nmeters: int, p: ValidationParams) -> di
     ok = meters.un_dv > 0
     # VEE-08: the current that carries zero_power_min_w at U_n, in mA, rounded up.
     izero[ok] = -(-p.zero_power_min_w * 10_000 // meters.un_dv[ok])
-    return {"kmax": pmax_mw * (100 + p.spike_margin_pct), "izero": izero}
+    # VEE-02: a meter whose energy registers have fewer integer digits wraps earlier (0 = the
+    # quantity's own register maximum).
+    regmax = meters.energy_regmax if meters.energy_regmax.shape[0] else np.zeros(nmeters, np.int64)
+    _col("meters.energy_regmax", regmax, np.int64, nmeters)
+    return {"kmax": pmax_mw * (100 + p.spike_margin_pct), "izero": izero, "regmax": regmax}
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +260,7 @@ def validate_batch(
         meters.ib_ma,
         meters.phases,
         mc["izero"],
+        mc["regmax"],
         receive_ts_ms,
         p.future_tol_ms,
         p.meter_clock_utc_offset_ms,

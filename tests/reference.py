@@ -53,6 +53,7 @@ def validate(
     m_ib,
     m_phases,
     m_izero,
+    m_regmax,
     receive,
     future_tol,
     clock_off,
@@ -133,7 +134,8 @@ def validate(
                 moves = True
                 kmax = int(m_kmax[m])
                 if d < 0 and not q_signed[q]:
-                    span = int(q_regmax[q]) + 1
+                    per_meter = int(m_regmax[m]) if q_energy[q] else 0  # VEE-02: digits per meter
+                    span = (per_meter or int(q_regmax[q])) + 1
                     wrapped = span - a_v + v
                     if 10 * a_v >= 9 * span and (not q_energy[q] or kmax <= 0 or wrapped <= emax(kmax, gap)):
                         d, f = wrapped, f | k.F_ROLLOVER

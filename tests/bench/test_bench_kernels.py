@@ -87,6 +87,7 @@ def _reference_pipeline(r, prev, meters):
         meters.ib_ma,
         meters.phases,
         mc["izero"],
+        mc["regmax"],
         T0 + 200 * I,
         p.future_tol_ms,
         p.meter_clock_utc_offset_ms,

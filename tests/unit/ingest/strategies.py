@@ -29,6 +29,7 @@ QUANTITIES = [1, 1, 1, 2, 3, 6, 11, 80, 30, 31, 32, 33, 34, 35, 40, 52, 53, 56, 
 VALUES = st.one_of(
     st.integers(0, 3_000),
     st.integers(99_999_000, 99_999_999),
+    st.integers(9_999_000, 9_999_999),  # near a 5-digit meter's rollover point (energy_regmax)
     st.integers(-3, 130_000_000),
     st.sampled_from([0, 5, 999, 1_000, 1_320, 1_716, 2_200, 3_301, 999_990, 1_001]),
 )
@@ -48,6 +49,7 @@ def meter_params(draw, nmeters: int) -> MeterParams:
         multiplier=col([1, 40]),
         area=col([-1, 0, 1], np.int32),
         master=col([False, False, True], np.bool_),
+        energy_regmax=col([0, 0, 9_999_999]),  # some meters have 5-digit registers (VEE-02)
     )
 
 

@@ -44,6 +44,7 @@ def _validate_args(readings, previous, meters, receive):
         meters.ib_ma,
         meters.phases,
         mc["izero"],
+        mc["regmax"],
         receive,
         P.future_tol_ms,
         P.meter_clock_utc_offset_ms,

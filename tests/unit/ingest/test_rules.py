@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import numpy as np
@@ -59,6 +60,16 @@ def check(rows, prev=(), m=None, receive=T0 + 100 * I):
 def test_vee02_rollover_is_not_negative_consumption() -> None:
     _, c, _ = check([(0, T0 + I, 1, 30)], prev=[(0, 1, 99_999_950, T0)])
     assert c.flags[0] == Flag.ROLLOVER and c.delta[0] == 80  # (1 000 000.00 − 999 999.50) + 0.30
+
+
+def test_vee02_rollover_point_is_per_meter() -> None:
+    # A 5-digit meter (XXXXX.XX) wraps at 100 000.00 kWh: 99 999.50 -> 0.30 is 0.80 kWh, not a
+    # replacement; the same reading on a meter with the table's 6 digits is one.
+    five = MeterParams(*dataclasses.astuple(meters())[:8], energy_regmax=np.array([9_999_999]))
+    _, c, _ = check([(0, T0 + I, 1, 30)], prev=[(0, 1, 9_999_950, T0)], m=five)
+    assert c.flags[0] == Flag.ROLLOVER and c.delta[0] == 80
+    _, c, _ = check([(0, T0 + I, 1, 30)], prev=[(0, 1, 9_999_950, T0)])
+    assert c.flags[0] == Flag.METER_REPLACED and c.delta[0] == 0
 
 
 def test_vee02_counter_example_and_vee03_meter_replaced() -> None:
