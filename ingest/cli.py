@@ -1,11 +1,17 @@
-"""``amigw ingest --config ingest.toml [--workers N] [--check-config] [--completeness METER DAY]``.
+"""``amigw ingest --config ingest.toml [--workers N] [--check-config] [--completeness METER DAY]
+[--daily-report DAY [--json]]``.
 
 Loads the whole configuration once (registry and tariff calendar included), so a bad file is a
 :class:`~protocols.errors.ConfigError` at start (exit 2 from ``amigw``). ``--workers N`` starts N
 independent worker processes (each its own MQTT session ``<client_id>-<i>`` in the shared
 subscription, its own sink connection, metrics on port + i) and supervises them: SIGTERM/SIGINT
-are passed on, a worker that dies is restarted after a pause. With one worker the process itself
-is the worker. ``--completeness`` prints the KPI-01 line of one meter-day from InfluxDB and exits.
+are passed on and end the supervisor once the workers exit, SIGHUP (registry reload) is passed on
+to every live worker and the supervisor keeps running, a worker that dies is restarted after a
+pause. With one worker the process itself is the worker. ``--completeness`` prints the KPI-01 line
+of one meter-day from InfluxDB and exits. ``--daily-report DAY`` computes the day's line loss per
+transformer area and collection success per meter, gateway and area from ``daily_tou``, writes
+them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) and exits
+(:mod:`ingest.report`, ``docs/ingest-report.md``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import logging
 import signal
 import subprocess
@@ -41,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("METER", "DAY"),
         help="print interval completeness of METER on local day DAY (YYYY-MM-DD) and exit",
     )
+    parser.add_argument(
+        "--daily-report",
+        metavar="DAY",
+        help="compute, write and print the line-loss and collection report of local day DAY (YYYY-MM-DD), "
+        "then exit; run it once the day is complete",
+    )
+    parser.add_argument("--json", action="store_true", help="with --daily-report: print one JSON document")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
             f"tariff_calendar={cfg.tariff_calendar or 'built-in'} queue_max={cfg.mqtt.queue_max}"
         )
         return 0
+    if args.json and not args.daily_report:
+        raise ConfigError("--json", "only with --daily-report")
     if args.completeness:
         return _completeness(cfg, *args.completeness)
+    if args.daily_report:
+        return _daily_report(cfg, args.daily_report, as_json=args.json)
     if args.workers < 1:
         raise ConfigError("--workers", f"expected >= 1, got {args.workers}")
     if args.worker_index is not None or args.workers == 1:
@@ -68,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def _completeness(cfg: IngestConfig, meter: str, day_text: str) -> int:
     from ingest.pipeline import InfluxQuery, query_completeness
 
-    try:
-        day = dt.date.fromisoformat(day_text)
-    except ValueError:
-        raise ConfigError("--completeness", f"DAY: expected YYYY-MM-DD, got {day_text!r}") from None
+    day = _day("--completeness", day_text)
     offset = load_calendar(cfg).utc_offset_ms
 
     async def main() -> str:
@@ -88,6 +103,31 @@ def _completeness(cfg: IngestConfig, meter: str, day_text: str) -> int:
     return 0
 
 
+def _day(option: str, text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(option, f"DAY: expected YYYY-MM-DD, got {text!r}") from None
+
+
+def _daily_report(cfg: IngestConfig, day_text: str, *, as_json: bool) -> int:
+    from ingest.report import daily_report, day_window
+    from protocols.errors import SinkError
+
+    day = _day("--daily-report", day_text)
+    _, end_ms = day_window(day, load_calendar(cfg).utc_offset_ms)
+    if end_ms > time.time() * 1000:
+        log.warning("daily report day=%s: the day is not over yet; run it again once it is", day)
+    try:
+        report = asyncio.run(daily_report(cfg, day))
+    except SinkError as exc:
+        # one line naming what failed, through amigw's AmigwError handler (exit 1, no traceback)
+        msg = f"daily report {day}: InfluxDB {cfg.influx.url}: {exc}"
+        raise SinkError(msg, retryable=exc.retryable, status=exc.status) from None
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.summary())
+    return 0
+
+
 def _worker_argv(config: Path, index: int) -> list[str]:
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     return [sys.executable, "-m", "gateway.cli", "--log-level", str(level), "ingest",
@@ -95,19 +135,30 @@ def _worker_argv(config: Path, index: int) -> list[str]:
 
 
 def _supervise(config: Path, workers: int) -> int:
-    """Start N workers, pass SIGTERM/SIGINT on, restart a worker that died on its own."""
-    procs = {i: subprocess.Popen(_worker_argv(config, i)) for i in range(workers)}
+    """Start N workers; pass SIGTERM/SIGINT on and return 0 once they exit; pass SIGHUP (registry
+    reload) on to every live worker and keep going; restart a worker that died on its own.
+
+    The handlers are installed before the first worker starts, so no signal finds the supervisor
+    with its default action (SIGHUP's would kill it and leave the workers unsupervised). A worker
+    that gets SIGHUP before its own handler is installed dies of it and is restarted, which also
+    loads the new registry."""
+    procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(_sig: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        _signal_live(procs, signal.SIGTERM)
+
+    def reload(_sig: int, _frame: object) -> None:
+        log.info("ingest supervisor: SIGHUP passed on to the workers (registry reload)")
+        _signal_live(procs, signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    for i in range(workers):
+        procs[i] = subprocess.Popen(_worker_argv(config, i))
     log.info("ingest supervisor started workers=%d pids=%s", workers, [p.pid for p in procs.values()])
     while True:
         time.sleep(0.2)
@@ -123,4 +174,11 @@ def _supervise(config: Path, workers: int) -> int:
             if rc is not None:
                 log.error("ingest worker died worker=%d rc=%s; restarting in %.0fs", i, rc, RESTART_PAUSE_S)
                 time.sleep(RESTART_PAUSE_S)
-                procs[i] = subprocess.Popen(_worker_argv(config, i))
+                if not stopping:
+                    procs[i] = subprocess.Popen(_worker_argv(config, i))
+
+
+def _signal_live(procs: dict[int, subprocess.Popen[bytes]], sig: signal.Signals) -> None:
+    for p in list(procs.values()):
+        if p.poll() is None:
+            p.send_signal(sig)

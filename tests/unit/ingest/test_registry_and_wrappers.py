@@ -61,12 +61,14 @@ def test_registry_params_are_cached_per_meter_table_until_a_reload(tmp_path) -> 
     assert reg.params(("M1", "M2")).multiplier.tolist() == [1, 80]  # not the stale cached answer
 
 
-
 def test_registry_register_digits_set_the_energy_rollover_point(tmp_path) -> None:
     path = tmp_path / "meters.toml"
-    path.write_text(GOOD.replace('phases = 1\narea = "TA-1"', 'phases = 1\nregister_digits = 5\narea = "TA-1"'))
+    path.write_text(
+        GOOD.replace('phases = 1\narea = "TA-1"', 'phases = 1\nregister_digits = 5\narea = "TA-1"')
+    )
     reg = MeterRegistry.load(path)
     assert reg.params(("M1", "M2", "?")).energy_regmax.tolist() == [9_999_999, 0, 0]  # 99 999.99 kWh
+
 
 @pytest.mark.parametrize(
     ("text", "key"),
@@ -77,7 +79,10 @@ def test_registry_register_digits_set_the_energy_rollover_point(tmp_path) -> Non
         ('[meters."X"]\nvoltage_v = 220\nimax_a = 0.0001\nphases = 1', 'meters."X".imax_a'),
         ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nmaster = true', 'meters."X".area'),
         ("[other]\n", "other"),
-        ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nregister_digits = 9', 'meters."X".register_digits'),
+        (
+            '[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nregister_digits = 9',
+            'meters."X".register_digits',
+        ),
     ],
 )
 def test_registry_errors_name_the_key(tmp_path, text, key) -> None:
