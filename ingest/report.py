@@ -6,7 +6,8 @@ Contract
   and gateway, what :func:`daily_query` asks for), the meter registry and the day in, a
   :class:`DailyReport` out. Data problems (a registry meter with no data, a meter the registry
   does not know, a null sum) are counts, never exceptions.
-* :func:`run_daily_report` reads the day with **one** InfluxQL query, computes, writes the
+* :func:`run_daily_report` reads the day with **one** InfluxQL query (and the two days before
+  from ``area_loss``, for LL-02's persistence), computes, writes the
   ``area_loss``, ``collection`` and ``alarms`` (kind ``line_loss``) points stamped with the local
   day's start, then removes that day's ``line_loss`` alarms of areas that are no longer anomalous.
   A rerun for the same day rewrites the same series and timestamps: it overwrites, never adds.
@@ -23,7 +24,10 @@ Rules (``shared/reference/business_rules.md``)
   area: the sums over the meters the registry places in it (master included), expected = all of
   them x 96, so a meter that sent nothing costs its area 96.
 * LL-01/02: :func:`ingest.stages.line_loss` over each meter's billable ``total`` (multiplier
-  applied by the pipeline). ``daily_tou`` has no reverse energy, so no reverse (quantity 6) rows
+  applied by the pipeline). Every day's class is written; the area anomaly (an ``alarms`` point)
+  is raised when a class other than QUALIFIED has persisted for ``ANOMALY_DAYS`` consecutive days
+  (this one and the days before, as earlier runs wrote them to ``area_loss``).
+  ``daily_tou`` has no reverse energy, so no reverse (quantity 6) rows
   are given to the kernel: the master's export and the customers' PV export are absent, not zero
   (supply = master forward, sales = customers' forward).
 """
@@ -50,7 +54,7 @@ from ingest.transform import DAY_MS, stored_tag
 from protocols.errors import SinkError
 
 __all__ = [
-    "ALARM_CLASSES",
+    "ANOMALY_DAYS",
     "AreaLoss",
     "Collection",
     "DailyReport",
@@ -63,7 +67,7 @@ __all__ = [
 
 log = logging.getLogger("amigw.ingest")
 
-ALARM_CLASSES = ("HIGH", "NEGATIVE")  # LL-02: the classes that raise an area anomaly
+ANOMALY_DAYS = 3  # LL-02: consecutive days not QUALIFIED that raise an area anomaly
 _EPOCH = dt.date(1970, 1, 1)
 _SUMS = ("total", "intervals", "estimated", "invalid")
 I64 = npt.NDArray[np.int64]
@@ -98,10 +102,11 @@ class AreaLoss:
     klass: str
     customers_present: int
     customers_expected: int
+    days_not_qualified: int = 0  # consecutive days up to this one with a class other than QUALIFIED
 
     @property
     def anomaly(self) -> bool:
-        return self.klass in ALARM_CLASSES
+        return self.days_not_qualified >= ANOMALY_DAYS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,9 +134,9 @@ class DailyReport:
             tag = st.escape_tag(a.area)
             out.append(
                 b'area_loss,area=%s supply=%di,sales=%di,loss=%di,rate_bp=%di,class="%s",'
-                b"customers_present=%di,customers_expected=%di %d\n"
+                b"customers_present=%di,customers_expected=%di,days_not_qualified=%di %d\n"
                 % (tag, a.supply, a.sales, a.loss, a.rate_bp, a.klass.encode(), a.customers_present,
-                   a.customers_expected, ts)
+                   a.customers_expected, a.days_not_qualified, ts)
             )  # fmt: skip
             if a.anomaly:
                 out.append(
@@ -187,7 +192,10 @@ class DailyReport:
         silent = sum(1 for c in meters if c.received + c.estimated + c.invalid == 0)
         est, bad = sum(c.estimated for c in meters), sum(c.invalid for c in meters)
         out += ["", f"meters: {len(meters)}, {silent} without data, {est} estimated, {bad} invalid intervals"]
-        alarms = [f"{a.area} {a.klass} {_hundredths(a.rate_bp)} %" for a in self.alarms]
+        alarms = [
+            f"{a.area} {a.klass} {_hundredths(a.rate_bp)} % ({a.days_not_qualified} days not QUALIFIED)"
+            for a in self.alarms
+        ]
         out.append(f"line-loss alarms: {'; '.join(alarms) if alarms else 'none'}")
         return "\n".join(out)
 
@@ -202,6 +210,7 @@ def _area_doc(a: AreaLoss) -> dict[str, Any]:
         "class": a.klass,
         "customers_present": a.customers_present,
         "customers_expected": a.customers_expected,
+        "days_not_qualified": a.days_not_qualified,
     }
 
 
@@ -256,8 +265,10 @@ def compute_report(
     *,
     utc_offset_ms: int = st.SHANGHAI_MS,
     interval_ms: int = st.INTERVAL_MS,
+    history: dict[str, list[str]] | None = None,
 ) -> DailyReport:
-    """The report of ``day`` from the rows of :func:`daily_query` (see the module contract)."""
+    """The report of ``day`` from the rows of :func:`daily_query` (see the module contract);
+    ``history[area]`` is the area's class on the days before, newest first ("" = no report)."""
     per_day = DAY_MS // interval_ms
     start, _ = day_window(day, utc_offset_ms)
     rows = [r for r in rows if r.get("meter") and r.get("gateway")]
@@ -299,8 +310,21 @@ def compute_report(
     )
     sizes = registry.area_sizes()
     ll = st.line_loss(daily, params, sizes, intervals_per_day=per_day)
+    history = history or {}
+
+    def streak(area: str, klass: str) -> int:
+        days = 0
+        for c in [klass, *history.get(area, [])][:ANOMALY_DAYS]:
+            if c in ("", "QUALIFIED"):
+                break
+            days += 1
+        return days
+
     areas = tuple(
-        AreaLoss(registry.areas[a], sup, sal, loss, rate, st.LineLoss.CLASSES[k], present, int(sizes[a]))
+        AreaLoss(
+            registry.areas[a], sup, sal, loss, rate, st.LineLoss.CLASSES[k], present, int(sizes[a]),
+            streak(registry.areas[a], st.LineLoss.CLASSES[k]),
+        )
         for a, sup, sal, loss, rate, k, present in zip(
             ll.area.tolist(), ll.supply.tolist(), ll.sales.tolist(), ll.loss.tolist(),
             ll.rate_bp.tolist(), ll.klass.tolist(), ll.customers_present.tolist(), strict=True,
@@ -340,7 +364,21 @@ async def run_daily_report(
     Raises: SinkError (unreachable, the query refused, or a report line dead-lettered)."""
     start, end = day_window(day, utc_offset_ms)
     rows = await query.rows(daily_query(start, end))
-    report = compute_report(rows, registry, day, utc_offset_ms=utc_offset_ms, interval_ms=interval_ms)
+    before = ANOMALY_DAYS - 1
+    past = await query.rows(
+        f'SELECT "class" FROM "area_loss" WHERE time >= {start - before * DAY_MS}ms AND time < {start}ms '
+        'GROUP BY "area"'
+    )
+    by_area: dict[str, dict[int, str]] = {}
+    for r in past:
+        by_area.setdefault(r.get("area", ""), {})[int(r["time"])] = str(r.get("class") or "")
+    history = {
+        a: [by_area.get(stored_tag(a), {}).get(start - d * DAY_MS, "") for d in range(1, before + 1)]
+        for a in registry.areas
+    }
+    report = compute_report(
+        rows, registry, day, utc_offset_ms=utc_offset_ms, interval_ms=interval_ms, history=history
+    )
     lines = report.lines()
     if lines:
         result = await sink.write(lines)

@@ -7,8 +7,10 @@ to influxd. The registry has three areas:
 * ``TA-1``: master ``MA`` (CT x40) and customers ``C1``, ``C2`` (two readings missing: 3 estimated
   intervals) and ``C 3,x``; 5.00 % loss, QUALIFIED;
 * ``TA 2,"东"``: master ``MB``, customers ``D1``, ``D2``; the physical customer ``D3 50%`` is
-  missing from the registry, so the area shows 20.00 % loss: HIGH, one alarm;
-* ``TA-3``: master ``MC`` sent nothing on the day: NOT_COMPUTABLE, half its meters collected.
+  missing from the registry, so the area shows 20.00 % loss: HIGH, and earlier runs wrote HIGH for
+  the two days before: the third day not QUALIFIED raises one alarm (LL-02);
+* ``TA-3``: master ``MC`` sent nothing on the day: NOT_COMPUTABLE, half its meters collected; the
+  day before was NOT_COMPUTABLE too but the one before QUALIFIED: two days, no alarm.
 
 A next-day partial of ``MA`` and a previous-day partial of ``C1`` must stay outside the day.
 Every expected value below is worked out by hand from the deltas.
@@ -109,6 +111,7 @@ def day_loaded(influx_db: Any, tmp_path: Path) -> tuple[Any, str, Path]:
         batch(GW_B, b_meters, 48, 96, 2),
     ]
     influxd.write(b"".join(transform(b, settings).lines for b in batches), db)
+    influxd.write(HISTORY, db)
     # the partials are what the report will sum: check the fixture made what the test assumes
     rows = influxd.query(
         f'SELECT sum("intervals") AS n, sum("estimated") AS e FROM daily_tou '
@@ -120,10 +123,18 @@ def day_loaded(influx_db: Any, tmp_path: Path) -> tuple[Any, str, Path]:
     return influxd, db, cfg_file
 
 
-AREA_LOSS = {  # area -> supply, sales, loss, rate_bp, class, customers_present, customers_expected
-    "TA-1": (96 * 25 * 40, 96 * (300 + 300 + 350), 4_800, 500, "QUALIFIED", 3, 3),
-    AREA_B: (9_600, 7_680, 1_920, 2_000, "HIGH", 2, 2),
-    "TA-3": (0, 960, -960, 0, "NOT_COMPUTABLE", 1, 1),  # master missing: supply 0, no rate
+# What earlier runs of the report wrote for the two days before (only the class matters here).
+HISTORY = "".join(
+    f'area_loss,area={escape_tag(area).decode()} class="{klass}" {T0 - days * 86_400_000}\n'
+    for area, klass, days in ((AREA_B, "HIGH", 1), (AREA_B, "HIGH", 2), ("TA-3", "NOT_COMPUTABLE", 1),
+                              ("TA-3", "QUALIFIED", 2))
+).encode()  # fmt: skip
+
+AREA_LOSS = {  # area -> supply, sales, loss, rate_bp, class, customers_present, customers_expected,
+    # days_not_qualified
+    "TA-1": (96 * 25 * 40, 96 * (300 + 300 + 350), 4_800, 500, "QUALIFIED", 3, 3, 0),
+    AREA_B: (9_600, 7_680, 1_920, 2_000, "HIGH", 2, 2, 3),
+    "TA-3": (0, 960, -960, 0, "NOT_COMPUTABLE", 1, 1, 2),  # master missing: supply 0, no rate
 }
 COLLECTION = {  # (level, id) -> received, expected, estimated, invalid, rate_bp
     **{("meter", m): (96, 96, 0, 0, 10_000) for m in [*METERS, D3]},
@@ -141,8 +152,8 @@ def stored(influxd: Any, db: str) -> dict[str, Any]:
     """Every report point, keyed by (tags), values with their time, ids as the user wrote them."""
     loss = {
         r["area"]: (r["supply"], r["sales"], r["loss"], r["rate_bp"], r["class"],
-                    r["customers_present"], r["customers_expected"], r["time"])
-        for r in influxd.query("SELECT * FROM area_loss", db=db)
+                    r["customers_present"], r["customers_expected"], r["days_not_qualified"], r["time"])
+        for r in influxd.query(f"SELECT * FROM area_loss WHERE time >= {T0}ms", db=db)
     }  # fmt: skip
     coll = {
         (r["level"], r["id"]): (
@@ -167,7 +178,7 @@ def expected_points(area_loss: dict[str, Any], collection: dict[Any, Any]) -> di
         "area_loss": {stored_tag(a): (*v, T0) for a, v in area_loss.items()},
         "collection": {(lv, stored_tag(i)): (*v, T0) for (lv, i), v in collection.items()},
         "alarms": [(stored_tag(a), "line_loss", v[4], v[3], None, T0) for a, v in area_loss.items()
-                   if v[4] in ("HIGH", "NEGATIVE")],
+                   if v[7] >= 3],
     }  # fmt: skip
 
 
@@ -209,7 +220,7 @@ async def test_a_rerun_after_a_registry_fix_clears_the_stale_line_loss_alarm_onl
     assert report.alarms == ()
     got = stored(influxd, db)
     assert got["alarms"] == [outage]  # the line-loss alarm is gone, the outage alarm is not touched
-    assert got["area_loss"][stored_tag(AREA_B)] == (9_600, 9_600, 0, 0, "QUALIFIED", 3, 3, T0)
+    assert got["area_loss"][stored_tag(AREA_B)] == (9_600, 9_600, 0, 0, "QUALIFIED", 3, 3, 0, T0)
     assert got["collection"][("area", stored_tag(AREA_B))] == (384, 384, 0, 0, 10_000, T0)
 
 
@@ -229,7 +240,8 @@ def test_cli_prints_the_report_as_json_and_as_a_summary(day_loaded: tuple[Any, s
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert (doc["day"], doc["day_start_ms"], doc["utc_offset_ms"]) == ("2024-03-10", T0, 8 * 3_600_000)
-    keys = ("supply", "sales", "loss", "rate_bp", "class", "customers_present", "customers_expected")
+    keys = ("supply", "sales", "loss", "rate_bp", "class", "customers_present", "customers_expected",
+            "days_not_qualified")  # fmt: skip
     assert {a["area"]: tuple(a[k] for k in keys) for a in doc["areas"]} == AREA_LOSS
     assert {(c["level"], c["id"]): (c["received"], c["expected"], c["estimated"], c["invalid"], c["rate_bp"])
             for c in doc["collection"]} == COLLECTION  # fmt: skip
@@ -242,7 +254,7 @@ def test_cli_prints_the_report_as_json_and_as_a_summary(day_loaded: tuple[Any, s
     assert any(ln.split()[:6] == ["TA-1", "960.00", "912.00", "48.00", "5.00", "QUALIFIED"] for ln in lines)
     assert any(ln.startswith(AREA_B) and "HIGH" in ln and " 20.00 " in ln for ln in lines), text.stdout
     assert any(ln.split() == [GW_A, "99.21", "%", "(381/384)"] for ln in lines), text.stdout
-    assert f"line-loss alarms: {AREA_B} HIGH 20.00 %" in lines
+    assert f"line-loss alarms: {AREA_B} HIGH 20.00 % (3 days not QUALIFIED)" in lines
 
 
 def test_cli_bad_day_and_unreachable_influxdb_are_one_line_errors(tmp_path: Path) -> None:
@@ -258,3 +270,29 @@ def test_cli_bad_day_and_unreachable_influxdb_are_one_line_errors(tmp_path: Path
     assert down.returncode == 1 and down.stdout == ""
     assert "daily report 2024-03-10" in down.stderr and "unreachable" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+async def test_an_area_anomaly_needs_three_consecutive_days_not_qualified(
+    day_loaded: tuple[Any, str, Path],
+) -> None:
+    """LL-02: HIGH today alone, or after a QUALIFIED day, is a class, not yet an anomaly."""
+    from ingest.influxql import InfluxQuery
+    from ingest.report import compute_report, daily_query, day_window
+
+    _, _, cfg_file = day_loaded
+    cfg = parse_config(cfg_file.read_text(), base_dir=cfg_file.parent)
+    query = InfluxQuery(cfg.influx)
+    try:
+        rows = await query.rows(daily_query(*day_window(DAY, 8 * 3_600_000)))
+    finally:
+        await query.aclose()
+    registry = Settings.from_config(cfg).registry
+    for history, days in (
+        ({}, 1),
+        ({AREA_B: ["HIGH", "QUALIFIED"]}, 2),
+        ({AREA_B: ["NEGATIVE", "INCOMPLETE"]}, 3),
+    ):
+        report = compute_report(rows, registry, DAY, utc_offset_ms=8 * 3_600_000, history=history)
+        b = next(a for a in report.areas if a.area == AREA_B)
+        assert (b.klass, b.days_not_qualified) == ("HIGH", days)
+        assert [a.area for a in report.alarms] == ([AREA_B] if days == 3 else [])
