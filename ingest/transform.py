@@ -267,9 +267,10 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     iv = _dedup_intervals(iv)
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
     parts.append(st.encode_lines(iv_r, tags.table(b"intervals")))
-    daily_lines, daily_days = _daily_partials(iv, meters, tags, s)
+    iv1 = _total_register(iv)
+    daily_lines, daily_days = _daily_partials(iv, iv1, meters, tags, s)
     parts.append(daily_lines)
-    parts.append(_hourly_partials(iv, tags, s))
+    parts.append(_hourly_partials(iv1, tags, s))
     collapsed, span = _collapsed_voltage(checked_r, meters.un_dv, batch.meters, tags)
     parts.append(collapsed[0])
     return BatchOutput(
@@ -313,22 +314,42 @@ def _periods(iv: st.Intervals, meters: MeterParams, s: Settings) -> npt.NDArray[
     return period
 
 
+def _total_register(iv: st.Intervals) -> st.Intervals:
+    sel = iv.quantity == Q_ENERGY_TOTAL
+    return st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
+
+
+def _bucket_partials(
+    iv1: st.Intervals, bucket_ms: int, s: Settings
+) -> tuple[st.Totals, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per (meter, local bucket) of the total-register intervals ``iv1``, in (meter, bucket)
+    order: the totals, the batch's first interval start in the bucket (the partial's time), and
+    the distinct bucket starts with each row's index into them."""
+    off = s.calendar.utc_offset_ms
+    tot = st.interval_totals(iv1, bucket_ms=bucket_ms, interval_ms=s.interval_ms, utc_offset_ms=off)
+    start = iv1.end_ts - s.interval_ms
+    labels, ng, _ = st.group_labels(iv1.meter.astype(np.int64), (start + off) // bucket_ms)
+    first_start = np.full(ng, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_start, labels, start)
+    buckets, row_bucket = np.unique(tot.start_ts, return_inverse=True)
+    return tot, first_start, buckets, row_bucket.astype(np.int64)
+
+
 def _daily_partials(
-    iv: st.Intervals, meters: MeterParams, tags: _Tags, s: Settings
+    iv: st.Intervals, iv1: st.Intervals, meters: MeterParams, tags: _Tags, s: Settings
 ) -> tuple[bytes, tuple[int, ...]]:
-    """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals,
-    with the calendar's TOU split, the tariff registers' own deltas and the VEE-15 mismatches.
+    """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals
+    ``iv1``, with the calendar's TOU split, the tariff registers' own deltas and the VEE-15
+    mismatches (from all register intervals ``iv``).
 
     The point's time is the start of the batch's first interval of that day: batches cover
     disjoint intervals, so partials never collide, a replay rewrites the same point, and the
     day's total is ``sum()`` over the day (see docs/ingest.md). Encoded by a kernel; the Python
     work is per distinct day, not per row."""
-    sel = iv.quantity == Q_ENERGY_TOTAL
-    if not sel.any():
+    if iv1.end_ts.shape[0] == 0:
         return b"", ()
-    iv1 = st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
     off = s.calendar.utc_offset_ms
-    tot = st.interval_totals(iv1, interval_ms=s.interval_ms, utc_offset_ms=off)
+    tot, first_start, days, row_day = _bucket_partials(iv1, DAY_MS, s)
     # VEE-15: the calendar's split of the total register against the meter's own tariff
     # registers T1..T4 over the same (meter, day); its groups cover tot's (and days with tariff
     # intervals only), both in (meter, day) order, so tot's rows are found by searchsorted.
@@ -339,11 +360,6 @@ def _daily_partials(
     tou_key = (tou.meter.astype(np.int64) << 24) | ((tou.day_start_ts - day0) // DAY_MS)
     tot_key = (tot.meter.astype(np.int64) << 24) | ((tot.start_ts - day0) // DAY_MS)
     row = np.searchsorted(tou_key, tot_key)
-    day = (iv1.end_ts - s.interval_ms + off) // DAY_MS * DAY_MS - off
-    labels, ng, _ = st.group_labels(iv1.meter.astype(np.int64), day)
-    first_start = np.full(ng, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_start, labels, iv1.end_ts - s.interval_ms)
-    days, row_day = np.unique(tot.start_ts, return_inverse=True)
     texts = [(_EPOCH + dt.timedelta(days=(int(d) + off) // DAY_MS)).isoformat().encode() for d in days]
     cal = np.asarray(tou.calendar, dtype=np.int64)[row]
     reg = np.asarray(tou.registers, dtype=np.int64)[row]
@@ -352,28 +368,19 @@ def _daily_partials(
         tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid,
         reg[:, 0], reg[:, 1], reg[:, 2], reg[:, 3], tou.mismatch[row].sum(axis=1),
     )).astype(np.int64)  # fmt: skip
-    meter = tot.meter.astype(np.int64)
-    lines = st.encode_int_lines(
-        tags.table(b"daily_tou"), meter, texts, row_day.astype(np.int64), _DAILY_FIELDS, values, first_start
-    )
+    table, meter = tags.table(b"daily_tou"), tot.meter.astype(np.int64)
+    lines = st.encode_int_lines(table, meter, texts, row_day, _DAILY_FIELDS, values, first_start)
     return lines, tuple(days.tolist())
 
 
-def _hourly_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> bytes:
-    """One ``hourly`` point per (meter, local hour) of this batch's total-register intervals:
+def _hourly_partials(iv1: st.Intervals, tags: _Tags, s: Settings) -> bytes:
+    """One ``hourly`` point per (meter, local hour) of the total-register intervals ``iv1``:
     billable energy and interval counts, a partial like ``daily_tou`` (time = the batch's first
     interval start in that hour, so the hour's total is ``sum()`` and a replay rewrites it)."""
-    sel = iv.quantity == Q_ENERGY_TOTAL
-    if not sel.any():
+    if iv1.end_ts.shape[0] == 0:
         return b""
-    iv1 = st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
     off = s.calendar.utc_offset_ms
-    tot = st.interval_totals(iv1, bucket_ms=HOUR_MS, interval_ms=s.interval_ms, utc_offset_ms=off)
-    start = iv1.end_ts - s.interval_ms
-    labels, ng, _ = st.group_labels(iv1.meter.astype(np.int64), (start + off) // HOUR_MS)
-    first_start = np.full(ng, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_start, labels, start)
-    hours, row_hour = np.unique(tot.start_ts, return_inverse=True)
+    tot, first_start, hours, row_hour = _bucket_partials(iv1, HOUR_MS, s)
     texts = [
         (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=int(h) + off)).strftime("%Y-%m-%dT%H").encode()
         for h in hours
@@ -381,10 +388,8 @@ def _hourly_partials(iv: st.Intervals, tags: _Tags, s: Settings) -> bytes:
     values = np.column_stack(
         (tot.energy, tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid)
     ).astype(np.int64)
-    return st.encode_int_lines(
-        tags.table(b"hourly"), tot.meter.astype(np.int64), texts, row_hour.astype(np.int64),
-        _HOURLY_FIELDS, values, first_start,
-    )  # fmt: skip
+    table, meter = tags.table(b"hourly"), tot.meter.astype(np.int64)
+    return st.encode_int_lines(table, meter, texts, row_hour, _HOURLY_FIELDS, values, first_start)
 
 
 def _collapsed_voltage(
