@@ -604,6 +604,8 @@ async def run_worker(cfg: IngestConfig, worker: int = 0) -> None:
             w.reload_registry()
         except AmigwError as exc:
             log.error("registry reload failed, keeping the old one error=%s", exc)
+        else:
+            log.info("registry reloaded meters=%d", len(w.settings.registry.ids))
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await w.run()

@@ -464,6 +464,60 @@ async def test_daily_totals_owed_at_a_crash_are_published_by_the_next_start(
         rec.close()
 
 
+async def test_sighup_reloads_the_registry_of_a_running_worker(
+    mosquitto: Any, influx_db: Any, tmp_path: Path
+) -> None:
+    """R2 is not in the registry: its 10 kWh in 15 minutes cannot be judged (no rating). After the
+    file gains R2 (220 V, 60 A: at most ~3.6 kWh per interval) and a SIGHUP, the same jump is a
+    SPIKE. A broken file on the next SIGHUP keeps the registry in force."""
+    influxd, db = influx_db
+    gw = f"gw-h-{_uid()}"
+    reg = tmp_path / "meters.toml"
+    row = "voltage_v = 220\nimax_a = 60\nphases = 1\n"
+    reg.write_text(f'[meters."R1"]\n{row}')
+    cfg = tmp_path / "reload.toml"
+    cfg.write_text(
+        ingest_toml(tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw]), registry=str(reg))
+    )
+    log = cfg.with_suffix(".log")
+    proc = _spawn_worker(cfg)
+    pub = Publisher(mosquitto)
+
+    def jump(seq: int) -> ReadingBatch:
+        b = BatchBuilder()
+        b.set_prev("R2", 1, 100_000 + 1_000 * (seq - 1), T0 + (seq - 1) * Q)
+        b.add("R2", T0 + seq * Q, 1, 100_000 + 1_000 * seq)
+        return b.build(gw, seq, sent_ms=T0 + seq * Q)
+
+    def flags_at(k: int) -> int | None:
+        rows = influxd.query(
+            f"SELECT * FROM meter_reading WHERE meter = 'R2' AND time = {T0 + k * Q}ms", db=db
+        )
+        return rows[0].get("energy_fwd_active_total_flags") if rows else -1
+
+    try:
+        await wait_for(lambda: "ingest worker started" in log.read_text(), 30)
+        pub.batch(jump(1))
+        await wait_for(lambda: flags_at(1) != -1)
+        assert flags_at(1) is None  # written, no flag: an unknown meter's rating is not judged
+        reg.write_text(f'[meters."R1"]\n{row}[meters."R2"]\n{row}')
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "registry reloaded meters=2" in log.read_text(), 10)
+        pub.batch(jump(2))
+        await wait_for(lambda: flags_at(2) != -1)
+        assert flags_at(2) & Flag.SPIKE
+        reg.write_text('[meters."R1"]\nvoltage_v = "high"\n')
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "registry reload failed" in log.read_text(), 10)
+        pub.batch(jump(3))
+        await wait_for(lambda: flags_at(3) != -1)
+        assert flags_at(3) & Flag.SPIKE and proc.poll() is None  # the old registry still in force
+    finally:
+        pub.close()
+        proc.terminate()
+        proc.wait(10)
+
+
 async def test_influx_outage_applies_back_pressure_and_loses_nothing(
     mosquitto: Any, influx_db: Any, tmp_path: Path
 ) -> None:
