@@ -56,6 +56,7 @@ __all__ = [
     "tou_periods",
     "tou_split",
     "unescape_tag",
+    "validate_args",
     "validate_batch",
 ]
 
@@ -220,6 +221,33 @@ def channel_labels(
     return chan.astype(np.int64).ravel(), prev_value, prev_ts, has_prev
 
 
+def validate_args(
+    readings: Readings,
+    previous: PreviousRegisters,
+    meters: MeterParams,
+    receive_ts_ms: int,
+    params: ValidationParams = ValidationParams(),
+) -> tuple[Any, ...]:
+    """The positional arguments of ``kernels.validate`` (and of its reference implementation)
+    for a batch: one place that lines the columns, tables and parameters up with the signature.
+    Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
+    nmeters = int(meters.un_dv.shape[0])
+    if len(readings) and int(readings.meter.max()) >= nmeters:
+        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
+    mc = _meter_columns(meters, nmeters, params)
+    chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous)
+    p = params
+    return (
+        sort_order(readings), chan,
+        readings.meter, readings.ts, readings.quantity, readings.value, readings.flags,
+        prev_value, prev_ts, has_prev,
+        Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED,
+        meters.un_dv, mc["kmax"], meters.ib_ma, meters.phases, mc["izero"], mc["regmax"],
+        receive_ts_ms, p.future_tol_ms, p.meter_clock_utc_offset_ms, p.skew_tol_ms, p.interval_ms,
+        p.decrease_min, p.replaced_below, p.replaced_drop, p.pf_floor, p.zero_power_min_w * 10,
+    )  # fmt: skip
+
+
 def validate_batch(
     readings: Readings,
     previous: PreviousRegisters,
@@ -231,48 +259,9 @@ def validate_batch(
 
     ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``).
     Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
-    nmeters = int(meters.un_dv.shape[0])
-    if len(readings) and int(readings.meter.max()) >= nmeters:
-        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
-    mc = _meter_columns(meters, nmeters, params)
-    order = sort_order(readings)
-    chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous)
-    p = params
-    flags, delta, anchor_ts = k.validate(
-        order,
-        chan,
-        readings.meter,
-        readings.ts,
-        readings.quantity,
-        readings.value,
-        readings.flags,
-        prev_value,
-        prev_ts,
-        has_prev,
-        Q_KIND,
-        Q_REGMAX,
-        Q_LO,
-        Q_HI,
-        Q_ENERGY,
-        Q_SIGNED,
-        meters.un_dv,
-        mc["kmax"],
-        meters.ib_ma,
-        meters.phases,
-        mc["izero"],
-        mc["regmax"],
-        receive_ts_ms,
-        p.future_tol_ms,
-        p.meter_clock_utc_offset_ms,
-        p.skew_tol_ms,
-        p.interval_ms,
-        p.decrease_min,
-        p.replaced_below,
-        p.replaced_drop,
-        p.pf_floor,
-        p.zero_power_min_w * 10,
-    )
-    return Checked(flags, delta, anchor_ts, order)
+    args = validate_args(readings, previous, meters, receive_ts_ms, params)
+    flags, delta, anchor_ts = k.validate(*args)
+    return Checked(flags, delta, anchor_ts, args[0])
 
 
 @dataclass(frozen=True, slots=True)

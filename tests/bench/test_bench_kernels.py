@@ -62,43 +62,7 @@ def _kernel_pipeline(r, prev, meters):
 
 
 def _reference_pipeline(r, prev, meters):
-    p = stages.ValidationParams()
-    mc = stages._meter_columns(meters, meters.un_dv.shape[0], p)
-    chan, pv, pt, hp = stages.channel_labels(r, prev)
-    flags, delta, anchor = ref.validate(
-        stages.sort_order(r),
-        chan,
-        r.meter,
-        r.ts,
-        r.quantity,
-        r.value,
-        r.flags,
-        pv,
-        pt,
-        hp,
-        stages.Q_KIND,
-        stages.Q_REGMAX,
-        stages.Q_LO,
-        stages.Q_HI,
-        stages.Q_ENERGY,
-        stages.Q_SIGNED,
-        meters.un_dv,
-        mc["kmax"],
-        meters.ib_ma,
-        meters.phases,
-        mc["izero"],
-        mc["regmax"],
-        T0 + 200 * I,
-        p.future_tol_ms,
-        p.meter_clock_utc_offset_ms,
-        p.skew_tol_ms,
-        p.interval_ms,
-        p.decrease_min,
-        p.replaced_below,
-        p.replaced_drop,
-        p.pf_floor,
-        p.zero_power_min_w * 10,
-    )
+    flags, delta, anchor = ref.validate(*stages.validate_args(r, prev, meters, T0 + 200 * I))
     selected = np.zeros(1 << 16, np.bool_)
     selected[list(stages.ENERGY_CHANNELS)] = True
     iv = stages.Intervals(

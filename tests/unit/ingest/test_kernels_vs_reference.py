@@ -20,42 +20,7 @@ P = stages.ValidationParams()
 
 
 def _validate_args(readings, previous, meters, receive):
-    mc = stages._meter_columns(meters, meters.un_dv.shape[0], P)
-    chan, pv, pt, hp = stages.channel_labels(readings, previous)
-    args = (
-        stages.sort_order(readings),
-        chan,
-        readings.meter,
-        readings.ts,
-        readings.quantity,
-        readings.value,
-        readings.flags,
-        pv,
-        pt,
-        hp,
-        stages.Q_KIND,
-        stages.Q_REGMAX,
-        stages.Q_LO,
-        stages.Q_HI,
-        stages.Q_ENERGY,
-        stages.Q_SIGNED,
-        meters.un_dv,
-        mc["kmax"],
-        meters.ib_ma,
-        meters.phases,
-        mc["izero"],
-        mc["regmax"],
-        receive,
-        P.future_tol_ms,
-        P.meter_clock_utc_offset_ms,
-        P.skew_tol_ms,
-        P.interval_ms,
-        P.decrease_min,
-        P.replaced_below,
-        P.replaced_drop,
-        P.pf_floor,
-        P.zero_power_min_w * 10,
-    )
+    args = stages.validate_args(readings, previous, meters, receive, P)
     readonly(*(a for a in args if isinstance(a, np.ndarray)))
     return args
 
