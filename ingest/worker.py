@@ -199,7 +199,6 @@ class IngestWorker:
         self._slots = asyncio.Semaphore(COMMIT_SLOTS)
         self._items: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._in_flight: dict[tuple[str, int, bytes], int] = {}
-        self._owes_daily = cfg.pipeline.publish_daily
 
     def stop(self) -> None:
         """Stop consuming; unfinished messages stay unacknowledged (the broker redelivers them)."""
@@ -378,7 +377,8 @@ class IngestWorker:
         for it in group:
             if it.key is not None:
                 if it.result == "written":
-                    days = it.out.daily_days if it.out is not None and self._owes_daily else ()
+                    owed = self.cfg.pipeline.publish_daily
+                    days = it.out.daily_days if it.out is not None and owed else ()
                     res.dedup.mark(*it.key, daily_days=days)
                     m.readings.inc(it.out.readings if it.out else 0)
                     m.intervals.inc(it.out.n_intervals if it.out else 0)
