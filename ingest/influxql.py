@@ -21,6 +21,7 @@ from ingest.sink import HttpConnection, SinkConfig
 from ingest.transform import DAY_MS, NOT_BILLABLE, stored_tag
 from protocols.errors import SinkError
 from protocols.flags import Flag
+from protocols.quantities import by_name
 
 __all__ = ["InfluxQuery", "query_completeness", "quote_str"]
 
@@ -92,15 +93,16 @@ async def query_completeness(
 
     Raises: SinkError (unreachable or refused)."""
     start, end = _day_window(day, utc_offset_ms)
-    where = (
-        f"meter = {quote_str(stored_tag(meter_id))} AND quantity = {quote_str(quantity)} "
-        f"AND time > {start}ms AND time <= {end}ms"
-    )
-    rows = await query.rows(f'SELECT "flags" FROM "intervals" WHERE {where}')
-    flags = np.array([int(r["flags"]) for r in rows], dtype=np.int64)
+    where = f"meter = {quote_str(stored_tag(meter_id))} AND time > {start}ms AND time <= {end}ms"
+    # intervals are wide: the channel is a field, its flags a "<channel>_flags" field where non-zero
+    field = by_name(quantity).name  # a known quantity name: safe as an identifier
+    rows = await query.rows(f'SELECT "{field}", "{field}_flags" FROM "intervals" WHERE {where}')
+    rows = [r for r in rows if r.get(field) is not None]
+    flags = np.array([int(r.get(f"{field}_flags") or 0) for r in rows], dtype=np.int64)
     bad = (flags & NOT_BILLABLE) != 0
     est = ~bad & ((flags & int(Flag.ESTIMATED)) != 0)
-    dups = await query.rows(f'SELECT count("flags") FROM "reading_duplicate" WHERE {where}')
+    dup_where = f"{where} AND quantity = {quote_str(quantity)}"
+    dups = await query.rows(f'SELECT count("flags") FROM "reading_duplicate" WHERE {dup_where}')
     n_dup = int(dups[0]["count"]) if dups else 0
     return st.DayCompleteness(
         meter_id, day, DAY_MS // interval_ms, int((~bad & ~est).sum()), int(est.sum()), int(bad.sum()), n_dup

@@ -266,7 +266,9 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     )
     iv = _dedup_intervals(iv)
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
-    parts.append(st.encode_lines(iv_r, tags.table(b"intervals")))
+    # Wide, like the readings: one point per (meter, interval end) with a field per energy
+    # channel (<quantity>=kWh, <quantity>_flags where non-zero): a fifth of the lines (docs/ingest.md).
+    parts.append(st.encode_lines(iv_r, tags.table(b"intervals"), wide=True))
     iv1 = _total_register(iv)
     daily_lines, daily_days = _daily_partials(iv, iv1, meters, tags, s)
     parts.append(daily_lines)

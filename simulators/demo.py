@@ -166,7 +166,7 @@ def _energy(influx: Influxd, meter: str, since_ms: int = 0) -> tuple[float, floa
 def _progress(influx: Influxd, started: float) -> None:
     readings = _count(influx, "SELECT count(energy_fwd_active_total) FROM meter_reading")
     voltages = _count(influx, "SELECT count(voltage_a) FROM meter_reading")
-    intervals = _count(influx, "SELECT count(value) FROM intervals")
+    intervals = _count(influx, "SELECT count(energy_fwd_active_total) FROM intervals")
     _say(
         f"t+{time.monotonic() - started:4.0f}s  in InfluxDB: {readings} energy readings, {voltages} voltage "
         f"readings, {intervals} validated intervals"
@@ -255,7 +255,7 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
     print(f"    {'meter':<14}{'energy kWh':>12}{'readings':>10}{'intervals':>11}", flush=True)
     for m in meters:
         n = _count(influx, f"SELECT count(energy_fwd_active_total) FROM meter_reading WHERE meter = '{m}'")
-        iv = _count(influx, f"SELECT count(value) FROM intervals WHERE meter = '{m}'")
+        iv = _count(influx, f"SELECT count(energy_fwd_active_total) FROM intervals WHERE meter = '{m}'")
         span = _energy(influx, m)
         print(f"    {m:<14}{span[1] if span else 0:>12.2f}{n:>10}{iv:>11}", flush=True)
     today = datetime.now(UTC).strftime("%Y-%m-%d")

@@ -217,17 +217,21 @@ async def test_batches_land_with_flags_intervals_daily_and_a_bad_payload_is_dead
         back = next(r for r in rows if r["time"] == T0 + 11 * Q)
         assert back["energy_fwd_active_total_flags"] & Flag.WENT_BACKWARDS
         # intervals: 8 actual for M2; M1 has 8 actual + 2 estimated + 1 invalid (backwards)
+        # (wide, like the readings: a field per energy channel, its flags a field where set)
         iv = influxd.query(f"SELECT * FROM intervals WHERE meter = 'M1' AND gateway = '{gw}'", db=db)
         assert len(iv) == 11
-        est = [r for r in iv if r["flags"] & Flag.ESTIMATED]
-        assert [r["time"] for r in est] == [T0 + 9 * Q, T0 + 10 * Q] and [r["value"] for r in est] == [
-            0.25,
-            0.25,
+        est = [r for r in iv if (r["energy_fwd_active_total_flags"] or 0) & Flag.ESTIMATED]
+        assert [(r["time"], r["energy_fwd_active_total"]) for r in est] == [
+            (T0 + 9 * Q, 0.25),
+            (T0 + 10 * Q, 0.25),
         ]
         assert (
-            count(influxd, db, f"SELECT count(value) FROM intervals WHERE meter = 'M2' AND gateway = '{gw}'")
-            == 8
+            next(r for r in iv if r["time"] == T0 + 11 * Q)["energy_fwd_active_total_flags"]
+            & Flag.WENT_BACKWARDS
         )
+        assert [r["energy_fwd_active_total_flags"] for r in iv[:8]] == [None] * 8  # actual: no flags field
+        q_m2 = f"SELECT count(energy_fwd_active_total) FROM intervals WHERE meter = 'M2' AND gateway = '{gw}'"
+        assert count(influxd, db, q_m2) == 8
         # daily TOU partials: one per batch, summing to the day's billable total
         daily = influxd.query(
             'SELECT sum("total") AS total, sum("valley") AS valley, sum("intervals") AS n, sum("estimated") AS est '
@@ -410,7 +414,7 @@ async def _outage(mosquitto: Any, influx_db: Any, tmp_path: Path, outage_s: floa
         await wait_for(lambda: _readings_in(influxd, db, gw) == n_batches * len(meters) * 4, 90)
         assert (rss_max - rss_before) / 1024 < RSS_BOUND_MB, (rss_before, rss_max)
         assert (
-            count(influxd, db, f"SELECT count(value) FROM intervals WHERE gateway = '{gw}'")
+            count(influxd, db, f"SELECT count(energy_fwd_active_total) FROM intervals WHERE gateway = '{gw}'")
             == n_batches * 50 * 4
         )
     finally:
@@ -568,7 +572,11 @@ async def test_crafted_ids_are_stored_verbatim_and_add_no_fields_or_points(
     assert {
         r["value"] for r in influxd.query("SHOW TAG VALUES FROM meter_reading WITH KEY = meter", db=db)
     } == {stored_tag(m) for m in CRAFTED}
-    assert count(influxd, db, "SELECT count(value) FROM intervals") == len(gws) * len(CRAFTED) * 2
+    assert (
+        count(influxd, db, "SELECT count(energy_fwd_active_total) FROM intervals")
+        == len(gws) * len(CRAFTED) * 2
+    )
+    assert {r["tagKey"] for r in influxd.query("SHOW TAG KEYS FROM intervals", db=db)} == {"meter", "gateway"}
 
 
 async def test_intervals_topic_gets_each_interval_once_under_redelivery(
