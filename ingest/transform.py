@@ -226,6 +226,11 @@ def _subset(r: st.Readings, mask: npt.NDArray[np.bool_]) -> st.Readings:
     return st.Readings(r.meter[mask], r.ts[mask], r.quantity[mask], r.value[mask], r.flags[mask])
 
 
+def _rows(iv: st.Intervals, take: npt.NDArray[Any]) -> st.Intervals:
+    """The rows of ``iv`` that ``take`` (a mask or positions) selects."""
+    return st.Intervals(iv.meter[take], iv.quantity[take], iv.end_ts[take], iv.energy[take], iv.flags[take])
+
+
 def _dedup_intervals(iv: st.Intervals) -> st.Intervals:
     """One row per (meter, quantity, end): the first (VEE-10, as the encoder does for readings)."""
     if iv.end_ts.shape[0] < 2:
@@ -233,9 +238,7 @@ def _dedup_intervals(iv: st.Intervals) -> st.Intervals:
     _, _, first = st.group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), iv.end_ts)
     if first.shape[0] == iv.end_ts.shape[0]:
         return iv
-    return st.Intervals(
-        iv.meter[first], iv.quantity[first], iv.end_ts[first], iv.energy[first], iv.flags[first]
-    )
+    return _rows(iv, first)
 
 
 def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
@@ -317,8 +320,7 @@ def _periods(iv: st.Intervals, meters: MeterParams, s: Settings) -> npt.NDArray[
 
 
 def _total_register(iv: st.Intervals) -> st.Intervals:
-    sel = iv.quantity == Q_ENERGY_TOTAL
-    return st.Intervals(iv.meter[sel], iv.quantity[sel], iv.end_ts[sel], iv.energy[sel], iv.flags[sel])
+    return _rows(iv, iv.quantity == Q_ENERGY_TOTAL)
 
 
 def _bucket_partials(
@@ -356,7 +358,7 @@ def _daily_partials(
     # registers T1..T4 over the same (meter, day); its groups cover tot's (and days with tariff
     # intervals only), both in (meter, day) order, so tot's rows are found by searchsorted.
     regs = (iv.quantity >= Q_ENERGY_TOTAL) & (iv.quantity <= Q_TARIFF_LAST)
-    ivr = st.Intervals(iv.meter[regs], iv.quantity[regs], iv.end_ts[regs], iv.energy[regs], iv.flags[regs])
+    ivr = _rows(iv, regs)
     tou = st.tou_split(ivr, s.calendar, interval_ms=s.interval_ms, period=_periods(ivr, meters, s))
     day0 = int(tou.day_start_ts.min())
     tou_key = (tou.meter.astype(np.int64) << 24) | ((tou.day_start_ts - day0) // DAY_MS)
