@@ -110,6 +110,7 @@ class PipelineSection:
     check_topic_gateway: bool = True
     publish_intervals: bool = True
     publish_daily: bool = True
+    aggregates_encoding: Literal["binary", "json"] = "binary"
     daily_publish_s: float = 5.0
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
@@ -322,6 +323,9 @@ check_topic_gateway = true
 # acknowledged) and running daily time-of-use totals to ami/v1/agg/daily/<gateway>.
 publish_intervals = true
 publish_daily = true
+# Encoding of the intervals messages: "binary" (columnar, like the readings payload; a third of
+# the bytes) or "json" (for consumers that cannot read msgpack). protocols.aggregates reads both.
+aggregates_encoding = "binary"
 # Daily totals are read back from InfluxDB and published at most this often per worker, for every
 # (gateway, day) written since; the keys still owed survive a crash in the dedup database.
 daily_publish_s = 5.0

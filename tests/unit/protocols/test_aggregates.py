@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import struct
+
+import msgpack
 import pytest
 
 from protocols import PayloadError
 from protocols.aggregates import (
+    INTERVALS_MAGIC,
     DailyTotal,
     IntervalRecord,
     decode_daily,
@@ -12,13 +16,65 @@ from protocols.aggregates import (
     encode_intervals,
 )
 
+ITEMS = [
+    IntervalRecord("m 1,=", 1, 0, 900_000, 25, 0),
+    IntervalRecord("m2", 1, 900_000, 1_800_000, 7, 32),
+    IntervalRecord("表计", 5, -900_000, 0, -(2**63), 2**16 - 1),
+    IntervalRecord("m 1,=", 2, 0, 900_000, 2**63 - 1, 0),
+]
 
-def test_intervals_round_trip() -> None:
-    items = [
-        IntervalRecord("m 1,=", 1, 0, 900_000, 25, 0),
-        IntervalRecord("m2", 1, 900_000, 1_800_000, 7, 32),
-    ]
-    assert decode_intervals(encode_intervals("gw-1", 9, items)) == ("gw-1", 9, items)
+
+@pytest.mark.parametrize("encoding", ["json", "binary"])
+def test_intervals_round_trip(encoding: str) -> None:
+    data = encode_intervals("gw-1", 9, ITEMS, encoding)  # type: ignore[arg-type]
+    assert data.startswith(INTERVALS_MAGIC if encoding == "binary" else b"{")
+    assert decode_intervals(data) == ("gw-1", 9, ITEMS)
+    assert decode_intervals(encode_intervals("gw-1", 9, [], encoding)) == ("gw-1", 9, [])  # type: ignore[arg-type]
+
+
+def test_binary_intervals_are_smaller_and_unknown_encodings_refused() -> None:
+    many = ITEMS * 100
+    assert len(encode_intervals("g", 1, many, "binary")) * 2 < len(encode_intervals("g", 1, many))
+    with pytest.raises(ValueError, match="encoding"):
+        encode_intervals("g", 1, ITEMS, "xml")  # type: ignore[arg-type]
+
+
+def _binary(**body: object) -> bytes:
+    doc: dict[str, object] = {"t": "intervals", "gw": "g", "seq": 1, "meters": ["m"]}
+    doc.update({k: b"" for k in ("meter", "q", "start", "end", "e", "f")})
+    doc.update(body)
+    return INTERVALS_MAGIC + msgpack.packb({k: v for k, v in doc.items() if v is not None}, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (INTERVALS_MAGIC[:3] + b"\x02" + _binary()[4:], "version"),
+        (INTERVALS_MAGIC + b"\xc1", "binary"),  # msgpack's never-used byte
+        (_binary(t="readings"), "type"),
+        (_binary(seq=-1), "seq"),
+        (_binary(gw=None), "gw"),
+        (_binary(meters=[1]), "meters"),
+        (_binary(q=None), "q"),
+        (_binary(e=b"\x00" * 7), "multiple of 8"),
+        (_binary(meter=struct.pack("<I", 0), q=b""), "differ in length"),
+        (
+            _binary(
+                **dict(
+                    zip(
+                        ("meter", "q", "start", "end", "e", "f"),
+                        (struct.pack("<I", 1), b"\x01\x00", bytes(8), bytes(8), bytes(8), bytes(2)),
+                        strict=True,
+                    )
+                )
+            ),
+            "outside the 1-entry meter table",
+        ),
+    ],
+)
+def test_malformed_binary_is_payload_error(data: bytes, reason: str) -> None:
+    with pytest.raises(PayloadError, match=reason):
+        decode_intervals(data)
 
 
 def test_daily_round_trip() -> None:
