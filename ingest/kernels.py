@@ -61,6 +61,7 @@ Q_PF_TOTAL = by_name("power_factor_total").code  # total, a, b, c are consecutiv
 Q_METER_CLOCK = by_name("meter_clock").code
 
 INT64_MIN = np.iinfo(np.int64).min
+INT64_MAX = np.iinfo(np.int64).max
 _MS_PER_HOUR = 3_600_000
 _MS_PER_DAY = 86_400_000
 
@@ -374,6 +375,42 @@ def group_totals(labels, ngroups, energy, flags):
 
 
 @_jit
+def group_min(labels, ngroups, values):
+    """Smallest value of each group (the largest int64 for a group without rows)."""
+    out = np.full(ngroups, INT64_MAX, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        g = labels[i]
+        if values[i] < out[g]:
+            out[g] = values[i]
+    return out
+
+
+@_jit
+def labels_from_order(order, keys):
+    """Dense group labels of the rows of ``keys[key, row]``, given ``order``, the rows sorted
+    lexicographically by key 0, then 1, ...: ``(labels, first)``, groups numbered in that order,
+    ``first[g]`` the row of group g that comes first in ``order``."""
+    n = order.shape[0]
+    labels = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    g = -1
+    for j in range(n):
+        i = order[j]
+        new = j == 0
+        if not new:
+            prev = order[j - 1]
+            for key in range(keys.shape[0]):
+                if keys[key, i] != keys[key, prev]:
+                    new = True
+                    break
+        if new:
+            g += 1
+            first[g] = i
+        labels[i] = g
+    return labels, first[: g + 1].copy()
+
+
+@_jit
 def group_count(labels, ngroups, mask):
     """How many rows of each group have ``mask`` set."""
     out = np.zeros(ngroups, dtype=np.int64)
@@ -599,21 +636,29 @@ def _put(buf, p, src, a, b):
     return p
 
 
+_POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)
+_DIGIT_PAIRS = np.frombuffer("".join(f"{k:02d}" for k in range(100)).encode(), dtype=np.uint8).copy()
+
+
 @_jit
 def _put_uint(buf, p, u):
-    """Decimal digits of a non-negative uint64, written back to front."""
+    """Decimal digits of a non-negative uint64: the length from a table of powers of ten, then two
+    digits per division, back to front."""
     k = 1
-    x = u // np.uint64(10)
-    while x != 0:
+    while k < 20 and u >= _POW10[k]:
         k += 1
-        x = x // np.uint64(10)
     end = p + k
-    while True:
-        end -= 1
-        buf[end] = 48 + np.uint8(u % np.uint64(10))
-        u = u // np.uint64(10)
-        if u == 0:
-            break
+    while u >= np.uint64(100):
+        r = u % np.uint64(100)
+        u = u // np.uint64(100)
+        end -= 2
+        buf[end] = _DIGIT_PAIRS[2 * r]
+        buf[end + 1] = _DIGIT_PAIRS[2 * r + 1]
+    if u >= np.uint64(10):
+        buf[end - 2] = _DIGIT_PAIRS[2 * u]
+        buf[end - 1] = _DIGIT_PAIRS[2 * u + 1]
+    else:
+        buf[end - 1] = 48 + np.uint8(u)
     return p + k
 
 
@@ -691,6 +736,7 @@ def encode_lines(
     never repeats a field and a redelivered batch writes the same points."""
     p = 0
     n = order.shape[0]
+    memo = np.zeros(3, dtype=np.int64)
     j = 0
     while j < n:
         i = order[j]
@@ -742,13 +788,7 @@ def encode_lines(
             t = ts[i]
             j += 1
         buf[p] = 32
-        p += 1
-        if t < 0:
-            buf[p] = 45
-            p += 1
-            p = _put_uint(buf, p, np.uint64(-(t + 1)) + np.uint64(1))
-        else:
-            p = _put_uint(buf, p, np.uint64(t))
+        p = _put_int_memo(buf, p + 1, np.int64(t), memo)
         buf[p] = 10
         p += 1
     return p
@@ -765,6 +805,20 @@ def _put_int(buf, p, v):
         p += 1
         return _put_uint(buf, p, np.uint64(-(v + 1)) + np.uint64(1))
     return _put_uint(buf, p, np.uint64(v))
+
+
+@_jit
+def _put_int_memo(buf, p, v, memo):
+    """``_put_int``, copying the text already in ``buf`` when ``v`` is the value written last
+    through the same ``memo`` (``[value, start, end]``; ``end == start`` means empty): timestamps
+    repeat from line to line, and a copy is cheaper than the divisions."""
+    if memo[2] > memo[1] and memo[0] == v:
+        return _put(buf, p, buf, memo[1], memo[2])
+    q = _put_int(buf, p, v)
+    memo[0] = v
+    memo[1] = p
+    memo[2] = q
+    return q
 
 
 _J_METER = tuple(b'{"meter":')
@@ -790,6 +844,8 @@ def encode_interval_items(meter, quantity, end_ts, energy, flags, interval_ms, n
     names_off[m+1]]`` is meter m's id already JSON-encoded (quotes and escapes included). Row i is
     ``{"meter":…,"quantity":q,"start_ms":end-interval,"end_ms":end,"energy":e,"flags":f}``."""
     p = 0
+    start_memo = np.zeros(3, dtype=np.int64)
+    end_memo = np.zeros(3, dtype=np.int64)
     for i in range(meter.shape[0]):
         if i > 0:
             buf[p] = 44
@@ -800,9 +856,9 @@ def encode_interval_items(meter, quantity, end_ts, energy, flags, interval_ms, n
         p = _put_lit(buf, p, _J_QUANTITY)
         p = _put_int(buf, p, np.int64(quantity[i]))
         p = _put_lit(buf, p, _J_START)
-        p = _put_int(buf, p, np.int64(end_ts[i]) - interval_ms)
+        p = _put_int_memo(buf, p, np.int64(end_ts[i]) - interval_ms, start_memo)
         p = _put_lit(buf, p, _J_END)
-        p = _put_int(buf, p, np.int64(end_ts[i]))
+        p = _put_int_memo(buf, p, np.int64(end_ts[i]), end_memo)
         p = _put_lit(buf, p, _J_ENERGY)
         p = _put_int(buf, p, np.int64(energy[i]))
         p = _put_lit(buf, p, _J_FLAGS)
@@ -820,6 +876,7 @@ def encode_int_lines(head, head_off, row_head, text, text_off, row_text, names, 
     the string field's text must already be escaped for a line-protocol string."""
     p = 0
     nf = values.shape[1]
+    memo = np.zeros(3, dtype=np.int64)
     for r in range(values.shape[0]):
         h = row_head[r]
         p = _put(buf, p, head, head_off[h], head_off[h + 1])
@@ -837,7 +894,7 @@ def encode_int_lines(head, head_off, row_head, text, text_off, row_text, names, 
             buf[p] = 105
             p += 1
         buf[p] = 32
-        p = _put_int(buf, p + 1, ts[r])
+        p = _put_int_memo(buf, p + 1, ts[r], memo)
         buf[p] = 10
         p += 1
     return p

@@ -48,6 +48,7 @@ __all__ = [
     "ValidationParams",
     "aggregate_intervals",
     "area_outages",
+    "bucket_partials",
     "completeness",
     "encode_lines",
     "escape_tag",
@@ -318,14 +319,8 @@ def group_labels(*keys: I64) -> tuple[I64, int, I64]:
         e = np.empty(0, dtype=np.int64)
         return e, 0, e
     order = np.lexsort(keys[::-1])
-    change = np.zeros(order.shape[0], dtype=np.bool_)
-    change[0] = True
-    for key in keys:
-        s = key[order]
-        change[1:] |= s[1:] != s[:-1]
-    labels = np.empty(order.shape[0], dtype=np.int64)
-    labels[order] = np.cumsum(change) - 1
-    return labels, int(change.sum()), order[change].astype(np.int64)
+    labels, first = k.labels_from_order(order, np.stack([np.asarray(key, dtype=np.int64) for key in keys]))
+    return labels, int(first.shape[0]), first
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,10 +350,19 @@ def interval_totals(
 ) -> Totals:
     """Hourly (``bucket_ms=3_600_000``) or local-day totals. Not-billable intervals (SPIKE,
     WENT_BACKWARDS, METER_REPLACED) are counted in ``n_invalid`` and left out of ``energy``."""
+    return bucket_partials(iv, bucket_ms=bucket_ms, interval_ms=interval_ms, utc_offset_ms=utc_offset_ms)[0]
+
+
+def bucket_partials(
+    iv: Intervals, *, bucket_ms: int, interval_ms: int = INTERVAL_MS, utc_offset_ms: int = SHANGHAI_MS
+) -> tuple[Totals, I64]:
+    """:func:`interval_totals` and, per total, the start of its earliest interval (the time of a
+    partial point: batches cover disjoint intervals, so partials of one bucket never collide)."""
     start = _bucket_start(iv.end_ts, interval_ms, bucket_ms, utc_offset_ms)
     labels, ng, first = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), start)
     tot, n_act, n_est, n_bad = k.group_totals(labels, ng, iv.energy, iv.flags)
-    return Totals(iv.meter[first], iv.quantity[first], start[first], tot, n_act, n_est, n_bad)
+    first_start = k.group_min(labels, ng, iv.end_ts) - interval_ms
+    return Totals(iv.meter[first], iv.quantity[first], start[first], tot, n_act, n_est, n_bad), first_start
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from ingest import stages as st
 from ingest.config import IngestConfig, load_calendar, load_registry, load_tariff_calendars
 from ingest.registry import MeterParams, MeterRegistry
 from ingest.tariff_calendar import TariffCalendar
-from protocols.aggregates import IntervalRecord
+from protocols.aggregates import IntervalRecord, encode_interval_columns
 from protocols.errors import PayloadError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, decode, encode
@@ -170,9 +170,13 @@ class BatchOutput:
             for m, q, e, v, f in zip(*cols, strict=True)
         ]
 
-    def intervals_payload(self, gateway: str, batch_seq: int) -> bytes:
-        """``protocols.aggregates.encode_intervals`` output, encoded by a numba kernel from the
-        interval columns (no object per row; a unit test checks the two agree)."""
+    def intervals_payload(self, gateway: str, batch_seq: int, encoding: str = "json") -> bytes:
+        """``protocols.aggregates.encode_intervals`` output: binary straight from the interval
+        columns, JSON encoded by a numba kernel (no object per row; unit tests check both)."""
+        iv = self.iv
+        if encoding == "binary":
+            cols = (iv.meter, iv.quantity, iv.end_ts - self.interval_ms, iv.end_ts, iv.energy, iv.flags)
+            return encode_interval_columns(gateway, batch_seq, self.meter_ids, cols)
         if self.tags is not None:
             names = self.tags.meter_json(self.meter_ids)
         else:
@@ -330,11 +334,9 @@ def _bucket_partials(
     order: the totals, the batch's first interval start in the bucket (the partial's time), and
     the distinct bucket starts with each row's index into them."""
     off = s.calendar.utc_offset_ms
-    tot = st.interval_totals(iv1, bucket_ms=bucket_ms, interval_ms=s.interval_ms, utc_offset_ms=off)
-    start = iv1.end_ts - s.interval_ms
-    labels, ng, _ = st.group_labels(iv1.meter.astype(np.int64), (start + off) // bucket_ms)
-    first_start = np.full(ng, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_start, labels, start)
+    tot, first_start = st.bucket_partials(
+        iv1, bucket_ms=bucket_ms, interval_ms=s.interval_ms, utc_offset_ms=off
+    )
     buckets, row_bucket = np.unique(tot.start_ts, return_inverse=True)
     return tot, first_start, buckets, row_bucket.astype(np.int64)
 

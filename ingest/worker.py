@@ -283,7 +283,7 @@ class IngestWorker:
             batch = decode(msg.payload, check_meter_indices=False)
             if self.settings.check_topic_gateway and msg.topic != f"ami/v1/{batch.gateway}/up/readings":
                 raise PayloadError(f"gateway {batch.gateway!r} does not match topic {msg.topic!r}")
-            key = (batch.gateway, batch.seq, hashlib.blake2b(msg.payload, digest_size=16).digest())
+            key = (batch.gateway, batch.seq, hashlib.sha256(msg.payload).digest()[:16])
             # In flight counts as seen: its ack goes out after the original's, i.e. after its write.
             if key in self._in_flight or self._res.dedup.seen(*key):
                 return _Item(msg, "duplicate")
@@ -453,7 +453,8 @@ class IngestWorker:
         for it in writes:
             b, out = it.batch, it.out
             if b is not None and out is not None and out.n_intervals:
-                items.append((f"ami/v1/agg/intervals/{b.gateway}", out.intervals_payload(b.gateway, b.seq)))
+                payload = out.intervals_payload(b.gateway, b.seq, p.aggregates_encoding)
+                items.append((f"ami/v1/agg/intervals/{b.gateway}", payload))
                 self.metrics.published.labels("intervals").inc()
         if items:
             await res.publisher.publish_many(items)

@@ -206,6 +206,25 @@ def group_totals(labels, ngroups, energy, flags):
     return tuple(np.array(x, np.int64) for x in (tot, act, est, bad))
 
 
+def group_min(labels, ngroups, values):
+    out = [2**63 - 1] * ngroups
+    for g, v in zip(_l(labels), _l(values), strict=True):
+        out[g] = min(out[g], v)
+    return np.array(out, np.int64)
+
+
+def group_labels(*keys):
+    """Dense labels numbering the distinct key tuples in sorted order, and each group's first row
+    (in row order among the rows whose keys sort equal: lexsort is stable)."""
+    tuples = list(zip(*(_l(key) for key in keys), strict=True))
+    number = {t: g for g, t in enumerate(sorted(set(tuples)))}
+    first: dict[int, int] = {}
+    for row, t in enumerate(tuples):
+        first.setdefault(number[t], row)
+    labels = [number[t] for t in tuples]
+    return np.array(labels, np.int64), len(number), np.array([first[g] for g in range(len(number))], np.int64)
+
+
 def group_count(labels, ngroups, mask):
     out = [0] * ngroups
     for g, b in zip(_l(labels), mask, strict=True):

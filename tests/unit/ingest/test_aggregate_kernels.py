@@ -34,11 +34,18 @@ def reference_int_lines(heads: list[bytes], row_head, texts, row_text, names, va
     return b"".join(out)
 
 
-def random_intervals(rng: random.Random, n: int) -> stages.Intervals:
+def random_ts(rng: random.Random, n: int, repeats: bool) -> list[int]:
+    """Random timestamps, or (``repeats``) runs of a few values: the encoders copy the text of
+    a timestamp equal to the one they wrote last, and both paths must give the same bytes."""
+    pool = [rng.randrange(-(2**40), 2**42) for _ in range(3)] + [0, -1, 10**12]
+    return [rng.choice(pool) if repeats else rng.randrange(-(2**40), 2**42) for _ in range(n)]
+
+
+def random_intervals(rng: random.Random, n: int, repeats: bool = False) -> stages.Intervals:
     return stages.Intervals(
         np.array([rng.randrange(len(NAMES)) for _ in range(n)], np.uint32),
         np.array([rng.randrange(1, 7) for _ in range(n)], np.uint16),
-        np.array([rng.randrange(-(2**40), 2**42) for _ in range(n)], np.int64),
+        np.array(random_ts(rng, n, repeats), np.int64),
         np.array(
             [rng.choice([0, 1, -5, 2**62, -(2**62), rng.randrange(-999, 999)]) for _ in range(n)], np.int64
         ),
@@ -46,11 +53,12 @@ def random_intervals(rng: random.Random, n: int) -> stages.Intervals:
     )
 
 
+@pytest.mark.parametrize("repeats", [False, True])
 @pytest.mark.parametrize("n", [0, 1, 2, 37])
-def test_interval_items_equal_the_reference(n: int) -> None:
+def test_interval_items_equal_the_reference(n: int, repeats: bool) -> None:
     rng = random.Random(n)
     for interval_ms in (900_000, 1):
-        iv = random_intervals(rng, n)
+        iv = random_intervals(rng, n, repeats)
         names = [json.dumps(m, ensure_ascii=False).encode() for m in NAMES]
         got = stages.encode_interval_items(iv, names, interval_ms=interval_ms)
         assert got == reference_interval_items(iv, NAMES, interval_ms)
@@ -65,8 +73,9 @@ def test_interval_items_refuse_a_meter_off_the_table() -> None:
         stages.encode_interval_items(iv, [b'"x"'], interval_ms=900_000)
 
 
+@pytest.mark.parametrize("repeats", [False, True])
 @pytest.mark.parametrize("n", [0, 1, 25])
-def test_int_lines_equal_the_reference(n: int) -> None:
+def test_int_lines_equal_the_reference(n: int, repeats: bool) -> None:
     rng = random.Random(100 + n)
     heads = [b"daily_tou,meter=" + stages.escape_tag(m) + b",gateway=g\\ 1" for m in NAMES]
     tables = stages.LineTables(*stages._table(heads))
@@ -77,7 +86,7 @@ def test_int_lines_equal_the_reference(n: int) -> None:
     values = np.array(
         [[rng.randrange(-(2**63), 2**63) for _ in range(3)] for _ in range(n)], np.int64
     ).reshape(n, 3)
-    ts = np.array([rng.randrange(-(2**50), 2**50) for _ in range(n)], np.int64)
+    ts = np.array(random_ts(rng, n, repeats), np.int64)
     got = stages.encode_int_lines(tables, row_head, texts, row_text, names, values, ts)
     assert got == reference_int_lines(
         heads, row_head.tolist(), texts, row_text.tolist(), names, values.tolist(), ts.tolist()

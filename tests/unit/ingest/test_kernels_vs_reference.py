@@ -127,6 +127,27 @@ def test_group_kernels_match_reference(case) -> None:
     _assert_all_equal(got, ref.tou_split(labels, ng, quantity, energy // 1000, flags, period))
 
 
+@SETTINGS
+@given(groups)
+def test_group_min_matches_reference(case) -> None:
+    ng, rows = case
+    labels, energy, _, _, _ = _cols(rows)
+    readonly(labels, energy)
+    _assert_all_equal((k.group_min(labels, ng, energy),), (ref.group_min(labels, ng, energy),))
+
+
+@SETTINGS
+@given(
+    st.integers(1, 3).flatmap(lambda nkeys: st.lists(st.tuples(*[st.integers(-3, 3)] * nkeys), max_size=40))
+)
+def test_group_labels_match_reference(rows) -> None:
+    keys = [np.array(col, np.int64) for col in zip(*rows, strict=True)] if rows else [np.empty(0, np.int64)]
+    labels, ng, first = stages.group_labels(*keys)
+    want_labels, want_ng, want_first = ref.group_labels(*keys)
+    assert ng == want_ng
+    _assert_all_equal((labels, first), (want_labels, want_first))
+
+
 @st.composite
 def calendars(draw):
     nprof = draw(st.integers(1, 3))

@@ -132,13 +132,15 @@ def test_cli_arguments() -> None:
 
 
 def test_fast_aggregate_payloads_equal_the_protocol_encoders() -> None:
-    from protocols.aggregates import DailyTotal, encode_daily, encode_intervals
+    from protocols.aggregates import DailyTotal, decode_intervals, encode_daily, encode_intervals
 
     b = BatchBuilder()
     b.set_prev('m "1"\\ü', 1, 1000, T0)
     b.add('m "1"\\ü', T0 + 3 * Q, 1, 1090)  # a gap: estimated rows
     out = transform(b.build('g"w', 4, sent_ms=T0 + 3 * Q), settings())
     assert out.intervals_payload('g"w', 4) == encode_intervals('g"w', 4, out.interval_records())
+    binary = out.intervals_payload('g"w', 4, "binary")
+    assert decode_intervals(binary) == ('g"w', 4, out.interval_records()) and len(out.interval_records()) == 3
     rows = [('m"1', "2024-03-10", 90, 0, 0, 0, 90, 3, 3), ("m2", "2024-03-11", 1, 1, 0, 0, 0, 1, 0)]
     from ingest.pipeline import daily_payload
 
