@@ -6,7 +6,8 @@ tariff calendar). :data:`SAMPLE` is the commented sample (``amigw config sample 
 test loads it, so it cannot rot. The commented values are the defaults.
 
 Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sink.SinkConfig`),
-``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages), plus
+``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages),
+``[line_loss]`` (LL-02 bands of the daily report, per area type), plus
 top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
 """
 
@@ -28,6 +29,8 @@ __all__ = [
     "DEFAULT_CALENDAR",
     "SAMPLE",
     "IngestConfig",
+    "LineLossSection",
+    "LossBand",
     "MqttSection",
     "PipelineSection",
     "load_calendar",
@@ -132,6 +135,53 @@ class PipelineSection:
             raise ValueError("outage_window_s: outage parameters out of range")
 
 
+def _pct_bp(value: float, key: str) -> int:
+    """A percentage with at most two decimals, in 0.01 % (basis points)."""
+    bp = round(value * 100)
+    if not 0 <= value <= 100 or abs(bp - value * 100) > 1e-6:
+        raise ValueError(f"{key}: expected a percentage 0..100 with at most two decimals, got {value}")
+    return bp
+
+
+@dataclass(frozen=True, slots=True)
+class LossBand:
+    """``[line_loss.area_types.<type>]``: the LL-02 band of one area type; unset keys inherit
+    ``[line_loss]``'s."""
+
+    high_pct: float | None = None
+    min_complete_pct: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.high_pct is not None:
+            _pct_bp(self.high_pct, "high_pct")
+        if self.min_complete_pct is not None and not 0 <= self.min_complete_pct <= 100:
+            raise ValueError(f"min_complete_pct: expected 0..100, got {self.min_complete_pct}")
+
+
+@dataclass(frozen=True, slots=True)
+class LineLossSection:
+    """``[line_loss]``: LL-02 classification for the daily report; a rate above ``high_pct`` is
+    HIGH, fewer than ``min_complete_pct`` % of the customers present is NOT_COMPUTABLE. The
+    registry's ``[areas."<name>"] type`` selects a band of ``area_types`` (urban, rural, ...)."""
+
+    high_pct: float = 10.0
+    min_complete_pct: int = 98
+    area_types: dict[str, LossBand] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _pct_bp(self.high_pct, "high_pct")
+        if not 0 <= self.min_complete_pct <= 100:
+            raise ValueError(f"min_complete_pct: expected 0..100, got {self.min_complete_pct}")
+
+    def band(self, area_type: str | None) -> tuple[int, int]:
+        """``(min_complete_pct, high_bp)`` of an area type (``None``: the default band).
+        Raises: KeyError for a type ``area_types`` does not list."""
+        b = self.area_types[area_type] if area_type is not None else LossBand()
+        high = self.high_pct if b.high_pct is None else b.high_pct
+        complete = self.min_complete_pct if b.min_complete_pct is None else b.min_complete_pct
+        return complete, _pct_bp(high, "high_pct")
+
+
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     registry: str = ""
@@ -143,6 +193,7 @@ class IngestConfig:
     dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    line_loss: LineLossSection = field(default_factory=LineLossSection)
 
     def __post_init__(self) -> None:
         if self.metrics_listen:
@@ -169,7 +220,14 @@ def parse_config(text: str, source: str = "ingest.toml", base_dir: Path | None =
         dead_letter=replace(cfg.dead_letter, path=_resolve(base, cfg.dead_letter.path)),
         dedup=replace(cfg.dedup, path=_resolve(base, cfg.dedup.path)),
     )
-    load_registry(cfg)
+    registry = load_registry(cfg)
+    for area, area_type in zip(registry.areas, registry.area_types, strict=True):
+        if area_type is not None and area_type not in cfg.line_loss.area_types:
+            listed = ", ".join(sorted(cfg.line_loss.area_types)) or "none"
+            raise ConfigError(
+                f'registry: areas."{area}".type',
+                f"area type {area_type!r} has no [line_loss.area_types.{area_type}] band (listed: {listed})",
+            )
     load_tariff_calendars(cfg, load_calendar(cfg))
     return cfg
 
@@ -339,4 +397,16 @@ outage_window_s = 120
 outage_min_meters = 3
 outage_pct = 30
 outage_hold_s = 1800
+
+[line_loss]
+# LL-02 classes of the daily report (amigw ingest --daily-report): a loss rate above high_pct is
+# HIGH; fewer than min_complete_pct % of an area's customers with a complete day is
+# NOT_COMPUTABLE (between that and 100 %: INCOMPLETE).
+high_pct = 10.0
+min_complete_pct = 98
+# Bands per area type: the registry's [areas."<name>"] type = "<type>" selects one; keys left out
+# inherit the ones above. A type the registry names must be listed here.
+# [line_loss.area_types.rural]   (example)
+# high_pct = 12.0
+
 """

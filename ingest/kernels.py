@@ -513,7 +513,8 @@ def line_loss(
     """LL-01/02 per (area, day) group over (meter, day) rows of daily energy (multiplier applied).
 
     supply = master fwd + Σ customer rev; sales = Σ customer fwd + master rev; loss = supply − sales;
-    rate in basis points (0.01 %) = loss·10000 // supply (floor). Returns
+    rate in basis points (0.01 %) = loss·10000 // supply (floor). ``min_complete_pct`` and
+    ``high_bp`` are per group (the LL-02 band of the group's area type). Returns
     ``(supply, sales, loss, rate_bp, klass, customers_present)``."""
     supply = np.zeros(ngroups, dtype=np.int64)
     sales = np.zeros(ngroups, dtype=np.int64)
@@ -541,7 +542,7 @@ def line_loss(
         if master_ok[g] and supply[g] == 0 and sales[g] == 0:
             klass[g] = LOSS_OUT_OF_SERVICE
             continue
-        if not master_ok[g] or supply[g] <= 0 or present[g] * 100 < min_complete_pct * exp:
+        if not master_ok[g] or supply[g] <= 0 or present[g] * 100 < min_complete_pct[g] * exp:
             klass[g] = LOSS_NOT_COMPUTABLE
             continue
         rate[g] = loss[g] * 10_000 // supply[g]
@@ -549,7 +550,7 @@ def line_loss(
             klass[g] = LOSS_INCOMPLETE
         elif rate[g] < 0:
             klass[g] = LOSS_NEGATIVE
-        elif rate[g] > high_bp:
+        elif rate[g] > high_bp[g]:
             klass[g] = LOSS_HIGH
         else:
             klass[g] = LOSS_QUALIFIED

@@ -22,6 +22,9 @@ File format (every key shown; ``multiplier``, ``ib_a``, ``register_digits``, ``t
     area = "TA-0042"         # transformer area (LL-01, OUT-02)
     account = "AC-778"
     master = false           # true for the area's master (check) meter
+
+    [areas."TA-0042"]        # optional, per transformer area named by some meter's ``area``
+    type = "rural"           # selects the LL-02 band [line_loss.area_types.rural] in ingest.toml
 """
 
 from __future__ import annotations
@@ -109,9 +112,12 @@ class MeterRegistry:
             doc = tomllib.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(str(self.path), f"cannot read registry: {exc}") from exc
-        unknown = set(doc) - {"meters"}
+        unknown = set(doc) - {"meters", "areas"}
         if unknown:
             raise ConfigError(sorted(unknown)[0], "unknown key")
+        area_doc = doc.get("areas", {})
+        if not isinstance(area_doc, dict):
+            raise ConfigError("areas", "expected a table")
         meters = doc.get("meters", {})
         if not isinstance(meters, dict):
             raise ConfigError("meters", "expected a table")
@@ -123,6 +129,7 @@ class MeterRegistry:
         accounts: dict[str, int] = {}
         for mid, row in meters.items():
             self._row(f'meters."{mid}"', row, cols, areas, tariffs, accounts)
+        area_types = self._area_types(area_doc, areas)  # last check: nothing is replaced before it
         self.ids: tuple[str, ...] = tuple(meters)
         self.index = {m: i for i, m in enumerate(self.ids)}
         self._params_cache: dict[tuple[str, ...], MeterParams] = {}
@@ -139,6 +146,26 @@ class MeterRegistry:
         self.areas = tuple(areas)
         self.tariffs = tuple(tariffs)
         self.accounts = tuple(accounts)
+        self.area_types: tuple[str | None, ...] = area_types
+
+    @staticmethod
+    def _area_types(doc: dict[str, Any], areas: dict[str, int]) -> tuple[str | None, ...]:
+        """``type`` of each area (``None`` = the default LL-02 band), indexed like ``areas``."""
+        types: list[str | None] = [None] * len(areas)
+        for name, row in doc.items():
+            key = f'areas."{name}"'
+            if not isinstance(row, dict):
+                raise ConfigError(key, "expected a table")
+            for k in row:
+                if k != "type":
+                    raise ConfigError(f"{key}.{k}", "unknown key")
+            if name not in areas:
+                raise ConfigError(key, "no meter is in this area (a misspelt name?)")
+            t = row.get("type")
+            if not isinstance(t, str) or not t:
+                raise ConfigError(f"{key}.type", f"expected a non-empty string, got {t!r}")
+            types[areas[name]] = t
+        return tuple(types)
 
     @staticmethod
     def _row(

@@ -23,13 +23,15 @@ Rules (``shared/reference/business_rules.md``)
   (96). Per gateway: the sums over the meters seen under it, expected = those meters x 96. Per
   area: the sums over the meters the registry places in it (master included), expected = all of
   them x 96, so a meter that sent nothing costs its area 96.
-* LL-01/02: :func:`ingest.stages.line_loss` over each meter's billable ``total`` (multiplier
-  applied by the pipeline). Every day's class is written; the area anomaly (an ``alarms`` point)
-  is raised when a class other than QUALIFIED has persisted for ``ANOMALY_DAYS`` consecutive days
-  (this one and the days before, as earlier runs wrote them to ``area_loss``).
-  ``daily_tou`` has no reverse energy, so no reverse (quantity 6) rows
-  are given to the kernel: the master's export and the customers' PV export are absent, not zero
-  (supply = master forward, sales = customers' forward).
+* LL-01/02: :func:`ingest.stages.line_loss` over each meter's billable forward ``total`` and,
+  for meters that read the reverse register, its billable ``rev_total`` (multiplier applied by
+  the pipeline): supply = master forward + customers' reverse (PV export inside the area), sales =
+  customers' forward + master reverse (export upstream); a reverse day counts when complete, like
+  a forward one. The LL-02 band (``high_pct``, ``min_complete_pct``) is the one of the area's
+  type (``[line_loss]`` of the config, selected by the registry's ``[areas]``). Every day's class
+  is written; the area anomaly (an ``alarms`` point) is raised when a class other than QUALIFIED
+  has persisted for ``ANOMALY_DAYS`` consecutive days (this one and the days before, as earlier
+  runs wrote them to ``area_loss``).
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest import stages as st
-from ingest.config import IngestConfig, load_calendar, load_registry
+from ingest.config import IngestConfig, LineLossSection, load_calendar, load_registry
 from ingest.deadletter import DeadLetterStore
 from ingest.influxql import InfluxQuery, quote_str
 from ingest.registry import MeterRegistry
 from ingest.sink import InfluxSink
 from ingest.transform import DAY_MS, stored_tag
-from protocols.errors import SinkError
+from protocols.errors import ConfigError, SinkError
 
 __all__ = [
     "ANOMALY_DAYS",
@@ -69,7 +71,8 @@ log = logging.getLogger("amigw.ingest")
 
 ANOMALY_DAYS = 3  # LL-02: consecutive days not QUALIFIED that raise an area anomaly
 _EPOCH = dt.date(1970, 1, 1)
-_SUMS = ("total", "intervals", "estimated", "invalid")
+_SUMS = ("total", "intervals", "estimated", "invalid", "rev_total", "rev_intervals", "rev_invalid")
+Q_REVERSE = 6  # energy_rev_active_total: LL-01's export terms
 I64 = npt.NDArray[np.int64]
 
 
@@ -103,6 +106,8 @@ class AreaLoss:
     customers_present: int
     customers_expected: int
     days_not_qualified: int = 0  # consecutive days up to this one with a class other than QUALIFIED
+    area_type: str = ""  # the registry's [areas."<name>"] type; "" = the default band
+    high_bp: int = 1_000  # the LL-02 band's HIGH threshold applied, 0.01 %
 
     @property
     def anomaly(self) -> bool:
@@ -134,9 +139,9 @@ class DailyReport:
             tag = st.escape_tag(a.area)
             out.append(
                 b'area_loss,area=%s supply=%di,sales=%di,loss=%di,rate_bp=%di,class="%s",'
-                b"customers_present=%di,customers_expected=%di,days_not_qualified=%di %d\n"
+                b"customers_present=%di,customers_expected=%di,days_not_qualified=%di,high_bp=%di %d\n"
                 % (tag, a.supply, a.sales, a.loss, a.rate_bp, a.klass.encode(), a.customers_present,
-                   a.customers_expected, a.days_not_qualified, ts)
+                   a.customers_expected, a.days_not_qualified, a.high_bp, ts)
             )  # fmt: skip
             if a.anomaly:
                 out.append(
@@ -211,6 +216,8 @@ def _area_doc(a: AreaLoss) -> dict[str, Any]:
         "customers_present": a.customers_present,
         "customers_expected": a.customers_expected,
         "days_not_qualified": a.days_not_qualified,
+        "area_type": a.area_type,
+        "high_bp": a.high_bp,
     }
 
 
@@ -266,9 +273,13 @@ def compute_report(
     utc_offset_ms: int = st.SHANGHAI_MS,
     interval_ms: int = st.INTERVAL_MS,
     history: dict[str, list[str]] | None = None,
+    bands: LineLossSection | None = None,
 ) -> DailyReport:
     """The report of ``day`` from the rows of :func:`daily_query` (see the module contract);
-    ``history[area]`` is the area's class on the days before, newest first ("" = no report)."""
+    ``history[area]`` is the area's class on the days before, newest first ("" = no report);
+    ``bands`` the LL-02 thresholds per area type (default: 10 % and 98 % for every area).
+
+    Raises: ConfigError for an area type ``bands`` does not list."""
     per_day = DAY_MS // interval_ms
     start, _ = day_window(day, utc_offset_ms)
     rows = [r for r in rows if r.get("meter") and r.get("gateway")]
@@ -299,17 +310,33 @@ def compute_report(
     collection += _groups(
         "area", list(registry.areas), a_meter, np.ones_like(a_meter), received[known], area_cols, per_day
     )
+    # Forward rows for every meter; reverse rows only for meters that sent reverse intervals (a
+    # meter without the register has no export, rather than an incomplete one).
+    rev_total, rev_intervals, rev_invalid = (
+        _sums(r_meter, n, col[f]) for f in ("rev_total", "rev_intervals", "rev_invalid")
+    )
+    has_rev = np.flatnonzero((rev_intervals + rev_invalid) > 0)
+    m = np.concatenate((np.arange(n), has_rev))
     daily = st.Totals(
-        np.arange(n, dtype=np.uint32),
-        np.ones(n, dtype=np.uint16),  # forward active total only: no reverse rows (module contract)
-        np.full(n, start, dtype=np.int64),
-        total,
-        received,
-        estimated,
-        invalid,
+        m.astype(np.uint32),
+        np.concatenate((np.ones(n), np.full(has_rev.shape[0], Q_REVERSE))).astype(np.uint16),
+        np.full(m.shape[0], start, dtype=np.int64),
+        np.concatenate((total, rev_total[has_rev])),
+        np.concatenate((received, rev_intervals[has_rev])),
+        np.concatenate((estimated, np.zeros(has_rev.shape[0], dtype=np.int64))),
+        np.concatenate((invalid, rev_invalid[has_rev])),
     )
     sizes = registry.area_sizes()
-    ll = st.line_loss(daily, params, sizes, intervals_per_day=per_day)
+    bands = bands or LineLossSection()
+    try:
+        band = np.array([bands.band(t) for t in registry.area_types], dtype=np.int64).reshape(-1, 2)
+    except KeyError as exc:
+        raise ConfigError(
+            f"line_loss.area_types.{exc.args[0]}", "area type of the registry not listed"
+        ) from None
+    ll = st.line_loss(
+        daily, params, sizes, intervals_per_day=per_day, min_complete_pct=band[:, 0], high_bp=band[:, 1]
+    )
     history = history or {}
 
     def streak(area: str, klass: str) -> int:
@@ -323,7 +350,8 @@ def compute_report(
     areas = tuple(
         AreaLoss(
             registry.areas[a], sup, sal, loss, rate, st.LineLoss.CLASSES[k], present, int(sizes[a]),
-            streak(registry.areas[a], st.LineLoss.CLASSES[k]),
+            streak(registry.areas[a], st.LineLoss.CLASSES[k]), registry.area_types[a] or "",
+            int(band[a, 1]),
         )
         for a, sup, sal, loss, rate, k, present in zip(
             ll.area.tolist(), ll.supply.tolist(), ll.sales.tolist(), ll.loss.tolist(),
@@ -358,6 +386,7 @@ async def run_daily_report(
     *,
     utc_offset_ms: int = st.SHANGHAI_MS,
     interval_ms: int = st.INTERVAL_MS,
+    bands: LineLossSection | None = None,
 ) -> DailyReport:
     """Read, compute, write (see the module contract).
 
@@ -377,8 +406,9 @@ async def run_daily_report(
         for a in registry.areas
     }
     report = compute_report(
-        rows, registry, day, utc_offset_ms=utc_offset_ms, interval_ms=interval_ms, history=history
-    )
+        rows, registry, day, utc_offset_ms=utc_offset_ms, interval_ms=interval_ms, history=history,
+        bands=bands,
+    )  # fmt: skip
     lines = report.lines()
     if lines:
         result = await sink.write(lines)
@@ -418,7 +448,8 @@ async def daily_report(cfg: IngestConfig, day: dt.date) -> DailyReport:
         sink = InfluxSink(cfg.influx, dead_letter=dead)
         try:
             return await run_daily_report(
-                query, sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000
-            )
+                query, sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000,
+                bands=cfg.line_loss,
+            )  # fmt: skip
         finally:
             await asyncio.gather(query.aclose(), sink.aclose())

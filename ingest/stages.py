@@ -434,14 +434,16 @@ def line_loss(
     area_sizes: I64,
     *,
     intervals_per_day: int = 96,
-    min_complete_pct: int = 98,
-    high_bp: int = 1_000,
+    min_complete_pct: int | I64 = 98,
+    high_bp: int | I64 = 1_000,
 ) -> LineLoss:
     """LL-01/02 from daily totals of forward (1) and reverse (6) active energy, multiplier applied.
 
     A meter-day counts when all its intervals are there, actual or estimated, and none is invalid.
     ``area_sizes`` is customers per area (``registry.area_sizes()``); meters without an area are
-    ignored. The 3-day persistence alarm of LL-02 is the caller's (it spans batches)."""
+    ignored. ``min_complete_pct`` and ``high_bp`` are one band for all, or one per area (indexed
+    like ``area_sizes``: LL-02 bands per area type). The 3-day persistence alarm of LL-02 is the
+    caller's (it spans batches)."""
     area_of_row = meters.area[daily.meter].astype(np.int64)
     keep = (area_of_row >= 0) & np.isin(daily.quantity, (1, 6))
     meter = daily.meter[keep].astype(np.int64)
@@ -459,6 +461,11 @@ def line_loss(
     labels, ng, gfirst = group_labels(r_area, r_day)
     g_area = r_area[gfirst]
     expected = area_sizes[g_area] if ng else np.empty(0, np.int64)
+
+    def per_group(band: int | I64) -> I64:
+        per_area = np.broadcast_to(np.asarray(band, dtype=np.int64), area_sizes.shape)
+        return np.ascontiguousarray(per_area[g_area])
+
     out = k.line_loss(
         labels,
         ng,
@@ -468,8 +475,8 @@ def line_loss(
         rev,
         rev_ok,
         expected.astype(np.int64),
-        min_complete_pct,
-        high_bp,
+        per_group(min_complete_pct),
+        per_group(high_bp),
     )
     return LineLoss(g_area, r_day[gfirst], *out)
 

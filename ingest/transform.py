@@ -62,6 +62,8 @@ _DAILY_INTS = (
 )  # fmt: skip
 Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
 _DAILY_FIELDS = [b"day=", *(name + b"=" for name in _DAILY_INTS)]
+_REVERSE_FIELDS = [b"rev_total=", b"rev_intervals=", b"rev_invalid="]
+Q_ENERGY_REVERSE = 6  # energy_rev_active_total
 _HOURLY_FIELDS = [b"hour=", b"total=", b"intervals=", b"estimated=", b"invalid="]
 HOUR_MS = 3_600_000
 
@@ -369,14 +371,35 @@ def _daily_partials(
     texts = [(_EPOCH + dt.timedelta(days=(int(d) + off) // DAY_MS)).isoformat().encode() for d in days]
     cal = np.asarray(tou.calendar, dtype=np.int64)[row]
     reg = np.asarray(tou.registers, dtype=np.int64)[row]
-    values = np.column_stack((
+    columns = [
         tot.energy, cal[:, 0], cal[:, 1], cal[:, 2], cal[:, 3],
         tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid,
         reg[:, 0], reg[:, 1], reg[:, 2], reg[:, 3], tou.mismatch[row].sum(axis=1),
-    )).astype(np.int64)  # fmt: skip
+    ]  # fmt: skip
+    names = _DAILY_FIELDS
+    reverse = _rows(iv, iv.quantity == Q_ENERGY_REVERSE)
+    if reverse.end_ts.shape[0]:  # LL-01's export terms; fields only where a meter reads them
+        columns += _reverse_columns(reverse, tot, s)
+        names = _DAILY_FIELDS + _REVERSE_FIELDS
+    values = np.column_stack(columns).astype(np.int64)
     table, meter = tags.table(b"daily_tou"), tot.meter.astype(np.int64)
-    lines = st.encode_int_lines(table, meter, texts, row_day, _DAILY_FIELDS, values, first_start)
+    lines = st.encode_int_lines(table, meter, texts, row_day, names, values, first_start)
     return lines, tuple(days.tolist())
+
+
+def _reverse_columns(reverse: st.Intervals, tot: st.Totals, s: Settings) -> list[npt.NDArray[np.int64]]:
+    """Billable reverse active energy (quantity 6) of each of ``tot``'s (meter, day) rows, with its
+    interval counts (actual + estimated, not billable); zeros where the meter has none that day.
+    A day's export travels with its forward total: a meter-day without forward intervals in this
+    batch has no ``daily_tou`` point, so its reverse energy is not in one either."""
+    off = s.calendar.utc_offset_ms
+    rev, _ = st.bucket_partials(reverse, bucket_ms=DAY_MS, interval_ms=s.interval_ms, utc_offset_ms=off)
+    day0 = min(int(tot.start_ts.min()), int(rev.start_ts.min()))
+    rev_key = rev.meter.astype(np.int64) * (1 << 32) + (rev.start_ts - day0) // DAY_MS
+    tot_key = tot.meter.astype(np.int64) * (1 << 32) + (tot.start_ts - day0) // DAY_MS
+    pos = np.minimum(np.searchsorted(rev_key, tot_key), rev_key.shape[0] - 1)
+    hit = rev_key[pos] == tot_key
+    return [np.where(hit, c[pos], 0) for c in (rev.energy, rev.n_actual + rev.n_estimated, rev.n_invalid)]
 
 
 def _hourly_partials(iv1: st.Intervals, tags: _Tags, s: Settings) -> bytes:

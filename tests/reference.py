@@ -297,7 +297,7 @@ def line_loss(labels, ngroups, is_master, fwd, fwd_ok, rev, rev_ok, expected, mi
     for g in range(ngroups):
         if master_ok[g] and supply[g] == 0 and sales[g] == 0:
             klass[g] = k.LOSS_OUT_OF_SERVICE
-        elif not master_ok[g] or supply[g] <= 0 or present[g] * 100 < min_pct * int(expected[g]):
+        elif not master_ok[g] or supply[g] <= 0 or present[g] * 100 < int(min_pct[g]) * int(expected[g]):
             klass[g] = k.LOSS_NOT_COMPUTABLE
         else:
             rate[g] = loss[g] * 10_000 // supply[g]
@@ -306,7 +306,7 @@ def line_loss(labels, ngroups, is_master, fwd, fwd_ok, rev, rev_ok, expected, mi
             elif rate[g] < 0:
                 klass[g] = k.LOSS_NEGATIVE
             else:
-                klass[g] = k.LOSS_HIGH if rate[g] > high_bp else k.LOSS_QUALIFIED
+                klass[g] = k.LOSS_HIGH if rate[g] > int(high_bp[g]) else k.LOSS_QUALIFIED
     return (
         *(np.array(x, np.int64) for x in (supply, sales, loss, rate)),
         np.array(klass, np.uint8),

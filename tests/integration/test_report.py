@@ -32,6 +32,7 @@ from ingest.config import parse_config
 from ingest.report import daily_report
 from ingest.stages import escape_tag
 from ingest.transform import Settings, stored_tag, transform
+from protocols.errors import ConfigError
 from protocols.payload import BatchBuilder
 
 pytestmark = pytest.mark.integration
@@ -296,3 +297,82 @@ async def test_an_area_anomaly_needs_three_consecutive_days_not_qualified(
         b = next(a for a in report.areas if a.area == AREA_B)
         assert (b.klass, b.days_not_qualified) == ("HIGH", days)
         assert [a.area for a in report.alarms] == ([AREA_B] if days == 3 else [])
+
+
+async def test_pv_export_enters_supply_and_the_masters_export_enters_sales(
+    influx_db: Any, tmp_path: Path
+) -> None:
+    """LL-01 with the reverse register (quantity 6) read by the edge: customer ``P1``'s PV export
+    is supply inside the area, the master's export upstream is sales. Per interval: master forward
+    25 and reverse 1 (x40 CT), ``P1`` forward 300 and reverse 250, ``P2`` 500 and ``P3`` 400 forward
+    (no reverse register). Supply 96·25·40 + 96·250 = 120,000; sales 96·1,200 + 96·1·40 = 119,040;
+    loss 960 = 0.80 %, QUALIFIED. Without the export terms it would read NEGATIVE (-20 %)."""
+    influxd, db = influx_db
+    deltas = {"MP": {1: 25, 6: 1}, "P1": {1: 300, 6: 250}, "P2": {1: 500}, "P3": {1: 400}}
+    (tmp_path / "meters.toml").write_text(
+        "".join(
+            f'[meters.{m}]\nvoltage_v = 220\nimax_a = 100\nphases = 1\narea = "TA-PV"\n'
+            f"master = {str(m == 'MP').lower()}\nmultiplier = {40 if m == 'MP' else 1}\n"
+            for m in deltas
+        )
+    )
+    cfg_file = tmp_path / "ingest.toml"
+    cfg_file.write_text(config_toml(tmp_path, influxd.url, db))
+    cfg = parse_config(cfg_file.read_text(), base_dir=tmp_path)
+    settings = Settings.from_config(cfg)
+    lines = []
+    for seq, (k_lo, k_hi) in enumerate(((0, 48), (48, 96)), start=1):
+        bb = BatchBuilder()
+        for m, per_q in deltas.items():
+            for q, d in per_q.items():
+                bb.set_prev(m, q, 50_000 + d * k_lo, T0 + k_lo * Q)
+                for k in range(k_lo + 1, k_hi + 1):
+                    bb.add(m, T0 + k * Q, q, 50_000 + d * k)
+        lines.append(transform(bb.build("gw-pv", seq, sent_ms=T0 + k_hi * Q + 1_000), settings).lines)
+    influxd.write(b"".join(lines), db)
+    rev = influxd.query(
+        'SELECT sum("rev_total") AS e, sum("rev_intervals") AS n FROM daily_tou GROUP BY meter', db=db
+    )
+    assert {r["meter"]: (r["e"], r["n"]) for r in rev} == {
+        "MP": (96 * 40, 96),
+        "P1": (96 * 250, 96),
+        "P2": (0, 0),
+        "P3": (0, 0),
+    }
+
+    report = await daily_report(cfg, DAY)
+    (pv,) = report.areas
+    assert (pv.supply, pv.sales, pv.loss, pv.rate_bp, pv.klass) == (120_000, 119_040, 960, 80, "QUALIFIED")
+    assert stored(influxd, db)["area_loss"]["TA-PV"][:5] == (120_000, 119_040, 960, 80, "QUALIFIED")
+
+
+async def test_area_types_select_their_ll02_band(day_loaded: tuple[Any, str, Path]) -> None:
+    """LL-02 bands per area type: ``AREA_B``'s 20 % loss is HIGH in the default band (10 %) and
+    QUALIFIED for a rural area whose band ends at 25 %; the band applied is written with it. A
+    type the config does not list is a start-up error naming the registry key."""
+    influxd, db, cfg_file = day_loaded
+    registry = cfg_file.parent / "meters.toml"
+    registry.write_text(registry_toml() + f'[areas.{json.dumps(AREA_B)}]\ntype = "rural"\n')
+    with pytest.raises(ConfigError) as exc:
+        parse_config(cfg_file.read_text(), base_dir=cfg_file.parent)
+    assert exc.value.key_path == f'registry: areas."{AREA_B}".type' and "rural" in str(exc.value)
+    cfg_file.write_text(cfg_file.read_text() + "[line_loss.area_types.rural]\nhigh_pct = 25.0\n")
+    cfg = parse_config(cfg_file.read_text(), base_dir=cfg_file.parent)
+    report = await daily_report(cfg, DAY)
+    b = next(a for a in report.areas if a.area == AREA_B)
+    assert (b.klass, b.rate_bp, b.area_type, b.high_bp, b.days_not_qualified) == (
+        "QUALIFIED",
+        2_000,
+        "rural",
+        2_500,
+        0,
+    )
+    assert report.alarms == ()
+    rows = influxd.query(
+        f'SELECT "class", "high_bp" FROM area_loss WHERE time >= {T0}ms GROUP BY area', db=db
+    )
+    assert {r["area"]: (r["class"], r["high_bp"]) for r in rows} == {
+        "TA-1": ("QUALIFIED", 1_000),
+        stored_tag(AREA_B): ("QUALIFIED", 2_500),
+        "TA-3": ("NOT_COMPUTABLE", 1_000),
+    }

@@ -195,14 +195,20 @@ def test_tou_periods_match_reference(cal, quarter_hours, offset_min) -> None:
         )
     ),
     st.lists(st.integers(0, 12), min_size=4, max_size=4),
+    st.lists(
+        st.tuples(st.sampled_from([0, 50, 98, 100]), st.sampled_from([0, 500, 1000, 1200])),
+        min_size=4,
+        max_size=4,
+    ),
 )
-def test_line_loss_matches_reference(case, expected) -> None:
+def test_line_loss_matches_reference(case, expected, bands) -> None:
     ng, rows = case
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 6
     labels = np.array(cols[0], np.int64)
     master, fwd_ok, rev_ok = (np.array(cols[i], np.bool_) for i in (1, 3, 5))
     fwd, rev = np.array(cols[2], np.int64), np.array(cols[4], np.int64)
-    args = (labels, ng, master, fwd, fwd_ok, rev, rev_ok, np.array(expected[:ng], np.int64), 98, 1000)
+    min_pct, high_bp = (np.array([b[i] for b in bands[:ng]], np.int64) for i in (0, 1))
+    args = (labels, ng, master, fwd, fwd_ok, rev, rev_ok, np.array(expected[:ng], np.int64), min_pct, high_bp)
     _assert_all_equal(k.line_loss(*args), ref.line_loss(*args))
 
 

@@ -70,9 +70,27 @@ def test_registry_register_digits_set_the_energy_rollover_point(tmp_path) -> Non
     assert reg.params(("M1", "M2", "?")).energy_regmax.tolist() == [9_999_999, 0, 0]  # 99 999.99 kWh
 
 
+def test_registry_area_types_and_a_bad_one_keeps_the_old_registry(tmp_path) -> None:
+    path = tmp_path / "meters.toml"
+    path.write_text(GOOD)
+    reg = MeterRegistry.load(path)
+    assert reg.areas == ("TA-1",) and reg.area_types == (None,)
+    path.write_text(GOOD.replace('[meters."M1"]', '[areas."TA-1"]\ntype = "rural"\n[meters."M1"]'))
+    reg.reload()
+    assert reg.area_types == ("rural",)
+    path.write_text(GOOD.replace("multiplier = 40", "multiplier = 80") + '[areas."TA-2"]\ntype = "urban"\n')
+    with pytest.raises(ConfigError) as exc:
+        reg.reload()
+    assert exc.value.key_path == 'areas."TA-2"' and "no meter" in str(exc.value)
+    assert reg.area_types == ("rural",) and reg.multiplier.tolist() == [1, 40]  # nothing half-replaced
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
+        ('[areas."TA-1"]\ntype = 3\n' + GOOD, 'areas."TA-1".type'),
+        ('[areas."TA-1"]\ntype = "x"\nhigh_pct = 3\n' + GOOD, 'areas."TA-1".high_pct'),
+        ("areas = 1\n" + GOOD, "areas"),
         ('[meters."X"]\nvoltage_v = 220\nphases = 1', 'meters."X".imax_a'),
         ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ncolour = 1', 'meters."X".colour'),
         ('[meters."X"]\nvoltage_v = "high"\nimax_a = 60\nphases = 1', 'meters."X".voltage_v'),
