@@ -702,16 +702,22 @@ class LineTables:
         return cls(*_table([meas + b",meter=" + escape_tag(m) + b",gateway=" + gw for m in meter_ids]))
 
 
-def encode_lines(readings: Readings, tables: LineTables, *, wide: bool = False) -> bytes:
+def encode_lines(
+    readings: Readings, tables: LineTables, *, wide: bool = False, order: I64 | None = None
+) -> bytes:
     """Line protocol (ms timestamps) for a batch; narrow = one point per reading, wide = one point
-    per (meter, ts) with a field per quantity. Raises: ValueError for a meter index off the table."""
+    per (meter, ts) with a field per quantity. ``order`` is :func:`sort_order` of ``readings`` when
+    the caller has it (``Checked.order``). Raises: ValueError for a meter index off the table."""
     nmeters = tables.head_off.shape[0] - 1
     if len(readings) and int(readings.meter.max()) >= nmeters:
         raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meter ids")
     head_len = np.diff(tables.head_off)
     bound = int((head_len[readings.meter] + 2 * FNAME_LEN[readings.quantity] + 100).sum())
     buf = np.empty(bound, dtype=np.uint8)
-    order = sort_order(readings)
+    if order is None:
+        order = sort_order(readings)
+    elif order.shape[0] != len(readings):
+        raise ValueError(f"order: {order.shape[0]} positions for {len(readings)} readings")
     used = k.encode_lines(
         order,
         readings.meter,

@@ -266,7 +266,8 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     dup = (flags & int(Flag.DUPLICATE)) != 0
     has_dup = bool(dup.any())
     main = _subset(checked_r, ~dup) if has_dup else checked_r
-    parts.append(st.encode_lines(main, tags.table(b"meter_reading"), wide=s.wide))
+    order = None if has_dup else checked.order  # the validation's (meter, ts, quantity) sort
+    parts.append(st.encode_lines(main, tags.table(b"meter_reading"), wide=s.wide, order=order))
     if has_dup:  # stored too, in their own series, so they never overwrite the first arrival
         dups = _subset(checked_r, dup)
         parts.append(st.encode_lines(dups, tags.table(b"reading_duplicate")))

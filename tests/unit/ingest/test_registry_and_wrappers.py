@@ -149,6 +149,9 @@ def test_wrapper_names_the_bad_column() -> None:
             np.zeros(1, np.int64),
             np.zeros(2, np.uint16),
         )
+    one = stages.Readings(*(np.zeros(1, t) for t in (np.uint32, np.int64, np.uint16, np.int64, np.uint16)))
+    with pytest.raises(ValueError, match="order: 2 positions for 1 readings"):
+        stages.encode_lines(one, stages.LineTables.build(["m"], "g"), order=np.zeros(2, np.int64))
 
 
 def test_read_only_frombuffer_columns_work_and_stay_unchanged() -> None:
