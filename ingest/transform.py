@@ -9,7 +9,8 @@ Contract
   redelivered or replayed batch gives byte-identical output whatever arrived before it (DESIGN §6).
   Columns are wrapped with ``numpy.frombuffer``; there is no Python object per reading, per
   interval or per daily row: line protocol, the ``daily_tou`` lines and the intervals JSON payload
-  come from numba kernels (:mod:`ingest.kernels`, each checked against a reference in the tests).
+  come from numba kernels (:mod:`ingest.kernels`, each checked against a reference in the tests),
+  and the binary intervals payload is the interval columns themselves.
 * The only state is a bounded cache of escaped tag tables per (meter table, gateway): a gateway
   sends the same meter table batch after batch, and escaping 500 ids cost more than the batch's
   whole line-protocol encoding. It holds derived bytes only, so it cannot change an output.
