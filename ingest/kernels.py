@@ -695,12 +695,8 @@ def _put_fixed(buf, p, v, decimals):
 
 @_jit
 def _put_int_field(buf, p, v):
-    if v < 0:
-        buf[p] = 45
-        p += 1
-        p = _put_uint(buf, p, np.uint64(-(v + 1)) + np.uint64(1))
-    else:
-        p = _put_uint(buf, p, np.uint64(v))
+    """An integer field value: ``_put_int`` and the ``i`` suffix."""
+    p = _put_int(buf, p, v)
     buf[p] = 105
     return p + 1
 
