@@ -52,7 +52,7 @@ from ingest.deadletter import DeadLetterStore
 from ingest.influxql import InfluxQuery, quote_str
 from ingest.registry import MeterRegistry
 from ingest.sink import InfluxSink
-from ingest.transform import DAY_MS, stored_tag
+from ingest.transform import DAY_MS, Q_ENERGY_REVERSE, stored_tag
 from protocols.errors import ConfigError, SinkError
 
 __all__ = [
@@ -72,7 +72,6 @@ log = logging.getLogger("amigw.ingest")
 ANOMALY_DAYS = 3  # LL-02: consecutive days not QUALIFIED that raise an area anomaly
 _EPOCH = dt.date(1970, 1, 1)
 _SUMS = ("total", "intervals", "estimated", "invalid", "rev_total", "rev_intervals", "rev_invalid")
-Q_REVERSE = 6  # energy_rev_active_total: LL-01's export terms
 I64 = npt.NDArray[np.int64]
 
 
@@ -319,7 +318,7 @@ def compute_report(
     m = np.concatenate((np.arange(n), has_rev))
     daily = st.Totals(
         m.astype(np.uint32),
-        np.concatenate((np.ones(n), np.full(has_rev.shape[0], Q_REVERSE))).astype(np.uint16),
+        np.concatenate((np.ones(n), np.full(has_rev.shape[0], Q_ENERGY_REVERSE))).astype(np.uint16),
         np.full(m.shape[0], start, dtype=np.int64),
         np.concatenate((total, rev_total[has_rev])),
         np.concatenate((received, rev_intervals[has_rev])),

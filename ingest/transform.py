@@ -39,6 +39,7 @@ from protocols.aggregates import IntervalRecord, encode_interval_columns
 from protocols.errors import PayloadError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, decode, encode
+from protocols.quantities import by_name
 
 __all__ = [
     "BatchOutput",
@@ -64,7 +65,7 @@ _DAILY_INTS = (
 Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
 _DAILY_FIELDS = [b"day=", *(name + b"=" for name in _DAILY_INTS)]
 _REVERSE_FIELDS = [b"rev_total=", b"rev_intervals=", b"rev_invalid="]
-Q_ENERGY_REVERSE = 6  # energy_rev_active_total
+Q_ENERGY_REVERSE = by_name("energy_rev_active_total").code
 _HOURLY_FIELDS = [b"hour=", b"total=", b"intervals=", b"estimated=", b"invalid="]
 HOUR_MS = 3_600_000
 

@@ -125,19 +125,39 @@ def ingest_run(mosquitto: Any, influxd: Any, tmp: Path, workers: int) -> tuple[f
             time.sleep(0.1)
         pids = [proc.pid] if workers == 1 else _children(proc.pid)
         items = [(f"ami/v1/{gw}/up/readings", encode(b)) for b in make_batches(gw)]
-        pub = publisher(mosquitto)
+        return measure(mosquitto, influxd, db, items, pids, TOTAL // len(QUANTITIES))
+    finally:
+        stop(proc, influxd, db)
+
+
+def measure(
+    mosquitto: Any,
+    influxd: Any,
+    db: str,
+    items: list[tuple[str, bytes]],
+    pids: list[int],
+    points: int,
+    **count_kw: Any,
+) -> tuple[float, float]:
+    """Publish ``items``, wait for ``points`` points in ``db``: (readings/s, CPU seconds per million
+    readings of the processes ``pids``)."""  # fmt: skip
+    pub = publisher(mosquitto)
+    try:
         cpu0 = sum(cpu_s(p) for p in pids)
         t0 = time.monotonic()
         publish_all(pub, items)
-        t1 = wait_count(influxd, db, TOTAL // len(QUANTITIES))
+        t1 = wait_count(influxd, db, points, **count_kw)
         cpu = sum(cpu_s(p) for p in pids) - cpu0
+    finally:
         pub.loop_stop()
         pub.disconnect()
-        return TOTAL / (t1 - t0), cpu / (TOTAL / 1e6)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        influxd.drop_database(db)
+    return TOTAL / (t1 - t0), cpu / (TOTAL / 1e6)
+
+
+def stop(proc: subprocess.Popen[bytes], influxd: Any, db: str) -> None:
+    proc.terminate()
+    proc.wait(30)
+    influxd.drop_database(db)
 
 
 def _children(pid: int) -> list[int]:
@@ -208,22 +228,11 @@ def conventional_run(mosquitto: Any, influxd: Any, tmp: Path, schema: str = "wid
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         time.sleep(1.0)  # subscribed
         items = [(topic, encode(b, "json")) for b in make_batches(gw)]
-        pub = publisher(mosquitto)
-        cpu0 = cpu_s(proc.pid)
-        t0 = time.monotonic()
-        publish_all(pub, items)
         if schema == "wide":
-            t1 = wait_count(influxd, db, TOTAL // len(QUANTITIES))
-        else:
-            t1 = wait_count(influxd, db, TOTAL, field="value")
-        cpu = cpu_s(proc.pid) - cpu0
-        pub.loop_stop()
-        pub.disconnect()
-        return TOTAL / (t1 - t0), cpu / (TOTAL / 1e6)
+            return measure(mosquitto, influxd, db, items, [proc.pid], TOTAL // len(QUANTITIES))
+        return measure(mosquitto, influxd, db, items, [proc.pid], TOTAL, field="value")
     finally:
-        proc.terminate()
-        proc.wait(30)
-        influxd.drop_database(db)
+        stop(proc, influxd, db)
 
 
 async def _post_all(influxd: Any, db: str, bodies: list[bytes], tmp: Path) -> float:
