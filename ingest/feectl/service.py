@@ -3,18 +3,28 @@
 Accepts, over MQTT (through :mod:`.mqtt`):
 
 * ``ami/v1/agg/intervals/{gateway}`` -- validated intervals from ingest
-  (:func:`protocols.aggregates.decode_intervals`). Each record of quantity 1
-  (``energy_fwd_active_total``) is charged with :meth:`FeeController.charge_interval`, estimated
-  when its flags carry ``Flag.ESTIMATED``. Meters not enrolled in fee control are skipped.
+  (:func:`protocols.aggregates.decode_intervals`; a JSON duplicate key is refused). The topic's
+  gateway must be a valid id and equal the payload's. Each record of quantity 1
+  (``energy_fwd_active_total``) of an enrolled meter is checked against ``[service.limits]``
+  (:meth:`~.config.LimitSettings.interval_refusal`) and charged, in its own transaction, with
+  :meth:`FeeController.charge_interval` (``gateway=``: only the meter's enrolled gateway may
+  charge it), estimated when its flags carry ``Flag.ESTIMATED``. Other meters are skipped.
 * ``ami/v1/{gateway}/up/cmd-result`` -- results signed by the edge. They are decoded with that
-  gateway's key; a result that does not verify is logged and dropped, never matched. A verified
-  one goes to :meth:`FeeController.on_result`, and a ``done`` relay result's read-back
-  (``relay_state``) to :meth:`FeeController.on_relay_status`.
+  gateway's key; a result that does not verify, or names another gateway, is rejected, never
+  matched. A verified one goes to :meth:`FeeController.on_result`, and a ``done`` relay result's
+  read-back (``relay_state``) to :meth:`FeeController.on_relay_status`.
+
+Each message is handled in isolation (:meth:`FeeControlService.handle_message`): whatever fails
+while handling it, or one interval of it, is caught there, counted
+(``amigw_feectl_rejected_total{reason}``), logged once with the message's identity (topic,
+gateway, meter, payload digest) and kept with its reason in the ledger's rejects table; the
+message is then acknowledged. Only an unavailable ledger (``sqlite3.OperationalError``) leaves a
+message to be retried, and an interval with no tariff in force leaves it unacknowledged.
 
 A message is acknowledged (manual PUBACK) only after every ledger transaction it caused has
 committed, so a crash before that makes the broker redeliver it; redelivery is harmless because
-charging is exactly-once per (meter, interval) in the ledger's schema and a repeated result is
-journaled as ``COMMAND_RESULT_IGNORED``.
+charging is exactly-once per (meter, interval) in the ledger's schema, a repeated result is
+journaled as ``COMMAND_RESULT_IGNORED``, and a rejected message is rejected again.
 
 Publishes:
 
