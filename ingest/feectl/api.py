@@ -7,8 +7,10 @@ is 401. Routes (documented with examples in ``docs/feectl.md``):
 
 * ``POST /v1/payments`` ``{"account", "payment_id", "amount_fen"}`` → 201 recorded, 200 the same
   payment again (idempotent by ``payment_id``), 409 the id used with another account or amount,
-  404 unknown account, 400 bad JSON or fields. The core re-evaluates the account in the
-  payment's transaction; a restore command it decides is sent at once, not at the next tick.
+  404 unknown account, 400 bad JSON or fields, 400 ``amount_out_of_range`` above
+  ``[service.limits] max_payment_fen``; each answer is counted in ``amigw_feectl_payments_total``.
+  The core re-evaluates the account in the payment's transaction; a restore command it decides
+  is sent at once, not at the next tick.
 * ``GET /v1/accounts/{id}`` → balance and state; ``GET /v1/accounts/{id}/journal?limit=N``
   → the newest N journal rows (default 100, at most 1000), oldest first; 404 unknown account.
 * ``GET /healthz`` → 200 with counters (no token: it reveals no account data).
@@ -29,6 +31,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._log import kv
 from .model import FeeControlError
 
 if TYPE_CHECKING:
@@ -54,7 +57,6 @@ _REASONS = {
 _MAX_HEADER_BYTES = 16_384
 _READ_TIMEOUT_S = 10.0
 _MAX_ID = 128
-_MAX_AMOUNT_FEN = 10**12
 _PAYMENT_KEYS = frozenset({"account", "payment_id", "amount_fen"})
 
 
@@ -119,10 +121,10 @@ class PaymentsApi:
             status = {"unknown_account": 404, "payment_conflict": 409}.get(exc.reason, 400)
             raise HttpError(status, exc.reason, exc.detail or exc.subject) from None
         except sqlite3.Error as exc:
-            log.error("http ledger error path=%s reason=%s", req.path, exc)
+            log.error("http ledger error", extra=kv(path=req.path, reason=exc))
             raise HttpError(503, "ledger_unavailable", str(exc)) from None
         except Exception:  # the server must answer, whatever the bug
-            log.exception("http handler failed method=%s path=%s", req.method, req.path)
+            log.exception("http handler failed", extra=kv(method=req.method, path=req.path))
             raise HttpError(500, "internal_error") from None
 
     async def _read(self, reader: asyncio.StreamReader) -> Request:
@@ -180,8 +182,18 @@ class PaymentsApi:
         raise HttpError(404, "not_found", req.path)
 
     def _payment(self, req: Request) -> tuple[int, Any]:
-        account, payment_id, amount = _payment_fields(req.body)
-        res, paid_ms = self.service.record_payment(account, payment_id, amount)
+        """Counts each refusal by its error code (the service counts recorded and repeated)."""
+        try:
+            account, payment_id, amount = _payment_fields(
+                req.body, self.service.cfg.service.limits.max_payment_fen
+            )
+            res, paid_ms = self.service.record_payment(account, payment_id, amount)
+        except HttpError as exc:
+            self.service.metrics.payments.labels(exc.error).inc()
+            raise
+        except FeeControlError as exc:
+            self.service.metrics.payments.labels(exc.reason).inc()
+            raise
         body = {
             "recorded": res.recorded,
             "account": res.account_id,
@@ -200,8 +212,6 @@ class PaymentsApi:
                 for d in res.decisions
             ],
         }
-        if res.recorded:
-            log.info("payment recorded account=%s payment_id=%s amount_fen=%s", account, payment_id, amount)
         return (201 if res.recorded else 200), body
 
 
@@ -220,7 +230,7 @@ def _limit(text: str) -> int:
     return limit
 
 
-def _payment_fields(body: bytes) -> tuple[str, str, int]:
+def _payment_fields(body: bytes, max_amount_fen: int) -> tuple[str, str, int]:
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -236,8 +246,12 @@ def _payment_fields(body: bytes) -> tuple[str, str, int]:
         if not isinstance(value, str) or not 0 < len(value) <= _MAX_ID:
             raise HttpError(400, "bad_fields", f"{name}: expected a non-empty string of at most {_MAX_ID}")
     amount = doc["amount_fen"]
-    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= _MAX_AMOUNT_FEN:
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise HttpError(400, "bad_fields", "amount_fen: expected a positive integer (fen)")
+    if amount > max_amount_fen:
+        raise HttpError(
+            400, "amount_out_of_range", f"amount_fen: at most {max_amount_fen} fen in one payment"
+        )
     return doc["account"], doc["payment_id"], amount
 
 

@@ -14,9 +14,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from protocols.errors import ConfigError
-
-from .config import ServiceConfig, load_service_config
+from ._log import kv
+from .config import ServiceConfig, load_config
 
 __all__ = ["add_arguments", "load", "run"]
 
@@ -30,11 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(path: Path) -> ServiceConfig:
     """Raises: ConfigError (including an unreadable file)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
-    return load_service_config(text, path.resolve().parent)
+    return load_config(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +51,6 @@ async def _main(cfg: ServiceConfig) -> None:
 
     service = FeeControlService(cfg)
     install_signal_handlers(service)
-    log.info("feectl starting db=%s mqtt=%s", cfg.db_path, cfg.service.mqtt.url)
+    log.info("feectl starting", extra=kv(db=cfg.db_path, mqtt=cfg.service.mqtt.url))
     await service.run()
     log.info("feectl stopped")

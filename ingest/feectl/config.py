@@ -5,7 +5,9 @@ validated :class:`FeeControlConfig`; raises :class:`~protocols.errors.ConfigErro
 dotted key. Every default below is the reference's default and is marked with its rule ID.
 Also holds the no-trip window test (FC-09), a pure function of local time, and the settings of
 the running service (``[service]``, :func:`load_service_config`), which reads its files (keys,
-token, tariffs) once at start.
+token, tariffs) once at start, including the bounds on values entering it (``[service.limits]``,
+:meth:`LimitSettings.interval_refusal`). :data:`SAMPLE` is the commented sample
+(``amigw config sample feectl``); :func:`load_config` reads a file (``amigw config check``).
 """
 
 from __future__ import annotations
@@ -20,21 +22,25 @@ from typing import Any, Literal
 from protocols.commands import MAX_VALIDITY_MS
 from protocols.config import load as load_typed
 from protocols.errors import ConfigError
+from protocols.topics import check_gateway_id
 
 from ._reader import Section, parse_hhmm, parse_zone
 from .model import Account, EstimatePolicy, MeterRef
 from .tariff import Tariff, load_tariff
 
 __all__ = [
+    "SAMPLE",
     "AccountSettings",
     "FeeControlConfig",
     "HttpSettings",
+    "LimitSettings",
     "MeterSettings",
     "MqttSettings",
     "NoTripWindows",
     "ServiceConfig",
     "ServiceSettings",
     "feectl_config_from_mapping",
+    "load_config",
     "load_feectl_config",
     "load_service_config",
 ]
@@ -259,11 +265,79 @@ class HttpSettings:
             raise ValueError("max_body_bytes: must be >= 256")
 
 
+CENTI_KWH_WMS = 36_000_000  # W x ms in 0.01 kWh
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """``[service.limits]``: bounds on values where they enter the service (intervals from MQTT,
+    payments over HTTP). A value outside them is rejected with its reason before the ledger sees it.
+
+    An interval's energy may not exceed what the meter can draw in it at its rated maximum power
+    (VEE-05's E_max, here in integers): ``ceil(max_power_w x (end_ms - start_ms) / 36 000 000)``
+    in 0.01 kWh, the ceiling because a register delta can exceed the true energy by one step.
+    ``max_power_w`` is the rating of meters whose enrolment names none (``meters[].max_power_w``).
+    """
+
+    max_power_w: int = 100_000  # 3 x 220 V x 100 A x 1.1 (VEE-05's largest direct meter) rounded up
+    max_interval_s: int = 86_400  # the longest interval accepted (a daily interval)
+    earliest_interval: dt.date = dt.date(2000, 1, 1)  # UTC midnight: intervals may not start before
+    future_tolerance_s: int = 300  # intervals may not end later than now + this
+    max_payment_fen: int = 10_000_000  # one payment: 100 000 yuan
+
+    def __post_init__(self) -> None:
+        for name in ("max_power_w", "max_interval_s", "max_payment_fen"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.future_tolerance_s < 0:
+            raise ValueError("future_tolerance_s: must be >= 0")
+        if isinstance(self.earliest_interval, dt.datetime):
+            raise ValueError("earliest_interval: expected a date (YYYY-MM-DD), not a date-time")
+
+    @property
+    def earliest_ms(self) -> int:
+        d = self.earliest_interval
+        return int(dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC).timestamp()) * 1000
+
+    def interval_refusal(
+        self, start_ms: int, end_ms: int, energy_centi_kwh: int, max_power_w: int, now_ms: int
+    ) -> tuple[str, str] | None:
+        """``(reason, detail)`` when the interval is outside the bounds, else None. Reasons:
+        ``time_out_of_range``, ``interval_length_out_of_range``, ``energy_out_of_range``."""
+        if start_ms < self.earliest_ms:
+            return "time_out_of_range", f"start_ms {start_ms} before {self.earliest_interval} UTC"
+        if end_ms > now_ms + self.future_tolerance_s * 1000:
+            return "time_out_of_range", f"end_ms {end_ms} after now {now_ms} + {self.future_tolerance_s} s"
+        length = end_ms - start_ms
+        if not 0 < length <= self.max_interval_s * 1000:
+            return "interval_length_out_of_range", f"{length} ms, expected 1..{self.max_interval_s * 1000}"
+        most = -(-max_power_w * length // CENTI_KWH_WMS)
+        if not 0 <= energy_centi_kwh <= most:
+            return (
+                "energy_out_of_range",
+                f"{energy_centi_kwh} x 0.01 kWh, expected 0..{most} ({max_power_w} W)",
+            )
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class MeterSettings:
+    """One meter of an enrolled account. ``gateway`` (required) is the only gateway whose intervals
+    are charged to it; ``max_power_w`` its rating (default ``service.limits.max_power_w``)."""
+
     meter: str
     gateway: str
     remote: bool = True  # False: local fee-control mode (FC-01), monitored, never tripped
+    max_power_w: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.meter:
+            raise ValueError("meter: must not be empty")
+        why = check_gateway_id(self.gateway)
+        if why is not None:
+            raise ValueError(f"gateway: {why}")
+        if self.max_power_w is not None and self.max_power_w <= 0:
+            raise ValueError("max_power_w: must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,8 +358,11 @@ class ServiceSettings:
     db_path: str = "feectl.sqlite"
     tick_interval_s: float = 5.0
     resend_interval_s: float = 60.0  # an ISSUED command without a result is resent (same id)
+    metrics_listen: str = ""  # "host:port" of the Prometheus endpoint; "" disables it
+    rejects_keep: int = 100_000  # rows kept in the ledger's rejects table (oldest pruned)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     http: HttpSettings = field(default_factory=lambda: HttpSettings(enabled=False))
+    limits: LimitSettings = field(default_factory=LimitSettings)
     command_key_files: dict[str, str] = field(default_factory=dict)  # gateway -> hex key file
     tariff_files: dict[str, str] = field(default_factory=dict)  # tariff id -> tariff TOML file
     accounts: list[AccountSettings] = field(default_factory=list)
@@ -297,6 +374,16 @@ class ServiceSettings:
             raise ValueError("resend_interval_s: must be > 0")
         if not self.db_path:
             raise ValueError("db_path: must not be empty")
+        if self.rejects_keep <= 0:
+            raise ValueError("rejects_keep: must be > 0")
+        if self.metrics_listen:
+            _host, sep, port = self.metrics_listen.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65_535:
+                raise ValueError(f"metrics_listen: expected host:port, got {self.metrics_listen!r}")
+        for gateway in self.command_key_files:
+            why = check_gateway_id(gateway)
+            if why is not None:
+                raise ValueError(f"command_key_files: {gateway!r}: {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +400,11 @@ class ServiceConfig:
     api_token: str | None
     mqtt_password: str | None
     ca_file: Path | None
+    meter_max_power_w: Mapping[str, int] = field(default_factory=dict)  # enrolled ratings
+
+    def max_power_w(self, meter: str) -> int:
+        """The rating that bounds ``meter``'s intervals (``service.limits``)."""
+        return self.meter_max_power_w.get(meter, self.service.limits.max_power_w)
 
 
 def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
@@ -350,7 +442,20 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
     ca = None if svc.mqtt.ca_file is None else base / svc.mqtt.ca_file
     if ca is not None and not ca.is_file():
         raise ConfigError("service.mqtt.ca_file", f"no such file: {ca}")
-    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, password, ca)
+    ratings = {m.meter: m.max_power_w for a in svc.accounts for m in a.meters if m.max_power_w is not None}
+    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, password, ca, ratings)
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Read and validate the service's file (relative paths from its folder).
+
+    Raises: ConfigError, including an unreadable file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {p}: {exc.strerror}") from None
+    return load_service_config(text, p.resolve().parent)
 
 
 def _secret_file(path: Path, key_path: str) -> str:
@@ -396,3 +501,107 @@ def _account(a: AccountSettings, i: int, tariffs: Mapping[str, Tariff], keys: Ma
     except ValueError as exc:
         name, _, reason = str(exc).partition(": ")
         raise ConfigError(f"{path}.{name}", reason) from None
+
+
+SAMPLE = """\
+# amigw feectl configuration. Values shown are the defaults unless marked "example".
+# Relative paths are taken from this file's folder. Money in fen, energy in 0.01 kWh.
+
+[feectl]
+# FC-03 balance levels and the overdraft limit L; FC-08 restore threshold R.
+alarm1_fen = 5000
+alarm2_fen = 2000
+overdraft_limit_fen = 0
+restore_threshold_fen = 0
+# FC-06 grace after the zero notice, before a trip.
+grace_s = 1800
+# FC-04: "charge" (charge estimates, marked, trued up later) or "defer" (hold them).
+estimate_policy = "charge"
+# Local time for no-trip windows and audit days: a fixed offset or an IANA name.
+zone = "+08:00"
+# FC-11/12: command validity (<= 86400), result grace, read-back timeout, retries.
+command_validity_s = 600
+result_grace_s = 60
+verify_timeout_s = 300
+max_attempts = 3
+retry_spacing_s = 300
+# VEE-14 sum check tolerances and the FC-14 estimated share that holds trips.
+sum_tol_bp = 200
+sum_tol_abs_centi_kwh = 10
+max_estimated_share_bp = 2500
+interval_s = 900
+rules_version = "v1"
+
+[feectl.windows]
+# FC-09: trips only on working days within these local hours.
+allowed_hours = ["08:30", "16:30"]
+weekend_days = ["sat", "sun"]
+holidays = []
+makeup_workdays = []
+
+[service]
+# The SQLite ledger (WAL, synchronous=FULL).
+db_path = "feectl.sqlite"
+# How often commands are expired and every account re-evaluated.
+tick_interval_s = 5.0
+# An ISSUED command without a result is resent, with the same id, this often.
+resend_interval_s = 60.0
+# Prometheus metrics on "host:port" (example "127.0.0.1:9482"); "" disables the endpoint.
+metrics_listen = ""
+# Rejected messages and intervals kept in the ledger's rejects table (oldest pruned first).
+rejects_keep = 100000
+# Gateway -> file holding its command key (hex, >= 16 bytes); every enrolled gateway needs one.
+command_key_files = {}
+# gw-1 = "/etc/amigw/keys/gw-1.key"   (example)
+# Tariff id -> tariff document (see docs/feectl.md).
+tariff_files = {}
+# ln-res = "tariffs/ln-res.toml"   (example)
+
+[service.mqtt]
+# The broker: mqtt://host:port, or mqtts://host:port for TLS (verified against ca_file).
+url = "mqtt://127.0.0.1:1883"
+# The persistent subscribing session; publishing uses "<client_id>-pub".
+client_id = "amigw-feectl-1"
+# "5" (MQTT 5) or "3.1.1".
+protocol = "5"
+# username = "feectl"
+# password_file = "/etc/amigw/feectl.mqtt-password"
+# ca_file = "/etc/amigw/ca.pem"
+keepalive_s = 60
+session_expiry_s = 604800
+# Messages in flight to the service (the MQTT 5 Receive Maximum).
+queue_max = 64
+connect_timeout_s = 10.0
+# No PUBACK within this: the publish is retried later.
+publish_timeout_s = 10.0
+
+[service.http]
+# The payments API; when enabled it needs token_file (a bearer token of >= 16 characters).
+enabled = false
+host = "127.0.0.1"
+port = 8480
+# token_file = "/etc/amigw/feectl.token"
+max_body_bytes = 65536
+
+[service.limits]
+# Bounds on values entering the service; anything outside is rejected with its reason.
+# An interval's energy is at most ceil(max_power_w x its length) (the meter's rating, VEE-05);
+# meters[].max_power_w overrides this default per meter.
+max_power_w = 100000
+# The longest interval accepted, in seconds.
+max_interval_s = 86400
+# Intervals may not start before this date (UTC) nor end later than now + future_tolerance_s.
+earliest_interval = 2000-01-01
+future_tolerance_s = 300
+# The largest single payment accepted by POST /v1/payments (400 amount_out_of_range above it).
+max_payment_fen = 10000000
+
+# Accounts enrolled (or updated) at every start. Each meter names the one gateway whose
+# intervals are charged to it (required; intervals from any other gateway are rejected).
+# [[service.accounts]]                           (example)
+# account_id = "acc-1"
+# tariff = "ln-res"
+# protected = false            # FC-07
+# customer_class = "residential"
+# meters = [{ meter = "000012345678", gateway = "gw-1", remote = true, max_power_w = 13200 }]
+"""

@@ -2,9 +2,10 @@
 
 Accepts intervals, payments, audit readings, command results and relay read-backs, each with the
 caller's ``now_ms`` (time is injected; nothing here reads the clock); returns result objects with
-the decisions taken; raises :class:`~.model.FeeControlError` for unknown meters or accounts and
-conflicting payment ids, :class:`~protocols.errors.ConfigError` when no tariff version is in
-force, and ``ValueError`` for arguments no caller should pass (negative energy, end ≤ start).
+the decisions taken; raises :class:`~.model.FeeControlError` for unknown meters or accounts, an
+interval reported by a gateway other than its meter's, and conflicting payment ids,
+:class:`~protocols.errors.ConfigError` when no tariff version is in force, and ``ValueError``
+for arguments no caller should pass (negative energy, end ≤ start).
 
 Every public call is one store transaction: the journal rows, the derived balance, the interval
 row, the decisions and any command rows commit together or not at all (FC-05, FC-11, FC-13).
@@ -146,11 +147,15 @@ class FeeController:
         energy_centi_kwh: int,
         estimated: bool,
         now_ms: int,
+        *,
+        gateway: str | None = None,
     ) -> ChargeResult:
         """Charge one interval exactly once (FC-05), or hold it (FC-04 defer), then re-evaluate.
+        ``gateway``, when given, is the gateway that reported it: it must be the meter's enrolled one.
 
         Raises:
-            FeeControlError: the meter is not enrolled in fee control.
+            FeeControlError: ``unknown_meter`` (not enrolled in fee control), or
+                ``gateway_mismatch`` (``gateway`` is not the meter's enrolled gateway).
             ConfigError: no tariff version in force at ``interval_start_ms``.
             ValueError: ``interval_end_ms <= interval_start_ms`` or negative energy.
         """
@@ -160,7 +165,14 @@ class FeeController:
             raise ValueError("energy_centi_kwh: must not be negative (VEE-04: never charge a decrease)")
         with self.store.transaction():
             account_id = self.store.account_of_meter(meter)
-            tariff = self._tariff(self.store.account(account_id))
+            account = self.store.account(account_id)
+            if gateway is not None:
+                enrolled = next(m.gateway for m in account.meters if m.meter == meter)
+                if enrolled != gateway:
+                    raise FeeControlError(
+                        "gateway_mismatch", meter, f"enrolled on {enrolled}, sent by {gateway}"
+                    )
+            tariff = self._tariff(account)
             prev = self.store.interval(meter, interval_start_ms)
             new = IntervalRow(
                 meter,

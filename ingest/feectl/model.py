@@ -43,7 +43,7 @@ class FeeControlError(AmigwError):
     """The outside world referred to something the ledger does not have, or contradicted it.
 
     ``reason`` is one of ``unknown_meter``, ``unknown_account``, ``payment_conflict``,
-    ``unknown_tariff``; ``subject`` is the id concerned. Defined here (not in
+    ``unknown_tariff``, ``gateway_mismatch``; ``subject`` is the id concerned. Defined here (not in
     ``protocols/errors.py``) because only the fee-control core raises it.
     """
 

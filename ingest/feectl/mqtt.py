@@ -31,8 +31,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from ingest.mqtt_consumer import ConsumerConfig
+from protocols import topics
 from protocols.errors import TransportError
 
+from ._log import kv
 from .config import ServiceConfig
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "MqttPublisher",
     "command_topic",
     "consumer_config",
+    "gateway_of_intervals_topic",
     "gateway_of_result_topic",
 ]
 
@@ -53,7 +56,15 @@ NOTIFICATIONS_TOPIC = "ami/v1/agg/notifications"
 
 
 def command_topic(gateway: str) -> str:
-    return f"ami/v1/{gateway}/down/cmd"
+    return topics.command(gateway)
+
+
+def gateway_of_intervals_topic(topic: str) -> str | None:
+    """``ami/v1/agg/intervals/{gateway}`` → ``gateway`` (not yet checked); anything else → None."""
+    prefix = INTERVALS_FILTER[:-1]
+    if topic.startswith(prefix) and "/" not in topic[len(prefix) :]:
+        return topic[len(prefix) :]
+    return None
 
 
 def gateway_of_result_topic(topic: str) -> str | None:
@@ -181,15 +192,15 @@ class MqttPublisher:
     # paho's thread --------------------------------------------------------------------------------
     def _on_connect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
-            log.error("mqtt publisher connect refused url=%s reason=%s", self._url.geturl(), reason)
+            log.error("mqtt publisher connect refused", extra=kv(url=self._url.geturl(), reason=reason))
             return
         if not self._connected.is_set():
-            log.info("mqtt publisher connected url=%s", self._url.geturl())
+            log.info("mqtt publisher connected", extra=kv(url=self._url.geturl()))
         self._connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self._connected.is_set() and not self._closing:
-            log.warning("mqtt publisher disconnected url=%s reason=%s", self._url.geturl(), reason)
+            log.warning("mqtt publisher disconnected", extra=kv(url=self._url.geturl(), reason=reason))
         self._connected.clear()
 
     def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:

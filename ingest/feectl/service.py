@@ -3,18 +3,28 @@
 Accepts, over MQTT (through :mod:`.mqtt`):
 
 * ``ami/v1/agg/intervals/{gateway}`` -- validated intervals from ingest
-  (:func:`protocols.aggregates.decode_intervals`). Each record of quantity 1
-  (``energy_fwd_active_total``) is charged with :meth:`FeeController.charge_interval`, estimated
-  when its flags carry ``Flag.ESTIMATED``. Meters not enrolled in fee control are skipped.
+  (:func:`protocols.aggregates.decode_intervals`; a JSON duplicate key is refused). The topic's
+  gateway must be a valid id and equal the payload's. Each record of quantity 1
+  (``energy_fwd_active_total``) of an enrolled meter is checked against ``[service.limits]``
+  (:meth:`~.config.LimitSettings.interval_refusal`) and charged, in its own transaction, with
+  :meth:`FeeController.charge_interval` (``gateway=``: only the meter's enrolled gateway may
+  charge it), estimated when its flags carry ``Flag.ESTIMATED``. Other meters are skipped.
 * ``ami/v1/{gateway}/up/cmd-result`` -- results signed by the edge. They are decoded with that
-  gateway's key; a result that does not verify is logged and dropped, never matched. A verified
-  one goes to :meth:`FeeController.on_result`, and a ``done`` relay result's read-back
-  (``relay_state``) to :meth:`FeeController.on_relay_status`.
+  gateway's key; a result that does not verify, or names another gateway, is rejected, never
+  matched. A verified one goes to :meth:`FeeController.on_result`, and a ``done`` relay result's
+  read-back (``relay_state``) to :meth:`FeeController.on_relay_status`.
+
+Each message is handled in isolation (:meth:`FeeControlService.handle_message`): whatever fails
+while handling it, or one interval of it, is caught there, counted
+(``amigw_feectl_rejected_total{reason}``), logged once with the message's identity (topic,
+gateway, meter, payload digest) and kept with its reason in the ledger's rejects table; the
+message is then acknowledged. Only an unavailable ledger (``sqlite3.OperationalError``) leaves a
+message to be retried, and an interval with no tariff in force leaves it unacknowledged.
 
 A message is acknowledged (manual PUBACK) only after every ledger transaction it caused has
 committed, so a crash before that makes the broker redeliver it; redelivery is harmless because
-charging is exactly-once per (meter, interval) in the ledger's schema and a repeated result is
-journaled as ``COMMAND_RESULT_IGNORED``.
+charging is exactly-once per (meter, interval) in the ledger's schema, a repeated result is
+journaled as ``COMMAND_RESULT_IGNORED``, and a rejected message is rejected again.
 
 Publishes:
 
@@ -36,36 +46,40 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ingest.mqtt_consumer import MqttConsumer
-from protocols.aggregates import decode_intervals
+from protocols.aggregates import INTERVALS_MAGIC, IntervalRecord, decode_intervals
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
-from protocols.errors import AmigwError, ConfigError, PayloadError, TransportError
+from protocols.errors import ConfigError, PayloadError, TransportError
 from protocols.flags import Flag
+from protocols.topics import check_gateway_id
 
+from ._log import kv
 from .config import ServiceConfig
 from .engine import FeeController
 from .lifecycle import CommandResult
+from .metrics import FeeControlMetrics, serve
 from .model import ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
 from .mqtt import (
-    INTERVALS_FILTER,
     NOTIFICATIONS_TOPIC,
     MqttPublisher,
     command_topic,
     consumer_config,
+    gateway_of_intervals_topic,
     gateway_of_result_topic,
 )
 from .sqlite_store import SqliteLedgerStore
-from .store import JournalKind
+from .store import JournalKind, Reject
 
 __all__ = [
     "ENERGY_QUANTITY",
@@ -82,6 +96,9 @@ log = logging.getLogger("amigw.feectl")
 ENERGY_QUANTITY = 1  # protocols.quantities: energy_fwd_active_total, 0.01 kWh
 RELAY_ACTIONS = frozenset({"trip", "close_allowed"})  # the only commands fee control issues
 NOTIFICATION_QUEUE_MAX = 10_000
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the largest message decoded (protocols' aggregates bound)
+REJECT_PAYLOAD_BYTES = 1024  # the first bytes of a rejected message kept in the rejects table
+_DETAIL_CHARS = 300  # a reject's detail, and ids taken from the payload, are cut to this
 _SEVERITY: dict[DecisionKind, tuple[str, str]] = {
     DecisionKind.ALARM1: ("balance", "warning"),
     DecisionKind.ALARM2: ("balance", "warning"),
@@ -103,6 +120,50 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS] + "..."
+
+
+@dataclass(slots=True)
+class _Inbound:
+    """One message being handled, and what of it was rejected."""
+
+    topic: str
+    payload: bytes
+    now_ms: int
+    gateway: str | None = None
+    rejects: list[Reject] = field(default_factory=list)
+    _digest: str = ""
+
+    @property
+    def digest(self) -> str:
+        if not self._digest:
+            self._digest = hashlib.sha256(self.payload).hexdigest()
+        return self._digest
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise PayloadError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _decode_intervals_strict(payload: bytes) -> tuple[str, int, list[IntervalRecord]]:
+    """:func:`decode_intervals`, but a JSON message with a duplicate key (which value would count?)
+    is refused, not read last-wins. Raises: PayloadError."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise PayloadError(f"intervals: {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound")
+    if payload[:3] != INTERVALS_MAGIC[:3]:
+        try:
+            json.loads(payload, object_pairs_hook=_refuse_duplicate_keys)
+        except PayloadError:
+            raise
+        except (ValueError, RecursionError) as exc:
+            raise PayloadError(f"intervals message: {type(exc).__name__}: {_cut(str(exc))}") from None
+    return decode_intervals(payload)
+
+
 class Publisher(Protocol):
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None: ...
 
@@ -114,9 +175,10 @@ class ServiceStats:
     messages: int = 0
     intervals_charged: int = 0
     intervals_duplicate: int = 0
-    intervals_skipped: int = 0  # other quantities, meters not under fee control, invalid values
+    intervals_skipped: int = 0  # other quantities, meters not under fee control
     intervals_unpriced: int = 0  # no tariff in force: message left unacknowledged
     payloads_invalid: int = 0
+    rejected: int = 0  # messages and intervals rejected (the rejects table has each reason)
     results_accepted: int = 0
     results_ignored: int = 0
     results_unverified: int = 0
@@ -175,6 +237,9 @@ class FeeControlService:
         self.controller = controller
         self.clock = clock
         self.stats = ServiceStats()
+        self.metrics = FeeControlMetrics()
+        self.metrics_address: tuple[str, int] | None = None
+        self._enrolled: dict[str, str] | None = None
         self.publisher = publisher
         self.api_address: tuple[str, int] | None = None
         self.consumer: MqttConsumer | None = None
@@ -189,95 +254,182 @@ class FeeControlService:
     def enroll(self) -> int:
         """Open or update the configured accounts; returns how many changed."""
         now = self.clock()
-        return sum(self.controller.open_account(a, now) for a in self.cfg.accounts)
+        changed = sum(self.controller.open_account(a, now) for a in self.cfg.accounts)
+        self._enrolled = None
+        return changed
+
+    def _enrolled_meters(self) -> dict[str, str]:
+        """Meter -> enrolled gateway, for every meter in the ledger (read once per enrolment)."""
+        if self._enrolled is None:
+            store = self.controller.store
+            with store.transaction():
+                self._enrolled = {
+                    m.meter: m.gateway for a in store.account_ids() for m in store.account(a).meters
+                }
+        return self._enrolled
 
     # -- inbound MQTT -------------------------------------------------------------------------
     def handle_message(self, topic: str, payload: bytes) -> bool:
-        """Apply one message to the ledger. True: committed or worthless, acknowledge it.
-        False: leave it unacknowledged (the broker redelivers it on the next session).
+        """Apply one message to the ledger, isolated from every other message. True: done (applied,
+        ignored, or rejected with its reason in the rejects table): acknowledge it. False: an
+        interval had no tariff in force; leave the message unacknowledged (redelivered next session).
+
+        Whatever the message holds, the only exception that leaves is the ledger being unavailable.
 
         Raises:
-            sqlite3.Error: the ledger failed (transient: the caller retries the message).
+            sqlite3.OperationalError: the ledger failed (transient: the caller retries the message).
         """
         self.stats.messages += 1
-        if topic.startswith(INTERVALS_FILTER[:-1]):
-            return self._on_intervals(topic, payload)
-        gateway = gateway_of_result_topic(topic)
-        if gateway is not None:
-            self._on_result(gateway, payload)
-        return True
-
-    def _on_intervals(self, topic: str, payload: bytes) -> bool:
+        msg = _Inbound(topic, payload, self.clock())
+        kind = "other"
         try:
-            gateway, seq, records = decode_intervals(payload)
+            if (gateway := gateway_of_intervals_topic(topic)) is not None:
+                kind = "intervals"
+                result = self._on_intervals(msg, gateway)
+            elif (gateway := gateway_of_result_topic(topic)) is not None:
+                kind = "cmd_result"
+                result = self._on_result(msg, gateway)
+            else:
+                result = self._reject(msg, "bad_topic", "not a topic fee control consumes")
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:  # a bug, or input no rule foresaw: contained to this message
+            result = self._reject(msg, "internal_error", f"{type(exc).__name__}: {exc}", exc_info=True)
+        if msg.rejects:
+            store = self.controller.store
+            with store.transaction():
+                store.add_rejects(msg.rejects, self.cfg.service.rejects_keep)
+        self.metrics.messages.labels(kind, result).inc()
+        return result != "unpriced"
+
+    def _reject(
+        self,
+        msg: _Inbound,
+        reason: str,
+        detail: str,
+        *,
+        meter: str | None = None,
+        start_ms: int | None = None,
+        exc_info: bool = False,
+    ) -> str:
+        """Reject the message (or one interval of it): counted, logged once, kept with its reason."""
+        meter = None if meter is None else _cut(meter)
+        r = Reject(
+            msg.now_ms,
+            msg.topic,
+            reason,
+            _cut(detail),
+            msg.digest,
+            msg.payload[:REJECT_PAYLOAD_BYTES],
+            len(msg.payload),
+            msg.gateway,
+            meter,
+            start_ms,
+        )
+        msg.rejects.append(r)
+        self.stats.rejected += 1
+        self.metrics.rejected.labels(reason).inc()
+        fields = kv(
+            reason=reason,
+            topic=_cut(msg.topic),
+            gateway=msg.gateway,
+            meter=meter,
+            interval_start_ms=start_ms,
+            digest=msg.digest,
+            bytes=len(msg.payload),
+            detail=r.detail,
+        )
+        log.warning("message rejected", exc_info=exc_info, extra=fields)
+        return "rejected"
+
+    def _on_intervals(self, msg: _Inbound, topic_gateway: str) -> str:
+        why = check_gateway_id(topic_gateway)
+        if why is not None:
+            return self._reject(msg, "bad_topic", f"gateway level: {why}")
+        try:
+            gateway, seq, records = _decode_intervals_strict(msg.payload)
         except PayloadError as exc:
             self.stats.payloads_invalid += 1
-            log.warning("intervals dropped topic=%s reason=%s raw=%s", topic, exc, payload[:64].hex())
-            return True
-        complete = True
-        for r in records:
-            if r.quantity != ENERGY_QUANTITY:
-                self.stats.intervals_skipped += 1
-                continue
-            estimated = bool(r.flags & Flag.ESTIMATED)
-            try:
-                res = self.controller.charge_interval(
-                    r.meter, r.start_ms, r.end_ms, r.energy, estimated, self.clock()
-                )
-            except FeeControlError:  # not enrolled: most meters are not prepaid
-                self.stats.intervals_skipped += 1
-                continue
-            except ValueError as exc:
-                self.stats.intervals_skipped += 1
-                log.warning(
-                    "interval refused gateway=%s seq=%s meter=%s reason=%s", gateway, seq, r.meter, exc
-                )
-                continue
-            except ConfigError as exc:  # no tariff version in force: an operator must fix it
-                self.stats.intervals_unpriced += 1
-                complete = False
-                log.error(
-                    "interval not priced gateway=%s seq=%s meter=%s reason=%s", gateway, seq, r.meter, exc
-                )
-                continue
-            if res.status is ChargeStatus.DUPLICATE:
-                self.stats.intervals_duplicate += 1
-            else:
-                self.stats.intervals_charged += 1
-            self._decided(res.decisions)
-        return complete
+            reason = "too_large" if len(msg.payload) > MAX_MESSAGE_BYTES else "undecodable"
+            return self._reject(msg, reason, str(exc))
+        msg.gateway = _cut(topic_gateway)
+        if gateway != topic_gateway:
+            return self._reject(msg, "gateway_mismatch", f"payload names gateway {_cut(gateway)!r}")
+        outcomes = [self._charge(msg, r, seq) for r in records]
+        if "unpriced" in outcomes:
+            return "unpriced"
+        if outcomes and all(o == "rejected" for o in outcomes):
+            return "rejected"
+        return "applied"
 
-    def _on_result(self, gateway: str, payload: bytes) -> None:
+    def _charge(self, msg: _Inbound, r: IntervalRecord, seq: int) -> str:
+        """One interval: skipped, charged, rejected (bounds, gateway binding, anything unforeseen)
+        or unpriced. Its own transaction: the intervals beside it are not lost with it."""
+        enrolled = self._enrolled_meters()
+        if r.quantity != ENERGY_QUANTITY or r.meter not in enrolled:  # most meters are not prepaid
+            self.stats.intervals_skipped += 1
+            self.metrics.charges.labels("skipped").inc()
+            return "skipped"
+        limits = self.cfg.service.limits
+        refusal = limits.interval_refusal(
+            r.start_ms, r.end_ms, r.energy, self.cfg.max_power_w(r.meter), msg.now_ms
+        )
+        if refusal is not None:
+            return self._reject(msg, *refusal, meter=r.meter, start_ms=r.start_ms)
+        estimated = bool(r.flags & Flag.ESTIMATED)
+        try:
+            res = self.controller.charge_interval(
+                r.meter, r.start_ms, r.end_ms, r.energy, estimated, msg.now_ms, gateway=msg.gateway
+            )
+        except FeeControlError as exc:  # gateway_mismatch; unknown_meter if unenrolled since
+            return self._reject(msg, exc.reason, str(exc), meter=r.meter, start_ms=r.start_ms)
+        except ConfigError as exc:  # no tariff version in force: an operator must fix it
+            self.stats.intervals_unpriced += 1
+            fields = kv(gateway=msg.gateway, seq=seq, meter=r.meter, interval_start_ms=r.start_ms, reason=exc)
+            log.error("interval not priced", extra=fields)
+            return "unpriced"
+        except sqlite3.OperationalError:
+            raise
+        except Exception as exc:  # ValueError and anything unforeseen: this interval only
+            why = f"{type(exc).__name__}: {exc}"
+            unforeseen = not isinstance(exc, ValueError)
+            reason = "internal_error" if unforeseen else "invalid_interval"
+            return self._reject(msg, reason, why, meter=r.meter, start_ms=r.start_ms, exc_info=unforeseen)
+        if res.status is ChargeStatus.DUPLICATE:
+            self.stats.intervals_duplicate += 1
+        else:
+            self.stats.intervals_charged += 1
+        self.metrics.charges.labels(res.status.value).inc()
+        self._decided(res.decisions)
+        return "charged"
+
+    def _on_result(self, msg: _Inbound, gateway: str) -> str:
+        msg.gateway = _cut(gateway)
         key = self._keys.get(gateway)
         if key is None:
             self.stats.results_unverified += 1
-            log.warning("cmd-result dropped gateway=%s reason=no_key_for_gateway", gateway)
-            return
+            return self._reject(msg, "unknown_gateway", "no command key for this gateway")
         try:
-            r = decode_result(payload, key)
+            r = decode_result(msg.payload, key)
         except PayloadError as exc:
             self.stats.results_unverified += 1
-            log.warning("cmd-result dropped gateway=%s reason=%s raw=%s", gateway, exc, payload[:64].hex())
-            return
-        if r.gateway != gateway or r.action not in RELAY_ACTIONS:
+            return self._reject(msg, "unverified", str(exc))
+        if r.gateway != gateway:
+            return self._reject(msg, "gateway_mismatch", f"result names gateway {_cut(r.gateway)!r}")
+        if r.action not in RELAY_ACTIONS or (r.status == "rejected" and r.reason == "replayed"):
+            # Not a relay command of ours; or the edge had already finished this id and its real
+            # result came before: failing the command on this answer would count a false attempt.
             self.stats.results_ignored += 1
             log.info(
-                "cmd-result ignored gateway=%s id=%s claimed_gateway=%s action=%s",
-                gateway,
-                r.id,
-                r.gateway,
-                r.action,
+                "cmd-result ignored", extra=kv(gateway=gateway, id=r.id, action=r.action, reason=r.reason)
             )
-            return
-        if r.status == "rejected" and r.reason == "replayed":
-            # The edge already finished this id; its real result was published before. Failing the
-            # command on this answer would count an attempt that did not fail.
-            self.stats.results_ignored += 1
-            log.info("cmd-result replayed id=%s gateway=%s meter=%s", r.id, gateway, r.meter)
-            return
+            return "ignored"
         detail = (r.reason or r.detail) if r.status == "rejected" else r.detail
-        now = self.clock()
-        outcome = self.controller.on_result(CommandResult(r.id, r.gateway, r.meter, r.status, detail), now)
+        try:
+            result = CommandResult(r.id, r.gateway, r.meter, r.status, detail)
+        except ValueError as exc:
+            return self._reject(msg, "invalid_result", str(exc), meter=r.meter)
+        outcome = self.controller.on_result(result, msg.now_ms)
         self._decided(outcome.decisions)
         if outcome.accepted:
             self.stats.results_accepted += 1
@@ -289,6 +441,7 @@ class FeeControlService:
                 gateway, r.meter, r.relay_state == 1, r.action == "trip", self.clock()
             )
             self._decided(decisions)
+        return "applied" if outcome.accepted else "ignored"
 
     # -- payments and views (the HTTP API) -------------------------------------------------------
     def record_payment(self, account_id: str, payment_id: str, amount_fen: int) -> tuple[PaymentResult, int]:
@@ -301,8 +454,12 @@ class FeeControlService:
         """
         now = self.clock()
         res = self.controller.record_payment(account_id, payment_id, amount_fen, now)
+        self.metrics.payments.labels("recorded" if res.recorded else "repeated").inc()
         if res.recorded:
             self.stats.payments += 1
+            log.info(
+                "payment recorded", extra=kv(account=account_id, payment_id=payment_id, amount_fen=amount_fen)
+            )
             self._decided(res.decisions)
             return res, now
         store = self.controller.store
@@ -373,11 +530,25 @@ class FeeControlService:
     def _decided(self, decisions: Iterable[Decision]) -> None:
         now = self.clock()
         for d in decisions:
+            self.metrics.decisions.labels(d.kind.value).inc()
+            log.info(
+                "decision",
+                extra=kv(
+                    kind=d.kind.value,
+                    account=d.account_id,
+                    meter=d.meter,
+                    reasons=",".join(d.reasons),
+                    balance_fen=d.balance_fen,
+                    action=None if d.action is None else d.action.value,
+                    command_id=d.command_id,
+                ),
+            )
             note = notification(d, now)
             if note is not None:
                 if len(self._notes) >= NOTIFICATION_QUEUE_MAX:
                     self._notes.popleft()
                     self.stats.notifications_dropped += 1
+                    self.metrics.notifications.labels("dropped").inc()
                 self._notes.append(json.dumps(note, separators=(",", ":")).encode())
             if d.command_id is not None:
                 self._kick.set()
@@ -410,32 +581,35 @@ class FeeControlService:
                 if last is not None and now - last < resend_ms:
                     continue
                 key = self._keys.get(c.gateway)
+                fields = kv(
+                    id=c.command_id,
+                    gateway=c.gateway,
+                    meter=c.meter,
+                    action=c.action.value,
+                    attempt=c.attempt,
+                )
                 if key is None:  # load_service_config refuses this for configured accounts
-                    log.error("command not sent id=%s gateway=%s reason=no_key", c.command_id, c.gateway)
+                    log.error("command not sent: no key for its gateway", extra=fields)
                     continue
                 payload = SignedCommand(**c.fields()).signed(key)  # type: ignore[arg-type]
                 await self.publisher.publish(command_topic(c.gateway), payload, qos=1)
                 self._sent[c.command_id] = now
+                self.metrics.commands_sent.labels(c.action.value, "first" if last is None else "resend").inc()
                 if last is None:
                     self.stats.commands_sent += 1
-                    log.info(
-                        "command sent id=%s gateway=%s meter=%s action=%s attempt=%s",
-                        c.command_id,
-                        c.gateway,
-                        c.meter,
-                        c.action.value,
-                        c.attempt,
-                    )
+                    log.info("command sent", extra=fields)
                 else:
                     self.stats.commands_resent += 1
             while self._notes:
                 await self.publisher.publish(NOTIFICATIONS_TOPIC, self._notes[0], qos=1)
                 self._notes.popleft()
                 self.stats.notifications_sent += 1
+                self.metrics.notifications.labels("sent").inc()
         except TransportError as exc:
             self.stats.publish_failures += 1
+            self.metrics.publish_failures.inc()
             if not self._link_down:
-                log.error("publish failed reason=%s", exc)
+                log.error("publish failed", extra=kv(reason=exc))
             self._link_down = True
             return
         if self._link_down:
@@ -453,6 +627,13 @@ class FeeControlService:
 
         self.enroll()
         async with contextlib.AsyncExitStack() as stack:
+            if self.cfg.service.metrics_listen:
+                metrics_server = serve(self.metrics, self.cfg.service.metrics_listen)
+                stack.callback(metrics_server.server_close)
+                stack.callback(metrics_server.shutdown)
+                host, port = metrics_server.server_address[:2]
+                self.metrics_address = (str(host), int(port))
+                log.info("metrics listening", extra=kv(host=host, port=port))
             if self.publisher is None:
                 self.publisher = await stack.enter_async_context(MqttPublisher(self.cfg))
             server = None
@@ -463,7 +644,7 @@ class FeeControlService:
                 server = await api.start(self.cfg.service.http.host, self.cfg.service.http.port)
                 stack.push_async_callback(_close_server, server)
                 self.api_address = server.sockets[0].getsockname()[:2]
-                log.info("http api listening host=%s port=%s", *self.api_address)
+                log.info("http api listening", extra=kv(host=self.api_address[0], port=self.api_address[1]))
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._consume_loop(), name="feectl-consume"),
@@ -483,13 +664,13 @@ class FeeControlService:
             if self.clock() >= next_tick:
                 try:
                     self.tick()
-                except (AmigwError, sqlite3.Error) as exc:
-                    log.error("tick failed reason=%s", exc)
+                except Exception as exc:  # the next tick tries again; the service stays up
+                    log.error("tick failed", exc_info=True, extra=kv(reason=exc))
                 next_tick = self.clock() + tick_ms
             try:
                 await self.flush()
-            except (AmigwError, sqlite3.Error) as exc:
-                log.error("flush failed reason=%s", exc)
+            except Exception as exc:
+                log.error("flush failed", exc_info=True, extra=kv(reason=exc))
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0, next_tick - self.clock()) / 1000):
@@ -509,7 +690,7 @@ class FeeControlService:
                             await consumer.ack(msg)
                 return
             except TransportError as exc:
-                log.error("mqtt subscribe failed reason=%s retry_s=%s", exc, delay)
+                log.error("mqtt subscribe failed", extra=kv(reason=exc, retry_s=delay))
             finally:
                 self.consumer = None
             await asyncio.sleep(delay)
@@ -520,8 +701,8 @@ class FeeControlService:
         while True:
             try:
                 return self.handle_message(topic, payload)
-            except sqlite3.Error as exc:
-                log.error("ledger write failed topic=%s reason=%s retry_s=%s", topic, exc, delay)
+            except sqlite3.OperationalError as exc:
+                log.error("ledger write failed", extra=kv(topic=_cut(topic), reason=exc, retry_s=delay))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 

@@ -37,6 +37,7 @@ from .store import (
     JournalEntry,
     JournalKind,
     LedgerStore,
+    Reject,
 )
 
 __all__ = ["SqliteLedgerStore"]
@@ -99,6 +100,12 @@ CREATE TABLE IF NOT EXISTS commands (
 -- FC-11: at most one outstanding relay command per meter.
 CREATE UNIQUE INDEX IF NOT EXISTS commands_one_outstanding
     ON commands(meter) WHERE state IN ('issued', 'acked');
+-- Rejected input (not part of the ledger): pruned to the newest rows.
+CREATE TABLE IF NOT EXISTS rejects (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, topic TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, digest TEXT NOT NULL, payload BLOB NOT NULL,
+    payload_bytes INTEGER NOT NULL, gateway TEXT, meter TEXT, interval_start_ms INTEGER
+);
 """
 
 
@@ -486,6 +493,27 @@ class SqliteLedgerStore(LedgerStore):
             [s.value for s in states],
         )
         return [self._crow(r) for r in rows]
+
+    # rejected input -------------------------------------------------------------------------------
+    _RCOLS = "ts_ms, topic, reason, detail, digest, payload, payload_bytes, gateway, meter, interval_start_ms"
+
+    def add_rejects(self, rejects: Sequence[Reject], keep: int) -> None:
+        self._db.executemany(
+            f"INSERT INTO rejects({self._RCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.ts_ms, r.topic, r.reason, r.detail, r.digest, r.payload, r.payload_bytes, r.gateway,
+                 r.meter, r.interval_start_ms)
+                for r in rejects
+            ],
+        )  # fmt: skip
+        self._db.execute("DELETE FROM rejects WHERE id <= (SELECT MAX(id) FROM rejects) - ?", (keep,))
+
+    def rejects(self, limit: int) -> list[Reject]:
+        rows = self._db.execute(
+            f"SELECT {self._RCOLS} FROM (SELECT * FROM rejects ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (limit,),
+        )
+        return [Reject(*r) for r in rows]
 
     # checks ---------------------------------------------------------------------------------------
     def check_consistency(self) -> ConsistencyReport:

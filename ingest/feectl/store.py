@@ -10,7 +10,9 @@ keeps:
 - ``(meter, interval_start_ms)`` has at most one ``charge`` journal row (FC-05), a payment or
   adjustment id at most one row, and a meter at most one outstanding command (FC-11): the store
   enforces these itself, not only the engine;
-- balances are a cache derived from the journal; :meth:`check_consistency` recomputes them.
+- balances are a cache derived from the journal; :meth:`check_consistency` recomputes them;
+- rejected input (:class:`Reject`) is kept apart from the journal, in a table pruned to the newest
+  ``keep`` rows: it is evidence for operators, not part of the ledger.
 
 The SQLite store (:mod:`.sqlite_store`) is the embedded default (DESIGN §7).
 """
@@ -36,6 +38,7 @@ __all__ = [
     "JournalEntry",
     "JournalKind",
     "LedgerStore",
+    "Reject",
 ]
 
 
@@ -109,6 +112,25 @@ class Hold:
     day: dt.date | None
     reason: str
     set_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One rejected message, or one rejected interval of a message, with its reason.
+
+    ``digest`` is the SHA-256 (hex) of the whole payload, so repeats of one message can be told
+    apart from distinct ones; ``payload`` is its first bytes only, ``payload_bytes`` its length."""
+
+    ts_ms: int
+    topic: str
+    reason: str
+    detail: str
+    digest: str
+    payload: bytes
+    payload_bytes: int
+    gateway: str | None = None
+    meter: str | None = None
+    interval_start_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +250,15 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def commands(self, states: Sequence[CommandState]) -> list[Command]: ...
+
+    # rejected input -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_rejects(self, rejects: Sequence[Reject], keep: int) -> None:
+        """Record rejects, then prune the table to the newest ``keep`` rows."""
+
+    @abc.abstractmethod
+    def rejects(self, limit: int) -> list[Reject]:
+        """The newest ``limit`` rejects, oldest first."""
 
     # checks ---------------------------------------------------------------------------------------
     @abc.abstractmethod

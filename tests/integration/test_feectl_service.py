@@ -91,7 +91,7 @@ meters = [{{ meter = "{ids["meter"]}", gateway = "{GW}" }}]
 account_id = "prot-{tag}"
 tariff = "flat"
 protected = true
-meters = [{{ meter = "{ids["protected_meter"]}", gateway = "{GW}" }}]
+meters = [{{ meter = "{ids["protected_meter"]}", gateway = "{GW}", max_power_w = 250000 }}]
 """
     path = tmp / "feectl.toml"
     path.write_text(text)

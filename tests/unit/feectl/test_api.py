@@ -5,15 +5,20 @@ restore command is signed and handed to the publisher at once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from ingest.feectl.api import PaymentsApi
-from ingest.feectl.config import load_service_config
+from ingest.feectl.config import SAMPLE, LimitSettings, MqttSettings, ServiceSettings, load_service_config
 from ingest.feectl.service import FeeControlService
 from protocols.aggregates import IntervalRecord, encode_intervals
 from protocols.commands import CommandResult, verify_command
@@ -166,6 +171,23 @@ async def test_bad_payment_bodies_are_400_with_a_reason(api: Any, raw: bytes, er
     assert service.controller.balance("acc-1").balance_fen == 0
 
 
+async def test_payments_above_the_configured_maximum_are_refused(api: Any) -> None:
+    """The finding: a payment of 10^12 fen was accepted. The bound is [service.limits]."""
+    service, port, _ = api
+    top = service.cfg.service.limits.max_payment_fen
+    for amount in (10**12, top + 1):
+        status, _, doc = await call(
+            port, "POST", "/v1/payments", pay(payment_id=f"p-{amount}", amount_fen=amount)
+        )
+        assert status == 400 and doc["error"] == "amount_out_of_range" and str(top) in doc["detail"]
+    assert service.controller.balance("acc-1").balance_fen == 0
+    status, _, doc = await call(port, "POST", "/v1/payments", pay(amount_fen=top))
+    assert status == 201 and doc["balance_fen"] == top
+    exposition = generate_latest(service.metrics.registry).decode()
+    assert 'amigw_feectl_payments_total{result="amount_out_of_range"} 2.0' in exposition
+    assert 'amigw_feectl_payments_total{result="recorded"} 1.0' in exposition
+
+
 async def test_protocol_errors(api: Any) -> None:
     _, port, _ = api
     assert (await call(port, "GET", "/v1/payments"))[0] == 405
@@ -263,3 +285,33 @@ def test_service_config_reads_its_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_service_config(config_text(), tmp_path)
     assert exc.value.key_path == "service.http.token_file"
+
+
+def test_config_sample_loads_and_the_cli_prints_and_checks_it(tmp_path: Path) -> None:
+    """``amigw config sample feectl`` was an AttributeError; the sample loads as it is."""
+    cfg = load_service_config(SAMPLE, tmp_path)
+    assert cfg.service.limits == LimitSettings() and cfg.service.metrics_listen == ""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "config", "sample", "feectl"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout == SAMPLE, out.stderr
+    good = tmp_path / "feectl.toml"
+    good.write_text(SAMPLE)
+    check = [sys.executable, "-m", "gateway.cli", "config", "check", "--kind", "feectl"]
+    out = subprocess.run([*check, str(good)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SAMPLE.replace("max_power_w = 100000", "max_power_w = -5"))
+    out = subprocess.run([*check, str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "service.limits.max_power_w" in out.stderr
+
+
+def test_config_sample_shows_every_key_with_its_default() -> None:
+    """Each settings table's keys appear in the sample with their default value."""
+    tables = {"service": ServiceSettings(), "service.mqtt": MqttSettings(), "service.limits": LimitSettings()}
+    for name, defaults in tables.items():
+        for key in defaults.__dataclass_fields__:
+            value = getattr(defaults, key)
+            if dataclasses.is_dataclass(value) or key in ("accounts",):
+                continue
+            assert re.search(rf"^#? ?{key} = ", SAMPLE, re.M), f"{name}.{key} missing from the sample"
