@@ -86,7 +86,6 @@ __all__ = [
     "WriteResult",
     "backoff_delay_s",
     "gzip_body",
-    "refusal",
     "split_lines",
 ]
 
@@ -308,7 +307,7 @@ _REFUSAL_HINTS = {
 }
 
 
-def refusal(status: int, message: str, what: str, api: str | None) -> SinkRefused:
+def _refusal(status: int, message: str, what: str, api: str | None) -> SinkRefused:
     """The :class:`SinkRefused` of a non-line 4xx answer to ``what`` (``"the write"``), its message
     naming the status, the server's words and what to check."""
     reason = _REFUSALS.get(status, "refused")
@@ -522,7 +521,7 @@ class InfluxSink:
             message = _server_message(resp.body)
             if resp.status // 100 == 2 or (api == "v2" and "requires points" in message):
                 break
-            exc = refusal(resp.status, message, "the probe write", api)
+            exc = _refusal(resp.status, message, "the probe write", api)
             if attempt == 2 or not create or not await self._created_missing_database(exc):
                 raise exc
         where = f"database {self.config.database!r}" if api == "v1" else f"bucket {self._bucket!r}"
@@ -548,7 +547,7 @@ class InfluxSink:
         errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
         if resp.status // 100 != 2 or errors:
             message = errors[0] if errors else _server_message(resp.body)
-            raise refusal(resp.status, message, f"CREATE DATABASE {name!r}", "v1")
+            raise _refusal(resp.status, message, f"CREATE DATABASE {name!r}", "v1")
         log.warning("influxdb database created", extra={"kv": {"url": self.config.url, "database": name}})
 
     # -- internals ---------------------------------------------------------------------------
@@ -614,7 +613,7 @@ class InfluxSink:
         message = _server_message(resp.body)
         if not _is_line_rejection(resp.status, message):
             self.stats.failures += 1
-            raise refusal(resp.status, message, "the write", self._api)
+            raise _refusal(resp.status, message, "the write", self._api)
         if isinstance(lines, bytes):
             lines = split_lines(lines)
         if len(lines) == 1:
