@@ -27,8 +27,9 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
 * A sink refusal that is not about lines (:class:`~protocols.errors.SinkRefused`: credentials,
   privileges, unknown database or bucket) is *our* misconfiguration, never the data's fault: the
   group is kept and retried like an outage, nothing is dead-lettered or acknowledged, and the
-  alarm is raised while it lasts (logged once per episode, gauge ``amigw_ingest_sink_refused
-  {reason}`` = 1, counter ``amigw_ingest_sink_refusals_total{reason}``). Once fixed, every batch
+  alarm is raised while it lasts (logged once per episode, the gauge
+  ``amigw_ingest_sink_refused{reason}`` at 1, ``amigw_ingest_sink_refusals_total{reason}``
+  counting every refusal). Once fixed, every batch
   lands exactly once (rewrites are idempotent, the dedup marks follow the write). Only lines
   InfluxDB will never accept are dead-lettered (by the sink, the rest of the batch is written).
 * **sink probe** (one task at start): :meth:`~ingest.sink.InfluxSink.probe` until InfluxDB
