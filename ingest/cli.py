@@ -1,5 +1,5 @@
 """``amigw ingest --config ingest.toml [--workers N] [--check-config] [--completeness METER DAY]
-[--daily-report DAY [--json]]``.
+[--daily-report DAY [--json]] [--replay-dead-letters [--since T] [--until T] [--reason R]]``.
 
 Loads the whole configuration once (registry and tariff calendar included), so a bad file is a
 :class:`~protocols.errors.ConfigError` at start (exit 2 from ``amigw``). ``--workers N`` starts N
@@ -11,7 +11,11 @@ pause. With one worker the process itself is the worker. ``--completeness`` prin
 of one meter-day from InfluxDB and exits. ``--daily-report DAY`` computes the day's line loss per
 transformer area and collection success per meter, gateway and area from ``daily_tou``, writes
 them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) and exits
-(:mod:`ingest.report`, ``docs/ingest-report.md``).
+(:mod:`ingest.report`, ``docs/ingest-report.md``). ``--check-config`` also probes InfluxDB
+(:meth:`~ingest.sink.InfluxSink.probe`, nothing written or created): a refusal is a
+ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (exit 1).
+``--replay-dead-letters`` puts dead-lettered payloads back through the pipeline
+(:mod:`ingest.replay`; exit 1 when one is still failing or the replay stopped).
 """
 
 from __future__ import annotations
@@ -55,20 +59,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "then exit; run it once the day is complete",
     )
     parser.add_argument("--json", action="store_true", help="with --daily-report: print one JSON document")
+    parser.add_argument(
+        "--replay-dead-letters",
+        action="store_true",
+        help="put the dead-lettered payloads back through the pipeline (once their cause is fixed) and exit",
+    )
+    parser.add_argument(
+        "--since", metavar="T", help="with --replay-dead-letters: received at or after T (ISO 8601)"
+    )
+    parser.add_argument(
+        "--until", metavar="T", help="with --replay-dead-letters: received before T (ISO 8601)"
+    )
+    parser.add_argument(
+        "--reason", metavar="R", help="with --replay-dead-letters: only entries of this reason"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.check_config:
+        sink = asyncio.run(_check_sink(cfg))
         print(
             f"{args.config}: ok: mqtt={cfg.mqtt.url} topics={','.join(cfg.mqtt.topics)} "
             f"influx={cfg.influx.url} api={cfg.influx.api} db={cfg.influx.database} "
             f"schema={cfg.pipeline.schema} registry={cfg.registry or 'none'} "
-            f"tariff_calendar={cfg.tariff_calendar or 'built-in'} queue_max={cfg.mqtt.queue_max}"
+            f"tariff_calendar={cfg.tariff_calendar or 'built-in'} queue_max={cfg.mqtt.queue_max}\n{sink}"
         )
         return 0
     if args.json and not args.daily_report:
         raise ConfigError("--json", "only with --daily-report")
+    for option in ("since", "until", "reason"):
+        if getattr(args, option) is not None and not args.replay_dead_letters:
+            raise ConfigError(f"--{option}", "only with --replay-dead-letters")
+    if args.replay_dead_letters:
+        return _replay(cfg, args)
     if args.completeness:
         return _completeness(cfg, *args.completeness)
     if args.daily_report:
@@ -126,6 +150,55 @@ def _daily_report(cfg: IngestConfig, day_text: str, *, as_json: bool) -> int:
         raise SinkError(msg, retryable=exc.retryable, status=exc.status) from None
     print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.summary())
     return 0
+
+
+async def _check_sink(cfg: IngestConfig) -> str:
+    """Probe InfluxDB without writing or creating anything; the summary line, else raise.
+
+    Raises: ConfigError naming the key for a refusal, SinkError when unreachable."""
+    from ingest.deadletter import DeadLetterStore
+    from ingest.sink import InfluxSink
+    from protocols.errors import SinkError, SinkRefused
+
+    influx = cfg.influx
+    with DeadLetterStore(":memory:") as unused:  # the probe writes no line, so dead-letters none
+        sink = InfluxSink(influx, dead_letter=unused)
+        try:
+            return await sink.probe(create=False)
+        except SinkRefused as exc:
+            if exc.reason == "not_found" and influx.create_database and sink.api == "v1":
+                return (
+                    f"influxdb {influx.url} (v1): database {influx.database!r} missing, the worker creates it"
+                )
+            raise ConfigError(_refused_key(exc.reason, sink.api, influx.username), str(exc)) from None
+        except SinkError as exc:
+            raise SinkError(f"influxdb {influx.url}: {exc}", retryable=True, status=exc.status) from None
+        finally:
+            await sink.aclose()
+
+
+def _refused_key(reason: str, api: str | None, username: str | None) -> str:
+    """The ``[influx]`` key an operator fixes for a refusal."""
+    if reason == "api_unknown":
+        return "influx.api"
+    if reason == "not_found":
+        return "influx.database" if api == "v1" else "influx.bucket"
+    if api == "v2":
+        return "influx.token"
+    if reason == "unauthorized" and username is not None:
+        return "influx.password"
+    return "influx.username" if reason in ("unauthorized", "forbidden") else "influx"
+
+
+def _replay(cfg: IngestConfig, args: argparse.Namespace) -> int:
+    from ingest.replay import exit_status, parse_time_ms, replay_dead_letters
+
+    since = parse_time_ms("--since", args.since)
+    until = parse_time_ms("--until", args.until)
+    summary = asyncio.run(
+        replay_dead_letters(cfg, sys.stdout, since_ms=since, until_ms=until, reason=args.reason)
+    )
+    return exit_status(summary)
 
 
 def _worker_argv(config: Path, index: int) -> list[str]:

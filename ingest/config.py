@@ -352,12 +352,23 @@ max_attempts = 5
 backoff_initial_s = 0.2
 backoff_max_s = 10.0
 retry_after_max_s = 60.0
+# A refusal of ours (401/403 credentials or privileges, 404 database or bucket) is never blamed on
+# the data: the worker keeps the batch unacknowledged, raises amigw_ingest_sink_refused and retries
+# until it is fixed. --check-config probes the server. With create_database = true a missing v1
+# database is created (CREATE DATABASE; the user must be an admin) instead of waiting for it.
+create_database = false
 
 [dead_letter]
-# Undecodable payloads and lines InfluxDB refused, with the reason (SQLite).
+# Undecodable payloads and lines InfluxDB refused, with the reason (SQLite); replay them with
+# amigw ingest --replay-dead-letters once the cause is fixed.
 path = "deadletter.sqlite"
+# Bounds: over either one, the oldest entry of the reason holding the most goes first.
 max_entries = 100000
 max_bytes = 268435456
+# An entry keeps at most this much of its payload (larger ones: a prefix, the full size and a
+# SHA-256, marked truncated, and cannot be replayed). The default is the largest payload the
+# decoder accepts.
+max_entry_bytes = 16777216
 
 [dedup]
 # Processed (gateway, seq) batches, so redeliveries are skipped (SQLite, shared by the workers).

@@ -56,10 +56,28 @@ class IngestMetrics:
             "Lines InfluxDB refused (dead-lettered)",
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "amigw_ingest_queue_depth", "Messages waiting in the consumer queue", registry=r
+        self.sink_refused = Gauge(
+            "amigw_ingest_sink_refused",
+            "1 while InfluxDB refuses the worker (credentials, privileges, database or bucket), by reason",
+            ["reason"],
+            registry=r,
         )
-        self.unacked = Gauge("amigw_ingest_unacked", "Messages received and not yet acknowledged", registry=r)
+        self.sink_refusals = Counter(
+            "amigw_ingest_sink_refusals_total",
+            "Writes and probes InfluxDB refused for a reason of ours (kept and retried), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "amigw_ingest_queue_depth",
+            "Messages waiting in the consumer queue (set at intake and at every write retry)",
+            registry=r,
+        )
+        self.unacked = Gauge(
+            "amigw_ingest_unacked",
+            "Messages received and not yet acknowledged (set at intake, ack and every write retry)",
+            registry=r,
+        )
         self.published = Counter(
             "amigw_ingest_aggregates_published_total",
             "Aggregate messages published, by topic kind",

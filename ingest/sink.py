@@ -24,9 +24,18 @@ Contract
   which are dead-lettered with the server's message, while every other line is written. One bad
   point never blocks or drops a batch (field lessons 10 and 18). Halves re-sent after a partial
   write may rewrite points the server already kept: idempotent, as above.
-* Any other 4xx (auth, unknown database or bucket, bad request shape) raises
-  ``SinkError(retryable=False)``: retrying cannot help and dead-lettering data for a config error
-  would be wrong.
+* Any other 4xx (401 credentials, 403 privileges, 404 unknown database, bucket or org, a bad
+  request shape) is a refusal of *us*, not of the data: it raises
+  :class:`~protocols.errors.SinkRefused` (``.reason`` ``unauthorized``/``forbidden``/``not_found``/
+  ``refused``; ``retryable``), and nothing is dead-lettered. The caller keeps the data and retries
+  once the configuration or the server is fixed. With ``create_database = true`` (v1) a write
+  that finds its database missing creates it (``CREATE DATABASE``) and is sent again.
+* :meth:`InfluxSink.probe` checks, without writing a point, that a write would be accepted: the
+  server answers (and says which API it speaks), the database or bucket exists, the credentials
+  and privileges are accepted. It posts an empty body to the write endpoint: 1.x answers 204 only
+  after authenticating the user, finding the database and authorising the write; 2.x answers
+  400 "writing requires points" only after authorising the token and finding org and bucket. With
+  ``create_database = true`` a missing v1 database is created.
 
 API generations (``SinkConfig.api``): ``"v1"`` posts ``/write?db=&rp=&precision=ms`` (InfluxDB 1.x,
 optional basic auth); ``"v2"`` posts ``/api/v2/write?org=&bucket=&precision=ms`` with
@@ -67,7 +76,7 @@ except ImportError:  # pragma: no cover - a platform without an isal wheel
     _isal_gzip = None
 
 from ingest.deadletter import DeadLetterStore
-from protocols.errors import SinkError
+from protocols.errors import SinkError, SinkRefused
 
 __all__ = [
     "HttpConnection",
@@ -116,6 +125,8 @@ class SinkConfig:
 
     ``database``/``retention_policy``/``username``/``password`` serve v1; ``org``/``bucket``/``token``
     serve v2 (``bucket`` defaults to ``database``). ``ca_file`` is for ``https://`` URLs.
+    ``create_database``: create a missing v1 database (``CREATE DATABASE``, needs an admin user)
+    instead of waiting for an operator to create it.
     """
 
     url: str = "http://127.0.0.1:8086"
@@ -137,6 +148,7 @@ class SinkConfig:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     retry_after_max_s: float = 60.0
+    create_database: bool = False
 
     def __post_init__(self) -> None:
         scheme = urllib.parse.urlsplit(self.url).scheme
@@ -282,6 +294,31 @@ def _reason(status: int, message: str) -> str:
     return next((reason for marker, reason in _REASONS if marker in low), "rejected")
 
 
+_Bodies = list[tuple[bytes, int]] | list[tuple[list[bytes], int]]  # request bodies and their line counts
+_REFUSALS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+# What to check, per refusal and API generation: the operator's next step, in the message.
+_REFUSAL_HINTS = {
+    ("unauthorized", "v1"): "check [influx] username and password",
+    ("unauthorized", "v2"): "check [influx] token",
+    ("forbidden", "v1"): "grant the user WRITE on the database",
+    ("forbidden", "v2"): "give the token write permission on the bucket",
+    ("not_found", "v1"): "create the database or set [influx] create_database = true",
+    ("not_found", "v2"): "check [influx] org and bucket",
+}
+
+
+def _refusal(status: int, message: str, what: str, api: str | None) -> SinkRefused:
+    """The :class:`SinkRefused` of a non-line 4xx answer to ``what`` (``"the write"``), its message
+    naming the status, the server's words and what to check."""
+    reason = _REFUSALS.get(status, "refused")
+    hint = _REFUSAL_HINTS.get((reason, api or "v1"), "")
+    return SinkRefused(
+        f"influxdb refused {what} ({status} {reason}): {message[:300]}" + (f"; {hint}" if hint else ""),
+        reason=reason,
+        status=status,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Response:
     status: int
@@ -425,16 +462,16 @@ class InfluxSink:
         """``GET /ping`` and read ``X-Influxdb-Version`` (cached once known).
 
         Raises:
-            SinkError: unreachable after retries (retryable), or no version header (not retryable).
+            SinkError: unreachable after retries; SinkRefused (``api_unknown``): no version header.
         """
         if self._api is None:
             resp = await self._request("GET", "/ping", {}, b"")
             version = resp.headers.get("x-influxdb-version", "").strip().lstrip("vV")
             if not version[:1].isdigit():
-                raise SinkError(
+                raise SinkRefused(
                     f"cannot detect the InfluxDB API: /ping answered {resp.status} with "
                     f'X-Influxdb-Version={version!r}; set api = "v1" or "v2"',
-                    retryable=False,
+                    reason="api_unknown",
                     status=resp.status,
                 )
             self._api = "v1" if version.split(".")[0] in ("0", "1") else "v2"
@@ -446,12 +483,12 @@ class InfluxSink:
         """Write line protocol (``precision=ms``); see the module contract.
 
         Raises:
-            SinkError: ``retryable=True`` when the server stayed unreachable or overloaded through
-                ``max_attempts``; ``retryable=False`` for a refusal that is not about lines
-                (authentication, unknown database or bucket).
+            SinkError: the server stayed unreachable or overloaded through ``max_attempts``.
+            SinkRefused: a refusal that is not about lines (credentials, privileges, unknown
+                database or bucket); nothing was dead-lettered.
         """
         cfg = self.config
-        bodies: list[tuple[bytes, int]] | list[tuple[list[bytes], int]]
+        bodies: _Bodies
         cut = _cut(lines, cfg.max_batch_lines, cfg.max_batch_bytes) if isinstance(lines, bytes) else None
         if cut is not None:
             bodies = cut
@@ -461,25 +498,43 @@ class InfluxSink:
         if not bodies:
             return WriteResult(0, 0)
         target, headers = self._write_target(await self.detect_api())
-        written = dead = 0
-        for chunk, n in bodies:
-            ok, rejected = await self._write_bisect(chunk, n, target, headers)
-            if rejected:
-                self._dead_letter(rejected)
-            written += ok
-            dead += len(rejected)
-        self.stats.lines_written += written
-        self.stats.lines_dead_lettered += dead
-        return WriteResult(written, dead)
+        try:
+            return await self._write_bodies(bodies, target, headers)
+        except SinkRefused as exc:
+            if not await self._created_missing_database(exc):
+                raise
+            return await self._write_bodies(bodies, target, headers)  # rewrites are idempotent
+
+    async def probe(self, *, create: bool = True) -> str:
+        """Would a write be accepted? (see the module contract). Returns a one-line summary.
+        ``create=False``: never create the database, whatever ``create_database`` says.
+
+        Raises:
+            SinkError: the server stayed unreachable or overloaded through ``max_attempts``.
+            SinkRefused: credentials, privileges, database or bucket (the message says which).
+        """
+        api = await self.detect_api()
+        target, headers = self._write_target(api)
+        body = gzip_body(b"", self.config.gzip_level) if self.config.gzip else b""
+        for attempt in (1, 2):
+            resp = await self._request("POST", target, headers, body)
+            message = _server_message(resp.body)
+            if resp.status // 100 == 2 or (api == "v2" and "requires points" in message):
+                break
+            exc = _refusal(resp.status, message, "the probe write", api)
+            if attempt == 2 or not create or not await self._created_missing_database(exc):
+                raise exc
+        where = f"database {self.config.database!r}" if api == "v1" else f"bucket {self._bucket!r}"
+        return f"influxdb {self.config.url} ({api}): {where} accepts writes"
 
     async def create_database(self, name: str) -> None:
         """v1 only: ``CREATE DATABASE`` (a no-op when it exists).
 
         Raises:
-            SinkError: unreachable (retryable) or refused (not retryable).
+            SinkError: unreachable; SinkRefused: refused (e.g. the user is not an admin).
         """
         if await self.detect_api() != "v1":
-            raise SinkError("create_database is an InfluxDB 1.x (InfluxQL) operation", retryable=False)
+            raise SinkRefused("create_database is an InfluxDB 1.x (InfluxQL) operation", reason="refused")
         ident = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
         form = urllib.parse.urlencode({"q": f"CREATE DATABASE {ident}"}).encode()
         headers = {"Content-Type": "application/x-www-form-urlencoded", **self._auth_headers("v1")}
@@ -492,11 +547,33 @@ class InfluxSink:
         errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
         if resp.status // 100 != 2 or errors:
             message = errors[0] if errors else _server_message(resp.body)
-            raise SinkError(
-                f"CREATE DATABASE {name!r} refused: {message}", retryable=False, status=resp.status
-            )
+            raise _refusal(resp.status, message, f"CREATE DATABASE {name!r}", "v1")
+        log.warning("influxdb database created", extra={"kv": {"url": self.config.url, "database": name}})
 
     # -- internals ---------------------------------------------------------------------------
+
+    @property
+    def _bucket(self) -> str:
+        return self.config.bucket or self.config.database
+
+    async def _write_bodies(self, bodies: _Bodies, target: str, headers: dict[str, str]) -> WriteResult:
+        written = dead = 0
+        for chunk, n in bodies:
+            ok, rejected = await self._write_bisect(chunk, n, target, headers)
+            if rejected:
+                self._dead_letter(rejected)
+            written += ok
+            dead += len(rejected)
+        self.stats.lines_written += written
+        self.stats.lines_dead_lettered += dead
+        return WriteResult(written, dead)
+
+    async def _created_missing_database(self, exc: SinkRefused) -> bool:
+        """With ``create_database`` (v1): create the database ``exc`` found missing; True when done."""
+        if exc.reason != "not_found" or not self.config.create_database or self._api != "v1":
+            return False
+        await self.create_database(self.config.database)
+        return True
 
     def _auth_headers(self, api: str) -> dict[str, str]:
         cfg = self.config
@@ -515,7 +592,7 @@ class InfluxSink:
                 params["rp"] = cfg.retention_policy
             path = "/write"
         else:
-            params = {"org": cfg.org, "bucket": cfg.bucket or cfg.database, "precision": "ms"}
+            params = {"org": cfg.org, "bucket": self._bucket, "precision": "ms"}
             path = "/api/v2/write"
         headers = {"Content-Type": "text/plain; charset=utf-8", **self._auth_headers(api)}
         if cfg.gzip:
@@ -536,9 +613,7 @@ class InfluxSink:
         message = _server_message(resp.body)
         if not _is_line_rejection(resp.status, message):
             self.stats.failures += 1
-            raise SinkError(
-                f"influxdb refused the write ({resp.status}): {message}", retryable=False, status=resp.status
-            )
+            raise _refusal(resp.status, message, "the write", self._api)
         if isinstance(lines, bytes):
             lines = split_lines(lines)
         if len(lines) == 1:

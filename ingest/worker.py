@@ -24,8 +24,23 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
 * **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
   3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
   is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.
-* A sink refusal that is not about lines (``SinkError(retryable=False)``: auth, unknown database)
-  dead-letters the group's payloads with the reason, then acks them.
+* A sink refusal that is not about lines (:class:`~protocols.errors.SinkRefused`: credentials,
+  privileges, unknown database or bucket) is *our* misconfiguration, never the data's fault: the
+  group is kept and retried like an outage, nothing is dead-lettered or acknowledged, and the
+  alarm is raised while it lasts (logged once per episode, the gauge
+  ``amigw_ingest_sink_refused{reason}`` at 1, ``amigw_ingest_sink_refusals_total{reason}``
+  counting every refusal). Once fixed, every batch
+  lands exactly once (rewrites are idempotent, the dedup marks follow the write). Only lines
+  InfluxDB will never accept are dead-lettered (by the sink, the rest of the batch is written).
+* **sink probe** (one task at start): :meth:`~ingest.sink.InfluxSink.probe` until InfluxDB
+  accepts the worker (reachable, database or bucket present, credentials accepted; with
+  ``create_database`` a missing v1 database is created). A failing probe raises the same alarm and
+  is retried with back-off; the worker keeps running (the broker holds the messages).
+* ``amigw_ingest_queue_depth`` and ``amigw_ingest_unacked`` are set at every intake and at every
+  retry of a write, so they move while InfluxDB is down.
+* **dead-letter replay** (:meth:`IngestWorker.replaying`, :meth:`IngestWorker.replay`): a
+  dead-lettered payload goes through the same intake and commit code (decode, dedup, transform,
+  write, publish, mark), without an MQTT session and giving up instead of waiting forever.
 * Intervals are published *before* the ack (acking first would lose them if the worker died in
   between), and the daily obligation is durable before the ack; both are idempotent: interval
   items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
@@ -45,7 +60,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +68,11 @@ import numpy as np
 
 from ingest import stages as st
 from ingest.config import IngestConfig
-from ingest.deadletter import DeadLetterStore
+from ingest.deadletter import DeadLetter, DeadLetterStore
 from ingest.dedup import DedupStore
 from ingest.influxql import InfluxQuery, quote_str
 from ingest.metrics import IngestMetrics
-from ingest.mqtt_consumer import Message, MqttConsumer
+from ingest.mqtt_consumer import ConsumerStats, Message, MqttConsumer
 from ingest.sink import InfluxSink, backoff_delay_s
 from ingest.transform import (
     DAY_MS,
@@ -69,7 +84,7 @@ from ingest.transform import (
     transform,
     warm_up,
 )
-from protocols.errors import AmigwError, PayloadError, SinkError, TransportError
+from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
 from protocols.payload import Event, ReadingBatch, decode, decode_event
 
 __all__ = ["COMMIT_SLOTS", "AggregatePublisher", "IngestWorker", "run_worker"]
@@ -85,9 +100,10 @@ _DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimat
 
 class AggregatePublisher:
     """A paho client that publishes QoS 1 and awaits the PUBACK (its own connection, clean
-    session). Raises TransportError when no PUBACK arrives within ``timeout_s``."""
+    session, client id ``<client_id>-<worker>-pub``). Raises TransportError when no PUBACK
+    arrives within ``timeout_s``."""
 
-    def __init__(self, cfg: IngestConfig, worker: int) -> None:
+    def __init__(self, cfg: IngestConfig, worker: int | str) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -163,6 +179,7 @@ class _Item:
     out: BatchOutput | None = None
     event: Event | None = None
     key: tuple[str, int, bytes] | None = None  # dedup key, marked after the write
+    refusal: tuple[str, str] | None = None  # dead_lettered: (reason, detail)
 
 
 @dataclass(slots=True)
@@ -199,6 +216,8 @@ class IngestWorker:
         self._slots = asyncio.Semaphore(COMMIT_SLOTS)
         self._items: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._in_flight: dict[tuple[str, int, bytes], int] = {}
+        self._refused: str | None = None  # the reason InfluxDB refuses us, while it does
+        self._replaying = False  # replay: no new dead letters, writes give up instead of waiting
 
     def stop(self) -> None:
         """Stop consuming; unfinished messages stay unacknowledged (the broker redelivers them)."""
@@ -234,6 +253,7 @@ class IngestWorker:
                     "ingest worker started worker=%d client_id=%s", self.worker, consumer.config.client_id
                 )
                 async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._probe_sink(), name=f"ingest-probe-{self.worker}")
                     tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
                     tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
                     if publisher is not None and cfg.pipeline.publish_daily:
@@ -266,7 +286,7 @@ class IngestWorker:
             except StopAsyncIteration:
                 self._items.put_nowait(None)
                 return
-            self.metrics.queue_depth.set(consumer.queued)
+            self._update_gauges()
             self._items.put_nowait(self._prepare(msg))
             await asyncio.sleep(0)  # let the committer start on it while the next is transformed
 
@@ -297,10 +317,11 @@ class IngestWorker:
 
     def _dead_letter(self, msg: Message, reason: str, detail: str) -> _Item:
         assert self._res is not None
-        self._res.dead_letter.put("payload", reason, msg.payload, msg.topic, detail=detail)
+        if not self._replaying:  # a replay keeps the entry it took and records the new reason
+            self._res.dead_letter.put("payload", reason, msg.payload, msg.topic, detail=detail)
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("payload dead-lettered topic=%r reason=%s detail=%.200s", msg.topic, reason, detail)
-        return _Item(msg, "dead_lettered")
+        return _Item(msg, "dead_lettered", refusal=(reason, detail))
 
     # -- commit ------------------------------------------------------------------------------
 
@@ -344,7 +365,10 @@ class IngestWorker:
 
     async def _durable(self, writes: list[_Item]) -> None:
         """Write and publish, retried as one (rewrites are idempotent) while InfluxDB or the
-        broker is unavailable: an unacknowledged message is not redelivered on a live session."""
+        broker is unavailable or InfluxDB refuses us: an unacknowledged message is not
+        redelivered on a live session, and nothing is dead-lettered for our own misconfiguration.
+
+        Raises (only while replaying, instead of waiting): TransportError, SinkError."""
         attempt = 0
         while True:
             try:
@@ -352,15 +376,12 @@ class IngestWorker:
                 await self._after_write(writes)
                 return
             except (TransportError, SinkError) as exc:
-                if isinstance(exc, SinkError) and not exc.retryable:
-                    for it in writes:
-                        self._dead_letter(it.msg, "influx refused", str(exc))
-                        it.result = "dead_lettered"
-                    return
+                if self._replaying:
+                    raise
                 attempt += 1
                 self.metrics.sink_retries.inc()
-                p = self.cfg.pipeline
-                delay = backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
+                self._update_gauges()
+                delay = self._backoff_s(attempt)
                 log.debug(
                     "group retry messages=%d attempt=%d delay_s=%.2f error=%s",
                     len(writes),
@@ -393,12 +414,13 @@ class IngestWorker:
                 m.batches.labels(it.result).inc()
             await res.consumer.ack(it.msg)
             self._window.release()
-        m.unacked.set(res.consumer.stats.unacked)
+        self._update_gauges()
 
     async def _write(self, lines: bytes) -> None:
-        """The sink write on a free connection, retried (same lines) while InfluxDB is unavailable.
+        """The sink write on a free connection, retried (same lines) while InfluxDB is
+        unavailable or refuses us (the alarm is raised while it refuses, see the module contract).
 
-        Raises: SinkError(retryable=False) for a refusal that is not about lines."""
+        Raises (only while replaying, instead of waiting): SinkError."""
         assert self._res is not None
         sinks = self._res.sinks
         sink = await sinks.get()
@@ -410,19 +432,78 @@ class IngestWorker:
                     result = await sink.write(lines)
                     break
                 except SinkError as exc:
-                    if not exc.retryable:
+                    self._sink_failed(exc)
+                    if self._replaying:
                         raise
                     attempt += 1
                     self.metrics.sink_retries.inc()
-                    p = self.cfg.pipeline
-                    await asyncio.sleep(
-                        backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
-                    )
+                    self._update_gauges()
+                    await asyncio.sleep(self._backoff_s(attempt))
         finally:
             sinks.put_nowait(sink)
+        self._sink_accepted()
         self.metrics.sink_latency.observe(time.monotonic() - t0)
         if result.dead_lettered_lines:
             self.metrics.sink_lines_dead_lettered.inc(result.dead_lettered_lines)
+
+    def _backoff_s(self, attempt: int) -> float:
+        p = self.cfg.pipeline
+        return backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
+
+    def _update_gauges(self) -> None:
+        """Queue depth and unacknowledged messages, as the consumer sees them now."""
+        consumer = self._res.consumer if self._res is not None else None
+        if consumer is not None:
+            self.metrics.queue_depth.set(consumer.queued)
+            self.metrics.unacked.set(consumer.stats.unacked)
+
+    def _sink_failed(self, exc: SinkError) -> None:
+        """Raise the refusal alarm for a :class:`SinkRefused` (once per episode and reason)."""
+        if not isinstance(exc, SinkRefused):
+            return
+        m = self.metrics
+        m.sink_refusals.labels(exc.reason).inc()
+        if self._refused == exc.reason:
+            return
+        if self._refused is not None:
+            m.sink_refused.labels(self._refused).set(0)
+        self._refused = exc.reason
+        m.sink_refused.labels(exc.reason).set(1)
+        log.error(
+            "influxdb refuses the worker: nothing is acknowledged or dead-lettered until it is fixed",
+            extra={
+                "kv": {"worker": self.worker, "reason": exc.reason, "status": exc.status, "error": str(exc)}
+            },
+        )
+
+    def _sink_accepted(self) -> None:
+        """InfluxDB accepted a write or the probe: end a refusal episode."""
+        if self._refused is None:
+            return
+        self.metrics.sink_refused.labels(self._refused).set(0)
+        log.info(
+            "influxdb accepts the worker again", extra={"kv": {"worker": self.worker, "was": self._refused}}
+        )
+        self._refused = None
+
+    async def _probe_sink(self) -> None:
+        """Probe InfluxDB at start until it accepts the worker (see the module contract)."""
+        assert self._res is not None
+        attempt = 0
+        while True:
+            sink = await self._res.sinks.get()
+            try:
+                summary = await sink.probe()
+            except SinkError as exc:  # unreachable: the sink logs it; refused: the alarm
+                self._sink_failed(exc)
+            else:
+                self._sink_accepted()
+                log.info("influxdb probe ok", extra={"kv": {"worker": self.worker, "sink": summary}})
+                return
+            finally:
+                self._res.sinks.put_nowait(sink)
+            attempt += 1
+            await asyncio.sleep(self._backoff_s(attempt))
 
     async def _after_write(self, writes: list[_Item]) -> None:
         await self._publish(writes)
@@ -458,6 +539,68 @@ class IngestWorker:
                 self.metrics.published.labels("intervals").inc()
         if items:
             await res.publisher.publish_many(items)
+
+    # -- dead-letter replay ------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def replaying(self) -> AsyncIterator[DeadLetterStore]:
+        """The worker's stores, a sink and the aggregate publisher, without an MQTT session, for
+        :meth:`replay`; yields the dead-letter store. The daily totals the replayed batches owe
+        are published on the way out (best effort: else by the next worker's flush, the keys are
+        durable in the dedup store)."""
+        cfg, p = self.cfg, self.cfg.pipeline
+        self._replaying = True
+        dead = DeadLetterStore.from_config(cfg.dead_letter)
+        dedup = DedupStore.from_config(cfg.dedup)
+        sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
+        sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
+        # its own client id: a live worker's publisher must not be taken over
+        publisher = AggregatePublisher(cfg, "replay") if p.publish_intervals or p.publish_daily else None
+        no_session: Any = _NoSession()
+        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher, no_session)
+        try:
+            warm_up(self.settings)
+            if publisher is not None:
+                await publisher.connect()
+            yield dead
+            if publisher is not None and p.publish_daily:
+                try:
+                    await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
+                except (TimeoutError, AmigwError) as exc:
+                    log.warning(
+                        "daily totals of the replay left to the workers", extra={"kv": {"error": exc}}
+                    )
+        finally:
+            for closer in (
+                [s.aclose for s in _drain(sinks)]
+                + [res.query.aclose]
+                + ([publisher.aclose] if publisher else [])
+            ):
+                with contextlib.suppress(Exception):
+                    await closer()
+            dead.close()
+            dedup.close()
+
+    async def replay(self, entry: DeadLetter) -> tuple[str, str]:
+        """Put one dead-lettered payload back through intake and commit (inside :meth:`replaying`):
+        decode, dedup, transform, write, publish, mark, as if it had just arrived.
+
+        Returns ``(outcome, why)``: ``"replayed"`` (written now) or ``"duplicate"`` (already
+        durable): the entry is removed, so a second replay writes nothing; ``"failing"``: refused
+        again, the entry keeps its id and time with the new reason, ``why`` is ``reason: detail``.
+        Raises: SinkError, TransportError: InfluxDB or the broker unavailable or refusing us (the
+        entry stays as it was; stop and replay again once it is fixed)."""
+        assert self._res is not None and entry.topic is not None
+        item = self._prepare(Message(entry.topic, entry.payload, mid=0, qos=0))
+        if item.refusal is not None:
+            reason, detail = item.refusal
+            self._res.dead_letter.set_reason(entry.id, reason, detail)
+            return "failing", f"{reason}: {detail}"
+        if item.lines:
+            await self._durable([item])
+        await self._ack([item])
+        self._res.dead_letter.remove(entry.id)
+        return ("duplicate" if item.result == "duplicate" else "replayed"), ""
 
     # -- daily totals ------------------------------------------------------------------------
 
@@ -574,6 +717,17 @@ class IngestWorker:
         await self._write(
             b"alarms,area=%s,kind=area_outage events=%di %d\n" % (st.escape_tag(area), events, ts)
         )
+
+
+class _NoSession:
+    """The consumer stand-in of a replay: its messages come from the dead-letter store, so
+    there is nothing to acknowledge and nothing queued."""
+
+    queued = 0
+    stats = ConsumerStats()
+
+    async def ack(self, msg: Message) -> None:
+        pass
 
 
 def _reason(message: str) -> str:

@@ -18,6 +18,7 @@ from protocols.errors import (
     PayloadError,
     ProtocolError,
     SinkError,
+    SinkRefused,
     TransportError,
     TransportTimeout,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ProtocolError",
     "Quantity",
     "SinkError",
+    "SinkRefused",
     "TransportError",
     "TransportTimeout",
     "by_code",

@@ -17,6 +17,7 @@ caller can catch one base class at the edge of a loop and know what it got::
      ├─ CommandRejected        .reason: bad_signature | expired | not_yet_valid | replayed |
      │                         unknown_meter | malformed
      └─ SinkError              InfluxDB refused or was unreachable; .retryable
+         └─ SinkRefused        InfluxDB refused *us* (credentials, database, API): .reason
 
 "We did something wrong" (a programming error) stays a plain ``ValueError``/``TypeError``;
 these classes say the *outside world* (a config file, a meter, a broker payload, a server) did.
@@ -37,6 +38,7 @@ __all__ = [
     "PayloadError",
     "ProtocolError",
     "SinkError",
+    "SinkRefused",
     "TransportError",
     "TransportTimeout",
 ]
@@ -138,11 +140,32 @@ class CommandRejected(AmigwError):
 class SinkError(AmigwError):
     """InfluxDB refused a write or could not be reached.
 
-    ``retryable`` is true for outages and overload (5xx, 429, connection errors), false for
-    writes the server will never accept (4xx: bad line protocol, type conflicts).
+    ``retryable`` is true for outages and overload (5xx, 429, connection errors) and for
+    :class:`SinkRefused`, false for what the server will never accept (a refused InfluxQL
+    statement).
     """
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
         self.retryable = retryable
         self.status = status
         super().__init__(message)
+
+
+class SinkRefused(SinkError):
+    """InfluxDB refused the request, not the data in it: our own misconfiguration.
+
+    ``reason`` is one of :data:`SinkRefused.REASONS`: ``unauthorized`` (401: credentials),
+    ``forbidden`` (403: no write privilege), ``not_found`` (404: database, bucket or org missing),
+    ``api_unknown`` (the server did not say which API it speaks) or ``refused`` (any other refusal
+    that is not about lines). Always ``retryable``: the same request succeeds once the
+    configuration or the server is fixed, so data refused this way is kept and retried, never
+    dead-lettered.
+    """
+
+    REASONS = frozenset({"unauthorized", "forbidden", "not_found", "api_unknown", "refused"})
+
+    def __init__(self, message: str, *, reason: str, status: int | None = None) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}")
+        self.reason = reason
+        super().__init__(message, retryable=True, status=status)

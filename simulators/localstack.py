@@ -28,6 +28,7 @@ Only the standard library is used, so ``amigw demo`` and the test fixtures share
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import ctypes
 import json
@@ -501,15 +502,36 @@ class Influxd(_ChildServer):
 
     ``query``/``write``/``create_database``/``drop_database`` talk to its HTTP API with urllib and
     raise ``InfluxError`` (with ``.status`` and influxd's ``.error``) on any error answer.
+
+    ``admin=(user, password)`` enables authentication (``auth-enabled = true``): the first start
+    creates that admin user (influxd allows it while no user exists), and the helpers above
+    authenticate as it. ``create_user`` adds users with privileges, for tests of refusals.
     """
 
     name = "influxd"
 
-    def __init__(self, workdir: str | os.PathLike[str], *, host: str = LOOPBACK) -> None:
+    def __init__(
+        self, workdir: str | os.PathLike[str], *, host: str = LOOPBACK, admin: tuple[str, str] | None = None
+    ) -> None:
         self.binary = find_binary("influxd", "/usr/bin/influxd", "/usr/local/bin/influxd")
         super().__init__(workdir, host)
         self.config_file = self.workdir / "influxdb.conf"
         self.port, self.rpc_port = free_ports(2, host)
+        self.admin = admin
+
+    def start(self) -> None:
+        first = not self._started_once
+        super().start()
+        if self.admin is not None and first:  # influxd takes this one query while no admin exists
+            user, password = self.admin
+            self.query_raw(f"CREATE USER {quote_ident(user)} WITH PASSWORD {_quote_str(password)} "
+                           "WITH ALL PRIVILEGES")  # fmt: skip
+
+    def create_user(self, user: str, password: str, grants: dict[str, str] | None = None) -> None:
+        """A non-admin user with ``{database: "READ" | "WRITE" | "ALL"}`` privileges."""
+        self.query_raw(f"CREATE USER {quote_ident(user)} WITH PASSWORD {_quote_str(password)}")
+        for db, privilege in (grants or {}).items():
+            self.query_raw(f"GRANT {privilege} ON {quote_ident(db)} TO {quote_ident(user)}")
 
     @property
     def url(self) -> str:
@@ -541,7 +563,8 @@ class Influxd(_ChildServer):
             "[monitor]\n  store-enabled = false\n"
             "[subscriber]\n  enabled = false\n"
             "[shard-precreation]\n  enabled = false\n"
-            f'[http]\n  enabled = true\n  bind-address = "{self.host}:{self.port}"\n  auth-enabled = false\n'
+            f'[http]\n  enabled = true\n  bind-address = "{self.host}:{self.port}"\n'
+            f"  auth-enabled = {'true' if self.admin else 'false'}\n"
             "  log-enabled = true\n  write-tracing = false\n  pprof-enabled = false\n"
             f"{disabled}"
             '[logging]\n  format = "logfmt"\n  level = "info"\n'
@@ -624,6 +647,9 @@ class Influxd(_ChildServer):
 
     def _request(self, path: str, data: bytes, what: str, content_type: str) -> bytes:
         headers = {"Content-Type": content_type}
+        if self.admin is not None:
+            token = base64.b64encode(":".join(self.admin).encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -644,3 +670,8 @@ class Influxd(_ChildServer):
 def quote_ident(name: str) -> str:
     """An InfluxQL double-quoted identifier."""
     return '"' + re.sub(r'(["\\])', r"\\\1", name) + '"'
+
+
+def _quote_str(text: str) -> str:
+    """An InfluxQL single-quoted string literal."""
+    return "'" + re.sub(r"(['\\])", r"\\\1", text) + "'"

@@ -3,6 +3,8 @@
 - ``mosquitto``: plain broker, anonymous, ``.url`` is ``mqtt://127.0.0.1:<port>`` (session).
 - ``mosquitto_secure``: TLS + password file + ACL (see ``services.Mosquitto``) (session).
 - ``influxd``: InfluxDB 1.x (session); ``influx_db``: ``(influxd, fresh database name)`` per test.
+- ``influxd_auth``: InfluxDB 1.x with ``auth-enabled = true`` and the admin ``INFLUX_ADMIN``
+  (session), for refused credentials and privileges.
 
 The servers are shared by the session, so tests use their own client ids, topics and databases.
 A test may stop or kill a server (to test outages); after that test it is started again, on the
@@ -22,7 +24,8 @@ import pytest
 
 from simulators.localstack import Influxd, Mosquitto, ServiceNotInstalledError
 
-SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd")
+SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth")
+INFLUX_ADMIN = ("admin", "admin-secret")
 S = TypeVar("S", Mosquitto, Influxd)
 
 
@@ -54,6 +57,13 @@ def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosqu
 @pytest.fixture(scope="session")
 def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influxd]:
     server = _started(Influxd, tmp_path_factory.mktemp("influxd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def influxd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influxd]:
+    server = _started(lambda d: Influxd(d, admin=INFLUX_ADMIN), tmp_path_factory.mktemp("influxd-auth"))
     yield server
     server.stop()
 

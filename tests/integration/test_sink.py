@@ -17,8 +17,9 @@ import pytest
 
 from ingest.deadletter import DeadLetterStore
 from ingest.sink import InfluxSink, SinkConfig, WriteResult
-from protocols.errors import SinkError
+from protocols.errors import SinkError, SinkRefused
 from simulators.localstack import Influxd
+from tests.conftest import INFLUX_ADMIN
 from tests.unit.ingest_io.http_peer import HttpPeer, Reply, Request
 
 pytestmark = pytest.mark.integration
@@ -86,12 +87,46 @@ async def test_bad_lines_are_dead_lettered_and_good_lines_written(influx_db, dea
     assert "unable to parse" in entries["unable to parse"].detail
 
 
-async def test_unknown_database_is_not_retryable(influxd, dead_letter) -> None:
-    async with _sink(influxd, f"missing_{uuid.uuid4().hex[:8]}", dead_letter, api="v1") as sink:
-        with pytest.raises(SinkError) as info:
+async def test_unknown_database_is_our_refusal_and_create_database_creates_it(influxd, dead_letter) -> None:
+    name = f"missing_{uuid.uuid4().hex[:8]}"
+    async with _sink(influxd, name, dead_letter, api="v1") as sink:
+        with pytest.raises(SinkRefused) as info:
             await sink.write([f"m value=1i {T0}".encode()])
-    assert info.value.retryable is False and info.value.status == 404
+        with pytest.raises(SinkRefused, match="create_database = true"):
+            await sink.probe()
+    assert (info.value.reason, info.value.retryable, info.value.status) == ("not_found", True, 404)
     assert dead_letter.count_by_reason() == {}  # a config error is not the data's fault
+    try:
+        async with _sink(influxd, name, dead_letter, api="v1", create_database=True) as sink:
+            assert (await sink.write([f"m value=1i {T0}".encode()])).written_lines == 1
+            assert f"database '{name}' accepts writes" in await sink.probe()
+        assert influxd.query("SELECT value FROM m", db=name) == [{"time": T0, "value": 1}]
+    finally:
+        influxd.drop_database(name)
+
+
+async def test_probe_of_a_server_with_authentication(influxd_auth, dead_letter) -> None:
+    """Wrong password 401, a user without WRITE 403, the right credentials accepted; the probe
+    writes no point."""
+    db = f"probe_{uuid.uuid4().hex[:8]}"
+    influxd_auth.create_database(db)
+    influxd_auth.create_user(f"r_{db}", "r", {db: "READ"})
+    try:
+        for user, password, reason in (
+            (INFLUX_ADMIN[0], "wrong", "unauthorized"),
+            (f"r_{db}", "r", "forbidden"),
+        ):
+            async with _sink(influxd_auth, db, dead_letter, username=user, password=password) as sink:
+                with pytest.raises(SinkRefused) as info:
+                    await sink.probe()
+                assert info.value.reason == reason
+        async with _sink(
+            influxd_auth, db, dead_letter, username=INFLUX_ADMIN[0], password=INFLUX_ADMIN[1]
+        ) as sink:
+            assert "accepts writes" in await sink.probe()
+        assert influxd_auth.query("SHOW MEASUREMENTS", db=db) == []
+    finally:
+        influxd_auth.drop_database(db)
 
 
 async def test_outage_raises_retryable_then_write_succeeds_after_restart(influx_db, dead_letter) -> None:

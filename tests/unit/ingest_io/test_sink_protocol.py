@@ -14,7 +14,7 @@ import pytest
 from ingest.deadletter import DeadLetterStore
 from ingest.sink import InfluxSink, SinkConfig, WriteResult, _retry_after_s, backoff_delay_s, split_lines
 from protocols.config import load
-from protocols.errors import SinkError
+from protocols.errors import SinkError, SinkRefused
 from tests.unit.ingest_io.http_peer import HttpPeer, Reply, Request
 
 
@@ -74,13 +74,82 @@ async def test_gives_up_after_max_attempts_with_retryable_error(dead_letter) -> 
     assert len(peer.requests) == 4 and len(sleeps.delays) == 3
 
 
-async def test_4xx_that_is_not_about_lines_is_not_retryable(dead_letter) -> None:
-    reply = Reply(401, {"Content-Type": "application/json"}, b'{"error":"authorization failed"}')
+@pytest.mark.parametrize(
+    ("status", "body", "reason", "hint"),
+    [
+        (401, b'{"error":"authorization failed"}', "unauthorized", "username and password"),
+        (
+            403,
+            b'{"error":"\\"u\\" user is not authorized to write to database \\"db\\""}',
+            "forbidden",
+            "WRITE",
+        ),
+        (404, b'{"error":"database not found: \\"db\\""}', "not_found", "create_database = true"),
+        (400, b'{"error":"database is required"}', "refused", ""),
+    ],
+)
+async def test_a_4xx_that_is_not_about_lines_is_our_refusal_never_the_datas(
+    dead_letter, status: int, body: bytes, reason: str, hint: str
+) -> None:
+    """Credentials, privileges, a missing database or a bad request shape are our fault: a typed
+    SinkRefused the caller keeps retrying, nothing dead-lettered, no bisection."""
+    reply = Reply(status, {"Content-Type": "application/json"}, body)
     async with HttpPeer(lambda _req: reply) as peer, _sink(peer.url, dead_letter, Sleeps()) as sink:
-        with pytest.raises(SinkError, match="authorization failed") as info:
+        with pytest.raises(SinkRefused) as info:
             await sink.write(_lines(8))
-    assert (info.value.retryable, info.value.status) == (False, 401)
+    assert (info.value.reason, info.value.retryable, info.value.status) == (reason, True, status)
+    assert json.loads(body)["error"] in str(info.value) and hint in str(info.value)
     assert len(peer.requests) == 1 and dead_letter.count_by_reason() == {}
+
+
+async def test_v1_create_database_on_a_missing_database_then_the_write_is_sent_again(dead_letter) -> None:
+    created: list[bytes] = []
+
+    def respond(req: Request) -> Reply:
+        if req.path == "/query":
+            created.append(req.text)
+            return Reply(200, {"Content-Type": "application/json"}, b'{"results":[{"statement_id":0}]}')
+        if not created:
+            return Reply(
+                404, {"Content-Type": "application/json"}, b'{"error":"database not found: \\"db\\""}'
+            )
+        return Reply(204)
+
+    async with (
+        HttpPeer(respond) as peer,
+        _sink(peer.url, dead_letter, Sleeps(), create_database=True) as sink,
+    ):
+        assert await sink.write(_lines(3)) == WriteResult(3, 0)
+    assert [r.path for r in peer.requests] == ["/write", "/query", "/write"]
+    assert created == [b"q=CREATE+DATABASE+%22db%22"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (400, b'{"code":"invalid","message":"writing requires points"}', "accepts writes"),
+        (404, b'{"code":"not found","message":"bucket \\"b\\" not found"}', "not_found"),
+        (401, b'{"code":"unauthorized","message":"unauthorized access"}', "unauthorized"),
+    ],
+)
+async def test_v2_probe_is_an_empty_write(dead_letter, status: int, body: bytes, outcome: str) -> None:
+    """InfluxDB 2.x checks token, org and bucket before it sees the body: an empty write answered
+    "writing requires points" proves all three without writing a point."""
+    async with HttpPeer(lambda _req: Reply(status, {"Content-Type": "application/json"}, body)) as peer:
+        cfg = SinkConfig(url=peer.url, api="v2", org="o", bucket="b", token="t", gzip=False)
+        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
+            if outcome == "accepts writes":
+                assert "bucket 'b' accepts writes" in await sink.probe()
+            else:
+                with pytest.raises(SinkRefused) as info:
+                    await sink.probe()
+                assert info.value.reason == outcome
+    (req,) = peer.requests
+    assert (req.path, req.query, req.body) == (
+        "/api/v2/write",
+        {"org": "o", "bucket": "b", "precision": "ms"},
+        b"",
+    )
 
 
 async def test_connection_refused_is_retryable(dead_letter) -> None:
@@ -156,9 +225,9 @@ async def test_ping_without_version_header_is_an_error(dead_letter) -> None:
         HttpPeer(lambda _req: Reply(204)) as peer,
         InfluxSink(SinkConfig(url=peer.url), dead_letter=dead_letter) as sink,
     ):
-        with pytest.raises(SinkError, match="X-Influxdb-Version") as info:
+        with pytest.raises(SinkRefused, match="X-Influxdb-Version") as info:
             await sink.write(_lines(1))
-    assert info.value.retryable is False
+    assert info.value.reason == "api_unknown"
 
 
 def test_backoff_and_retry_after_are_pure() -> None:

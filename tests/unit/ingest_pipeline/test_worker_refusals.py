@@ -1,4 +1,5 @@
-"""IngestWorker's reactions to refused InfluxQL reads (pure logic: fake query and publisher).
+"""IngestWorker's reactions to refused InfluxQL reads and refused writes (pure logic: fake query
+and publisher).
 
 The broker and InfluxDB paths are in tests/integration/test_pipeline.py; here only the decision
 matters: a refused read must neither lose an obligation nor turn written data into dead letters.
@@ -7,6 +8,7 @@ matters: a refused read must neither lose an obligation nor turn written data in
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +19,7 @@ from ingest.config import SAMPLE, parse_config
 from ingest.deadletter import DeadLetterStore
 from ingest.dedup import DedupStore
 from ingest.worker import IngestWorker, _Item, _Resources
-from protocols.errors import SinkError
+from protocols.errors import SinkError, SinkRefused
 
 DAY = 1_710_000_000_000
 
@@ -81,3 +83,25 @@ async def test_a_refused_outage_query_does_not_dead_letter_written_batches(worke
     worker._res.query = Query(error=SinkError("influxd unreachable", retryable=True))
     with pytest.raises(SinkError):  # retryable: the group is retried as a whole
         await worker._after_write([item])
+
+
+def test_a_refusal_of_ours_raises_the_alarm_once_per_episode(
+    worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = worker.metrics
+    with caplog.at_level(logging.INFO, logger="amigw.ingest"):
+        for _ in range(3):
+            worker._sink_failed(SinkRefused("database not found", reason="not_found", status=404))
+        worker._sink_failed(SinkError("unreachable", retryable=True))  # an outage: no refusal alarm
+        assert m.sink_refused.labels("not_found")._value.get() == 1
+        worker._sink_failed(SinkRefused("authorization failed", reason="unauthorized", status=401))
+        assert m.sink_refused.labels("not_found")._value.get() == 0
+        assert m.sink_refused.labels("unauthorized")._value.get() == 1
+        worker._sink_accepted()
+        worker._sink_accepted()
+    assert m.sink_refused.labels("unauthorized")._value.get() == 0
+    assert m.sink_refusals.labels("not_found")._value.get() == 3
+    assert m.sink_refusals.labels("unauthorized")._value.get() == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.kv["reason"] for r in errors] == ["not_found", "unauthorized"]  # once per episode
+    assert sum("accepts the worker again" in r.getMessage() for r in caplog.records) == 1
