@@ -8,8 +8,10 @@ Tasks (one ``asyncio.TaskGroup``, every task named):
   its bus. After each cycle the readings go into the outbox as batches, per plan kind, with the
   next sequence number and the previous value sent of every cumulative channel, atomically.
 * ``drain`` -- publishes the outbox (QoS 1, bounded in-flight window) whenever the broker is
-  reachable; rows leave the outbox only once PUBACKed. After an outage or a restart it replays
-  in order.
+  reachable, and applies the head-end's confirmations (``ami/v1/{gateway}/down/ack``): readings
+  batches and events leave the outbox only once the head-end confirmed them durable (or on the
+  broker's PUBACK with ``[outbox] confirm = "broker"``); unconfirmed ones are re-sent after
+  ``ack_timeout_s``. After an outage or a restart it replays in order.
 * ``commands`` -- verified, replay-protected downlink commands (:mod:`gateway.commands`). A
   command waits for the bus lock like a poll transaction does; ``asyncio.Lock`` is FIFO and the
   drivers take the lock per transaction, so a command gets the bus right after the transaction in
@@ -205,8 +207,15 @@ class EdgeAgent:
         if cfg.metrics_listen:
             serve(self.metrics, cfg.metrics_listen)
         async with contextlib.AsyncExitStack() as stack:
-            self.outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, policy=cfg.outbox.policy)
+            self.outbox = Outbox(
+                cfg.outbox.path,
+                max_bytes=cfg.outbox.max_bytes,
+                policy=cfg.outbox.policy,
+                confirm=cfg.outbox.confirm,
+                ack_timeout_s=cfg.outbox.ack_timeout_s,
+            )
             stack.callback(self.outbox.close)
+            self.metrics.watch_outbox(self.outbox.stats)
             executed = ExecutedCommands(state_dir / f"{cfg.gateway_id}-commands.sqlite")
             stack.callback(executed.close)
             await self._setup(stack)
@@ -227,6 +236,7 @@ class EdgeAgent:
                     keepalive_s=m.keepalive_s,
                     window=cfg.outbox.max_inflight,
                     version=self.version,
+                    on_ack_rejected=lambda reason: self.metrics.acks_rejected.labels(reason).inc(),
                 )
             )
             log.info(
@@ -245,7 +255,6 @@ class EdgeAgent:
                 await self._stop.wait()
                 for t in tasks:
                     t.cancel()
-            self._publish_stats()
 
     # -- polling ------------------------------------------------------------------------------
 
@@ -429,27 +438,20 @@ class EdgeAgent:
     # -- publishing ---------------------------------------------------------------------------
 
     async def _drain(self) -> None:
+        """Publish and re-send the outbox, and apply the head-end's confirmations to it."""
         assert self.publisher is not None and self.outbox is not None
-        while True:
-            await self.publisher.wait_connected()
-            self._outbox_wakeup.clear()
-            try:
-                delivered = await self.publisher.drain(self.outbox)
-                self.metrics.published.inc(delivered)
-            except ConnectionLostError:
-                await asyncio.sleep(0.2)
-                continue
-            self._publish_stats()
-            await self._outbox_wakeup.wait()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._confirm(), name="confirm")
+            await self.publisher.deliver(
+                self.outbox, self._outbox_wakeup, on_published=self.metrics.published.inc
+            )
 
-    def _publish_stats(self) -> None:
-        if self.outbox is None:
-            return
-        s = self.outbox.stats()
-        self.metrics.outbox_pending.set(s.pending)
-        self.metrics.outbox_pending_bytes.set(s.pending_bytes)
-        for kind, n in s.dropped.items():
-            self.metrics.outbox_dropped.labels(kind).set(n)
+    async def _confirm(self) -> None:
+        assert self.publisher is not None and self.outbox is not None
+        async for ack in self.publisher.acks():
+            confirmed = self.outbox.confirm(ack)
+            log.debug("confirmation", extra={"kv": {"rows": confirmed, "ranges": len(ack.seqs),
+                                                    "events": len(ack.events)}})  # fmt: skip
 
     def _event(self, kind: str, meter: str | None, detail: dict[str, object]) -> None:
         if self.outbox is None:
@@ -462,7 +464,7 @@ class EdgeAgent:
             meter,
             detail,
         )
-        self.outbox.add(self.topic_events, ev.to_json(), kind="event")
+        self.outbox.add(self.topic_events, ev.to_json(), kind="event", event_id=ev.id)
         self._outbox_wakeup.set()
 
     def counters(self) -> dict[str, int | float]:
@@ -484,8 +486,11 @@ class EdgeAgent:
                 {
                     "outbox_pending": s.pending,
                     "outbox_pending_bytes": s.pending_bytes,
+                    "outbox_unconfirmed": s.unconfirmed,
                     "outbox_added": s.added,
                     "outbox_published": s.published,
+                    "outbox_confirmed": s.confirmed,
+                    "outbox_resent": s.resent,
                 }
             )
             out.update({f"outbox_dropped_{k}": n for k, n in s.dropped.items()})

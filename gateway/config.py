@@ -48,10 +48,14 @@ class OutboxConfig:
     policy: Literal["shed_by_kind", "reject_new"] = "shed_by_kind"
     max_inflight: int = 256
     max_readings_per_batch: int = 5000
+    confirm: Literal["head-end", "broker"] = "head-end"
+    ack_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_bytes < 64 * 1024:
             raise ValueError("max_bytes: must be at least 65536")
+        if not 0.1 <= self.ack_timeout_s <= 86_400:
+            raise ValueError("ack_timeout_s: must be within 0.1..86400 seconds")
         if not 1 <= self.max_inflight <= 65535:
             raise ValueError("max_inflight: must be 1..65535 (MQTT packet ids are 16-bit)")
         if self.max_readings_per_batch < 1:
@@ -296,7 +300,8 @@ keepalive_s = 30
 encoding = "binary"
 
 [outbox]
-# Every batch is written here before it is published and deleted after the broker's PUBACK.
+# Every batch is written here before it is published. It is deleted once the head-end confirmed
+# it durable (see confirm below); command results are deleted after the broker's PUBACK.
 path = "/var/lib/amigw/outbox.sqlite"
 # The bound on the outbox's size. When it is reached, "shed_by_kind" drops instantaneous values
 # first and keeps register and daily readings longest; "reject_new" refuses new batches.
@@ -307,6 +312,14 @@ policy = "shed_by_kind"
 max_inflight = 256
 # A bus cycle's readings are split into batches of at most this many readings.
 max_readings_per_batch = 5000
+# When a readings batch or an event may leave the outbox: "head-end" once the head-end confirmed
+# it durable on ami/v1/<gateway_id>/down/ack; "broker" on the broker's PUBACK alone, for a
+# head-end that sends no confirmations (a broker can acknowledge and still lose a message).
+confirm = "head-end"
+# A batch or event not confirmed this many seconds after its PUBACK is sent again; each further
+# re-send waits twice as long, up to 600 s (or ack_timeout_s if longer). A restart re-sends every
+# unconfirmed one at once.
+ack_timeout_s = 60.0
 
 [clock]
 # Meters whose clock is off by more than this are corrected with the protocol's time sync.

@@ -3,11 +3,22 @@
 Counts and durations go here, not to log lines (STYLE H12). Served on ``metrics_listen`` by
 :func:`serve`; ``metrics_listen = ""`` disables the endpoint (the counters still feed the
 retained status message).
+
+The outbox's gauges and counters are read from :meth:`Outbox.stats` at each scrape
+(:meth:`EdgeMetrics.watch_outbox`), so they are current at every moment, during a broker or
+head-end outage too, not only after a successful drain. Its counters are the outbox's own,
+persisted across restarts (monotonic, as Prometheus counters must be).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.outbox import OutboxStats
 
 __all__ = ["EdgeMetrics", "serve"]
 
@@ -43,16 +54,57 @@ class EdgeMetrics:
             ["bus", "meter"],
             registry=r,
         )
-        self.outbox_pending = Gauge("amigw_outbox_pending", "Messages waiting in the outbox", registry=r)
-        self.outbox_pending_bytes = Gauge(
-            "amigw_outbox_pending_bytes", "Bytes waiting in the outbox", registry=r
+        self.published = Counter(
+            "amigw_published_total", "Publishes acknowledged by the broker (re-sends included)", registry=r
         )
-        self.outbox_dropped = Gauge(
-            "amigw_outbox_dropped", "Messages dropped by the outbox policy, by kind", ["kind"], registry=r
+        self.acks_rejected = Counter(
+            "amigw_acks_rejected_total",
+            "Head-end confirmations ignored (invalid, other_gateway)",
+            ["reason"],
+            registry=r,
         )
-        self.published = Counter("amigw_published_total", "Messages acknowledged by the broker", registry=r)
         self.commands = Counter(
             "amigw_commands_total", "Downlink commands by outcome", ["status"], registry=r
+        )
+        self._outbox = _OutboxCollector()
+        r.register(self._outbox)
+
+    def watch_outbox(self, stats: Callable[[], OutboxStats | None]) -> None:
+        """Serve the outbox metrics from ``stats()`` at each scrape (None: no outbox yet).
+        ``stats`` runs on the HTTP server's thread: :meth:`Outbox.stats` reads only memory."""
+        self._outbox.stats = stats
+
+
+class _OutboxCollector(Collector):
+    def __init__(self) -> None:
+        self.stats: Callable[[], OutboxStats | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        if s is None:
+            return
+        yield GaugeMetricFamily(
+            "amigw_outbox_pending", "Messages stored in the outbox (unconfirmed ones included)", s.pending
+        )
+        yield GaugeMetricFamily("amigw_outbox_pending_bytes", "Bytes stored in the outbox", s.pending_bytes)
+        yield GaugeMetricFamily(
+            "amigw_outbox_unconfirmed",
+            "Messages the broker acknowledged that wait for the head-end's confirmation",
+            s.unconfirmed,
+        )
+        dropped = CounterMetricFamily(
+            "amigw_outbox_dropped", "Messages dropped by the outbox policy, by kind", labels=["kind"]
+        )
+        for kind, n in s.dropped.items():
+            dropped.add_metric([kind], n)
+        yield dropped
+        yield CounterMetricFamily(
+            "amigw_outbox_confirmed",
+            "Messages that left the outbox on the head-end's confirmation",
+            s.confirmed,
+        )
+        yield CounterMetricFamily(
+            "amigw_outbox_resent", "Re-sends of unconfirmed messages acknowledged by the broker", s.resent
         )
 
 

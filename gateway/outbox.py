@@ -1,23 +1,48 @@
-"""The durable outbox: every uplink message sits here until the broker acknowledged it (DESIGN §5).
+"""The durable outbox: every uplink message sits here until it is confirmed delivered (DESIGN §5).
 
 Contract
 --------
-* ``add(topic, payload, kind=...)`` stores one message and returns how many messages the call
-  dropped (itself or others) to keep the byte bound; ``add_batch`` does the same for a readings
-  batch and, in the *same* SQLite transaction, allocates its per-gateway sequence number and
-  records the "previous value sent" of its cumulative channels.
-* ``begin(max_items)`` hands out the oldest rows no other open transaction holds, in insertion
-  order; ``end(tx, accepted_ids)`` deletes exactly the accepted rows (those the broker PUBACKed)
-  and releases the others, which the next ``begin`` hands out again, oldest first. A row leaves
-  the outbox only through ``end`` (delivered) or the drop policy (counted by kind).
+* ``add(topic, payload, kind=..., event_id=None)`` stores one message and returns how many
+  messages the call dropped (itself or others) to keep the byte bound; ``add_batch`` does the same
+  for a readings batch and, in the *same* SQLite transaction, allocates its per-gateway sequence
+  number and records the "previous value sent" of its cumulative channels.
+* ``begin(max_items)`` hands out the oldest rows that are *due* (never sent, or sent and due for a
+  re-send) and that no other open transaction holds, in insertion order. ``end(tx, accepted_ids)``
+  settles the rows the broker acknowledged (PUBACK) and releases the others, which the next
+  ``begin`` hands out again, oldest first.
+* What a PUBACK does to a row depends on ``confirm`` and on whether the head-end can name the
+  row: a readings batch (its ``seq``) or an event (its ``event_id``) is *keyed*.
+
+  ``confirm="head-end"`` (default)
+      A keyed row stays stored after its PUBACK, "sent, awaiting confirmation" (counted in
+      ``unconfirmed``), until :meth:`Outbox.confirm` receives a
+      :class:`~protocols.acks.Ack` naming its seq or event id; then it is deleted and counted as
+      ``confirmed``. A row not confirmed within ``ack_timeout_s`` of its PUBACK becomes due
+      again and is re-sent (counted in ``resent``); each further re-send waits twice as long,
+      up to ``max(ack_timeout_s, resend_cap_s)``. Rows without a key (command results: fee
+      control reads them on a plain persistent subscription, where the broker's PUBACK is the
+      end of the story) are deleted on PUBACK and counted as ``published``.
+  ``confirm="broker"``
+      Every row is deleted on PUBACK (``published``), for a head-end that sends no confirmations.
+
+  A confirmation deletes the rows it names whatever their state, also rows in flight (a re-send
+  under way) and rows not yet re-sent after a restart; naming an unknown seq or id is harmless.
+  Reopening an outbox makes every unconfirmed row due at once: after a restart it is re-sent.
+* A row leaves the outbox only through ``end`` (PUBACK, where that is enough), ``confirm`` or
+  the drop policy (counted by kind).
 * ``stats()`` is a frozen :class:`OutboxStats`; the counters live in the database and survive
-  restarts. Invariant: ``added == published + dropped_total + pending``.
+  restarts. Invariant: ``added == published + confirmed + dropped_total + pending``, where
+  ``pending`` counts every stored row, the ``unconfirmed`` ones included. ``stats()`` reads only
+  memory, so a metrics thread may call it.
 * Programming errors (unknown kind, ending a transaction twice) raise ``ValueError``; SQLite
   failures propagate as ``sqlite3.Error`` (a full disk is not something the caller can route
   around). A database that cannot be opened because it is corrupt is moved aside
   (``<path>.corrupt-<epoch_ms>``) and replaced by an empty one; ``stats().corrupt_resets`` counts it.
+  A file written by an older version (no ``seq``/``event_id``/``sends``/``due_ms`` columns) is
+  migrated in place (``ALTER TABLE``); its stored rows carry no key and leave on PUBACK.
 
-Drop policy when ``pending_bytes`` would exceed ``max_bytes`` (bytes = topic + payload):
+Drop policy when ``pending_bytes`` would exceed ``max_bytes`` (bytes = topic + payload; rows
+awaiting confirmation count like any stored row):
 
 ``shed_by_kind`` (default)
     Make room by deleting the *oldest* rows of the least valuable kind first, in the order
@@ -30,28 +55,38 @@ Drop policy when ``pending_bytes`` would exceed ``max_bytes`` (bytes = topic + p
 In both policies ``cmd_result`` rows are never dropped: a command result is the only record that
 a relay was (or was not) switched. It is stored even past the bound (after shedding what the
 policy allows); command results are a few hundred bytes and rare. Rows held by an open
-transaction (in flight to the broker) are never shed.
+transaction (in flight to the broker) are never shed; rows awaiting confirmation may be.
+
+Sequence numbers
+----------------
+Per gateway (one outbox per gateway), ``seq`` is *dense*: 1, 2, 3, ... with no gaps across clean
+stops, crashes (SIGKILL) and restarts, so the head-end can tell a lost batch from a restart. The
+number is allocated in the transaction that stores the batch, and that commit is fully
+synchronous (it fsyncs the WAL; batches are a few per minute), so a number once published is
+never allocated again, even after a power loss. A batch that the drop policy refuses on arrival
+or sheds later still consumed its number: the head-end sees that gap, and ``dropped`` says why.
+An outbox written by an older version, which reserved numbers in blocks, continues once after
+its reservation and densely from then on.
 
 Durability and threading
 ------------------------
 SQLite in WAL mode with ``synchronous=NORMAL`` and automatic checkpoints turned off. Each call
-is one short write transaction that appends to the WAL without fsync (tens of microseconds), so
-the methods are called directly on the event-loop thread. What that buys:
+is one short write transaction that appends to the WAL (readings batches also fsync it, see
+above), so the methods are called directly on the event-loop thread. What that buys:
 
 * **process crash (SIGKILL, OOM kill)**: every committed call survives; nothing is lost.
-* **power loss / kernel crash**: what was committed up to the last :meth:`Outbox.checkpoint` survives;
-  later commits may be lost (SQLite's WAL checksums discard a torn tail, the file stays consistent).
+* **power loss / kernel crash**: every readings batch and what was committed before it survives;
+  later ``NORMAL`` commits may be lost (an event, a deletion after PUBACK or confirmation: a
+  deleted row comes back and is re-sent, which the head-end's de-duplication absorbs). SQLite's
+  WAL checksums discard a torn tail, the file stays consistent.
 
-:meth:`Outbox.checkpoint` is the batch fsync: it syncs the WAL, copies it into the database and
-syncs that. It uses its own connection, may block for milliseconds on slow flash, and is meant to
-run in a worker thread (``await asyncio.to_thread(outbox.checkpoint)``) once per poll cycle,
-concurrently with ``add``/``end`` on the loop thread (WAL lets a checkpoint run beside a writer).
-As a backstop ``add`` checkpoints inline when more than ``wal_limit_bytes`` went unchecked.
+:meth:`Outbox.checkpoint` syncs the WAL, copies it into the database and syncs that. It uses its
+own connection, may block for milliseconds on slow flash, and is meant to run in a worker thread
+(``await asyncio.to_thread(outbox.checkpoint)``) once per poll cycle, concurrently with
+``add``/``end`` on the loop thread (WAL lets a checkpoint run beside a writer). As a backstop
+``add`` checkpoints inline when more than ``wal_limit_bytes`` went unchecked.
 
-Sequence numbers stay strictly increasing even across a power loss: numbers are reserved in
-blocks of ``seq_block`` with a fully synchronous commit, and a reopened outbox continues after
-the reserved block. A restart can therefore leave a gap of up to ``seq_block`` numbers: ``seq``
-is increasing, not dense.
+Time for re-sends comes from ``clock`` (seconds, monotonic by default; injected in tests).
 """
 
 from __future__ import annotations
@@ -66,10 +101,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from protocols.acks import Ack
+
 __all__ = [
     "KINDS",
+    "RESEND_CAP_S",
     "SHED_ORDER",
     "BatchAdded",
+    "Confirm",
     "Outbox",
     "OutboxRow",
     "OutboxStats",
@@ -78,11 +117,14 @@ __all__ = [
 ]
 
 Policy = Literal["shed_by_kind", "reject_new"]
+Confirm = Literal["head-end", "broker"]
 KINDS = ("instant", "event", "register", "daily", "cmd_result")
 SHED_ORDER = ("instant", "event", "register", "daily")
 """Kinds in the order ``shed_by_kind`` sheds them; ``cmd_result`` is never shed."""
+RESEND_CAP_S = 600.0
+"""Re-sends of an unconfirmed row back off up to this (or ``ack_timeout_s`` if that is longer)."""
 _RANK = {kind: rank for rank, kind in enumerate(KINDS)}
-_COUNTERS = ("added", "published", "corrupt_resets", *(f"dropped.{k}" for k in KINDS))
+_COUNTERS = ("added", "published", "confirmed", "resent", "corrupt_resets", *(f"dropped.{k}" for k in KINDS))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,   -- AUTOINCREMENT: ids never reused, so id order is age
@@ -93,6 +135,19 @@ CREATE TABLE IF NOT EXISTS prev (
     meter TEXT NOT NULL, quantity INTEGER NOT NULL, value INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
     PRIMARY KEY (meter, quantity)) WITHOUT ROWID;
 """
+# Added after the first release: created by ALTER TABLE on older files too.
+_COLUMNS = {
+    "seq": "INTEGER",  # a readings batch's sequence number (its confirmation key)
+    "event_id": "TEXT",  # an event's id (its confirmation key)
+    "sends": "INTEGER NOT NULL DEFAULT 0",  # PUBACKed sends of this row
+    "due_ms": "INTEGER NOT NULL DEFAULT 0",  # 0: due now; else clock ms of the next re-send
+}
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS outbox_seq ON outbox (seq);
+CREATE INDEX IF NOT EXISTS outbox_event ON outbox (event_id);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due_ms);
+"""
+_ROW = "id, topic, payload, kind, seq, event_id, sends"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +156,14 @@ class OutboxRow:
     topic: str
     payload: bytes
     kind: str
+    seq: int | None = None
+    event_id: str | None = None
+    sends: int = 0  # PUBACKed sends before this one
+
+    @property
+    def keyed(self) -> bool:
+        """True if a head-end confirmation can name this row (a batch's seq, an event's id)."""
+        return self.seq is not None or self.event_id is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +194,10 @@ class OutboxStats:
     max_bytes: int
     policy: Policy
     corrupt_resets: int
+    confirmed: int = 0
+    unconfirmed: int = 0
+    resent: int = 0
+    confirm: Confirm = "head-end"
 
     @property
     def dropped_total(self) -> int:
@@ -146,17 +213,25 @@ class Outbox:
         *,
         max_bytes: int,
         policy: Policy = "shed_by_kind",
-        seq_block: int = 1024,
+        confirm: Confirm = "head-end",
+        ack_timeout_s: float = 60.0,
+        resend_cap_s: float = RESEND_CAP_S,
+        clock: Callable[[], float] = time.monotonic,
         wal_limit_bytes: int = 32 * 1024 * 1024,
     ) -> None:
-        if max_bytes <= 0 or seq_block <= 0:
-            raise ValueError("max_bytes and seq_block must be positive")
+        if max_bytes <= 0 or ack_timeout_s <= 0:
+            raise ValueError("max_bytes and ack_timeout_s must be positive")
         if policy not in ("shed_by_kind", "reject_new"):
             raise ValueError(f"policy {policy!r}: expected 'shed_by_kind' or 'reject_new'")
+        if confirm not in ("head-end", "broker"):
+            raise ValueError(f"confirm {confirm!r}: expected 'head-end' or 'broker'")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.policy: Policy = policy
-        self._seq_block = seq_block
+        self.confirm_by: Confirm = confirm
+        self._ack_timeout_ms = int(ack_timeout_s * 1000)
+        self._resend_cap_ms = int(max(ack_timeout_s, resend_cap_s) * 1000)
+        self._clock = clock
         self._wal_limit = wal_limit_bytes
         self._unsynced = 0
         self._held: dict[int, tuple[str, int]] = {}  # id -> (kind, size) of rows in open transactions
@@ -187,6 +262,11 @@ class Outbox:
             db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints are ours (checkpoint())
             db.execute("PRAGMA journal_size_limit = 8388608")
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            for name, decl in _COLUMNS.items():
+                if name not in have:  # a file from an older version
+                    db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+            db.executescript(_INDEXES)
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
         except sqlite3.DatabaseError:
@@ -210,24 +290,32 @@ class Outbox:
         query = "SELECT kind, COUNT(*), SUM(size) FROM outbox GROUP BY kind"
         for kind, count, size in self._db.execute(query):
             self._rows[kind], self._bytes[kind] = count, size
-        # Continue after the durable reservation: numbers up to it may have gone out before a power loss.
-        self._seq_next = max(int(meta.get("seq_next", 1)), int(meta.get("seq_reserved", 1)))
-        self._seq_reserved = self._seq_next
+        self._unconfirmed = self._db.execute("SELECT COUNT(*) FROM outbox WHERE sends > 0").fetchone()[0]
+        self._seq_next = int(meta.get("seq_next", 1))
         with self._write():
+            if "seq_reserved" in meta:  # an older version reserved blocks: never reuse a number of one
+                self._seq_next = max(self._seq_next, int(meta["seq_reserved"]))
+                self._put("seq_next", self._seq_next)
+                self._db.execute("DELETE FROM meta WHERE key = 'seq_reserved'")
+            self._db.execute("UPDATE outbox SET due_ms = 0 WHERE due_ms != 0")  # re-send what is unconfirmed
             self._save_counters(_COUNTERS)
 
     # -- adding -------------------------------------------------------------------------------
 
-    def add(self, topic: str, payload: bytes, *, kind: str) -> int:
+    def add(self, topic: str, payload: bytes, *, kind: str, event_id: str | None = None) -> int:
         """Store one message; return the number of messages dropped to respect the bound.
 
+        ``event_id`` (kind ``event`` only) is the id a head-end confirmation names it by.
+
         Raises:
-            ValueError: unknown ``kind``.
+            ValueError: unknown ``kind``, or an ``event_id`` on a row that is not an event.
             sqlite3.Error: the database failed (e.g. disk full).
         """
         _check_kind(kind)
+        if event_id is not None and kind != "event":
+            raise ValueError(f"event_id on a {kind!r} row: only events carry one")
         with self._write():
-            return self._admit(topic, payload, kind)[0]
+            return self._admit(topic, payload, kind, event_id=event_id)[0]
 
     def add_batch(
         self,
@@ -237,7 +325,8 @@ class Outbox:
         kind: str = "register",
         prev: Mapping[tuple[str, int], tuple[int, int]] | None = None,
     ) -> BatchAdded:
-        """Allocate the next sequence number, build the payload with it and store it, atomically.
+        """Allocate the next sequence number, build the payload with it and store it, atomically
+        and durably (the commit fsyncs the WAL, so the number is never allocated again).
 
         ``make_payload(seq)`` runs inside the transaction: if it raises, nothing is stored and
         the number is not consumed. ``prev`` maps ``(meter, quantity)`` to ``(value, ts_ms)`` of
@@ -249,11 +338,12 @@ class Outbox:
             sqlite3.Error: the database failed.
         """
         _check_kind(kind)
-        # A new block reservation must survive a power loss: that commit syncs the WAL.
-        with self._write(durable=self._seq_next >= self._seq_reserved):
-            seq = self._allocate_seq()
+        with self._write(durable=True):
+            seq = self._seq_next
+            self._seq_next += 1
+            self._put("seq_next", self._seq_next)
             payload = make_payload(seq)
-            dropped, stored = self._admit(topic, payload, kind)
+            dropped, stored = self._admit(topic, payload, kind, seq=seq)
             if prev and stored:
                 self._db.executemany(
                     "INSERT INTO prev (meter, quantity, value, ts_ms) VALUES (?, ?, ?, ?)"
@@ -278,16 +368,9 @@ class Outbox:
         """The number the next ``add_batch`` will use (read-only; allocation is in ``add_batch``)."""
         return self._seq_next
 
-    def _allocate_seq(self) -> int:
-        seq = self._seq_next
-        self._seq_next += 1
-        if self._seq_next > self._seq_reserved:
-            self._seq_reserved = seq + self._seq_block
-            self._put("seq_reserved", self._seq_reserved)
-        self._put("seq_next", self._seq_next)
-        return seq
-
-    def _admit(self, topic: str, payload: bytes, kind: str) -> tuple[int, bool]:
+    def _admit(
+        self, topic: str, payload: bytes, kind: str, *, seq: int | None = None, event_id: str | None = None
+    ) -> tuple[int, bool]:
         """Store the row or drop it by policy; (rows dropped, whether this one was stored)."""
         size = len(topic.encode()) + len(payload)
         over = self._pending_bytes() + size - self.max_bytes
@@ -300,8 +383,10 @@ class Outbox:
             self._bump(f"dropped.{kind}")
             self._save_counters(("added", f"dropped.{kind}"))
             return dropped + 1, False
-        self._db.execute("INSERT INTO outbox (topic, payload, kind, size) VALUES (?, ?, ?, ?)",
-                         (topic, payload, kind, size))  # fmt: skip
+        self._db.execute(
+            "INSERT INTO outbox (topic, payload, kind, size, seq, event_id) VALUES (?, ?, ?, ?, ?, ?)",
+            (topic, payload, kind, size, seq, event_id),
+        )
         self._rows[kind] += 1
         self._bytes[kind] += size
         self._unsynced += size
@@ -330,27 +415,29 @@ class Outbox:
         return victims
 
     def _drop(self, victims: list[tuple[int, str, int]]) -> int:
-        for kind, _ in self._delete([v[0] for v in victims]):
+        for _, kind in self._delete([v[0] for v in victims]):
             self._bump(f"dropped.{kind}")
         self._save_counters({f"dropped.{v[1]}" for v in victims})
         return len(victims)
 
-    def _delete(self, ids: list[int]) -> list[tuple[str, int]]:
-        """Delete rows by id; the (kind, size) of those that existed."""
-        found: list[tuple[str, int]] = []
+    def _delete(self, ids: list[int]) -> list[tuple[int, str]]:
+        """Delete rows by id; the (id, kind) of those that existed."""
+        found: list[tuple[int, str, int, int]] = []
         for chunk in _chunks(ids, 500):
-            marks = ",".join("?" * len(chunk))  # no RETURNING: that needs SQLite 3.35
-            found += self._db.execute(f"SELECT kind, size FROM outbox WHERE id IN ({marks})", chunk)
-            self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
-        for kind, size in found:
+            where = f"WHERE id IN ({','.join('?' * len(chunk))})"  # no RETURNING: that needs SQLite 3.35
+            found += self._db.execute(f"SELECT id, kind, size, sends FROM outbox {where}", chunk)
+            self._db.execute(f"DELETE FROM outbox {where}", chunk)
+        for _, kind, size, sends in found:
             self._rows[kind] -= 1
             self._bytes[kind] -= size
-        return found
+            self._unconfirmed -= sends > 0
+        return [(row_id, kind) for row_id, kind, _, _ in found]
 
     # -- delivering ---------------------------------------------------------------------------
 
     def begin(self, max_items: int) -> Transaction:
-        """The oldest rows (at most ``max_items``) that no open transaction holds, in insertion order."""
+        """The oldest due rows (at most ``max_items``) that no open transaction holds, in
+        insertion order. Due: never sent, or unconfirmed past its re-send time."""
         if max_items <= 0:
             raise ValueError("max_items must be positive")
         # Held rows all lie at or below the cursor: past it nothing needs skipping; after a
@@ -358,7 +445,9 @@ class Outbox:
         low = 0 if self._rewind else self._cursor
         limit = max_items + (len(self._held) if self._rewind else 0)
         fetched = self._db.execute(
-            "SELECT id, topic, payload, kind FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (low, limit)
+            # "+due_ms": walk the rows in id order (the primary key), not through the due_ms index
+            f"SELECT {_ROW} FROM outbox WHERE id > ? AND +due_ms <= ? ORDER BY id LIMIT ?",
+            (low, self._now_ms(), limit),
         ).fetchall()
         rows = tuple(OutboxRow(*r) for r in fetched if r[0] not in self._held)[:max_items]
         if self._rewind and (len(fetched) < limit or any(r.id > self._cursor for r in rows)):
@@ -372,9 +461,12 @@ class Outbox:
         return tx
 
     def end(self, tx: Transaction, accepted_ids: Iterable[int]) -> int:
-        """Delete the accepted rows of ``tx``; release the rest for the next ``begin``.
+        """Settle the rows of ``tx`` the broker acknowledged; release the rest for the next ``begin``.
 
-        Returns the number of rows deleted.
+        An acknowledged row is deleted (``published``) unless it must wait for the head-end's
+        confirmation (see the module doc): then it is kept, due again after the ack timeout.
+        Returns the number of acknowledged rows still stored when the transaction ended (a row
+        confirmed while in flight is gone already).
 
         Raises:
             ValueError: ``tx`` is not open, or an accepted id is not one of its rows.
@@ -388,17 +480,56 @@ class Outbox:
         if not accepted <= ids:
             self._open_tx[tx.id] = ids
             raise ValueError(f"ids {sorted(accepted - ids)[:5]} are not rows of transaction {tx.id}")
+        stored = [r for r in tx.rows if r.id in accepted and r.id in self._held]
         for row_id in ids:
-            del self._held[row_id]
+            self._held.pop(row_id, None)  # a row confirmed in flight has left already
         if ids - accepted:
             self._rewind = True
         if not self._held:
             self._cursor, self._rewind = 0, False
+        awaiting = [r for r in stored if r.keyed and self.confirm_by == "head-end"]
+        leaving = sorted({r.id for r in stored} - {r.id for r in awaiting})
         with self._write():
-            deleted = self._delete(sorted(accepted))
-            self._counters["published"] += len(deleted)
-            self._save_counters(("published",))
-        return len(deleted)
+            if awaiting:
+                now = self._now_ms()
+                self._db.executemany(
+                    "UPDATE outbox SET sends = ?, due_ms = ? WHERE id = ?",
+                    [(r.sends + 1, now + self._resend_delay_ms(r.sends + 1), r.id) for r in awaiting],
+                )
+                self._unconfirmed += sum(1 for r in awaiting if r.sends == 0)
+            done = self._delete(leaving)
+            self._counters["published"] += len(done)
+            self._counters["resent"] += sum(1 for r in stored if r.sends > 0)
+            self._save_counters(("published", "resent"))
+        return len(stored)
+
+    def confirm(self, ack: Ack) -> int:
+        """Delete the rows ``ack`` names (batch seqs, event ids); return how many there were.
+
+        Rows it names that are gone already (confirmed before, shed) are ignored: confirming is
+        idempotent. The caller checks that ``ack`` is for this outbox's gateway.
+        """
+        by_seq = "SELECT id FROM outbox WHERE seq BETWEEN ? AND ?"
+        ids = [row_id for lo, hi in ack.seqs for (row_id,) in self._db.execute(by_seq, (lo, hi))]
+        by_event = "SELECT id FROM outbox WHERE event_id = ?"
+        ids += [row_id for event in ack.events for (row_id,) in self._db.execute(by_event, (event,))]
+        if not ids:
+            return 0
+        with self._write():
+            done = self._delete(ids)
+            self._counters["confirmed"] += len(done)
+            self._save_counters(("confirmed",))
+        for row_id, _ in done:
+            self._held.pop(row_id, None)  # in flight: its end() finds it gone
+        return len(done)
+
+    def next_due_s(self) -> float | None:
+        """Seconds until the next unconfirmed row is due for a re-send (0 if one is due now);
+        None when no row waits for a confirmation."""
+        due: int | None = self._db.execute("SELECT MIN(due_ms) FROM outbox WHERE due_ms > 0").fetchone()[0]
+        if due is None:
+            return None
+        return max(0.0, (due - self._now_ms()) / 1000)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -408,6 +539,8 @@ class Outbox:
             added=c["added"], published=c["published"], dropped={k: c[f"dropped.{k}"] for k in KINDS},
             pending=sum(self._rows.values()), pending_bytes=self._pending_bytes(), in_flight=len(self._held),
             max_bytes=self.max_bytes, policy=self.policy, corrupt_resets=c["corrupt_resets"],
+            confirmed=c["confirmed"], unconfirmed=self._unconfirmed, resent=c["resent"],
+            confirm=self.confirm_by,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -444,6 +577,13 @@ class Outbox:
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _resend_delay_ms(self, sends: int) -> int:
+        """How long after its ``sends``-th PUBACK an unconfirmed row waits before the next send."""
+        return min(self._resend_cap_ms, self._ack_timeout_ms << min(sends - 1, 40))
+
     def _pending_bytes(self) -> int:
         return sum(self._bytes.values())
 
@@ -474,7 +614,7 @@ class _WriteTx:
 
     def __enter__(self) -> None:
         ob = self._ob
-        self._saved = (dict(ob._counters), dict(ob._rows), dict(ob._bytes), ob._seq_next, ob._seq_reserved)
+        self._saved = (dict(ob._counters), dict(ob._rows), dict(ob._bytes), ob._seq_next, ob._unconfirmed)
         if self._durable:  # SQLite only lets the safety level change outside a transaction
             ob._db.execute("PRAGMA synchronous = FULL")  # this commit fsyncs the WAL
         ob._db.execute("BEGIN IMMEDIATE")
@@ -484,7 +624,7 @@ class _WriteTx:
         try:
             if exc_type is not None:
                 ob._db.execute("ROLLBACK")
-                ob._counters, ob._rows, ob._bytes, ob._seq_next, ob._seq_reserved = self._saved
+                ob._counters, ob._rows, ob._bytes, ob._seq_next, ob._unconfirmed = self._saved
                 return
             ob._db.execute("COMMIT")
         finally:

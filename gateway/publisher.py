@@ -1,32 +1,44 @@
-"""The edge agent's MQTT link: publish with PUBACK, replay the outbox, receive commands (DESIGN §4-5).
+"""The edge agent's MQTT link: publish with PUBACK, replay the outbox, receive commands and
+the head-end's confirmations (DESIGN §4-5).
 
 Contract
 --------
 ``async with Publisher(url, gateway=...) as pub:`` starts one named background task that keeps
 a connection to the broker: it connects (MQTT 5, or 3.1.1 when the broker refuses 5), subscribes
-to ``ami/v1/{gateway}/down/cmd`` (QoS 1), publishes the retained online :class:`Status` and
-reads until the connection drops; then it waits :func:`backoff_s` and reconnects, forever. The
-last-will is the retained offline ``Status``; a clean exit publishes that status itself.
-Entering never waits for the broker (the agent must keep polling meters while it is down);
-:meth:`Publisher.wait_connected` does.
+to ``ami/v1/{gateway}/down/cmd`` and ``ami/v1/{gateway}/down/ack`` (QoS 1), publishes the
+retained online :class:`Status` and reads until the connection drops; then it waits
+:func:`backoff_s` and reconnects, forever. The last-will is the retained offline ``Status``; a
+clean exit publishes that status itself. Entering never waits for the broker (the agent must keep
+polling meters while it is down); :meth:`Publisher.wait_connected` does.
 
 * :meth:`Publisher.publish` returns only once the broker acknowledged (PUBACK, QoS 1) and raises
   :class:`ConnectionLostError` (a ``TransportError``) when there is no connection or it drops first.
 * :meth:`Publisher.drain` replays an :class:`~gateway.outbox.Outbox` through a bounded window of
-  concurrent publishes and deletes (``Outbox.end``) exactly the rows that were acknowledged.
-  Rows may be acknowledged out of order within the window; the others stay stored and are
-  handed out again, oldest first. MQTT packet ids are 16-bit, so the window is capped at
-  :data:`MAX_WINDOW`; packing readings into messages is the caller's job. The default window
-  (100) is the measured sweet spot (tests/bench/test_bench_outbox.py): aiomqtt 2.x walks all its
-  pending calls on every publish, so per-message cost grows with the window beyond a few hundred.
+  concurrent publishes and settles (``Outbox.end``) exactly the rows that were acknowledged: the
+  outbox deletes them or, for rows that wait for the head-end's confirmation, keeps them until
+  then. Rows may be acknowledged out of order within the window; the others stay stored and are
+  handed out again, oldest first. Re-sends of unconfirmed rows go through the same window. MQTT
+  packet ids are 16-bit, so the window is capped at :data:`MAX_WINDOW`; packing readings into
+  messages is the caller's job. The default window (100) is the measured sweet spot
+  (tests/bench/test_bench_outbox.py): aiomqtt 2.x walks all its pending calls on every publish,
+  so per-message cost grows with the window beyond a few hundred.
+* :meth:`Publisher.deliver` keeps an outbox delivered, forever: it drains whenever connected,
+  then sleeps until a row is added (the caller sets an event) or the next unconfirmed row is due
+  for a re-send (``Outbox.next_due_s``).
 * :meth:`Publisher.commands` yields raw command payloads. aiomqtt acknowledges them on receipt,
   which is harmless here: the command executor de-duplicates by command id (STYLE, decision 1).
+* :meth:`Publisher.acks` yields the head-end's confirmations (:class:`~protocols.acks.Ack`,
+  for ``Outbox.confirm``). A confirmation that does not decode, or that names another gateway,
+  is logged (one line), counted through ``on_ack_rejected(reason)`` (``invalid``,
+  ``other_gateway``) and ignored; it never ends the link. Losing one is harmless: the rows it
+  would have confirmed are re-sent and confirmed again.
 
 Sessions are persistent (MQTT 5: clean start off with a session expiry; 3.1.1: clean session
-off) so commands sent while the gateway is offline wait at the broker. A dead connection is
-noticed when the socket fails or, for a silent peer, by the keep-alive (1.5 × ``keepalive_s``).
-Under MQTT 5 a broker may refuse a publish in its PUBACK (e.g. not authorized); aiomqtt 2.x does
-not surface that reason code, and 3.1.1 cannot express it, so the ACL must be right.
+off) so commands and confirmations sent while the gateway is offline wait at the broker. A dead
+connection is noticed when the socket fails or, for a silent peer, by the keep-alive
+(1.5 × ``keepalive_s``). Under MQTT 5 a broker may refuse a publish in its PUBACK (e.g. not
+authorized); aiomqtt 2.x does not surface that reason code, so the link watches for it (see
+``_Link.watch_refusals``); 3.1.1 cannot express it, so the ACL must be right.
 
 Everything runs on the event loop; aiomqtt runs paho's blocking connect in a worker thread.
 """
@@ -44,7 +56,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -54,7 +66,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.outbox import Outbox, Transaction
-from protocols.errors import ConfigError, TransportError, TransportTimeout
+from protocols import topics
+from protocols.acks import Ack, decode_ack
+from protocols.errors import ConfigError, PayloadError, TransportError, TransportTimeout
 from protocols.payload import Status
 
 __all__ = ["MAX_WINDOW", "ConnectionLostError", "Publisher", "backoff_s", "parse_broker_url"]
@@ -201,6 +215,7 @@ class Publisher:
         backoff_cap_s: float = 60.0,
         rng: _Rng | None = None,
         version: str = "",
+        on_ack_rejected: Callable[[str], None] | None = None,
     ) -> None:
         self._tls, self._host, self._port = parse_broker_url(url)
         if not 1 <= window <= MAX_WINDOW:
@@ -209,8 +224,9 @@ class Publisher:
             raise ValueError(f"protocol {protocol!r}: expected 'auto', '5' or '3.1.1'")
         self.gateway = gateway
         self.client_id = client_id or f"amigw-{gateway}"
-        self.status_topic = f"ami/v1/{gateway}/status"
-        self.command_topic = f"ami/v1/{gateway}/down/cmd"
+        self.status_topic = topics.status(gateway)
+        self.command_topic = topics.command(gateway)
+        self.ack_topic = topics.ack(gateway)
         self.window = window
         self._auth = (username, password)
         self._tls_params = aiomqtt.TLSParameters(ca_certs=ca_file, certfile=certfile, keyfile=keyfile)
@@ -224,6 +240,8 @@ class Publisher:
         self._link: _Link | None = None
         self._connected = asyncio.Event()
         self._commands: asyncio.Queue[bytes] = asyncio.Queue()
+        self._acks: asyncio.Queue[Ack] = asyncio.Queue()
+        self._on_ack_rejected = on_ack_rejected
         self._task: asyncio.Task[None] | None = None
         self.connects = 0
         self.connect_failures = 0
@@ -293,22 +311,30 @@ class Publisher:
         except aiomqtt.MqttError as exc:  # paho refused to send: the socket is already gone
             raise ConnectionLostError(f"publish to {topic} failed: {exc}") from exc
 
-    async def drain(self, outbox: Outbox, *, window: int | None = None, chunk: int | None = None) -> int:
-        """Publish every stored row (QoS 1) with at most ``window`` unacknowledged at a time;
-        return the number delivered once the outbox is empty.
+    async def drain(
+        self,
+        outbox: Outbox,
+        *,
+        window: int | None = None,
+        chunk: int | None = None,
+        on_published: Callable[[int], None] | None = None,
+    ) -> int:
+        """Publish every due row (QoS 1) with at most ``window`` unacknowledged at a time;
+        return the number the broker acknowledged once no row is due.
 
-        Rows leave the outbox (``Outbox.end``) only once acknowledged, a ``chunk`` of rows per
-        outbox transaction. Rows added meanwhile are sent too.
+        Rows are settled (``Outbox.end``) only once acknowledged, a ``chunk`` of rows per outbox
+        transaction; ``on_published(n)`` is told as each chunk settles. Rows added meanwhile are
+        sent too.
 
         Raises:
             ConnectionLostError: the connection dropped (or was never there); what was acknowledged
-                before is deleted, the rest stays stored for the next drain.
+                before is settled, the rest stays stored for the next drain.
         """
         window = min(window or self.window, self.window)
         chunk = chunk or max(1, min(256, window // 4))
         link = self._require_link()
         slots = asyncio.Semaphore(window)
-        state = _DrainState(outbox, slots)
+        state = _DrainState(outbox, slots, on_published)
         try:
             while not (link.lost or state.failed):
                 tx = outbox.begin(chunk)
@@ -337,12 +363,52 @@ class Publisher:
             state.tasks.add(task)
             task.add_done_callback(functools.partial(state.on_done, ch, row.id))
 
-    # -- commands -----------------------------------------------------------------------------
+    async def deliver(
+        self, outbox: Outbox, wakeup: asyncio.Event, *, on_published: Callable[[int], None] | None = None
+    ) -> NoReturn:
+        """Keep ``outbox`` delivered, forever (cancel to stop): drain it whenever connected, then
+        wait until ``wakeup`` is set (the caller sets it after adding rows) or the next
+        unconfirmed row is due for a re-send."""
+        while True:
+            await self.wait_connected()
+            wakeup.clear()
+            try:
+                await self.drain(outbox, on_published=on_published)
+            except ConnectionLostError:
+                await asyncio.sleep(0.2)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), outbox.next_due_s())
+
+    # -- downlink -----------------------------------------------------------------------------
 
     async def commands(self) -> AsyncIterator[bytes]:
         """Command payloads from ``ami/v1/{gateway}/down/cmd``, across reconnects (cancel-safe)."""
         while True:
             yield await self._commands.get()
+
+    async def acks(self) -> AsyncIterator[Ack]:
+        """Confirmations from ``ami/v1/{gateway}/down/ack`` for this gateway, decoded and checked,
+        across reconnects (cancel-safe)."""
+        while True:
+            yield await self._acks.get()
+
+    def _take_ack(self, data: bytes) -> None:
+        try:
+            ack = decode_ack(data)
+        except (PayloadError, ValueError) as exc:
+            self._reject_ack("invalid", str(exc))
+            return
+        if ack.gateway != self.gateway:
+            self._reject_ack("other_gateway", f"names gateway {ack.gateway!r}")
+            return
+        self._acks.put_nowait(ack)
+
+    def _reject_ack(self, reason: str, error: str) -> None:
+        log.warning("confirmation ignored", extra={"kv": {"topic": self.ack_topic, "reason": reason,
+                                                          "error": error[:200]}})  # fmt: skip
+        if self._on_ack_rejected is not None:
+            self._on_ack_rejected(reason)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -431,12 +497,17 @@ class Publisher:
         try:
             self._link = link
             await client.subscribe(self.command_topic, qos=1)
+            await client.subscribe(self.ack_topic, qos=1)
             await self._publish_status(online=True)
             self.connects += 1
             self._connected.set()
             log.info("mqtt connected", extra={"kv": {"broker": self._host, "mqtt": self.protocol_version}})
             async for message in client.messages:
-                if isinstance(message.payload, bytes):
+                if not isinstance(message.payload, bytes):
+                    continue
+                if message.topic.matches(self.ack_topic):
+                    self._take_ack(message.payload)
+                else:
                     self._commands.put_nowait(message.payload)
         except (aiomqtt.MqttError, TransportError) as exc:
             self.last_error = exc if isinstance(exc, TransportError) else ConnectionLostError(str(exc))
@@ -456,9 +527,12 @@ class Publisher:
 class _DrainState:
     """Book-keeping of one drain: open chunks, acknowledged ids, the first failure."""
 
-    def __init__(self, outbox: Outbox, slots: asyncio.Semaphore) -> None:
+    def __init__(
+        self, outbox: Outbox, slots: asyncio.Semaphore, on_published: Callable[[int], None] | None
+    ) -> None:
         self.outbox = outbox
         self.slots = slots
+        self.on_published = on_published
         self.open: set[_Chunk] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.published = 0
@@ -482,7 +556,7 @@ class _DrainState:
         ch.remaining -= unsent
         if ch.remaining == 0 and ch in self.open:
             self.open.discard(ch)
-            self.published += self.outbox.end(ch.tx, ch.acked)
+            self._end(ch)
             if not self.open:
                 self._idle.set()
 
@@ -497,7 +571,13 @@ class _DrainState:
             task.cancel()
         for ch in list(self.open):
             self.open.discard(ch)
-            self.published += self.outbox.end(ch.tx, ch.acked)
+            self._end(ch)
+
+    def _end(self, ch: _Chunk) -> None:
+        n = self.outbox.end(ch.tx, ch.acked)
+        self.published += n
+        if n and self.on_published is not None:
+            self.on_published(n)
 
 
 def _refuses_protocol(exc: MqttConnectError) -> bool:

@@ -19,6 +19,7 @@ def test_sample_loads_and_has_defaults() -> None:
     assert cfg.meters[0].plans == ("registers", "instant")
     assert {p.name: p.interval_s for p in cfg.plans} == {"registers": 900, "instant": 60}
     assert cfg.outbox.policy == "shed_by_kind"
+    assert (cfg.outbox.confirm, cfg.outbox.ack_timeout_s) == ("head-end", 60.0)
 
 
 def _with(replace: str, by: str) -> str:
@@ -46,6 +47,8 @@ def _with(replace: str, by: str) -> str:
         (_with("interval_s = 900", "interval_s = 7"), "plans[0].interval_s", "must divide a day"),
         (_with('url = "mqtt://127.0.0.1:1883"', 'url = "http://x"'), "mqtt.url", "expected mqtt://"),
         (_with("max_inflight = 256", "max_inflight = 70000"), "outbox.max_inflight", "16-bit"),
+        (_with('confirm = "head-end"', 'confirm = "ingest"'), "outbox.confirm", "expected one of"),
+        (_with("ack_timeout_s = 60.0", "ack_timeout_s = 0"), "outbox.ack_timeout_s", "0.1..86400"),
         (_with("keepalive_s = 30", "keepalive_s = 30\nkeep_alive = 3"), "mqtt.keep_alive", "unknown key"),
         (_with('command_key_file = "/etc/amigw/gw-1.key"', ""), "command_key_file", "required"),
     ],
