@@ -20,8 +20,8 @@ from tests.integration.test_pipeline import (
     Q,
     _uid,
     count,
-    run_worker,
     ingest_toml,
+    run_worker,
     topics_for,
     wait_for,
     written,
@@ -79,7 +79,9 @@ async def test_readings_of_a_meter_bound_to_another_gateway_are_dead_lettered_an
     [dl] = dead_letters(tmp_path)
     assert dl.reason == "meter not bound to gateway" and "B1" in dl.detail
     foreign = decode(dl.payload)  # the refused part, as a batch of its own
-    assert foreign.gateway == gw_a and foreign.seq == 1 and {foreign.meters[i] for i in foreign.meter} == {"B1"}
+    assert (
+        foreign.gateway == gw_a and foreign.seq == 1 and {foreign.meters[i] for i in foreign.meter} == {"B1"}
+    )
     assert len(foreign) == 2 and dead_lettered(w, "meter not bound to gateway") == 1
 
 
@@ -94,7 +96,12 @@ async def test_forged_cross_gateway_power_downs_raise_no_alarm_for_the_other_gat
     reg = registry(tmp_path, {f"B{i}": (gw_b, "TA-B") for i in range(4)})
     w = await run_worker(
         ingest_toml(
-            tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw_a, gw_b], events=True), registry=reg
+            tmp_path,
+            mosquitto,
+            influxd,
+            db,
+            topics_for(f"g{_uid()}", [gw_a, gw_b], events=True),
+            registry=reg,
         )
     )
     pub = Publisher(mosquitto)
