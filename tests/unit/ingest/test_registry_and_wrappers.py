@@ -100,6 +100,17 @@ def test_registry_binds_meters_to_gateways(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("gateway", "why"), [("agg", "reserved topic level"), ("a/b", "expected letters"), ("", "non-empty")]
+)
+def test_registry_refuses_gateway_ids_that_are_no_topic_level(tmp_path, gateway, why) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(f'[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ngateway = "{gateway}"\n')
+    with pytest.raises(ConfigError, match=why) as exc:
+        MeterRegistry.load(path)
+    assert exc.value.key_path == 'meters."X".gateway'
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ('[areas."TA-1"]\ntype = 3\n' + GOOD, 'areas."TA-1".type'),
@@ -115,9 +126,6 @@ def test_registry_binds_meters_to_gateways(tmp_path) -> None:
             '[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nregister_digits = 9',
             'meters."X".register_digits',
         ),
-        ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ngateway = "agg"', 'meters."X".gateway'),
-        ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ngateway = "a/b"', 'meters."X".gateway'),
-        ('[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ngateway = ""', 'meters."X".gateway'),
         (
             '[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nmultiplier = 1000000000000000',
             'meters."X".multiplier',

@@ -50,9 +50,6 @@ def test_sample_loads_with_the_documented_defaults() -> None:
         ("[pipeline]\ninterval_s = 7\n", "pipeline.interval_s"),
         ("registry = '/nonexistent/meters.toml'\n", "registry"),
         ("metrics_listen = 'nope'\n", "metrics_listen"),
-        ("[pipeline]\nmin_ts = 'last tuesday'\n", "pipeline.min_ts"),
-        ("[pipeline]\nmin_ts = '1969-12-31'\n", "pipeline.min_ts"),
-        ("[mqtt]\nmax_payload_bytes = 0\n", "mqtt.max_payload_bytes"),
     ],
 )
 def test_bad_keys_are_named(text: str, key: str) -> None:
@@ -66,6 +63,14 @@ def test_time_and_size_bounds_default_to_2000_and_the_payload_bound() -> None:
     assert cfg.pipeline.min_ts_ms == 946_684_800_000 and cfg.mqtt.consumer(0).max_payload_bytes == 16 << 20
     cfg = parse_config("[pipeline]\nmin_ts = '2020-06-01T00:00:00+08:00'\n[mqtt]\nmax_payload_bytes = 1024\n")
     assert cfg.pipeline.min_ts_ms == 1_590_940_800_000 and cfg.mqtt.consumer(3).max_payload_bytes == 1024
+    for text, key, why in (
+        ("[pipeline]\nmin_ts = 'last tuesday'\n", "pipeline.min_ts", "ISO date"),
+        ("[pipeline]\nmin_ts = '1969-12-31'\n", "pipeline.min_ts", "before 1970"),
+        ("[mqtt]\nmax_payload_bytes = 0\n", "mqtt.max_payload_bytes", ">= 1"),
+    ):
+        with pytest.raises(ConfigError, match=why) as err:
+            parse_config(text)
+        assert err.value.key_path.startswith(key)
 
 
 def test_relative_paths_come_from_the_config_folder(tmp_path: Path) -> None:
