@@ -55,8 +55,8 @@ class Flag(enum.IntFlag):
 
 
 def describe(flags: int) -> tuple[str, ...]:
-    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit15``."""
+    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit16``."""
     names = [f.name or "" for f in Flag if flags & f]
     known = sum(int(f) for f in Flag)
-    names.extend(f"bit{b}" for b in range(16) if flags & ~known & (1 << b))
+    names.extend(f"bit{b}" for b in range(flags.bit_length()) if flags & ~known & (1 << b))
     return tuple(names)
