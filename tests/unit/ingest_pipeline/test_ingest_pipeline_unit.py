@@ -13,6 +13,7 @@ from ingest.metrics import IngestMetrics
 from ingest.pipeline import Settings, event_line, quote_str, stored_tag, transform
 from ingest.stages import unescape_tag
 from ingest.transform import split_foreign
+from protocols.aggregates import decode_intervals
 from protocols.errors import ConfigError, PayloadError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, decode, encode
@@ -139,6 +140,21 @@ def test_readings_before_min_ts_are_stored_flagged_and_make_no_daily_row() -> No
     assert len(flags) == 3 and all(f & Flag.BEFORE_MIN_TIME for f in flags)  # stored, flagged
     assert b"1970-01-01" not in out.lines and b"1969-12-31" not in out.lines  # no daily/hourly row
     assert [(r.meter, r.energy) for r in out.interval_records()] == [("M2", 75)]
+
+
+def test_energy_of_2_62_is_flagged_and_in_no_interval_daily_row_or_published_aggregate() -> None:
+    b = BatchBuilder()
+    b.set_prev("M1", 1, 1_000, T0)
+    b.add("M1", T0 + Q, 1, 2**62)  # a register no meter holds, between two good ones
+    b.add("M1", T0 + 2 * Q, 1, 1_050)
+    b.set_prev("M2", 1, 2**62, T0)  # a previous register no meter holds
+    b.add("M2", T0 + Q, 1, 5)
+    out = transform(decode(encode(b.build("gw", 1, sent_ms=T0 + 2 * Q))), settings())
+    assert int(out.flags[0]) & Flag.OUT_OF_RANGE
+    assert [(r.meter, r.energy) for r in out.interval_records()] == [("M1", 25), ("M1", 25)]
+    daily = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"daily_tou")]
+    assert len(daily) == 1 and b"meter=M1" in daily[0] and b",total=50i," in daily[0]
+    assert decode_intervals(out.intervals_payload("gw", 1))[2] == out.interval_records()
 
 
 def test_split_foreign_takes_out_the_readings_of_meters_bound_elsewhere(tmp_path: Path) -> None:
