@@ -5,9 +5,13 @@ Contract
 :class:`IngestWorker` consumes one MQTT session and never acknowledges a message before its data
 is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dead-letter store):
 
-* **intake** (one task): per message, decode (a bad payload is dead-lettered with its reason,
-  nothing raises out of the loop) -> dedup by ``(gateway, seq, digest)`` against the store *and*
-  against the batches still in flight -> :func:`~ingest.transform.transform`. It takes a message
+* **intake** (one task): per message, refuse one over ``max_payload_bytes`` (the consumer kept
+  only a prefix), decode (a bad payload is dead-lettered with its reason, nothing raises out of
+  the loop) -> dedup by ``(gateway, seq, digest)`` against the store *and* against the batches
+  still in flight -> cut out the readings of meters bound to another gateway
+  (:func:`~ingest.transform.split_foreign`, dead-lettered as a batch of their own) ->
+  :func:`~ingest.transform.transform` of the rest. An event is dead-lettered when its gateway is
+  not its topic's, its meter is bound to another gateway, or its time is outside the bounds. It takes a message
   only while fewer than ``queue_max`` taken messages wait for their ack (the *window*), so the
   pipeline's memory is bounded and a stalled sink stops intake (back-pressure, never loss).
 * **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
