@@ -13,6 +13,7 @@ top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from ingest.mqtt_consumer import ConsumerConfig
 from ingest.sink import SinkConfig
 from protocols.config import loads_toml
 from protocols.errors import ConfigError
+from protocols.payload import MAX_PAYLOAD_BYTES
 
 __all__ = [
     "DEFAULT_CALENDAR",
@@ -78,11 +80,15 @@ class MqttSection:
     keepalive_s: int = 60
     session_expiry_s: int = 7 * 86_400
     queue_max: int = 16
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
     connect_timeout_s: float = 10.0
     publish_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        ConsumerConfig(url=self.url, client_id=self.client_id, topics=self.topics, queue_max=self.queue_max)
+        ConsumerConfig(
+            url=self.url, client_id=self.client_id, topics=self.topics, queue_max=self.queue_max,
+            max_payload_bytes=self.max_payload_bytes,
+        )  # fmt: skip
         if self.publish_timeout_s <= 0:
             raise ValueError("publish_timeout_s: must be positive")
 
@@ -98,6 +104,7 @@ class MqttSection:
             keepalive_s=self.keepalive_s,
             session_expiry_s=self.session_expiry_s,
             queue_max=self.queue_max,
+            max_payload_bytes=self.max_payload_bytes,
             connect_timeout_s=self.connect_timeout_s,
         )
 
@@ -110,6 +117,7 @@ class PipelineSection:
     interval_s: int = 900
     max_gap_intervals: int = 8
     future_tol_s: int = 300
+    min_ts: str = "2000-01-01"
     check_topic_gateway: bool = True
     publish_intervals: bool = True
     publish_daily: bool = True
@@ -129,10 +137,31 @@ class PipelineSection:
             raise ValueError(f"daily_publish_s: expected 0 < seconds <= 3600, got {self.daily_publish_s}")
         if self.max_gap_intervals < 0:
             raise ValueError("max_gap_intervals: must be >= 0")
+        if self.future_tol_s < 0:
+            raise ValueError("future_tol_s: must be >= 0")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_initial_s: need 0 < retry_initial_s <= retry_max_s")
         if self.outage_window_s <= 0 or self.outage_min_meters < 1 or not 0 <= self.outage_pct <= 100:
             raise ValueError("outage_window_s: outage parameters out of range")
+        _min_ts_ms(self.min_ts)
+
+    @property
+    def min_ts_ms(self) -> int:
+        return _min_ts_ms(self.min_ts)
+
+
+def _min_ts_ms(text: str) -> int:
+    """``min_ts`` (an ISO date or date-time, UTC unless it names an offset) in epoch ms."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"min_ts: expected an ISO date such as '2000-01-01', got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    ms = int(when.timestamp() * 1000)
+    if ms < 0:
+        raise ValueError(f"min_ts: must not be before 1970-01-01, got {text!r}")
+    return ms
 
 
 def _pct_bp(value: float, key: str) -> int:
@@ -320,8 +349,11 @@ protocol = "5"
 keepalive_s = 60
 session_expiry_s = 604800
 # At most this many messages wait in a worker unacknowledged (the MQTT 5 Receive Maximum too):
-# with payloads of at most 16 MiB this bounds a worker's buffered memory.
+# with payloads of at most max_payload_bytes this bounds a worker's buffered memory.
 queue_max = 16
+# A message over this many bytes is not buffered: its first 4096 bytes are dead-lettered with the
+# reason "payload too large" and it is acknowledged. Default: the payload format's bound (16 MiB).
+max_payload_bytes = 16777216
 connect_timeout_s = 10.0
 # Publishing aggregates waits at most this long for the broker's PUBACK, then retries the batch.
 publish_timeout_s = 30.0
@@ -384,8 +416,12 @@ schema = "wide"
 # The interval grid of register reads, and the longest gap (in intervals) that is estimated.
 interval_s = 900
 max_gap_intervals = 8
-# Readings later than the batch's send time plus this are flagged FUTURE_TIME.
+# Readings later than the batch's send time plus this are flagged FUTURE_TIME, readings earlier
+# than min_ts (an ISO date or date-time, UTC unless an offset is given) BEFORE_MIN_TIME: both are
+# stored with the flag and left out of intervals, hourly and daily totals and billing. Events
+# outside the same bounds are dead-lettered.
 future_tol_s = 300
+min_ts = "2000-01-01"
 # Dead-letter a batch whose gateway differs from its topic's gateway level.
 check_topic_gateway = true
 # Publish validated intervals to ami/v1/agg/intervals/<gateway> (QoS 1, before the batch is

@@ -34,9 +34,11 @@ F_ZERO_WITH_CURRENT = int(Flag.ZERO_WITH_CURRENT)
 F_PHASE_LOSS = int(Flag.PHASE_LOSS)
 F_PF_OUT_OF_BOUNDS = int(Flag.PF_OUT_OF_BOUNDS)
 F_OUT_OF_ORDER = int(Flag.OUT_OF_ORDER)
+F_BEFORE_MIN_TIME = int(Flag.BEFORE_MIN_TIME)
 
-# A reading with one of these bits is not a register anchor: its value is not the register.
-NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_DUPLICATE
+# A reading with one of these bits is not a register anchor: its value is not the register (or
+# its time is not believable), so it closes no interval and is in no total.
+NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE
 # An interval carrying one of these bits has no billable consumption (VEE-03/04/05).
 NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE
 # Reading bits an interval row inherits from the reading that closes it.
@@ -60,6 +62,10 @@ Q_POWER_TOTAL = by_name("power_active_total").code
 Q_PF_TOTAL = by_name("power_factor_total").code  # total, a, b, c are consecutive codes
 Q_METER_CLOCK = by_name("meter_clock").code
 
+# No quantity reaches 10^15 of its units (a meter clock, epoch ms, is 1.7e12): a value beyond is
+# OUT_OF_RANGE, and every rule that computes with a value takes in-range values only, so no
+# product in these kernels (x 1000 at most) can overflow int64 whatever an edge sends.
+VALUE_BOUND = 10**15
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
 _MS_PER_HOUR = 3_600_000
@@ -84,11 +90,13 @@ def _emax(k_mw_pct, dt_ms):
 
 
 @_jit
-def _skewed_meters(meter, ts, quantity, value, flags, nmeters, clock_offset_ms, skew_tol_ms):
-    """VEE-12: a meter whose clock reading differs from the read time by more than the tolerance."""
+def _skewed_meters(meter, ts, quantity, value, flags, nmeters, clock_offset_ms, skew_tol_ms, t_lo, t_hi):
+    """VEE-12: a meter whose clock reading differs from the read time by more than the tolerance
+    (clock readings read within the time bounds ``[t_lo, t_hi]``, value within VALUE_BOUND)."""
     out = np.zeros(nmeters, dtype=np.bool_)
     for i in range(meter.shape[0]):
-        if quantity[i] == Q_METER_CLOCK and (flags[i] & F_METER_ERROR) == 0:
+        believable = t_lo <= ts[i] <= t_hi and -VALUE_BOUND <= value[i] <= VALUE_BOUND
+        if quantity[i] == Q_METER_CLOCK and (flags[i] & F_METER_ERROR) == 0 and believable:
             skew = value[i] - clock_offset_ms - ts[i]
             if skew > skew_tol_ms or skew < -skew_tol_ms:
                 out[meter[i]] = True
@@ -121,6 +129,7 @@ def validate(
     m_regmax,
     receive_ts_ms,
     future_tol_ms,
+    min_ts_ms,
     clock_offset_ms,
     skew_tol_ms,
     interval_ms,
@@ -141,7 +150,10 @@ def validate(
     out = flags.astype(np.int64)
     delta = np.zeros(n, dtype=np.int64)
     anchor_ts = np.full(n, INT64_MIN, dtype=np.int64)
-    skewed = _skewed_meters(meter, ts, quantity, value, flags, m_un_dv.shape[0], clock_offset_ms, skew_tol_ms)
+    skewed = _skewed_meters(
+        meter, ts, quantity, value, flags, m_un_dv.shape[0], clock_offset_ms, skew_tol_ms,
+        min_ts_ms, receive_ts_ms + future_tol_ms,
+    )  # fmt: skip
 
     # Arrival order: OUT_OF_ORDER when earlier than something already seen on the channel.
     seen_max = np.full(nchan, INT64_MIN, dtype=np.int64)
@@ -159,6 +171,7 @@ def validate(
     a_ts = prev_ts.copy()
     a_ok = has_prev.copy()
     last_ts = np.full(nchan, INT64_MIN, dtype=np.int64)  # for duplicates, any reading
+    has_last = has_prev.copy()  # not a sentinel time: a reading may be stamped INT64_MIN
     for c in range(nchan):
         if has_prev[c]:
             last_ts[c] = prev_ts[c]
@@ -175,10 +188,10 @@ def validate(
         p_abs = np.int64(-1)
         for j in range(start, end):
             i = order[j]
-            if (flags[i] & F_METER_ERROR) != 0:
-                continue
             q = np.int64(quantity[i])
             v = value[i]
+            if (flags[i] & F_METER_ERROR) != 0 or v < q_lo[q] or v > q_hi[q]:
+                continue
             if Q_VOLT_A <= q < Q_VOLT_A + 3:
                 ua[q - Q_VOLT_A] = v
             elif Q_CURR_A <= q < Q_CURR_A + 3:
@@ -196,18 +209,23 @@ def validate(
                 f |= F_CLOCK_SKEW
             if t > receive_ts_ms + future_tol_ms:  # VEE-11
                 f |= F_FUTURE_TIME
+            if t < min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
+                f |= F_BEFORE_MIN_TIME
             kind = q_kind[q]
+            in_table = q_lo[q] <= v <= q_hi[q]  # the rules below compute with in-range values only
             hi = q_hi[q]
             if Q_VOLT_A <= q < Q_VOLT_A + 3 and m_un_dv[m] > 0:
                 hi = min(hi, m_un_dv[m] * 3 // 2)  # VEE-16: invalid above 1.5 U_n
             if kind == KIND_UNKNOWN or v < q_lo[q] or v > hi:
                 f |= F_OUT_OF_RANGE
-            if t == last_ts[c]:  # VEE-10: same (meter, quantity, ts) seen before
+            if has_last[c] and t == last_ts[c]:  # VEE-10: same (meter, quantity, ts) seen before
                 f |= F_DUPLICATE
             last_ts[c] = t
-            if (f & F_DUPLICATE) == 0 and a_ts[c] != INT64_MIN and t - a_ts[c] > interval_ms and a_ok[c]:
-                f |= F_GAP_BEFORE  # VEE-13
-            if Q_PF_TOTAL <= q < Q_PF_TOTAL + 4 and (f & F_METER_ERROR) == 0:  # VEE-18
+            has_last[c] = True
+            # VEE-13. Not t - a_ts > interval: t may be any int64 (anchors are bounded, see NOT_ANCHOR).
+            if (f & F_DUPLICATE) == 0 and a_ok[c] and t > a_ts[c] + interval_ms:
+                f |= F_GAP_BEFORE
+            if Q_PF_TOTAL <= q < Q_PF_TOTAL + 4 and (f & F_METER_ERROR) == 0 and in_table:  # VEE-18
                 pf = v if v >= 0 else -v
                 if pf > 1000 or (pf < pf_floor and p_abs > 0):
                     f |= F_PF_OUT_OF_BOUNDS
@@ -216,6 +234,7 @@ def validate(
                 and m_phases[m] == 3
                 and m_un_dv[m] > 0
                 and (f & F_METER_ERROR) == 0
+                and in_table
             ):
                 x = q - Q_VOLT_A
                 un = m_un_dv[m]

@@ -19,6 +19,12 @@ Contract
 * Reconnection after a drop is automatic (paho's loop, back-off ``reconnect_min_s``..
   ``reconnect_max_s``), and the subscriptions are renewed on every connect (so a changed topic
   list or an expired session heals, field lesson 17).
+* A message over ``max_payload_bytes`` is never buffered whole: the paho thread keeps its first
+  :data:`OVERSIZE_PREFIX_BYTES` bytes and its full length (:attr:`Message.oversize`), drops the
+  rest before the message enters the queue, and yields it in arrival order like any other; the
+  caller refuses it (ingest dead-letters it, reason ``payload too large``) and acks it, so memory
+  per queued message is bounded by ``max_payload_bytes`` (the broker's own limit,
+  ``message_size_limit``, is what keeps paho from reading it at all).
 * An ack for a message from an earlier connection is **not** sent: after a reconnect the broker
   redelivers that message anyway, and its packet id may by then name a different message, whose
   early PUBACK would lose it on a crash. The redelivered copy is skipped by
@@ -78,12 +84,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocols.errors import ConfigError, TransportError
+from protocols.payload import MAX_PAYLOAD_BYTES
 
-__all__ = ["ConsumerConfig", "ConsumerStats", "Message", "MqttConsumer"]
+__all__ = ["OVERSIZE_PREFIX_BYTES", "ConsumerConfig", "ConsumerStats", "Message", "MqttConsumer"]
 
 log = logging.getLogger(__name__)
 
 _SLOT_POLL_S = 0.1
+OVERSIZE_PREFIX_BYTES = 4096  # what is kept of an oversized payload, to find it by (dead letter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,7 @@ class ConsumerConfig:
     keepalive_s: int = 60
     session_expiry_s: int = 7 * 86_400
     queue_max: int = 64
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
     receive_maximum: int | None = None
     connect_timeout_s: float = 10.0
     reconnect_min_s: int = 1
@@ -118,13 +127,17 @@ class ConsumerConfig:
             raise ValueError(f"qos: expected 0, 1 or 2, got {self.qos}")
         if self.queue_max < 1:
             raise ValueError(f"queue_max: expected >= 1, got {self.queue_max}")
+        if self.max_payload_bytes < 1:
+            raise ValueError(f"max_payload_bytes: expected >= 1, got {self.max_payload_bytes}")
         if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65_535:
             raise ValueError(f"receive_maximum: expected 1..65535, got {self.receive_maximum}")
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One received message. ``generation`` numbers the connection it arrived on (for acks)."""
+    """One received message. ``generation`` numbers the connection it arrived on (for acks).
+    ``oversize`` is the full length of a payload over ``max_payload_bytes``, of which ``payload``
+    holds only the first :data:`OVERSIZE_PREFIX_BYTES` bytes (0: ``payload`` is whole)."""
 
     topic: str
     payload: bytes
@@ -133,6 +146,7 @@ class Message:
     retain: bool = False
     dup: bool = False
     generation: int = 0
+    oversize: int = 0
 
 
 @dataclass(slots=True)
@@ -148,6 +162,7 @@ class ConsumerStats:
     queue_high_water: int = 0
     unacked: int = 0
     unacked_high_water: int = 0
+    oversized: int = 0
 
 
 class MqttConsumer:
@@ -394,9 +409,14 @@ class MqttConsumer:
             )
 
     def _on_message(self, _client: mqtt.Client, _ud: Any, m: mqtt.MQTTMessage) -> None:
+        size = len(m.payload)
+        oversize = size if size > self.config.max_payload_bytes else 0
+        payload = bytes(m.payload[:OVERSIZE_PREFIX_BYTES] if oversize else m.payload)
+        if oversize:
+            self.stats.oversized += 1
         with self._lock:  # counted from arrival: in flight from the broker's point of view
             msg = Message(
-                m.topic, bytes(m.payload), m.mid, m.qos, bool(m.retain), bool(m.dup), self._generation
+                m.topic, payload, m.mid, m.qos, bool(m.retain), bool(m.dup), self._generation, oversize
             )
             if m.qos:
                 self._unacked.add((msg.generation, m.mid))

@@ -8,23 +8,32 @@ valid (a bad edit leaves the old registry in force and raises). Every problem ra
 (``meters."M1".phases``). It never logs.
 
 File format (every key shown; ``multiplier``, ``ib_a``, ``register_digits``, ``tariff``, ``area``,
-``account`` and ``master`` are optional)::
+``account``, ``master`` and ``gateway`` are optional)::
 
     [meters."000012345678"]
     voltage_v = 220          # U_n, phase voltage (VEE-05/16/17); decimals allowed to 0.1 V
     imax_a = 60              # I_max of a 5(60) A meter (VEE-05); to 0.001 A
     ib_a = 5                 # I_b, basic current (VEE-17); default 5
     phases = 1               # 1 or 3
-    multiplier = 1           # CT x PT (VEE-01); default 1
+    multiplier = 1           # CT x PT (VEE-01); default 1, at most 1000000 (so no interval
+                             # energy or sum of them can overflow int64)
     register_digits = 6      # integer digits of the energy registers (XXXXXX.XX; VEE-02 rollover
                              # point); 4..6, default 6
     tariff = "residential-tou"       # selects [tariff_calendars] in ingest.toml when listed
     area = "TA-0042"         # transformer area (LL-01, OUT-02)
     account = "AC-778"
     master = false           # true for the area's master (check) meter
+    gateway = "gw-1"         # the one gateway that reads this meter (see "Binding" below)
 
     [areas."TA-0042"]        # optional, per transformer area named by some meter's ``area``
     type = "rural"           # selects the LL-02 band [line_loss.area_types.rural] in ingest.toml
+
+Binding: a meter with ``gateway`` belongs to that gateway; ingest refuses (dead-letters) its
+readings and events from any other gateway (:meth:`MeterRegistry.foreign`). A meter without
+``gateway``, and a meter the registry does not list, is accepted from every gateway: the registry
+is optional and a meter often reports before it is enrolled (it then has no rating checks and no
+account). Bind every meter to make the check complete. A ``gateway`` must be a valid gateway id
+that is not a reserved topic level (:func:`protocols.topics.check_gateway_id`).
 """
 
 from __future__ import annotations
@@ -39,14 +48,16 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.errors import ConfigError
+from protocols.topics import check_gateway_id
 
 __all__ = ["MeterParams", "MeterRegistry"]
 
 _KEYS = {
     "voltage_v", "imax_a", "ib_a", "phases", "multiplier", "register_digits",
-    "tariff", "area", "account", "master",
+    "tariff", "area", "account", "master", "gateway",
 }  # fmt: skip
 _REQUIRED = ("voltage_v", "imax_a", "phases")
+MAX_MULTIPLIER = 1_000_000  # 110 kV/100 V PT x 2000/5 A CT is 440000; bounds energy x multiplier
 _DEFAULT_DIGITS = 6  # XXXXXX.XX, the quantity table's energy register maximum
 _PARAMS_CACHE_MAX = 256  # meter tables: one per active gateway is the steady state
 
@@ -56,7 +67,7 @@ class MeterParams:
     """Per-meter parameter columns for one batch's meter-id table (row i = batch meter i).
 
     Unknown meters get ``known = False``, ``un_dv = imax_ma = 0`` (rating checks skipped),
-    ``multiplier = 1`` and ``area = -1``."""
+    ``multiplier = 1``, ``area = -1`` and ``gateway = -1`` (bound to none)."""
 
     known: npt.NDArray[np.bool_]
     un_dv: npt.NDArray[np.int64]  # rated phase voltage, 0.1 V
@@ -71,6 +82,8 @@ class MeterParams:
     # VEE-02: the energy registers' maximum (0.01 kWh) when the meter has fewer integer digits
     # than the quantity table's XXXXXX.XX; 0 = the table's (empty: 0 for every meter)
     energy_regmax: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
+    # index into MeterRegistry.gateways of the meter's bound gateway, -1 = none (empty: none bound)
+    gateway: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, np.int32))
 
 
 def _fixed(value: Any, scale: int, key: str) -> int:
@@ -121,14 +134,12 @@ class MeterRegistry:
         meters = doc.get("meters", {})
         if not isinstance(meters, dict):
             raise ConfigError("meters", "expected a table")
-        cols: dict[str, list[Any]] = {
-            k: [] for k in ("un", "imax", "ib", "ph", "mul", "regmax", "area", "tariff", "account", "master")
-        }
-        areas: dict[str, int] = {}
-        tariffs: dict[str, int] = {}
-        accounts: dict[str, int] = {}
+        names = ("un", "imax", "ib", "ph", "mul", "regmax", "area", "tariff", "account", "master", "gateway")
+        cols: dict[str, list[Any]] = {k: [] for k in names}
+        labels: dict[str, dict[str, int]] = {"area": {}, "tariff": {}, "account": {}, "gateway": {}}
         for mid, row in meters.items():
-            self._row(f'meters."{mid}"', row, cols, areas, tariffs, accounts)
+            self._row(f'meters."{mid}"', row, cols, labels)
+        areas = labels["area"]
         area_types = self._area_types(area_doc, areas)  # last check: nothing is replaced before it
         self.ids: tuple[str, ...] = tuple(meters)
         self.index = {m: i for i, m in enumerate(self.ids)}
@@ -143,9 +154,12 @@ class MeterRegistry:
         self.tariff = np.array(cols["tariff"], dtype=np.int32)
         self.account = np.array(cols["account"], dtype=np.int32)
         self.master = np.array(cols["master"], dtype=np.bool_)
+        self.gateway = np.array(cols["gateway"], dtype=np.int32)
         self.areas = tuple(areas)
-        self.tariffs = tuple(tariffs)
-        self.accounts = tuple(accounts)
+        self.tariffs = tuple(labels["tariff"])
+        self.accounts = tuple(labels["account"])
+        self.gateways = tuple(labels["gateway"])
+        self._gateway_index = labels["gateway"]
         self.area_types: tuple[str | None, ...] = area_types
 
     @staticmethod
@@ -168,14 +182,7 @@ class MeterRegistry:
         return tuple(types)
 
     @staticmethod
-    def _row(
-        key: str,
-        row: Any,
-        cols: dict[str, list[Any]],
-        areas: dict[str, int],
-        tariffs: dict[str, int],
-        accounts: dict[str, int],
-    ) -> None:
+    def _row(key: str, row: Any, cols: dict[str, list[Any]], labels: dict[str, dict[str, int]]) -> None:
         if not isinstance(row, dict):
             raise ConfigError(key, "expected a table")
         for k in row:
@@ -188,17 +195,20 @@ class MeterRegistry:
         if isinstance(phases, bool) or phases not in (1, 3):
             raise ConfigError(f"{key}.phases", f"expected 1 or 3, got {phases!r}")
         mul = row.get("multiplier", 1)
-        if isinstance(mul, bool) or not isinstance(mul, int) or mul < 1:
-            raise ConfigError(f"{key}.multiplier", f"expected a positive integer, got {mul!r}")
+        if isinstance(mul, bool) or not isinstance(mul, int) or not 1 <= mul <= MAX_MULTIPLIER:
+            raise ConfigError(f"{key}.multiplier", f"expected an integer 1..{MAX_MULTIPLIER}, got {mul!r}")
         digits = row.get("register_digits", _DEFAULT_DIGITS)
         if isinstance(digits, bool) or not isinstance(digits, int) or not 4 <= digits <= _DEFAULT_DIGITS:
             raise ConfigError(f"{key}.register_digits", f"expected 4..{_DEFAULT_DIGITS}, got {digits!r}")
         names = {}
-        for k in ("tariff", "area", "account"):
+        for k in labels:
             v = row.get(k)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ConfigError(f"{key}.{k}", f"expected a non-empty string, got {v!r}")
             names[k] = v
+        why = None if names["gateway"] is None else check_gateway_id(names["gateway"])
+        if why is not None:
+            raise ConfigError(f"{key}.gateway", why)
         master = row.get("master", False)
         if not isinstance(master, bool):
             raise ConfigError(f"{key}.master", f"expected true or false, got {master!r}")
@@ -210,9 +220,8 @@ class MeterRegistry:
         cols["ph"].append(phases)
         cols["mul"].append(mul)
         cols["regmax"].append(0 if digits == _DEFAULT_DIGITS else 10 ** (digits + 2) - 1)  # 0.01 kWh
-        cols["area"].append(_label(areas, names["area"]))
-        cols["tariff"].append(_label(tariffs, names["tariff"]))
-        cols["account"].append(_label(accounts, names["account"]))
+        for k, table in labels.items():
+            cols[k].append(_label(table, names[k]))
         cols["master"].append(master)
 
     def rows(self, meter_ids: list[str] | tuple[str, ...]) -> npt.NDArray[np.int64]:
@@ -254,10 +263,24 @@ class MeterRegistry:
             master=take(self.master, False),
             tariff=take(self.tariff, -1),
             energy_regmax=take(self.energy_regmax, 0),
+            gateway=take(self.gateway, -1),
         )
         for f in fields(cols):
             getattr(cols, f.name).setflags(write=False)
         return cols
+
+    def foreign(self, meters: MeterParams, gateway: str) -> npt.NDArray[np.bool_]:
+        """Per row of ``meters`` (``params`` of a meter table): True where the meter is bound to a
+        gateway other than ``gateway`` (unbound and unknown meters are never foreign)."""
+        own = self._gateway_index.get(gateway, -2)
+        bound = meters.gateway if meters.gateway.shape[0] else np.full(meters.known.shape[0], -1, np.int32)
+        return (bound >= 0) & (bound != own)
+
+    def bound_gateway(self, meter: str) -> str | None:
+        """The gateway ``meter`` is bound to, or None (unbound or unknown)."""
+        row = self.index.get(meter)
+        g = -1 if row is None else int(self.gateway[row])
+        return self.gateways[g] if g >= 0 else None
 
     def area_sizes(self) -> npt.NDArray[np.int64]:
         """Customer (non-master) meters per area, indexed like :attr:`areas`."""

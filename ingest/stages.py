@@ -65,6 +65,7 @@ I64 = npt.NDArray[np.int64]
 DAY_MS = 86_400_000
 INTERVAL_MS = 900_000
 SHANGHAI_MS = 8 * 3_600_000
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: no meter of this system read before it
 
 
 def _col(name: str, arr: Any, dtype: Any, n: int | None = None) -> Any:
@@ -127,6 +128,7 @@ class ValidationParams:
 
     interval_ms: int = INTERVAL_MS  # VEE-13 grid and gap
     future_tol_ms: int = 300_000  # VEE-11
+    min_ts_ms: int = MIN_TS_MS  # readings earlier are BEFORE_MIN_TIME
     skew_tol_ms: int = 300_000  # VEE-12
     meter_clock_utc_offset_ms: int = SHANGHAI_MS  # meter_clock is meter-local time as UTC-naive
     decrease_min: int = 5  # VEE-04, 0.05 kWh
@@ -146,7 +148,6 @@ Q_HI = np.zeros(_NQ, dtype=np.int64)
 Q_ENERGY = np.zeros(_NQ, dtype=np.bool_)
 Q_SIGNED = np.zeros(_NQ, dtype=np.bool_)
 Q_DECIMALS = np.zeros(_NQ, dtype=np.int64)
-_I64 = np.iinfo(np.int64)
 for _q in QUANTITIES:
     Q_KIND[_q.code] = {
         "cumulative": k.KIND_CUMULATIVE,
@@ -160,8 +161,8 @@ for _q in QUANTITIES:
         Q_REGMAX[_q.code] = _q.register_max
         Q_LO[_q.code], Q_HI[_q.code] = (-_q.register_max if _q.signed else 0), _q.register_max
     else:
-        Q_LO[_q.code], Q_HI[_q.code] = (_I64.min if _q.signed else 0), _I64.max
-Q_LO[k.Q_PF_TOTAL : k.Q_PF_TOTAL + 4] = _I64.min  # PF has its own rule and bit (VEE-18)
+        Q_LO[_q.code], Q_HI[_q.code] = (-k.VALUE_BOUND if _q.signed else 0), k.VALUE_BOUND
+Q_LO[k.Q_PF_TOTAL : k.Q_PF_TOTAL + 4] = -k.VALUE_BOUND  # PF has its own rule and bit (VEE-18)
 Q_LO[56], Q_HI[56] = 4_500, 6_500  # frequency 45.00..65.00 Hz
 for _q in QUANTITIES:
     if _q.name == "relay_state":
@@ -203,15 +204,27 @@ def sort_order(readings: Readings) -> I64:
     return np.lexsort((readings.quantity, readings.ts, readings.meter)).astype(np.int64)
 
 
+def _usable_previous(previous: PreviousRegisters, lo_ts_ms: int, hi_ts_ms: int) -> npt.NDArray[np.bool_]:
+    """The previous registers that may anchor a channel: value within the quantity's range and
+    time within ``[lo_ts_ms, hi_ts_ms]``. Others are ignored (as if the edge had sent none), so
+    no register delta, interval or sum can start from a value or time no reading could carry."""
+    q = previous.quantity
+    ok_value = (previous.value >= Q_LO[q]) & (previous.value <= Q_HI[q]) & (Q_KIND[q] != k.KIND_UNKNOWN)
+    return ok_value & (previous.ts >= lo_ts_ms) & (previous.ts <= hi_ts_ms)
+
+
 def channel_labels(
-    readings: Readings, previous: PreviousRegisters
+    readings: Readings, previous: PreviousRegisters, usable: npt.NDArray[np.bool_] | None = None
 ) -> tuple[I64, I64, I64, npt.NDArray[np.bool_]]:
-    """Dense (meter, quantity) labels and the previous register per label."""
+    """Dense (meter, quantity) labels and the previous register per label (of the previous
+    registers ``usable`` selects, default all)."""
     key = (readings.meter.astype(np.int64) << 16) | readings.quantity
     uniq, chan = np.unique(key, return_inverse=True)
     pkey = (previous.meter.astype(np.int64) << 16) | previous.quantity
     pos = np.searchsorted(uniq, pkey)
     hit = pos < uniq.shape[0]
+    if usable is not None:
+        hit &= usable
     hit[hit] = uniq[pos[hit]] == pkey[hit]
     prev_value = np.zeros(uniq.shape[0], dtype=np.int64)
     prev_ts = np.full(uniq.shape[0], k.INT64_MIN, dtype=np.int64)
@@ -236,15 +249,17 @@ def validate_args(
     if len(readings) and int(readings.meter.max()) >= nmeters:
         raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
     mc = _meter_columns(meters, nmeters, params)
-    chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous)
     p = params
+    usable = _usable_previous(previous, p.min_ts_ms, receive_ts_ms + p.future_tol_ms)
+    chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous, usable)
     return (
         sort_order(readings), chan,
         readings.meter, readings.ts, readings.quantity, readings.value, readings.flags,
         prev_value, prev_ts, has_prev,
         Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED,
         meters.un_dv, mc["kmax"], meters.ib_ma, meters.phases, mc["izero"], mc["regmax"],
-        receive_ts_ms, p.future_tol_ms, p.meter_clock_utc_offset_ms, p.skew_tol_ms, p.interval_ms,
+        receive_ts_ms, p.future_tol_ms, p.min_ts_ms, p.meter_clock_utc_offset_ms, p.skew_tol_ms,
+        p.interval_ms,
         p.decrease_min, p.replaced_below, p.replaced_drop, p.pf_floor, p.zero_power_min_w * 10,
     )  # fmt: skip
 

@@ -14,6 +14,9 @@ Contract
 * The only state is a bounded cache of escaped tag tables per (meter table, gateway): a gateway
   sends the same meter table batch after batch, and escaping 500 ids cost more than the batch's
   whole line-protocol encoding. It holds derived bytes only, so it cannot change an output.
+* :func:`split_foreign` (pure too) cuts out of a batch the readings and previous registers of
+  meters the registry binds to another gateway, as a batch of their own, on columns (the worker
+  dead-letters that part and transforms the rest).
 * Raises :class:`~protocols.errors.PayloadError` for what the decoder leaves to ingest (meter
   index, empty id); data problems are flags, never exceptions.
 """
@@ -33,12 +36,13 @@ import numpy.typing as npt
 
 from ingest import stages as st
 from ingest.config import IngestConfig, load_calendar, load_registry, load_tariff_calendars
+from ingest.kernels import NOT_ANCHOR
 from ingest.registry import MeterParams, MeterRegistry
 from ingest.tariff_calendar import TariffCalendar
 from protocols.aggregates import IntervalRecord, encode_interval_columns
 from protocols.errors import PayloadError
 from protocols.flags import Flag
-from protocols.payload import BatchBuilder, Event, ReadingBatch, decode, encode
+from protocols.payload import BatchBuilder, Event, PrevRegisters, ReadingBatch, decode, encode
 from protocols.quantities import by_name
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "columns",
     "daily_payload",
     "event_line",
+    "split_foreign",
     "stored_tag",
     "transform",
     "warm_up",
@@ -55,6 +60,7 @@ __all__ = [
 DAY_MS = 86_400_000
 Q_ENERGY_TOTAL = 1
 NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
+Mask = npt.NDArray[np.bool_]
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
 _EPOCH = dt.date(1970, 1, 1)
 _TAG_CACHE_MAX = 256  # meter tables kept: one per active gateway is the steady state
@@ -121,6 +127,7 @@ class Settings:
     max_gap_intervals: int = 8
     future_tol_ms: int = 300_000
     check_topic_gateway: bool = True
+    min_ts_ms: int = st.MIN_TS_MS
     tariff_calendars: dict[str, TariffCalendar] = field(default_factory=dict)  # registry tariff -> calendar
     tags: _TagCache = field(default_factory=_TagCache, compare=False, repr=False)
 
@@ -136,6 +143,7 @@ class Settings:
             max_gap_intervals=p.max_gap_intervals,
             future_tol_ms=p.future_tol_s * 1000,
             check_topic_gateway=p.check_topic_gateway,
+            min_ts_ms=p.min_ts_ms,
             tariff_calendars=load_tariff_calendars(cfg, calendar),
         )
 
@@ -249,6 +257,37 @@ def _dedup_intervals(iv: st.Intervals) -> st.Intervals:
     return _rows(iv, first)
 
 
+def split_foreign(batch: ReadingBatch, s: Settings) -> tuple[ReadingBatch, ReadingBatch | None]:
+    """``(own, foreign)``: the batch without the readings and previous registers of meters the
+    registry binds to another gateway (:meth:`MeterRegistry.foreign`), and those as a batch of
+    their own (same gateway, seq, meter table and send time; None when there are none). One mask
+    per meter table, one take per column: no Python per reading.
+
+    Raises: PayloadError for a meter index outside the table or an empty id."""
+    foreign = s.registry.foreign(s.registry.params(batch.meters), batch.gateway)
+    if not foreign.any():
+        return batch, None
+    readings, prev = columns(batch)
+    r_foreign, p_foreign = foreign[readings.meter], foreign[prev.meter]
+    if not r_foreign.any() and not p_foreign.any():
+        return batch, None
+    own = _take(batch, readings, prev, ~r_foreign, ~p_foreign)
+    return own, _take(batch, readings, prev, r_foreign, p_foreign)
+
+
+def _take(b: ReadingBatch, r: st.Readings, p: st.PreviousRegisters, rows: Mask, prev: Mask) -> ReadingBatch:
+    """The batch of the readings ``rows`` and the previous registers ``prev`` select."""
+
+    def col(a: npt.NDArray[Any], mask: Mask) -> memoryview:
+        return memoryview(np.ascontiguousarray(a[mask]))
+
+    previous = PrevRegisters(col(p.meter, prev), col(p.quantity, prev), col(p.value, prev), col(p.ts, prev))
+    return ReadingBatch(
+        b.gateway, b.seq, b.meters, col(r.meter, rows), col(r.ts, rows), col(r.quantity, rows),
+        col(r.value, rows), col(r.flags, rows), previous, b.sent_ms,
+    )  # fmt: skip
+
+
 def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     """The pure per-batch pipeline (see the module contract).
 
@@ -259,7 +298,9 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     # arrival time: a replay days later must flag exactly what the first delivery flagged.
     now_ms = time.time_ns() // 1_000_000
     ref_ms = min(batch.sent_ms, now_ms) if batch.sent_ms else now_ms
-    params = st.ValidationParams(interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms)
+    params = st.ValidationParams(
+        interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms, min_ts_ms=s.min_ts_ms
+    )
     checked = st.validate_batch(readings, prev, meters, ref_ms, params)
     flags = checked.flags
     checked_r = st.Readings(readings.meter, readings.ts, readings.quantity, readings.value, flags)
@@ -297,7 +338,10 @@ def warm_up(s: Settings) -> None:
     """Run every kernel once on tiny batches, so that loading numba's cache (a third of a second)
     happens at worker start and not inside the first message's transaction."""
     t0 = 1_700_000_100_000 // s.interval_ms * s.interval_ms
-    cold = Settings(s.registry, s.calendar, s.wide, s.interval_ms, s.max_gap_intervals, s.future_tol_ms)
+    cold = Settings(
+        s.registry, s.calendar, s.wide, s.interval_ms, s.max_gap_intervals, s.future_tol_ms,
+        min_ts_ms=s.min_ts_ms,
+    )  # fmt: skip
     for with_duplicate in (False, True):  # a duplicate makes subsets (copies) of the columns
         b = BatchBuilder()
         for q in (1, 30):
@@ -429,7 +473,9 @@ def _collapsed_voltage(
 ) -> tuple[tuple[bytes, int], tuple[int, int]]:
     """OUT-01 from readings: (meter, ts) points where every phase voltage read is below 60 % U_n
     become ``events`` points of kind ``voltage_collapsed`` (meters with a known rating only)."""
-    sel = (r.quantity >= _VOLTAGE[0]) & (r.quantity <= _VOLTAGE[-1])
+    # Believable readings only: an error reply reads 0 V, an out-of-range value could overflow
+    # the products below, a reading outside the time bounds is no evidence of an outage now.
+    sel = (r.quantity >= _VOLTAGE[0]) & (r.quantity <= _VOLTAGE[-1]) & ((r.flags & NOT_ANCHOR) == 0)
     if not sel.any():
         return (b"", 0), (0, 0)
     meter, ts, value = r.meter[sel].astype(np.int64), r.ts[sel], r.value[sel]

@@ -5,11 +5,16 @@ Contract
 :class:`IngestWorker` consumes one MQTT session and never acknowledges a message before its data
 is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dead-letter store):
 
-* **intake** (one task): per message, decode (a bad payload is dead-lettered with its reason,
-  nothing raises out of the loop) -> dedup by ``(gateway, seq, digest)`` against the store *and*
-  against the batches still in flight -> :func:`~ingest.transform.transform`. It takes a message
-  only while fewer than ``queue_max`` taken messages wait for their ack (the *window*), so the
-  pipeline's memory is bounded and a stalled sink stops intake (back-pressure, never loss).
+* **intake** (one task): per message, refuse one over ``max_payload_bytes`` (the consumer kept
+  only a prefix), decode (a bad payload is dead-lettered with its reason, nothing raises out of
+  the loop) -> dedup by ``(gateway, seq, digest)`` against the store *and* against the batches
+  still in flight -> cut out the readings of meters bound to another gateway
+  (:func:`~ingest.transform.split_foreign`, dead-lettered as a batch of their own) ->
+  :func:`~ingest.transform.transform` of the rest. An event is dead-lettered when its gateway
+  is not its topic's, its meter is bound to another gateway, or its time is outside the bounds.
+  It takes a message only while fewer than ``queue_max`` taken messages wait for their ack (the
+  *window*), so the pipeline's memory is bounded and a stalled sink stops intake (back-pressure,
+  never loss).
 * **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
   ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
   (its lines concatenated; the sink cuts requests at ``max_batch_lines``/``max_batch_bytes``),
@@ -73,6 +78,7 @@ from ingest.dedup import DedupStore
 from ingest.influxql import InfluxQuery, quote_str
 from ingest.metrics import IngestMetrics
 from ingest.mqtt_consumer import ConsumerStats, Message, MqttConsumer
+from ingest.registry import MeterRegistry
 from ingest.sink import InfluxSink, backoff_delay_s
 from ingest.transform import (
     DAY_MS,
@@ -80,12 +86,14 @@ from ingest.transform import (
     Settings,
     daily_payload,
     event_line,
+    split_foreign,
     stored_tag,
     transform,
     warm_up,
 )
+from protocols import topics
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
-from protocols.payload import Event, ReadingBatch, decode, decode_event
+from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
 
 __all__ = ["COMMIT_SLOTS", "AggregatePublisher", "IngestWorker", "run_worker"]
 
@@ -95,6 +103,7 @@ COMMIT_SLOTS = 2  # groups in flight at once, each on its own InfluxDB connectio
 _EPOCH = dt.date(1970, 1, 1)
 _FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
 _DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
+_NOT_BOUND = "meter not bound to gateway"
 _DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
 
 
@@ -292,33 +301,72 @@ class IngestWorker:
 
     def _prepare(self, msg: Message) -> _Item:
         """Decode, dedup and transform one message (CPU only; dead letters are committed here)."""
+        if msg.oversize:  # only a prefix was kept (mqtt_consumer): refused before any decoding
+            limit = self.cfg.mqtt.max_payload_bytes
+            detail = f"{msg.oversize} bytes > max_payload_bytes {limit}; the first {len(msg.payload)} kept"
+            return self._dead_letter(msg, "payload too large", detail)
         if msg.topic.endswith("/up/events"):
-            try:
-                ev = decode_event(msg.payload)
-                return _Item(msg, "event", event_line(ev), event=ev)
-            except (PayloadError, ValueError) as exc:
-                return self._dead_letter(msg, "undecodable event", str(exc))
+            return self._prepare_event(msg)
         assert self._res is not None
         try:
             batch = decode(msg.payload, check_meter_indices=False)
-            if self.settings.check_topic_gateway and msg.topic != f"ami/v1/{batch.gateway}/up/readings":
+            if self.settings.check_topic_gateway and msg.topic != topics.readings(batch.gateway):
                 raise PayloadError(f"gateway {batch.gateway!r} does not match topic {msg.topic!r}")
             key = (batch.gateway, batch.seq, hashlib.sha256(msg.payload).digest()[:16])
             # In flight counts as seen: its ack goes out after the original's, i.e. after its write.
             if key in self._in_flight or self._res.dedup.seen(*key):
                 return _Item(msg, "duplicate")
-            out = transform(batch, self.settings)
+            own, foreign = split_foreign(batch, self.settings)
+            if foreign is not None:
+                self._dead_letter_foreign(msg, foreign)
+                if not len(own) and not len(own.prev):
+                    return _Item(msg, "dead_lettered", batch=batch)
+            out = transform(own, self.settings)
         except PayloadError as exc:
             return self._dead_letter(msg, _reason(str(exc)), str(exc))
         except (ValueError, TypeError, OverflowError) as exc:  # data the stages refuse: never crash
             return self._dead_letter(msg, "rejected by pipeline", f"{type(exc).__name__}: {exc}")
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        return _Item(msg, "written", out.lines, batch, out, key=key)
+        return _Item(msg, "written", out.lines, own, out, key=key)
 
-    def _dead_letter(self, msg: Message, reason: str, detail: str) -> _Item:
+    def _prepare_event(self, msg: Message) -> _Item:
+        """Decode one event and check it against its topic, the registry's binding of its meter
+        and the time bounds; a refused event is dead-lettered with the reason."""
+        try:
+            ev = decode_event(msg.payload)
+            line = event_line(ev)
+        except (PayloadError, ValueError) as exc:
+            return self._dead_letter(msg, "undecodable event", str(exc))
+        s = self.settings
+        bound = s.registry.bound_gateway(ev.meter) if ev.meter else None
+        latest = time.time_ns() // 1_000_000 + s.future_tol_ms
+        if s.check_topic_gateway and msg.topic != topics.events(ev.gateway):
+            detail = f"gateway {ev.gateway!r} does not match topic {msg.topic!r}"
+            return self._dead_letter(msg, "gateway does not match topic", detail)
+        if bound is not None and bound != ev.gateway:
+            return self._dead_letter(
+                msg, _NOT_BOUND, f"meter {ev.meter!r} is bound to {bound!r}, not to {ev.gateway!r}"
+            )
+        if not s.min_ts_ms <= ev.ts_ms <= latest:
+            detail = f"ts_ms {ev.ts_ms} outside [{s.min_ts_ms}, now + future_tol_s]"
+            return self._dead_letter(msg, "event time out of bounds", detail)
+        return _Item(msg, "event", line, event=ev)
+
+    def _dead_letter_foreign(self, msg: Message, foreign: ReadingBatch) -> None:
+        """Dead-letter the readings of meters bound to other gateways, as a batch of their own
+        (replayable once the registry is corrected); the rest of the message goes on."""
+        table = self.settings.registry.params(foreign.meters)
+        mask = self.settings.registry.foreign(table, foreign.gateway)
+        names = [m for m, f in zip(foreign.meters, mask.tolist(), strict=True) if f]  # per meter, not reading
+        detail = f"{len(foreign)} readings of {len(names)} meters bound to other gateways: {', '.join(names)}"
+        self._dead_letter(msg, _NOT_BOUND, detail, payload=encode(foreign))
+
+    def _dead_letter(self, msg: Message, reason: str, detail: str, *, payload: bytes | None = None) -> _Item:
+        """Store ``payload`` (default: the message's) with the reason, count and log it once."""
         assert self._res is not None
         if not self._replaying:  # a replay keeps the entry it took and records the new reason
-            self._res.dead_letter.put("payload", reason, msg.payload, msg.topic, detail=detail)
+            body = msg.payload if payload is None else payload
+            self._res.dead_letter.put("payload", reason, body, msg.topic, detail=detail)
         self.metrics.dead_letters.labels(reason).inc()
         log.warning("payload dead-lettered topic=%r reason=%s detail=%.200s", msg.topic, reason, detail)
         return _Item(msg, "dead_lettered", refusal=(reason, detail))
@@ -535,7 +583,7 @@ class IngestWorker:
             b, out = it.batch, it.out
             if b is not None and out is not None and out.n_intervals:
                 payload = out.intervals_payload(b.gateway, b.seq, p.aggregates_encoding)
-                items.append((f"ami/v1/agg/intervals/{b.gateway}", payload))
+                items.append((topics.agg("intervals", b.gateway), payload))
                 self.metrics.published.labels("intervals").inc()
         if items:
             await res.publisher.publish_many(items)
@@ -677,14 +725,14 @@ class IngestWorker:
         win = p.outage_window_s * 1000
         rows = await self._res.query.rows(
             "SELECT \"id\" FROM \"events\" WHERE (kind = 'power_down' OR kind = 'voltage_collapsed') "
-            f"AND time >= {t_lo - win}ms AND time <= {t_hi + win}ms GROUP BY meter"
+            f"AND time >= {t_lo - win}ms AND time <= {t_hi + win}ms GROUP BY meter, gateway"
         )
-        rows = [r for r in rows if r.get("meter")]
+        reg = self.settings.registry
+        rows = [r for r in rows if r.get("meter") and _from_its_gateway(reg, r)]
         if not rows:
             return
         ids = sorted({st.unescape_tag(r["meter"]) for r in rows})
         index = {m: i for i, m in enumerate(ids)}
-        reg = self.settings.registry
         params = reg.params(ids)
         ev_meter = np.array([index[st.unescape_tag(r["meter"])] for r in rows], dtype=np.uint32)
         ev_ts = np.array([int(r["time"]) for r in rows], dtype=np.int64)
@@ -728,6 +776,13 @@ class _NoSession:
 
     async def ack(self, msg: Message) -> None:
         pass
+
+
+def _from_its_gateway(reg: MeterRegistry, row: dict[str, Any]) -> bool:
+    """An ``events`` row (grouped by meter and gateway) whose gateway may speak for its meter:
+    the meter's bound gateway, or any for an unbound meter (events stored before the binding)."""
+    bound = reg.bound_gateway(st.unescape_tag(row["meter"]))
+    return bound is None or st.unescape_tag(row.get("gateway", "")) == bound
 
 
 def _reason(message: str) -> str:

@@ -22,7 +22,10 @@ bit  name                meaning
 12   PHASE_LOSS          one phase voltage collapsed while the others were normal
 13   PF_OUT_OF_BOUNDS    power factor outside [-1, 1] or below the configured floor
 14   OUT_OF_ORDER        timestamp earlier than a reading already seen for this channel
+15   BEFORE_MIN_TIME     timestamp earlier than the head-end's lower bound (ingest ``min_ts``)
 ==== ==================  ============================================================
+
+Bit 15 is the last of the uint16: the next rule needs a wider column (a payload version).
 """
 
 from __future__ import annotations
@@ -48,11 +51,12 @@ class Flag(enum.IntFlag):
     PHASE_LOSS = 1 << 12
     PF_OUT_OF_BOUNDS = 1 << 13
     OUT_OF_ORDER = 1 << 14
+    BEFORE_MIN_TIME = 1 << 15
 
 
 def describe(flags: int) -> tuple[str, ...]:
-    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit15``."""
+    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit16``."""
     names = [f.name or "" for f in Flag if flags & f]
     known = sum(int(f) for f in Flag)
-    names.extend(f"bit{b}" for b in range(16) if flags & ~known & (1 << b))
+    names.extend(f"bit{b}" for b in range(flags.bit_length()) if flags & ~known & (1 << b))
     return tuple(names)

@@ -56,6 +56,7 @@ def validate(
     m_regmax,
     receive,
     future_tol,
+    min_ts,
     clock_off,
     skew_tol,
     interval,
@@ -74,7 +75,8 @@ def validate(
 
     skewed = set()
     for i in range(n):
-        is_clock = quantity[i] == k.Q_METER_CLOCK and not flags[i] & k.F_METER_ERROR
+        believable = min_ts <= ts[i] <= receive + future_tol and abs(value[i]) <= k.VALUE_BOUND
+        is_clock = quantity[i] == k.Q_METER_CLOCK and not flags[i] & k.F_METER_ERROR and believable
         if is_clock and abs(value[i] - clock_off - ts[i]) > skew_tol:
             skewed.add(meter[i])
 
@@ -88,8 +90,9 @@ def validate(
     in_order = sorted(range(n), key=lambda i: (meter[i], ts[i], quantity[i], i))
     assert in_order == _l(order)
     point: dict[tuple[int, int], dict[int, int]] = defaultdict(dict)
+    in_table = [int(q_lo[quantity[i]]) <= value[i] <= int(q_hi[quantity[i]]) for i in range(n)]
     for i in in_order:
-        if not flags[i] & k.F_METER_ERROR:
+        if not flags[i] & k.F_METER_ERROR and in_table[i]:
             point[(meter[i], ts[i])][quantity[i]] = value[i]
 
     anchor = dict(prev)  # chan -> (value, ts); value unused for non-cumulative
@@ -104,6 +107,8 @@ def validate(
             f |= k.F_CLOCK_SKEW
         if t > receive + future_tol:
             f |= k.F_FUTURE_TIME
+        if t < min_ts:
+            f |= k.F_BEFORE_MIN_TIME
         hi = int(q_hi[q])
         if q in (30, 31, 32) and m_un[m] > 0:
             hi = min(hi, int(m_un[m]) * 3 // 2)
@@ -115,9 +120,9 @@ def validate(
         if not f & k.F_DUPLICATE and c in anchor and t - anchor[c][1] > interval:
             f |= k.F_GAP_BEFORE
         bad_pf = abs(v) > 1000 or (abs(v) < pf_floor and power is not None and power > 0)
-        if q in (52, 53, 54, 55) and not f & k.F_METER_ERROR and bad_pf:
+        if q in (52, 53, 54, 55) and not f & k.F_METER_ERROR and in_table[i] and bad_pf:
             f |= k.F_PF_OUT_OF_BOUNDS
-        if q in (30, 31, 32) and m_phases[m] == 3 and m_un[m] > 0 and not f & k.F_METER_ERROR:
+        if q in (30, 31, 32) and m_phases[m] == 3 and m_un[m] > 0 and not f & k.F_METER_ERROR and in_table[i]:
             x, un = q - 30, int(m_un[m])
             cur = amps[x]
             collapsed = 100 * v < 60 * un or (

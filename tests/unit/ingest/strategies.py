@@ -33,6 +33,13 @@ VALUES = st.one_of(
     st.integers(-3, 130_000_000),
     st.sampled_from([0, 5, 999, 1_000, 1_320, 1_716, 2_200, 3_301, 999_990, 1_001]),
 )
+# Values and times no meter sends, from a broken or hostile edge: never a crash, never a sum
+EXTREME_VALUES = st.sampled_from([2**62, -(2**62), 2**63 - 1, -(2**63), 10**15 + 1])
+EXTREME_TS = st.sampled_from([0, -1, -(2**62), stages.MIN_TS_MS - 1, stages.MIN_TS_MS, -(2**63), 2**62])
+
+
+def _int64(v: int) -> int:
+    return max(-(2**63), min(2**63 - 1, v))
 
 
 @st.composite
@@ -61,16 +68,20 @@ def batches(draw, max_n: int = 40):
     for _ in range(n):
         m = draw(st.integers(0, nmeters - 1))
         ts = BASE + draw(st.integers(0, 12)) * I + draw(st.sampled_from([0, 0, 0, 0, 0, 1, 60_000]))
+        if draw(st.integers(0, 15)) == 0:
+            ts = draw(EXTREME_TS)
         q = draw(st.sampled_from(QUANTITIES))
-        v = draw(VALUES)
+        v = draw(EXTREME_VALUES) if draw(st.integers(0, 15)) == 0 else draw(VALUES)
         if q == 101:  # meter clock, local time: skew around the 5 min tolerance
             v = ts + 8 * 3_600_000 + draw(st.sampled_from([0, 299_999, 300_001, -300_001, 10**7]))
         f = draw(st.sampled_from([0, 0, 0, 0, int(Flag.METER_ERROR), int(Flag.CLOCK_SKEW)]))
-        rows.append((m, ts, q, v, f))
+        rows.append((m, ts, q, _int64(v), f))
     for _ in range(draw(st.integers(0, 4)) if rows else 0):  # redelivered readings, same or changed
         j = draw(st.integers(0, len(rows) - 1))
         m, ts, q, v, f = rows[j]
-        rows.insert(draw(st.integers(0, len(rows))), (m, ts, q, draw(st.sampled_from([v, v, v + 1])), f))
+        rows.insert(
+            draw(st.integers(0, len(rows))), (m, ts, q, _int64(draw(st.sampled_from([v, v, v + 1]))), f)
+        )
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
     readings = stages.Readings(
         np.array(cols[0], np.uint32),
@@ -83,7 +94,11 @@ def batches(draw, max_n: int = 40):
     for m in range(nmeters):
         for q in (1, 2, 3, 6, 11, 80):
             if draw(st.booleans()):
-                prev.append((m, q, draw(VALUES), BASE + draw(st.integers(-10, 3)) * I))
+                v = draw(EXTREME_VALUES) if draw(st.integers(0, 7)) == 0 else draw(VALUES)
+                ts = (
+                    draw(EXTREME_TS) if draw(st.integers(0, 7)) == 0 else BASE + draw(st.integers(-10, 3)) * I
+                )
+                prev.append((m, q, v, ts))
     pc = list(zip(*prev, strict=True)) if prev else [[]] * 4
     previous = stages.PreviousRegisters(
         np.array(pc[0], np.uint32),

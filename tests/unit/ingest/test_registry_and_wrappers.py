@@ -85,6 +85,31 @@ def test_registry_area_types_and_a_bad_one_keeps_the_old_registry(tmp_path) -> N
     assert reg.area_types == ("rural",) and reg.multiplier.tolist() == [1, 40]  # nothing half-replaced
 
 
+def test_registry_binds_meters_to_gateways(tmp_path) -> None:
+    path = tmp_path / "meters.toml"
+    path.write_text(GOOD.replace('account = "AC1"', 'account = "AC1"\ngateway = "gw-1"'))
+    reg = MeterRegistry.load(path)
+    table = ("M1", "M2", "unknown")
+    p = reg.params(table)
+    assert reg.gateways == ("gw-1",) and p.gateway.tolist() == [0, -1, -1]
+    # bound elsewhere = foreign; unbound (M2) and unknown meters are accepted from any gateway
+    assert reg.foreign(p, "gw-1").tolist() == [False, False, False]
+    assert reg.foreign(p, "gw-2").tolist() == [True, False, False]
+    assert reg.bound_gateway("M1") == "gw-1" and reg.bound_gateway("M2") is None
+    assert reg.bound_gateway("unknown") is None
+
+
+@pytest.mark.parametrize(
+    ("gateway", "why"), [("agg", "reserved topic level"), ("a/b", "expected letters"), ("", "non-empty")]
+)
+def test_registry_refuses_gateway_ids_that_are_no_topic_level(tmp_path, gateway, why) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(f'[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ngateway = "{gateway}"\n')
+    with pytest.raises(ConfigError, match=why) as exc:
+        MeterRegistry.load(path)
+    assert exc.value.key_path == 'meters."X".gateway'
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -100,6 +125,10 @@ def test_registry_area_types_and_a_bad_one_keeps_the_old_registry(tmp_path) -> N
         (
             '[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nregister_digits = 9',
             'meters."X".register_digits',
+        ),
+        (
+            '[meters."X"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\nmultiplier = 1000000000000000',
+            'meters."X".multiplier',
         ),
     ],
 )
@@ -154,12 +183,15 @@ def test_wrapper_names_the_bad_column() -> None:
         stages.encode_lines(one, stages.LineTables.build(["m"], "g"), order=np.zeros(2, np.int64))
 
 
+T = 1_700_000_100_000 // 900_000 * 900_000
+
+
 def test_read_only_frombuffer_columns_work_and_stay_unchanged() -> None:
     raw = {
         name: np.frombuffer(np.array(v, dt).tobytes(), dtype=dt)
         for name, v, dt in (
             ("meter", [0, 0], np.uint32),
-            ("ts", [900_000, 1_800_000], np.int64),
+            ("ts", [T + 900_000, T + 1_800_000], np.int64),
             ("quantity", [1, 1], np.uint16),
             ("value", [100, 90], np.int64),
             ("flags", [0, 0], np.uint16),
@@ -167,7 +199,7 @@ def test_read_only_frombuffer_columns_work_and_stay_unchanged() -> None:
     }
     r = stages.Readings(**raw)
     reg = stages.validate_batch(
-        r, stages.PreviousRegisters.empty(), MeterRegistryStub.params(), receive_ts_ms=10**7
+        r, stages.PreviousRegisters.empty(), MeterRegistryStub.params(), receive_ts_ms=T + 10**7
     )
     assert reg.flags.tolist() == [0, 2] and r.value.tolist() == [100, 90] and not r.value.flags.writeable
 

@@ -131,6 +131,59 @@ def test_vee11_future_and_vee12_clock_skew() -> None:
     assert c.flags.tolist() == [Flag.FUTURE_TIME | skew, Flag.OUT_OF_ORDER | skew, skew]
 
 
+def test_time_lower_bound_flags_epoch_0_and_pre_1970_readings_which_close_no_interval() -> None:
+    # An edge whose clock was never set stamps 1970-01-01 (or earlier): stored, flagged, not billed.
+    rows = [(0, 0, 1, 100_025), (0, -I, 1, 100_050), (0, stages.MIN_TS_MS - 1, 1, 100_075)]
+    rows.append((0, T0 + I, 1, 100_100))
+    r, c, m = check(rows, prev=[(0, 1, 100_000, T0)])
+    before = Flag.BEFORE_MIN_TIME | Flag.OUT_OF_ORDER
+    assert c.flags.tolist() == [before, before, before, 0]
+    iv = stages.aggregate_intervals(r, c, m)
+    assert iv.end_ts.tolist() == [T0 + I] and iv.energy.tolist() == [100]  # only the believable reading
+    # The bound is a parameter ([pipeline] min_ts): at the bound itself a reading is accepted.
+    params = stages.ValidationParams(min_ts_ms=0)
+    c0 = stages.validate_batch(*batch([(0, -1, 30, 2200), (0, 0, 30, 2200)]), meters(), T0, params)
+    assert c0.flags.tolist() == [Flag.BEFORE_MIN_TIME, 0]
+
+
+def test_previous_register_outside_the_bounds_anchors_nothing() -> None:
+    # A prev stamped at epoch 0, or holding a value no register can hold, would give a delta that
+    # the register never made (and 10 x 2^62 overflows int64 in the rollover rule).
+    for prev in ((0, 1, 100_000, 0), (0, 1, 2**62, T0), (0, 1, -5, T0), (0, 1, 100_000, T0 + 10**9)):
+        r, c, m = check([(0, T0 + I, 1, 100_025)], prev=[prev])
+        assert c.anchor_ts.tolist() == [np.iinfo(np.int64).min] and c.flags.tolist() == [0], prev
+        assert len(stages.aggregate_intervals(r, c, m).energy) == 0
+
+
+@pytest.mark.parametrize("value", [2**62, 2**63 - 1, -(2**63), -(2**62)])
+def test_extreme_values_are_out_of_range_and_in_no_interval_or_sum(value) -> None:
+    rows = [
+        (0, T0 + I, 1, value),  # energy: beyond the register
+        (0, T0 + 2 * I, 1, 100_050),
+        (0, T0 + I, 33, value),  # current, power, PF, voltage, clock: beyond VALUE_BOUND
+        (0, T0 + I, 40, value),
+        (0, T0 + I, 52, value),
+        (0, T0 + I, 30, value),
+        (0, T0 + I, 101, value),
+    ]
+    r, c, m = check(rows, prev=[(0, 1, 100_000, T0)], m=meters(phases=3))
+    assert [bool(f & Flag.OUT_OF_RANGE) for f in c.flags.tolist()] == [
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+    ]
+    assert all(not f & (Flag.PHASE_LOSS | Flag.CLOCK_SKEW | Flag.ZERO_WITH_CURRENT) for f in c.flags.tolist())
+    iv = stages.aggregate_intervals(r, c, m)
+    # the 2^62 register is skipped: the next reading closes two intervals from the prev (VEE-20)
+    assert (
+        iv.energy.tolist() == [25, 25] and stages.interval_totals(iv, bucket_ms=86_400_000).energy.sum() == 50
+    )
+
+
 def test_vee13_gap_before_and_vee16_voltage_range() -> None:
     rows = [(0, T0, 30, 2201), (0, T0 + I, 30, 4000), (0, T0 + 4 * I, 30, 2205)]
     _, c, _ = check(rows)

@@ -12,6 +12,8 @@ from ingest.config import SAMPLE, load_config, parse_config
 from ingest.metrics import IngestMetrics
 from ingest.pipeline import Settings, event_line, quote_str, stored_tag, transform
 from ingest.stages import unescape_tag
+from ingest.transform import split_foreign
+from protocols.aggregates import decode_intervals
 from protocols.errors import ConfigError, PayloadError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, decode, encode
@@ -55,6 +57,21 @@ def test_bad_keys_are_named(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text)
     assert err.value.key_path.startswith(key)
+
+
+def test_time_and_size_bounds_default_to_2000_and_the_payload_bound() -> None:
+    cfg = parse_config(SAMPLE)
+    assert cfg.pipeline.min_ts_ms == 946_684_800_000 and cfg.mqtt.consumer(0).max_payload_bytes == 16 << 20
+    cfg = parse_config("[pipeline]\nmin_ts = '2020-06-01T00:00:00+08:00'\n[mqtt]\nmax_payload_bytes = 1024\n")
+    assert cfg.pipeline.min_ts_ms == 1_590_940_800_000 and cfg.mqtt.consumer(3).max_payload_bytes == 1024
+    for text, key, why in (
+        ("[pipeline]\nmin_ts = 'last tuesday'\n", "pipeline.min_ts", "ISO date"),
+        ("[pipeline]\nmin_ts = '1969-12-31'\n", "pipeline.min_ts", "before 1970"),
+        ("[mqtt]\nmax_payload_bytes = 0\n", "mqtt.max_payload_bytes", ">= 1"),
+    ):
+        with pytest.raises(ConfigError, match=why) as err:
+            parse_config(text)
+        assert err.value.key_path.startswith(key)
 
 
 def test_relative_paths_come_from_the_config_folder(tmp_path: Path) -> None:
@@ -101,6 +118,71 @@ def test_collapsed_voltage_becomes_an_event(tmp_path: Path) -> None:
     out = transform(b.build("gw", 1, sent_ms=T0 + 2 * Q), s)
     assert out.outage_events == 1 and out.outage_ts == (T0 + Q, T0 + Q)
     assert b"events,gateway=gw,meter=M1,kind=voltage_collapsed" in out.lines
+
+
+def test_readings_before_min_ts_are_stored_flagged_and_make_no_daily_row() -> None:
+    # An edge with an unset clock (1970-01-01 00:15, 00:30; 1969-12-31 23:45), beside a good meter.
+    b = BatchBuilder()
+    b.set_prev("M1", 1, 1000, 0)
+    b.add("M1", Q, 1, 1025)
+    b.add("M1", 2 * Q, 1, 1050)
+    b.set_prev("M3", 1, 1000, -2 * Q)
+    b.add("M3", -Q, 1, 1025)
+    b.set_prev("M2", 1, 1000, T0)
+    b.add("M2", T0 + Q, 1, 1075)
+    out = transform(decode(encode(b.build("gw", 1, sent_ms=T0 + Q))), settings())
+    readings = [
+        ln
+        for ln in out.lines.split(b"\n")
+        if ln.startswith((b"meter_reading,meter=M1", b"meter_reading,meter=M3"))
+    ]
+    flags = [int(ln.split(b"_flags=")[1].split(b"i")[0]) for ln in readings]
+    assert len(flags) == 3 and all(f & Flag.BEFORE_MIN_TIME for f in flags)  # stored, flagged
+    assert b"1970-01-01" not in out.lines and b"1969-12-31" not in out.lines  # no daily/hourly row
+    assert [(r.meter, r.energy) for r in out.interval_records()] == [("M2", 75)]
+
+
+def test_energy_of_2_62_is_flagged_and_in_no_interval_daily_row_or_published_aggregate() -> None:
+    b = BatchBuilder()
+    b.set_prev("M1", 1, 1_000, T0)
+    b.add("M1", T0 + Q, 1, 2**62)  # a register no meter holds, between two good ones
+    b.add("M1", T0 + 2 * Q, 1, 1_050)
+    b.set_prev("M2", 1, 2**62, T0)  # a previous register no meter holds
+    b.add("M2", T0 + Q, 1, 5)
+    out = transform(decode(encode(b.build("gw", 1, sent_ms=T0 + 2 * Q))), settings())
+    assert int(out.flags[0]) & Flag.OUT_OF_RANGE
+    assert [(r.meter, r.energy) for r in out.interval_records()] == [("M1", 25), ("M1", 25)]
+    daily = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"daily_tou")]
+    assert len(daily) == 1 and b"meter=M1" in daily[0] and b",total=50i," in daily[0]
+    assert decode_intervals(out.intervals_payload("gw", 1))[2] == out.interval_records()
+
+
+def test_split_foreign_takes_out_the_readings_of_meters_bound_elsewhere(tmp_path: Path) -> None:
+    reg = tmp_path / "m.toml"
+    reg.write_text(
+        "".join(
+            f'[meters."{m}"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\ngateway = "{gw}"\n'
+            for m, gw in (("A1", "gw-a"), ("B1", "gw-b"))
+        )
+    )
+    s = Settings.from_config(parse_config(f"registry = '{reg}'\n"))
+    b = BatchBuilder()
+    for m in ("A1", "B1", "U1"):  # U1: not in the registry, accepted from any gateway
+        b.set_prev(m, 1, 1000, T0)
+        b.add(m, T0 + Q, 1, 1025)
+        b.add(m, T0 + 2 * Q, 1, 1050)
+    whole = decode(encode(b.build("gw-a", 7, sent_ms=T0 + 2 * Q)))
+    own, foreign = split_foreign(whole, s)
+    assert foreign is not None and (foreign.gateway, foreign.seq, foreign.sent_ms) == ("gw-a", 7, T0 + 2 * Q)
+    assert {own.meters[i] for i in own.meter} == {"A1", "U1"} and len(own) == 4 and len(own.prev) == 2
+    assert (
+        {foreign.meters[i] for i in foreign.meter} == {"B1"} and len(foreign) == 2 and len(foreign.prev) == 1
+    )
+    assert decode(encode(foreign)) == foreign  # stored as a payload of its own, replayable
+    assert b"meter=B1" not in transform(own, s).lines
+    assert split_foreign(decode(encode(b.build("gw-b", 8))), s)[1] is not None  # A1 is foreign there
+    unbound = decode(encode(b.build("gw-c", 9)))
+    assert split_foreign(unbound, s)[0] is not unbound  # both A1 and B1 are bound elsewhere
 
 
 @pytest.mark.parametrize("text", ['a b,c=d"e', "x\\y\nz%", "表计"])
