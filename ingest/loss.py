@@ -283,13 +283,11 @@ class LossStore:
         by_gw: dict[str, list[tuple[int, int, int]]] = {}
         for gw, lo, hi, opened in rows:
             by_gw.setdefault(gw, []).append((lo, hi, opened))
-        alarms = [
-            Alarm(
-                "seq_gap", gw, min(g[2] for g in gaps), len(gaps), sum(hi - lo + 1 for lo, hi, _ in gaps),
-                gaps[0][0], gaps[-1][1], now,
-            )  # fmt: skip
-            for gw, gaps in by_gw.items()
-        ]
+        alarms = []
+        for gw, gaps in by_gw.items():
+            missing = sum(hi - lo + 1 for lo, hi, _ in gaps)
+            opened = min(g[2] for g in gaps)
+            alarms.append(Alarm("seq_gap", gw, opened, len(gaps), missing, gaps[0][0], gaps[-1][1], now))
         alarms += [Alarm("seq_reset", gw, ts, n, lost, claimed_ms=now) for gw, ts, n, lost in resets]
         return alarms
 
@@ -318,7 +316,9 @@ class LossStore:
     def report(self) -> list[GatewayLoss]:
         """Every gateway's account, by gateway id."""
         with self._lock:
-            spans = self._db.execute("SELECT gateway, MIN(lo), MAX(hi) FROM durable GROUP BY gateway").fetchall()
+            spans = self._db.execute(
+                "SELECT gateway, MIN(lo), MAX(hi) FROM durable GROUP BY gateway"
+            ).fetchall()
             gaps = self._db.execute(
                 "SELECT gateway, lo, hi, opened_ms, alarmed_ms FROM gaps ORDER BY gateway, lo"
             ).fetchall()

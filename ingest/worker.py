@@ -31,6 +31,26 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
   items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
   ``(meter, day)`` read from InfluxDB (the shared state of all workers) after the write (the item
   with more ``intervals`` supersedes).
+
+Confirmations and loss accounting
+---------------------------------
+After a group's acks, every item whose outcome is final (written and dedup-marked, dead-lettered
+with a reason, or a duplicate of a batch already durable, i.e. an edge's re-send after a lost
+confirmation) and whose batch or event is known is confirmed to its gateway: per gateway one
+:class:`protocols.acks.Ack` on ``ami/v1/{gw}/down/ack`` (QoS 1, not retained) with the seq ranges
+and event ids. The gateway is the topic's (the one the broker's ACL authenticated); a batch naming
+another gateway than its topic is never confirmed, so no gateway can clear another's outbox.
+Before they are confirmed the batches are recorded in :class:`~ingest.loss.LossStore` (a
+recording that fails is not confirmed: the edge's re-send records it later); a dedup mark that
+replaced another digest is a sequence reset there. A task updates ``amigw_ingest_missing_batches``
+every ``[loss] check_s`` and raises the due ``seq_gap``/``seq_reset`` alarms (log line, counter,
+``alarms`` point in InfluxDB), each claimed by one worker of the machine.
+
+Decision: confirmations are **not** awaited (no PUBACK wait, paho queues them through a
+reconnect). Awaiting would add a round trip to every group and make the pipeline stall or fail
+while the broker is briefly away, for nothing: a lost confirmation is repaired by the edge, which
+re-sends an unconfirmed batch after its timeout; dedup recognises the re-send as a duplicate and
+it is confirmed again. Confirming is idempotent and needs no state shared between workers.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ import functools
 import hashlib
 import logging
 import random
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -56,6 +77,7 @@ from ingest.config import IngestConfig
 from ingest.deadletter import DeadLetterStore
 from ingest.dedup import DedupStore
 from ingest.influxql import InfluxQuery, quote_str
+from ingest.loss import Alarm, LossStore
 from ingest.metrics import IngestMetrics
 from ingest.mqtt_consumer import Message, MqttConsumer
 from ingest.sink import InfluxSink, backoff_delay_s
@@ -69,6 +91,8 @@ from ingest.transform import (
     transform,
     warm_up,
 )
+from protocols import topics
+from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
 from protocols.errors import AmigwError, PayloadError, SinkError, TransportError
 from protocols.payload import Event, ReadingBatch, decode, decode_event
 
@@ -81,11 +105,15 @@ _EPOCH = dt.date(1970, 1, 1)
 _FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
 _DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
 _DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
+_FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
+_ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
 
 
 class AggregatePublisher:
-    """A paho client that publishes QoS 1 and awaits the PUBACK (its own connection, clean
-    session). Raises TransportError when no PUBACK arrives within ``timeout_s``."""
+    """A paho client (its own connection, clean session) for the head-end's downstream messages:
+    aggregates, published QoS 1 with the PUBACK awaited (:meth:`publish_many`, TransportError when
+    none arrives within ``timeout_s``), and confirmations, published QoS 1 without waiting
+    (:meth:`send`)."""
 
     def __init__(self, cfg: IngestConfig, worker: int) -> None:
         import paho.mqtt.client as mqtt
@@ -107,6 +135,7 @@ class AggregatePublisher:
         self._lock = threading.Lock()
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._early: set[int] = set()
+        self._unawaited: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         parts = urllib.parse.urlsplit(m.url)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 1883
@@ -123,11 +152,23 @@ class AggregatePublisher:
     def _on_publish(self, _c: Any, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
         with self._lock:
             fut = self._waiting.pop(mid, None)
+            if fut is None and mid in self._unawaited:
+                self._unawaited.discard(mid)
+                return
             if fut is None:
                 self._early.add(mid)
         if fut is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish QoS 1 and return at once; paho re-sends it after a reconnect."""
+        info = self._client.publish(topic, payload, qos=1)
+        with self._lock:  # as in publish_many: the PUBACK may have come already
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._unawaited.add(info.mid)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Publish all, then await every PUBACK. Raises: TransportError on timeout."""
@@ -173,6 +214,7 @@ class _Resources:
     dedup: DedupStore
     publisher: AggregatePublisher | None
     consumer: MqttConsumer | None = None
+    loss: LossStore | None = None
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -215,13 +257,14 @@ class IngestWorker:
         cfg = self.cfg
         dead = DeadLetterStore.from_config(cfg.dead_letter)
         dedup = DedupStore.from_config(cfg.dedup)
+        loss = LossStore.from_config(cfg.loss)
         sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
         for _ in range(COMMIT_SLOTS):
             sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
         publisher = None
-        if cfg.pipeline.publish_intervals or cfg.pipeline.publish_daily:
+        if cfg.pipeline.publish_intervals or cfg.pipeline.publish_daily or cfg.pipeline.confirm:
             publisher = AggregatePublisher(cfg, self.worker)
-        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher)
+        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher, loss=loss)
         try:
             warm_up(self.settings)
             if publisher is not None:
@@ -236,6 +279,7 @@ class IngestWorker:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
                     tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
+                    tg.create_task(self._loss_loop(), name=f"ingest-loss-{self.worker}")
                     if publisher is not None and cfg.pipeline.publish_daily:
                         tg.create_task(self._daily_loop(), name=f"ingest-daily-{self.worker}")
             except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
@@ -255,6 +299,7 @@ class IngestWorker:
                     await closer()
             dead.close()
             dedup.close()
+            loss.close()
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -286,7 +331,7 @@ class IngestWorker:
             key = (batch.gateway, batch.seq, hashlib.sha256(msg.payload).digest()[:16])
             # In flight counts as seen: its ack goes out after the original's, i.e. after its write.
             if key in self._in_flight or self._res.dedup.seen(*key):
-                return _Item(msg, "duplicate")
+                return _Item(msg, "duplicate", batch=batch)
             out = transform(batch, self.settings)
         except PayloadError as exc:
             return self._dead_letter(msg, _reason(str(exc)), str(exc))
@@ -374,12 +419,14 @@ class IngestWorker:
         res = self._res
         assert res is not None and res.consumer is not None
         m = self.metrics
+        reused: set[tuple[str, int]] = set()  # marks that replaced another digest: seq resets
         for it in group:
             if it.key is not None:
                 if it.result == "written":
                     owed = self.cfg.pipeline.publish_daily
                     days = it.out.daily_days if it.out is not None and owed else ()
-                    res.dedup.mark(*it.key, daily_days=days)
+                    if res.dedup.mark(*it.key, daily_days=days):
+                        reused.add(it.key[:2])
                     m.readings.inc(it.out.readings if it.out else 0)
                     m.intervals.inc(it.out.n_intervals if it.out else 0)
                     if it.out is not None:
@@ -394,6 +441,99 @@ class IngestWorker:
             await res.consumer.ack(it.msg)
             self._window.release()
         m.unacked.set(res.consumer.stats.unacked)
+        self._confirm(group, reused)
+
+    def _confirm(self, group: list[_Item], reused: set[tuple[str, int]]) -> None:
+        """Record the group's final batches in the loss account, then confirm them and its events
+        to their gateways (see "Confirmations and loss accounting")."""
+        res = self._res
+        assert res is not None
+        seqs: dict[str, list[int]] = {}
+        events: dict[str, list[str]] = {}
+        for it in group:
+            if it.result not in _FINAL:
+                continue
+            try:
+                gw = topics.gateway_of(it.msg.topic)
+            except PayloadError:
+                continue
+            if it.batch is not None and it.batch.gateway == gw and it.batch.seq >= 1:
+                seqs.setdefault(gw, []).append(it.batch.seq)
+            if it.event is not None and 0 < len(it.event.id) <= 256:
+                events.setdefault(gw, []).append(it.event.id)
+        for gw in list(seqs):
+            if not self._record_loss(gw, seqs[gw], [s for g, s in reused if g == gw]):
+                del seqs[gw]  # not confirmed: the edge re-sends it, and it is recorded then
+        if not self.cfg.pipeline.confirm or res.publisher is None:
+            return
+        now_ms = int(time.time() * 1000)
+        for gw in sorted(seqs.keys() | events.keys()):
+            for ack in _acks(gw, seq_ranges(seqs.get(gw, ())), events.get(gw, ()), now_ms):
+                res.publisher.send(topics.ack(gw), ack.to_json())
+                self.metrics.confirmations.inc()
+
+    def _record_loss(self, gw: str, seqs: list[int], reused: list[int]) -> bool:
+        """Record durable seqs in the loss account (a sequence reset is counted and logged).
+        False when the store failed."""
+        assert self._res is not None
+        if self._res.loss is None:
+            return True
+        try:
+            reset = self._res.loss.record(gw, seqs, reused=reused)
+        except sqlite3.Error as exc:
+            log.error("loss accounting failed, batches not confirmed gateway=%s error=%s", gw, exc)
+            return False
+        if reset is not None:
+            self.metrics.seq_resets.inc()
+            log.warning(
+                "gateway sequence reset, open gaps counted as lost gateway=%s lost_batches=%d gaps=%s",
+                gw, reset.lost, ",".join(f"{g.first}-{g.last}" for g in reset.gaps) or "none",
+            )  # fmt: skip
+        return True
+
+    # -- loss accounting ---------------------------------------------------------------------
+
+    async def _loss_loop(self) -> None:
+        """Every ``check_s``: the missing-batches gauge, then the due alarms (each claimed by one
+        worker of the machine; one that cannot be written is given back and tried again)."""
+        res, lc = self._res, self.cfg.loss
+        assert res is not None and res.loss is not None
+        while True:
+            try:
+                self.metrics.missing_batches.set(res.loss.missing())
+                for alarm in res.loss.claim_alarms(lc.gap_alarm_s):
+                    await self._raise_loss_alarm(alarm)
+            except sqlite3.Error as exc:
+                log.error("loss accounting unavailable, retrying error=%s", exc)
+            await asyncio.sleep(lc.check_s)
+
+    async def _raise_loss_alarm(self, alarm: Alarm) -> None:
+        """One ``alarms`` point (``kind`` seq_gap or seq_reset, tagged by gateway), one write
+        attempt; a refusal gives the claim back."""
+        assert self._res is not None
+        line = b"alarms,gateway=%s,kind=%s gaps=%di,missing=%di,first=%di,last=%di %d\n" % (
+            st.escape_tag(alarm.gateway), alarm.kind.encode(), alarm.gaps, alarm.missing,
+            alarm.first, alarm.last, alarm.ts_ms,
+        )  # fmt: skip
+        sinks = self._res.sinks
+        sink = await sinks.get()
+        try:
+            await sink.write(line)
+        except SinkError as exc:
+            assert self._res.loss is not None
+            self._res.loss.release(alarm)
+            log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
+                        alarm.kind, alarm.gateway, exc)  # fmt: skip
+            return
+        finally:
+            sinks.put_nowait(sink)
+        if alarm.kind == "seq_gap":
+            self.metrics.seq_gap_alarms.inc()
+            age_s = (time.time() * 1000 - alarm.ts_ms) / 1000
+            log.warning(
+                "batches missing alarm gateway=%s missing=%d gaps=%d first=%d last=%d open_s=%.0f",
+                alarm.gateway, alarm.missing, alarm.gaps, alarm.first, alarm.last, age_s,
+            )  # fmt: skip
 
     async def _write(self, lines: bytes) -> None:
         """The sink write on a free connection, retried (same lines) while InfluxDB is unavailable.
@@ -574,6 +714,26 @@ class IngestWorker:
         await self._write(
             b"alarms,area=%s,kind=area_outage events=%di %d\n" % (st.escape_tag(area), events, ts)
         )
+
+
+def _acks(gw: str, ranges: Sequence[tuple[int, int]], events: Sequence[str], ts_ms: int) -> list[Ack]:
+    """The confirmations of one gateway, split to stay within the protocol's bounds (one message
+    unless a group holds more than MAX_RANGES ranges or MAX_EVENTS/64 KiB of event ids)."""
+    parts_r = [tuple(ranges[i : i + MAX_RANGES]) for i in range(0, len(ranges), MAX_RANGES)]
+    parts_e: list[list[str]] = []
+    size = 0
+    for e in events:
+        cost = len(e.encode()) * 6 + 3  # worst case of JSON's \uXXXX escapes
+        if not parts_e or len(parts_e[-1]) == MAX_EVENTS or size + cost > _ACK_EVENT_BYTES:
+            parts_e.append([])
+            size = 0
+        parts_e[-1].append(e)
+        size += cost
+    n = max(len(parts_r), len(parts_e))
+    return [
+        Ack(gw, parts_r[i] if i < len(parts_r) else (), tuple(parts_e[i]) if i < len(parts_e) else (), ts_ms)
+        for i in range(n)
+    ]
 
 
 def _reason(message: str) -> str:
