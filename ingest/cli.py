@@ -1,5 +1,5 @@
 """``amigw ingest --config ingest.toml [--workers N] [--check-config] [--completeness METER DAY]
-[--daily-report DAY [--json]]``.
+[--daily-report DAY [--json]] [--loss [--json]]``.
 
 Loads the whole configuration once (registry and tariff calendar included), so a bad file is a
 :class:`~protocols.errors.ConfigError` at start (exit 2 from ``amigw``). ``--workers N`` starts N
@@ -11,7 +11,10 @@ pause. With one worker the process itself is the worker. ``--completeness`` prin
 of one meter-day from InfluxDB and exits. ``--daily-report DAY`` computes the day's line loss per
 transformer area and collection success per meter, gateway and area from ``daily_tou``, writes
 them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) and exits
-(:mod:`ingest.report`, ``docs/ingest-report.md``).
+(:mod:`ingest.report`, ``docs/ingest-report.md``). ``--loss`` prints the loss account of
+``[loss] path`` (:mod:`ingest.loss`): each gateway with open gaps or batches lost at a sequence
+reset, the gaps with their age, and a total line (``--json``: every gateway, one JSON document);
+it exits 0 whatever the account says.
 """
 
 from __future__ import annotations
@@ -54,7 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute, write and print the line-loss and collection report of local day DAY (YYYY-MM-DD), "
         "then exit; run it once the day is complete",
     )
-    parser.add_argument("--json", action="store_true", help="with --daily-report: print one JSON document")
+    parser.add_argument(
+        "--loss",
+        action="store_true",
+        help="print the batches missing per gateway (open seq gaps and their age) and exit",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="with --daily-report or --loss: print one JSON document"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
             f"tariff_calendar={cfg.tariff_calendar or 'built-in'} queue_max={cfg.mqtt.queue_max}"
         )
         return 0
-    if args.json and not args.daily_report:
-        raise ConfigError("--json", "only with --daily-report")
+    if args.json and not (args.daily_report or args.loss):
+        raise ConfigError("--json", "only with --daily-report or --loss")
+    if args.loss:
+        return _loss(cfg, as_json=args.json)
     if args.completeness:
         return _completeness(cfg, *args.completeness)
     if args.daily_report:
@@ -125,6 +137,60 @@ def _daily_report(cfg: IngestConfig, day_text: str, *, as_json: bool) -> int:
         msg = f"daily report {day}: InfluxDB {cfg.influx.url}: {exc}"
         raise SinkError(msg, retryable=exc.retryable, status=exc.status) from None
     print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.summary())
+    return 0
+
+
+def _loss(cfg: IngestConfig, *, as_json: bool) -> int:
+    from ingest.loss import Gap, LossStore
+
+    path = Path(cfg.loss.path)
+    accounts = []
+    if path.exists():  # a machine whose workers never ran has nothing to report (and no file)
+        with LossStore(path) as store:
+            accounts = store.report()
+    now_ms = int(time.time() * 1000)
+    missing = sum(a.missing for a in accounts)
+
+    def age_s(g: Gap) -> float:
+        return round((now_ms - g.opened_ms) / 1000, 1)
+
+    if as_json:
+        gateways = [
+            {
+                "gateway": a.gateway, "first": a.first, "last": a.last, "missing": a.missing,
+                "resets": a.resets, "lost": a.lost,
+                "gaps": [
+                    {"first": g.first, "last": g.last, "missing": g.missing, "opened_ms": g.opened_ms,
+                     "age_s": age_s(g), "alarmed": g.alarmed_ms is not None}
+                    for g in a.gaps
+                ],
+            }
+            for a in accounts
+        ]  # fmt: skip
+        doc = {
+            "path": str(path),
+            "missing": missing,
+            "lost": sum(a.lost for a in accounts),
+            "gateways": gateways,
+        }
+        print(json.dumps(doc, ensure_ascii=False))
+        return 0
+    for a in accounts:
+        if not a.gaps and not a.lost:
+            continue
+        line = f"{a.gateway}: durable {a.first}-{a.last}, missing {a.missing}"
+        if a.gaps:
+            alarmed = {True: ", alarmed", False: ""}
+            gaps = [
+                f"{g.first}-{g.last} (open {age_s(g):.0f} s{alarmed[g.alarmed_ms is not None]})"
+                for g in a.gaps
+            ]
+            line += f" in {len(a.gaps)} gap(s): {', '.join(gaps)}"
+        if a.lost:
+            line += f"; {a.lost} lost at {a.resets} sequence reset(s)"
+        print(line)
+    gaps_total = sum(len(a.gaps) for a in accounts)
+    print(f"missing {missing} batch(es) in {gaps_total} gap(s) across {len(accounts)} gateway(s) ({path})")
     return 0
 
 

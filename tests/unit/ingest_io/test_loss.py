@@ -160,3 +160,30 @@ def test_config_bounds() -> None:
     assert LossConfig(gap_alarm_s=1).check_s == 0.25
     with pytest.raises(ValueError, match="gap_alarm_s"):
         LossConfig(gap_alarm_s=0)
+
+
+def test_the_loss_cli_lists_open_gaps_with_age_and_a_total(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from gateway.cli import main
+
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text('[loss]\npath = "acct.sqlite"\n')
+    assert main(["ingest", "--config", str(cfg), "--loss"]) == 0  # no store yet: nothing missing
+    assert capsys.readouterr().out.strip().startswith("missing 0 batch(es) in 0 gap(s) across 0 gateway(s)")
+    with LossStore(tmp_path / "acct.sqlite") as store:
+        store.record("gw-1", [1, 2, 3, 4, 6, 7, 8, 9, 10])
+        store.record("gw-2", [1, 2])
+    assert main(["ingest", "--config", str(cfg), "--loss"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gw-1: durable 1-10, missing 1 in 1 gap(s): 5-5 (open ")
+    assert lines[1].startswith("missing 1 batch(es) in 1 gap(s) across 2 gateway(s)")
+    assert main(["ingest", "--config", str(cfg), "--loss", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["missing"] == 1 and [g["gateway"] for g in doc["gateways"]] == ["gw-1", "gw-2"]
+    (gap,) = doc["gateways"][0]["gaps"]
+    assert (gap["first"], gap["last"], gap["missing"], gap["alarmed"]) == (5, 5, 1, False) and gap[
+        "age_s"
+    ] >= 0
