@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.broker import ACL, SAMPLE, limits
+from ingest.broker import ACL, SAMPLE
 from protocols.payload import MAX_PAYLOAD_BYTES
 from simulators.localstack import Mosquitto
 from tests.integration.test_services import NOT_AUTHORIZED, Peer, Received, _connected
@@ -68,12 +68,6 @@ def peers() -> Iterator[object]:
     yield make
     for peer in made:
         peer.close()
-
-
-def test_the_limits_match_the_pipeline() -> None:
-    assert limits()["message_size_limit"] == str(MAX_PAYLOAD_BYTES)
-    assert int(limits()["max_packet_size"]) > MAX_PAYLOAD_BYTES
-    assert int(limits()["max_queued_messages"]) > 1000  # mosquitto's default drops an outage's batches
 
 
 def test_the_shipped_file_runs_and_takes_payloads_up_to_the_pipelines_bound(
