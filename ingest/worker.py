@@ -43,8 +43,9 @@ another gateway than its topic is never confirmed, so no gateway can clear anoth
 Before they are confirmed the batches are recorded in :class:`~ingest.loss.LossStore` (a
 recording that fails is not confirmed: the edge's re-send records it later); a dedup mark that
 replaced another digest is a sequence reset there. A task updates ``amigw_ingest_missing_batches``
-every ``[loss] check_s`` and raises the due ``seq_gap``/``seq_reset`` alarms (log line, counter,
-``alarms`` point in InfluxDB), each claimed by one worker of the machine.
+every ``LossConfig.check_s`` (``min(5 s, gap_alarm_s / 4)``) and raises the due
+``seq_gap``/``seq_reset`` alarms (log line, counter, ``alarms`` point in InfluxDB), each claimed
+by one worker of the machine.
 
 Decision: confirmations are **not** awaited (no PUBACK wait, paho queues them through a
 reconnect). Awaiting would add a round trip to every group and make the pipeline stall or fail
