@@ -496,38 +496,58 @@ class IngestWorker:
 
     async def _loss_loop(self) -> None:
         """Every ``check_s``: the missing-batches gauge, then the due alarms (each claimed by one
-        worker of the machine; one that cannot be written is given back and tried again)."""
+        worker of the machine), written by a task of their own so that the gauge keeps moving
+        while InfluxDB is away."""
         res, lc = self._res, self.cfg.loss
         assert res is not None and res.loss is not None
-        while True:
-            try:
-                self.metrics.missing_batches.set(res.loss.missing())
-                for alarm in res.loss.claim_alarms(lc.gap_alarm_s):
-                    await self._raise_loss_alarm(alarm)
-            except sqlite3.Error as exc:
-                log.error("loss accounting unavailable, retrying error=%s", exc)
-            await asyncio.sleep(lc.check_s)
-
-    async def _raise_loss_alarm(self, alarm: Alarm) -> None:
-        """One ``alarms`` point (``kind`` seq_gap or seq_reset, tagged by gateway), one write
-        attempt; a refusal gives the claim back."""
-        assert self._res is not None
-        line = b"alarms,gateway=%s,kind=%s gaps=%di,missing=%di,first=%di,last=%di %d\n" % (
-            st.escape_tag(alarm.gateway), alarm.kind.encode(), alarm.gaps, alarm.missing,
-            alarm.first, alarm.last, alarm.ts_ms,
-        )  # fmt: skip
-        sinks = self._res.sinks
-        sink = await sinks.get()
+        writing: asyncio.Task[None] | None = None
         try:
-            await sink.write(line)
-        except SinkError as exc:
-            assert self._res.loss is not None
-            self._res.loss.release(alarm)
-            log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
-                        alarm.kind, alarm.gateway, exc)  # fmt: skip
-            return
+            while True:
+                try:
+                    self.metrics.missing_batches.set(res.loss.missing())
+                    if writing is None or writing.done():
+                        due = res.loss.claim_alarms(lc.gap_alarm_s)
+                        if due:
+                            writing = asyncio.create_task(self._raise_loss_alarms(due))
+                except sqlite3.Error as exc:
+                    log.error("loss accounting unavailable, retrying error=%s", exc)
+                await asyncio.sleep(lc.check_s)
         finally:
-            sinks.put_nowait(sink)
+            if writing is not None:
+                writing.cancel()
+
+    async def _raise_loss_alarms(self, alarms: list[Alarm]) -> None:
+        """One ``alarms`` point each (``kind`` seq_gap or seq_reset, tagged by gateway), written on
+        a free sink connection; one that is not written (refused, or the worker stops first) is
+        given back, to be claimed again."""
+        res = self._res
+        assert res is not None and res.loss is not None
+        pending = list(alarms)
+        try:
+            while pending:
+                alarm = pending[0]
+                line = b"alarms,gateway=%s,kind=%s gaps=%di,missing=%di,first=%di,last=%di %d\n" % (
+                    st.escape_tag(alarm.gateway), alarm.kind.encode(), alarm.gaps, alarm.missing,
+                    alarm.first, alarm.last, alarm.ts_ms,
+                )  # fmt: skip
+                sink = await res.sinks.get()
+                try:
+                    await sink.write(line)
+                except SinkError as exc:
+                    res.loss.release(alarm)
+                    log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
+                                alarm.kind, alarm.gateway, exc)  # fmt: skip
+                else:
+                    self._announce(alarm)
+                finally:
+                    res.sinks.put_nowait(sink)
+                pending.pop(0)
+        finally:
+            for alarm in pending:
+                res.loss.release(alarm)
+
+    def _announce(self, alarm: Alarm) -> None:
+        """Count and log a raised gap alarm (a reset was logged when it was recognised)."""
         if alarm.kind == "seq_gap":
             self.metrics.seq_gap_alarms.inc()
             age_s = (time.time() * 1000 - alarm.ts_ms) / 1000
