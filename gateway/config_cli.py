@@ -1,6 +1,8 @@
-"""``amigw config sample [edge|ingest|feectl]`` and ``amigw config check FILE [--kind K]``.
+"""``amigw config sample [edge|ingest|feectl|mosquitto|mosquitto-acl]`` and ``amigw config check
+FILE [--kind K]``.
 
-Samples are the commented defaults of each program (the same text its unit test loads). The
+Samples are the commented defaults of each program (the same text its unit test loads); the
+broker's configuration and ACL (``ingest.broker``) are samples only, mosquitto checks them. The
 head-end's samples are looked up by module name, like the subcommands themselves, so this
 module does not import ``ingest`` (it is not installed on a concentrator).
 """
@@ -13,11 +15,13 @@ from pathlib import Path
 
 from protocols.errors import ConfigError
 
-# kind -> (module, sample attribute, loader function taking a path)
+# kind -> (module, sample attribute, loader function taking a path; "" for a sample only)
 KINDS: dict[str, tuple[str, str, str]] = {
     "edge": ("gateway.config", "SAMPLE", "load_config"),
     "ingest": ("ingest.config", "SAMPLE", "load_config"),
     "feectl": ("ingest.feectl.config", "SAMPLE", "load_config"),
+    "mosquitto": ("ingest.broker", "SAMPLE", ""),
+    "mosquitto-acl": ("ingest.broker", "ACL", ""),
 }
 
 
@@ -27,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sample.add_argument("kind", nargs="?", default="edge", choices=sorted(KINDS))
     check = sub.add_parser("check", help="validate a configuration file")
     check.add_argument("file")
-    check.add_argument("--kind", default="edge", choices=sorted(KINDS))
+    checkable = sorted(kind for kind, (_, _, loader) in KINDS.items() if loader)
+    check.add_argument("--kind", default="edge", choices=checkable)
 
 
 def _module(kind: str):  # type: ignore[no-untyped-def]

@@ -1,5 +1,6 @@
 """``amigw ingest --config ingest.toml [--workers N] [--check-config] [--completeness METER DAY]
-[--daily-report DAY [--json]] [--replay-dead-letters [--since T] [--until T] [--reason R]]``.
+[--daily-report DAY [--json]] [--loss [--json]]
+[--replay-dead-letters [--since T] [--until T] [--reason R]]``.
 
 Loads the whole configuration once (registry and tariff calendar included), so a bad file is a
 :class:`~protocols.errors.ConfigError` at start (exit 2 from ``amigw``). ``--workers N`` starts N
@@ -15,7 +16,10 @@ them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) 
 (:meth:`~ingest.sink.InfluxSink.probe`, nothing written or created): a refusal is a
 ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (exit 1).
 ``--replay-dead-letters`` puts dead-lettered payloads back through the pipeline
-(:mod:`ingest.replay`; exit 1 when one is still failing or the replay stopped).
+(:mod:`ingest.replay`; exit 1 when one is still failing or the replay stopped). ``--loss``
+prints the loss account of ``[loss] path`` (:mod:`ingest.loss`): each gateway with open gaps
+or batches lost at a sequence reset, the gaps with their age, and a total line (``--json``:
+every gateway, one JSON document); it exits 0 whatever the account says.
 """
 
 from __future__ import annotations
@@ -58,7 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute, write and print the line-loss and collection report of local day DAY (YYYY-MM-DD), "
         "then exit; run it once the day is complete",
     )
-    parser.add_argument("--json", action="store_true", help="with --daily-report: print one JSON document")
+    parser.add_argument(
+        "--loss",
+        action="store_true",
+        help="print the batches missing per gateway (open seq gaps and their age) and exit",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="with --daily-report or --loss: print one JSON document"
+    )
     parser.add_argument(
         "--replay-dead-letters",
         action="store_true",
@@ -86,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
             f"tariff_calendar={cfg.tariff_calendar or 'built-in'} queue_max={cfg.mqtt.queue_max}\n{sink}"
         )
         return 0
-    if args.json and not args.daily_report:
-        raise ConfigError("--json", "only with --daily-report")
+    if args.json and not (args.daily_report or args.loss):
+        raise ConfigError("--json", "only with --daily-report or --loss")
+    if args.loss:
+        return _loss(cfg, as_json=args.json)
     for option in ("since", "until", "reason"):
         if getattr(args, option) is not None and not args.replay_dead_letters:
             raise ConfigError(f"--{option}", "only with --replay-dead-letters")
@@ -199,6 +212,60 @@ def _replay(cfg: IngestConfig, args: argparse.Namespace) -> int:
         replay_dead_letters(cfg, sys.stdout, since_ms=since, until_ms=until, reason=args.reason)
     )
     return exit_status(summary)
+
+
+def _loss(cfg: IngestConfig, *, as_json: bool) -> int:
+    from ingest.loss import Gap, LossStore
+
+    path = Path(cfg.loss.path)
+    accounts = []
+    if path.exists():  # a machine whose workers never ran has nothing to report (and no file)
+        with LossStore(path) as store:
+            accounts = store.report()
+    now_ms = int(time.time() * 1000)
+    missing = sum(a.missing for a in accounts)
+
+    def age_s(g: Gap) -> float:
+        return round((now_ms - g.opened_ms) / 1000, 1)
+
+    if as_json:
+        gateways = [
+            {
+                "gateway": a.gateway, "first": a.first, "last": a.last, "missing": a.missing,
+                "resets": a.resets, "lost": a.lost,
+                "gaps": [
+                    {"first": g.first, "last": g.last, "missing": g.missing, "opened_ms": g.opened_ms,
+                     "age_s": age_s(g), "alarmed": g.alarmed_ms is not None}
+                    for g in a.gaps
+                ],
+            }
+            for a in accounts
+        ]  # fmt: skip
+        doc = {
+            "path": str(path),
+            "missing": missing,
+            "lost": sum(a.lost for a in accounts),
+            "gateways": gateways,
+        }
+        print(json.dumps(doc, ensure_ascii=False))
+        return 0
+    for a in accounts:
+        if not a.gaps and not a.lost:
+            continue
+        line = f"{a.gateway}: durable {a.first}-{a.last}, missing {a.missing}"
+        if a.gaps:
+            alarmed = {True: ", alarmed", False: ""}
+            gaps = [
+                f"{g.first}-{g.last} (open {age_s(g):.0f} s{alarmed[g.alarmed_ms is not None]})"
+                for g in a.gaps
+            ]
+            line += f" in {len(a.gaps)} gap(s): {', '.join(gaps)}"
+        if a.lost:
+            line += f"; {a.lost} lost at {a.resets} sequence reset(s)"
+        print(line)
+    gaps_total = sum(len(a.gaps) for a in accounts)
+    print(f"missing {missing} batch(es) in {gaps_total} gap(s) across {len(accounts)} gateway(s) ({path})")
+    return 0
 
 
 def _worker_argv(config: Path, index: int) -> list[str]:

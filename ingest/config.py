@@ -6,7 +6,8 @@ tariff calendar). :data:`SAMPLE` is the commented sample (``amigw config sample 
 test loads it, so it cannot rot. The commented values are the defaults.
 
 Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sink.SinkConfig`),
-``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages),
+``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages,
+confirmations), ``[loss]`` (:class:`~ingest.loss.LossConfig`: loss accounting),
 ``[line_loss]`` (LL-02 bands of the daily report, per area type), plus
 top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
 """
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from ingest.deadletter import DeadLetterConfig
 from ingest.dedup import DedupConfig
+from ingest.loss import LossConfig
 from ingest.mqtt_consumer import ConsumerConfig
 from ingest.sink import SinkConfig
 from protocols.config import loads_toml
@@ -78,7 +80,7 @@ class MqttSection:
     password: str | None = None
     ca_file: str | None = None
     keepalive_s: int = 60
-    session_expiry_s: int = 7 * 86_400
+    session_expiry_s: int = 3600
     queue_max: int = 16
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     connect_timeout_s: float = 10.0
@@ -119,6 +121,7 @@ class PipelineSection:
     future_tol_s: int = 300
     min_ts: str = "2000-01-01"
     check_topic_gateway: bool = True
+    confirm: bool = True
     publish_intervals: bool = True
     publish_daily: bool = True
     aggregates_encoding: Literal["binary", "json"] = "binary"
@@ -222,6 +225,7 @@ class IngestConfig:
     dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    loss: LossConfig = field(default_factory=LossConfig)
     line_loss: LineLossSection = field(default_factory=LineLossSection)
 
     def __post_init__(self) -> None:
@@ -248,6 +252,7 @@ def parse_config(text: str, source: str = "ingest.toml", base_dir: Path | None =
         tariff_calendars={name: _resolve(base, path) for name, path in cfg.tariff_calendars.items()},
         dead_letter=replace(cfg.dead_letter, path=_resolve(base, cfg.dead_letter.path)),
         dedup=replace(cfg.dedup, path=_resolve(base, cfg.dedup.path)),
+        loss=replace(cfg.loss, path=_resolve(base, cfg.loss.path)),
     )
     registry = load_registry(cfg)
     for area, area_type in zip(registry.areas, registry.area_types, strict=True):
@@ -347,7 +352,12 @@ protocol = "5"
 # password = "secret"
 # ca_file = "/etc/amigw/ca.pem"
 keepalive_s = 60
-session_expiry_s = 604800
+# How long the broker keeps a stopped worker's session (MQTT 5). Until then the broker queues
+# the worker's share of the shared subscription for it (delivered when it comes back); after
+# that the session and its queue are dropped. Nothing is lost either way: the edges re-send
+# every batch the head-end has not confirmed, and the re-sends reach the live workers
+# (docs/broker.md).
+session_expiry_s = 3600
 # At most this many messages wait in a worker unacknowledged (the MQTT 5 Receive Maximum too):
 # with payloads of at most max_payload_bytes this bounds a worker's buffered memory.
 queue_max = 16
@@ -424,6 +434,10 @@ future_tol_s = 300
 min_ts = "2000-01-01"
 # Dead-letter a batch whose gateway differs from its topic's gateway level.
 check_topic_gateway = true
+# Confirm to each gateway, on ami/v1/<gateway>/down/ack, the batches (seq ranges) and events
+# (ids) that are durable: written, dead-lettered with a reason, or already durable. The edge
+# keeps a batch until it is confirmed and re-sends it otherwise.
+confirm = true
 # Publish validated intervals to ami/v1/agg/intervals/<gateway> (QoS 1, before the batch is
 # acknowledged) and running daily time-of-use totals to ami/v1/agg/daily/<gateway>.
 publish_intervals = true
@@ -444,6 +458,13 @@ outage_window_s = 120
 outage_min_meters = 3
 outage_pct = 30
 outage_hold_s = 1800
+
+[loss]
+# Loss accounting (SQLite, shared by the workers of this machine): per gateway, the durable seq
+# ranges and the holes between them (amigw ingest --loss; gauge amigw_ingest_missing_batches).
+path = "loss.sqlite"
+# A hole open longer than this raises a seq_gap alarm (log line, counter, InfluxDB "alarms").
+gap_alarm_s = 600.0
 
 [line_loss]
 # LL-02 classes of the daily report (amigw ingest --daily-report): a loss rate above high_pct is

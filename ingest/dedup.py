@@ -9,6 +9,7 @@ Contract
 * Optionally a short ``digest`` of the payload is stored with the key. ``seen`` with a digest that
   differs from the stored one answers *false* and counts a ``seq_reuse``: a gateway whose outbox
   was wiped restarts its sequence, and its new batch 1 must not be skipped as "already seen".
+  :meth:`DedupStore.mark` of such a batch returns True (loss accounting starts the gateway afresh).
 * Bounded: per gateway, only the newest ``keep_per_gateway`` seqs are kept (pruned every
   ``prune_every`` marks of that gateway, so the table stays between N and N + prune_every rows per
   gateway), and entries older than ``max_age_s`` are dropped.
@@ -155,13 +156,19 @@ class DedupStore:
 
     def mark(
         self, gateway: str, seq: int, digest: bytes | None = None, daily_days: Sequence[int] = ()
-    ) -> None:
+    ) -> bool:
         """Record the batch as durably processed, and in the same transaction the local days
-        (epoch ms) whose daily totals it changed; prunes that gateway every ``prune_every`` marks."""
+        (epoch ms) whose daily totals it changed; prunes that gateway every ``prune_every`` marks.
+
+        Returns True when this replaced a remembered mark of the same ``(gateway, seq)`` with a
+        different digest: the gateway reused the seq (its outbox was wiped; :mod:`ingest.loss`)."""
         now_ms = int(self._clock() * 1000)
         with self._lock:
             self._db.execute("BEGIN")
             try:
+                old = self._db.execute(
+                    "SELECT digest FROM processed WHERE gateway = ? AND seq = ?", (gateway, seq)
+                ).fetchone()
                 self._db.execute(
                     "INSERT OR REPLACE INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?)",
                     (gateway, seq, digest, now_ms),
@@ -180,6 +187,7 @@ class DedupStore:
             self._marks_since_prune[gateway] = count
         if count >= self.prune_every:
             self.prune(gateway)
+        return old is not None and old[0] is not None and digest is not None and bytes(old[0]) != digest
 
     def pending_days(self, limit: int = 10_000) -> list[tuple[str, int, int]]:
         """``(gateway, day_ms, version)`` whose daily totals are still to be published, oldest

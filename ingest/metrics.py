@@ -84,6 +84,27 @@ class IngestMetrics:
             ["kind"],
             registry=r,
         )
+        self.confirmations = Counter(
+            "amigw_ingest_confirmations_total",
+            "Confirmation messages published to gateways (ami/v1/<gw>/down/ack)",
+            registry=r,
+        )
+        self.missing_batches = Gauge(
+            "amigw_ingest_missing_batches",
+            "Batches missing between the lowest and highest durable seq, over all gateways of this "
+            "machine's loss store (every worker reports the same number)",
+            registry=r,
+        )
+        self.seq_gap_alarms = Counter(
+            "amigw_ingest_seq_gap_alarms_total",
+            "seq_gap alarms raised: a gateway's batches missing longer than gap_alarm_s",
+            registry=r,
+        )
+        self.seq_resets = Counter(
+            "amigw_ingest_seq_resets_total",
+            "Gateways seen starting their sequence again (outbox wiped); their open gaps count as lost",
+            registry=r,
+        )
 
     def count_flags(self, flags: npt.NDArray[np.uint16]) -> None:
         """One vectorised count per flag bit present in the batch (most batches carry few bits;

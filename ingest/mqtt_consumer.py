@@ -10,15 +10,20 @@ Contract
 * ``async with MqttConsumer(config) as consumer:`` returns once the consumer is subscribed to
   every filter in ``config.topics`` (plain or ``$share/<group>/<filter>``), else raises
   :class:`~protocols.errors.TransportError`. "Subscribed" means: the SUBACKs came back (a new
-  session), or the CONNACK said ``session_present`` (a resumed session: the broker already holds
-  the subscriptions, see "Resumed sessions" below). ``async for msg in consumer`` yields
+  session), or the CONNACK said ``session_present`` (a resumed session, see "Resumed sessions"
+  below). ``async for msg in consumer`` yields
   :class:`Message` objects; ``await consumer.ack(msg)`` acknowledges one.
 * The session is persistent (MQTT 5: ``clean_start=False`` with ``session_expiry_s``; 3.1.1:
   ``clean_session=False``), so QoS 1 messages delivered but not acknowledged when the process dies
   are redelivered (DUP) to the next connection with the same ``client_id``.
 * Reconnection after a drop is automatic (paho's loop, back-off ``reconnect_min_s``..
-  ``reconnect_max_s``), and the subscriptions are renewed on every connect (so a changed topic
-  list or an expired session heals, field lesson 17).
+  ``reconnect_max_s``), and the subscriptions are renewed on **every** connect, resumed session
+  or not: a changed topic list or an expired session heals (field lesson 17), and so does a
+  broker restart, after which the Debian mosquitto 2.0.11 resumes the session (``session_present``)
+  but has not restored its shared subscriptions (``$share/...``). Messages published between the
+  broker's restart and the renewal reach no subscriber; the edges re-send them, because the
+  head-end never confirmed them (:mod:`protocols.acks`). ``stats.subacks`` counts the granted
+  SUBACKs.
 * A message over ``max_payload_bytes`` is never buffered whole: the paho thread keeps its first
   :data:`OVERSIZE_PREFIX_BYTES` bytes and its full length (:attr:`Message.oversize`), drops the
   rest before the message enters the queue, and yields it in arrival order like any other; the
@@ -37,8 +42,9 @@ CONNACK, *before* the SUBACK of the renewed subscriptions. Were ``connect()`` to
 SUBACK, a backlog larger than ``queue_max`` would deadlock: paho's thread waits in ``on_message``
 for a queue slot (step 2 below), nobody consumes because ``connect()`` has not returned, and the
 SUBACK behind the backlog is never read. So with ``session_present`` the consumer is ready at the
-CONNACK (the broker's subscriptions are already in force); the renewals' SUBACKs are read as the
-caller drains the queue, and a refused renewal ends the iteration with ``TransportError``.
+CONNACK (the backlog is the session's, whatever became of its subscriptions); the renewals are
+sent at once, their SUBACKs are read as the caller drains the queue, and a refused renewal ends
+the iteration with ``TransportError``.
 Back-pressure is unchanged: the paho thread still never queues more than ``queue_max``.
 
 Back-pressure, end to end
@@ -163,6 +169,7 @@ class ConsumerStats:
     unacked: int = 0
     unacked_high_water: int = 0
     oversized: int = 0
+    subacks: int = 0
 
 
 class MqttConsumer:
@@ -363,6 +370,8 @@ class MqttConsumer:
         )
         if flags.session_present:  # the backlog may precede the SUBACK: see "Resumed sessions"
             self._to_loop(self._resolve_ready, None)
+        # Renewed even when the session was resumed: mosquitto does not restore shared
+        # subscriptions after a restart (see the module contract).
         for topic in self.config.topics:
             if self.config.protocol == "5":
                 _rc, mid = client.subscribe(topic, options=SubscribeOptions(qos=self.config.qos))
@@ -379,6 +388,7 @@ class MqttConsumer:
     ) -> None:
         topic = self._pending_subs.pop(mid, "?")
         failed = [r for r in reasons if r.is_failure]
+        self.stats.subacks += len(reasons) - len(failed)
         if failed:
             log.error("mqtt subscribe refused topic=%s reason=%s", topic, failed[0])
             self._to_loop(self._refused, TransportError(f"mqtt subscribe to {topic!r} refused: {failed[0]}"))

@@ -51,6 +51,27 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
   items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
   ``(meter, day)`` read from InfluxDB (the shared state of all workers) after the write (the item
   with more ``intervals`` supersedes).
+
+Confirmations and loss accounting
+---------------------------------
+After a group's acks, every item whose outcome is final (written and dedup-marked, dead-lettered
+with a reason, or a duplicate of a batch already durable, i.e. an edge's re-send after a lost
+confirmation) and whose batch or event is known is confirmed to its gateway: per gateway one
+:class:`protocols.acks.Ack` on ``ami/v1/{gw}/down/ack`` (QoS 1, not retained) with the seq ranges
+and event ids. The gateway is the topic's (the one the broker's ACL authenticated); a batch naming
+another gateway than its topic is never confirmed, so no gateway can clear another's outbox.
+Before they are confirmed the batches are recorded in :class:`~ingest.loss.LossStore` (a
+recording that fails is not confirmed: the edge's re-send records it later); a dedup mark that
+replaced another digest is a sequence reset there. A task updates ``amigw_ingest_missing_batches``
+every ``LossConfig.check_s`` (``min(5 s, gap_alarm_s / 4)``) and raises the due
+``seq_gap``/``seq_reset`` alarms (log line, counter, ``alarms`` point in InfluxDB), each claimed
+by one worker of the machine.
+
+Decision: confirmations are **not** awaited (no PUBACK wait, paho queues them through a
+reconnect). Awaiting would add a round trip to every group and make the pipeline stall or fail
+while the broker is briefly away, for nothing: a lost confirmation is repaired by the edge, which
+re-sends an unconfirmed batch after its timeout; dedup recognises the re-send as a duplicate and
+it is confirmed again. Confirming is idempotent and needs no state shared between workers.
 """
 
 from __future__ import annotations
@@ -62,6 +83,7 @@ import functools
 import hashlib
 import logging
 import random
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -76,6 +98,7 @@ from ingest.config import IngestConfig
 from ingest.deadletter import DeadLetter, DeadLetterStore
 from ingest.dedup import DedupStore
 from ingest.influxql import InfluxQuery, quote_str
+from ingest.loss import Alarm, LossStore
 from ingest.metrics import IngestMetrics
 from ingest.mqtt_consumer import ConsumerStats, Message, MqttConsumer
 from ingest.registry import MeterRegistry
@@ -92,6 +115,7 @@ from ingest.transform import (
     warm_up,
 )
 from protocols import topics
+from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
 
@@ -105,12 +129,15 @@ _FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
 _DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
 _NOT_BOUND = "meter not bound to gateway"
 _DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
+_FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
+_ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
 
 
 class AggregatePublisher:
-    """A paho client that publishes QoS 1 and awaits the PUBACK (its own connection, clean
-    session, client id ``<client_id>-<worker>-pub``). Raises TransportError when no PUBACK
-    arrives within ``timeout_s``."""
+    """A paho client (its own connection, clean session) for the head-end's downstream messages:
+    aggregates, published QoS 1 with the PUBACK awaited (:meth:`publish_many`, TransportError when
+    none arrives within ``timeout_s``), and confirmations, published QoS 1 without waiting
+    (:meth:`send`)."""
 
     def __init__(self, cfg: IngestConfig, worker: int | str) -> None:
         import paho.mqtt.client as mqtt
@@ -132,6 +159,7 @@ class AggregatePublisher:
         self._lock = threading.Lock()
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._early: set[int] = set()
+        self._unawaited: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         parts = urllib.parse.urlsplit(m.url)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 1883
@@ -148,11 +176,23 @@ class AggregatePublisher:
     def _on_publish(self, _c: Any, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
         with self._lock:
             fut = self._waiting.pop(mid, None)
+            if fut is None and mid in self._unawaited:
+                self._unawaited.discard(mid)
+                return
             if fut is None:
                 self._early.add(mid)
         if fut is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish QoS 1 and return at once; paho re-sends it after a reconnect."""
+        info = self._client.publish(topic, payload, qos=1)
+        with self._lock:  # as in publish_many: the PUBACK may have come already
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._unawaited.add(info.mid)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Publish all, then await every PUBACK. Raises: TransportError on timeout."""
@@ -199,6 +239,7 @@ class _Resources:
     dedup: DedupStore
     publisher: AggregatePublisher | None
     consumer: MqttConsumer | None = None
+    loss: LossStore | None = None
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -241,42 +282,54 @@ class IngestWorker:
         """Raises: TransportError when the MQTT session cannot be set up or a subscription is refused."""
         self._task = asyncio.current_task()
         cfg = self.cfg
+        try:
+            async with self._resources(COMMIT_SLOTS, self.worker) as res:
+                consumer = res.consumer = MqttConsumer(cfg.mqtt.consumer(self.worker))
+                try:
+                    await consumer.connect()
+                    self.ready.set()
+                    log.info(
+                        "ingest worker started worker=%d client_id=%s", self.worker, consumer.config.client_id
+                    )
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._probe_sink(), name=f"ingest-probe-{self.worker}")
+                        tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
+                        tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
+                        tg.create_task(self._loss_loop(), name=f"ingest-loss-{self.worker}")
+                        if res.publisher is not None and cfg.pipeline.publish_daily:
+                            tg.create_task(self._daily_loop(), name=f"ingest-daily-{self.worker}")
+                except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
+                    raise eg.exceptions[0] from None
+                finally:
+                    await consumer.aclose()
+                    if res.publisher is not None and cfg.pipeline.publish_daily and self.ready.is_set():
+                        with contextlib.suppress(Exception):  # best effort: what stays pending is kept
+                            await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
+        except asyncio.CancelledError:
+            pass
+
+    @contextlib.asynccontextmanager
+    async def _resources(self, slots: int, publisher_id: int | str) -> AsyncIterator[_Resources]:
+        """The worker's stores, ``slots`` sink connections and the publisher (client id
+        ``<client_id>-<publisher_id>-pub``), opened for :meth:`run` and :meth:`replaying`, closed
+        on the way out."""
+        cfg, p = self.cfg, self.cfg.pipeline
         dead = DeadLetterStore.from_config(cfg.dead_letter)
         dedup = DedupStore.from_config(cfg.dedup)
+        loss = LossStore.from_config(cfg.loss)
         sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
-        for _ in range(COMMIT_SLOTS):
+        for _ in range(slots):
             sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
         publisher = None
-        if cfg.pipeline.publish_intervals or cfg.pipeline.publish_daily:
-            publisher = AggregatePublisher(cfg, self.worker)
-        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher)
+        if p.publish_intervals or p.publish_daily or p.confirm:
+            publisher = AggregatePublisher(cfg, publisher_id)
+        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher, loss=loss)
         try:
             warm_up(self.settings)
             if publisher is not None:
                 await publisher.connect()
-            consumer = res.consumer = MqttConsumer(cfg.mqtt.consumer(self.worker))
-            try:
-                await consumer.connect()
-                self.ready.set()
-                log.info(
-                    "ingest worker started worker=%d client_id=%s", self.worker, consumer.config.client_id
-                )
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._probe_sink(), name=f"ingest-probe-{self.worker}")
-                    tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
-                    tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
-                    if publisher is not None and cfg.pipeline.publish_daily:
-                        tg.create_task(self._daily_loop(), name=f"ingest-daily-{self.worker}")
-            except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
-                raise eg.exceptions[0] from None
-            finally:
-                await consumer.aclose()
-        except asyncio.CancelledError:
-            pass
+            yield res
         finally:
-            if publisher is not None and cfg.pipeline.publish_daily and self.ready.is_set():
-                with contextlib.suppress(Exception):  # best effort: what stays pending is kept
-                    await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
             closers = [s.aclose for s in _drain(sinks)] + [res.query.aclose]
             closers += [publisher.aclose] if publisher else []
             for closer in closers:
@@ -284,6 +337,7 @@ class IngestWorker:
                     await closer()
             dead.close()
             dedup.close()
+            loss.close()
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -315,7 +369,7 @@ class IngestWorker:
             key = (batch.gateway, batch.seq, hashlib.sha256(msg.payload).digest()[:16])
             # In flight counts as seen: its ack goes out after the original's, i.e. after its write.
             if key in self._in_flight or self._res.dedup.seen(*key):
-                return _Item(msg, "duplicate")
+                return _Item(msg, "duplicate", batch=batch)
             own, foreign = split_foreign(batch, self.settings)
             if foreign is not None:
                 self._dead_letter_foreign(msg, foreign)
@@ -443,12 +497,14 @@ class IngestWorker:
         res = self._res
         assert res is not None and res.consumer is not None
         m = self.metrics
+        reused: set[tuple[str, int]] = set()  # marks that replaced another digest: seq resets
         for it in group:
             if it.key is not None:
                 if it.result == "written":
                     owed = self.cfg.pipeline.publish_daily
                     days = it.out.daily_days if it.out is not None and owed else ()
-                    res.dedup.mark(*it.key, daily_days=days)
+                    if res.dedup.mark(*it.key, daily_days=days):
+                        reused.add(it.key[:2])
                     m.readings.inc(it.out.readings if it.out else 0)
                     m.intervals.inc(it.out.n_intervals if it.out else 0)
                     if it.out is not None:
@@ -463,6 +519,119 @@ class IngestWorker:
             await res.consumer.ack(it.msg)
             self._window.release()
         self._update_gauges()
+        self._confirm(group, reused)
+
+    def _confirm(self, group: list[_Item], reused: set[tuple[str, int]]) -> None:
+        """Record the group's final batches in the loss account, then confirm them and its events
+        to their gateways (see "Confirmations and loss accounting")."""
+        res = self._res
+        assert res is not None
+        seqs: dict[str, list[int]] = {}
+        events: dict[str, list[str]] = {}
+        for it in group:
+            if it.result not in _FINAL:
+                continue
+            try:
+                gw = topics.gateway_of(it.msg.topic)
+            except PayloadError:
+                continue
+            if it.batch is not None and it.batch.gateway == gw and it.batch.seq >= 1:
+                seqs.setdefault(gw, []).append(it.batch.seq)
+            if it.event is not None and 0 < len(it.event.id) <= 256:
+                events.setdefault(gw, []).append(it.event.id)
+        for gw in list(seqs):
+            if not self._record_loss(gw, seqs[gw], [s for g, s in reused if g == gw]):
+                del seqs[gw]  # not confirmed: the edge re-sends it, and it is recorded then
+        if not self.cfg.pipeline.confirm or res.publisher is None:
+            return
+        now_ms = int(time.time() * 1000)
+        for gw in sorted(seqs.keys() | events.keys()):
+            for ack in _acks(gw, seq_ranges(seqs.get(gw, ())), events.get(gw, ()), now_ms):
+                res.publisher.send(topics.ack(gw), ack.to_json())
+                self.metrics.confirmations.inc()
+
+    def _record_loss(self, gw: str, seqs: list[int], reused: list[int]) -> bool:
+        """Record durable seqs in the loss account (a sequence reset is counted and logged).
+        False when the store failed."""
+        assert self._res is not None
+        if self._res.loss is None:
+            return True
+        try:
+            reset = self._res.loss.record(gw, seqs, reused=reused)
+        except sqlite3.Error as exc:
+            log.error("loss accounting failed, batches not confirmed gateway=%s error=%s", gw, exc)
+            return False
+        if reset is not None:
+            self.metrics.seq_resets.inc()
+            log.warning(
+                "gateway sequence reset, open gaps counted as lost gateway=%s lost_batches=%d gaps=%s",
+                gw, reset.lost, ",".join(f"{g.first}-{g.last}" for g in reset.gaps) or "none",
+            )  # fmt: skip
+        return True
+
+    # -- loss accounting ---------------------------------------------------------------------
+
+    async def _loss_loop(self) -> None:
+        """Every ``check_s``: the missing-batches gauge, then the due alarms (each claimed by one
+        worker of the machine), written by a task of their own so that the gauge keeps moving
+        while InfluxDB is away."""
+        res, lc = self._res, self.cfg.loss
+        assert res is not None and res.loss is not None
+        writing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    self.metrics.missing_batches.set(res.loss.missing())
+                    if writing is None or writing.done():
+                        due = res.loss.claim_alarms(lc.gap_alarm_s)
+                        if due:
+                            writing = asyncio.create_task(self._raise_loss_alarms(due))
+                except sqlite3.Error as exc:
+                    log.error("loss accounting unavailable, retrying error=%s", exc)
+                await asyncio.sleep(lc.check_s)
+        finally:
+            if writing is not None:
+                writing.cancel()
+
+    async def _raise_loss_alarms(self, alarms: list[Alarm]) -> None:
+        """One ``alarms`` point each (``kind`` seq_gap or seq_reset, tagged by gateway), written on
+        a free sink connection; one that is not written (refused, or the worker stops first) is
+        given back, to be claimed again."""
+        res = self._res
+        assert res is not None and res.loss is not None
+        pending = list(alarms)
+        try:
+            while pending:
+                alarm = pending[0]
+                line = b"alarms,gateway=%s,kind=%s gaps=%di,missing=%di,first=%di,last=%di %d\n" % (
+                    st.escape_tag(alarm.gateway), alarm.kind.encode(), alarm.gaps, alarm.missing,
+                    alarm.first, alarm.last, alarm.ts_ms,
+                )  # fmt: skip
+                sink = await res.sinks.get()
+                try:
+                    await sink.write(line)
+                except SinkError as exc:
+                    res.loss.release(alarm)
+                    log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
+                                alarm.kind, alarm.gateway, exc)  # fmt: skip
+                else:
+                    self._announce(alarm)
+                finally:
+                    res.sinks.put_nowait(sink)
+                pending.pop(0)
+        finally:
+            for alarm in pending:
+                res.loss.release(alarm)
+
+    def _announce(self, alarm: Alarm) -> None:
+        """Count and log a raised gap alarm (a reset was logged when it was recognised)."""
+        if alarm.kind == "seq_gap":
+            self.metrics.seq_gap_alarms.inc()
+            age_s = (time.time() * 1000 - alarm.ts_ms) / 1000
+            log.warning(
+                "batches missing alarm gateway=%s missing=%d gaps=%d first=%d last=%d open_s=%.0f",
+                alarm.gateway, alarm.missing, alarm.gaps, alarm.first, alarm.last, age_s,
+            )  # fmt: skip
 
     async def _write(self, lines: bytes) -> None:
         """The sink write on a free connection, retried (same lines) while InfluxDB is
@@ -596,38 +765,18 @@ class IngestWorker:
         :meth:`replay`; yields the dead-letter store. The daily totals the replayed batches owe
         are published on the way out (best effort: else by the next worker's flush, the keys are
         durable in the dedup store)."""
-        cfg, p = self.cfg, self.cfg.pipeline
         self._replaying = True
-        dead = DeadLetterStore.from_config(cfg.dead_letter)
-        dedup = DedupStore.from_config(cfg.dedup)
-        sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
-        sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
         # its own client id: a live worker's publisher must not be taken over
-        publisher = AggregatePublisher(cfg, "replay") if p.publish_intervals or p.publish_daily else None
-        no_session: Any = _NoSession()
-        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher, no_session)
-        try:
-            warm_up(self.settings)
-            if publisher is not None:
-                await publisher.connect()
-            yield dead
-            if publisher is not None and p.publish_daily:
+        async with self._resources(1, "replay") as res:
+            res.consumer = _NoSession()  # type: ignore[assignment]
+            yield res.dead_letter
+            if res.publisher is not None and self.cfg.pipeline.publish_daily:
                 try:
                     await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
                 except (TimeoutError, AmigwError) as exc:
                     log.warning(
                         "daily totals of the replay left to the workers", extra={"kv": {"error": exc}}
                     )
-        finally:
-            for closer in (
-                [s.aclose for s in _drain(sinks)]
-                + [res.query.aclose]
-                + ([publisher.aclose] if publisher else [])
-            ):
-                with contextlib.suppress(Exception):
-                    await closer()
-            dead.close()
-            dedup.close()
 
     async def replay(self, entry: DeadLetter) -> tuple[str, str]:
         """Put one dead-lettered payload back through intake and commit (inside :meth:`replaying`):
@@ -783,6 +932,26 @@ def _from_its_gateway(reg: MeterRegistry, row: dict[str, Any]) -> bool:
     the meter's bound gateway, or any for an unbound meter (events stored before the binding)."""
     bound = reg.bound_gateway(st.unescape_tag(row["meter"]))
     return bound is None or st.unescape_tag(row.get("gateway", "")) == bound
+
+
+def _acks(gw: str, ranges: Sequence[tuple[int, int]], events: Sequence[str], ts_ms: int) -> list[Ack]:
+    """The confirmations of one gateway, split to stay within the protocol's bounds (one message
+    unless a group holds more than MAX_RANGES ranges or MAX_EVENTS/64 KiB of event ids)."""
+    parts_r = [tuple(ranges[i : i + MAX_RANGES]) for i in range(0, len(ranges), MAX_RANGES)]
+    parts_e: list[list[str]] = []
+    size = 0
+    for e in events:
+        cost = len(e.encode()) * 6 + 3  # worst case of JSON's \uXXXX escapes
+        if not parts_e or len(parts_e[-1]) == MAX_EVENTS or size + cost > _ACK_EVENT_BYTES:
+            parts_e.append([])
+            size = 0
+        parts_e[-1].append(e)
+        size += cost
+    n = max(len(parts_r), len(parts_e))
+    return [
+        Ack(gw, parts_r[i] if i < len(parts_r) else (), tuple(parts_e[i]) if i < len(parts_e) else (), ts_ms)
+        for i in range(n)
+    ]
 
 
 def _reason(message: str) -> str:

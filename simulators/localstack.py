@@ -44,7 +44,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -375,14 +375,16 @@ class Mosquitto(_ChildServer):
     Plain (``secure=False``): one listener, anonymous clients allowed.
     Secure (``secure=True``): one TLS listener (``.ca_file`` signs its certificate;
     ``.wrong_ca_file`` does not), anonymous clients refused, users from a ``mosquitto_passwd``
-    file (``.passwords``: gw-1, gw-2, headend) and an ACL: a gateway writes only under
-    ``ami/v1/<its username>/`` and reads only ``ami/v1/<its username>/down/#``; the head-end
-    reads and writes everything.
+    file (``.passwords``: gw-1, gw-2, headend) and the mosquitto ACL text ``acl`` (by default: a
+    gateway writes only under ``ami/v1/<its username>/`` and reads only
+    ``ami/v1/<its username>/down/#``; the head-end reads and writes everything).
+
+    ``settings`` are further ``mosquitto.conf`` directives (key -> value), e.g. the queue and size
+    limits of the configuration the head-end ships (the test fixtures pass those). Without them
+    offline queues are unbounded (``max_queued_messages 0``).
 
     Queued QoS 1 messages of persistent sessions survive ``stop()``/``start()`` (saved on clean
-    shutdown) and, up to the last autosave (``autosave_interval_s``), ``kill()``. Offline queues
-    are unbounded by default (``max_queued_messages=0``) so that the broker never drops what a
-    no-loss test is counting; pass a bound to test overflow.
+    shutdown) and, up to the last autosave (``autosave_interval_s``), ``kill()``.
     """
 
     name = "mosquitto"
@@ -394,14 +396,16 @@ class Mosquitto(_ChildServer):
         secure: bool = False,
         host: str = LOOPBACK,
         autosave_interval_s: int = 5,
-        max_queued_messages: int = 0,
+        settings: Mapping[str, str] | None = None,
+        acl: str | None = None,
         log_types: tuple[str, ...] = ("error", "warning", "notice", "information"),
     ) -> None:
         self.binary = find_binary("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
         super().__init__(workdir, host)
         self.secure = secure
         self.autosave_interval_s = autosave_interval_s
-        self.max_queued_messages = max_queued_messages
+        self.settings = dict(settings) if settings is not None else {"max_queued_messages": "0"}
+        self.acl = acl
         self.log_types = log_types
         self.config_file = self.workdir / "mosquitto.conf"
         self.port = free_port(host)
@@ -444,7 +448,7 @@ class Mosquitto(_ChildServer):
             "per_listener_settings false",
             f"persistence true\npersistence_location {self.workdir}/\npersistence_file mosquitto.db",
             f"autosave_interval {self.autosave_interval_s}",
-            f"max_queued_messages {self.max_queued_messages}",
+            *(f"{key} {value}" for key, value in self.settings.items()),
             "set_tcp_nodelay true",
             "log_dest stderr\nlog_timestamp_format %Y-%m-%dT%H:%M:%S",
             # "information" carries the "running" line that start() waits for
@@ -477,7 +481,9 @@ class Mosquitto(_ChildServer):
 
     def _write_acl_file(self) -> None:
         (self.workdir / "acl").write_text(
-            "# the head-end reads and writes everything\n"
+            self.acl
+            if self.acl is not None
+            else "# the head-end reads and writes everything\n"
             f"user {HEADEND_USER}\ntopic readwrite #\n\n"
             "# every user (so each gateway) writes only under its own prefix, reads its commands\n"
             "pattern write ami/v1/%u/#\npattern read ami/v1/%u/down/#\n"

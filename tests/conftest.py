@@ -1,7 +1,10 @@
 """Real-service fixtures for the whole suite (DESIGN §8): mosquitto and influxd as child processes.
 
 - ``mosquitto``: plain broker, anonymous, ``.url`` is ``mqtt://127.0.0.1:<port>`` (session).
-- ``mosquitto_secure``: TLS + password file + ACL (see ``services.Mosquitto``) (session).
+- ``mosquitto_secure``: TLS + password file + the shipped ACL (see ``services.Mosquitto``) (session).
+- Both brokers run with the queue and size limits of the shipped broker configuration
+  (``ingest.broker.limits()``, docs/broker.md); only ports, paths, logging and the autosave
+  interval (5 s, so that SIGKILL tests stay short) are the fixture's own.
 - ``influxd``: InfluxDB 1.x (session); ``influx_db``: ``(influxd, fresh database name)`` per test.
 - ``influxd_auth``: InfluxDB 1.x with ``auth-enabled = true`` and the admin ``INFLUX_ADMIN``
   (session), for refused credentials and privileges.
@@ -22,6 +25,7 @@ from typing import TypeVar
 
 import pytest
 
+from ingest.broker import ACL, limits
 from simulators.localstack import Influxd, Mosquitto, ServiceNotInstalledError
 
 SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth")
@@ -42,14 +46,17 @@ def _started(service_factory: Callable[[Path], S], workdir: Path) -> S:
 
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    broker = _started(Mosquitto, tmp_path_factory.mktemp("mosquitto"))
+    broker = _started(lambda d: Mosquitto(d, settings=limits()), tmp_path_factory.mktemp("mosquitto"))
     yield broker
     broker.stop()
 
 
 @pytest.fixture(scope="session")
 def mosquitto_secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    broker = _started(lambda d: Mosquitto(d, secure=True), tmp_path_factory.mktemp("mosquitto-secure"))
+    broker = _started(
+        lambda d: Mosquitto(d, secure=True, settings=limits(), acl=ACL),
+        tmp_path_factory.mktemp("mosquitto-secure"),
+    )
     yield broker
     broker.stop()
 

@@ -63,6 +63,7 @@ async def test_simulator_reads_arrive_in_influxdb(mosquitto: Any, influx_db: Any
         f"[influx]\nurl = {json.dumps(influxd.url)}\napi = 'v1'\ndatabase = {json.dumps(db)}\n"
         f"[dead_letter]\npath = {json.dumps(str(tmp_path / 'dl.sqlite'))}\n"
         f"[dedup]\npath = {json.dumps(str(tmp_path / 'dd.sqlite'))}\n"
+        f"[loss]\npath = {json.dumps(str(tmp_path / 'loss.sqlite'))}\n"
         "[pipeline]\ninterval_s = 1\n"
     )
     worker = IngestWorker(ingest_cfg)

@@ -185,6 +185,31 @@ async def test_unacked_message_survives_broker_restart_and_stale_ack_is_not_sent
         await consumer.aclose(end_session=True)
 
 
+async def test_a_shared_subscription_is_renewed_after_a_broker_restart(mosquitto, publisher) -> None:
+    # mosquitto 2.0.11 resumes a session after a restart (session_present) but does not restore its
+    # shared subscriptions: unless the consumer subscribes again on every connect, nothing
+    # published after the restart reaches it.
+    shared = f"$share/ingest-{_uid()}/ami/v1/+/up/readings"
+    topic = f"ami/v1/gw-{_uid()}/up/readings"
+    async with MqttConsumer(_config(mosquitto, (shared,))) as consumer:
+        assert consumer.stats.subacks == 1
+        publisher.close()
+        mosquitto.stop()  # SIGTERM: the session is saved with its subscriptions
+        mosquitto.start()  # a new process on the same port and persistence file
+        deadline = time.monotonic() + TIMEOUT_S
+        while consumer.stats.subacks < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (consumer.stats.connects, consumer.stats.subacks) == (2, 2)
+        fresh = Publisher(mosquitto)
+        try:
+            fresh.publish(topic, [b"after the restart 1", b"after the restart 2"])
+            got = await _take(consumer, 2)
+        finally:
+            fresh.close()
+        assert [m.payload for m in got] == [b"after the restart 1", b"after the restart 2"]
+        await consumer.aclose(end_session=True)
+
+
 async def test_shared_subscription_splits_the_stream(mosquitto, publisher) -> None:
     # The production filter shape; the group name is unique so that no other test's session
     # can be a member of this group on the session-wide broker.

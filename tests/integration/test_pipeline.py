@@ -72,6 +72,9 @@ def ingest_toml(tmp: Path, mosquitto: Any, influxd: Any, db: str, topics: list[s
         f"path = {json.dumps(str(tmp / opts.pop('deadletter', 'dead.sqlite')))}",
         "[dedup]",
         f"path = {json.dumps(str(tmp / opts.pop('dedup', 'dedup.sqlite')))}",
+        "[loss]",
+        f"path = {json.dumps(str(tmp / 'loss.sqlite'))}",
+        *(f"{k} = {json.dumps(v)}" for k, v in opts.pop("loss", {}).items()),
         "[pipeline]",
         *(f"{k} = {json.dumps(v)}" for k, v in pipeline.items()),
     ]

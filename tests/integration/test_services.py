@@ -116,11 +116,6 @@ class Peer:
         self.client.loop_start()
         return self._wait(lambda: self.connacks and self.connacks[0])  # type: ignore[no-any-return]
 
-    def wait_dropped_and_reconnected(self) -> None:
-        """The broker closed the connection and paho's automatic reconnect succeeded."""
-        self._wait(lambda: self.disconnects >= 1 and len(self.connacks) >= 2)
-        assert not self.connacks[-1][0].is_failure, self.connacks[-1]
-
     def subscribe(self, topic: str) -> ReasonCode:
         _, mid = self.client.subscribe(topic, qos=1)
         return self._wait(lambda: self._acks.get(mid))  # type: ignore[no-any-return]
@@ -219,9 +214,10 @@ def test_secure_gateway_publishes_under_its_prefix(mosquitto_secure: Mosquitto, 
 
 @pytest.mark.parametrize(
     ("protocol", "expected_puback"),
-    # Observed with mosquitto 2.0.11 (Debian 2.0.11-1.2+deb12u2): the broker logs "Denied PUBLISH",
-    # answers PUBACK "Not authorized" (0x87) -- 3.1.1 has no reason codes, so there the PUBACK
-    # looks like success -- and then closes the client's connection ("Bad socket read/write").
+    # Observed with mosquitto 2.0.11 (Debian 2.0.11-1.2+deb12u2): the broker answers PUBACK "Not
+    # authorized" (0x87) -- 3.1.1 has no reason codes, so there the PUBACK looks like success --
+    # and drops the message. It also closes the connection, but only when max_queued_messages is
+    # 0 (unlimited): with the shipped limits the client stays connected.
     [(V5, NOT_AUTHORIZED), (V311, 0)],
     ids=["mqtt5", "mqtt311"],
 )
@@ -234,7 +230,6 @@ def test_secure_gateway_cannot_publish_for_another_gateway(  # type: ignore[no-u
     gw1 = _connected(peers(mosquitto_secure, user="gw-1", protocol=protocol))
 
     assert gw1.publish("ami/v1/gw-2/up/readings", b"forged").value == expected_puback
-    gw1.wait_dropped_and_reconnected()
     assert gw1.publish("ami/v1/gw-1/up/events", b"marker").value == 0
     # Same publisher, in order: had the forged message been routed, it would arrive first.
     assert headend.next_message() == Received("ami/v1/gw-1/up/events", b"marker", 1)

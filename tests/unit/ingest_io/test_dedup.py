@@ -63,13 +63,14 @@ def test_age_bound(tmp_path: Path) -> None:
 
 def test_a_reused_seq_with_other_content_is_not_seen(tmp_path: Path) -> None:
     with DedupStore(tmp_path / "d.sqlite") as store:
-        store.mark("gw", 1, digest=b"aaaa")
+        assert store.mark("gw", 1, digest=b"aaaa") is False  # new
         assert store.seen("gw", 1, digest=b"aaaa")
         assert store.seen("gw", 1)  # no digest given: the key alone decides
         assert not store.seen("gw", 1, digest=b"bbbb")  # the gateway restarted its sequence
         assert store.stats().seq_reuse == 1
-        store.mark("gw", 1, digest=b"bbbb")
+        assert store.mark("gw", 1, digest=b"bbbb") is True  # replaced other content: a reuse
         assert store.seen("gw", 1, digest=b"bbbb")
+        assert store.mark("gw", 1, digest=b"bbbb") is False  # the same batch again
 
 
 def test_config_section(tmp_path: Path) -> None:
