@@ -50,6 +50,7 @@ from protocols.payload import (
 
 __all__ = [
     "INTERVALS_MAGIC",
+    "MAX_MESSAGE_BYTES",
     "DailyTotal",
     "IntervalRecord",
     "decode_daily",
@@ -61,7 +62,8 @@ __all__ = [
 
 VERSION = 1
 INTERVALS_MAGIC = b"AMA" + bytes([VERSION])
-_MAX = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The largest aggregates message decoded (either encoding)."""
 # (wire key, record field, column spec) of the binary intervals columns, in record order
 _COLUMNS = (
     ("meter", "meter", _U32),
@@ -147,7 +149,7 @@ def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:
 
 
 def _load(data: bytes, kind: str, key: str) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-    doc = load_json_message(data, kind, max_bytes=_MAX)
+    doc = load_json_message(data, kind, max_bytes=MAX_MESSAGE_BYTES)
     items = doc.get(key)
     if not isinstance(doc.get("gateway"), str) or not isinstance(items, list):
         raise PayloadError(f"{kind}: 'gateway' must be a string and '{key}' a list")
@@ -188,8 +190,8 @@ def decode_daily(data: bytes) -> tuple[str, list[DailyTotal]]:
 
 def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord]]:
     n = len(data)
-    if n > _MAX:
-        raise PayloadError(f"intervals: {n} bytes exceeds the {_MAX}-byte bound")
+    if n > MAX_MESSAGE_BYTES:
+        raise PayloadError(f"intervals: {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound")
     if n < 4 or data[3] != VERSION:
         raise PayloadError(f"intervals: binary version {data[3] if n > 3 else None} not supported")
     try:

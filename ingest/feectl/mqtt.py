@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from ingest.mqtt_consumer import ConsumerConfig
 from protocols import topics
+from protocols.aggregates import MAX_MESSAGE_BYTES
 from protocols.errors import TransportError
 
 from ._log import kv
@@ -91,6 +92,7 @@ def consumer_config(cfg: ServiceConfig) -> ConsumerConfig:
         session_expiry_s=m.session_expiry_s,
         queue_max=m.queue_max,
         connect_timeout_s=m.connect_timeout_s,
+        max_payload_bytes=MAX_MESSAGE_BYTES,
     )
 
 

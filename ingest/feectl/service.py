@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ingest.mqtt_consumer import MqttConsumer
-from protocols.aggregates import INTERVALS_MAGIC, IntervalRecord, decode_intervals
+from protocols.aggregates import INTERVALS_MAGIC, MAX_MESSAGE_BYTES, IntervalRecord, decode_intervals
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
@@ -96,7 +96,6 @@ log = logging.getLogger("amigw.feectl")
 ENERGY_QUANTITY = 1  # protocols.quantities: energy_fwd_active_total, 0.01 kWh
 RELAY_ACTIONS = frozenset({"trip", "close_allowed"})  # the only commands fee control issues
 NOTIFICATION_QUEUE_MAX = 10_000
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the largest message decoded (protocols' aggregates bound)
 REJECT_PAYLOAD_BYTES = 1024  # the first bytes of a rejected message kept in the rejects table
 _DETAIL_CHARS = 300  # a reject's detail, and ids taken from the payload, are cut to this
 _SEVERITY: dict[DecisionKind, tuple[str, str]] = {
@@ -269,12 +268,15 @@ class FeeControlService:
         return self._enrolled
 
     # -- inbound MQTT -------------------------------------------------------------------------
-    def handle_message(self, topic: str, payload: bytes) -> bool:
+    def handle_message(self, topic: str, payload: bytes, *, oversize: int = 0) -> bool:
         """Apply one message to the ledger, isolated from every other message. True: done (applied,
         ignored, or rejected with its reason in the rejects table): acknowledge it. False: an
         interval had no tariff in force; leave the message unacknowledged (redelivered next session).
 
         Whatever the message holds, the only exception that leaves is the ledger being unavailable.
+        ``oversize`` is the full length of a message the consumer refused to buffer (``payload`` is
+        then its first bytes, :data:`~ingest.mqtt_consumer.OVERSIZE_PREFIX_BYTES`): rejected
+        ``too_large`` unread.
 
         Raises:
             sqlite3.OperationalError: the ledger failed (transient: the caller retries the message).
@@ -283,7 +285,9 @@ class FeeControlService:
         msg = _Inbound(topic, payload, self.clock())
         kind = "other"
         try:
-            if (gateway := gateway_of_intervals_topic(topic)) is not None:
+            if oversize:
+                result = self._reject(msg, "too_large", f"{oversize} bytes, over {MAX_MESSAGE_BYTES}")
+            elif (gateway := gateway_of_intervals_topic(topic)) is not None:
                 kind = "intervals"
                 result = self._on_intervals(msg, gateway)
             elif (gateway := gateway_of_result_topic(topic)) is not None:
@@ -686,7 +690,7 @@ class FeeControlService:
                     self.consumer = consumer
                     delay = 1.0
                     async for msg in consumer:
-                        if await self._apply(msg.topic, msg.payload):
+                        if await self._apply(msg.topic, msg.payload, msg.oversize):
                             await consumer.ack(msg)
                 return
             except TransportError as exc:
@@ -696,11 +700,11 @@ class FeeControlService:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    async def _apply(self, topic: str, payload: bytes) -> bool:
+    async def _apply(self, topic: str, payload: bytes, oversize: int = 0) -> bool:
         delay = 0.5
         while True:
             try:
-                return self.handle_message(topic, payload)
+                return self.handle_message(topic, payload, oversize=oversize)
             except sqlite3.OperationalError as exc:
                 log.error("ledger write failed", extra=kv(topic=_cut(topic), reason=exc, retry_s=delay))
             await asyncio.sleep(delay)
