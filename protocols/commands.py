@@ -63,7 +63,16 @@ ACTIONS = RELAY_ACTIONS | {"time_sync", "read_now"}
 RESULT_STATUSES = frozenset({"done", "failed", "rejected"})
 # Why a command that reached the edge's executor failed (``reason`` of a ``failed`` result).
 FAILURE_REASONS = frozenset(
-    {"meter_error", "no_answer", "transport", "unsupported", "bus_down", "deadline", "internal"}
+    {
+        "meter_error",
+        "no_answer",
+        "transport",
+        "unsupported",
+        "bus_down",
+        "deadline",
+        "not_verified",
+        "internal",
+    }
 )
 # The keys ``params`` may hold, per action; every action not listed takes ``{}``.
 PARAMS: dict[str, frozenset[str]] = {"read_now": frozenset({"quantities"})}
@@ -124,9 +133,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _load_signed(data: bytes, kind: str, keys: frozenset[str]) -> dict[str, Any]:
-    """Parse a signed message of ``kind`` whose top-level keys are ``keys`` (``sig`` may be
-    missing: the caller reports that as unsigned). Raises :class:`PayloadError` for anything
-    that is not the canonical encoding of such an object."""
+    """Parse a signed message of ``kind`` whose top-level keys are ``keys``. Raises
+    :class:`PayloadError` for anything that is not the canonical encoding of such an object,
+    except a missing ``sig``: that the caller reports as unsigned."""
     if len(data) > _MAX_MESSAGE:
         raise PayloadError(f"{kind} message of {len(data)} bytes is too large")
     try:
@@ -144,6 +153,8 @@ def _load_signed(data: bytes, kind: str, keys: frozenset[str]) -> dict[str, Any]
     missing = sorted(keys - set(doc) - {"sig"})
     if unknown or missing:
         raise PayloadError(f"{kind} message: unknown keys {unknown}, missing keys {missing}")
+    if "sig" not in doc:
+        return doc  # unsigned, however it is spelt
     try:
         exact = encode(doc) == data
     except (ValueError, RecursionError) as exc:
