@@ -11,6 +11,7 @@ The poison command stream is in ``test_edge_poison.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -69,9 +70,11 @@ async def test_dead_buses_are_retried_and_come_in_without_a_restart(mosquitto, t
     async def wait(predicate, timeout_s: float = 30) -> None:  # type: ignore[no-untyped-def]
         await asyncio.to_thread(rec.wait_for, predicate, timeout_s)
 
-    async with Dlt645Simulator([LIVE], load_kw=50.0) as live, Dlt645Simulator(
-        [OVER_TCP], load_kw=50.0
-    ) as server, Dlt645Simulator([ON_TTY], load_kw=50.0) as line:
+    async with (
+        Dlt645Simulator([LIVE], load_kw=50.0) as live,
+        Dlt645Simulator([OVER_TCP], load_kw=50.0) as server,
+        Dlt645Simulator([ON_TTY], load_kw=50.0) as line,
+    ):
         text = edge_toml(
             str(tmp_path),
             gw,
@@ -87,16 +90,20 @@ async def test_dead_buses_are_retried_and_come_in_without_a_restart(mosquitto, t
         try:
             # Both dead buses are reported down while the live one polls on schedule.
             await wait(
-                lambda: len(readings_of(LIVE)) >= 3
-                and events("bus_down", "tcp") == 1
-                and events("bus_down", "tty") == 1
-                and status_counters().get("bus_tcp_up") == 0
+                lambda: (
+                    len(readings_of(LIVE)) >= 3
+                    and events("bus_down", "tcp") == 1
+                    and events("bus_down", "tty") == 1
+                    and status_counters().get("bus_tcp_up") == 0
+                )
             )
             assert not task.done()
             metrics = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-                .read()
-                .decode()
+                lambda: (
+                    urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+                    .read()
+                    .decode()
+                )
             )
             assert re.search(r'^amigw_bus_up\{bus="tcp"\} 0\.0$', metrics, re.M), metrics
             assert re.search(r'^amigw_bus_up\{bus="tty"\} 0\.0$', metrics, re.M)
@@ -127,6 +134,6 @@ async def test_dead_buses_are_retried_and_come_in_without_a_restart(mosquitto, t
     # take one slot missed on a loaded machine.
     slots = sorted(set(readings_of(LIVE)))
     assert all(t % 1000 == 0 for t in slots)
-    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert max(gaps) <= 2000, gaps
     assert len(slots) >= 8
