@@ -217,10 +217,17 @@ class EdgeAgent:
             driver = cls.tcp(host, int(port), timeout_s=bus_cfg.timeout_s, retries=bus_cfg.retries)  # type: ignore[attr-defined]
         elif protocol == "modbus":
             driver = cls.rtu(bus, retries=bus_cfg.retries)  # type: ignore[attr-defined]
-        else:
-            driver = cls(bus, retries=bus_cfg.retries)  # type: ignore[call-arg]
+        else:  # DL/T 645: relay-command deadlines are in the meters' local time, as configured
+            driver = cls(bus, retries=bus_cfg.retries, local_now=self._meter_local_now)  # type: ignore[call-arg]
         cache[protocol] = driver
         return driver
+
+    def _meter_local_now(self) -> datetime.datetime:
+        """Now on the meters' clocks ([clock] utc_offset_min, else this machine's zone), naive."""
+        now = self.now_ms()
+        return datetime.datetime(1970, 1, 1) + datetime.timedelta(
+            milliseconds=now + self._local_offset_ms(now)
+        )
 
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         for bus_cfg in self.cfg.buses:
@@ -640,8 +647,9 @@ class EdgeAgent:
             async with asyncio.timeout(deadline_s):
                 if cmd.action in RELAY_ACTIONS:
                     return await self._relay(meter, cmd, result)
-                if cmd.action == "time_sync":
-                    await meter.driver.set_clock(meter.ref, self.now_ms())
+                if cmd.action == "time_sync":  # meters keep local time, like the clock check
+                    now = self.now_ms()
+                    await meter.driver.set_clock(meter.ref, now + self._local_offset_ms(now))
                     self._event("clock_adjusted", meter.cfg.id, {"by": "command", "command": cmd.id})
                     return result("done")
                 return await self._read_now(line, meter, cmd, result)

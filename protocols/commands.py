@@ -168,8 +168,9 @@ def _load_signed(data: bytes, kind: str, keys: frozenset[str]) -> dict[str, Any]
 
 def _signature_ok(doc: dict[str, Any], key: bytes) -> bool:
     sig = doc["sig"]
-    # exact comparison: an upper-case signature would be a second spelling of the same message
-    return isinstance(sig, str) and hmac.compare_digest(sign(doc, key), sig)
+    # Exact comparison: an upper-case signature would be a second spelling of the same message.
+    # compare_digest refuses non-ASCII strings (TypeError): such a signature is simply wrong.
+    return isinstance(sig, str) and sig.isascii() and hmac.compare_digest(sign(doc, key), sig)
 
 
 def _check_params(action: str, params: Any) -> None:

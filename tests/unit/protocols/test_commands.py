@@ -237,3 +237,14 @@ def test_result_reason_goes_with_its_status() -> None:
             CommandResult("c", "g", "m", "trip", status, NOW, reason)
     with pytest.raises(ValueError, match="ts_ms"):
         CommandResult("c", "g", "m", "trip", "done", True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sig", ["\u00e9" * 64, "\ud800", "x", ""])
+def test_a_non_ascii_or_short_signature_is_a_bad_signature_not_a_crash(sig: str) -> None:
+    raw = encode(_cmd().to_dict() | {"sig": sig})
+    with pytest.raises(CommandRejected) as err:
+        verify_command(raw, KEY, NOW, gateway="gw-1")
+    assert err.value.reason == "bad_signature"
+    result = encode(CommandResult("c-1", "gw-1", "m", "trip", "done", NOW).to_dict() | {"sig": sig})
+    with pytest.raises(PayloadError, match="signature"):
+        decode_result(result, KEY)
