@@ -3,7 +3,8 @@
 * dead buses: a serial-server bus with nothing listening and a serial bus whose port does not
   exist yet do not stop the agent; the live bus keeps its schedule; both are reported down
   (metric, status, event) and, once their simulators appear, their meters are read without a
-  restart; when they vanish again while running they are reported down and reopened again.
+  restart; when they vanish again while running they are reported down and reopened again;
+* a Modbus TCP server that refuses is reported down and retried until it answers.
 
 The poison command stream is in ``test_edge_poison.py``.
 """
@@ -26,6 +27,7 @@ from protocols.payload import decode
 from protocols.quantities import by_name
 from simulators.dlt645_sim import Dlt645Simulator
 from simulators.localstack import free_port
+from simulators.modbus_sim import ModbusSimulator
 from tests.e2e.edge_helpers import MqttRecorder, edge_toml
 
 pytestmark = pytest.mark.integration
@@ -137,3 +139,38 @@ async def test_dead_buses_are_retried_and_come_in_without_a_restart(mosquitto, t
     gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert max(gaps) <= 2000, gaps
     assert len(slots) >= 8
+
+
+async def test_a_modbus_tcp_server_that_refuses_is_retried_until_it_answers(
+    mosquitto, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    gw = "gw-deadmodbus"
+    rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/{gw}/#"], client_id="rec-deadmodbus")
+    port = free_port()
+    text = edge_toml(
+        str(tmp_path),
+        gw,
+        mosquitto.url,
+        f'[[buses]]\nname = "mb"\nport = "modbus-tcp://127.0.0.1:{port}"\ntimeout_s = 0.5\n',
+        '[[meters]]\nid = "sdm-1"\nbus = "mb"\nprotocol = "modbus"\naddress = "1"\nmodel = "sdm120"\n'
+        'plans = ["fast"]\n',
+        PLAN,
+    )
+    agent = EdgeAgent(parse_config(text))
+    task = asyncio.create_task(agent.run())
+
+    def events(kind: str) -> int:
+        return sum(1 for p in rec.snapshot("/up/events") if json.loads(p)["kind"] == kind)
+
+    try:
+        await asyncio.to_thread(rec.wait_for, lambda: events("bus_down") == 1, 30)
+        assert not task.done() and not rec.snapshot("/up/readings")
+        async with ModbusSimulator(model="sdm120", unit=1, port=port):
+            await asyncio.to_thread(
+                rec.wait_for, lambda: events("bus_up") == 1 and rec.snapshot("/up/readings"), 40
+            )
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 15)
+    rec.close()
+    assert {m for p in rec.snapshot("/up/readings") for m in decode(p).meters} == {"sdm-1"}
