@@ -13,7 +13,8 @@ Tasks (one ``asyncio.TaskGroup``, every task named):
   (:func:`gateway.schedule.bus_retry_s`, 1 s doubling to 60 s) while the other buses poll; once
   it opens (``bus_up`` event) its meters are read on their schedule. A read that fails with a
   transport error other than a timeout (the port vanished, the server closed the connection)
-  makes the task reopen the bus at once, and report it down if that fails.
+  makes the task reopen the bus at once, and report it down if that fails. Any other exception
+  while reading a meter is that meter's failure (cause ``other``, logged with its traceback).
 * ``drain`` -- publishes the outbox (QoS 1, bounded in-flight window) whenever the broker is
   reachable; rows leave the outbox only once PUBACKed. After an outage or a restart it replays
   in order.
@@ -103,7 +104,7 @@ def _failure_reason(exc: BaseException) -> str:
     return "internal"
 
 
-def _line_failure(exc: AmigwError | None) -> bool:
+def _line_failure(exc: Exception | None) -> bool:
     """A failed read that says the line itself may be gone (not a silent or garbled meter)."""
     return isinstance(exc, TransportError) and not isinstance(exc, TransportTimeout)
 
@@ -365,7 +366,7 @@ class EdgeAgent:
         name = line.cfg.name
         try:
             await self._open_line(line)
-        except AmigwError as exc:
+        except Exception as exc:  # whatever stops it opening, the bus is down and retried
             line.failed_opens += 1
             if line.up is not False:  # edge-triggered: one log line and one event per outage
                 log.error("bus down", extra={"kv": {"bus": name, "port": line.cfg.port, "error": str(exc)}})
@@ -389,8 +390,10 @@ class EdgeAgent:
         plans: list[PlanConfig],
         cycle: _Cycle,
         slot_ms: int | None = None,
-    ) -> AmigwError | None:
-        """Read ``meter`` into ``cycle``; a failure is counted, reported and returned."""
+    ) -> Exception | None:
+        """Read ``meter`` into ``cycle``; a failure is counted, reported and returned. Any
+        exception of the driver is this meter's failure (cause ``other`` for one that is not
+        ours, logged with its traceback): it never stops the bus."""
         now = self.now_ms()
         interval_ms = min(p.interval_s for p in plans) * 1000
         if meter.stats.skip_until_ms > now:
@@ -405,7 +408,7 @@ class EdgeAgent:
                     kind_of[q.code] = p.kind
         try:
             result = await meter.driver.read(meter.ref, quantities)
-        except AmigwError as exc:
+        except Exception as exc:  # the meter's failure, whatever raised it
             cause = _cause(exc)
             meter.stats.record_failure(cause, now, interval_ms)
             self.metrics.reads.labels(bus_cfg.name, "failed").inc()
@@ -417,11 +420,12 @@ class EdgeAgent:
                     extra={
                         "kv": {"meter": meter.cfg.id, "bus": bus_cfg.name, "cause": cause, "error": str(exc)}
                     },
+                    exc_info=not isinstance(exc, AmigwError),
                 )
                 self._event("meter_unreachable", meter.cfg.id, {"cause": cause})
             else:
                 log.debug("meter read failed", extra={"kv": {"meter": meter.cfg.id, "cause": cause}})
-            failure: AmigwError | None = exc
+            failure: Exception | None = exc
         else:
             failure = None
             meter.stats.record_success(now)
@@ -526,8 +530,12 @@ class EdgeAgent:
                 return
             method = "broadcast" if abs(skew_ms) <= clock.max_adjust_s * 1000 else "write"
             await meter.driver.set_clock(meter.ref, true_local, method=method)  # type: ignore[call-arg]
-        except (AmigwError, NotImplementedError) as exc:
-            log.warning("clock check failed", extra={"kv": {"meter": meter.cfg.id, "error": str(exc)}})
+        except Exception as exc:  # a failed check is retried at the next interval, never fatal
+            log.warning(
+                "clock check failed",
+                extra={"kv": {"meter": meter.cfg.id, "error": f"{type(exc).__name__}: {exc}"}},
+                exc_info=not isinstance(exc, AmigwError | NotImplementedError),
+            )
             return
         log.info(
             "meter clock adjusted",

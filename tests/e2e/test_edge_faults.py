@@ -4,7 +4,8 @@
   exist yet do not stop the agent; the live bus keeps its schedule; both are reported down
   (metric, status, event) and, once their simulators appear, their meters are read without a
   restart; when they vanish again while running they are reported down and reopened again;
-* a Modbus TCP server that refuses is reported down and retried until it answers.
+* a Modbus TCP server that refuses is reported down and retried until it answers;
+* an unexpected error while reading one meter is that meter's failure, not the bus's.
 
 The poison command stream is in ``test_edge_poison.py``.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.dlt645 import Dlt645Driver
 from gateway.agent import EdgeAgent
 from gateway.config import parse_config
 from protocols.payload import decode
@@ -174,3 +176,47 @@ async def test_a_modbus_tcp_server_that_refuses_is_retried_until_it_answers(
         await asyncio.wait_for(task, 15)
     rec.close()
     assert {m for p in rec.snapshot("/up/readings") for m in decode(p).meters} == {"sdm-1"}
+
+
+async def test_an_unexpected_error_reading_one_meter_costs_only_that_meter(
+    mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A driver bug (here injected: a KeyError for one meter) is that meter's failure."""
+    gw = "gw-bug"
+    rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/{gw}/#"], client_id="rec-bug")
+    healthy, buggy = "000000000711", "000000000712"
+    read = Dlt645Driver.read
+
+    async def read_with_a_bug(self, meter, quantities, **kw):  # type: ignore[no-untyped-def]
+        if meter.id == buggy:
+            raise KeyError("a bug in the driver")
+        return await read(self, meter, quantities, **kw)
+
+    monkeypatch.setattr(Dlt645Driver, "read", read_with_a_bug)
+    async with Dlt645Simulator([healthy, buggy], load_kw=50.0) as sim:
+        text = edge_toml(
+            str(tmp_path),
+            gw,
+            mosquitto.url,
+            _bus("b", await sim.serve_pty()),
+            _meter(healthy, "b") + _meter(buggy, "b"),
+            PLAN,
+        )
+        agent = EdgeAgent(parse_config(text))
+        task = asyncio.create_task(agent.run())
+
+        def healthy_batches() -> int:
+            return sum(1 for p in rec.snapshot("/up/readings") if healthy in decode(p).meters)
+
+        def unreachable() -> list[dict[str, object]]:
+            found = (json.loads(p) for p in rec.snapshot("/up/events"))
+            return [e for e in found if e["kind"] == "meter_unreachable"]
+
+        try:
+            await asyncio.to_thread(rec.wait_for, lambda: healthy_batches() >= 3 and unreachable(), 30)
+            assert not task.done()
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, 15)
+    rec.close()
+    assert [(e["meter"], e["detail"]) for e in unreachable()] == [(buggy, {"cause": "other"})]
