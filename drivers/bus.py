@@ -19,18 +19,23 @@ Timing rules:
 
 The bus does not retry: the driver decides what is worth repeating (STYLE H4: bounded retries
 live with the caller that knows whether a request is idempotent).
+
+The transport can be replaced while the bus lives (:meth:`Bus.reopen`): a line that vanished or
+was never there is reopened under the bus's lock, and the drivers and per-device timings that
+hold the bus carry on with the new transport. A bus may start with a
+:class:`~drivers.transport.ClosedTransport`: every transaction then fails with ``TransportError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from drivers.transport import StreamDecoder, Transport, exchange
+from drivers.transport import ClosedTransport, StreamDecoder, Transport, exchange
 from protocols.errors import TransportTimeout
 
 __all__ = ["Bus", "BusTransaction", "DeviceTiming", "ResponseTimeout", "frame_gap_s"]
@@ -161,6 +166,15 @@ class Bus:
                 yield BusTransaction(self, device)
             finally:
                 self._mark_activity()
+
+    async def reopen(self, opener: Callable[[], Awaitable[Transport]]) -> None:
+        """Close the transport and put ``await opener()`` in its place, holding the line meanwhile
+        (a transaction in progress finishes first). If ``opener`` raises, the bus is left closed
+        (a :class:`~drivers.transport.ClosedTransport`) and the error propagates."""
+        async with self._lock:
+            await self.transport.aclose()
+            self.transport = ClosedTransport(self.name)
+            self.transport = await opener()
 
     async def aclose(self) -> None:
         await self.transport.aclose()

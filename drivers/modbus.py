@@ -49,6 +49,11 @@ class ModbusDriver(MeterDriver):
         """The shared RS-485 bus for Modbus RTU; ``None`` for Modbus TCP (its own connection)."""
         return self.link.bus if isinstance(self.link, RtuLink) else None
 
+    async def connect(self) -> None:
+        """Modbus TCP: open the connection now (reads reconnect by themselves). RTU: nothing to
+        open, the bus is. Raises ``TransportError``."""
+        await self.link.connect()
+
     def device_key(self, meter: MeterRef) -> Hashable:
         return (self.link.key if isinstance(self.link, RtuLink) else "modbus-tcp", meter.unit_id)
 

@@ -46,6 +46,9 @@ class RegisterLink(abc.ABC):
     async def read_registers(self, unit: int, function: int, start: int, count: int) -> tuple[int, ...]:
         """``count`` registers with function 3 or 4. Raises as described in the module docstring."""
 
+    async def connect(self) -> None:  # noqa: B027 - most links have nothing to open
+        """Open the link's own connection now, if it has one. Raises ``TransportError``."""
+
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
@@ -79,7 +82,7 @@ class TcpLink(RegisterLink):
         self._client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=0, reconnect_delay=0)
         self._lock = asyncio.Lock()
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         if self._client.connected:
             return
         try:
@@ -91,7 +94,7 @@ class TcpLink(RegisterLink):
 
     async def read_registers(self, unit: int, function: int, start: int, count: int) -> tuple[int, ...]:
         async with self._lock:
-            await self._connect()
+            await self.connect()
             call = self._client.read_holding_registers if function == 3 else self._client.read_input_registers
             try:
                 response = await call(start, count=count, device_id=unit)

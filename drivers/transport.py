@@ -25,7 +25,7 @@ from typing import Protocol, Self
 
 from protocols.errors import TransportError, TransportTimeout
 
-__all__ = ["StreamDecoder", "Transport", "exchange", "read_frame"]
+__all__ = ["ClosedTransport", "StreamDecoder", "Transport", "exchange", "read_frame"]
 
 
 class Transport(abc.ABC):
@@ -65,6 +65,29 @@ class Transport(abc.ABC):
     def __del__(self) -> None:
         if not self._closed and getattr(self, "_opened", False):
             warnings.warn(f"{type(self).__name__} was never closed", ResourceWarning, stacklevel=2)
+
+
+class ClosedTransport(Transport):
+    """Stands in for a line that is not open (the port is missing, the server refuses): every
+    operation raises ``TransportError``; closing it does nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _refuse(self) -> TransportError:
+        return TransportError(f"{self.name} is not open")
+
+    async def write(self, data: bytes) -> None:
+        raise self._refuse()
+
+    async def read(self, max_bytes: int, *, timeout_s: float) -> bytes:
+        raise self._refuse()
+
+    async def discard_input(self) -> int:
+        raise self._refuse()
+
+    async def aclose(self) -> None:
+        self._closed = True
 
 
 class StreamDecoder(Protocol):

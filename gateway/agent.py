@@ -7,6 +7,14 @@ Tasks (one ``asyncio.TaskGroup``, every task named):
   boundaries; a failing meter backs off (:func:`gateway.schedule.backoff_ms`) so it never starves
   its bus. After each cycle the readings go into the outbox as batches, per plan kind, with the
   next sequence number and the previous value sent of every cumulative channel, atomically.
+  The task opens its bus itself: a port that is missing or a server that refuses does not stop
+  the agent. The bus is reported down (``amigw_bus_up`` 0, ``bus_<name>_up`` 0 in the status, a
+  ``bus_down`` event, one log line) and reopened with back-off
+  (:func:`gateway.schedule.bus_retry_s`, 1 s doubling to 60 s) while the other buses poll; once
+  it opens (``bus_up`` event) its meters are read on their schedule. A read that fails with a
+  transport error other than a timeout (the port vanished, the server closed the connection)
+  makes the task reopen the bus at once, and report it down if that fails. Any other exception
+  while reading a meter is that meter's failure (cause ``other``, logged with its traceback).
 * ``drain`` -- publishes the outbox (QoS 1, bounded in-flight window) whenever the broker is
   reachable, and applies the head-end's confirmations (``ami/v1/{gateway}/down/ack``): readings
   batches and events leave the outbox only once the head-end confirmed them durable (or on the
@@ -15,7 +23,9 @@ Tasks (one ``asyncio.TaskGroup``, every task named):
 * ``commands`` -- verified, replay-protected downlink commands (:mod:`gateway.commands`). A
   command waits for the bus lock like a poll transaction does; ``asyncio.Lock`` is FIFO and the
   drivers take the lock per transaction, so a command gets the bus right after the transaction in
-  progress (the priority lane), and its validity window is its deadline.
+  progress (the priority lane), and its validity window is its deadline. Whatever happens while
+  handling one command ends at that command: it is answered (``rejected`` or ``failed`` with a
+  reason), counted in ``amigw_command_errors_total{reason}``, logged once, and the loop goes on.
 * ``status`` -- the retained status message with health and counters, every ``status_interval_s``.
 
 Time comes from ``now_ms`` (injected); nothing here reads the wall clock directly.
@@ -37,19 +47,22 @@ from drivers.base import MeterDriver, MeterRef, RelayAction, load_driver
 from drivers.bus import Bus, ResponseTimeout
 from drivers.serial_transport import SerialTransport
 from drivers.tcp_transport import TcpTransport
+from drivers.transport import ClosedTransport, Transport
 from gateway.commands import CommandIntake, ExecutedCommands
-from gateway.config import BusConfig, EdgeConfig, MeterConfig, PlanConfig
+from gateway.config import BusConfig, EdgeConfig, MeterConfig, PlanConfig, unreadable_quantity
 from gateway.metrics import EdgeMetrics, serve
 from gateway.outbox import Outbox
 from gateway.publisher import ConnectionLostError, Publisher
-from gateway.schedule import MeterStats, next_boundary
+from gateway.schedule import MeterStats, bus_retry_s, next_boundary
 from protocols import payload
 from protocols.commands import RELAY_ACTIONS, Command, CommandResult
 from protocols.errors import (
     AmigwError,
     ChecksumError,
+    ConfigError,
     FrameError,
     MeterErrorReply,
+    ProtocolError,
     TransportError,
     TransportTimeout,
 )
@@ -76,6 +89,28 @@ def _cause(exc: BaseException) -> str:
     return "other"
 
 
+def _failure_reason(exc: BaseException) -> str:
+    """The ``reason`` of a ``failed`` command result for ``exc``."""
+    if isinstance(exc, MeterErrorReply):
+        return "meter_error"
+    if isinstance(exc, TransportTimeout):
+        return "no_answer"
+    if isinstance(exc, TransportError):
+        return "transport"
+    if isinstance(exc, ProtocolError):
+        return "meter_error"  # it answered, but not with a frame that fits
+    if isinstance(exc, NotImplementedError | ConfigError):
+        return "unsupported"
+    if isinstance(exc, TimeoutError):
+        return "deadline"
+    return "internal"
+
+
+def _line_failure(exc: Exception | None) -> bool:
+    """A failed read that says the line itself may be gone (not a silent or garbled meter)."""
+    return isinstance(exc, TransportError) and not isinstance(exc, TransportTimeout)
+
+
 @dataclass(slots=True)
 class _Meter:
     cfg: MeterConfig
@@ -87,6 +122,20 @@ class _Meter:
     failing: bool = False
     next_clock_check_ms: int = 0
     power_down_count: int | None = None
+
+
+@dataclass(slots=True)
+class _Line:
+    """One bus as the agent runs it. ``bus`` is ``None`` for Modbus TCP (its driver owns the
+    connection). ``up`` is None until the first open; ``failed_opens`` counts opens that failed
+    in a row (the back-off)."""
+
+    cfg: BusConfig
+    meters: list[_Meter]
+    bus: Bus | None
+    drivers: list[MeterDriver]
+    up: bool | None = None
+    failed_opens: int = 0
 
 
 class _Cycle:
@@ -127,6 +176,7 @@ class EdgeAgent:
         self._plans = {p.name: p for p in cfg.plans}
         self._meters: dict[str, _Meter] = {}
         self._buses: list[tuple[BusConfig, list[_Meter]]] = []
+        self._lines: dict[str, _Line] = {}
         self._outbox_wakeup = asyncio.Event()
         self._stop = asyncio.Event()
         self.outbox: Outbox | None = None
@@ -137,21 +187,24 @@ class EdgeAgent:
 
     # -- setup --------------------------------------------------------------------------------
 
-    async def _open_bus(self, bus_cfg: BusConfig, stack: contextlib.AsyncExitStack) -> Bus | None:
-        if bus_cfg.kind == "modbus-tcp":
-            return None  # Modbus TCP drivers own their connection
+    async def _open_transport(self, bus_cfg: BusConfig) -> Transport:
+        """Open the bus's port or serial server. Raises ``TransportError``."""
         if bus_cfg.kind == "tcp":
             host, _, port = bus_cfg.port.removeprefix("tcp://").rpartition(":")
-            transport: SerialTransport | TcpTransport = await TcpTransport.connect(host, int(port))
-        else:
-            transport = SerialTransport(
-                bus_cfg.port,
-                baud=bus_cfg.baud,
-                parity=bus_cfg.parity,
-                stop_bits=bus_cfg.stop_bits,
-                echo=bus_cfg.echo,
-            )
-        bus = Bus(transport, baud=bus_cfg.baud, name=bus_cfg.name)
+            return await TcpTransport.connect(host, int(port))
+        return SerialTransport(
+            bus_cfg.port,
+            baud=bus_cfg.baud,
+            parity=bus_cfg.parity,
+            stop_bits=bus_cfg.stop_bits,
+            echo=bus_cfg.echo,
+        )
+
+    async def _open_bus(self, bus_cfg: BusConfig, stack: contextlib.AsyncExitStack) -> Bus | None:
+        """The bus object, not yet open (its poll task opens it); ``None`` for Modbus TCP."""
+        if bus_cfg.kind == "modbus-tcp":
+            return None  # Modbus TCP drivers own their connection
+        bus = Bus(ClosedTransport(bus_cfg.port), baud=bus_cfg.baud, name=bus_cfg.name)
         await stack.enter_async_context(bus)
         return bus
 
@@ -167,10 +220,17 @@ class EdgeAgent:
             driver = cls.tcp(host, int(port), timeout_s=bus_cfg.timeout_s, retries=bus_cfg.retries)  # type: ignore[attr-defined]
         elif protocol == "modbus":
             driver = cls.rtu(bus, retries=bus_cfg.retries)  # type: ignore[attr-defined]
-        else:
-            driver = cls(bus, retries=bus_cfg.retries)  # type: ignore[call-arg]
+        else:  # DL/T 645: relay-command deadlines are in the meters' local time, as configured
+            driver = cls(bus, retries=bus_cfg.retries, local_now=self._meter_local_now)  # type: ignore[call-arg]
         cache[protocol] = driver
         return driver
+
+    def _meter_local_now(self) -> datetime.datetime:
+        """Now on the meters' clocks ([clock] utc_offset_min, else this machine's zone), naive."""
+        now = self.now_ms()
+        return datetime.datetime(1970, 1, 1) + datetime.timedelta(
+            milliseconds=now + self._local_offset_ms(now)
+        )
 
     async def _setup(self, stack: contextlib.AsyncExitStack) -> None:
         for bus_cfg in self.cfg.buses:
@@ -196,6 +256,8 @@ class EdgeAgent:
             for driver in drivers.values():
                 stack.push_async_callback(driver.aclose)
             self._buses.append((bus_cfg, meters))
+            self._lines[bus_cfg.name] = _Line(bus_cfg, meters, bus, list(drivers.values()))
+            self.metrics.bus_up.labels(bus_cfg.name).set(0)
 
     # -- run ----------------------------------------------------------------------------------
 
@@ -247,7 +309,8 @@ class EdgeAgent:
             )
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self._poll_bus(b, ms), name=f"poll-{b.name}") for b, ms in self._buses
+                    tg.create_task(self._poll_bus(line), name=f"poll-{name}")
+                    for name, line in self._lines.items()
                 ]
                 tasks.append(tg.create_task(self._drain(), name="drain"))
                 tasks.append(tg.create_task(self._commands(intake), name="commands"))
@@ -263,13 +326,19 @@ class EdgeAgent:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _poll_bus(self, bus_cfg: BusConfig, meters: list[_Meter]) -> None:
+    async def _poll_bus(self, line: _Line) -> None:
+        """Open the bus (retrying with back-off), poll it until it fails, and again."""
+        while line.meters:
+            await self._bring_up(line)
+            await self._poll_line(line)
+
+    async def _poll_line(self, line: _Line) -> None:
+        """Poll an open bus on schedule; return when it has failed and could not be reopened."""
+        bus_cfg, meters = line.cfg, line.meters
         start = self.now_ms()
         due = {(m.cfg.id, p.name): next_boundary(start, p.interval_s * 1000) for m in meters for p in m.plans}
-        while True:
-            at = min(due.values(), default=None)
-            if at is None:
-                return
+        while line.up:
+            at = min(due.values())
             await self._sleep_until(at)
             t0 = time.perf_counter()
             cycle = _Cycle()
@@ -278,13 +347,50 @@ class EdgeAgent:
                 for p in plans:
                     due[(meter.cfg.id, p.name)] = next_boundary(max(at, self.now_ms()), p.interval_s * 1000)
                 if plans:
-                    await self._read_meter(bus_cfg, meter, plans, cycle, at)
+                    failure = await self._read_meter(bus_cfg, meter, plans, cycle, at)
+                    if _line_failure(failure) and not await self._reopen(line):
+                        break
                     await self._check_clock(meter)
             elapsed = time.perf_counter() - t0
             self.metrics.cycle_seconds.labels(bus_cfg.name).observe(elapsed)
             self.metrics.bus_busy.labels(bus_cfg.name).inc(elapsed)
             self._store_cycle(cycle)
             await asyncio.to_thread(self.outbox.checkpoint)  # type: ignore[union-attr]
+
+    async def _open_line(self, line: _Line) -> None:
+        """(Re)open the line's port or connection. Raises ``AmigwError`` (``TransportError``)."""
+        if line.bus is not None:
+            await line.bus.reopen(lambda: self._open_transport(line.cfg))
+        else:
+            for driver in line.drivers:  # Modbus TCP: the one driver's connection
+                await driver.connect()  # type: ignore[attr-defined]
+
+    async def _bring_up(self, line: _Line) -> None:
+        """Open the line, retrying with back-off for as long as it takes."""
+        while not await self._reopen(line):
+            await asyncio.sleep(bus_retry_s(line.failed_opens))
+
+    async def _reopen(self, line: _Line) -> bool:
+        """Try once to (re)open the line; report it up or down on a change. True when open."""
+        name = line.cfg.name
+        try:
+            await self._open_line(line)
+        except Exception as exc:  # whatever stops it opening, the bus is down and retried
+            line.failed_opens += 1
+            if line.up is not False:  # edge-triggered: one log line and one event per outage
+                log.error("bus down", extra={"kv": {"bus": name, "port": line.cfg.port, "error": str(exc)}})
+                self._event("bus_down", None, {"bus": name, "port": line.cfg.port, "error": str(exc)})
+            else:
+                log.debug("bus still down", extra={"kv": {"bus": name, "error": str(exc)}})
+            line.up = False
+            self.metrics.bus_up.labels(name).set(0)
+            return False
+        if line.up is False:
+            log.info("bus up", extra={"kv": {"bus": name, "port": line.cfg.port, "after": line.failed_opens}})
+            self._event("bus_up", None, {"bus": name, "port": line.cfg.port})
+        line.up, line.failed_opens = True, 0
+        self.metrics.bus_up.labels(name).set(1)
+        return True
 
     async def _read_meter(
         self,
@@ -293,11 +399,14 @@ class EdgeAgent:
         plans: list[PlanConfig],
         cycle: _Cycle,
         slot_ms: int | None = None,
-    ) -> None:
+    ) -> Exception | None:
+        """Read ``meter`` into ``cycle``; a failure is counted, reported and returned. Any
+        exception of the driver is this meter's failure (cause ``other`` for one that is not
+        ours, logged with its traceback): it never stops the bus."""
         now = self.now_ms()
         interval_ms = min(p.interval_s for p in plans) * 1000
         if meter.stats.skip_until_ms > now:
-            return  # backing off a meter that keeps failing: its bus serves the others
+            return None  # backing off a meter that keeps failing: its bus serves the others
         quantities: list[Quantity] = []
         kind_of: dict[int, str] = {}
         for p in plans:
@@ -308,7 +417,7 @@ class EdgeAgent:
                     kind_of[q.code] = p.kind
         try:
             result = await meter.driver.read(meter.ref, quantities)
-        except AmigwError as exc:
+        except Exception as exc:  # the meter's failure, whatever raised it
             cause = _cause(exc)
             meter.stats.record_failure(cause, now, interval_ms)
             self.metrics.reads.labels(bus_cfg.name, "failed").inc()
@@ -320,11 +429,14 @@ class EdgeAgent:
                     extra={
                         "kv": {"meter": meter.cfg.id, "bus": bus_cfg.name, "cause": cause, "error": str(exc)}
                     },
+                    exc_info=not isinstance(exc, AmigwError),
                 )
                 self._event("meter_unreachable", meter.cfg.id, {"cause": cause})
             else:
                 log.debug("meter read failed", extra={"kv": {"meter": meter.cfg.id, "cause": cause}})
+            failure: Exception | None = exc
         else:
+            failure = None
             meter.stats.record_success(now)
             self.metrics.reads.labels(bus_cfg.name, "ok").inc()
             if meter.failing:
@@ -356,6 +468,7 @@ class EdgeAgent:
         if bus is not None:
             timeout_s = bus.response_timeout_s(meter.driver.device_key(meter.ref))
             self.metrics.response_timeout.labels(bus_cfg.name, meter.cfg.id).set(timeout_s)
+        return failure
 
     def _store_cycle(self, cycle: _Cycle) -> None:
         """Each kind's rows become batches of at most ``max_readings_per_batch`` readings; each
@@ -426,8 +539,12 @@ class EdgeAgent:
                 return
             method = "broadcast" if abs(skew_ms) <= clock.max_adjust_s * 1000 else "write"
             await meter.driver.set_clock(meter.ref, true_local, method=method)  # type: ignore[call-arg]
-        except (AmigwError, NotImplementedError) as exc:
-            log.warning("clock check failed", extra={"kv": {"meter": meter.cfg.id, "error": str(exc)}})
+        except Exception as exc:  # a failed check is retried at the next interval, never fatal
+            log.warning(
+                "clock check failed",
+                extra={"kv": {"meter": meter.cfg.id, "error": f"{type(exc).__name__}: {exc}"}},
+                exc_info=not isinstance(exc, AmigwError | NotImplementedError),
+            )
             return
         log.info(
             "meter clock adjusted",
@@ -480,6 +597,7 @@ class EdgeAgent:
             b_attempts = sum(m.stats.attempts for m in meters)
             b_ok = sum(m.stats.successes for m in meters)
             out[f"bus_{bus_cfg.name}_read_success_rate"] = round(b_ok / b_attempts, 4) if b_attempts else 1.0
+            out[f"bus_{bus_cfg.name}_up"] = int(bool(self._lines[bus_cfg.name].up))
         if self.outbox is not None:
             s = self.outbox.stats()
             out.update(
@@ -509,44 +627,64 @@ class EdgeAgent:
     async def _commands(self, intake: CommandIntake) -> None:
         assert self.publisher is not None and self.outbox is not None
         async for raw in self.publisher.commands():
-            result = await intake.handle(raw, self.now_ms())
-            self.outbox.add(self.topic_results, result, kind="cmd_result")
-            self._outbox_wakeup.set()
+            try:
+                result = await intake.handle_result(raw, self.now_ms())
+                self.metrics.commands.labels(result.status).inc()
+                if result.status != "done":
+                    self.metrics.command_errors.labels(result.reason or "unknown").inc()
+                self.outbox.add(self.topic_results, result.signed(self._key), kind="cmd_result")
+                self._outbox_wakeup.set()
+            except Exception as exc:  # the loop outlives any one message
+                self.metrics.command_errors.labels("internal").inc()
+                log.error(
+                    "command not answered",
+                    extra={"kv": {"bytes": len(raw), "error": f"{type(exc).__name__}: {exc}"}},
+                    exc_info=True,
+                )
 
     async def _execute(self, cmd: Command) -> CommandResult:
         meter = self._meters[cmd.meter]
+        line = self._line_of(meter)
         deadline_s = max(0.1, (cmd.expires_ms - self.now_ms()) / 1000)
 
-        def result(status: str, detail: str = "", state: int | None = None) -> CommandResult:
-            self.metrics.commands.labels(status).inc()
+        def result(
+            status: str, detail: str = "", state: int | None = None, reason: str | None = None
+        ) -> CommandResult:
             return CommandResult(
-                cmd.id, cmd.gateway, cmd.meter, cmd.action, status, self.now_ms(), None, detail, state
+                cmd.id, cmd.gateway, cmd.meter, cmd.action, status, self.now_ms(), reason, detail, state
             )
 
+        if not line.up:
+            return result("failed", f"bus {line.cfg.name} is down", reason="bus_down")
         try:
             async with asyncio.timeout(deadline_s):
                 if cmd.action in RELAY_ACTIONS:
                     return await self._relay(meter, cmd, result)
-                if cmd.action == "time_sync":
-                    await meter.driver.set_clock(meter.ref, self.now_ms())
+                if cmd.action == "time_sync":  # meters keep local time, like the clock check
+                    now = self.now_ms()
+                    await meter.driver.set_clock(meter.ref, now + self._local_offset_ms(now))
                     self._event("clock_adjusted", meter.cfg.id, {"by": "command", "command": cmd.id})
                     return result("done")
-                names = cmd.params.get("quantities") or [q for p in meter.plans for q in p.quantities]
-                cycle = _Cycle(ad_hoc=True)
-                await self._read_meter(
-                    self._bus_of(meter), meter, [PlanConfig("read_now", tuple(names), 60, "register")], cycle
-                )
-                self._store_cycle(cycle)
-                return result(
-                    "done" if not meter.failing else "failed",
-                    "read stored" if not meter.failing else "read failed",
-                )
-        except MeterErrorReply as exc:
-            return result("failed", str(exc))
-        except (AmigwError, NotImplementedError, ValueError) as exc:
-            return result("failed", f"{type(exc).__name__}: {exc}")
+                return await self._read_now(line, meter, cmd, result)
+        except (AmigwError, NotImplementedError) as exc:
+            return result("failed", f"{type(exc).__name__}: {exc}", reason=_failure_reason(exc))
         except TimeoutError:
-            return result("failed", "deadline passed before the meter answered")
+            return result("failed", "deadline passed before the meter answered", reason="deadline")
+
+    async def _read_now(
+        self, line: _Line, meter: _Meter, cmd: Command, result: Callable[..., CommandResult]
+    ) -> CommandResult:
+        names = cmd.params.get("quantities") or [q for p in meter.plans for q in p.quantities]
+        why = unreadable_quantity(meter.cfg, names)
+        if why is not None:
+            return result("failed", why, reason="unsupported")
+        cycle = _Cycle(ad_hoc=True)
+        plan = PlanConfig("read_now", tuple(dict.fromkeys(names)), 60, "register")
+        failure = await self._read_meter(line.cfg, meter, [plan], cycle)
+        self._store_cycle(cycle)
+        if failure is not None:
+            return result("failed", f"read failed: {failure}", reason=_failure_reason(failure))
+        return result("done", "read stored")
 
     async def _relay(
         self, meter: _Meter, cmd: Command, result: Callable[..., CommandResult]
@@ -554,6 +692,7 @@ class EdgeAgent:
         before = meter.relay_state
         await meter.driver.control(meter.ref, RelayAction(cmd.action))
         if cmd.action not in ("trip", "close_allowed", "direct_close"):
+            self._relay_done(meter, cmd, None)
             return result("done")
         state = await meter.driver.read_relay_state(meter.ref)
         meter.relay_state = state
@@ -561,13 +700,23 @@ class EdgeAgent:
             self._event("relay_changed", meter.cfg.id, {"from": before, "to": state, "command": cmd.id})
         expected = 1 if cmd.action == "trip" else 0
         if state == expected:
+            self._relay_done(meter, cmd, state)
             return result("done", "relay state verified by read-back", state)
         if cmd.action == "close_allowed":
+            self._relay_done(meter, cmd, state)
             return result("done", "closing allowed; relay stays open until the customer closes it", state)
-        return result("failed", f"relay state read back as {state}, expected {expected}", state)
+        return result(
+            "failed", f"relay state read back as {state}, expected {expected}", state, reason="not_verified"
+        )
 
-    def _bus_of(self, meter: _Meter) -> BusConfig:
-        return next(b for b, ms in self._buses if meter in ms)
+    def _relay_done(self, meter: _Meter, cmd: Command, state: int | None) -> None:
+        log.info(
+            "relay command done",
+            extra={"kv": {"meter": meter.cfg.id, "action": cmd.action, "id": cmd.id, "relay_state": state}},
+        )
+
+    def _line_of(self, meter: _Meter) -> _Line:
+        return self._lines[meter.cfg.bus]
 
 
 _POWER_DOWN_COUNT = by_name("power_down_count").code

@@ -2,10 +2,16 @@
 
 Each downlink message goes through :meth:`CommandIntake.handle`:
 
-1. :func:`protocols.commands.verify_command` checks signature, addressee and validity window;
+1. :func:`protocols.commands.verify_command` checks the bytes (canonical encoding), signature,
+   addressee, params and validity window;
 2. the command id is *claimed* in a SQLite table that survives restarts (replay protection);
 3. the agent's ``execute`` callback runs it (relay actions read the relay state back);
-4. the outcome is stored with the id and the signed result is returned for publishing.
+4. the outcome is stored with the id and the result is returned for publishing.
+
+A failure while executing one command stays with that command: whatever ``execute`` raises
+becomes a ``failed`` result with reason ``internal`` (logged once, with the traceback), and the
+id is finished like any other, so a redelivery is answered ``replayed`` instead of running into
+the same failure again. Every refusal is a ``rejected`` result with its reason, logged once.
 
 Replays: an id whose execution finished (``done``/``failed``/``rejected``) is answered with a
 ``rejected``/``replayed`` result and never executed again. An id that was claimed but never
@@ -96,16 +102,40 @@ class CommandIntake:
 
     def _rejected(
         self, reason: str, cmd_id: str | None, meter: str, action: str, now_ms: int, detail: str
-    ) -> bytes:
+    ) -> CommandResult:
         self.counts["rejected"] += 1
         log.warning("command rejected", extra={"kv": {"id": cmd_id, "reason": reason, "detail": detail}})
-        return CommandResult(
-            cmd_id or "?", self.gateway, meter, action, "rejected", now_ms, reason, detail
-        ).signed(self._key)
+        return CommandResult(cmd_id or "?", self.gateway, meter, action, "rejected", now_ms, reason, detail)
 
     async def handle(self, payload: bytes, now_ms: int) -> bytes:
-        """Process one downlink payload; return the signed result to publish (never raises
-        for bad input: every refusal becomes a ``rejected`` result)."""
+        """:meth:`handle_result`, signed: the bytes to publish."""
+        return (await self.handle_result(payload, now_ms)).signed(self._key)
+
+    async def _run(self, cmd: Command, now_ms: int) -> CommandResult:
+        try:
+            result = await self._execute(cmd)
+        except Exception as exc:  # one command's failure must not end the loop
+            error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "command failed",
+                extra={"kv": {"id": cmd.id, "meter": cmd.meter, "action": cmd.action, "reason": "internal",
+                              "error": error}},
+                exc_info=True,
+            )  # fmt: skip
+            return CommandResult(
+                cmd.id, cmd.gateway, cmd.meter, cmd.action, "failed", now_ms, "internal", error
+            )
+        if result.status == "failed":
+            log.warning(
+                "command failed",
+                extra={"kv": {"id": cmd.id, "meter": cmd.meter, "action": cmd.action, "reason": result.reason,
+                              "detail": result.detail}},
+            )  # fmt: skip
+        return result
+
+    async def handle_result(self, payload: bytes, now_ms: int) -> CommandResult:
+        """Process one downlink payload; return its result (never raises for bad input or a
+        failing execution: every refusal is a ``rejected`` result, every failure a ``failed`` one)."""
         self.counts["received"] += 1
         try:
             cmd = verify_command(payload, self._key, now_ms, gateway=self.gateway, max_skew_ms=self._skew)
@@ -130,8 +160,8 @@ class CommandIntake:
                 now_ms,
                 f"command already executed with status {previous}",
             )
-        result = await self._execute(cmd)
+        result = await self._run(cmd, now_ms)
         self._store.finish(cmd.id, result.status)
         self._store.prune(now_ms, self._skew)
         self.counts["executed"] += 1
-        return result.signed(self._key)
+        return result

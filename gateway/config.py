@@ -2,23 +2,37 @@
 
 :func:`load_config` reads the file and raises :class:`~protocols.errors.ConfigError` naming the
 dotted key for every problem: unknown keys, wrong types, bad values, and cross-references
-(a meter on a bus that does not exist, a plan that names an unknown quantity, two meters with
-the same id). :data:`SAMPLE` is the commented sample (``amigw config sample``); a unit test loads
+(a meter on a bus that does not exist, a plan that names an unknown quantity or one the meter
+cannot give -- no register in its Modbus model's map, no data identifier in its DL/T 645 edition --,
+two meters with the same id, a gateway id that is not a valid topic level or is reserved, such as
+``agg``). :data:`SAMPLE` is the commented sample (``amigw config sample``); a unit test loads
 it, so it cannot rot. The commented values are the defaults.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from protocols.config import loads_toml
+from protocols.dlt645 import di_for_quantity
 from protocols.errors import ConfigError
+from protocols.modbus.maps import load_map
 from protocols.quantities import by_name
+from protocols.topics import check_gateway_id
 
-__all__ = ["SAMPLE", "BusConfig", "EdgeConfig", "MeterConfig", "PlanConfig", "load_config"]
+__all__ = [
+    "SAMPLE",
+    "BusConfig",
+    "EdgeConfig",
+    "MeterConfig",
+    "PlanConfig",
+    "load_config",
+    "unreadable_quantity",
+]
 
 _STANDARD_BAUDS = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -206,6 +220,9 @@ class EdgeConfig:
             raise ValueError(
                 f"gateway_id: {self.gateway_id!r} must be 1-64 letters, digits or _.:- (it is a topic level)"
             )
+        reason = check_gateway_id(self.gateway_id)
+        if reason is not None:
+            raise ValueError(f"gateway_id: {reason}")
         if self.command_key is not None and not re.fullmatch(r"([0-9A-Fa-f]{2}){16,}", self.command_key):
             raise ValueError("command_key: expected at least 32 hex digits (16 bytes)")
 
@@ -225,9 +242,44 @@ class EdgeConfig:
         raise ConfigError("command_key", "no command key configured (command_key_file or command_key)")
 
 
+def unreadable_quantity(meter: MeterConfig, names: Iterable[str]) -> str | None:
+    """Why ``meter`` cannot read one of ``names`` -- its Modbus model's map has no register for
+    it, or its DL/T 645 edition no data identifier --, or None when it can read them all.
+
+    Raises :class:`ConfigError` (key ``model``) for a Modbus model without a register map."""
+    if meter.protocol == "modbus":
+        regmap = load_map(meter.model or "")
+        have = {q.name for q in regmap.quantities}
+        for name in names:
+            if name not in have:
+                return f"model {regmap.model} has no register for {name!r}"
+        return None
+    edition = 1997 if meter.protocol == "dlt645-1997" else 2007
+    for name in names:
+        if name == "meter_clock":
+            continue  # read as date and time, not one DI
+        try:
+            di_for_quantity(name, edition)
+        except KeyError as exc:
+            return str(exc.args[0])
+    return None
+
+
+def _check_readable(where: str, meter: MeterConfig, plans: dict[str, PlanConfig]) -> None:
+    try:
+        for j, name in enumerate(meter.plans):
+            reason = unreadable_quantity(meter, plans[name].quantities)
+            if reason is not None:
+                raise ConfigError(f"{where}.plans[{j}]", f"plan {name!r}: {reason}")
+    except ConfigError as exc:
+        if exc.key_path != "model":
+            raise
+        raise ConfigError(f"{where}.model", exc.reason) from None
+
+
 def _check_references(cfg: EdgeConfig) -> None:
     buses = {b.name: b for b in cfg.buses}
-    plans = {p.name for p in cfg.plans}
+    plans = {p.name: p for p in cfg.plans}
     if len(buses) != len(cfg.buses):
         raise ConfigError("buses", "bus names must be unique")
     if len(plans) != len(cfg.plans):
@@ -248,6 +300,7 @@ def _check_references(cfg: EdgeConfig) -> None:
         for j, p in enumerate(m.plans):
             if p not in plans:
                 raise ConfigError(f"{where}.plans[{j}]", f"no plan named {p!r}")
+        _check_readable(where, m, plans)
     if cfg.command_key is None and cfg.command_key_file is None:
         raise ConfigError("command_key_file", "required: the per-gateway key that signs commands")
 
@@ -270,7 +323,9 @@ def load_config(path: str | Path) -> EdgeConfig:
 SAMPLE = """\
 # amigw edge agent configuration. Values shown are the defaults unless marked "example".
 
-# This gateway's id: it is a level in every MQTT topic (ami/v1/<gateway_id>/...). Example value.
+# This gateway's id: it is a level in every MQTT topic (ami/v1/<gateway_id>/...), so letters,
+# digits and . _ : - only, and not a level the topic tree reserves (agg, up, down, status, ack,
+# cmd). Example value.
 gateway_id = "gw-1"
 
 # The per-gateway key that signs downlink commands (hex, at least 16 bytes), in a file readable

@@ -1,17 +1,21 @@
 """Structured logging: one ``key=value`` line per event, set up once by the ``amigw`` entry point.
 
 Call sites pass structured fields through ``extra={"kv": {...}}`` or just format ``key=value``
-pairs into the message; :class:`KeyValueFormatter` renders ``ts level logger msg k=v ...``
-so that a dead-lettered payload or a bad frame can be found from its log line (STYLE H12).
+pairs into the message; :class:`KeyValueFormatter` renders both the same way,
+``ts level logger "msg" k=v ...``: the text before the first ``key=`` of the message is the
+message, each pair after it is a field (its value runs to the next `` key=``, quoted when it has
+spaces). So every service started by ``amigw`` (edge, ingest and its workers, fee control) logs
+one layout, and a dead-lettered payload or a bad frame can be found from its log line (STYLE H12).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
-__all__ = ["KeyValueFormatter", "configure_logging", "kv"]
+__all__ = ["KeyValueFormatter", "configure_logging", "kv", "split_pairs"]
 
 
 def _quote(value: object) -> str:
@@ -19,6 +23,24 @@ def _quote(value: object) -> str:
     if text == "" or any(c in text for c in ' "=\n'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
+
+
+_KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z_][\w.]*)=")
+
+
+def split_pairs(message: str) -> tuple[str, list[tuple[str, str]]]:
+    """The text and the ``key=value`` pairs of a message::
+
+    "command sent id=c-1 reason=no key" -> ("command sent", [("id", "c-1"), ("reason", "no key")])
+    """
+    keys = list(_KEY.finditer(message))
+    if not keys:
+        return message, []
+    pairs = [
+        (m.group(1), message[m.end() : nxt.start() if nxt else len(message)].rstrip())
+        for m, nxt in zip(keys, [*keys[1:], None], strict=True)
+    ]
+    return message[: keys[0].start()].rstrip(), pairs
 
 
 def kv(**fields: object) -> dict[str, dict[str, object]]:
@@ -29,7 +51,9 @@ def kv(**fields: object) -> dict[str, dict[str, object]]:
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        parts = [ts, record.levelname.lower(), record.name, _quote(record.getMessage())]
+        text, pairs = split_pairs(record.getMessage())
+        parts = [ts, record.levelname.lower(), record.name, _quote(text)]
+        parts.extend(f"{k}={_quote(v)}" for k, v in pairs)
         fields = getattr(record, "kv", None)
         if isinstance(fields, dict):
             parts.extend(f"{k}={_quote(v)}" for k, v in fields.items())

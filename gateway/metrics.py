@@ -64,7 +64,16 @@ class EdgeMetrics:
             registry=r,
         )
         self.commands = Counter(
-            "amigw_commands_total", "Downlink commands by outcome", ["status"], registry=r
+            "amigw_commands_total", "Downlink commands answered, by result status", ["status"], registry=r
+        )
+        self.command_errors = Counter(
+            "amigw_command_errors_total",
+            "Downlink commands answered rejected or failed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.bus_up = Gauge(
+            "amigw_bus_up", "1 while the bus is open, 0 while it is down", ["bus"], registry=r
         )
         self._outbox = _OutboxCollector()
         r.register(self._outbox)

@@ -10,7 +10,13 @@ Output: ``name = value unit`` per value, or with ``--json`` one object per line:
 ``{"meter": "000000000001", "quantity": "energy_fwd_active_total", "value": "12345.67", "unit": "kWh"}``
 (``"di": "00010000"`` or ``"register": 0`` instead of ``quantity`` for raw reads). ``value`` is a
 decimal **string**: the meter's fixed point exactly, never a float. A refused value prints as
-``{"meter", "quantity", "error", "error_code"}``.
+``{"meter", "quantity", "error", "error_code"}``; for Modbus ``error_code`` is the exception code
+and ``error`` names it (``meter error reply 0x02: illegal_data_address``).
+
+Every option is checked before the port is opened (a bad address, DI, quantity, unit id, model,
+register or unit range is a usage error and the port is never touched): the address must be a
+DL/T 645 address, a DI must fit its edition (4 bytes for 2007, 2 for 1997), a quantity must be
+one the edition has a DI for or the Modbus model has a register for.
 
 Exit status: 0 every value read; 1 a runtime failure (timeout, checksum error with the raw bytes,
 error reply with its bits); 2 a usage error. Errors go to stderr and say what happened on the wire.
@@ -27,6 +33,7 @@ from typing import Any
 
 from drivers.base import MeterRef
 from drivers.bus import Bus, ResponseTimeout
+from protocols.dlt645 import di_for_quantity, normalize_address
 from protocols.errors import (
     AmigwError,
     ConfigError,
@@ -36,6 +43,8 @@ from protocols.errors import (
     TransportError,
     TransportTimeout,
 )
+from protocols.modbus import DataType, WordOrder
+from protocols.modbus.maps import load_map
 from protocols.quantities import Quantity, by_name, to_display
 
 __all__ = ["add_arguments", "run"]
@@ -163,6 +172,14 @@ async def _dlt645(args: argparse.Namespace, out: _Printer) -> None:
         raise _UsageError("DL/T 645 needs --address (or --discover)")
     if args.register or args.probe_order:
         raise _UsageError("--register and --probe-order are Modbus options")
+    edition = 1997 if args.protocol == "dlt645-1997" else 2007
+    if args.address:
+        try:
+            args.address = normalize_address(args.address)
+        except ValueError as exc:
+            raise _UsageError(f"--address: {exc}") from None
+    quantities = [_dlt645_quantity(name, edition) for name in args.quantity]
+    dis = [_di(text, edition) for text in args.di]
     async with await _open_bus(args) as bus:
         driver = Dlt645Driver(bus, retries=args.retries)
         if args.discover:
@@ -175,16 +192,15 @@ async def _dlt645(args: argparse.Namespace, out: _Printer) -> None:
         protocol = "dlt645-1997" if args.protocol == "dlt645-1997" else "dlt645-2007"
         meter = MeterRef(args.address, args.address, protocol)
         bus.configure_device(driver.device_key(meter), timeout=_timeout(args))
-        if args.quantity:
-            readings, _ = await driver.read_detailed(meter, [_quantity(n) for n in args.quantity])
+        if quantities:
+            readings, _ = await driver.read_detailed(meter, quantities)
             for r in readings:
                 if r.error is not None:
                     out.error(meter.address, "quantity", r.quantity.name, r.error)
                 else:
                     shown = _show(r.quantity, r.value)
                     out.value(meter.address, "quantity", r.quantity.name, shown, r.quantity.unit)
-        for text in args.di:
-            di = _hex(text, "--di")
+        for di in dis:
             label = f"{di:08X}" if protocol == "dlt645-2007" else f"{di:04X}"
             try:
                 raw = await driver.read_di(meter, di)
@@ -211,14 +227,24 @@ def _quantity(name: str) -> Quantity:
     try:
         return by_name(name)
     except KeyError as exc:
-        raise _UsageError(str(exc.args[0])) from None
+        raise _UsageError(f"--quantity: {exc.args[0]}") from None
 
 
-def _hex(text: str, option: str) -> int:
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise _UsageError(f"{option} {text!r}: expected hex digits") from None
+def _dlt645_quantity(name: str, edition: int) -> Quantity:
+    q = _quantity(name)
+    if name != "meter_clock":  # read as date and time, not one DI
+        try:
+            di_for_quantity(name, edition)
+        except KeyError as exc:
+            raise _UsageError(f"--quantity: {exc.args[0]}") from None
+    return q
+
+
+def _di(text: str, edition: int) -> int:
+    digits = 8 if edition == 2007 else 4
+    if not (len(text) == digits and all(c in "0123456789abcdefABCDEF" for c in text)):
+        raise _UsageError(f"--di {text!r}: a DL/T 645-{edition} DI is {digits} hex digits")
+    return int(text, 16)
 
 
 async def _modbus(args: argparse.Namespace, out: _Printer) -> None:
@@ -230,6 +256,23 @@ async def _modbus(args: argparse.Namespace, out: _Printer) -> None:
         raise _UsageError("Modbus needs --unit (or --discover)")
     if args.quantity and not args.model:
         raise _UsageError("--quantity over Modbus needs --model (the register map)")
+    if args.unit is not None and not 1 <= args.unit <= 247:
+        raise _UsageError(f"--unit {args.unit}: a Modbus unit id is 1..247")
+    if args.model:
+        try:
+            regmap = load_map(args.model)
+        except ConfigError as exc:
+            raise _UsageError(f"--model: {exc.reason}") from None
+        for name in args.quantity:
+            _quantity(name)
+            try:
+                regmap.for_quantity(name)
+            except KeyError as exc:
+                raise _UsageError(f"--quantity: {exc.args[0]}") from None
+    args.register = [_register(spec) for spec in args.register]
+    if args.probe_order and any(dtype.width != 2 for _, dtype, _ in args.register):
+        raise _UsageError("--probe-order needs a 32-bit type (float32, int32, uint32)")
+    args.units = _units(args.units) if args.discover else None
     bus: Bus | None = None
     if args.port.startswith("tcp://"):
         host, _, port = args.port.removeprefix("tcp://").rpartition(":")
@@ -262,20 +305,34 @@ async def _modbus_reads(args: argparse.Namespace, driver: Any, out: _Printer) ->
         result = await driver.read(meter, qs)
         for q in qs:
             if result.flags(q) & Flag.METER_ERROR:
-                refused = MeterErrorReply(0, None, ("refused, or not a number",))
-                out.error(str(args.unit), "quantity", q.name, refused)
+                out.error(str(args.unit), "quantity", q.name, await _why_refused(driver, meter, q))
             else:
                 out.value(str(args.unit), "quantity", q.name, _show(q, result.value(q)), q.unit)
-    for spec in args.register:
-        await _read_register(args, driver, spec, out)
+    for register in args.register:
+        await _read_register(args, driver, register, out)
+
+
+async def _why_refused(driver: Any, meter: MeterRef, q: Quantity) -> MeterErrorReply:
+    """The exception the meter answers for ``q``'s register alone, or "not a number" when it
+    answers with a NaN or infinity."""
+    reg = driver.register_map(meter).for_quantity(q.name)
+    try:
+        await driver.link.read_registers(meter.unit_id, reg.function, reg.address, reg.count)
+    except MeterErrorReply as exc:
+        return exc
+    return MeterErrorReply(0, None, ("not a number",))
+
+
+def _units(text: str) -> range:
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and (hi or lo).isdigit() and 1 <= int(lo) <= int(hi or lo) <= 247):
+        raise _UsageError(f"--units {text!r}: expected LO-HI within 1..247")
+    return range(int(lo), int(hi or lo) + 1)
 
 
 async def _scan_units(args: argparse.Namespace, driver: Any, out: _Printer) -> None:
-    lo, _, hi = args.units.partition("-")
-    if not (lo.isdigit() and (hi or lo).isdigit()):
-        raise _UsageError(f"--units {args.units!r}: expected LO-HI")
     found = 0
-    for unit in range(int(lo), int(hi or lo) + 1):
+    for unit in args.units:
         note, extra = "  answers", dict[str, object]()
         try:
             await driver.link.read_registers(unit, args.function, 0, 1)
@@ -292,25 +349,36 @@ async def _scan_units(args: argparse.Namespace, driver: Any, out: _Printer) -> N
         found += 1
         out.value(str(unit), "quantity", "unit", str(unit), "", label="unit", note=note, extra=extra)
     if not found:
-        raise TransportTimeout(f"no Modbus unit answered in {args.units}")
+        raise TransportTimeout(f"no Modbus unit answered in {args.units.start}-{args.units.stop - 1}")
 
 
-async def _read_register(args: argparse.Namespace, driver: Any, spec: str, out: _Printer) -> None:
-    from protocols.modbus import DataType, WordOrder, decode_registers, probe_orders
-
+def _register(spec: str) -> tuple[int, DataType, WordOrder]:
     parts = spec.split(":")
     try:
         address = int(parts[0], 0)
         dtype = DataType(parts[1].lower()) if len(parts) > 1 else DataType.FLOAT32
         order = WordOrder(parts[2].upper()) if len(parts) > 2 else WordOrder.ABCD
+        if not 0 <= address <= 0xFFFF or len(parts) > 3:
+            raise ValueError(spec)
     except ValueError:
-        hint = "expected ADDR[:TYPE[:ORDER]], e.g. 0x0000:float32:ABCD"
+        hint = "expected ADDR[:TYPE[:ORDER]] with ADDR 0..0xFFFF, e.g. 0x0000:float32:ABCD"
         raise _UsageError(f"--register {spec!r}: {hint}") from None
-    words = await driver.link.read_registers(args.unit, args.function, address, dtype.width)
+    return address, dtype, order
+
+
+async def _read_register(
+    args: argparse.Namespace, driver: Any, register: tuple[int, DataType, WordOrder], out: _Printer
+) -> None:
+    from protocols.modbus import decode_registers, probe_orders
+
+    address, dtype, order = register
     label = f"register {address:#06x}"
+    try:
+        words = await driver.link.read_registers(args.unit, args.function, address, dtype.width)
+    except MeterErrorReply as exc:  # the unit refuses this register: say which exception
+        out.error(str(args.unit), "register", f"{address}:{dtype}:{order}", exc)
+        return
     if args.probe_order:
-        if dtype.width != 2:
-            raise _UsageError("--probe-order needs a 32-bit type (float32, int32, uint32)")
         out.text(f"{label} words {' '.join(f'{w:04X}' for w in words)} as {dtype} under each order:")
         for probe_order, value, plausible in probe_orders(words, dtype):
             name = f"{address}:{dtype}:{probe_order}"

@@ -5,6 +5,8 @@
   and ingest can compute interval deltas without resampling.
 * :func:`backoff_ms` -- a meter that keeps failing is retried with exponential back-off (capped),
   so a dead meter never starves its bus; the first failures retry at the normal cadence.
+* :func:`bus_retry_s` -- a bus that cannot be opened is retried after 1 s, 2 s, 4 s ... up to a
+  minute, for as long as it stays down.
 * :class:`MeterStats` -- per-meter counters and the read success rate (采集成功率).
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["MeterStats", "backoff_ms", "next_boundary"]
+__all__ = ["MeterStats", "backoff_ms", "bus_retry_s", "next_boundary"]
 
 
 def next_boundary(now_ms: int, interval_ms: int, offset_ms: int = 0) -> int:
@@ -35,6 +37,14 @@ def backoff_ms(
         return 0
     exponent = min(consecutive_failures - free_failures - 1, 30)
     return max(interval_ms, min(cap_ms, interval_ms * (1 << exponent)))
+
+
+def bus_retry_s(failed_attempts: int, *, first_s: float = 1.0, cap_s: float = 60.0) -> float:
+    """How long to wait before reopening a bus that failed to open ``failed_attempts`` times
+    in a row (>= 1): ``first_s`` doubled per further failure, capped at ``cap_s``."""
+    if failed_attempts < 1 or not 0 < first_s <= cap_s:
+        raise ValueError("expected failed_attempts >= 1 and 0 < first_s <= cap_s")
+    return min(cap_s, first_s * 2.0 ** min(failed_attempts - 1, 62))
 
 
 FAILURE_CAUSES = ("timeout", "checksum", "error_reply", "transport", "other")

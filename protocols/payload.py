@@ -524,6 +524,8 @@ EVENT_KINDS = frozenset(
         "meter_unreachable",
         "meter_recovered",
         "outbox_dropped",
+        "bus_down",
+        "bus_up",
     }
 )
 

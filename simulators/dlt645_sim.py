@@ -553,6 +553,7 @@ class Dlt645Simulator:
         self._ptys: list[_Pty] = []
         self._servers: list[asyncio.Server] = []
         self._lines: list[_Line] = []
+        self._clients: set[asyncio.StreamWriter] = set()
 
     def now(self) -> float:
         """Simulated epoch seconds."""
@@ -649,6 +650,7 @@ class Dlt645Simulator:
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = _Line(self, writer.write, f"tcp{len(self._lines)}")
         self._lines.append(line)
+        self._clients.add(writer)
         try:
             while data := await reader.read(4096):
                 line.received(data)
@@ -656,6 +658,7 @@ class Dlt645Simulator:
             pass
         finally:
             line.task.cancel()
+            self._clients.discard(writer)
             writer.close()
 
     async def aclose(self) -> None:
@@ -670,6 +673,9 @@ class Dlt645Simulator:
             line.task.cancel()
         for server in self._servers:
             server.close()
+        for writer in list(self._clients):  # a serial server that goes away drops its clients
+            writer.close()
+        for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._ptys, self._lines, self._servers = [], [], []

@@ -15,6 +15,7 @@ import pytest
 
 from protocols.dlt645 import ErrorBits
 from simulators.dlt645_sim import Dlt645Simulator
+from simulators.localstack import free_port
 from simulators.modbus_sim import ModbusSimulator
 
 pytestmark = pytest.mark.integration
@@ -132,6 +133,50 @@ async def test_usage_errors_exit_2(dlt645_pty: tuple[Dlt645Simulator, str]) -> N
     assert (await amigw("--port", path, "--address", A1))[0] == 2  # nothing to read
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--address", "00000000000X", "--quantity", "voltage_a"], "--address"),
+        (["--address", "1234567890123", "--quantity", "voltage_a"], "--address"),
+        (["--address", A1, "--di", "0001000G"], "--di '0001000G'"),
+        (["--address", A1, "--di", "100000000"], "is 8 hex digits"),
+        (["--address", A1, "--di", "0x10"], "is 8 hex digits"),
+        (["--protocol", "dlt645-1997", "--address", A1, "--di", "00010000"], "is 4 hex digits"),
+        (["--address", A1, "--quantity", "no_such_thing"], "--quantity"),
+        (["--protocol", "dlt645-1997", "--address", A1, "--quantity", "current_n"], "1997 data identifier"),
+        (["--protocol", "modbus", "--unit", "0", "--register", "0"], "--unit 0"),
+        (["--protocol", "modbus", "--unit", "300", "--register", "0"], "--unit 300"),
+        (["--protocol", "modbus", "--unit", "1", "--model", "nope", "--quantity", "voltage_a"], "--model"),
+        (
+            [
+                "--protocol",
+                "modbus",
+                "--unit",
+                "1",
+                "--model",
+                "ddsu666",
+                "--quantity",
+                "energy_fwd_active_t1",
+            ],
+            "model ddsu666 has no register",
+        ),
+        (["--protocol", "modbus", "--unit", "1", "--register", "0xZZ"], "--register '0xZZ'"),
+        (["--protocol", "modbus", "--unit", "1", "--register", "70000"], "--register '70000'"),
+        (["--protocol", "modbus", "--unit", "1", "--register", "0:int16", "--probe-order"], "32-bit"),
+        (["--protocol", "modbus", "--discover", "--units", "5-x"], "--units '5-x'"),
+        (["--protocol", "modbus", "--discover", "--units", "0-300"], "--units '0-300'"),
+    ],
+)
+@pytest.mark.parametrize("port", ["/dev/ttyUSB-missing", "tcp"])
+async def test_bad_options_exit_2_before_the_port_is_opened(args: list[str], message: str, port: str) -> None:
+    # Nothing is at either port: opening it would fail with exit 1 ("cannot open" / "connect ...
+    # failed"), so exit 2 with the option's message shows the port was never opened.
+    where = port if port.startswith("/") else f"tcp://127.0.0.1:{free_port()}"
+    rc, _, err = await amigw("--port", where, *args)
+    assert (rc, "cannot open" in err, "failed" in err) == (2, False, False), err
+    assert message in err, err
+
+
 @pytest.fixture
 async def modbus_tcp() -> AsyncIterator[str]:
     async with ModbusSimulator("sdm630", unit=1) as sim:
@@ -190,3 +235,27 @@ async def test_modbus_discover_scans_unit_ids(modbus_tcp: str) -> None:
     # (instead of staying silent), which the scan reports as "answers with an exception"
     assert rows[0] == {"meter": "1", "quantity": "unit", "value": "1", "unit": ""}
     assert all(row.get("exception") == 4 for row in rows[1:])
+
+
+async def test_modbus_exceptions_are_reported_by_code_and_name() -> None:
+    async with ModbusSimulator("sdm630", unit=1) as sim:
+        sim.set_fault("exception", code=2, quantity="frequency")
+        port = f"tcp://127.0.0.1:{sim.port}"
+        rc, out, err = await amigw(
+            "--protocol", "modbus", "--port", port, "--unit", "1", "--model", "sdm630", "--json",
+            "--quantity", "voltage_a", "--quantity", "frequency",
+        )  # fmt: skip
+        assert rc == 1, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert rows[0]["value"] == "230.1"
+        assert rows[1]["quantity"] == "frequency" and rows[1]["error_code"] == 2
+        assert "0x02: illegal_data_address" in rows[1]["error"] and "illegal_data_address" in err
+        sim.set_fault("exception", code=3)  # every read refused, the raw register path too
+        rc, out, err = await amigw(
+            "--protocol", "modbus", "--port", port, "--unit", "1", "--json",
+            "--register", "0x0000:float32", "--register", "0x0006:float32",
+        )  # fmt: skip
+        assert rc == 1, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [r["error_code"] for r in rows] == [3, 3], rows
+        assert all("illegal_data_value" in r["error"] for r in rows)

@@ -1,5 +1,6 @@
 """Command intake: forged/expired/replayed/unknown refused; each id executed at most once,
-across restarts; an interrupted execution is finished on redelivery."""
+across restarts; an interrupted execution is finished on redelivery; a failing execution is
+answered and finished, never raised."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.commands import CommandIntake, ExecutedCommands
-from protocols.commands import Command, CommandResult, decode_result
+from protocols.commands import Command, CommandResult, decode_result, signed_json
 
 KEY = b"gateway-key-0123456789"
 NOW = 1_700_000_000_000
@@ -83,3 +84,29 @@ def test_store_prunes_ids_older_than_any_validity_window(tmp_path: Path) -> None
     store.claim("new", NOW)
     assert store.prune(NOW, 60_000) == 1
     assert store.claim("new", NOW) == "claimed" and store.claim("old", NOW) is None
+
+
+class Exploding(Recorder):
+    """An executor that fails the way a bug would (not with one of our typed errors)."""
+
+    async def __call__(self, cmd: Command) -> CommandResult:
+        self.calls.append(cmd.id)
+        raise AttributeError("'list' object has no attribute 'get'")
+
+
+async def test_a_failing_execution_is_answered_and_finished_not_raised(tmp_path: Path) -> None:
+    rec = Exploding()
+    res = decode_result(await _intake(tmp_path, rec).handle(_cmd().signed(KEY), NOW), KEY)
+    assert (res.status, res.reason) == ("failed", "internal") and "AttributeError" in res.detail
+    # finished, not left claimed: a redelivery (also after a restart) is not executed again
+    again = decode_result(await _intake(tmp_path, rec).handle(_cmd().signed(KEY), NOW + 5), KEY)
+    assert (again.status, again.reason) == ("rejected", "replayed")
+    assert rec.calls == ["c-1"]
+
+
+async def test_signed_read_now_with_params_as_a_list_is_rejected_before_execution(tmp_path: Path) -> None:
+    rec = Recorder()
+    doc = _cmd(action="read_now").to_dict() | {"params": ["voltage_a"]}
+    res = decode_result(await _intake(tmp_path, rec).handle(signed_json(doc, KEY), NOW), KEY)
+    assert (res.status, res.reason, res.id) == ("rejected", "malformed", "c-1")
+    assert rec.calls == []

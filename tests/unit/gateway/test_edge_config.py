@@ -27,6 +27,20 @@ def _with(replace: str, by: str) -> str:
     return SAMPLE.replace(replace, by, 1)
 
 
+def _modbus(model: str, plans: str) -> str:
+    """The sample with its meter made a Modbus meter of ``model`` following ``plans``."""
+    return (
+        _with('protocol = "dlt645-2007"\n', 'protocol = "modbus"\n')
+        .replace('address = "000012345678"\n', f'address = "3"\nmodel = "{model}"\n', 1)
+        .replace('plans = ["registers", "instant"]', f"plans = {plans}", 1)
+    )
+
+
+def test_a_modbus_meter_whose_model_has_every_planned_quantity_loads() -> None:
+    cfg = parse_config(_modbus("sdm630", '["instant"]'))
+    assert cfg.meters[0].model == "sdm630"
+
+
 @pytest.mark.parametrize(
     ("text", "key_path", "reason"),
     [
@@ -51,6 +65,21 @@ def _with(replace: str, by: str) -> str:
         (_with("ack_timeout_s = 60.0", "ack_timeout_s = 0"), "outbox.ack_timeout_s", "0.1..86400"),
         (_with("keepalive_s = 30", "keepalive_s = 30\nkeep_alive = 3"), "mqtt.keep_alive", "unknown key"),
         (_with('command_key_file = "/etc/amigw/gw-1.key"', ""), "command_key_file", "required"),
+        (_with('gateway_id = "gw-1"', 'gateway_id = "agg"'), "gateway_id", "reserved topic level"),
+        (_with('gateway_id = "gw-1"', 'gateway_id = "Down"'), "gateway_id", "reserved topic level"),
+        (
+            _with('protocol = "dlt645-2007"', 'protocol = "dlt645-1997"').replace(
+                '["voltage_a", "current_a"', '["current_n", "current_a"'
+            ),
+            "meters[0].plans[1]",
+            "plan 'instant': no DL/T 645-1997 data identifier for quantity 'current_n'",
+        ),
+        (
+            _modbus("sdm120", '["registers", "instant"]'),
+            "meters[0].plans[0]",
+            "plan 'registers': model sdm120 has no register for 'energy_fwd_active_t1'",
+        ),
+        (_modbus("sdm999", '["instant"]'), "meters[0].model", "no register map for 'sdm999'"),
     ],
 )
 def test_errors_name_the_key(text: str, key_path: str, reason: str) -> None:
@@ -111,3 +140,14 @@ def test_edge_check_config_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 2 and "command_key_file" in out.stderr
+
+
+def test_check_config_catches_a_quantity_the_modbus_model_lacks(tmp_path: Path) -> None:
+    key = tmp_path / "gw.key"
+    key.write_text("ab" * 16)
+    bad = tmp_path / "edge.toml"
+    bad.write_text(_modbus("ddsu666", '["registers"]').replace('"/etc/amigw/gw-1.key"', f'"{key}"'))
+    for argv in (["edge", "--config", str(bad), "--check-config"], ["config", "check", str(bad)]):
+        out = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True)
+        assert out.returncode == 2, out
+        assert "meters[0].plans[0]: plan 'registers': model ddsu666 has no register" in out.stderr

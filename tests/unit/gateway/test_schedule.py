@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.schedule import MeterStats, backoff_ms, next_boundary
+from gateway.schedule import MeterStats, backoff_ms, bus_retry_s, next_boundary
 
 MIN15 = 900_000
 
@@ -44,3 +44,11 @@ def test_meter_stats_success_rate_and_skip() -> None:
     assert s.skip_until_ms == 20 + 120_000
     s.record_success(30)
     assert s.skip_until_ms == 0 and s.consecutive_failures == 0
+
+
+def test_bus_retry_doubles_from_one_second_to_a_minute() -> None:
+    assert [bus_retry_s(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert bus_retry_s(10_000) == 60
+    assert bus_retry_s(3, first_s=0.5, cap_s=10) == 2
+    with pytest.raises(ValueError):
+        bus_retry_s(0)
