@@ -40,6 +40,7 @@ from protocols.aggregates import MAX_MESSAGE_BYTES, IntervalRecord, encode_inter
 from protocols.commands import CommandResult
 from protocols.flags import Flag
 from simulators.localstack import Mosquitto, free_port
+from tests.integration.test_feectl_service import FLAT
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -51,16 +52,6 @@ Q = 900_000
 MAX_ENERGY = 2_500  # 100 kW (the default rating) for 15 minutes, in 0.01 kWh
 ESTIMATED = int(Flag.ESTIMATED)
 
-FLAT = """
-id = "flat"
-zone = "+08:00"
-[[versions]]
-version = "f1"
-effective_from = 2020-01-01T00:00:00+08:00
-prices = { flat = 5000 }
-[[versions.calendar]]
-segments = [["00:00", "24:00", "flat"]]
-"""
 
 # -- the generated stream ----------------------------------------------------------------------------
 # A spec is plain data drawn by hypothesis; render() turns it into (topic, payload, expectation),
