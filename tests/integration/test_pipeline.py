@@ -509,7 +509,7 @@ async def test_sighup_reloads_the_registry_of_a_running_worker(
         assert flags_at(1) is None  # written, no flag: an unknown meter's rating is not judged
         reg.write_text(f'[meters."R1"]\n{row}[meters."R2"]\n{row}')
         proc.send_signal(signal.SIGHUP)
-        await wait_for(lambda: "registry reloaded meters=2" in log.read_text(), 10)
+        await wait_for(lambda: '"registry reloaded" meters=2' in log.read_text(), 10)
         pub.batch(jump(2))
         await wait_for(lambda: flags_at(2) != -1)
         assert flags_at(2) & Flag.SPIKE
