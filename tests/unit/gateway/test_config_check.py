@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import SAMPLE
+from simulators.localstack import Influxd, free_port
 
 EDGE_MODBUS_WITHOUT_THE_REGISTER = (
     SAMPLE.replace('protocol = "dlt645-2007"\n', 'protocol = "modbus"\n', 1)
@@ -35,7 +36,6 @@ def _ingest_sample() -> str:
         ("edge", "KEYED_SAMPLE", 0),
         ("edge", EDGE_MODBUS_WITHOUT_THE_REGISTER, 2),
         ("edge", SAMPLE.replace('gateway_id = "gw-1"', 'gateway_id = "agg"'), 2),
-        ("ingest", "INGEST_SAMPLE", 0),
         ("ingest", "[influx]\nurl = 3\n", 2),
         ("feectl", "[feectl]\n[service]\ndb_path = 5\n", 2),
     ],
@@ -47,8 +47,6 @@ def test_config_check_agrees_with_the_services_own_check(
     key.write_text("ab" * 16)
     if text == "KEYED_SAMPLE":
         text = SAMPLE
-    elif text == "INGEST_SAMPLE":
-        text = _ingest_sample()
     text = text.replace('"/etc/amigw/gw-1.key"', f'"{key}"')
     path = tmp_path / "service.toml"
     path.write_text(text)
@@ -56,6 +54,42 @@ def test_config_check_agrees_with_the_services_own_check(
     check = _amigw("config", "check", str(path))
     assert own.returncode == returncode, own.stderr
     assert (check.returncode, check.stdout, check.stderr) == (own.returncode, own.stdout, own.stderr)
+
+
+@pytest.mark.parametrize(
+    ("server", "returncode", "says"),
+    [
+        ("database", 0, "accepts writes"),
+        ("no-database", 2, "influx.database"),
+        ("unreachable", 1, "unreachable"),
+    ],
+)
+def test_the_ingest_check_probes_influxdb_and_both_checks_agree(
+    tmp_path: Path, influx_db: tuple[Influxd, str], server: str, returncode: int, says: str
+) -> None:
+    """The shipped sample, pointed at a real influxd: ok with the database there, a ConfigError
+    naming the key when it is missing (exit 2), exit 1 when nothing listens at the url."""
+    influxd, database = influx_db
+    url = influxd.url if server != "unreachable" else f"http://127.0.0.1:{free_port()}"
+    text = _ingest_sample().replace('url = "http://127.0.0.1:8086"', f'url = "{url}"', 1)
+    if server != "no-database":
+        text = text.replace('database = "amigw"', f'database = "{database}"', 1)
+    path = tmp_path / "ingest.toml"
+    path.write_text(text)
+    own = _amigw("ingest", "--config", str(path), "--check-config")
+    check = _amigw("config", "check", str(path))
+    assert own.returncode == returncode, own.stderr
+    assert says in own.stdout + own.stderr
+    assert (check.returncode, check.stdout, _untimed(check.stderr)) == (
+        own.returncode,
+        own.stdout,
+        _untimed(own.stderr),
+    )
+
+
+def _untimed(log: str) -> str:
+    """Log lines without their leading timestamp."""
+    return "\n".join(line.partition(" ")[2] for line in log.splitlines())
 
 
 def test_the_kind_can_be_named_and_an_undecidable_file_says_so(tmp_path: Path) -> None:
