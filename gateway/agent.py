@@ -54,7 +54,7 @@ from gateway.metrics import EdgeMetrics, serve
 from gateway.outbox import Outbox
 from gateway.publisher import ConnectionLostError, Publisher
 from gateway.schedule import MeterStats, bus_retry_s, next_boundary
-from protocols import payload
+from protocols import payload, topics
 from protocols.commands import RELAY_ACTIONS, Command, CommandResult
 from protocols.errors import (
     AmigwError,
@@ -169,9 +169,9 @@ class EdgeAgent:
         self.metrics = EdgeMetrics()
         self.status_interval_s = status_interval_s
         self.version = version
-        self.topic_readings = f"ami/v1/{cfg.gateway_id}/up/readings"
-        self.topic_events = f"ami/v1/{cfg.gateway_id}/up/events"
-        self.topic_results = f"ami/v1/{cfg.gateway_id}/up/cmd-result"
+        self.topic_readings = topics.readings(cfg.gateway_id)
+        self.topic_events = topics.events(cfg.gateway_id)
+        self.topic_results = topics.cmd_result(cfg.gateway_id)
         self._key = cfg.key_bytes()
         self._plans = {p.name: p for p in cfg.plans}
         self._meters: dict[str, _Meter] = {}

@@ -25,6 +25,7 @@ from ingest.dedup import DedupConfig
 from ingest.loss import LossConfig
 from ingest.mqtt_consumer import ConsumerConfig
 from ingest.sink import SinkConfig
+from protocols import topics
 from protocols.config import loads_toml
 from protocols.errors import ConfigError
 from protocols.payload import MAX_PAYLOAD_BYTES
@@ -44,8 +45,8 @@ __all__ = [
     "parse_config",
 ]
 
-READINGS_FILTER = "$share/ingest/ami/v1/+/up/readings"
-EVENTS_FILTER = "$share/ingest/ami/v1/+/up/events"
+READINGS_FILTER = topics.READINGS_SHARED
+EVENTS_FILTER = topics.EVENTS_SHARED
 
 # The built-in time-of-use calendar (used when ``tariff_calendar = ""``): one season, one profile,
 # the common 尖峰平谷 plan of the simulators (TOU-01/03).

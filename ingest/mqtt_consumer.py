@@ -91,6 +91,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocols.errors import ConfigError, TransportError
 from protocols.payload import MAX_PAYLOAD_BYTES
+from protocols.topics import READINGS_SHARED
 
 __all__ = ["OVERSIZE_PREFIX_BYTES", "ConsumerConfig", "ConsumerStats", "Message", "MqttConsumer"]
 
@@ -106,7 +107,7 @@ class ConsumerConfig:
 
     url: str = "mqtt://127.0.0.1:1883"
     client_id: str = "amigw-ingest-1"
-    topics: tuple[str, ...] = ("$share/ingest/ami/v1/+/up/readings",)
+    topics: tuple[str, ...] = (READINGS_SHARED,)
     qos: int = 1
     protocol: Literal["5", "3.1.1"] = "5"
     username: str | None = None

@@ -830,7 +830,7 @@ class IngestWorker:
         for i in range(0, len(gateways), _DAILY_QUERY_GATEWAYS):
             part = {g: keys[g] for g in gateways[i : i + _DAILY_QUERY_GATEWAYS]}
             for gw, totals in (await self._daily_totals(part)).items():
-                items.append((f"ami/v1/agg/daily/{gw}", daily_payload(gw, totals)))
+                items.append((topics.agg("daily", gw), daily_payload(gw, totals)))
         if items:
             await res.publisher.publish_many(items)
             self.metrics.published.labels("daily").inc(len(items))

@@ -9,6 +9,7 @@
     ami/v1/{gateway}/down/cmd        head-end -> edge   signed commands
     ami/v1/{gateway}/down/ack        head-end -> edge   end-to-end confirmations (protocols.acks)
     ami/v1/agg/{kind}/{gateway}      ingest -> billing, fee control: aggregates
+    ami/v1/agg/notifications         fee control -> customer channels: notifications
 
 A gateway id is one topic level: it must be a valid id (:func:`check_gateway_id`) and may not be
 a level the tree reserves (``agg``, where the aggregates live), or a gateway could publish into
@@ -22,14 +23,19 @@ import re
 from protocols.errors import PayloadError
 
 __all__ = [
+    "CMD_RESULTS_ALL",
     "EVENTS_SHARED",
+    "NOTIFICATIONS",
     "PREFIX",
     "READINGS_SHARED",
     "RESERVED_GATEWAY_IDS",
     "ack",
     "agg",
+    "agg_all",
+    "agg_gateway_of",
     "check_gateway_id",
     "cmd_result",
+    "cmd_result_gateway_of",
     "command",
     "events",
     "gateway_of",
@@ -43,6 +49,8 @@ _GATEWAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 READINGS_SHARED = f"$share/ingest/{PREFIX}/+/up/readings"
 EVENTS_SHARED = f"$share/ingest/{PREFIX}/+/up/events"
+CMD_RESULTS_ALL = f"{PREFIX}/+/up/cmd-result"
+NOTIFICATIONS = f"{PREFIX}/agg/notifications"
 
 
 def check_gateway_id(gateway: str) -> str | None:
@@ -84,6 +92,26 @@ def ack(gateway: str) -> str:
 def agg(kind: str, gateway: str) -> str:
     """``ami/v1/agg/{kind}/{gateway}`` (kind: ``intervals`` or ``daily``)."""
     return f"{PREFIX}/agg/{kind}/{gateway}"
+
+
+def agg_all(kind: str) -> str:
+    """The filter for every gateway's ``ami/v1/agg/{kind}/{gateway}``."""
+    return agg(kind, "+")
+
+
+def agg_gateway_of(kind: str, topic: str) -> str | None:
+    """``ami/v1/agg/{kind}/{gateway}`` -> ``gateway`` (not yet checked); anything else -> None."""
+    prefix = agg(kind, "")
+    rest = topic[len(prefix) :]
+    return rest if topic.startswith(prefix) and rest and "/" not in rest else None
+
+
+def cmd_result_gateway_of(topic: str) -> str | None:
+    """``ami/v1/{gateway}/up/cmd-result`` -> ``gateway``; anything else -> None."""
+    parts = topic.split("/")
+    if len(parts) == 5 and "/".join(parts[:2]) == PREFIX and parts[3:] == ["up", "cmd-result"] and parts[2]:
+        return parts[2]
+    return None
 
 
 def gateway_of(topic: str) -> str:

@@ -30,6 +30,7 @@ from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
+from protocols import topics
 from protocols.commands import Command, decode_result
 from protocols.errors import AmigwError
 from simulators.localstack import Influxd, Mosquitto
@@ -118,7 +119,7 @@ class _Commander:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="amigw-demo-headend")
         self.client.on_message = lambda c, u, msg: self._record(bytes(msg.payload))
         self.client.connect(broker.host, broker.port)
-        self.client.subscribe(f"ami/v1/{GATEWAY}/up/cmd-result", qos=1)
+        self.client.subscribe(topics.cmd_result(GATEWAY), qos=1)
         self.client.loop_start()
 
     def _record(self, payload: bytes) -> None:
@@ -129,7 +130,7 @@ class _Commander:
         now = int(time.time() * 1000)
         cmd = Command(f"demo-{action}-{secrets.token_hex(4)}", GATEWAY, meter, action, now, now + 120_000)
         started = time.monotonic()
-        self.client.publish(f"ami/v1/{GATEWAY}/down/cmd", cmd.signed(self.key), qos=1).wait_for_publish(10)
+        self.client.publish(topics.command(GATEWAY), cmd.signed(self.key), qos=1).wait_for_publish(10)
         while time.monotonic() - started < timeout_s:
             with self._lock:
                 raw = self.results.get(cmd.id)
@@ -235,7 +236,7 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
         time.sleep(min(5.0, args.duration_s - elapsed))
         _progress(influx, started)
         if not tripped and time.monotonic() - started >= trip_at:
-            _say(f"5/5 head-end sends a signed TRIP to meter {target} on ami/v1/{GATEWAY}/down/cmd ...")
+            _say(f"5/5 head-end sends a signed TRIP to meter {target} on {topics.command(GATEWAY)} ...")
             outcome, took = commander.run(target, "trip")
             trip_ms = int(time.time() * 1000)
             _say(f"    trip: {outcome} after {took * 1000:.0f} ms")

@@ -51,9 +51,9 @@ __all__ = [
 
 log = logging.getLogger("amigw.feectl.mqtt")
 
-INTERVALS_FILTER = "ami/v1/agg/intervals/+"
-RESULTS_FILTER = "ami/v1/+/up/cmd-result"
-NOTIFICATIONS_TOPIC = "ami/v1/agg/notifications"
+INTERVALS_FILTER = topics.agg_all("intervals")
+RESULTS_FILTER = topics.CMD_RESULTS_ALL
+NOTIFICATIONS_TOPIC = topics.NOTIFICATIONS
 
 
 def command_topic(gateway: str) -> str:
@@ -62,18 +62,12 @@ def command_topic(gateway: str) -> str:
 
 def gateway_of_intervals_topic(topic: str) -> str | None:
     """``ami/v1/agg/intervals/{gateway}`` → ``gateway`` (not yet checked); anything else → None."""
-    prefix = INTERVALS_FILTER[:-1]
-    if topic.startswith(prefix) and "/" not in topic[len(prefix) :]:
-        return topic[len(prefix) :]
-    return None
+    return topics.agg_gateway_of("intervals", topic)
 
 
 def gateway_of_result_topic(topic: str) -> str | None:
     """``ami/v1/{gateway}/up/cmd-result`` → ``gateway``; anything else → None."""
-    parts = topic.split("/")
-    if len(parts) == 5 and parts[:2] == ["ami", "v1"] and parts[3:] == ["up", "cmd-result"] and parts[2]:
-        return parts[2]
-    return None
+    return topics.cmd_result_gateway_of(topic)
 
 
 def consumer_config(cfg: ServiceConfig) -> ConsumerConfig:
