@@ -20,7 +20,8 @@ Rules (``shared/reference/business_rules.md``)
 ----------------------------------------------
 * KPI-01 / VEE-13, per meter: received = ``intervals - estimated`` (estimated intervals do not
   count as collected; invalid ones are not in ``intervals``), expected = ``DAY_MS // interval_ms``
-  (96). Per gateway: the sums over the meters seen under it, expected = those meters x 96. Per
+  (96). Per gateway: the sums over the meters seen under it or bound to it in the registry,
+  expected = those meters x 96, so a bound meter that sent nothing costs its gateway 96. Per
   area: the sums over the meters the registry places in it (master included), expected = all of
   them x 96, so a meter that sent nothing costs its area 96.
 * LL-01/02: :func:`ingest.stages.line_loss` over each meter's billable forward ``total`` and,
@@ -287,22 +288,32 @@ def compute_report(
     # meters it does not know, which have no area
     ids = registry.ids + tuple(sorted({m for m, _ in pairs} - set(registry.index)))
     index = {m: i for i, m in enumerate(ids)}
-    gateways = sorted({g for _, g in pairs})
+    params = registry.params(ids)
+    # a meter bound to a gateway counts for it also on a day it sent nothing under it
+    seen = set(pairs)
+    silent = [
+        (m, registry.gateways[g])
+        for m, g in zip(registry.ids, params.gateway.tolist(), strict=False)
+        if g >= 0 and (m, registry.gateways[g]) not in seen
+    ]
+    gateways = sorted({g for _, g in pairs} | {g for _, g in silent})
     g_index = {g: i for i, g in enumerate(gateways)}
     r_meter = np.array([index[m] for m, _ in pairs], dtype=np.int64)
-    r_gw = np.array([g_index[g] for _, g in pairs], dtype=np.int64)
+    r_gw = np.array([g_index[g] for _, g in pairs + silent], dtype=np.int64)
     col = {f: np.array([int(r.get(f) or 0) for r in rows], dtype=np.int64) for f in _SUMS}
     r_received = col["intervals"] - col["estimated"]  # KPI-01: estimated is not collected
     n = len(ids)
     total, received, estimated, invalid = (
         _sums(r_meter, n, v) for v in (col["total"], r_received, col["estimated"], col["invalid"])
     )
-    params = registry.params(ids)
     collection = [
         Collection("meter", m, int(r), per_day, int(e), int(b))
         for m, r, e, b in zip(ids, received.tolist(), estimated.tolist(), invalid.tolist(), strict=True)
     ]
-    collection += _groups("gateway", gateways, r_gw, np.ones_like(r_gw), r_received, col, per_day)
+    none = np.zeros(len(silent), dtype=np.int64)
+    gw_cols = {f: np.concatenate((col[f], none)) for f in ("estimated", "invalid")}
+    gw_received = np.concatenate((r_received, none))
+    collection += _groups("gateway", gateways, r_gw, np.ones_like(r_gw), gw_received, gw_cols, per_day)
     known = params.area >= 0
     a_meter = params.area[known].astype(np.int64)
     area_cols = {"estimated": estimated[known], "invalid": invalid[known]}
