@@ -1,48 +1,19 @@
-"""Head-end ingest: MQTT consumer, numba kernels, InfluxDB sink, dead letters, dedup, fee control.
+"""Head-end ingest: the MQTT stream of reading batches validated, aggregated and stored.
 
-The I/O adapters are re-exported lazily (python-can's lazy registry idea), so importing one kernel
-module does not import paho-mqtt or open anything:
+Laid out by what things are (``docs/architecture.md`` says where new code goes):
 
-* :class:`~ingest.mqtt_consumer.MqttConsumer` -- manual-ack, persistent-session MQTT consumer;
-* :class:`~ingest.sink.InfluxSink` -- awaited, gzip line-protocol writes to InfluxDB 1.x / 2.x / 3.x;
-* :class:`~ingest.deadletter.DeadLetterStore` -- undecodable payloads and rejected lines, bounded;
-* :class:`~ingest.dedup.DedupStore` -- processed (gateway, seq) keys, bounded.
+* :mod:`ingest.mqtt` -- the MQTT adapter: manual-ack consumer, PUBACK-awaiting publisher;
+* :mod:`ingest.rules` -- validation, estimation and aggregation: numba kernels
+  (:mod:`~ingest.rules.kernels`) and their checking wrappers (:mod:`~ingest.rules.stages`);
+* :mod:`ingest.model` -- domain data: the meter registry, the tariff and time-of-use model;
+* :mod:`ingest.pipeline` -- the worker, the pure per-batch transform and the durable state
+  (dedup, loss account, dead letters, replay);
+* :mod:`ingest.sinks` -- where the results are stored (InfluxDB: line protocol, HTTP, queries);
+* :mod:`ingest.reports` -- jobs over stored data (the daily line-loss and collection report);
+* :mod:`ingest.feectl` -- the prepaid fee-control service;
+* :mod:`ingest.broker` -- the shipped mosquitto configuration and ACL;
+* :mod:`ingest.cli`, :mod:`ingest.config`, :mod:`ingest.metrics` -- ``amigw ingest``, its one
+  configuration loader, its Prometheus metrics.
+
+Importing a kernel module imports neither paho-mqtt nor an HTTP client.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-__all__ = [
-    "ConsumerConfig",
-    "DeadLetterConfig",
-    "DeadLetterStore",
-    "DedupConfig",
-    "DedupStore",
-    "InfluxSink",
-    "Message",
-    "MqttConsumer",
-    "SinkConfig",
-    "WriteResult",
-]
-
-_LAZY = {
-    "ConsumerConfig": "ingest.mqtt_consumer",
-    "Message": "ingest.mqtt_consumer",
-    "MqttConsumer": "ingest.mqtt_consumer",
-    "DeadLetterConfig": "ingest.deadletter",
-    "DeadLetterStore": "ingest.deadletter",
-    "DedupConfig": "ingest.dedup",
-    "DedupStore": "ingest.dedup",
-    "InfluxSink": "ingest.sink",
-    "SinkConfig": "ingest.sink",
-    "WriteResult": "ingest.sink",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ingest' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)

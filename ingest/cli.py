@@ -12,12 +12,12 @@ pause. With one worker the process itself is the worker. ``--completeness`` prin
 of one meter-day from InfluxDB and exits. ``--daily-report DAY`` computes the day's line loss per
 transformer area and collection success per meter, gateway and area from ``daily_tou``, writes
 them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) and exits
-(:mod:`ingest.report`, ``docs/ingest-report.md``). ``--check-config`` also probes InfluxDB
-(:meth:`~ingest.sink.InfluxSink.probe`, nothing written or created): a refusal is a
+(:mod:`ingest.reports.daily`, ``docs/ingest-report.md``). ``--check-config`` also probes InfluxDB
+(:meth:`~ingest.sinks.influxdb.InfluxSink.probe`, nothing written or created): a refusal is a
 ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (exit 1).
 ``--replay-dead-letters`` puts dead-lettered payloads back through the pipeline
-(:mod:`ingest.replay`; exit 1 when one is still failing or the replay stopped). ``--loss``
-prints the loss account of ``[loss] path`` (:mod:`ingest.loss`): each gateway with open gaps
+(:mod:`ingest.pipeline.replay`; exit 1 when one is still failing or the replay stopped). ``--loss``
+prints the loss account of ``[loss] path`` (:mod:`ingest.pipeline.loss`): each gateway with open gaps
 or batches lost at a sequence reset, the gaps with their age, and a total line (``--json``:
 every gateway, one JSON document); it exits 0 whatever the account says.
 """
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("--workers", f"expected >= 1, got {args.workers}")
     if args.worker_index is not None or args.workers == 1:
-        from ingest.pipeline import run_worker
+        from ingest.pipeline.worker import run_worker
 
         asyncio.run(run_worker(cfg, args.worker_index or 0))
         return 0
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _completeness(cfg: IngestConfig, meter: str, day_text: str) -> int:
-    from ingest.pipeline import InfluxQuery, query_completeness
+    from ingest.sinks.influxql import InfluxQuery, query_completeness
 
     day = _day("--completeness", day_text)
     offset = load_calendar(cfg).utc_offset_ms
@@ -148,7 +148,7 @@ def _day(option: str, text: str) -> dt.date:
 
 
 def _daily_report(cfg: IngestConfig, day_text: str, *, as_json: bool) -> int:
-    from ingest.report import daily_report, day_window
+    from ingest.reports.daily import daily_report, day_window
     from protocols.errors import SinkError
 
     day = _day("--daily-report", day_text)
@@ -169,8 +169,8 @@ async def _check_sink(cfg: IngestConfig) -> str:
     """Probe InfluxDB without writing or creating anything; the summary line, else raise.
 
     Raises: ConfigError naming the key for a refusal, SinkError when unreachable."""
-    from ingest.deadletter import DeadLetterStore
-    from ingest.sink import InfluxSink
+    from ingest.pipeline.deadletter import DeadLetterStore
+    from ingest.sinks.influxdb import InfluxSink
     from protocols.errors import SinkError, SinkRefused
 
     influx = cfg.influx
@@ -204,7 +204,7 @@ def _refused_key(reason: str, api: str | None, username: str | None) -> str:
 
 
 def _replay(cfg: IngestConfig, args: argparse.Namespace) -> int:
-    from ingest.replay import exit_status, parse_time_ms, replay_dead_letters
+    from ingest.pipeline.replay import exit_status, parse_time_ms, replay_dead_letters
 
     since = parse_time_ms("--since", args.since)
     until = parse_time_ms("--until", args.until)
@@ -215,7 +215,7 @@ def _replay(cfg: IngestConfig, args: argparse.Namespace) -> int:
 
 
 def _loss(cfg: IngestConfig, *, as_json: bool) -> int:
-    from ingest.loss import Gap, LossStore
+    from ingest.pipeline.loss import Gap, LossStore
 
     path = Path(cfg.loss.path)
     accounts = []

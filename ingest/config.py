@@ -5,9 +5,9 @@ dotted key for every problem (unknown keys, wrong types, bad values, an unreadab
 tariff calendar). :data:`SAMPLE` is the commented sample (``amigw config sample ingest``); a unit
 test loads it, so it cannot rot. The commented values are the defaults.
 
-Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sink.SinkConfig`),
+Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sinks.influxdb.SinkConfig`),
 ``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages,
-confirmations), ``[loss]`` (:class:`~ingest.loss.LossConfig`: loss accounting),
+confirmations), ``[loss]`` (:class:`~ingest.pipeline.loss.LossConfig`: loss accounting),
 ``[line_loss]`` (LL-02 bands of the daily report, per area type), plus
 top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
 """
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ingest.deadletter import DeadLetterConfig
-from ingest.dedup import DedupConfig
-from ingest.loss import LossConfig
-from ingest.mqtt_consumer import ConsumerConfig
-from ingest.sink import SinkConfig
+from ingest.mqtt.consumer import ConsumerConfig
+from ingest.pipeline.deadletter import DeadLetterConfig
+from ingest.pipeline.dedup import DedupConfig
+from ingest.pipeline.loss import LossConfig
+from ingest.sinks.influxdb import SinkConfig
 from protocols import topics
 from protocols.config import loads_toml
 from protocols.errors import ConfigError
@@ -279,7 +279,7 @@ def load_config(path: str | Path) -> IngestConfig:
 
 def load_registry(cfg: IngestConfig) -> Any:
     """The meter registry (an empty one when ``registry = ""``). Raises: ConfigError."""
-    from ingest.registry import MeterRegistry
+    from ingest.model.registry import MeterRegistry
 
     try:
         return MeterRegistry.load(cfg.registry or "/dev/null")
@@ -289,7 +289,7 @@ def load_registry(cfg: IngestConfig) -> Any:
 
 def load_calendar(cfg: IngestConfig) -> Any:
     """The tariff calendar (:data:`DEFAULT_CALENDAR` when ``tariff_calendar = ""``). Raises: ConfigError."""
-    from ingest.tariff_calendar import TariffCalendar
+    from ingest.model.tariff import TariffCalendar
 
     if not cfg.tariff_calendar:
         return TariffCalendar.from_dict(DEFAULT_CALENDAR)
@@ -311,7 +311,7 @@ def load_tariff_calendars(cfg: IngestConfig, default: Any) -> dict[str, Any]:
 
 
 def _calendar_file(path: str, key: str) -> Any:
-    from ingest.tariff_calendar import TariffCalendar
+    from ingest.model.tariff import TariffCalendar
 
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -323,11 +323,11 @@ def _calendar_file(path: str, key: str) -> Any:
 SAMPLE = """\
 # amigw ingest configuration. Values shown are the defaults unless marked "example".
 
-# The meter registry (ratings, multipliers, areas; see ingest/registry.py). An empty string
+# The meter registry (ratings, multipliers, areas; see ingest/model/registry.py). An empty string
 # means no registry: every meter is unknown, rating checks are skipped, multipliers are 1.
 # Relative paths are taken from this file's folder.
 registry = ""
-# The time-of-use calendar (see ingest/tariff_calendar.py). An empty string selects the built-in
+# The time-of-use calendar (see ingest/model/tariff.py). An empty string selects the built-in
 # calendar: valley 22:00-08:00, flat 08:00-10:00 and 13:00-17:00, peak 10:00-11:30 and
 # 17:00-22:00, sharp 11:30-13:00, UTC+8.
 tariff_calendar = ""

@@ -33,7 +33,7 @@ from pathlib import Path
 from protocols import topics
 from protocols.commands import Command, decode_result
 from protocols.errors import AmigwError
-from simulators.localstack import Influxd, Mosquitto
+from simulators.servers import Influxd, Mosquitto
 
 GATEWAY = "gw-demo"
 DATABASE = "amigw"

@@ -26,7 +26,7 @@ from typing import TypeVar
 import pytest
 
 from ingest.broker import ACL, limits
-from simulators.localstack import Influxd, Mosquitto, ServiceNotInstalledError
+from simulators.servers import Influxd, Mosquitto, ServiceNotInstalledError
 
 SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth")
 INFLUX_ADMIN = ("admin", "admin-secret")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ingest import kernels as k
+from ingest.rules import kernels as k
 
 EPOCH = dt.datetime(1970, 1, 1)
 INT64_MIN = -(2**63)

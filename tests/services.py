@@ -1,4 +1,4 @@
-"""The real-service launchers live in :mod:`simulators.localstack` (the demo uses them too)."""
+"""The real-service launchers live in :mod:`simulators.servers` (the demo uses them too)."""
 
-from simulators.localstack import *  # noqa: F403
-from simulators.localstack import __all__  # noqa: F401
+from simulators.servers import *  # noqa: F403
+from simulators.servers import __all__  # noqa: F401

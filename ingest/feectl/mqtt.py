@@ -1,6 +1,6 @@
 """Fee control's MQTT link: topics, the subscribing session, and a publisher that awaits PUBACK.
 
-Receiving uses the ingest team's :class:`~ingest.mqtt_consumer.MqttConsumer` (paho-mqtt,
+Receiving uses the ingest team's :class:`~ingest.mqtt.consumer.MqttConsumer` (paho-mqtt,
 ``manual_ack=True``, persistent session): the service acknowledges a message only after the
 ledger transaction for it committed (STYLE H8). :func:`consumer_config` maps ``[service.mqtt]``
 onto it.
@@ -30,7 +30,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from ingest.mqtt_consumer import ConsumerConfig
+from ingest.mqtt.consumer import ConsumerConfig
 from protocols import topics
 from protocols.aggregates import MAX_MESSAGE_BYTES
 from protocols.errors import TransportError

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from ingest.mqtt_consumer import MqttConsumer
+from ingest.mqtt.consumer import MqttConsumer
 from protocols.aggregates import INTERVALS_MAGIC, MAX_MESSAGE_BYTES, IntervalRecord, decode_intervals
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
@@ -275,7 +275,7 @@ class FeeControlService:
 
         Whatever the message holds, the only exception that leaves is the ledger being unavailable.
         ``oversize`` is the full length of a message the consumer refused to buffer (``payload`` is
-        then its first bytes, :data:`~ingest.mqtt_consumer.OVERSIZE_PREFIX_BYTES`): rejected
+        then its first bytes, :data:`~ingest.mqtt.consumer.OVERSIZE_PREFIX_BYTES`): rejected
         ``too_large`` unread.
 
         Raises:

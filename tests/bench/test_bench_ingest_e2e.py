@@ -32,10 +32,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.config import SAMPLE, parse_config
-from ingest.deadletter import DeadLetterStore
-from ingest.pipeline import Settings, columns, transform
-from ingest.sink import InfluxSink, SinkConfig
-from ingest.stages import LineTables, encode_lines
+from ingest.pipeline.deadletter import DeadLetterStore
+from ingest.pipeline.transform import Settings, columns, transform
+from ingest.rules.stages import LineTables, encode_lines
+from ingest.sinks.influxdb import InfluxSink, SinkConfig
 from protocols.payload import BatchBuilder, ReadingBatch, encode
 from protocols.quantities import by_name
 

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from ingest import stages
-from ingest.registry import MeterParams
+from ingest.model.registry import MeterParams
+from ingest.rules import stages
 from tests import reference as ref
 
 I = 900_000  # noqa: E741 (the interval, as in the rules)

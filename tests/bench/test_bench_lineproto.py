@@ -10,7 +10,7 @@ import time
 import numpy as np
 from influxdb_client import Point, WritePrecision
 
-from ingest import stages
+from ingest.rules import stages
 
 T0 = 1_710_000_000_000
 QS = np.array([1, 3, 30, 33, 40], np.uint16)

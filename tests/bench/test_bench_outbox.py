@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gateway.outbox import Outbox
 from gateway.publisher import Publisher
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 
 N = 20_000
 BASELINE_N = 2_000

@@ -27,8 +27,8 @@ from protocols.commands import Command, decode_result
 from protocols.payload import decode
 from protocols.quantities import by_name
 from simulators.dlt645_sim import Dlt645Simulator
-from simulators.localstack import free_port
 from simulators.modbus_sim import ModbusSimulator
+from simulators.servers import free_port
 from tests.e2e.edge_helpers import KEY, MqttRecorder, edge_toml
 
 pytestmark = pytest.mark.integration

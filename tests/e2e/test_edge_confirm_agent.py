@@ -20,7 +20,7 @@ from protocols import topics
 from protocols.acks import Ack, seq_ranges
 from protocols.payload import decode
 from simulators.dlt645_sim import Dlt645Simulator
-from simulators.localstack import Mosquitto, free_port
+from simulators.servers import Mosquitto, free_port
 from tests.e2e.edge_helpers import MqttRecorder, edge_toml
 
 pytestmark = pytest.mark.integration

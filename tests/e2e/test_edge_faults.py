@@ -28,8 +28,8 @@ from gateway.config import parse_config
 from protocols.payload import decode
 from protocols.quantities import by_name
 from simulators.dlt645_sim import Dlt645Simulator
-from simulators.localstack import free_port
 from simulators.modbus_sim import ModbusSimulator
+from simulators.servers import free_port
 from tests.e2e.edge_helpers import MqttRecorder, edge_toml
 
 pytestmark = pytest.mark.integration

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from protocols.commands import ACTIONS, RELAY_ACTIONS, Command, decode_result, encode, signed_json
 from protocols.quantities import QUANTITIES
 from simulators.dlt645_sim import Dlt645Simulator
-from simulators.localstack import free_port
+from simulators.servers import free_port
 from tests.e2e.edge_helpers import KEY, MqttRecorder, edge_toml
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import pytest
 from gateway.agent import EdgeAgent
 from gateway.config import parse_config as parse_edge
 from ingest.config import parse_config as parse_ingest
-from ingest.pipeline import IngestWorker
+from ingest.pipeline.worker import IngestWorker
 from protocols.dlt645 import di_info
 from simulators.dlt645_sim import Dlt645Simulator
 from tests.e2e.edge_helpers import edge_toml

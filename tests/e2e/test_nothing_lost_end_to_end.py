@@ -31,9 +31,9 @@ import pytest
 
 from ingest.broker import limits
 from ingest.config import parse_config
-from ingest.pipeline import IngestWorker
+from ingest.pipeline.worker import IngestWorker
 from simulators.dlt645_sim import Dlt645Simulator
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 from tests.e2e.edge_helpers import edge_toml
 from tests.integration.test_pipeline import ingest_toml
 

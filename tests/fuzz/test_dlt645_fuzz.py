@@ -2,7 +2,7 @@
 and a valid frame placed after arbitrary garbage is always recovered by the stream decoder.
 
 Inputs come from a seeded ``random.Random`` (reproducible, and fast enough for 200,000+ inputs in a
-few seconds); hypothesis is used for the round-trip properties in ``tests/unit/dlt645``.
+few seconds); hypothesis is used for the round-trip properties in ``tests/unit/protocols/dlt645``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 
 from ingest.broker import ACL, SAMPLE
 from protocols.payload import MAX_PAYLOAD_BYTES
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 from tests.integration.test_services import NOT_AUTHORIZED, Peer, Received, _connected
 
 pytestmark = pytest.mark.integration

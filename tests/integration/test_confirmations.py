@@ -18,7 +18,7 @@ import pytest
 
 from gateway.cli import main as amigw
 from ingest.config import parse_config
-from ingest.pipeline import IngestWorker
+from ingest.pipeline.worker import IngestWorker
 from protocols import topics
 from protocols.acks import decode_ack
 from tests.e2e.edge_helpers import MqttRecorder

@@ -22,9 +22,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest.mqtt_consumer import ConsumerConfig, Message, MqttConsumer
+from ingest.mqtt.consumer import ConsumerConfig, Message, MqttConsumer
 from protocols.errors import TransportError
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ async def test_qos1_messages_arrive_and_are_acked(mosquitto, publisher, protocol
 _CHILD = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
-from ingest.mqtt_consumer import ConsumerConfig, MqttConsumer
+from ingest.mqtt.consumer import ConsumerConfig, MqttConsumer
 
 async def main():
     cfg = ConsumerConfig(url=sys.argv[1], client_id=sys.argv[2], topics=(sys.argv[3],))
@@ -297,7 +297,7 @@ async def test_mqtts_with_ca_and_password(mosquitto_secure) -> None:
 
 
 async def test_connect_failure_is_a_transport_error(tmp_path) -> None:
-    from simulators.localstack import free_port
+    from simulators.servers import free_port
 
     cfg = ConsumerConfig(
         url=f"mqtt://127.0.0.1:{free_port()}", client_id=f"x-{_uid()}", connect_timeout_s=1.0

@@ -22,7 +22,7 @@ from gateway.outbox import Outbox
 from gateway.publisher import Publisher
 from protocols import topics
 from protocols.acks import Ack
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -35,11 +35,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ingest.feectl.sqlite_store import SqliteLedgerStore
-from ingest.mqtt_consumer import OVERSIZE_PREFIX_BYTES
+from ingest.mqtt.consumer import OVERSIZE_PREFIX_BYTES
 from protocols.aggregates import MAX_MESSAGE_BYTES, IntervalRecord, encode_intervals
 from protocols.commands import CommandResult
 from protocols.flags import Flag
-from simulators.localstack import Mosquitto, free_port
+from simulators.servers import Mosquitto, free_port
 from tests.integration.test_feectl_service import FLAT
 
 ROOT = Path(__file__).resolve().parents[2]

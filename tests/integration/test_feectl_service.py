@@ -27,7 +27,7 @@ from ingest.feectl.service import FeeControlService
 from protocols.aggregates import IntervalRecord, encode_intervals
 from protocols.commands import Command, CommandResult, verify_command
 from protocols.flags import Flag
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ingest.deadletter import DeadLetterStore
+from ingest.pipeline.deadletter import DeadLetterStore
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, decode
 from tests.integration.test_pipeline import (

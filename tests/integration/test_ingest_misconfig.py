@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from ingest.deadletter import DeadLetterStore
-from ingest.dedup import DedupStore
-from ingest.worker import IngestWorker
+from ingest.pipeline.deadletter import DeadLetterStore
+from ingest.pipeline.dedup import DedupStore
+from ingest.pipeline.worker import IngestWorker
 from protocols.payload import Event, encode
-from simulators.localstack import free_port
+from simulators.servers import free_port
 from tests.conftest import INFLUX_ADMIN
 from tests.integration import test_pipeline
 from tests.integration.test_pipeline import (

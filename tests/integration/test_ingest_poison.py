@@ -290,7 +290,7 @@ async def test_a_poison_stream_on_both_topics_leaves_the_worker_up_and_every_val
     mosquitto: Any, influx_db: Any, tmp_path: Path
 ) -> None:
     from ingest.config import parse_config
-    from ingest.worker import IngestWorker
+    from ingest.pipeline.worker import IngestWorker
 
     influxd, db = influx_db
     stream = Stream((f"gw-p-{_uid()}", f"gw-q-{_uid()}"))

@@ -23,10 +23,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.config import parse_config
-from ingest.deadletter import DeadLetterStore
-from ingest.dedup import DedupStore
-from ingest.pipeline import InfluxQuery, IngestWorker, query_completeness, stored_tag
-from ingest.stages import unescape_tag
+from ingest.pipeline.deadletter import DeadLetterStore
+from ingest.pipeline.dedup import DedupStore
+from ingest.pipeline.transform import stored_tag
+from ingest.pipeline.worker import IngestWorker
+from ingest.rules.stages import unescape_tag
+from ingest.sinks.influxql import InfluxQuery, query_completeness
 from protocols.aggregates import decode_daily, decode_intervals
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, encode

@@ -22,7 +22,7 @@ from gateway.outbox import Outbox
 from gateway.publisher import MAX_WINDOW, ConnectionLostError, Publisher, backoff_s, parse_broker_url
 from protocols.errors import ConfigError, TransportError, TransportTimeout
 from protocols.payload import decode_status
-from simulators.localstack import Mosquitto
+from simulators.servers import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 integration = pytest.mark.integration

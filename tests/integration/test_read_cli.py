@@ -15,8 +15,8 @@ import pytest
 
 from protocols.dlt645 import ErrorBits
 from simulators.dlt645_sim import Dlt645Simulator
-from simulators.localstack import free_port
 from simulators.modbus_sim import ModbusSimulator
+from simulators.servers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
-"""The daily report job (``ingest.report``, ``amigw ingest --daily-report``) against a real influxd.
+"""The daily report job (``ingest.reports.daily``, ``amigw ingest --daily-report``) against a real influxd.
 
 The day's ``daily_tou`` partials are made the way the worker makes them: register reads on the
-15-min grid in :class:`BatchBuilder` batches, through :func:`ingest.transform.transform`, written
+15-min grid in :class:`BatchBuilder` batches, through :func:`ingest.pipeline.transform.transform`, written
 to influxd. The registry has three areas:
 
 * ``TA-1``: master ``MA`` (CT x40) and customers ``C1``, ``C2`` (two readings missing: 3 estimated
@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 
 from ingest.config import parse_config
-from ingest.report import daily_report
-from ingest.stages import escape_tag
-from ingest.transform import Settings, stored_tag, transform
+from ingest.pipeline.transform import Settings, stored_tag, transform
+from ingest.reports.daily import daily_report
+from ingest.rules.stages import escape_tag
 from protocols.errors import ConfigError
 from protocols.payload import BatchBuilder
 
@@ -277,8 +277,8 @@ async def test_an_area_anomaly_needs_three_consecutive_days_not_qualified(
     day_loaded: tuple[Any, str, Path],
 ) -> None:
     """LL-02: HIGH today alone, or after a QUALIFIED day, is a class, not yet an anomaly."""
-    from ingest.influxql import InfluxQuery
-    from ingest.report import compute_report, daily_query, day_window
+    from ingest.reports.daily import compute_report, daily_query, day_window
+    from ingest.sinks.influxql import InfluxQuery
 
     _, _, cfg_file = day_loaded
     cfg = parse_config(cfg_file.read_text(), base_dir=cfg_file.parent)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from ingest.deadletter import DeadLetterStore
-from ingest.sink import InfluxSink, SinkConfig, WriteResult
+from ingest.pipeline.deadletter import DeadLetterStore
+from ingest.sinks.influxdb import InfluxSink, SinkConfig, WriteResult
 from protocols.errors import SinkError, SinkRefused
-from simulators.localstack import Influxd
+from simulators.servers import Influxd
 from tests.conftest import INFLUX_ADMIN
-from tests.unit.ingest_io.http_peer import HttpPeer, Reply, Request
+from tests.unit.ingest.io.http_peer import HttpPeer, Reply, Request
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +214,7 @@ async def test_v2_write_is_the_request_influxdb_client_sends(dead_letter) -> Non
 async def test_v2_influxql_read_back_uses_the_v1_compatibility_endpoint() -> None:
     """Daily totals, outage correlation and completeness read InfluxQL; on 2.x/3.x that is the
     v1-compatibility ``/query`` with the bucket as ``db`` (a DBRP mapping) and token auth."""
-    from ingest.influxql import InfluxQuery
+    from ingest.sinks.influxql import InfluxQuery
 
     body = b'{"results":[{"statement_id":0,"series":[{"name":"m","tags":{"meter":"a b"},"columns":["time","v"],"values":[[1,2]]}]}]}'
     async with HttpPeer(lambda req: Reply(200, {"Content-Type": "application/json"}, body)) as peer:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import SAMPLE
-from simulators.localstack import Influxd, free_port
+from simulators.servers import Influxd, free_port
 
 EDGE_MODBUS_WITHOUT_THE_REGISTER = (
     SAMPLE.replace('protocol = "dlt645-2007"\n', 'protocol = "modbus"\n', 1)

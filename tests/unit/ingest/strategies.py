@@ -12,8 +12,8 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from ingest import stages
-from ingest.registry import MeterParams
+from ingest.model.registry import MeterParams
+from ingest.rules import stages
 from protocols.flags import Flag
 
 EXAMPLES = int(os.environ.get("INGEST_EXAMPLES", "120"))

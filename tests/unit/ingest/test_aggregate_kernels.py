@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from ingest import stages
+from ingest.rules import stages
 
 NAMES = ["M1", 'm "1"\\ü', "表计-5", "a,b=c d", "\n\t"]
 

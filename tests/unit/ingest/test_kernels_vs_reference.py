@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
 
-from ingest import kernels as k
-from ingest import stages
+from ingest.rules import kernels as k
+from ingest.rules import stages
 from tests import reference as ref
 from tests.unit.ingest.strategies import SETTINGS, I, batches, meter_params, readonly
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest import stages
+from ingest.rules import stages
 from tests import reference as ref
 from tests.unit.ingest.strategies import SETTINGS
 

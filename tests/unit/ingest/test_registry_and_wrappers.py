@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest import stages
-from ingest.registry import MeterRegistry
-from ingest.tariff_calendar import TariffCalendar
+from ingest.model.registry import MeterRegistry
+from ingest.model.tariff import TariffCalendar
+from ingest.rules import stages
 from protocols.errors import ConfigError
 
 GOOD = """

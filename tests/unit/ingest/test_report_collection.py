@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from ingest.registry import MeterRegistry
-from ingest.report import compute_report
+from ingest.model.registry import MeterRegistry
+from ingest.reports.daily import compute_report
 
 DAY = dt.date(2024, 3, 10)
 REGISTRY = """

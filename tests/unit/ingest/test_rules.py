@@ -8,9 +8,9 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from ingest import stages
-from ingest.registry import MeterParams
-from ingest.tariff_calendar import TariffCalendar
+from ingest.model.registry import MeterParams
+from ingest.model.tariff import TariffCalendar
+from ingest.rules import stages
 from protocols.flags import Flag
 
 I = 900_000  # noqa: E741 (the interval, as in the rules)

@@ -1,0 +1,241 @@
+"""Persistent record of processed batches, keyed by (gateway, seq): skip redelivered work.
+
+Contract
+--------
+* :meth:`DedupStore.seen` is true only when ``(gateway, seq)`` was :meth:`DedupStore.mark`-ed and
+  is still remembered. :meth:`mark` must be called only **after** the batch's data is durably
+  written (InfluxDB answered 2xx, or its rejected lines sit in the dead-letter store) and before
+  the MQTT ack, so a crash between the write and the mark only costs a redundant rewrite.
+* Optionally a short ``digest`` of the payload is stored with the key. ``seen`` with a digest that
+  differs from the stored one answers *false* and counts a ``seq_reuse``: a gateway whose outbox
+  was wiped restarts its sequence, and its new batch 1 must not be skipped as "already seen".
+  :meth:`DedupStore.mark` of such a batch returns True (loss accounting starts the gateway afresh).
+* Bounded: per gateway, only the newest ``keep_per_gateway`` seqs are kept (pruned every
+  ``prune_every`` marks of that gateway, so the table stays between N and N + prune_every rows per
+  gateway), and entries older than ``max_age_s`` are dropped.
+
+Why forgetting is safe
+----------------------
+Pruning only ever turns a true "seen" into "not seen"; it never invents a "seen" (there is no
+"everything below the low-water mark counts as seen" rule). A forgotten batch that comes back is
+processed again, and that is harmless by construction: the sink's points are keyed by series and
+timestamp, so rewriting them is an idempotent overwrite, and fee control charges exactly once per
+(meter, interval) in its own ledger (DESIGN §6). What dedup saves is the *work* of the common
+redelivery: after a worker crash the broker resends the last few unacked batches of a persistent
+session, which are the newest seqs and well inside the kept window. A low-water-mark rule would
+not be safe here: with a shared subscription, seq 50 of a gateway may still sit unacked at another
+worker (or in a crashed worker's session) while this one has processed seqs up to 10,000.
+
+Pending daily totals
+--------------------
+The same database is the outbox of the running daily totals the worker still owes
+``ami/v1/agg/daily``: :meth:`mark` records the batch and the ``(gateway, local day)`` keys whose
+totals it changed in **one transaction**, before the MQTT ack; the worker's timed flush reads them
+(:meth:`pending_days`), publishes, and only after the PUBACKs drops them (:meth:`done_days`), and
+only if no batch touched that key since it was read (a version counter). A crash between the ack
+and the publish therefore cannot lose a day's final total: the next start publishes it.
+
+Durability: WAL with ``synchronous=NORMAL``. A mark lost to power failure only makes a later
+redelivery look new, which, as above, costs a rewrite and never loses data.
+Synchronous and thread-safe; each call is one small indexed statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DedupConfig", "DedupStats", "DedupStore"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed (
+    gateway TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    digest  BLOB,
+    ts_ms   INTEGER NOT NULL,
+    PRIMARY KEY (gateway, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS processed_ts ON processed(ts_ms);
+CREATE TABLE IF NOT EXISTS daily_pending (
+    gateway TEXT    NOT NULL,
+    day_ms  INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (gateway, day_ms)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DedupConfig:
+    """The ``[ingest.pipeline.dedup]`` section."""
+
+    path: str = "dedup.sqlite"
+    keep_per_gateway: int = 10_000
+    max_age_s: float | None = 7 * 86_400.0
+    prune_every: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.keep_per_gateway < 1 or self.prune_every < 1:
+            raise ValueError("keep_per_gateway: and prune_every must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class DedupStats:
+    entries: int
+    pruned: int
+    seq_reuse: int
+
+
+class DedupStore:
+    """SQLite (WAL) set of processed (gateway, seq) keys, pruned per gateway. See the module docs."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        keep_per_gateway: int = 10_000,
+        max_age_s: float | None = 7 * 86_400.0,
+        prune_every: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if keep_per_gateway < 1 or prune_every < 1:
+            raise ValueError("keep_per_gateway and prune_every must be positive")
+        self.path = Path(path)
+        self.keep_per_gateway = keep_per_gateway
+        self.max_age_s = max_age_s
+        self.prune_every = prune_every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._marks_since_prune: dict[str, int] = {}
+        self._pruned = 0
+        self._seq_reuse = 0
+
+    @classmethod
+    def from_config(cls, config: DedupConfig) -> DedupStore:
+        return cls(
+            config.path,
+            keep_per_gateway=config.keep_per_gateway,
+            max_age_s=config.max_age_s,
+            prune_every=config.prune_every,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> DedupStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def seen(self, gateway: str, seq: int, digest: bytes | None = None) -> bool:
+        """Whether this batch was marked processed (and, given a digest, is the same batch)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT digest FROM processed WHERE gateway = ? AND seq = ?", (gateway, seq)
+            ).fetchone()
+        if row is None:
+            return False
+        if digest is not None and row[0] is not None and bytes(row[0]) != digest:
+            self._seq_reuse += 1
+            log.warning("sequence reused with different content gateway=%s seq=%d", gateway, seq)
+            return False
+        return True
+
+    def mark(
+        self, gateway: str, seq: int, digest: bytes | None = None, daily_days: Sequence[int] = ()
+    ) -> bool:
+        """Record the batch as durably processed, and in the same transaction the local days
+        (epoch ms) whose daily totals it changed; prunes that gateway every ``prune_every`` marks.
+
+        Returns True when this replaced a remembered mark of the same ``(gateway, seq)`` with a
+        different digest: the gateway reused the seq (its outbox was wiped; :mod:`ingest.pipeline.loss`)."""
+        now_ms = int(self._clock() * 1000)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                old = self._db.execute(
+                    "SELECT digest FROM processed WHERE gateway = ? AND seq = ?", (gateway, seq)
+                ).fetchone()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?)",
+                    (gateway, seq, digest, now_ms),
+                )
+                if daily_days:
+                    self._db.executemany(
+                        "INSERT INTO daily_pending(gateway, day_ms, version) VALUES (?,?,1) "
+                        "ON CONFLICT(gateway, day_ms) DO UPDATE SET version = version + 1",
+                        [(gateway, int(d)) for d in daily_days],
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            count = self._marks_since_prune.get(gateway, 0) + 1
+            self._marks_since_prune[gateway] = count
+        if count >= self.prune_every:
+            self.prune(gateway)
+        return old is not None and old[0] is not None and digest is not None and bytes(old[0]) != digest
+
+    def pending_days(self, limit: int = 10_000) -> list[tuple[str, int, int]]:
+        """``(gateway, day_ms, version)`` whose daily totals are still to be published, oldest
+        day first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT gateway, day_ms, version FROM daily_pending ORDER BY day_ms, gateway LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(str(g), int(d), int(v)) for g, d, v in rows]
+
+    def done_days(self, rows: Sequence[tuple[str, int, int]]) -> int:
+        """Drop published keys, each only if no batch touched it since it was read (same version).
+        Returns how many were dropped."""
+        with self._lock:
+            before = self._db.total_changes
+            self._db.executemany(
+                "DELETE FROM daily_pending WHERE gateway = ? AND day_ms = ? AND version = ?", rows
+            )
+            return self._db.total_changes - before
+
+    def prune(self, gateway: str | None = None) -> int:
+        """Apply the bounds now (one gateway, or all); returns how many entries were dropped."""
+        now_ms = int(self._clock() * 1000)
+        with self._lock:
+            gateways = (
+                [gateway]
+                if gateway is not None
+                else [g for (g,) in self._db.execute("SELECT DISTINCT gateway FROM processed")]
+            )
+            dropped = 0
+            for gw in gateways:
+                self._marks_since_prune[gw] = 0
+                row = self._db.execute(
+                    "SELECT seq FROM processed WHERE gateway = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                    (gw, self.keep_per_gateway),
+                ).fetchone()
+                if row is not None:
+                    dropped += self._db.execute(
+                        "DELETE FROM processed WHERE gateway = ? AND seq <= ?", (gw, row[0])
+                    ).rowcount
+            if self.max_age_s is not None:
+                cutoff = now_ms - int(self.max_age_s * 1000)
+                dropped += self._db.execute("DELETE FROM processed WHERE ts_ms < ?", (cutoff,)).rowcount
+            self._pruned += dropped
+        return dropped
+
+    def stats(self) -> DedupStats:
+        with self._lock:
+            entries = self._db.execute("SELECT COUNT(*) FROM processed").fetchone()[0]
+        return DedupStats(entries, self._pruned, self._seq_reuse)

@@ -1,0 +1,1003 @@
+"""The ingest worker: one MQTT session (shared subscription) -> transform -> InfluxDB -> aggregates -> ack.
+
+Contract
+--------
+:class:`IngestWorker` consumes one MQTT session and never acknowledges a message before its data
+is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dead-letter store):
+
+* **intake** (one task): per message, refuse one over ``max_payload_bytes`` (the consumer kept
+  only a prefix), decode (a bad payload is dead-lettered with its reason, nothing raises out of
+  the loop) -> dedup by ``(gateway, seq, digest)`` against the store *and* against the batches
+  still in flight -> cut out the readings of meters bound to another gateway
+  (:func:`~ingest.pipeline.transform.split_foreign`, dead-lettered as a batch of their own) ->
+  :func:`~ingest.pipeline.transform.transform` of the rest. An event is dead-lettered when its gateway
+  is not its topic's, its meter is bound to another gateway, or its time is outside the bounds.
+  It takes a message only while fewer than ``queue_max`` taken messages wait for their ack (the
+  *window*), so the pipeline's memory is bounded and a stalled sink stops intake (back-pressure,
+  never loss).
+* **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
+  ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
+  (its lines concatenated; the sink cuts requests at ``max_batch_lines``/``max_batch_bytes``),
+  retried with back-off for as long as InfluxDB is unavailable; then the group's intervals are
+  published (one message per batch, PUBACKs awaited), outages correlated, ``dedup.mark`` per batch
+  (with the ``(gateway, day)`` keys whose daily totals it changed, in the same transaction), and
+  finally every message of the group is acknowledged. While one group waits for InfluxDB the next
+  is transformed and written on a second connection.
+* **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
+  read back from InfluxDB in one query and published as running totals, then dropped from the
+  store; what a crash interrupts is published by the next start (:mod:`ingest.pipeline.dedup`).
+* **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
+  3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
+  is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.
+* A sink refusal that is not about lines (:class:`~protocols.errors.SinkRefused`: credentials,
+  privileges, unknown database or bucket) is *our* misconfiguration, never the data's fault: the
+  group is kept and retried like an outage, nothing is dead-lettered or acknowledged, and the
+  alarm is raised while it lasts (logged once per episode, the gauge
+  ``amigw_ingest_sink_refused{reason}`` at 1, ``amigw_ingest_sink_refusals_total{reason}``
+  counting every refusal). Once fixed, every batch
+  lands exactly once (rewrites are idempotent, the dedup marks follow the write). Only lines
+  InfluxDB will never accept are dead-lettered (by the sink, the rest of the batch is written).
+* **sink probe** (one task at start): :meth:`~ingest.sinks.influxdb.InfluxSink.probe` until InfluxDB
+  accepts the worker (reachable, database or bucket present, credentials accepted; with
+  ``create_database`` a missing v1 database is created). A failing probe raises the same alarm and
+  is retried with back-off; the worker keeps running (the broker holds the messages).
+* ``amigw_ingest_queue_depth`` and ``amigw_ingest_unacked`` are set at every intake and at every
+  retry of a write, so they move while InfluxDB is down.
+* **dead-letter replay** (:meth:`IngestWorker.replaying`, :meth:`IngestWorker.replay`): a
+  dead-lettered payload goes through the same intake and commit code (decode, dedup, transform,
+  write, publish, mark), without an MQTT session and giving up instead of waiting forever.
+* Intervals are published *before* the ack (acking first would lose them if the worker died in
+  between), and the daily obligation is durable before the ack; both are idempotent: interval
+  items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
+  ``(meter, day)`` read from InfluxDB (the shared state of all workers) after the write (the item
+  with more ``intervals`` supersedes).
+
+Confirmations and loss accounting
+---------------------------------
+After a group's acks, every item whose outcome is final (written and dedup-marked, dead-lettered
+with a reason, or a duplicate of a batch already durable, i.e. an edge's re-send after a lost
+confirmation) and whose batch or event is known is confirmed to its gateway: per gateway one
+:class:`protocols.acks.Ack` on ``ami/v1/{gw}/down/ack`` (QoS 1, not retained) with the seq ranges
+and event ids. The gateway is the topic's (the one the broker's ACL authenticated); a batch naming
+another gateway than its topic is never confirmed, so no gateway can clear another's outbox.
+Before they are confirmed the batches are recorded in :class:`~ingest.pipeline.loss.LossStore` (a
+recording that fails is not confirmed: the edge's re-send records it later); a dedup mark that
+replaced another digest is a sequence reset there. A task updates ``amigw_ingest_missing_batches``
+every ``LossConfig.check_s`` (``min(5 s, gap_alarm_s / 4)``) and raises the due
+``seq_gap``/``seq_reset`` alarms (log line, counter, ``alarms`` point in InfluxDB), each claimed
+by one worker of the machine.
+
+Decision: confirmations are **not** awaited (no PUBACK wait, paho queues them through a
+reconnect). Awaiting would add a round trip to every group and make the pipeline stall or fail
+while the broker is briefly away, for nothing: a lost confirmation is repaired by the edge, which
+re-sends an unconfirmed batch after its timeout; dedup recognises the re-send as a duplicate and
+it is confirmed again. Confirming is idempotent and needs no state shared between workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import hashlib
+import logging
+import random
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ingest.config import IngestConfig
+from ingest.metrics import IngestMetrics
+from ingest.model.registry import MeterRegistry
+from ingest.mqtt.consumer import ConsumerStats, Message, MqttConsumer
+from ingest.pipeline.deadletter import DeadLetter, DeadLetterStore
+from ingest.pipeline.dedup import DedupStore
+from ingest.pipeline.loss import Alarm, LossStore
+from ingest.pipeline.transform import (
+    DAY_MS,
+    BatchOutput,
+    Settings,
+    daily_payload,
+    event_line,
+    split_foreign,
+    stored_tag,
+    transform,
+    warm_up,
+)
+from ingest.rules import stages as st
+from ingest.sinks.influxdb import InfluxSink, backoff_delay_s
+from ingest.sinks.influxql import InfluxQuery, quote_str
+from protocols import topics
+from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
+from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
+from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
+
+__all__ = ["COMMIT_SLOTS", "AggregatePublisher", "IngestWorker", "run_worker"]
+
+log = logging.getLogger("amigw.ingest")
+
+COMMIT_SLOTS = 2  # groups in flight at once, each on its own InfluxDB connection
+_EPOCH = dt.date(1970, 1, 1)
+_FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
+_DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
+_NOT_BOUND = "meter not bound to gateway"
+_DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
+_FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
+_ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
+
+
+class AggregatePublisher:
+    """A paho client (its own connection, clean session) for the head-end's downstream messages:
+    aggregates, published QoS 1 with the PUBACK awaited (:meth:`publish_many`, TransportError when
+    none arrives within ``timeout_s``), and confirmations, published QoS 1 without waiting
+    (:meth:`send`)."""
+
+    def __init__(self, cfg: IngestConfig, worker: int | str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        m = cfg.mqtt
+        self.timeout_s = m.publish_timeout_s
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{m.client_id}-{worker}-pub",
+            protocol=mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311,
+        )
+        if m.username is not None:
+            self._client.username_pw_set(m.username, m.password)
+        if urllib.parse.urlsplit(m.url).scheme == "mqtts":
+            self._client.tls_set(ca_certs=m.ca_file)
+        self._client.on_publish = self._on_publish
+        self._client.max_inflight_messages_set(1000)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._early: set[int] = set()
+        self._unawaited: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        parts = urllib.parse.urlsplit(m.url)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 1883
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(self._host, self._port)
+        self._client.loop_start()
+
+    async def aclose(self) -> None:
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+
+    def _on_publish(self, _c: Any, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
+        with self._lock:
+            fut = self._waiting.pop(mid, None)
+            if fut is None and mid in self._unawaited:
+                self._unawaited.discard(mid)
+                return
+            if fut is None:
+                self._early.add(mid)
+        if fut is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve, fut)
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Publish QoS 1 and return at once; paho re-sends it after a reconnect."""
+        info = self._client.publish(topic, payload, qos=1)
+        with self._lock:  # as in publish_many: the PUBACK may have come already
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._unawaited.add(info.mid)
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Publish all, then await every PUBACK. Raises: TransportError on timeout."""
+        assert self._loop is not None
+        futs = []
+        for topic, payload in items:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            # Not under self._lock: paho calls on_publish holding its own mutex (lock order).
+            info = self._client.publish(topic, payload, qos=1)
+            with self._lock:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    fut.set_result(None)
+                else:
+                    self._waiting[info.mid] = fut
+            futs.append(fut)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.gather(*futs)
+        except TimeoutError:
+            raise TransportError(f"no PUBACK for aggregates within {self.timeout_s}s") from None
+
+
+@dataclass(slots=True)
+class _Item:
+    """One taken message on its way to the ack. ``lines`` empty: nothing to write (duplicate or
+    dead-lettered at intake, already durable)."""
+
+    msg: Message
+    result: str  # written | duplicate | dead_lettered | event
+    lines: bytes = b""
+    batch: ReadingBatch | None = None
+    out: BatchOutput | None = None
+    event: Event | None = None
+    key: tuple[str, int, bytes] | None = None  # dedup key, marked after the write
+    refusal: tuple[str, str] | None = None  # dead_lettered: (reason, detail)
+
+
+@dataclass(slots=True)
+class _Resources:
+    sinks: asyncio.Queue[InfluxSink]
+    query: InfluxQuery
+    dead_letter: DeadLetterStore
+    dedup: DedupStore
+    publisher: AggregatePublisher | None
+    consumer: MqttConsumer | None = None
+    loss: LossStore | None = None
+
+
+@functools.lru_cache(maxsize=65_536)
+def _unescape(raw: str) -> str:
+    return st.unescape_tag(raw)
+
+
+class IngestWorker:
+    """One worker process's pipeline (see the module contract). ``await worker.run()`` until
+    :meth:`stop`."""
+
+    def __init__(self, cfg: IngestConfig, worker: int = 0, *, metrics: IngestMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.worker = worker
+        self.settings = Settings.from_config(cfg)
+        self.metrics = metrics or IngestMetrics()
+        self._rng = random.Random(worker)
+        self._task: asyncio.Task[None] | None = None
+        self._res: _Resources | None = None
+        self.ready = asyncio.Event()
+        window = cfg.mqtt.queue_max
+        self._window = asyncio.Semaphore(window)  # taken, not yet acknowledged messages
+        self._group_max = max(1, window // COMMIT_SLOTS)
+        self._slots = asyncio.Semaphore(COMMIT_SLOTS)
+        self._items: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._in_flight: dict[tuple[str, int, bytes], int] = {}
+        self._refused: str | None = None  # the reason InfluxDB refuses us, while it does
+        self._replaying = False  # replay: no new dead letters, writes give up instead of waiting
+
+    def stop(self) -> None:
+        """Stop consuming; unfinished messages stay unacknowledged (the broker redelivers them)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def reload_registry(self) -> None:
+        """Re-read the registry (SIGHUP); a bad file keeps the old one and raises ConfigError."""
+        self.settings.registry.reload()
+
+    async def run(self) -> None:
+        """Raises: TransportError when the MQTT session cannot be set up or a subscription is refused."""
+        self._task = asyncio.current_task()
+        cfg = self.cfg
+        try:
+            async with self._resources(COMMIT_SLOTS, self.worker) as res:
+                consumer = res.consumer = MqttConsumer(cfg.mqtt.consumer(self.worker))
+                try:
+                    await consumer.connect()
+                    self.ready.set()
+                    log.info(
+                        "ingest worker started worker=%d client_id=%s", self.worker, consumer.config.client_id
+                    )
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._probe_sink(), name=f"ingest-probe-{self.worker}")
+                        tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
+                        tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
+                        tg.create_task(self._loss_loop(), name=f"ingest-loss-{self.worker}")
+                        if res.publisher is not None and cfg.pipeline.publish_daily:
+                            tg.create_task(self._daily_loop(), name=f"ingest-daily-{self.worker}")
+                except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
+                    raise eg.exceptions[0] from None
+                finally:
+                    await consumer.aclose()
+                    if res.publisher is not None and cfg.pipeline.publish_daily and self.ready.is_set():
+                        with contextlib.suppress(Exception):  # best effort: what stays pending is kept
+                            await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
+        except asyncio.CancelledError:
+            pass
+
+    @contextlib.asynccontextmanager
+    async def _resources(self, slots: int, publisher_id: int | str) -> AsyncIterator[_Resources]:
+        """The worker's stores, ``slots`` sink connections and the publisher (client id
+        ``<client_id>-<publisher_id>-pub``), opened for :meth:`run` and :meth:`replaying`, closed
+        on the way out."""
+        cfg, p = self.cfg, self.cfg.pipeline
+        dead = DeadLetterStore.from_config(cfg.dead_letter)
+        dedup = DedupStore.from_config(cfg.dedup)
+        loss = LossStore.from_config(cfg.loss)
+        sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
+        for _ in range(slots):
+            sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
+        publisher = None
+        if p.publish_intervals or p.publish_daily or p.confirm:
+            publisher = AggregatePublisher(cfg, publisher_id)
+        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher, loss=loss)
+        try:
+            warm_up(self.settings)
+            if publisher is not None:
+                await publisher.connect()
+            yield res
+        finally:
+            closers = [s.aclose for s in _drain(sinks)] + [res.query.aclose]
+            closers += [publisher.aclose] if publisher else []
+            for closer in closers:
+                with contextlib.suppress(Exception):
+                    await closer()
+            dead.close()
+            dedup.close()
+            loss.close()
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def _intake(self, consumer: MqttConsumer) -> None:
+        while True:
+            await self._window.acquire()
+            try:
+                msg = await anext(consumer)
+            except StopAsyncIteration:
+                self._items.put_nowait(None)
+                return
+            self._update_gauges()
+            self._items.put_nowait(self._prepare(msg))
+            await asyncio.sleep(0)  # let the committer start on it while the next is transformed
+
+    def _prepare(self, msg: Message) -> _Item:
+        """Decode, dedup and transform one message (CPU only; dead letters are committed here)."""
+        if msg.oversize:  # only a prefix was kept (mqtt_consumer): refused before any decoding
+            limit = self.cfg.mqtt.max_payload_bytes
+            detail = f"{msg.oversize} bytes > max_payload_bytes {limit}; the first {len(msg.payload)} kept"
+            return self._dead_letter(msg, "payload too large", detail)
+        if msg.topic.endswith("/up/events"):
+            return self._prepare_event(msg)
+        assert self._res is not None
+        try:
+            batch = decode(msg.payload, check_meter_indices=False)
+            if self.settings.check_topic_gateway and msg.topic != topics.readings(batch.gateway):
+                raise PayloadError(f"gateway {batch.gateway!r} does not match topic {msg.topic!r}")
+            key = (batch.gateway, batch.seq, hashlib.sha256(msg.payload).digest()[:16])
+            # In flight counts as seen: its ack goes out after the original's, i.e. after its write.
+            if key in self._in_flight or self._res.dedup.seen(*key):
+                return _Item(msg, "duplicate", batch=batch)
+            own, foreign = split_foreign(batch, self.settings)
+            if foreign is not None:
+                self._dead_letter_foreign(msg, foreign)
+                if not len(own) and not len(own.prev):
+                    return _Item(msg, "dead_lettered", batch=batch)
+            out = transform(own, self.settings)
+        except PayloadError as exc:
+            return self._dead_letter(msg, _reason(str(exc)), str(exc))
+        except (ValueError, TypeError, OverflowError) as exc:  # data the stages refuse: never crash
+            return self._dead_letter(msg, "rejected by pipeline", f"{type(exc).__name__}: {exc}")
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return _Item(msg, "written", out.lines, own, out, key=key)
+
+    def _prepare_event(self, msg: Message) -> _Item:
+        """Decode one event and check it against its topic, the registry's binding of its meter
+        and the time bounds; a refused event is dead-lettered with the reason."""
+        try:
+            ev = decode_event(msg.payload)
+            line = event_line(ev)
+        except (PayloadError, ValueError) as exc:
+            return self._dead_letter(msg, "undecodable event", str(exc))
+        s = self.settings
+        bound = s.registry.bound_gateway(ev.meter) if ev.meter else None
+        latest = time.time_ns() // 1_000_000 + s.future_tol_ms
+        if s.check_topic_gateway and msg.topic != topics.events(ev.gateway):
+            detail = f"gateway {ev.gateway!r} does not match topic {msg.topic!r}"
+            return self._dead_letter(msg, "gateway does not match topic", detail)
+        if bound is not None and bound != ev.gateway:
+            return self._dead_letter(
+                msg, _NOT_BOUND, f"meter {ev.meter!r} is bound to {bound!r}, not to {ev.gateway!r}"
+            )
+        if not s.min_ts_ms <= ev.ts_ms <= latest:
+            detail = f"ts_ms {ev.ts_ms} outside [{s.min_ts_ms}, now + future_tol_s]"
+            return self._dead_letter(msg, "event time out of bounds", detail)
+        return _Item(msg, "event", line, event=ev)
+
+    def _dead_letter_foreign(self, msg: Message, foreign: ReadingBatch) -> None:
+        """Dead-letter the readings of meters bound to other gateways, as a batch of their own
+        (replayable once the registry is corrected); the rest of the message goes on."""
+        table = self.settings.registry.params(foreign.meters)
+        mask = self.settings.registry.foreign(table, foreign.gateway)
+        names = [m for m, f in zip(foreign.meters, mask.tolist(), strict=True) if f]  # per meter, not reading
+        detail = f"{len(foreign)} readings of {len(names)} meters bound to other gateways: {', '.join(names)}"
+        self._dead_letter(msg, _NOT_BOUND, detail, payload=encode(foreign))
+
+    def _dead_letter(self, msg: Message, reason: str, detail: str, *, payload: bytes | None = None) -> _Item:
+        """Store ``payload`` (default: the message's) with the reason, count and log it once."""
+        assert self._res is not None
+        if not self._replaying:  # a replay keeps the entry it took and records the new reason
+            body = msg.payload if payload is None else payload
+            self._res.dead_letter.put("payload", reason, body, msg.topic, detail=detail)
+        self.metrics.dead_letters.labels(reason).inc()
+        log.warning("payload dead-lettered topic=%r reason=%s detail=%.200s", msg.topic, reason, detail)
+        return _Item(msg, "dead_lettered", refusal=(reason, detail))
+
+    # -- commit ------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        prev: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            ended = False
+            while not ended:
+                await self._slots.acquire()
+                first = await self._items.get()
+                if first is None:
+                    return
+                group = [first]
+                while len(group) < self._group_max and not self._items.empty():
+                    item = self._items.get_nowait()
+                    if item is None:
+                        ended = True
+                        break
+                    group.append(item)
+                done: asyncio.Future[None] = loop.create_future()
+                tg.create_task(self._commit(group, prev, done), name=f"ingest-group-{self.worker}")
+                prev = done
+
+    async def _commit(
+        self, group: list[_Item], prev: asyncio.Future[None] | None, done: asyncio.Future[None]
+    ) -> None:
+        """Write, publish, mark and ack one group (see the module contract)."""
+        try:
+            writes = [it for it in group if it.lines]
+            if writes:
+                await self._durable(writes)
+            if prev is not None:
+                await prev  # acks in arrival order
+            await self._ack(group)
+            done.set_result(None)
+        finally:
+            if not done.done():
+                done.cancel()  # never let a later group ack past this one
+            self._slots.release()
+
+    async def _durable(self, writes: list[_Item]) -> None:
+        """Write and publish, retried as one (rewrites are idempotent) while InfluxDB or the
+        broker is unavailable or InfluxDB refuses us: an unacknowledged message is not
+        redelivered on a live session, and nothing is dead-lettered for our own misconfiguration.
+
+        Raises (only while replaying, instead of waiting): TransportError, SinkError."""
+        attempt = 0
+        while True:
+            try:
+                await self._write(b"".join(it.lines for it in writes))
+                await self._after_write(writes)
+                return
+            except (TransportError, SinkError) as exc:
+                if self._replaying:
+                    raise
+                attempt += 1
+                self.metrics.sink_retries.inc()
+                self._update_gauges()
+                delay = self._backoff_s(attempt)
+                log.debug(
+                    "group retry messages=%d attempt=%d delay_s=%.2f error=%s",
+                    len(writes),
+                    attempt,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+
+    async def _ack(self, group: list[_Item]) -> None:
+        res = self._res
+        assert res is not None and res.consumer is not None
+        m = self.metrics
+        reused: set[tuple[str, int]] = set()  # marks that replaced another digest: seq resets
+        for it in group:
+            if it.key is not None:
+                if it.result == "written":
+                    owed = self.cfg.pipeline.publish_daily
+                    days = it.out.daily_days if it.out is not None and owed else ()
+                    if res.dedup.mark(*it.key, daily_days=days):
+                        reused.add(it.key[:2])
+                    m.readings.inc(it.out.readings if it.out else 0)
+                    m.intervals.inc(it.out.n_intervals if it.out else 0)
+                    if it.out is not None:
+                        m.count_flags(it.out.flags)
+                n = self._in_flight.pop(it.key, 1) - 1
+                if n:
+                    self._in_flight[it.key] = n
+            if it.result == "event" and it.event is not None:
+                m.events.labels(it.event.kind).inc()
+            elif it.result != "event":
+                m.batches.labels(it.result).inc()
+            await res.consumer.ack(it.msg)
+            self._window.release()
+        self._update_gauges()
+        self._confirm(group, reused)
+
+    def _confirm(self, group: list[_Item], reused: set[tuple[str, int]]) -> None:
+        """Record the group's final batches in the loss account, then confirm them and its events
+        to their gateways (see "Confirmations and loss accounting")."""
+        res = self._res
+        assert res is not None
+        seqs: dict[str, list[int]] = {}
+        events: dict[str, list[str]] = {}
+        for it in group:
+            if it.result not in _FINAL:
+                continue
+            try:
+                gw = topics.gateway_of(it.msg.topic)
+            except PayloadError:
+                continue
+            if it.batch is not None and it.batch.gateway == gw and it.batch.seq >= 1:
+                seqs.setdefault(gw, []).append(it.batch.seq)
+            if it.event is not None and 0 < len(it.event.id) <= 256:
+                events.setdefault(gw, []).append(it.event.id)
+        for gw in list(seqs):
+            if not self._record_loss(gw, seqs[gw], [s for g, s in reused if g == gw]):
+                del seqs[gw]  # not confirmed: the edge re-sends it, and it is recorded then
+        if not self.cfg.pipeline.confirm or res.publisher is None:
+            return
+        now_ms = int(time.time() * 1000)
+        for gw in sorted(seqs.keys() | events.keys()):
+            for ack in _acks(gw, seq_ranges(seqs.get(gw, ())), events.get(gw, ()), now_ms):
+                res.publisher.send(topics.ack(gw), ack.to_json())
+                self.metrics.confirmations.inc()
+
+    def _record_loss(self, gw: str, seqs: list[int], reused: list[int]) -> bool:
+        """Record durable seqs in the loss account (a sequence reset is counted and logged).
+        False when the store failed."""
+        assert self._res is not None
+        if self._res.loss is None:
+            return True
+        try:
+            reset = self._res.loss.record(gw, seqs, reused=reused)
+        except sqlite3.Error as exc:
+            log.error("loss accounting failed, batches not confirmed gateway=%s error=%s", gw, exc)
+            return False
+        if reset is not None:
+            self.metrics.seq_resets.inc()
+            log.warning(
+                "gateway sequence reset, open gaps counted as lost gateway=%s lost_batches=%d gaps=%s",
+                gw, reset.lost, ",".join(f"{g.first}-{g.last}" for g in reset.gaps) or "none",
+            )  # fmt: skip
+        return True
+
+    # -- loss accounting ---------------------------------------------------------------------
+
+    async def _loss_loop(self) -> None:
+        """Every ``check_s``: the missing-batches gauge, then the due alarms (each claimed by one
+        worker of the machine), written by a task of their own so that the gauge keeps moving
+        while InfluxDB is away."""
+        res, lc = self._res, self.cfg.loss
+        assert res is not None and res.loss is not None
+        writing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    self.metrics.missing_batches.set(res.loss.missing())
+                    if writing is None or writing.done():
+                        due = res.loss.claim_alarms(lc.gap_alarm_s)
+                        if due:
+                            writing = asyncio.create_task(self._raise_loss_alarms(due))
+                except sqlite3.Error as exc:
+                    log.error("loss accounting unavailable, retrying error=%s", exc)
+                await asyncio.sleep(lc.check_s)
+        finally:
+            if writing is not None:
+                writing.cancel()
+
+    async def _raise_loss_alarms(self, alarms: list[Alarm]) -> None:
+        """One ``alarms`` point each (``kind`` seq_gap or seq_reset, tagged by gateway), written on
+        a free sink connection; one that is not written (refused, or the worker stops first) is
+        given back, to be claimed again."""
+        res = self._res
+        assert res is not None and res.loss is not None
+        pending = list(alarms)
+        try:
+            while pending:
+                alarm = pending[0]
+                line = b"alarms,gateway=%s,kind=%s gaps=%di,missing=%di,first=%di,last=%di %d\n" % (
+                    st.escape_tag(alarm.gateway), alarm.kind.encode(), alarm.gaps, alarm.missing,
+                    alarm.first, alarm.last, alarm.ts_ms,
+                )  # fmt: skip
+                sink = await res.sinks.get()
+                try:
+                    await sink.write(line)
+                except SinkError as exc:
+                    res.loss.release(alarm)
+                    log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
+                                alarm.kind, alarm.gateway, exc)  # fmt: skip
+                else:
+                    self._announce(alarm)
+                finally:
+                    res.sinks.put_nowait(sink)
+                pending.pop(0)
+        finally:
+            for alarm in pending:
+                res.loss.release(alarm)
+
+    def _announce(self, alarm: Alarm) -> None:
+        """Count and log a raised gap alarm (a reset was logged when it was recognised)."""
+        if alarm.kind == "seq_gap":
+            self.metrics.seq_gap_alarms.inc()
+            age_s = (time.time() * 1000 - alarm.ts_ms) / 1000
+            log.warning(
+                "batches missing alarm gateway=%s missing=%d gaps=%d first=%d last=%d open_s=%.0f",
+                alarm.gateway, alarm.missing, alarm.gaps, alarm.first, alarm.last, age_s,
+            )  # fmt: skip
+
+    async def _write(self, lines: bytes) -> None:
+        """The sink write on a free connection, retried (same lines) while InfluxDB is
+        unavailable or refuses us (the alarm is raised while it refuses, see the module contract).
+
+        Raises (only while replaying, instead of waiting): SinkError."""
+        assert self._res is not None
+        sinks = self._res.sinks
+        sink = await sinks.get()
+        t0 = time.monotonic()
+        attempt = 0
+        try:
+            while True:
+                try:
+                    result = await sink.write(lines)
+                    break
+                except SinkError as exc:
+                    self._sink_failed(exc)
+                    if self._replaying:
+                        raise
+                    attempt += 1
+                    self.metrics.sink_retries.inc()
+                    self._update_gauges()
+                    await asyncio.sleep(self._backoff_s(attempt))
+        finally:
+            sinks.put_nowait(sink)
+        self._sink_accepted()
+        self.metrics.sink_latency.observe(time.monotonic() - t0)
+        if result.dead_lettered_lines:
+            self.metrics.sink_lines_dead_lettered.inc(result.dead_lettered_lines)
+
+    def _backoff_s(self, attempt: int) -> float:
+        p = self.cfg.pipeline
+        return backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
+
+    def _update_gauges(self) -> None:
+        """Queue depth and unacknowledged messages, as the consumer sees them now."""
+        consumer = self._res.consumer if self._res is not None else None
+        if consumer is not None:
+            self.metrics.queue_depth.set(consumer.queued)
+            self.metrics.unacked.set(consumer.stats.unacked)
+
+    def _sink_failed(self, exc: SinkError) -> None:
+        """Raise the refusal alarm for a :class:`SinkRefused` (once per episode and reason)."""
+        if not isinstance(exc, SinkRefused):
+            return
+        m = self.metrics
+        m.sink_refusals.labels(exc.reason).inc()
+        if self._refused == exc.reason:
+            return
+        if self._refused is not None:
+            m.sink_refused.labels(self._refused).set(0)
+        self._refused = exc.reason
+        m.sink_refused.labels(exc.reason).set(1)
+        log.error(
+            "influxdb refuses the worker: nothing is acknowledged or dead-lettered until it is fixed",
+            extra={
+                "kv": {"worker": self.worker, "reason": exc.reason, "status": exc.status, "error": str(exc)}
+            },
+        )
+
+    def _sink_accepted(self) -> None:
+        """InfluxDB accepted a write or the probe: end a refusal episode."""
+        if self._refused is None:
+            return
+        self.metrics.sink_refused.labels(self._refused).set(0)
+        log.info(
+            "influxdb accepts the worker again", extra={"kv": {"worker": self.worker, "was": self._refused}}
+        )
+        self._refused = None
+
+    async def _probe_sink(self) -> None:
+        """Probe InfluxDB at start until it accepts the worker (see the module contract)."""
+        assert self._res is not None
+        attempt = 0
+        while True:
+            sink = await self._res.sinks.get()
+            try:
+                summary = await sink.probe()
+            except SinkError as exc:  # unreachable: the sink logs it; refused: the alarm
+                self._sink_failed(exc)
+            else:
+                self._sink_accepted()
+                log.info("influxdb probe ok", extra={"kv": {"worker": self.worker, "sink": summary}})
+                return
+            finally:
+                self._res.sinks.put_nowait(sink)
+            attempt += 1
+            await asyncio.sleep(self._backoff_s(attempt))
+
+    async def _after_write(self, writes: list[_Item]) -> None:
+        await self._publish(writes)
+        for it in writes:
+            span = None
+            if it.out is not None and it.out.outage_events:
+                span = it.out.outage_ts
+            if it.event is not None and it.event.kind == "power_down" and it.event.meter:
+                span = (it.event.ts_ms, it.event.ts_ms)
+            if span is None:
+                continue
+            try:
+                await self._outages(*span)
+            except SinkError as exc:
+                if exc.retryable:
+                    raise  # the group is retried (its rewrite is idempotent)
+                # The data is written; only the correlation query was refused. Dead-lettering
+                # the group here would report written batches as lost.
+                log.error("outage correlation refused, no area alarm evaluated error=%s", exc)
+
+    async def _publish(self, writes: list[_Item]) -> None:
+        """The group's intervals, one message per batch, PUBACKs awaited."""
+        res, p = self._res, self.cfg.pipeline
+        assert res is not None
+        if res.publisher is None or not p.publish_intervals:
+            return
+        items = []
+        for it in writes:
+            b, out = it.batch, it.out
+            if b is not None and out is not None and out.n_intervals:
+                payload = out.intervals_payload(b.gateway, b.seq, p.aggregates_encoding)
+                items.append((topics.agg("intervals", b.gateway), payload))
+                self.metrics.published.labels("intervals").inc()
+        if items:
+            await res.publisher.publish_many(items)
+
+    # -- dead-letter replay ------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def replaying(self) -> AsyncIterator[DeadLetterStore]:
+        """The worker's stores, a sink and the aggregate publisher, without an MQTT session, for
+        :meth:`replay`; yields the dead-letter store. The daily totals the replayed batches owe
+        are published on the way out (best effort: else by the next worker's flush, the keys are
+        durable in the dedup store)."""
+        self._replaying = True
+        # its own client id: a live worker's publisher must not be taken over
+        async with self._resources(1, "replay") as res:
+            res.consumer = _NoSession()  # type: ignore[assignment]
+            yield res.dead_letter
+            if res.publisher is not None and self.cfg.pipeline.publish_daily:
+                try:
+                    await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
+                except (TimeoutError, AmigwError) as exc:
+                    log.warning(
+                        "daily totals of the replay left to the workers", extra={"kv": {"error": exc}}
+                    )
+
+    async def replay(self, entry: DeadLetter) -> tuple[str, str]:
+        """Put one dead-lettered payload back through intake and commit (inside :meth:`replaying`):
+        decode, dedup, transform, write, publish, mark, as if it had just arrived.
+
+        Returns ``(outcome, why)``: ``"replayed"`` (written now) or ``"duplicate"`` (already
+        durable): the entry is removed, so a second replay writes nothing; ``"failing"``: refused
+        again, the entry keeps its id and time with the new reason, ``why`` is ``reason: detail``.
+        Raises: SinkError, TransportError: InfluxDB or the broker unavailable or refusing us (the
+        entry stays as it was; stop and replay again once it is fixed)."""
+        assert self._res is not None and entry.topic is not None
+        item = self._prepare(Message(entry.topic, entry.payload, mid=0, qos=0))
+        if item.refusal is not None:
+            reason, detail = item.refusal
+            self._res.dead_letter.set_reason(entry.id, reason, detail)
+            return "failing", f"{reason}: {detail}"
+        if item.lines:
+            await self._durable([item])
+        await self._ack([item])
+        self._res.dead_letter.remove(entry.id)
+        return ("duplicate" if item.result == "duplicate" else "replayed"), ""
+
+    # -- daily totals ------------------------------------------------------------------------
+
+    async def _daily_loop(self) -> None:
+        """Publish the pending daily totals every ``daily_publish_s`` (failures retried next time)."""
+        while True:
+            await asyncio.sleep(self.cfg.pipeline.daily_publish_s)
+            try:
+                await self.publish_daily()
+            except (TransportError, SinkError) as exc:
+                # Kept pending either way; a refused query (not retryable) needs an operator.
+                level = logging.ERROR if isinstance(exc, SinkError) and not exc.retryable else logging.WARNING
+                log.log(level, "daily totals not published yet, will retry error=%s", exc)
+
+    async def publish_daily(self) -> int:
+        """Read back and publish the running totals of every pending ``(gateway, day)``, then drop
+        those keys (unless a batch touched one since). Returns the messages published.
+
+        Raises: TransportError (no PUBACK) or SinkError (InfluxDB unavailable)."""
+        res = self._res
+        assert res is not None and res.publisher is not None
+        pending = res.dedup.pending_days()
+        if not pending:
+            return 0
+        keys: dict[str, set[int]] = {}
+        for gw, day, _ in pending:
+            keys.setdefault(gw, set()).add(day)
+        items = []
+        gateways = sorted(keys)
+        for i in range(0, len(gateways), _DAILY_QUERY_GATEWAYS):
+            part = {g: keys[g] for g in gateways[i : i + _DAILY_QUERY_GATEWAYS]}
+            for gw, totals in (await self._daily_totals(part)).items():
+                items.append((topics.agg("daily", gw), daily_payload(gw, totals)))
+        if items:
+            await res.publisher.publish_many(items)
+            self.metrics.published.labels("daily").inc(len(items))
+        res.dedup.done_days(pending)
+        return len(items)
+
+    async def _daily_totals(self, keys: dict[str, set[int]]) -> dict[str, list[tuple[Any, ...]]]:
+        """Running totals of every meter of the (gateway, local day) keys, read back in one query
+        (InfluxDB is the shared state of all workers, so the last reader of a day publishes all of
+        it)."""
+        assert self._res is not None
+        off = self.settings.calendar.utc_offset_ms
+        days = [d for ds in keys.values() for d in ds]
+        lo, hi = min(days), max(days) + DAY_MS
+        gws = {stored_tag(g): g for g in keys}
+        cond = " OR ".join(f"gateway = {quote_str(g)}" for g in gws)
+        q = (
+            'SELECT sum("total") AS total, sum("sharp") AS sharp, sum("peak") AS peak, sum("flat") AS flat, '
+            'sum("valley") AS valley, sum("intervals") AS intervals, sum("estimated") AS estimated '
+            f'FROM "daily_tou" WHERE ({cond}) AND time >= {lo}ms AND time < {hi}ms '
+            f"GROUP BY time(1d, {(-off) % DAY_MS}ms), meter, gateway"
+        )
+        rows = await self._res.query.rows(q)  # a refusal raises: the keys stay pending
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for r in rows:
+            gw = gws.get(r.get("gateway", ""))
+            if gw is None or r["time"] not in keys[gw] or r.get("total") is None:
+                continue
+            day = (_EPOCH + dt.timedelta(days=(r["time"] + off) // DAY_MS)).isoformat()
+            out.setdefault(gw, []).append((_unescape(r["meter"]), day, *(int(r[k]) for k in _DAILY_KEYS)))
+        for totals in out.values():
+            totals.sort()
+        return out
+
+    async def _outages(self, t_lo: int, t_hi: int) -> None:
+        """OUT-02 over every power-down-like event InfluxDB holds near [t_lo, t_hi] (all workers'),
+        then one ``alarms`` point per outage: an alarm already open for the area within
+        ``outage_hold_s`` is updated in place (same series and time), never duplicated."""
+        assert self._res is not None
+        p = self.cfg.pipeline
+        win = p.outage_window_s * 1000
+        rows = await self._res.query.rows(
+            "SELECT \"id\" FROM \"events\" WHERE (kind = 'power_down' OR kind = 'voltage_collapsed') "
+            f"AND time >= {t_lo - win}ms AND time <= {t_hi + win}ms GROUP BY meter, gateway"
+        )
+        reg = self.settings.registry
+        rows = [r for r in rows if r.get("meter") and _from_its_gateway(reg, r)]
+        if not rows:
+            return
+        ids = sorted({st.unescape_tag(r["meter"]) for r in rows})
+        index = {m: i for i, m in enumerate(ids)}
+        params = reg.params(ids)
+        ev_meter = np.array([index[st.unescape_tag(r["meter"])] for r in rows], dtype=np.uint32)
+        ev_ts = np.array([int(r["time"]) for r in rows], dtype=np.int64)
+        known = params.area[ev_meter] >= 0
+        if not known.any():
+            return
+        out = st.area_outages(
+            ev_meter[known], ev_ts[known], params, reg.area_sizes(),
+            window_ms=win, k_min=p.outage_min_meters, pct=p.outage_pct,
+        )  # fmt: skip
+        for a in range(out.alarm_area.shape[0]):
+            area = reg.areas[int(out.alarm_area[a])]
+            await self._raise_alarm(area, int(out.alarm_ts[a]), int(out.alarm_events[a]))
+
+    async def _raise_alarm(self, area: str, ts: int, events: int) -> None:
+        assert self._res is not None
+        hold = self.cfg.pipeline.outage_hold_s * 1000
+        existing = await self._res.query.rows(
+            f'SELECT "events" FROM "alarms" WHERE area = {quote_str(stored_tag(area))} '
+            f"AND kind = 'area_outage' AND time >= {ts - hold}ms AND time <= {ts + hold}ms"
+        )
+        if existing:
+            first = min(existing, key=lambda r: r["time"])
+            ts, events = int(first["time"]), max(events, int(first["events"]))
+            if events == int(first["events"]):
+                return
+        else:
+            self.metrics.alarms.inc()
+            log.warning("area outage alarm area=%s ts_ms=%d events=%d", area, ts, events)
+        await self._write(
+            b"alarms,area=%s,kind=area_outage events=%di %d\n" % (st.escape_tag(area), events, ts)
+        )
+
+
+class _NoSession:
+    """The consumer stand-in of a replay: its messages come from the dead-letter store, so
+    there is nothing to acknowledge and nothing queued."""
+
+    queued = 0
+    stats = ConsumerStats()
+
+    async def ack(self, msg: Message) -> None:
+        pass
+
+
+def _from_its_gateway(reg: MeterRegistry, row: dict[str, Any]) -> bool:
+    """An ``events`` row (grouped by meter and gateway) whose gateway may speak for its meter:
+    the meter's bound gateway, or any for an unbound meter (events stored before the binding)."""
+    bound = reg.bound_gateway(st.unescape_tag(row["meter"]))
+    return bound is None or st.unescape_tag(row.get("gateway", "")) == bound
+
+
+def _acks(gw: str, ranges: Sequence[tuple[int, int]], events: Sequence[str], ts_ms: int) -> list[Ack]:
+    """The confirmations of one gateway, split to stay within the protocol's bounds (one message
+    unless a group holds more than MAX_RANGES ranges or MAX_EVENTS/64 KiB of event ids)."""
+    parts_r = [tuple(ranges[i : i + MAX_RANGES]) for i in range(0, len(ranges), MAX_RANGES)]
+    parts_e: list[list[str]] = []
+    size = 0
+    for e in events:
+        cost = len(e.encode()) * 6 + 3  # worst case of JSON's \uXXXX escapes
+        if not parts_e or len(parts_e[-1]) == MAX_EVENTS or size + cost > _ACK_EVENT_BYTES:
+            parts_e.append([])
+            size = 0
+        parts_e[-1].append(e)
+        size += cost
+    n = max(len(parts_r), len(parts_e))
+    return [
+        Ack(gw, parts_r[i] if i < len(parts_r) else (), tuple(parts_e[i]) if i < len(parts_e) else (), ts_ms)
+        for i in range(n)
+    ]
+
+
+def _reason(message: str) -> str:
+    """A low-cardinality dead-letter reason for a PayloadError message."""
+    if "outside the" in message and "meter table" in message:
+        return "meter index out of range"
+    if "empty meter id" in message:
+        return "empty meter id"
+    if "does not match topic" in message:
+        return "gateway does not match topic"
+    return "undecodable"
+
+
+async def run_worker(cfg: IngestConfig, worker: int = 0) -> None:
+    """A worker until SIGTERM/SIGINT (SIGHUP reloads the registry). Metrics when configured."""
+    import signal
+
+    from ingest.metrics import serve
+
+    w = IngestWorker(cfg, worker)
+    if cfg.metrics_listen:
+        serve(w.metrics, cfg.metrics_listen, worker)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, w.stop)
+
+    def reload() -> None:
+        try:
+            w.reload_registry()
+        except AmigwError as exc:
+            log.error("registry reload failed, keeping the old one error=%s", exc)
+        else:
+            log.info("registry reloaded meters=%d", len(w.settings.registry.ids))
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await w.run()
+
+
+def _drain(q: asyncio.Queue[InfluxSink]) -> list[InfluxSink]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    """Resolve ``fut`` unless it is already done (called on its loop)."""
+    if not fut.done():
+        fut.set_result(None)

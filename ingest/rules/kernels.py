@@ -1,0 +1,916 @@
+"""Numba kernels of the ingest pipeline: pure functions over columnar integer arrays.
+
+Contract (STYLE H7): every function here is ``@numba.njit(cache=True, nogil=True)``, takes arrays
+and scalars, returns *new* arrays, never writes to an input, never raises, uses integers only and
+never sets ``fastmath``. Whatever is wrong with a reading becomes a quality-flag bit
+(:mod:`protocols.flags`). Dtype/shape checks, allocation of label arrays and dispatch live in the
+checking wrappers of :mod:`ingest.rules.stages`; call those, not these. Each kernel has an
+obviously-correct twin in ``tests/reference.py`` and the tests assert exact equality.
+
+Rule IDs (VEE-nn, TOU-nn, LL-nn, OUT-nn, KPI-nn) refer to ``shared/reference/business_rules.md``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from protocols.flags import Flag
+from protocols.quantities import by_name
+
+# Flag bits as plain ints: numba freezes module-level ints as compile-time constants.
+F_OUT_OF_RANGE = int(Flag.OUT_OF_RANGE)
+F_WENT_BACKWARDS = int(Flag.WENT_BACKWARDS)
+F_ROLLOVER = int(Flag.ROLLOVER)
+F_SPIKE = int(Flag.SPIKE)
+F_GAP_BEFORE = int(Flag.GAP_BEFORE)
+F_ESTIMATED = int(Flag.ESTIMATED)
+F_CLOCK_SKEW = int(Flag.CLOCK_SKEW)
+F_FUTURE_TIME = int(Flag.FUTURE_TIME)
+F_DUPLICATE = int(Flag.DUPLICATE)
+F_METER_ERROR = int(Flag.METER_ERROR)
+F_METER_REPLACED = int(Flag.METER_REPLACED)
+F_ZERO_WITH_CURRENT = int(Flag.ZERO_WITH_CURRENT)
+F_PHASE_LOSS = int(Flag.PHASE_LOSS)
+F_PF_OUT_OF_BOUNDS = int(Flag.PF_OUT_OF_BOUNDS)
+F_OUT_OF_ORDER = int(Flag.OUT_OF_ORDER)
+F_BEFORE_MIN_TIME = int(Flag.BEFORE_MIN_TIME)
+
+# A reading with one of these bits is not a register anchor: its value is not the register (or
+# its time is not believable), so it closes no interval and is in no total.
+NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE
+# An interval carrying one of these bits has no billable consumption (VEE-03/04/05).
+NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE
+# Reading bits an interval row inherits from the reading that closes it.
+INTERVAL_CARRY = (
+    F_ROLLOVER
+    | F_SPIKE
+    | F_WENT_BACKWARDS
+    | F_METER_REPLACED
+    | F_GAP_BEFORE
+    | F_CLOCK_SKEW
+    | F_OUT_OF_ORDER
+    | F_ZERO_WITH_CURRENT
+)
+
+KIND_UNKNOWN, KIND_CUMULATIVE, KIND_INSTANT, KIND_STATE = 0, 1, 2, 3
+
+Q_ENERGY_TOTAL = by_name("energy_fwd_active_total").code
+Q_VOLT_A = by_name("voltage_a").code  # a, b, c are consecutive codes
+Q_CURR_A = by_name("current_a").code
+Q_POWER_TOTAL = by_name("power_active_total").code
+Q_PF_TOTAL = by_name("power_factor_total").code  # total, a, b, c are consecutive codes
+Q_METER_CLOCK = by_name("meter_clock").code
+
+# No quantity reaches 10^15 of its units (a meter clock, epoch ms, is 1.7e12): a value beyond is
+# OUT_OF_RANGE, and every rule that computes with a value takes in-range values only, so no
+# product in these kernels (x 1000 at most) can overflow int64 whatever an edge sends.
+VALUE_BOUND = 10**15
+INT64_MIN = np.iinfo(np.int64).min
+INT64_MAX = np.iinfo(np.int64).max
+_MS_PER_HOUR = 3_600_000
+_MS_PER_DAY = 86_400_000
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+@_jit
+def _emax(k_mw_pct, dt_ms):
+    """VEE-05 physical maximum in 0.01 kWh register units over ``dt_ms``, floored.
+
+    ``k_mw_pct`` = U_n·I_max·phases in mW times (100 + margin %). E = K·dt / 3.6e12, computed
+    in two parts so no product overflows int64 for any dt up to ~10^6 hours."""
+    hours = dt_ms // _MS_PER_HOUR
+    rem = dt_ms - hours * _MS_PER_HOUR
+    a = k_mw_pct * hours  # units of 1e-6 register units
+    return a // 1_000_000 + ((a % 1_000_000) * 3_600_000 + k_mw_pct * rem) // 3_600_000_000_000
+
+
+@_jit
+def _skewed_meters(meter, ts, quantity, value, flags, nmeters, clock_offset_ms, skew_tol_ms, t_lo, t_hi):
+    """VEE-12: a meter whose clock reading differs from the read time by more than the tolerance
+    (clock readings read within the time bounds ``[t_lo, t_hi]``, value within VALUE_BOUND)."""
+    out = np.zeros(nmeters, dtype=np.bool_)
+    for i in range(meter.shape[0]):
+        believable = t_lo <= ts[i] <= t_hi and -VALUE_BOUND <= value[i] <= VALUE_BOUND
+        if quantity[i] == Q_METER_CLOCK and (flags[i] & F_METER_ERROR) == 0 and believable:
+            skew = value[i] - clock_offset_ms - ts[i]
+            if skew > skew_tol_ms or skew < -skew_tol_ms:
+                out[meter[i]] = True
+    return out
+
+
+@_jit
+def validate(
+    order,
+    chan,
+    meter,
+    ts,
+    quantity,
+    value,
+    flags,
+    prev_value,
+    prev_ts,
+    has_prev,
+    q_kind,
+    q_regmax,
+    q_lo,
+    q_hi,
+    q_energy,
+    q_signed,
+    m_un_dv,
+    m_kmax,
+    m_ib_ma,
+    m_phases,
+    m_izero_ma,
+    m_regmax,
+    receive_ts_ms,
+    future_tol_ms,
+    min_ts_ms,
+    clock_offset_ms,
+    skew_tol_ms,
+    interval_ms,
+    decrease_min,
+    replaced_below,
+    replaced_drop,
+    pf_floor,
+    p_min,
+):
+    """One pass over the batch in ``order`` (sorted by meter, ts, quantity, arrival).
+
+    Returns ``(flags, delta, anchor_ts)`` per reading (input positions): the new flags (input
+    flags OR'ed with every rule that fired), the register delta since the channel's previous
+    anchor (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and
+    that anchor's time (``INT64_MIN`` when there is none)."""
+    n = order.shape[0]
+    nchan = prev_value.shape[0]
+    out = flags.astype(np.int64)
+    delta = np.zeros(n, dtype=np.int64)
+    anchor_ts = np.full(n, INT64_MIN, dtype=np.int64)
+    skewed = _skewed_meters(
+        meter, ts, quantity, value, flags, m_un_dv.shape[0], clock_offset_ms, skew_tol_ms,
+        min_ts_ms, receive_ts_ms + future_tol_ms,
+    )  # fmt: skip
+
+    # Arrival order: OUT_OF_ORDER when earlier than something already seen on the channel.
+    seen_max = np.full(nchan, INT64_MIN, dtype=np.int64)
+    for c in range(nchan):
+        if has_prev[c]:
+            seen_max[c] = prev_ts[c]
+    for i in range(n):
+        c = chan[i]
+        if ts[i] < seen_max[c]:
+            out[i] |= F_OUT_OF_ORDER
+        elif ts[i] > seen_max[c]:
+            seen_max[c] = ts[i]
+
+    a_val = prev_value.copy()
+    a_ts = prev_ts.copy()
+    a_ok = has_prev.copy()
+    last_ts = np.full(nchan, INT64_MIN, dtype=np.int64)  # for duplicates, any reading
+    has_last = has_prev.copy()  # not a sentinel time: a reading may be stamped INT64_MIN
+    for c in range(nchan):
+        if has_prev[c]:
+            last_ts[c] = prev_ts[c]
+    start = 0
+    while start < n:
+        # One point: a run of the same (meter, ts).
+        m = meter[order[start]]
+        t = ts[order[start]]
+        end = start
+        while end < n and meter[order[end]] == m and ts[order[end]] == t:
+            end += 1
+        ua = np.full(3, -1, dtype=np.int64)
+        ia = np.full(3, -1, dtype=np.int64)
+        p_abs = np.int64(-1)
+        for j in range(start, end):
+            i = order[j]
+            q = np.int64(quantity[i])
+            v = value[i]
+            if (flags[i] & F_METER_ERROR) != 0 or v < q_lo[q] or v > q_hi[q]:
+                continue
+            if Q_VOLT_A <= q < Q_VOLT_A + 3:
+                ua[q - Q_VOLT_A] = v
+            elif Q_CURR_A <= q < Q_CURR_A + 3:
+                ia[q - Q_CURR_A] = v if v >= 0 else -v
+            elif q == Q_POWER_TOTAL:
+                p_abs = v if v >= 0 else -v
+        i_max_abs = max(ia[0], max(ia[1], ia[2]))
+        for j in range(start, end):
+            i = order[j]
+            c = chan[i]
+            q = np.int64(quantity[i])
+            v = value[i]
+            f = out[i]
+            if skewed[m]:
+                f |= F_CLOCK_SKEW
+            if t > receive_ts_ms + future_tol_ms:  # VEE-11
+                f |= F_FUTURE_TIME
+            if t < min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
+                f |= F_BEFORE_MIN_TIME
+            kind = q_kind[q]
+            in_table = q_lo[q] <= v <= q_hi[q]  # the rules below compute with in-range values only
+            hi = q_hi[q]
+            if Q_VOLT_A <= q < Q_VOLT_A + 3 and m_un_dv[m] > 0:
+                hi = min(hi, m_un_dv[m] * 3 // 2)  # VEE-16: invalid above 1.5 U_n
+            if kind == KIND_UNKNOWN or v < q_lo[q] or v > hi:
+                f |= F_OUT_OF_RANGE
+            if has_last[c] and t == last_ts[c]:  # VEE-10: same (meter, quantity, ts) seen before
+                f |= F_DUPLICATE
+            last_ts[c] = t
+            has_last[c] = True
+            # VEE-13. Not t - a_ts > interval: t may be any int64 (anchors are bounded, see NOT_ANCHOR).
+            if (f & F_DUPLICATE) == 0 and a_ok[c] and t > a_ts[c] + interval_ms:
+                f |= F_GAP_BEFORE
+            if Q_PF_TOTAL <= q < Q_PF_TOTAL + 4 and (f & F_METER_ERROR) == 0 and in_table:  # VEE-18
+                pf = v if v >= 0 else -v
+                if pf > 1000 or (pf < pf_floor and p_abs > 0):
+                    f |= F_PF_OUT_OF_BOUNDS
+            if (
+                Q_VOLT_A <= q < Q_VOLT_A + 3
+                and m_phases[m] == 3
+                and m_un_dv[m] > 0
+                and (f & F_METER_ERROR) == 0
+                and in_table
+            ):
+                x = q - Q_VOLT_A
+                un = m_un_dv[m]
+                collapsed = v * 100 < 60 * un or (v * 100 < 78 * un and ia[x] * 1000 > 5 * m_ib_ma[m])
+                other_ok = False
+                for y in range(3):
+                    if y != x and ua[y] >= 0 and ua[y] * 100 >= 60 * un:
+                        other_ok = True
+                if collapsed and other_ok:  # VEE-17 断相 / 失压
+                    f |= F_PHASE_LOSS
+            if (f & NOT_ANCHOR) == 0 and (not a_ok[c] or t > a_ts[c]):
+                if kind == KIND_CUMULATIVE and a_ok[c]:
+                    dt = t - a_ts[c]
+                    d = v - a_val[c]
+                    anchor_ts[i] = a_ts[c]
+                    move = True
+                    if d < 0 and not q_signed[q]:
+                        d, f, move = _backwards(
+                            v,
+                            a_val[c],
+                            dt,
+                            m_regmax[m] if q_energy[q] and m_regmax[m] > 0 else q_regmax[q],
+                            q_energy[q],
+                            m_kmax[m],
+                            f,
+                            decrease_min,
+                            replaced_below,
+                            replaced_drop,
+                        )
+                    elif q_energy[q] and m_kmax[m] > 0 and d > _emax(m_kmax[m], dt):
+                        f |= F_SPIKE  # VEE-05
+                    current = p_abs >= p_min or (m_izero_ma[m] > 0 and i_max_abs >= m_izero_ma[m])
+                    if (
+                        q == Q_ENERGY_TOTAL
+                        and d == 0
+                        and current
+                        and (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) == 0
+                    ):
+                        f |= F_ZERO_WITH_CURRENT  # VEE-08, one interval
+                    delta[i] = d
+                    # VEE-13: an off-grid reading (an ad-hoc read, a late one) is validated, but an
+                    # on-grid anchor stays: the next on-grid reading still closes a whole interval.
+                    if t % interval_ms == 0 or a_ts[c] % interval_ms != 0:
+                        if move:
+                            a_val[c] = v
+                        a_ts[c] = t
+                else:
+                    if kind == KIND_CUMULATIVE:
+                        a_val[c] = v
+                    a_ts[c] = t
+                    a_ok[c] = True
+            out[i] = f
+        start = end
+    return out.astype(np.uint16), delta, anchor_ts
+
+
+@_jit
+def _backwards(v, prev, dt, regmax, is_energy, kmax, f, decrease_min, replaced_below, replaced_drop):
+    """VEE-02/03/04 for a register lower than its anchor: (delta, flags, anchor value moves)."""
+    span = regmax + 1
+    wrapped = span - prev + v
+    if prev * 10 >= span * 9 and (not is_energy or kmax <= 0 or wrapped <= _emax(kmax, dt)):
+        return wrapped, f | F_ROLLOVER, True  # VEE-02
+    if v < replaced_below and prev - v >= replaced_drop:
+        return np.int64(0), f | F_METER_REPLACED, True  # VEE-03 (suspect: no consumption)
+    if prev - v >= decrease_min:
+        return np.int64(0), f | F_WENT_BACKWARDS, True  # VEE-04
+    return np.int64(0), f, False  # VEE-04 jitter: E = 0; the anchor keeps the higher value, takes the time
+
+
+# --- intervals and estimation ---------------------------------------------------------------------
+
+
+@_jit
+def _interval_rows(f, d, t, a, interval_ms, max_gap):
+    """How many interval rows reading (flags f, delta d, ts t, anchor a) produces."""
+    if a == INT64_MIN or (f & NOT_ANCHOR) != 0 or t % interval_ms != 0 or a % interval_ms != 0:
+        return 0
+    k = (t - a) // interval_ms
+    if k == 1 or (f & NOT_BILLABLE) != 0:
+        return 1
+    if k - 1 <= max_gap:
+        return k
+    return 0  # VEE-21: longer gaps stay gaps
+
+
+@_jit
+def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval_ms, max_gap):
+    """VEE-01 interval consumption + VEE-20 linear interpolation of short gaps.
+
+    For each cumulative reading on the grid whose anchor is on the grid ``k`` intervals earlier:
+    k == 1 gives one row ``E = delta × multiplier``; 2 ≤ k ≤ max_gap + 1 gives k rows flagged
+    ESTIMATED with ``E = (delta // k) × multiplier`` and the remainder ``delta − (k−1)·(delta // k)``
+    on the last one, so the rows sum exactly to the register delta; a longer gap gives no rows.
+    A reading whose delta is not billable (VEE-03/04/05) gives one row at its own time carrying
+    the flag (E = 0, or the spiked delta for review). Rows come in reading order."""
+    n = ts.shape[0]
+    total = 0
+    for i in range(n):
+        if selected[quantity[i]]:
+            total += _interval_rows(np.int64(flags[i]), delta[i], ts[i], anchor_ts[i], interval_ms, max_gap)
+    o_meter = np.empty(total, dtype=np.uint32)
+    o_q = np.empty(total, dtype=np.uint16)
+    o_end = np.empty(total, dtype=np.int64)
+    o_e = np.empty(total, dtype=np.int64)
+    o_f = np.empty(total, dtype=np.uint16)
+    r = 0
+    for i in range(n):
+        if not selected[quantity[i]]:
+            continue
+        f = np.int64(flags[i])
+        k = _interval_rows(f, delta[i], ts[i], anchor_ts[i], interval_ms, max_gap)
+        if k == 0:
+            continue
+        mu = mult[meter[i]]
+        carry = f & INTERVAL_CARRY
+        if k == 1:
+            rows_end0 = ts[i] - interval_ms
+            part = delta[i]
+            est = 0
+        else:
+            rows_end0 = anchor_ts[i]
+            part = delta[i] // k
+            est = F_ESTIMATED
+        for j in range(k):
+            o_meter[r] = meter[i]
+            o_q[r] = quantity[i]
+            o_end[r] = rows_end0 + (j + 1) * interval_ms
+            e = part if j < k - 1 else delta[i] - (k - 1) * part
+            if (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) != 0:
+                e = 0
+            o_e[r] = e * mu
+            o_f[r] = est | (carry if j == k - 1 else (carry & F_GAP_BEFORE))
+            r += 1
+    return o_meter, o_q, o_end, o_e, o_f
+
+
+@_jit
+def group_totals(labels, ngroups, energy, flags):
+    """Grouped sums over interval rows: (billable energy, n actual, n estimated, n not billable)."""
+    tot = np.zeros(ngroups, dtype=np.int64)
+    n_act = np.zeros(ngroups, dtype=np.int64)
+    n_est = np.zeros(ngroups, dtype=np.int64)
+    n_bad = np.zeros(ngroups, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        g = labels[i]
+        f = np.int64(flags[i])
+        if (f & NOT_BILLABLE) != 0:
+            n_bad[g] += 1
+        else:
+            tot[g] += energy[i]
+            if (f & F_ESTIMATED) != 0:
+                n_est[g] += 1
+            else:
+                n_act[g] += 1
+    return tot, n_act, n_est, n_bad
+
+
+@_jit
+def group_min(labels, ngroups, values):
+    """Smallest value of each group (the largest int64 for a group without rows)."""
+    out = np.full(ngroups, INT64_MAX, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        g = labels[i]
+        if values[i] < out[g]:
+            out[g] = values[i]
+    return out
+
+
+@_jit
+def labels_from_order(order, keys):
+    """Dense group labels of the rows of ``keys[key, row]``, given ``order``, the rows sorted
+    lexicographically by key 0, then 1, ...: ``(labels, first)``, groups numbered in that order,
+    ``first[g]`` the row of group g that comes first in ``order``."""
+    n = order.shape[0]
+    labels = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    g = -1
+    for j in range(n):
+        i = order[j]
+        new = j == 0
+        if not new:
+            prev = order[j - 1]
+            for key in range(keys.shape[0]):
+                if keys[key, i] != keys[key, prev]:
+                    new = True
+                    break
+        if new:
+            g += 1
+            first[g] = i
+        labels[i] = g
+    return labels, first[: g + 1].copy()
+
+
+@_jit
+def group_count(labels, ngroups, mask):
+    """How many rows of each group have ``mask`` set."""
+    out = np.zeros(ngroups, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        if mask[i]:
+            out[labels[i]] += 1
+    return out
+
+
+# --- time of use --------------------------------------------------------------------------------------
+
+
+@_jit
+def _civil_month(days):
+    """Month 1..12 of a day count since 1970-01-01 (Howard Hinnant's civil_from_days)."""
+    z = days + 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    return mp + 3 if mp < 10 else mp - 9
+
+
+@_jit
+def tou_periods(end_ts, interval_ms, utc_offset_ms, month_season, day_profile, profiles, holidays):
+    """TOU-03: period code (1 sharp .. 4 valley) of each end-labelled interval, by its start time.
+
+    ``month_season[12]`` season of each month; ``day_profile[season, daytype]`` profile index for
+    daytype 0 workday, 1 weekend, 2 holiday; ``profiles[p, minute_of_day]`` period code;
+    ``holidays`` sorted local day numbers."""
+    n = end_ts.shape[0]
+    out = np.empty(n, dtype=np.uint8)
+    for i in range(n):
+        local = end_ts[i] - interval_ms + utc_offset_ms
+        day = local // _MS_PER_DAY
+        minute = (local - day * _MS_PER_DAY) // 60_000
+        season = month_season[_civil_month(day) - 1]
+        dt = 1 if (day + 3) % 7 >= 5 else 0  # 1970-01-01 was a Thursday; Monday = 0
+        h = np.searchsorted(holidays, day)
+        if h < holidays.shape[0] and holidays[h] == day:
+            dt = 2
+        out[i] = profiles[day_profile[season, dt], minute]
+    return out
+
+
+@_jit
+def tou_split(labels, ngroups, quantity, energy, flags, period):
+    """TOU-03 / VEE-15 per (meter, day) group: calendar split of the total register's intervals
+    against the tariff registers' own deltas (T1..T4), and the largest total interval.
+
+    Returns ``(calendar[ngroups, 4], registers[ngroups, 4], largest[ngroups], mismatch[ngroups, 4])``;
+    a bucket mismatches when both sides have data and differ by more than the largest interval."""
+    cal = np.zeros((ngroups, 4), dtype=np.int64)
+    reg = np.zeros((ngroups, 4), dtype=np.int64)
+    has_reg = np.zeros((ngroups, 4), dtype=np.bool_)
+    has_cal = np.zeros(ngroups, dtype=np.bool_)
+    big = np.zeros(ngroups, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        if (np.int64(flags[i]) & NOT_BILLABLE) != 0:
+            continue
+        g = labels[i]
+        q = np.int64(quantity[i])
+        if q == Q_ENERGY_TOTAL:
+            p = np.int64(period[i])
+            if 1 <= p <= 4:
+                cal[g, p - 1] += energy[i]
+            has_cal[g] = True
+            big[g] = max(big[g], energy[i])
+        elif Q_ENERGY_TOTAL < q <= Q_ENERGY_TOTAL + 4:
+            reg[g, q - Q_ENERGY_TOTAL - 1] += energy[i]
+            has_reg[g, q - Q_ENERGY_TOTAL - 1] = True
+    bad = np.zeros((ngroups, 4), dtype=np.bool_)
+    for g in range(ngroups):
+        for b in range(4):
+            diff = cal[g, b] - reg[g, b]
+            if has_cal[g] and has_reg[g, b] and (diff > big[g] or -diff > big[g]):
+                bad[g, b] = True
+    return cal, reg, big, bad
+
+
+# --- line loss ----------------------------------------------------------------------------------------
+
+LOSS_QUALIFIED, LOSS_HIGH, LOSS_NEGATIVE, LOSS_NOT_COMPUTABLE, LOSS_INCOMPLETE, LOSS_OUT_OF_SERVICE = range(6)
+
+
+@_jit
+def line_loss(
+    labels,
+    ngroups,
+    is_master,
+    fwd,
+    fwd_ok,
+    rev,
+    rev_ok,
+    expected_customers,
+    min_complete_pct,
+    high_bp,
+):
+    """LL-01/02 per (area, day) group over (meter, day) rows of daily energy (multiplier applied).
+
+    supply = master fwd + Σ customer rev; sales = Σ customer fwd + master rev; loss = supply − sales;
+    rate in basis points (0.01 %) = loss·10000 // supply (floor). ``min_complete_pct`` and
+    ``high_bp`` are per group (the LL-02 band of the group's area type). Returns
+    ``(supply, sales, loss, rate_bp, klass, customers_present)``."""
+    supply = np.zeros(ngroups, dtype=np.int64)
+    sales = np.zeros(ngroups, dtype=np.int64)
+    master_ok = np.zeros(ngroups, dtype=np.bool_)
+    present = np.zeros(ngroups, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        g = labels[i]
+        if is_master[i]:
+            if fwd_ok[i]:
+                master_ok[g] = True
+                supply[g] += fwd[i]
+            if rev_ok[i]:
+                sales[g] += rev[i]
+        else:
+            if fwd_ok[i]:
+                present[g] += 1
+                sales[g] += fwd[i]
+            if rev_ok[i]:
+                supply[g] += rev[i]
+    loss = supply - sales
+    rate = np.zeros(ngroups, dtype=np.int64)
+    klass = np.zeros(ngroups, dtype=np.uint8)
+    for g in range(ngroups):
+        exp = expected_customers[g]
+        if master_ok[g] and supply[g] == 0 and sales[g] == 0:
+            klass[g] = LOSS_OUT_OF_SERVICE
+            continue
+        if not master_ok[g] or supply[g] <= 0 or present[g] * 100 < min_complete_pct[g] * exp:
+            klass[g] = LOSS_NOT_COMPUTABLE
+            continue
+        rate[g] = loss[g] * 10_000 // supply[g]
+        if present[g] < exp:
+            klass[g] = LOSS_INCOMPLETE
+        elif rate[g] < 0:
+            klass[g] = LOSS_NEGATIVE
+        elif rate[g] > high_bp[g]:
+            klass[g] = LOSS_HIGH
+        else:
+            klass[g] = LOSS_QUALIFIED
+    return supply, sales, loss, rate, klass, present
+
+
+# --- outage correlation -------------------------------------------------------------------------------
+
+
+@_jit
+def area_outages(order, meter, ts, m_area, m_master, area_size, window_ms, k_min, pct):
+    """OUT-02: one alarm per area outage, not one per meter.
+
+    ``order`` sorts the power-down events by (area, ts, arrival). In each area an alarm opens at
+    the event where the master meter is down, or where the distinct meters down within the
+    window ``[t - window_ms, t]`` reach max(k_min, ceil(pct·N_area/100)); the events of that
+    window and every later event of the area attach to it (it stays open for the batch; OUT-04
+    closes it). Returns ``(alarm_of_event, alarm_area, alarm_ts, alarm_events)``; events of
+    meters without an area, and isolated ones (OUT-03), get -1."""
+    n = order.shape[0]
+    alarm_of = np.full(n, -1, dtype=np.int64)
+    a_area = np.empty(n, dtype=np.int64)
+    a_ts = np.empty(n, dtype=np.int64)
+    a_n = np.zeros(n, dtype=np.int64)
+    in_window = np.zeros(m_area.shape[0], dtype=np.int64)
+    na = 0
+    lo = 0
+    distinct = 0
+    open_alarm = -1
+    cur_area = np.int64(-2)
+    for j in range(n):
+        i = order[j]
+        area = np.int64(m_area[meter[i]])
+        if area != cur_area:
+            for jj in range(lo, j):  # empty the previous area's window
+                in_window[meter[order[jj]]] = 0
+            cur_area = area
+            lo = j
+            distinct = 0
+            open_alarm = -1
+        if area < 0:
+            continue
+        t = ts[i]
+        while ts[order[lo]] < t - window_ms:
+            old = meter[order[lo]]
+            in_window[old] -= 1
+            if in_window[old] == 0:
+                distinct -= 1
+            lo += 1
+        m = meter[i]
+        in_window[m] += 1
+        if in_window[m] == 1:
+            distinct += 1
+        if open_alarm >= 0:
+            alarm_of[i] = open_alarm
+            a_n[open_alarm] += 1
+            continue
+        need = max(k_min, (pct * area_size[area] + 99) // 100)
+        if m_master[m] or distinct >= need:
+            open_alarm = na
+            a_area[na] = area
+            a_ts[na] = t
+            na += 1
+            for jj in range(lo, j + 1):
+                alarm_of[order[jj]] = open_alarm
+                a_n[open_alarm] += 1
+    return alarm_of, a_area[:na].copy(), a_ts[:na].copy(), a_n[:na].copy()
+
+
+# --- line protocol ------------------------------------------------------------------------------------
+
+
+_S_QUANTITY = tuple(b",quantity=")
+_S_VALUE = tuple(b" value=")
+_S_FLAGS = tuple(b",flags=")
+_S_SUFFIX_FLAGS = tuple(b"_flags=")
+
+
+@_jit
+def _put(buf, p, src, a, b):
+    for k in range(a, b):
+        buf[p] = src[k]
+        p += 1
+    return p
+
+
+_POW10 = np.array([10**k for k in range(20)], dtype=np.uint64)
+_DIGIT_PAIRS = np.frombuffer("".join(f"{k:02d}" for k in range(100)).encode(), dtype=np.uint8).copy()
+
+
+@_jit
+def _put_uint(buf, p, u):
+    """Decimal digits of a non-negative uint64: the length from a table of powers of ten, then two
+    digits per division, back to front."""
+    k = 1
+    while k < 20 and u >= _POW10[k]:
+        k += 1
+    end = p + k
+    while u >= np.uint64(100):
+        r = u % np.uint64(100)
+        u = u // np.uint64(100)
+        end -= 2
+        buf[end] = _DIGIT_PAIRS[2 * r]
+        buf[end + 1] = _DIGIT_PAIRS[2 * r + 1]
+    if u >= np.uint64(10):
+        buf[end - 2] = _DIGIT_PAIRS[2 * u]
+        buf[end - 1] = _DIGIT_PAIRS[2 * u + 1]
+    else:
+        buf[end - 1] = 48 + np.uint8(u)
+    return p + k
+
+
+@_jit
+def _put_fixed(buf, p, v, decimals):
+    """Exact decimal text of a fixed-point int64: 12345 with 2 decimals -> ``123.45``; decimals 0
+    gives an integer field ``12345i``. No float is involved."""
+    if v < 0:
+        buf[p] = 45  # '-'
+        p += 1
+        u = np.uint64(-(v + 1)) + np.uint64(1)  # |INT64_MIN| without overflow
+    else:
+        u = np.uint64(v)
+    if decimals == 0:
+        p = _put_uint(buf, p, u)
+        buf[p] = 105  # 'i'
+        return p + 1
+    scale = np.uint64(1)
+    for _ in range(decimals):
+        scale = scale * np.uint64(10)
+    p = _put_uint(buf, p, u // scale)
+    buf[p] = 46  # '.'
+    p += 1
+    frac = u % scale
+    div = scale // np.uint64(10)
+    for _ in range(decimals):
+        buf[p] = 48 + np.uint8(frac // div)
+        frac = frac % div
+        div = div // np.uint64(10)
+        p += 1
+    return p
+
+
+@_jit
+def _put_int_field(buf, p, v):
+    """An integer field value: ``_put_int`` and the ``i`` suffix."""
+    p = _put_int(buf, p, v)
+    buf[p] = 105
+    return p + 1
+
+
+@_jit
+def _same_key(a, b, meter, ts, quantity):
+    return meter[a] == meter[b] and ts[a] == ts[b] and quantity[a] == quantity[b]
+
+
+@_jit
+def encode_lines(
+    order,
+    meter,
+    ts,
+    quantity,
+    value,
+    flags,
+    head,
+    head_off,
+    fname,
+    fname_off,
+    q_decimals,
+    wide,
+    buf,
+):
+    """Line protocol into ``buf`` (preallocated, large enough; see the wrapper), returns bytes used.
+
+    ``head[head_off[m]:head_off[m+1]]`` is the pre-escaped ``measurement,tag=…`` prefix of meter m;
+    ``fname[fname_off[q]:fname_off[q+1]]`` the field name of quantity q. ``order`` visits rows sorted
+    by (meter, ts). Narrow (``wide`` false): one line per reading,
+    ``<head>,quantity=<q> value=<v>,flags=<f>i <ts>``. Wide: one line per (meter, ts) with a
+    field per quantity, ``<q>=<v>`` plus ``<q>_flags=<f>i`` where flags are non-zero. Of readings
+    with the same (meter, ts, quantity) only the first to arrive is written (VEE-10), so a line
+    never repeats a field and a redelivered batch writes the same points."""
+    p = 0
+    n = order.shape[0]
+    memo = np.zeros(3, dtype=np.int64)
+    j = 0
+    while j < n:
+        i = order[j]
+        m = meter[i]
+        if j > 0 and _same_key(order[j - 1], i, meter, ts, quantity):
+            j += 1  # VEE-10: a redelivered (meter, quantity, ts) keeps the first arrival
+            continue
+        p = _put(buf, p, head, head_off[m], head_off[m + 1])
+        if wide:
+            buf[p] = 32
+            p += 1
+            t = ts[i]
+            first = True
+            while j < n and meter[order[j]] == m and ts[order[j]] == t:
+                i = order[j]
+                q = quantity[i]
+                if not first and quantity[order[j - 1]] == q:
+                    j += 1
+                    continue
+                if not first:
+                    buf[p] = 44
+                    p += 1
+                first = False
+                p = _put(buf, p, fname, fname_off[q], fname_off[q + 1])
+                buf[p] = 61
+                p = _put_fixed(buf, p + 1, value[i], q_decimals[q])
+                if flags[i] != 0:
+                    buf[p] = 44
+                    p = _put(buf, p + 1, fname, fname_off[q], fname_off[q + 1])
+                    for ch in _S_SUFFIX_FLAGS:
+                        buf[p] = ch
+                        p += 1
+                    p = _put_int_field(buf, p, np.int64(flags[i]))
+                j += 1
+        else:
+            q = quantity[i]
+            for ch in _S_QUANTITY:
+                buf[p] = ch
+                p += 1
+            p = _put(buf, p, fname, fname_off[q], fname_off[q + 1])
+            for ch in _S_VALUE:
+                buf[p] = ch
+                p += 1
+            p = _put_fixed(buf, p, value[i], q_decimals[q])
+            for ch in _S_FLAGS:
+                buf[p] = ch
+                p += 1
+            p = _put_int_field(buf, p, np.int64(flags[i]))
+            t = ts[i]
+            j += 1
+        buf[p] = 32
+        p = _put_int_memo(buf, p + 1, np.int64(t), memo)
+        buf[p] = 10
+        p += 1
+    return p
+
+
+# --- aggregates JSON and integer-field lines --------------------------------------------------------
+
+
+@_jit
+def _put_int(buf, p, v):
+    """Decimal text of an int64 (``-`` for negatives), as JSON and Python's ``str`` write it."""
+    if v < 0:
+        buf[p] = 45
+        p += 1
+        return _put_uint(buf, p, np.uint64(-(v + 1)) + np.uint64(1))
+    return _put_uint(buf, p, np.uint64(v))
+
+
+@_jit
+def _put_int_memo(buf, p, v, memo):
+    """``_put_int``, copying the text already in ``buf`` when ``v`` is the value written last
+    through the same ``memo`` (``[value, start, end]``; ``end == start`` means empty): timestamps
+    repeat from line to line, and a copy is cheaper than the divisions."""
+    if memo[2] > memo[1] and memo[0] == v:
+        return _put(buf, p, buf, memo[1], memo[2])
+    q = _put_int(buf, p, v)
+    memo[0] = v
+    memo[1] = p
+    memo[2] = q
+    return q
+
+
+_J_METER = tuple(b'{"meter":')
+_J_QUANTITY = tuple(b',"quantity":')
+_J_START = tuple(b',"start_ms":')
+_J_END = tuple(b',"end_ms":')
+_J_ENERGY = tuple(b',"energy":')
+_J_FLAGS = tuple(b',"flags":')
+
+
+@_jit
+def _put_lit(buf, p, lit):
+    for ch in lit:
+        buf[p] = ch
+        p += 1
+    return p
+
+
+@_jit
+def encode_interval_items(meter, quantity, end_ts, energy, flags, interval_ms, names, names_off, buf):
+    """The ``intervals`` array items of ``protocols.aggregates.encode_intervals``, comma-joined,
+    into ``buf`` (preallocated by the wrapper); returns the bytes used. ``names[names_off[m]:
+    names_off[m+1]]`` is meter m's id already JSON-encoded (quotes and escapes included). Row i is
+    ``{"meter":…,"quantity":q,"start_ms":end-interval,"end_ms":end,"energy":e,"flags":f}``."""
+    p = 0
+    start_memo = np.zeros(3, dtype=np.int64)
+    end_memo = np.zeros(3, dtype=np.int64)
+    for i in range(meter.shape[0]):
+        if i > 0:
+            buf[p] = 44
+            p += 1
+        m = meter[i]
+        p = _put_lit(buf, p, _J_METER)
+        p = _put(buf, p, names, names_off[m], names_off[m + 1])
+        p = _put_lit(buf, p, _J_QUANTITY)
+        p = _put_int(buf, p, np.int64(quantity[i]))
+        p = _put_lit(buf, p, _J_START)
+        p = _put_int_memo(buf, p, np.int64(end_ts[i]) - interval_ms, start_memo)
+        p = _put_lit(buf, p, _J_END)
+        p = _put_int_memo(buf, p, np.int64(end_ts[i]), end_memo)
+        p = _put_lit(buf, p, _J_ENERGY)
+        p = _put_int(buf, p, np.int64(energy[i]))
+        p = _put_lit(buf, p, _J_FLAGS)
+        p = _put_int(buf, p, np.int64(flags[i]))
+        buf[p] = 125
+        p += 1
+    return p
+
+
+@_jit
+def encode_int_lines(head, head_off, row_head, text, text_off, row_text, names, names_off, values, ts, buf):
+    """One line-protocol point per row into ``buf``; returns the bytes used. Row r is
+    ``<head[row_head[r]]> <names[0]>"<text[row_text[r]]>",<names[1]><values[r,0]>i,… <ts[r]>\\n``:
+    ``names[k]`` carries its own ``=`` (and, for the string field, the opening quote is added here);
+    the string field's text must already be escaped for a line-protocol string."""
+    p = 0
+    nf = values.shape[1]
+    memo = np.zeros(3, dtype=np.int64)
+    for r in range(values.shape[0]):
+        h = row_head[r]
+        p = _put(buf, p, head, head_off[h], head_off[h + 1])
+        buf[p] = 32
+        p = _put(buf, p + 1, names, names_off[0], names_off[1])
+        buf[p] = 34
+        t = row_text[r]
+        p = _put(buf, p + 1, text, text_off[t], text_off[t + 1])
+        buf[p] = 34
+        p += 1
+        for k in range(nf):
+            buf[p] = 44
+            p = _put(buf, p + 1, names, names_off[k + 1], names_off[k + 2])
+            p = _put_int(buf, p, values[r, k])
+            buf[p] = 105
+            p += 1
+        buf[p] = 32
+        p = _put_int_memo(buf, p + 1, ts[r], memo)
+        buf[p] = 10
+        p += 1
+    return p

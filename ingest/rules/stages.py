@@ -1,0 +1,800 @@
+"""Checking wrappers around :mod:`ingest.rules.kernels`: one per pipeline stage.
+
+Each wrapper checks dtypes and shapes (a ``TypeError``/``ValueError`` naming the column: these are
+programming errors of the caller, not bad data), builds integer group labels and per-meter
+parameter columns, allocates, and calls a kernel. Bad *data* never raises: it comes back as
+quality-flag bits (:mod:`protocols.flags`). Inputs are never written (``numpy.frombuffer`` arrays
+are read-only and work as they are). Stages, in pipeline order::
+
+    validate_batch(readings, previous, meters, receive_ts_ms)        -> Checked
+    aggregate_intervals(readings, checked, meters)                   -> Intervals  (VEE-01, VEE-20)
+    interval_totals(intervals, bucket_ms)                            -> Totals     (hourly / daily)
+    tou_split(intervals, calendar)                                   -> TouDays    (TOU-03, VEE-15)
+    line_loss(daily_totals, meters, area_sizes)                      -> LineLoss   (LL-01/02)
+    completeness(intervals, readings, checked, meter_ids)            -> CompletenessReport (KPI-01)
+    area_outages(event_meter, event_ts, meters, area_sizes)          -> Outages    (OUT-02)
+    encode_lines(readings, LineTables.build(meter_ids, gateway_id))  -> bytes      (line protocol)
+
+Rule IDs refer to ``shared/reference/business_rules.md``; ``docs/ingest-kernels.md`` has the flag
+rules, parameters and the line-protocol schema.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest.model.registry import MeterParams
+from ingest.model.tariff import TariffCalendar
+from ingest.rules import kernels as k
+from protocols.quantities import QUANTITIES
+
+__all__ = [
+    "Checked",
+    "CompletenessReport",
+    "DayCompleteness",
+    "Intervals",
+    "LineLoss",
+    "LineTables",
+    "Outages",
+    "PreviousRegisters",
+    "Readings",
+    "Totals",
+    "TouDays",
+    "ValidationParams",
+    "aggregate_intervals",
+    "area_outages",
+    "bucket_partials",
+    "completeness",
+    "encode_lines",
+    "escape_tag",
+    "interval_totals",
+    "line_loss",
+    "tou_periods",
+    "tou_split",
+    "unescape_tag",
+    "validate_args",
+    "validate_batch",
+]
+
+I64 = npt.NDArray[np.int64]
+DAY_MS = 86_400_000
+INTERVAL_MS = 900_000
+SHANGHAI_MS = 8 * 3_600_000
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: no meter of this system read before it
+
+
+def _col(name: str, arr: Any, dtype: Any, n: int | None = None) -> Any:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"column {name!r}: expected a numpy array, got {type(arr).__name__}")
+    if arr.dtype != np.dtype(dtype):
+        raise TypeError(f"column {name!r}: expected dtype {np.dtype(dtype)}, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"column {name!r}: expected 1-D, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"column {name!r}: expected length {n}, got {arr.shape[0]}")
+    return arr
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """A batch's reading columns. ``meter`` indexes the batch's meter-id table."""
+
+    meter: npt.NDArray[np.uint32]
+    ts: I64  # epoch ms
+    quantity: npt.NDArray[np.uint16]
+    value: I64  # fixed point, scaled by the quantity's decimals
+    flags: npt.NDArray[np.uint16]
+
+    def __post_init__(self) -> None:
+        n = _col("meter", self.meter, np.uint32).shape[0]
+        _col("ts", self.ts, np.int64, n)
+        _col("quantity", self.quantity, np.uint16, n)
+        _col("value", self.value, np.int64, n)
+        _col("flags", self.flags, np.uint16, n)
+
+    def __len__(self) -> int:
+        return int(self.meter.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousRegisters:
+    """Per (meter, quantity): the register value and time the edge sent before this batch."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    value: I64
+    ts: I64
+
+    def __post_init__(self) -> None:
+        n = _col("previous.meter", self.meter, np.uint32).shape[0]
+        _col("previous.quantity", self.quantity, np.uint16, n)
+        _col("previous.value", self.value, np.int64, n)
+        _col("previous.ts", self.ts, np.int64, n)
+
+    @classmethod
+    def empty(cls) -> PreviousRegisters:
+        e = np.empty(0, dtype=np.int64)
+        return cls(np.empty(0, np.uint32), np.empty(0, np.uint16), e, e)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationParams:
+    """Thresholds of the validation rules; integer units in the names (defaults from the rules)."""
+
+    interval_ms: int = INTERVAL_MS  # VEE-13 grid and gap
+    future_tol_ms: int = 300_000  # VEE-11
+    min_ts_ms: int = MIN_TS_MS  # readings earlier are BEFORE_MIN_TIME
+    skew_tol_ms: int = 300_000  # VEE-12
+    meter_clock_utc_offset_ms: int = SHANGHAI_MS  # meter_clock is meter-local time as UTC-naive
+    decrease_min: int = 5  # VEE-04, 0.05 kWh
+    replaced_below: int = 1_000  # VEE-03, R(t) < 10.00 kWh
+    replaced_drop: int = 1_000  # VEE-03, drop >= 10.00 kWh
+    spike_margin_pct: int = 10  # VEE-05
+    pf_floor: int = 300  # VEE-18, 0.300
+    zero_power_min_w: int = 400  # VEE-08, 0.4 kW
+
+
+# Quantity tables indexed by code (uint16 range, so any code is a valid index).
+_NQ = 1 << 16
+Q_KIND = np.zeros(_NQ, dtype=np.int64)
+Q_REGMAX = np.zeros(_NQ, dtype=np.int64)
+Q_LO = np.zeros(_NQ, dtype=np.int64)
+Q_HI = np.zeros(_NQ, dtype=np.int64)
+Q_ENERGY = np.zeros(_NQ, dtype=np.bool_)
+Q_SIGNED = np.zeros(_NQ, dtype=np.bool_)
+Q_DECIMALS = np.zeros(_NQ, dtype=np.int64)
+for _q in QUANTITIES:
+    Q_KIND[_q.code] = {
+        "cumulative": k.KIND_CUMULATIVE,
+        "instantaneous": k.KIND_INSTANT,
+        "state": k.KIND_STATE,
+    }[_q.kind]
+    Q_DECIMALS[_q.code] = _q.decimals
+    Q_SIGNED[_q.code] = _q.signed
+    Q_ENERGY[_q.code] = _q.kind == "cumulative" and _q.unit in ("kWh", "kvarh", "kVAh")
+    if _q.register_max is not None:
+        Q_REGMAX[_q.code] = _q.register_max
+        Q_LO[_q.code], Q_HI[_q.code] = (-_q.register_max if _q.signed else 0), _q.register_max
+    else:
+        Q_LO[_q.code], Q_HI[_q.code] = (-k.VALUE_BOUND if _q.signed else 0), k.VALUE_BOUND
+Q_LO[k.Q_PF_TOTAL : k.Q_PF_TOTAL + 4] = -k.VALUE_BOUND  # PF has its own rule and bit (VEE-18)
+Q_LO[56], Q_HI[56] = 4_500, 6_500  # frequency 45.00..65.00 Hz
+for _q in QUANTITIES:
+    if _q.name == "relay_state":
+        Q_HI[_q.code] = 1
+for _a in (Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED, Q_DECIMALS):
+    _a.setflags(write=False)
+
+
+def _meter_columns(meters: MeterParams, nmeters: int, p: ValidationParams) -> dict[str, I64]:
+    for name in ("un_dv", "imax_ma", "ib_ma", "phases", "multiplier"):
+        _col(f"meters.{name}", getattr(meters, name), np.int64, nmeters)
+    pmax_mw = meters.un_dv * meters.imax_ma * meters.phases // 10  # 0.1 V x mA = 0.1 mW
+    izero = np.zeros(nmeters, dtype=np.int64)
+    ok = meters.un_dv > 0
+    # VEE-08: the current that carries zero_power_min_w at U_n, in mA, rounded up.
+    izero[ok] = -(-p.zero_power_min_w * 10_000 // meters.un_dv[ok])
+    # VEE-02: a meter whose energy registers have fewer integer digits wraps earlier (0 = the
+    # quantity's own register maximum).
+    regmax = meters.energy_regmax if meters.energy_regmax.shape[0] else np.zeros(nmeters, np.int64)
+    _col("meters.energy_regmax", regmax, np.int64, nmeters)
+    return {"kmax": pmax_mw * (100 + p.spike_margin_pct), "izero": izero, "regmax": regmax}
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """``validate_batch`` output, per reading (input positions): ``flags``; ``delta`` the register
+    delta since the previous anchor (rollover unwrapped, 0 when invalid or none); ``anchor_ts``
+    that anchor's time (``INT64_MIN`` if none); ``order`` the positions sorted by (meter, ts,
+    quantity, arrival)."""
+
+    flags: npt.NDArray[np.uint16]
+    delta: I64
+    anchor_ts: I64
+    order: I64
+
+
+def sort_order(readings: Readings) -> I64:
+    """Positions sorted by (meter, ts, quantity), arrival order kept for ties."""
+    return np.lexsort((readings.quantity, readings.ts, readings.meter)).astype(np.int64)
+
+
+def _usable_previous(previous: PreviousRegisters, lo_ts_ms: int, hi_ts_ms: int) -> npt.NDArray[np.bool_]:
+    """The previous registers that may anchor a channel: value within the quantity's range and
+    time within ``[lo_ts_ms, hi_ts_ms]``. Others are ignored (as if the edge had sent none), so
+    no register delta, interval or sum can start from a value or time no reading could carry."""
+    q = previous.quantity
+    ok_value = (previous.value >= Q_LO[q]) & (previous.value <= Q_HI[q]) & (Q_KIND[q] != k.KIND_UNKNOWN)
+    usable: npt.NDArray[np.bool_] = ok_value & (previous.ts >= lo_ts_ms) & (previous.ts <= hi_ts_ms)
+    return usable
+
+
+def channel_labels(
+    readings: Readings, previous: PreviousRegisters, usable: npt.NDArray[np.bool_] | None = None
+) -> tuple[I64, I64, I64, npt.NDArray[np.bool_]]:
+    """Dense (meter, quantity) labels and the previous register per label (of the previous
+    registers ``usable`` selects, default all)."""
+    key = (readings.meter.astype(np.int64) << 16) | readings.quantity
+    uniq, chan = np.unique(key, return_inverse=True)
+    pkey = (previous.meter.astype(np.int64) << 16) | previous.quantity
+    pos = np.searchsorted(uniq, pkey)
+    hit = pos < uniq.shape[0]
+    if usable is not None:
+        hit &= usable
+    hit[hit] = uniq[pos[hit]] == pkey[hit]
+    prev_value = np.zeros(uniq.shape[0], dtype=np.int64)
+    prev_ts = np.full(uniq.shape[0], k.INT64_MIN, dtype=np.int64)
+    has_prev = np.zeros(uniq.shape[0], dtype=np.bool_)
+    prev_value[pos[hit]] = previous.value[hit]
+    prev_ts[pos[hit]] = previous.ts[hit]
+    has_prev[pos[hit]] = True
+    return chan.astype(np.int64).ravel(), prev_value, prev_ts, has_prev
+
+
+def validate_args(
+    readings: Readings,
+    previous: PreviousRegisters,
+    meters: MeterParams,
+    receive_ts_ms: int,
+    params: ValidationParams = ValidationParams(),
+) -> tuple[Any, ...]:
+    """The positional arguments of ``kernels.validate`` (and of its reference implementation)
+    for a batch: one place that lines the columns, tables and parameters up with the signature.
+    Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
+    nmeters = int(meters.un_dv.shape[0])
+    if len(readings) and int(readings.meter.max()) >= nmeters:
+        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
+    mc = _meter_columns(meters, nmeters, params)
+    p = params
+    usable = _usable_previous(previous, p.min_ts_ms, receive_ts_ms + p.future_tol_ms)
+    chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous, usable)
+    return (
+        sort_order(readings), chan,
+        readings.meter, readings.ts, readings.quantity, readings.value, readings.flags,
+        prev_value, prev_ts, has_prev,
+        Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED,
+        meters.un_dv, mc["kmax"], meters.ib_ma, meters.phases, mc["izero"], mc["regmax"],
+        receive_ts_ms, p.future_tol_ms, p.min_ts_ms, p.meter_clock_utc_offset_ms, p.skew_tol_ms,
+        p.interval_ms,
+        p.decrease_min, p.replaced_below, p.replaced_drop, p.pf_floor, p.zero_power_min_w * 10,
+    )  # fmt: skip
+
+
+def validate_batch(
+    readings: Readings,
+    previous: PreviousRegisters,
+    meters: MeterParams,
+    receive_ts_ms: int,
+    params: ValidationParams = ValidationParams(),
+) -> Checked:
+    """Every per-reading rule (VEE-02..05, 08, 10..13, 16..18): see docs/ingest-kernels.md.
+
+    ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``).
+    Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
+    args = validate_args(readings, previous, meters, receive_ts_ms, params)
+    flags, delta, anchor_ts = k.validate(*args)
+    return Checked(flags, delta, anchor_ts, args[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Intervals:
+    """End-labelled interval energies, multiplier applied (0.01 kWh units x CT·PT)."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    end_ts: I64
+    energy: I64
+    flags: npt.NDArray[np.uint16]
+
+
+ENERGY_CHANNELS = (1, 2, 3, 4, 5, 6)  # forward total, T1..T4, reverse total
+
+
+def aggregate_intervals(
+    readings: Readings,
+    checked: Checked,
+    meters: MeterParams,
+    *,
+    quantities: tuple[int, ...] = ENERGY_CHANNELS,
+    interval_ms: int = INTERVAL_MS,
+    max_gap_intervals: int = 8,
+) -> Intervals:
+    """VEE-01 interval energy from register deltas, VEE-20 estimation of gaps of at most
+    ``max_gap_intervals`` missing intervals (2 h by default); longer gaps stay gaps (VEE-21).
+    Raises: TypeError/ValueError naming the column."""
+    n = len(readings)
+    _col("checked.delta", checked.delta, np.int64, n)
+    _col("checked.anchor_ts", checked.anchor_ts, np.int64, n)
+    _col("checked.flags", checked.flags, np.uint16, n)
+    _col("meters.multiplier", meters.multiplier, np.int64)
+    selected = np.zeros(_NQ, dtype=np.bool_)
+    selected[list(quantities)] = True
+    out = k.intervals(
+        readings.meter,
+        readings.ts,
+        readings.quantity,
+        checked.flags,
+        checked.delta,
+        checked.anchor_ts,
+        selected,
+        meters.multiplier,
+        interval_ms,
+        max_gap_intervals,
+    )
+    return Intervals(*out)
+
+
+def group_labels(*keys: I64) -> tuple[I64, int, I64]:
+    """Dense labels of the distinct key tuples: (labels, ngroups, first row of each group)."""
+    if keys[0].shape[0] == 0:
+        e = np.empty(0, dtype=np.int64)
+        return e, 0, e
+    order = np.lexsort(keys[::-1])
+    labels, first = k.labels_from_order(order, np.stack([np.asarray(key, dtype=np.int64) for key in keys]))
+    return labels, int(first.shape[0]), first
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Per (meter, quantity, bucket): billable energy and interval counts."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    start_ts: I64
+    energy: I64
+    n_actual: I64
+    n_estimated: I64
+    n_invalid: I64
+
+
+def _bucket_start(end_ts: I64, interval_ms: int, bucket_ms: int, utc_offset_ms: int) -> I64:
+    # An end-labelled interval belongs to the bucket holding its start (the 24:00 interval is day D).
+    return (end_ts - interval_ms + utc_offset_ms) // bucket_ms * bucket_ms - utc_offset_ms
+
+
+def interval_totals(
+    iv: Intervals,
+    *,
+    bucket_ms: int = DAY_MS,
+    interval_ms: int = INTERVAL_MS,
+    utc_offset_ms: int = SHANGHAI_MS,
+) -> Totals:
+    """Hourly (``bucket_ms=3_600_000``) or local-day totals. Not-billable intervals (SPIKE,
+    WENT_BACKWARDS, METER_REPLACED) are counted in ``n_invalid`` and left out of ``energy``."""
+    return bucket_partials(iv, bucket_ms=bucket_ms, interval_ms=interval_ms, utc_offset_ms=utc_offset_ms)[0]
+
+
+def bucket_partials(
+    iv: Intervals, *, bucket_ms: int, interval_ms: int = INTERVAL_MS, utc_offset_ms: int = SHANGHAI_MS
+) -> tuple[Totals, I64]:
+    """:func:`interval_totals` and, per total, the start of its earliest interval (the time of a
+    partial point: batches cover disjoint intervals, so partials of one bucket never collide)."""
+    start = _bucket_start(iv.end_ts, interval_ms, bucket_ms, utc_offset_ms)
+    labels, ng, first = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), start)
+    tot, n_act, n_est, n_bad = k.group_totals(labels, ng, iv.energy, iv.flags)
+    first_start = k.group_min(labels, ng, iv.end_ts) - interval_ms
+    return Totals(iv.meter[first], iv.quantity[first], start[first], tot, n_act, n_est, n_bad), first_start
+
+
+@dataclass(frozen=True, slots=True)
+class TouDays:
+    """Per (meter, local day): calendar split of the total register against the tariff registers
+    (columns sharp, peak, flat, valley), the largest interval, and VEE-15 bucket mismatches
+    (``mismatch`` would be ``TOU_CAL_MISMATCH``, a bit protocols/flags.py does not have)."""
+
+    meter: npt.NDArray[np.uint32]
+    day_start_ts: I64
+    calendar: npt.NDArray[np.int64]
+    registers: npt.NDArray[np.int64]
+    largest: I64
+    mismatch: npt.NDArray[np.bool_]
+
+
+def tou_periods(
+    end_ts: I64, calendar: TariffCalendar, *, interval_ms: int = INTERVAL_MS
+) -> npt.NDArray[np.uint8]:
+    """TOU-03: the period (1 sharp .. 4 valley) of each end-labelled interval, by its start."""
+    periods: npt.NDArray[np.uint8] = k.tou_periods(
+        end_ts,
+        interval_ms,
+        calendar.utc_offset_ms,
+        calendar.month_season,
+        calendar.day_profile,
+        calendar.profiles,
+        calendar.holidays,
+    )
+    return periods
+
+
+def tou_split(
+    iv: Intervals,
+    calendar: TariffCalendar,
+    *,
+    interval_ms: int = INTERVAL_MS,
+    period: npt.NDArray[np.uint8] | None = None,
+) -> TouDays:
+    """TOU-03 classification by interval start, VEE-15 cross-check against T1..T4 deltas.
+    ``period`` (one per interval) overrides ``calendar``'s, e.g. for meters on other tariffs;
+    the local day still comes from ``calendar``'s UTC offset."""
+    if period is None:
+        period = tou_periods(iv.end_ts, calendar, interval_ms=interval_ms)
+    day = _bucket_start(iv.end_ts, interval_ms, DAY_MS, calendar.utc_offset_ms)
+    labels, ng, first = group_labels(iv.meter.astype(np.int64), day)
+    cal, reg, big, bad = k.tou_split(labels, ng, iv.quantity, iv.energy, iv.flags, period)
+    return TouDays(iv.meter[first], day[first], cal, reg, big, bad)
+
+
+@dataclass(frozen=True, slots=True)
+class LineLoss:
+    """Per (area, local day): LL-01 supply, sales, loss (0.01 kWh), rate in 0.01 %, LL-02 class."""
+
+    area: I64
+    day_start_ts: I64
+    supply: I64
+    sales: I64
+    loss: I64
+    rate_bp: I64
+    klass: npt.NDArray[np.uint8]
+    customers_present: I64
+
+    CLASSES = ("QUALIFIED", "HIGH", "NEGATIVE", "NOT_COMPUTABLE", "INCOMPLETE", "OUT_OF_SERVICE")
+
+
+def line_loss(
+    daily: Totals,
+    meters: MeterParams,
+    area_sizes: I64,
+    *,
+    intervals_per_day: int = 96,
+    min_complete_pct: int | I64 = 98,
+    high_bp: int | I64 = 1_000,
+) -> LineLoss:
+    """LL-01/02 from daily totals of forward (1) and reverse (6) active energy, multiplier applied.
+
+    A meter-day counts when all its intervals are there, actual or estimated, and none is invalid.
+    ``area_sizes`` is customers per area (``registry.area_sizes()``); meters without an area are
+    ignored. ``min_complete_pct`` and ``high_bp`` are one band for all, or one per area (indexed
+    like ``area_sizes``: LL-02 bands per area type). The 3-day persistence alarm of LL-02 is the
+    caller's (it spans batches)."""
+    area_of_row = meters.area[daily.meter].astype(np.int64)
+    keep = (area_of_row >= 0) & np.isin(daily.quantity, (1, 6))
+    meter = daily.meter[keep].astype(np.int64)
+    day, q, area = daily.start_ts[keep], daily.quantity[keep], area_of_row[keep]
+    ok = (daily.n_actual + daily.n_estimated == intervals_per_day)[keep] & (daily.n_invalid[keep] == 0)
+    rows, nrows, first = group_labels(meter, day)
+    fwd = np.zeros(nrows, np.int64)
+    rev = np.zeros(nrows, np.int64)
+    fwd_ok = np.zeros(nrows, np.bool_)
+    rev_ok = np.zeros(nrows, np.bool_)
+    is_fwd = q == 1
+    fwd[rows[is_fwd]], fwd_ok[rows[is_fwd]] = daily.energy[keep][is_fwd], ok[is_fwd]
+    rev[rows[~is_fwd]], rev_ok[rows[~is_fwd]] = daily.energy[keep][~is_fwd], ok[~is_fwd]
+    r_area, r_day = area[first], day[first]
+    labels, ng, gfirst = group_labels(r_area, r_day)
+    g_area = r_area[gfirst]
+    expected = area_sizes[g_area] if ng else np.empty(0, np.int64)
+
+    def per_group(band: int | I64) -> I64:
+        per_area = np.broadcast_to(np.asarray(band, dtype=np.int64), area_sizes.shape)
+        return np.ascontiguousarray(per_area[g_area])
+
+    out = k.line_loss(
+        labels,
+        ng,
+        meters.master[meter[first]],
+        fwd,
+        fwd_ok,
+        rev,
+        rev_ok,
+        expected.astype(np.int64),
+        per_group(min_complete_pct),
+        per_group(high_bp),
+    )
+    return LineLoss(g_area, r_day[gfirst], *out)
+
+
+@dataclass(frozen=True, slots=True)
+class DayCompleteness:
+    """What a billing user asks: for meter M, day D, how complete is the interval data."""
+
+    meter_id: str
+    day: dt.date
+    expected: int
+    actual: int
+    estimated: int
+    invalid: int
+    duplicates: int
+
+    @property
+    def intervals(self) -> int:
+        return self.actual + self.estimated
+
+    def __str__(self) -> str:
+        return (
+            f"{self.meter_id} {self.day}: {self.intervals} of {self.expected} intervals, "
+            f"{self.duplicates} duplicates, {self.estimated} estimated, {self.invalid} invalid"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompletenessReport:
+    """Per (meter, local day) counts for one register channel; counts add up across batches.
+    KPI-01: estimated intervals do not count as collected (``actual / expected``)."""
+
+    meter_ids: tuple[str, ...]
+    meter: npt.NDArray[np.uint32]
+    day_start_ts: I64
+    actual: I64
+    estimated: I64
+    invalid: I64
+    duplicates: I64
+    expected_per_day: int
+    utc_offset_ms: int
+    _index: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for r, (m, d) in enumerate(zip(self.meter.tolist(), self.day_start_ts.tolist(), strict=True)):
+            self._index[(m, d)] = r
+
+    def query(self, meter_id: str, day: dt.date) -> DayCompleteness:
+        """Raises: KeyError when the meter is not in this report's meter-id table."""
+        m = self.meter_ids.index(meter_id) if meter_id in self.meter_ids else None
+        if m is None:
+            raise KeyError(f"meter {meter_id!r} not in this report")
+        start = (day - dt.date(1970, 1, 1)).days * DAY_MS - self.utc_offset_ms
+        r = self._index.get((m, start))
+        vals = (
+            (0, 0, 0, 0)
+            if r is None
+            else (int(self.actual[r]), int(self.estimated[r]), int(self.invalid[r]), int(self.duplicates[r]))
+        )
+        return DayCompleteness(meter_id, day, self.expected_per_day, *vals)
+
+    def rates(self, group_of_meter: I64, group_size: I64) -> tuple[I64, I64, I64, I64]:
+        """KPI-01 curve completeness per (group, day) for gateway or area groups:
+        ``(group, day_start_ts, received, expected)`` with expected = meters in service x 96."""
+        g = group_of_meter[self.meter].astype(np.int64)
+        labels, ng, first = group_labels(g, self.day_start_ts)
+        received = k.group_count(
+            np.repeat(labels, self.actual), ng, np.ones(int(self.actual.sum()), np.bool_)
+        )
+        grp = g[first]
+        return grp, self.day_start_ts[first], received, group_size[grp] * self.expected_per_day
+
+
+def completeness(
+    iv: Intervals,
+    readings: Readings,
+    checked: Checked,
+    meter_ids: tuple[str, ...] | list[str],
+    *,
+    quantity: int = 1,
+    interval_ms: int = INTERVAL_MS,
+    utc_offset_ms: int = SHANGHAI_MS,
+) -> CompletenessReport:
+    """VEE-13 / KPI-01 counts per (meter, day) of one channel; duplicates come from the readings."""
+    sel = iv.quantity == quantity
+    d_sel = (readings.quantity == quantity) & ((checked.flags & k.F_DUPLICATE) != 0)
+    meter = np.concatenate([iv.meter[sel], readings.meter[d_sel]]).astype(np.int64)
+    day = np.concatenate(
+        [
+            _bucket_start(iv.end_ts[sel], interval_ms, DAY_MS, utc_offset_ms),
+            _bucket_start(readings.ts[d_sel], interval_ms, DAY_MS, utc_offset_ms),
+        ]
+    )
+    flags = np.concatenate([iv.flags[sel], np.zeros(int(d_sel.sum()), np.uint16)])
+    is_dup = np.concatenate([np.zeros(int(sel.sum()), np.bool_), np.ones(int(d_sel.sum()), np.bool_)])
+    labels, ng, first = group_labels(meter, day)
+    _, n_act, n_est, n_bad = k.group_totals(labels[~is_dup], ng, iv.energy[sel], flags[~is_dup])
+    dups = k.group_count(labels, ng, is_dup)
+    return CompletenessReport(
+        tuple(meter_ids),
+        meter[first].astype(np.uint32),
+        day[first],
+        n_act,
+        n_est,
+        n_bad,
+        dups,
+        DAY_MS // interval_ms,
+        utc_offset_ms,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Outages:
+    """OUT-02: ``alarm_of_event[i]`` is the alarm event i attached to (-1: none); per alarm its
+    area, opening time and number of attached events."""
+
+    alarm_of_event: I64
+    alarm_area: I64
+    alarm_ts: I64
+    alarm_events: I64
+
+
+def area_outages(
+    event_meter: npt.NDArray[np.uint32],
+    event_ts: I64,
+    meters: MeterParams,
+    area_sizes: I64,
+    *,
+    window_ms: int = 120_000,
+    k_min: int = 3,
+    pct: int = 30,
+) -> Outages:
+    """Correlate power-down events (OUT-01: meter events, or points whose phase voltages all
+    collapsed) into one alarm per area. Raises: TypeError/ValueError naming the column."""
+    n = _col("event_meter", event_meter, np.uint32).shape[0]
+    _col("event_ts", event_ts, np.int64, n)
+    area = meters.area.astype(np.int64)
+    order = np.lexsort((event_ts, area[event_meter])).astype(np.int64)
+    return Outages(
+        *k.area_outages(
+            order,
+            event_meter,
+            event_ts,
+            meters.area,
+            meters.master,
+            area_sizes.astype(np.int64),
+            window_ms,
+            k_min,
+            pct,
+        )
+    )
+
+
+# --- line protocol ------------------------------------------------------------------------------------
+
+_BACKSLASH_ESCAPED = {ord(","): b"\\,", ord("="): b"\\=", ord(" "): b"\\ "}
+
+
+def escape_tag(text: str) -> bytes:
+    """Tag key/value bytes that cannot break out of their tag, reversibly (see docs).
+
+    Step 1, percent-encoding: ``%``, ``\\``, every C0 control (``\\n``, ``\\r``, ``\\t``…) and DEL become
+    ``%XX`` (line protocol cannot carry a raw newline, and a trailing or doubled backslash is read
+    differently by InfluxDB 1.x and 2.x). Step 2, line protocol: comma, equals and space get a
+    backslash. Quotes and non-ASCII (UTF-8) pass through. Raises: ValueError for an empty string
+    (InfluxDB rejects an empty tag value)."""
+    if not text:
+        raise ValueError("an empty string cannot be a tag value")
+    out = bytearray()
+    for b in text.encode("utf-8"):
+        if b < 0x20 or b in (0x25, 0x5C, 0x7F):
+            out += b"%%%02X" % b
+        elif b in _BACKSLASH_ESCAPED:
+            out += _BACKSLASH_ESCAPED[b]
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape_tag(raw: str) -> str:
+    """Inverse of :func:`escape_tag` applied to the tag value a parser returns (after it removed
+    the line-protocol backslashes): percent-decoding."""
+    out = bytearray()
+    data = raw.encode("utf-8")
+    i = 0
+    while i < len(data):
+        if data[i] == 0x25:
+            out.append(int(data[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(data[i])
+            i += 1
+    return out.decode("utf-8")
+
+
+def _table(parts: list[bytes]) -> tuple[npt.NDArray[np.uint8], I64]:
+    off = np.zeros(len(parts) + 1, dtype=np.int64)
+    off[1:] = np.cumsum([len(p) for p in parts])
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), off
+
+
+_FIELD_NAMES = [b"q%d" % c for c in range(_NQ)]
+for _q in QUANTITIES:
+    _FIELD_NAMES[_q.code] = _q.name.encode()
+FNAME, FNAME_OFF = _table(_FIELD_NAMES)
+FNAME_LEN = np.diff(FNAME_OFF)
+
+
+@dataclass(frozen=True, slots=True)
+class LineTables:
+    """Escaped ``measurement,meter=<id>,gateway=<gw>`` prefix per meter of one batch."""
+
+    head: npt.NDArray[np.uint8]
+    head_off: I64
+
+    @classmethod
+    def build(
+        cls, meter_ids: list[str] | tuple[str, ...], gateway_id: str, measurement: str = "meter_reading"
+    ) -> LineTables:
+        """Escape once per batch (per meter, not per reading). Raises: ValueError for an empty id."""
+        gw = escape_tag(gateway_id)
+        meas = measurement.encode().replace(b",", b"\\,").replace(b" ", b"\\ ")
+        return cls(*_table([meas + b",meter=" + escape_tag(m) + b",gateway=" + gw for m in meter_ids]))
+
+
+def encode_lines(
+    readings: Readings, tables: LineTables, *, wide: bool = False, order: I64 | None = None
+) -> bytes:
+    """Line protocol (ms timestamps) for a batch; narrow = one point per reading, wide = one point
+    per (meter, ts) with a field per quantity. ``order`` is :func:`sort_order` of ``readings`` when
+    the caller has it (``Checked.order``). Raises: ValueError for a meter index off the table."""
+    nmeters = tables.head_off.shape[0] - 1
+    if len(readings) and int(readings.meter.max()) >= nmeters:
+        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meter ids")
+    head_len = np.diff(tables.head_off)
+    bound = int((head_len[readings.meter] + 2 * FNAME_LEN[readings.quantity] + 100).sum())
+    buf = np.empty(bound, dtype=np.uint8)
+    if order is None:
+        order = sort_order(readings)
+    elif order.shape[0] != len(readings):
+        raise ValueError(f"order: {order.shape[0]} positions for {len(readings)} readings")
+    used = k.encode_lines(
+        order,
+        readings.meter,
+        readings.ts,
+        readings.quantity,
+        readings.value,
+        readings.flags,
+        tables.head,
+        tables.head_off,
+        FNAME,
+        FNAME_OFF,
+        Q_DECIMALS,
+        wide,
+        buf,
+    )
+    return buf[:used].tobytes()
+
+
+def encode_interval_items(iv: Intervals, meter_json: list[bytes], *, interval_ms: int) -> bytes:
+    """The comma-joined ``intervals`` items of ``protocols.aggregates.encode_intervals`` for ``iv``;
+    ``meter_json[m]`` is meter m's id as JSON text (``json.dumps(id, ensure_ascii=False)``, UTF-8).
+    Raises: ValueError for a meter index off the table."""
+    n = iv.end_ts.shape[0]
+    if n and int(iv.meter.max()) >= len(meter_json):
+        raise ValueError(f"column 'meter': index {int(iv.meter.max())} beyond {len(meter_json)} meter ids")
+    names, off = _table(meter_json)
+    bound = int(np.diff(off)[iv.meter].sum()) + n * 200 if n else 0
+    buf = np.empty(bound, dtype=np.uint8)
+    used = k.encode_interval_items(
+        iv.meter, iv.quantity, iv.end_ts, iv.energy, iv.flags, np.int64(interval_ms), names, off, buf
+    )
+    return buf[:used].tobytes()
+
+
+def encode_int_lines(
+    heads: LineTables,
+    row_head: I64,
+    texts: list[bytes],
+    row_text: I64,
+    names: list[bytes],
+    values: I64,
+    ts: I64,
+) -> bytes:
+    """Points with one string field and integer fields, one per row (see the kernel):
+    ``names[0]`` is the string field's ``key=``, ``names[1:]`` the integer fields' ``key=``, one per
+    column of ``values`` (rows x fields, int64). Raises: ValueError on shape or index mismatches."""
+    n = ts.shape[0]
+    if values.ndim != 2 or values.shape[0] != n or values.shape[1] != len(names) - 1:
+        raise ValueError(f"values: expected ({n}, {len(names) - 1}), got {values.shape}")
+    if row_head.shape[0] != n or row_text.shape[0] != n:
+        raise ValueError("row_head and row_text need one entry per row")
+    if n and (int(row_head.max()) >= heads.head_off.shape[0] - 1 or int(row_text.max()) >= len(texts)):
+        raise ValueError("row_head or row_text: index beyond its table")
+    text, text_off = _table(texts)
+    name, name_off = _table(names)
+    per_row = int(name_off[-1]) + 23 * (len(names) + 1) + 4
+    bound = int(np.diff(heads.head_off)[row_head].sum() + np.diff(text_off)[row_text].sum()) + n * per_row
+    buf = np.empty(bound, dtype=np.uint8)
+    used = k.encode_int_lines(
+        heads.head, heads.head_off, row_head.astype(np.int64), text, text_off, row_text.astype(np.int64),
+        name, name_off, np.ascontiguousarray(values, dtype=np.int64), ts.astype(np.int64), buf,
+    )  # fmt: skip
+    return buf[:used].tobytes()

@@ -1,0 +1,288 @@
+"""InfluxSink's retry, back-off, chunking and bisection against a scripted HTTP peer (H11).
+
+The peer is a seam for the protocol logic (which status leads to which reaction); the real
+server is exercised in tests/integration/test_sink.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline.deadletter import DeadLetterStore
+from ingest.sinks.influxdb import (
+    InfluxSink,
+    SinkConfig,
+    WriteResult,
+    _retry_after_s,
+    backoff_delay_s,
+    split_lines,
+)
+from protocols.config import load
+from protocols.errors import SinkError, SinkRefused
+from tests.unit.ingest.io.http_peer import HttpPeer, Reply, Request
+
+
+class Sleeps:
+    """Injected sleep: records the back-off instead of waiting."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay_s: float) -> None:
+        self.delays.append(delay_s)
+
+
+@pytest.fixture
+def dead_letter(tmp_path: Path) -> DeadLetterStore:
+    store = DeadLetterStore(tmp_path / "dl.sqlite")
+    yield store
+    store.close()
+
+
+def _sink(url: str, dead_letter: DeadLetterStore, sleeps: Sleeps, **kw: object) -> InfluxSink:
+    cfg = SinkConfig(url=url, api="v1", database="db", backoff_initial_s=0.1, **kw)  # type: ignore[arg-type]
+    return InfluxSink(cfg, dead_letter=dead_letter, sleep=sleeps)
+
+
+def _lines(n: int) -> list[bytes]:
+    return [f"m,meter=x value={i}i {i}".encode() for i in range(n)]
+
+
+async def test_5xx_then_success_retries_with_exponential_backoff(dead_letter) -> None:
+    script = iter([Reply(503, body=b'{"error":"busy"}'), Reply(500), Reply(204)])
+    sleeps = Sleeps()
+    async with HttpPeer(lambda _req: next(script)) as peer, _sink(peer.url, dead_letter, sleeps) as sink:
+        assert await sink.write(_lines(3)) == WriteResult(3, 0)
+    assert len(peer.requests) == 3
+    assert 0.1 <= sleeps.delays[0] <= 0.12 and 0.2 <= sleeps.delays[1] <= 0.24
+    assert peer.requests[0].text == peer.requests[2].text  # the same body, re-sent
+
+
+async def test_429_honours_retry_after(dead_letter) -> None:
+    script = iter([Reply(429, {"Retry-After": "7"}), Reply(204)])
+    sleeps = Sleeps()
+    async with HttpPeer(lambda _req: next(script)) as peer, _sink(peer.url, dead_letter, sleeps) as sink:
+        await sink.write(_lines(1))
+    assert sleeps.delays == [7.0]
+
+
+async def test_gives_up_after_max_attempts_with_retryable_error(dead_letter) -> None:
+    sleeps = Sleeps()
+    async with (
+        HttpPeer(lambda _req: Reply(503)) as peer,
+        _sink(peer.url, dead_letter, sleeps, max_attempts=4) as sink,
+    ):
+        with pytest.raises(SinkError) as info:
+            await sink.write(_lines(2))
+    assert info.value.retryable is True and info.value.status == 503
+    assert len(peer.requests) == 4 and len(sleeps.delays) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason", "hint"),
+    [
+        (401, b'{"error":"authorization failed"}', "unauthorized", "username and password"),
+        (
+            403,
+            b'{"error":"\\"u\\" user is not authorized to write to database \\"db\\""}',
+            "forbidden",
+            "WRITE",
+        ),
+        (404, b'{"error":"database not found: \\"db\\""}', "not_found", "create_database = true"),
+        (400, b'{"error":"database is required"}', "refused", ""),
+    ],
+)
+async def test_a_4xx_that_is_not_about_lines_is_our_refusal_never_the_datas(
+    dead_letter, status: int, body: bytes, reason: str, hint: str
+) -> None:
+    """Credentials, privileges, a missing database or a bad request shape are our fault: a typed
+    SinkRefused the caller keeps retrying, nothing dead-lettered, no bisection."""
+    reply = Reply(status, {"Content-Type": "application/json"}, body)
+    async with HttpPeer(lambda _req: reply) as peer, _sink(peer.url, dead_letter, Sleeps()) as sink:
+        with pytest.raises(SinkRefused) as info:
+            await sink.write(_lines(8))
+    assert (info.value.reason, info.value.retryable, info.value.status) == (reason, True, status)
+    assert json.loads(body)["error"] in str(info.value) and hint in str(info.value)
+    assert len(peer.requests) == 1 and dead_letter.count_by_reason() == {}
+
+
+async def test_v1_create_database_on_a_missing_database_then_the_write_is_sent_again(dead_letter) -> None:
+    created: list[bytes] = []
+
+    def respond(req: Request) -> Reply:
+        if req.path == "/query":
+            created.append(req.text)
+            return Reply(200, {"Content-Type": "application/json"}, b'{"results":[{"statement_id":0}]}')
+        if not created:
+            return Reply(
+                404, {"Content-Type": "application/json"}, b'{"error":"database not found: \\"db\\""}'
+            )
+        return Reply(204)
+
+    async with (
+        HttpPeer(respond) as peer,
+        _sink(peer.url, dead_letter, Sleeps(), create_database=True) as sink,
+    ):
+        assert await sink.write(_lines(3)) == WriteResult(3, 0)
+    assert [r.path for r in peer.requests] == ["/write", "/query", "/write"]
+    assert created == [b"q=CREATE+DATABASE+%22db%22"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (400, b'{"code":"invalid","message":"writing requires points"}', "accepts writes"),
+        (404, b'{"code":"not found","message":"bucket \\"b\\" not found"}', "not_found"),
+        (401, b'{"code":"unauthorized","message":"unauthorized access"}', "unauthorized"),
+    ],
+)
+async def test_v2_probe_is_an_empty_write(dead_letter, status: int, body: bytes, outcome: str) -> None:
+    """InfluxDB 2.x checks token, org and bucket before it sees the body: an empty write answered
+    "writing requires points" proves all three without writing a point."""
+    async with HttpPeer(lambda _req: Reply(status, {"Content-Type": "application/json"}, body)) as peer:
+        cfg = SinkConfig(url=peer.url, api="v2", org="o", bucket="b", token="t", gzip=False)
+        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
+            if outcome == "accepts writes":
+                assert "bucket 'b' accepts writes" in await sink.probe()
+            else:
+                with pytest.raises(SinkRefused) as info:
+                    await sink.probe()
+                assert info.value.reason == outcome
+    (req,) = peer.requests
+    assert (req.path, req.query, req.body) == (
+        "/api/v2/write",
+        {"org": "o", "bucket": "b", "precision": "ms"},
+        b"",
+    )
+
+
+async def test_connection_refused_is_retryable(dead_letter) -> None:
+    from simulators.servers import free_port
+
+    sleeps = Sleeps()
+    async with _sink(f"http://127.0.0.1:{free_port()}", dead_letter, sleeps, max_attempts=2) as sink:
+        with pytest.raises(SinkError) as info:
+            await sink.write(_lines(1))
+    assert info.value.retryable is True and info.value.status is None and len(sleeps.delays) == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_bisection_isolates_rejected_lines(dead_letter, chunked: bool) -> None:
+    stored: list[bytes] = []
+
+    def respond(req: Request) -> Reply:
+        lines = req.text.splitlines()
+        bad = [line for line in lines if b"BAD" in line]
+        stored.extend(line for line in lines if b"BAD" not in line)  # like influxd: the good part is kept
+        if not bad:
+            return Reply(204)
+        body = json.dumps(
+            {"error": f"partial write: field type conflict: {bad[0].decode()} dropped={len(bad)}"}
+        )
+        return Reply(400, {"Content-Type": "application/json"}, body.encode(), chunked=chunked)
+
+    lines = _lines(64)
+    lines[5] = b"m,meter=x value=BAD 5"
+    lines[40] = b"m,meter=x value=BAD 40"
+    async with HttpPeer(respond) as peer, _sink(peer.url, dead_letter, Sleeps()) as sink:
+        assert await sink.write(lines) == WriteResult(62, 2)
+    assert set(stored) == set(lines) - {lines[5], lines[40]}
+    assert len(peer.requests) <= 2 * 2 * 6 + 1  # ~2 log2(n) requests per bad line
+    assert sorted(e.payload for e in dead_letter.list()) == sorted([lines[5], lines[40]])
+    assert dead_letter.count_by_reason() == {"field type conflict": 2}
+
+
+async def test_413_splits_and_batches_are_bounded(dead_letter) -> None:
+    def respond(req: Request) -> Reply:
+        return Reply(413) if len(req.text.splitlines()) > 4 else Reply(204)
+
+    async with HttpPeer(respond) as peer, _sink(peer.url, dead_letter, Sleeps(), max_batch_lines=10) as sink:
+        assert await sink.write(_lines(25)) == WriteResult(25, 0)
+    sizes = [len(r.text.splitlines()) for r in peer.requests]
+    assert max(sizes) <= 10 and sum(s for s in sizes if s <= 4) == 25
+
+
+async def test_max_batch_bytes_bounds_each_request(dead_letter) -> None:
+    async with (
+        HttpPeer(lambda _req: Reply(204)) as peer,
+        _sink(peer.url, dead_letter, Sleeps(), max_batch_bytes=100, gzip=False) as sink,
+    ):
+        await sink.write(_lines(30))
+    assert all(len(r.body) <= 100 for r in peer.requests)
+    assert b"".join(r.body for r in peer.requests).splitlines() == _lines(30)
+    assert "content-encoding" not in peer.requests[0].headers
+
+
+async def test_v1_basic_auth_and_retention_policy(dead_letter) -> None:
+    async with HttpPeer(lambda _req: Reply(204)) as peer:
+        cfg = SinkConfig(url=peer.url, api="v1", database="meters", retention_policy="raw",
+                         username="ingest", password="pw")  # fmt: skip
+        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
+            await sink.write(_lines(1))
+    (req,) = peer.requests
+    assert (req.path, req.query) == ("/write", {"db": "meters", "rp": "raw", "precision": "ms"})
+    assert req.headers["authorization"] == "Basic aW5nZXN0OnB3"
+
+
+async def test_ping_without_version_header_is_an_error(dead_letter) -> None:
+    async with (
+        HttpPeer(lambda _req: Reply(204)) as peer,
+        InfluxSink(SinkConfig(url=peer.url), dead_letter=dead_letter) as sink,
+    ):
+        with pytest.raises(SinkRefused, match="X-Influxdb-Version") as info:
+            await sink.write(_lines(1))
+    assert info.value.reason == "api_unknown"
+
+
+def test_backoff_and_retry_after_are_pure() -> None:
+    assert [backoff_delay_s(a, 0.5, 3.0) for a in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
+    assert backoff_delay_s(2, 1.0, 10.0, jitter=0.1) == pytest.approx(2.2)
+    assert _retry_after_s("12", 0.0) == 12.0
+    assert _retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == pytest.approx(10.0)
+    assert _retry_after_s("soon", 0.0) is None and _retry_after_s(None, 0.0) is None
+
+
+def test_split_lines_drops_blank_lines_and_crlf() -> None:
+    assert split_lines(b"a v=1\r\n\nb v=2\n") == [b"a v=1", b"b v=2"]
+    assert split_lines([b"a v=1", b"  "]) == [b"a v=1"]
+
+
+def test_config_loads_from_a_mapping_and_rejects_bad_values() -> None:
+    from protocols.errors import ConfigError
+
+    cfg = load(SinkConfig, {"url": "https://influx:8086", "api": "v2", "org": "o", "token": "t"})
+    assert (cfg.api, cfg.gzip, cfg.max_batch_lines) == ("v2", True, 5000)
+    with pytest.raises(ConfigError, match="api"):
+        load(SinkConfig, {"api": "v9"})
+    with pytest.raises(ConfigError, match="url"):
+        load(SinkConfig, {"url": "ftp://x"})
+
+
+async def test_concurrent_writes_share_the_connection_one_request_at_a_time(dead_letter) -> None:
+    import asyncio
+
+    async with HttpPeer(lambda _req: Reply(204)) as peer, _sink(peer.url, dead_letter, Sleeps()) as sink:
+        results = await asyncio.gather(*(sink.write([f"m value={i}i {i}".encode()]) for i in range(8)))
+    assert results == [WriteResult(1, 0)] * 8
+    assert sorted(r.text for r in peer.requests) == sorted(f"m value={i}i {i}\n".encode() for i in range(8))
+
+
+@pytest.mark.parametrize("level", range(10))
+def test_gzip_body_is_a_gzip_member_of_the_body_at_every_level(level: int) -> None:
+    import gzip
+
+    from ingest.sinks import influxdb as sink
+
+    body = b"".join(
+        b"meter_reading,meter=M%d,gateway=g v=%di %d\n" % (i, i * 7, 1_700_000_000_000 + i)
+        for i in range(3000)
+    )
+    packed = sink.gzip_body(body, level)
+    assert packed[:2] == b"\x1f\x8b" and gzip.decompress(packed) == body
+    if level:
+        assert len(packed) < len(body) // 5
+    # The ingest extra installs ISA-L; without it the fast path silently falls back to zlib.
+    assert sink._isal_gzip is not None
