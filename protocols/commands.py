@@ -29,6 +29,7 @@ This module is pure: the clock (``now_ms``) and the key are passed in.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import json
@@ -45,6 +46,7 @@ __all__ = [
     "PARAMS",
     "RELAY_ACTIONS",
     "RESULT_STATUSES",
+    "Action",
     "Command",
     "CommandResult",
     "canonical",
@@ -56,10 +58,25 @@ __all__ = [
 ]
 
 VERSION = 1
-RELAY_ACTIONS = frozenset(
-    {"trip", "close_allowed", "direct_close", "alarm", "alarm_release", "protect", "protect_release"}
-)
-ACTIONS = RELAY_ACTIONS | {"time_sync", "read_now"}
+
+
+class Action(enum.StrEnum):
+    """Every command action of the contract, the one definition. The relay actions
+    (:data:`RELAY_ACTIONS`) are protocol-neutral: each driver maps them to its own codes."""
+
+    TRIP = "trip"
+    CLOSE_ALLOWED = "close_allowed"
+    DIRECT_CLOSE = "direct_close"
+    ALARM = "alarm"
+    ALARM_RELEASE = "alarm_release"
+    PROTECT = "protect"
+    PROTECT_RELEASE = "protect_release"
+    TIME_SYNC = "time_sync"
+    READ_NOW = "read_now"
+
+
+RELAY_ACTIONS = frozenset(a for a in Action if a not in (Action.TIME_SYNC, Action.READ_NOW))
+ACTIONS = frozenset(Action)
 RESULT_STATUSES = frozenset({"done", "failed", "rejected"})
 # Why a command that reached the edge's executor failed (``reason`` of a ``failed`` result).
 FAILURE_REASONS = frozenset(
