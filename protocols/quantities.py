@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "ENERGY_FORWARD",
+    "ENERGY_REVERSE",
     "QUANTITIES",
     "Quantity",
     "by_code",
@@ -390,6 +392,12 @@ def by_name(name: str) -> Quantity:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown quantity {name!r}") from None
+
+
+# The codes the pipeline and billing single out: forward (import) and reverse (export) active
+# energy totals. Name them by these constants, never by a literal code.
+ENERGY_FORWARD = by_name("energy_fwd_active_total").code
+ENERGY_REVERSE = by_name("energy_rev_active_total").code
 
 
 def to_display(quantity: Quantity, value: int) -> str:

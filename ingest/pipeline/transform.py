@@ -43,7 +43,7 @@ from protocols.aggregates import IntervalRecord, encode_interval_columns
 from protocols.errors import PayloadError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, PrevRegisters, ReadingBatch, decode, encode
-from protocols.quantities import by_name
+from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 __all__ = [
     "BatchOutput",
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 DAY_MS = 86_400_000
-Q_ENERGY_TOTAL = 1
+Q_ENERGY_TOTAL = ENERGY_FORWARD
 NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
 Mask = npt.NDArray[np.bool_]
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
@@ -71,7 +71,7 @@ _DAILY_INTS = (
 Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
 _DAILY_FIELDS = [b"day=", *(name + b"=" for name in _DAILY_INTS)]
 _REVERSE_FIELDS = [b"rev_total=", b"rev_intervals=", b"rev_invalid="]
-Q_ENERGY_REVERSE = by_name("energy_rev_active_total").code
+Q_ENERGY_REVERSE = ENERGY_REVERSE
 _HOURLY_FIELDS = [b"hour=", b"total=", b"intervals=", b"estimated=", b"invalid="]
 HOUR_MS = 3_600_000
 

@@ -50,11 +50,12 @@ import numpy.typing as npt
 from ingest.config import IngestConfig, LineLossSection, load_calendar, load_registry
 from ingest.model.registry import MeterRegistry
 from ingest.pipeline.deadletter import DeadLetterStore
-from ingest.pipeline.transform import DAY_MS, Q_ENERGY_REVERSE, stored_tag
+from ingest.pipeline.transform import DAY_MS, stored_tag
 from ingest.rules import stages as st
 from ingest.sinks.influxdb import InfluxSink
 from ingest.sinks.influxql import InfluxQuery, quote_str
 from protocols.errors import ConfigError, SinkError
+from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 __all__ = [
     "ANOMALY_DAYS",
@@ -329,7 +330,7 @@ def compute_report(
     m = np.concatenate((np.arange(n), has_rev))
     daily = st.Totals(
         m.astype(np.uint32),
-        np.concatenate((np.ones(n), np.full(has_rev.shape[0], Q_ENERGY_REVERSE))).astype(np.uint16),
+        np.concatenate((np.full(n, ENERGY_FORWARD), np.full(has_rev.shape[0], ENERGY_REVERSE))).astype(np.uint16),
         np.full(m.shape[0], start, dtype=np.int64),
         np.concatenate((total, rev_total[has_rev])),
         np.concatenate((received, rev_intervals[has_rev])),

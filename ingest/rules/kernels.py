@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from protocols.flags import Flag
-from protocols.quantities import by_name
+from protocols.quantities import ENERGY_FORWARD, by_name
 
 # Flag bits as plain ints: numba freezes module-level ints as compile-time constants.
 F_OUT_OF_RANGE = int(Flag.OUT_OF_RANGE)
@@ -55,7 +55,7 @@ INTERVAL_CARRY = (
 
 KIND_UNKNOWN, KIND_CUMULATIVE, KIND_INSTANT, KIND_STATE = 0, 1, 2, 3
 
-Q_ENERGY_TOTAL = by_name("energy_fwd_active_total").code
+Q_ENERGY_TOTAL = ENERGY_FORWARD
 Q_VOLT_A = by_name("voltage_a").code  # a, b, c are consecutive codes
 Q_CURR_A = by_name("current_a").code
 Q_POWER_TOTAL = by_name("power_active_total").code
