@@ -330,7 +330,9 @@ def compute_report(
     m = np.concatenate((np.arange(n), has_rev))
     daily = st.Totals(
         m.astype(np.uint32),
-        np.concatenate((np.full(n, ENERGY_FORWARD), np.full(has_rev.shape[0], ENERGY_REVERSE))).astype(np.uint16),
+        np.concatenate((np.full(n, ENERGY_FORWARD), np.full(has_rev.shape[0], ENERGY_REVERSE))).astype(
+            np.uint16
+        ),
         np.full(m.shape[0], start, dtype=np.int64),
         np.concatenate((total, rev_total[has_rev])),
         np.concatenate((received, rev_intervals[has_rev])),
