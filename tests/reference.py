@@ -2,7 +2,7 @@
 
 No cleverness: dicts, sorted(), Python's unbounded ints, ``datetime`` for calendar arithmetic,
 quadratic scans where the kernel slides a window. Tests assert ``kernel(batch) == reference(batch)``
-exactly, and the benchmark uses these as the baseline. Rule IDs: shared/reference/business_rules.md.
+exactly, and the benchmark uses these as the baseline. Rule IDs: docs/rules.md.
 """
 
 from __future__ import annotations

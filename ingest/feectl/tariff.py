@@ -6,7 +6,7 @@ bad value. Pricing (:meth:`Tariff.price_interval`) is a pure function of the int
 time, its energy and the tier-cycle consumption before it; it never reads the clock.
 
 Units: energy in 0.01 kWh, prices in 10⁻⁴ yuan/kWh (the DL/T 645 ``XXXX.XXXX`` price format), so
-energy × price is an exact integer in micro-yuan (business rules "Conventions", TOU-06).
+energy × price is an exact integer in micro-yuan (``docs/rules.md#conventions``, TOU-06).
 
 Document shape (see ``docs/feectl.md`` for a full sample)::
 

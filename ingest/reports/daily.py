@@ -16,8 +16,8 @@ Contract
 * It never writes ``daily_tou`` and never runs inside the worker: it is a job for once a day,
   after the day is complete (``docs/ingest-report.md`` has the rules, the schema and a timer).
 
-Rules (``shared/reference/business_rules.md``)
-----------------------------------------------
+Rules (``docs/rules.md``)
+-------------------------
 * KPI-01 / VEE-13, per meter: received = ``intervals - estimated`` (estimated intervals do not
   count as collected; invalid ones are not in ``intervals``), expected = ``DAY_MS // interval_ms``
   (96). Per gateway: the sums over the meters seen under it or bound to it in the registry,

@@ -7,7 +7,7 @@ never sets ``fastmath``. Whatever is wrong with a reading becomes a quality-flag
 checking wrappers of :mod:`ingest.rules.stages`; call those, not these. Each kernel has an
 obviously-correct twin in ``tests/reference.py`` and the tests assert exact equality.
 
-Rule IDs (VEE-nn, TOU-nn, LL-nn, OUT-nn, KPI-nn) refer to ``shared/reference/business_rules.md``.
+Rule IDs (VEE-nn, TOU-nn, LL-nn, OUT-nn, KPI-nn) refer to ``docs/rules.md``.
 """
 
 from __future__ import annotations

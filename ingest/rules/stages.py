@@ -15,7 +15,7 @@ are read-only and work as they are). Stages, in pipeline order::
     area_outages(event_meter, event_ts, meters, area_sizes)          -> Outages    (OUT-02)
     encode_lines(readings, LineTables.build(meter_ids, gateway_id))  -> bytes      (line protocol)
 
-Rule IDs refer to ``shared/reference/business_rules.md``; ``docs/ingest-kernels.md`` has the flag
+Rule IDs refer to ``docs/rules.md``; ``docs/ingest-kernels.md`` has the flag
 rules, parameters and the line-protocol schema.
 """
 

@@ -1,4 +1,4 @@
-"""Worked examples of shared/reference/business_rules.md, through the public stage wrappers."""
+"""Worked examples of the business rules (docs/rules.md), through the public stage wrappers."""
 
 from __future__ import annotations
 
