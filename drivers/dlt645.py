@@ -43,10 +43,8 @@ from protocols.dlt645 import (
     Frame,
     FrameDecoder,
     MeterDate,
-    NeedData,
     Password,
     RelayControlRequest,
-    Skipped,
     TimeSyncRequest,
     WriteRequest,
     check_reply,
@@ -70,6 +68,7 @@ from protocols.errors import (
 )
 from protocols.flags import Flag
 from protocols.quantities import Quantity, by_name
+from protocols.stream import NeedData, Skipped
 
 __all__ = ["DEFAULT_CONTROL_PASSWORD", "Dlt645Driver", "QuantityReading", "parse_password"]
 

@@ -56,7 +56,6 @@ from protocols.dlt645 import (
     Frame,
     FrameDecoder,
     MeterDate,
-    NeedData,
     Password,
     ReadAddressRequest,
     ReadRequest,
@@ -80,6 +79,7 @@ from protocols.dlt645 import FollowupRequest as _Followup
 from protocols.dlt645 import encode_value as _encode_value
 from protocols.errors import FrameError
 from protocols.quantities import ENERGY_REGISTER_MAX, by_name
+from protocols.stream import NeedData
 from simulators.faults import Fault, FaultKind, apply_fault
 
 __all__ = ["DEFAULT_TOU", "Dlt645Simulator", "ReadRecord", "SimMeter"]

@@ -13,7 +13,6 @@ from decimal import Decimal
 import pytest
 
 from protocols.dlt645 import (
-    NEED_DATA,
     AddressReply,
     Frame,
     FrameDecoder,
@@ -22,7 +21,6 @@ from protocols.dlt645 import (
     ReadResponse,
     RelayAction,
     RelayControlRequest,
-    Skipped,
     TimeSyncRequest,
     decode_frame,
     decode_value,
@@ -32,6 +30,7 @@ from protocols.dlt645 import (
     parse_response,
 )
 from protocols.errors import ChecksumError, FramingError, MeterErrorReply
+from protocols.stream import NEED_DATA, Skipped
 
 from .helpers import feed_all, frames, load_vectors
 
