@@ -11,11 +11,12 @@ Pure and sans-I/O: bytes in, typed values out, and the reverse. The reference fo
 from protocols.dlt645.codes import (
     BAUD_WORDS,
     DEFAULT_PASSWORD,
+    RELAY_CODES,
     ControlCode,
     ControlCode1997,
     ErrorBits,
     Password,
-    RelayAction,
+    RelayCode,
 )
 from protocols.dlt645.frame import (
     BROADCAST_ADDRESS,
@@ -103,6 +104,7 @@ __all__ = [
     "CONTROL_RESPONSE",
     "DEFAULT_PASSWORD",
     "REGISTRY",
+    "RELAY_CODES",
     "WAKE_UP",
     "WILDCARD_ADDRESS",
     "Ack",
@@ -127,7 +129,7 @@ __all__ = [
     "ReadAddressRequest",
     "ReadRequest",
     "ReadResponse",
-    "RelayAction",
+    "RelayCode",
     "RelayControlRequest",
     "Reply",
     "Request",

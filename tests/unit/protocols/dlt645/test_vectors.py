@@ -19,7 +19,7 @@ from protocols.dlt645 import (
     ReadAddressRequest,
     ReadRequest,
     ReadResponse,
-    RelayAction,
+    RelayCode,
     RelayControlRequest,
     TimeSyncRequest,
     decode_frame,
@@ -75,7 +75,7 @@ def _check_semantics(v: dict[str, object], frame: Frame) -> None:
             assert request.when == dt.datetime.fromisoformat(decoded["datetime"])
         elif frame.control == 0x1C:
             assert isinstance(request, RelayControlRequest)
-            assert request.action is RelayAction.TRIP
+            assert request.action is RelayCode.TRIP
             assert request.password.level == 0 and request.password.code == "000000"
             assert request.operator == "00000000"
             assert request.valid_until == dt.datetime(2018, 5, 12, 15, 41, 24)
