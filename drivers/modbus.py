@@ -194,14 +194,6 @@ class ModbusDriver(MeterDriver):
             out.append(QuantityReading(q, result.value(q), error))
         return out
 
-    async def read_address(self, meter: MeterRef | None = None) -> str:
-        """Modbus has no "who are you": read the map's first register to prove the unit answers."""
-        if meter is None:
-            raise NotImplementedError("Modbus has no read-address command: name the unit")
-        reg = self.register_map(meter).registers[0]
-        await self._read(_unit(meter), reg.function, reg.address, reg.count)
-        return str(_unit(meter))
-
     async def aclose(self) -> None:
         if not self._closed:
             await self.link.aclose()
