@@ -352,7 +352,7 @@ def _daily_partials(
         tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid,
         reg[:, 0], reg[:, 1], reg[:, 2], reg[:, 3], tou.mismatch[row].sum(axis=1),
     ]  # fmt: skip
-    names = _DAILY_INTS
+    names: tuple[bytes, ...] = _DAILY_INTS
     reverse = _rows(iv, iv.quantity == Q_ENERGY_REVERSE)
     if reverse.end_ts.shape[0]:  # LL-01's export terms; fields only where a meter reads them
         columns += _reverse_columns(reverse, tot, s)

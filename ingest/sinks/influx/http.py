@@ -476,7 +476,7 @@ class InfluxWriter:
             chunks = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
             bodies = [(c, len(c)) for c in chunks]
         if not bodies:
-            return WriteResult(0, 0)
+            return WriteResult(0)
         target, headers = self._write_target(await self.detect_api())
         try:
             return await self._write_bodies(bodies, target, headers)
