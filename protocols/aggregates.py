@@ -123,10 +123,13 @@ def encode_interval_columns(
     flags)``, ``meter`` indexing ``meters``: buffers of integers (``array.array``, numpy arrays).
     Binary: u32, u16, i64, i64, i64, u16 items (TypeError for a column of another type). JSON: the
     same text :func:`encode_intervals` writes, formatted in one ``%`` over all the rows (no
-    object per row besides the column values). Raises ValueError for an unknown encoding."""
+    object per row besides the column values). Raises ValueError for an unknown encoding or (JSON)
+    a meter index off the table."""
     if encoding == "json":
         meter, *rest = (memoryview(c).tolist() for c in columns)
         names = [_json_str(m) for m in meters]  # per meter, not per interval
+        if meter and max(meter) >= len(names):
+            raise ValueError(f"column 'meter': index {max(meter)} beyond {len(names)} meter ids")
         values = tuple(itertools.chain.from_iterable(zip(map(names.__getitem__, meter), *rest, strict=True)))
         items = ",".join([_JSON_ITEM] * len(meter)) % values
         head = _dump(
@@ -148,27 +151,18 @@ def encode_intervals(
     items: Sequence[IntervalRecord],
     encoding: Literal["json", "binary"] = "json",
 ) -> bytes:
-    """The intervals message of ``items`` (see the module docstring for both encodings)."""
-    if encoding == "binary":
-        index: dict[str, int] = {}
-        cols = [array.array(spec[0]) for _, _, spec in _COLUMNS]
-        for it in items:
-            cols[0].append(index.setdefault(it.meter, len(index)))
-            row = (it.quantity, it.start_ms, it.end_ms, it.energy, it.flags)
-            for col, value in zip(cols[1:], row, strict=True):
-                col.append(value)
-        return encode_interval_columns(gateway, batch_seq, list(index), cols)
-    if encoding != "json":
+    """The intervals message of ``items`` (see the module docstring for both encodings): their
+    columns through :func:`encode_interval_columns`, the one encoder of both."""
+    if encoding not in ("json", "binary"):
         raise ValueError(f"unknown encoding {encoding!r}: expected 'json' or 'binary'")
-    return _dump(
-        {
-            "v": VERSION,
-            "type": "intervals",
-            "gateway": gateway,
-            "batch_seq": batch_seq,
-            "intervals": [asdict(i) for i in items],
-        }
-    )
+    index: dict[str, int] = {}
+    cols = [array.array(spec[0]) for _, _, spec in _COLUMNS]
+    for it in items:
+        cols[0].append(index.setdefault(it.meter, len(index)))
+        row = (it.quantity, it.start_ms, it.end_ms, it.energy, it.flags)
+        for col, value in zip(cols[1:], row, strict=True):
+            col.append(value)
+    return encode_interval_columns(gateway, batch_seq, list(index), cols, encoding)
 
 
 def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:

@@ -143,7 +143,9 @@ def test_readings_before_min_ts_are_stored_flagged_and_make_no_daily_row() -> No
     ]
     flags = [int(ln.split(b"_flags=")[1].split(b"i")[0]) for ln in readings]
     assert len(flags) == 3 and all(f & Flag.BEFORE_MIN_TIME for f in flags)  # stored, flagged
-    assert b"1970-01-01" not in stored_lines(out) and b"1969-12-31" not in stored_lines(out)  # no daily/hourly row
+    assert b"1970-01-01" not in stored_lines(out) and b"1969-12-31" not in stored_lines(
+        out
+    )  # no daily/hourly row
     assert [(r.meter, r.energy) for r in out.interval_records()] == [("M2", 75)]
 
 

@@ -93,9 +93,7 @@ async def test_a_daily_read_back_publishes_the_running_totals_then_drops_the_day
 
 
 async def test_a_refused_outage_query_does_not_dead_letter_written_batches(worker: Any) -> None:
-    item = _Item(
-        SimpleNamespace(), "written", out=SimpleNamespace(outage_events=1, outage_ts=(DAY, DAY))
-    )
+    item = _Item(SimpleNamespace(), "written", out=SimpleNamespace(outage_events=1, outage_ts=(DAY, DAY)))
     worker._res.publisher = None
     worker.use_sink(FakeSink(error=SinkError("influxql refused", retryable=False)))
     await worker._after_write([item])  # logged, not raised: the data is already durable

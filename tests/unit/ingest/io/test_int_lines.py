@@ -1,28 +1,15 @@
-"""The aggregates-JSON and integer-field line kernels against obviously-correct Python (STYLE H7)."""
+"""The integer-field line kernel of the InfluxDB sink against obviously-correct Python (STYLE H7)."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
 import pytest
 
-from ingest.rules import stages
+from ingest.sinks.influx import lines as stages
 
 NAMES = ["M1", 'm "1"\\ü', "表计-5", "a,b=c d", "\n\t"]
-
-
-def reference_interval_items(iv: stages.Intervals, meter_ids: list[str], interval_ms: int) -> bytes:
-    """What ``protocols.aggregates.encode_intervals`` writes for the items, one dict per row."""
-    rows = [
-        {"meter": meter_ids[m], "quantity": q, "start_ms": e - interval_ms, "end_ms": e, "energy": v, "flags": f}
-        for m, q, e, v, f in zip(
-            iv.meter.tolist(), iv.quantity.tolist(), iv.end_ts.tolist(), iv.energy.tolist(), iv.flags.tolist(),
-            strict=True,
-        )
-    ]  # fmt: skip
-    return ",".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in rows).encode()
 
 
 def reference_int_lines(heads: list[bytes], row_head, texts, row_text, names, values, ts) -> bytes:
@@ -39,38 +26,6 @@ def random_ts(rng: random.Random, n: int, repeats: bool) -> list[int]:
     a timestamp equal to the one they wrote last, and both paths must give the same bytes."""
     pool = [rng.randrange(-(2**40), 2**42) for _ in range(3)] + [0, -1, 10**12]
     return [rng.choice(pool) if repeats else rng.randrange(-(2**40), 2**42) for _ in range(n)]
-
-
-def random_intervals(rng: random.Random, n: int, repeats: bool = False) -> stages.Intervals:
-    return stages.Intervals(
-        np.array([rng.randrange(len(NAMES)) for _ in range(n)], np.uint32),
-        np.array([rng.randrange(1, 7) for _ in range(n)], np.uint16),
-        np.array(random_ts(rng, n, repeats), np.int64),
-        np.array(
-            [rng.choice([0, 1, -5, 2**62, -(2**62), rng.randrange(-999, 999)]) for _ in range(n)], np.int64
-        ),
-        np.array([rng.randrange(0, 2**16) for _ in range(n)], np.uint16),
-    )
-
-
-@pytest.mark.parametrize("repeats", [False, True])
-@pytest.mark.parametrize("n", [0, 1, 2, 37])
-def test_interval_items_equal_the_reference(n: int, repeats: bool) -> None:
-    rng = random.Random(n)
-    for interval_ms in (900_000, 1):
-        iv = random_intervals(rng, n, repeats)
-        names = [json.dumps(m, ensure_ascii=False).encode() for m in NAMES]
-        got = stages.encode_interval_items(iv, names, interval_ms=interval_ms)
-        assert got == reference_interval_items(iv, NAMES, interval_ms)
-        assert json.loads(b"[" + got + b"]") == json.loads(
-            b"[" + reference_interval_items(iv, NAMES, interval_ms) + b"]"
-        )
-
-
-def test_interval_items_refuse_a_meter_off_the_table() -> None:
-    iv = random_intervals(random.Random(1), 5)
-    with pytest.raises(ValueError, match="meter"):
-        stages.encode_interval_items(iv, [b'"x"'], interval_ms=900_000)
 
 
 @pytest.mark.parametrize("repeats", [False, True])
