@@ -62,7 +62,7 @@ async def test_ping_detects_v1_on_debian_influxd(influx_db, dead_letter) -> None
     async with _sink(influxd, db, dead_letter, api="auto") as sink:
         assert sink.api is None
         assert await sink.detect_api() == "v1"
-        assert (await sink.write([f"m value=1i {T0}".encode()])).written_lines == 1
+        assert (await sink.write([f"m value=1i {T0}".encode()])).written == 1
     assert influxd.query("SELECT value FROM m", db=db) == [{"time": T0, "value": 1}]
 
 
@@ -99,7 +99,7 @@ async def test_unknown_database_is_our_refusal_and_create_database_creates_it(in
     assert dead_letter.count_by_reason() == {}  # a config error is not the data's fault
     try:
         async with _sink(influxd, name, dead_letter, api="v1", create_database=True) as sink:
-            assert (await sink.write([f"m value=1i {T0}".encode()])).written_lines == 1
+            assert (await sink.write([f"m value=1i {T0}".encode()])).written == 1
             assert f"database '{name}' accepts writes" in await sink.probe()
         assert influxd.query("SELECT value FROM m", db=name) == [{"time": T0, "value": 1}]
     finally:
@@ -142,7 +142,7 @@ async def test_outage_raises_retryable_then_write_succeeds_after_restart(influx_
         assert sink.stats.retries == 2  # 3 attempts, bounded
         assert time.monotonic() - started >= 0.05 + 0.1  # it backed off between attempts
         influxd.start()
-        assert (await sink.write([f"m value=2i {T0 + 1}".encode()])).written_lines == 1
+        assert (await sink.write([f"m value=2i {T0 + 1}".encode()])).written == 1
     assert [r["value"] for r in influxd.query("SELECT value FROM m", db=db)] == [1, 2]
 
 
@@ -151,7 +151,7 @@ async def test_create_database(influxd, dead_letter) -> None:
     async with _sink(influxd, name, dead_letter, api="auto") as sink:
         await sink.create_database(name)
         await sink.create_database(name)  # idempotent
-        assert (await sink.write([f"m value=7i {T0}".encode()])).written_lines == 1
+        assert (await sink.write([f"m value=7i {T0}".encode()])).written == 1
     try:
         assert name in influxd.databases()
         assert influxd.query("SELECT value FROM m", db=name) == [{"time": T0, "value": 7}]
