@@ -32,6 +32,7 @@ from protocols.quantities import QUANTITIES
 __all__ = [
     "LineTables",
     "TagCache",
+    "area_alarm_line",
     "encode_batch",
     "encode_int_lines",
     "encode_lines",
@@ -40,6 +41,7 @@ __all__ = [
     "event_line",
     "field_str",
     "stored_tag",
+    "unescape_stored",
     "unescape_tag",
 ]
 

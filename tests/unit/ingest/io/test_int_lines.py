@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from ingest.sinks.influx import lines as stages
+from ingest.sinks.influx import lines as lp
 
 NAMES = ["M1", 'm "1"\\ü', "表计-5", "a,b=c d", "\n\t"]
 
@@ -32,8 +32,8 @@ def random_ts(rng: random.Random, n: int, repeats: bool) -> list[int]:
 @pytest.mark.parametrize("n", [0, 1, 25])
 def test_int_lines_equal_the_reference(n: int, repeats: bool) -> None:
     rng = random.Random(100 + n)
-    heads = [b"daily_tou,meter=" + stages.escape_tag(m) + b",gateway=g\\ 1" for m in NAMES]
-    tables = stages.LineTables(*stages._table(heads))
+    heads = [b"daily_tou,meter=" + lp.escape_tag(m) + b",gateway=g\\ 1" for m in NAMES]
+    tables = lp.LineTables(*lp._table(heads))
     texts = [b"2024-03-10", b"2024-03-11", b""]
     names = [b"day=", b"total=", b"sharp=", b"n="]
     row_head = np.array([rng.randrange(len(heads)) for _ in range(n)], np.int64)
@@ -42,16 +42,16 @@ def test_int_lines_equal_the_reference(n: int, repeats: bool) -> None:
         [[rng.randrange(-(2**63), 2**63) for _ in range(3)] for _ in range(n)], np.int64
     ).reshape(n, 3)
     ts = np.array(random_ts(rng, n, repeats), np.int64)
-    got = stages.encode_int_lines(tables, row_head, texts, row_text, names, values, ts)
+    got = lp.encode_int_lines(tables, row_head, texts, row_text, names, values, ts)
     assert got == reference_int_lines(
         heads, row_head.tolist(), texts, row_text.tolist(), names, values.tolist(), ts.tolist()
     )
 
 
 def test_int_lines_check_shapes() -> None:
-    tables = stages.LineTables(*stages._table([b"m,t=1"]))
+    tables = lp.LineTables(*lp._table([b"m,t=1"]))
     one = np.zeros(1, np.int64)
     with pytest.raises(ValueError, match="values"):
-        stages.encode_int_lines(tables, one, [b"x"], one, [b"s=", b"a="], np.zeros((1, 2), np.int64), one)
+        lp.encode_int_lines(tables, one, [b"x"], one, [b"s=", b"a="], np.zeros((1, 2), np.int64), one)
     with pytest.raises(ValueError, match="index"):
-        stages.encode_int_lines(tables, one + 1, [b"x"], one, [b"s=", b"a="], np.zeros((1, 1), np.int64), one)
+        lp.encode_int_lines(tables, one + 1, [b"x"], one, [b"s=", b"a="], np.zeros((1, 1), np.int64), one)
