@@ -458,8 +458,8 @@ class IngestWorker:
             self._slots.release()
 
     async def _durable(self, writes: list[_Item]) -> None:
-        """Write and publish, retried as one (rewrites are idempotent) while InfluxDB or the
-        broker is unavailable or InfluxDB refuses us: an unacknowledged message is not
+        """Write and publish, retried as one (rewrites are idempotent) while the sink or the
+        broker is unavailable or the sink refuses us: an unacknowledged message is not
         redelivered on a live session, and nothing is dead-lettered for our own misconfiguration.
 
         Raises (only while replaying, instead of waiting): TransportError, SinkError."""
@@ -656,8 +656,9 @@ class IngestWorker:
         """Commit the records the store refused for good, with its reason and message."""
         if not result.rejected:
             return
+        assert self._res is not None
         now_ms = time.time_ns() // 1_000_000
-        self._res_or_fail().dead_letter.put_many(
+        self._res.dead_letter.put_many(
             [(r.kind, r.reason, r.record, None, now_ms, r.detail) for r in result.rejected]
         )
         self.metrics.sink_lines_dead_lettered.inc(len(result.rejected))
@@ -665,10 +666,6 @@ class IngestWorker:
             log.warning(
                 "record dead-lettered reason=%r store=%r record=%r", r.reason, r.detail[:300], r.record[:300]
             )
-
-    def _res_or_fail(self) -> _Resources:
-        assert self._res is not None
-        return self._res
 
     def _backoff_s(self, attempt: int) -> float:
         p = self.cfg.pipeline
