@@ -28,6 +28,8 @@ a redelivered or replayed message carries the same keys, and consumers apply eac
 from __future__ import annotations
 
 import array
+import functools
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -102,12 +104,40 @@ def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_JSON_ITEM = '{"meter":%s,"quantity":%d,"start_ms":%d,"end_ms":%d,"energy":%d,"flags":%d}'
+
+
+@functools.lru_cache(maxsize=65_536)
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def encode_interval_columns(
-    gateway: str, batch_seq: int, meters: Sequence[str], columns: Sequence[Any]
+    gateway: str,
+    batch_seq: int,
+    meters: Sequence[str],
+    columns: Sequence[Any],
+    encoding: Literal["json", "binary"] = "binary",
 ) -> bytes:
-    """The binary intervals message from columns ``(meter index, quantity, start_ms, end_ms,
-    energy, flags)``: buffers of u32, u16, i64, i64, i64, u16 items (``array.array``, numpy
-    arrays), ``meter`` indexing ``meters``. Raises TypeError for a column of the wrong type."""
+    """The intervals message from columns ``(meter index, quantity, start_ms, end_ms, energy,
+    flags)``, ``meter`` indexing ``meters``: buffers of integers (``array.array``, numpy arrays).
+    Binary: u32, u16, i64, i64, i64, u16 items (TypeError for a column of another type). JSON: the
+    same text :func:`encode_intervals` writes, formatted in one ``%`` over all the rows (no
+    object per row besides the column values). Raises ValueError for an unknown encoding or (JSON)
+    a meter index off the table."""
+    if encoding == "json":
+        meter, *rest = (memoryview(c).tolist() for c in columns)
+        names = [_json_str(m) for m in meters]  # per meter, not per interval
+        if meter and max(meter) >= len(names):
+            raise ValueError(f"column 'meter': index {max(meter)} beyond {len(names)} meter ids")
+        values = tuple(itertools.chain.from_iterable(zip(map(names.__getitem__, meter), *rest, strict=True)))
+        items = ",".join([_JSON_ITEM] * len(meter)) % values
+        head = _dump(
+            {"v": VERSION, "type": "intervals", "gateway": gateway, "batch_seq": batch_seq, "intervals": []}
+        )
+        return head[:-2] + items.encode() + b"]}"
+    if encoding != "binary":
+        raise ValueError(f"unknown encoding {encoding!r}: expected 'json' or 'binary'")
     body: dict[str, Any] = {"t": "intervals", "gw": gateway, "seq": batch_seq, "meters": list(meters)}
     for (key, name, spec), col in zip(_COLUMNS, columns, strict=True):
         body[key] = _column_bytes(name, col, spec)
@@ -121,27 +151,18 @@ def encode_intervals(
     items: Sequence[IntervalRecord],
     encoding: Literal["json", "binary"] = "json",
 ) -> bytes:
-    """The intervals message of ``items`` (see the module docstring for both encodings)."""
-    if encoding == "binary":
-        index: dict[str, int] = {}
-        cols = [array.array(spec[0]) for _, _, spec in _COLUMNS]
-        for it in items:
-            cols[0].append(index.setdefault(it.meter, len(index)))
-            row = (it.quantity, it.start_ms, it.end_ms, it.energy, it.flags)
-            for col, value in zip(cols[1:], row, strict=True):
-                col.append(value)
-        return encode_interval_columns(gateway, batch_seq, list(index), cols)
-    if encoding != "json":
+    """The intervals message of ``items`` (see the module docstring for both encodings): their
+    columns through :func:`encode_interval_columns`, the one encoder of both."""
+    if encoding not in ("json", "binary"):
         raise ValueError(f"unknown encoding {encoding!r}: expected 'json' or 'binary'")
-    return _dump(
-        {
-            "v": VERSION,
-            "type": "intervals",
-            "gateway": gateway,
-            "batch_seq": batch_seq,
-            "intervals": [asdict(i) for i in items],
-        }
-    )
+    index: dict[str, int] = {}
+    cols = [array.array(spec[0]) for _, _, spec in _COLUMNS]
+    for it in items:
+        cols[0].append(index.setdefault(it.meter, len(index)))
+        row = (it.quantity, it.start_ms, it.end_ms, it.energy, it.flags)
+        for col, value in zip(cols[1:], row, strict=True):
+            col.append(value)
+    return encode_interval_columns(gateway, batch_seq, list(index), cols, encoding)
 
 
 def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:

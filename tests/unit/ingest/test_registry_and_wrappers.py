@@ -8,6 +8,7 @@ import pytest
 from ingest.model.registry import MeterRegistry
 from ingest.model.tariff import TariffCalendar
 from ingest.rules import stages
+from ingest.sinks.influx import lines as lp
 from protocols.errors import ConfigError
 
 GOOD = """
@@ -180,7 +181,7 @@ def test_wrapper_names_the_bad_column() -> None:
         )
     one = stages.Readings(*(np.zeros(1, t) for t in (np.uint32, np.int64, np.uint16, np.int64, np.uint16)))
     with pytest.raises(ValueError, match="order: 2 positions for 1 readings"):
-        stages.encode_lines(one, stages.LineTables.build(["m"], "g"), order=np.zeros(2, np.int64))
+        lp.encode_lines(one, lp.LineTables.build(["m"], "g"), order=np.zeros(2, np.int64))
 
 
 T = 1_700_000_100_000 // 900_000 * 900_000

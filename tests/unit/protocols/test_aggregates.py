@@ -13,6 +13,7 @@ from protocols.aggregates import (
     decode_daily,
     decode_intervals,
     encode_daily,
+    encode_interval_columns,
     encode_intervals,
 )
 
@@ -30,6 +31,29 @@ def test_intervals_round_trip(encoding: str) -> None:
     assert data.startswith(INTERVALS_MAGIC if encoding == "binary" else b"{")
     assert decode_intervals(data) == ("gw-1", 9, ITEMS)
     assert decode_intervals(encode_intervals("gw-1", 9, [], encoding)) == ("gw-1", 9, [])  # type: ignore[arg-type]
+
+
+def test_json_intervals_are_the_documented_items_and_columns_encode_the_same() -> None:
+    """The one JSON encoder: the documented keys in record order, compact, UTF-8 unescaped; the
+    column form (what ingest publishes from numpy columns) gives the same bytes."""
+    import array
+    import json
+    from dataclasses import asdict
+
+    want = json.dumps(
+        {"v": 1, "type": "intervals", "gateway": 'g"w', "batch_seq": 3, "intervals": [asdict(i) for i in ITEMS]},
+        ensure_ascii=False, separators=(",", ":"),
+    ).encode()  # fmt: skip
+    assert encode_intervals('g"w', 3, ITEMS) == want
+    meters = ["m 1,=", "m2", "表计"]
+    cols = (
+        array.array("I", [0, 1, 2, 0]), array.array("H", [i.quantity for i in ITEMS]),
+        array.array("q", [i.start_ms for i in ITEMS]), array.array("q", [i.end_ms for i in ITEMS]),
+        array.array("q", [i.energy for i in ITEMS]), array.array("H", [i.flags for i in ITEMS]),
+    )  # fmt: skip
+    assert encode_interval_columns('g"w', 3, meters, cols, "json") == want
+    with pytest.raises(ValueError, match="meter"):
+        encode_interval_columns('g"w', 3, meters[:2], cols, "json")
 
 
 def test_binary_intervals_are_smaller_and_unknown_encodings_refused() -> None:
