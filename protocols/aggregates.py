@@ -1,4 +1,4 @@
-"""Aggregates published by ingest for downstream consumers (fee control, billing), v1.
+"""Aggregates published by ingest for downstream consumers (fee control, billing).
 
 Topics (QoS 1):
 
@@ -11,9 +11,13 @@ Topics (QoS 1):
   - binary, columnar like the readings payload (a third of the JSON's bytes, and no text to
     format or parse per interval)::
 
-        b"AMA" 0x01  msgpack map {"t": "intervals", "gw": str, "seq": int, "meters": [str, ...],
+        b"AMA" 0x02  msgpack map {"t": "intervals", "gw": str, "seq": int, "meters": [str, ...],
                                   "meter": bin(u32le*n), "q": bin(u16le*n), "start": bin(i64le*n),
-                                  "end": bin(i64le*n), "e": bin(i64le*n), "f": bin(u16le*n)}
+                                  "end": bin(i64le*n), "e": bin(i64le*n), "f": bin(u32le*n)}
+
+    Binary version 2 (written) carries the 32 flag bits; version 1 (``b"AMA" 0x01``, the same
+    map with ``"f": bin(u16le*n)``) is still decoded, widened, so an older ingest keeps working.
+    JSON numbers have no width: JSON stays ``"v": 1`` with flags up to 32 bits.
 
   ``energy`` is the register delta in the quantity's fixed point (0.01 kWh); ``flags`` carries
   the quality bits (``ESTIMATED`` for estimated intervals); ``meter`` indexes ``meters``.
@@ -43,7 +47,6 @@ from protocols.payload import (
     _column_bytes,
     _column_from_bytes,
     _flags_from_u16,
-    _flags_to_u16,
     _get,
     _id_table,
     _uint63,
@@ -62,8 +65,9 @@ __all__ = [
     "encode_intervals",
 ]
 
-VERSION = 1
-INTERVALS_MAGIC = b"AMA" + bytes([VERSION])
+VERSION = 1  # JSON messages
+INTERVALS_BINARY_VERSION = 2  # written; 1 (u16 flags) is decoded too
+INTERVALS_MAGIC = b"AMA" + bytes([INTERVALS_BINARY_VERSION])
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """The largest aggregates message decoded (either encoding)."""
 # (wire key, record field, column spec) of the binary intervals columns, in record order
@@ -73,7 +77,7 @@ _COLUMNS = (
     ("start", "start_ms", _I64),
     ("end", "end_ms", _I64),
     ("e", "energy", _I64),
-    ("f", "flags", _U32),  # u16 on the v1 wire
+    ("f", "flags", _U32),  # u16 in binary version 1
 )
 
 
@@ -113,7 +117,6 @@ def encode_interval_columns(
     body: dict[str, Any] = {"t": "intervals", "gw": gateway, "seq": batch_seq, "meters": list(meters)}
     for (key, name, spec), col in zip(_COLUMNS, columns, strict=True):
         body[key] = _column_bytes(name, col, spec)
-    body["f"] = _flags_to_u16(body["f"])
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return INTERVALS_MAGIC + packed
 
@@ -195,7 +198,7 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     n = len(data)
     if n > MAX_MESSAGE_BYTES:
         raise PayloadError(f"intervals: {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound")
-    if n < 4 or data[3] != VERSION:
+    if n < 4 or data[3] not in (1, INTERVALS_BINARY_VERSION):
         raise PayloadError(f"intervals: binary version {data[3] if n > 3 else None} not supported")
     try:
         body = msgpack.unpackb(
@@ -210,7 +213,8 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     seq = _uint63(_get(body, "seq", int), "seq")
     meters = _id_table(_get(body, "meters", list), "meters")
     raw = {key: _get(body, key, bytes) for key, _, _ in _COLUMNS}
-    raw["f"] = _flags_from_u16(raw["f"])
+    if data[3] == 1:
+        raw["f"] = _flags_from_u16(raw["f"])
     cols = [_column_from_bytes(name, raw[key], spec) for key, name, spec in _COLUMNS]
     if len({len(c) for c in cols}) > 1:
         raise PayloadError("intervals: columns differ in length: " + "/".join(str(len(c)) for c in cols))
