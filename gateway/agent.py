@@ -494,10 +494,10 @@ class EdgeAgent:
         for (meter, q), (value, ts) in outbox.get_prev(last).items():
             builder.set_prev(meter, q, value, ts)
         sent_ms = self.now_ms()
-        encoding = self.cfg.mqtt.encoding
+        encoding, version = self.cfg.mqtt.encoding, self.cfg.mqtt.payload_version
 
         def make(seq: int) -> bytes:
-            return payload.encode(builder.build(self.cfg.gateway_id, seq, sent_ms), encoding)
+            return payload.encode(builder.build(self.cfg.gateway_id, seq, sent_ms), encoding, version)
 
         added = outbox.add_batch(self.topic_readings, make, kind=kind, prev=last)
         if added.dropped:

@@ -50,6 +50,7 @@ class MqttConfig:
     key_file: str | None = None
     keepalive_s: int = 30
     encoding: Literal["binary", "json"] = "binary"
+    payload_version: Literal[1, 2] = 1  # 2 once every ingest reads it (docs/payload.md)
 
     def __post_init__(self) -> None:
         if not re.match(r"^mqtts?://[^:/]+(:\d+)?/?$", self.url):
@@ -335,6 +336,10 @@ client_id = ""
 keepalive_s = 30
 # Reading batches as "binary" (compact, the default) or "json" (for debugging).
 encoding = "binary"
+# Readings payload version: 1 carries quality-flag bits 0..15, 2 all 32. Set 2 only once every
+# ingest worker reads v2 (docs/payload.md, "Rolling a fleet over to v2"); until then a reading
+# with a flag bit above 15 cannot be sent.
+payload_version = 1
 
 [outbox]
 # Every batch is written here before it is published. It is deleted once the head-end confirmed

@@ -1,4 +1,4 @@
-"""Aggregates published by ingest for downstream consumers (fee control, billing), v1.
+"""Aggregates published by ingest for downstream consumers (fee control, billing).
 
 Topics (QoS 1):
 
@@ -11,9 +11,13 @@ Topics (QoS 1):
   - binary, columnar like the readings payload (a third of the JSON's bytes, and no text to
     format or parse per interval)::
 
-        b"AMA" 0x01  msgpack map {"t": "intervals", "gw": str, "seq": int, "meters": [str, ...],
+        b"AMA" 0x02  msgpack map {"t": "intervals", "gw": str, "seq": int, "meters": [str, ...],
                                   "meter": bin(u32le*n), "q": bin(u16le*n), "start": bin(i64le*n),
-                                  "end": bin(i64le*n), "e": bin(i64le*n), "f": bin(u16le*n)}
+                                  "end": bin(i64le*n), "e": bin(i64le*n), "f": bin(u32le*n)}
+
+    Binary version 2 (written) carries the 32 flag bits; version 1 (``b"AMA" 0x01``, the same
+    map with ``"f": bin(u16le*n)``) is still decoded, widened, so an older ingest keeps working.
+    JSON numbers have no width: JSON stays ``"v": 1`` with flags up to 32 bits.
 
   ``energy`` is the register delta in the quantity's fixed point (0.01 kWh); ``flags`` carries
   the quality bits (``ESTIMATED`` for estimated intervals); ``meter`` indexes ``meters``.
@@ -44,6 +48,7 @@ from protocols.payload import (
     _U32,
     _column_bytes,
     _column_from_bytes,
+    _flags_from_u16,
     _get,
     _id_table,
     _uint63,
@@ -62,8 +67,9 @@ __all__ = [
     "encode_intervals",
 ]
 
-VERSION = 1
-INTERVALS_MAGIC = b"AMA" + bytes([VERSION])
+VERSION = 1  # JSON messages
+INTERVALS_BINARY_VERSION = 2  # written; 1 (u16 flags) is decoded too
+INTERVALS_MAGIC = b"AMA" + bytes([INTERVALS_BINARY_VERSION])
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """The largest aggregates message decoded (either encoding)."""
 # (wire key, record field, column spec) of the binary intervals columns, in record order
@@ -73,7 +79,7 @@ _COLUMNS = (
     ("start", "start_ms", _I64),
     ("end", "end_ms", _I64),
     ("e", "energy", _I64),
-    ("f", "flags", _U16),
+    ("f", "flags", _U32),  # u16 in binary version 1
 )
 
 
@@ -121,7 +127,7 @@ def encode_interval_columns(
 ) -> bytes:
     """The intervals message from columns ``(meter index, quantity, start_ms, end_ms, energy,
     flags)``, ``meter`` indexing ``meters``: buffers of integers (``array.array``, numpy arrays).
-    Binary: u32, u16, i64, i64, i64, u16 items (TypeError for a column of another type). JSON: the
+    Binary: u32, u16, i64, i64, i64, u32 items (TypeError for a column of another type). JSON: the
     same text :func:`encode_intervals` writes, formatted in one ``%`` over all the rows (no
     object per row besides the column values). Raises ValueError for an unknown encoding or (JSON)
     a meter index off the table."""
@@ -213,7 +219,7 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     n = len(data)
     if n > MAX_MESSAGE_BYTES:
         raise PayloadError(f"intervals: {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound")
-    if n < 4 or data[3] != VERSION:
+    if n < 4 or data[3] not in (1, INTERVALS_BINARY_VERSION):
         raise PayloadError(f"intervals: binary version {data[3] if n > 3 else None} not supported")
     try:
         body = msgpack.unpackb(
@@ -227,7 +233,10 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     gateway = _get(body, "gw", str)
     seq = _uint63(_get(body, "seq", int), "seq")
     meters = _id_table(_get(body, "meters", list), "meters")
-    cols = [_column_from_bytes(name, _get(body, key, bytes), spec) for key, name, spec in _COLUMNS]
+    raw = {key: _get(body, key, bytes) for key, _, _ in _COLUMNS}
+    if data[3] == 1:
+        raw["f"] = _flags_from_u16(raw["f"])
+    cols = [_column_from_bytes(name, raw[key], spec) for key, name, spec in _COLUMNS]
     if len({len(c) for c in cols}) > 1:
         raise PayloadError("intervals: columns differ in length: " + "/".join(str(len(c)) for c in cols))
     meter, quantity, start, end, energy, flags = (c.tolist() for c in cols)

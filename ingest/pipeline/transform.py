@@ -104,7 +104,7 @@ class BatchOutput:
 
     columns: BatchColumns
     readings: int
-    flags: npt.NDArray[Any]
+    flags: npt.NDArray[np.uint32]
     daily_days: tuple[int, ...]  # local day starts (epoch ms) whose daily totals this batch changed
     outage_events: int  # collapsed-voltage events (they feed the area-outage check)
     outage_ts: tuple[int, int] = (0, 0)
@@ -161,7 +161,7 @@ def columns(batch: ReadingBatch) -> tuple[st.Readings, st.PreviousRegisters]:
         _u(batch.ts, np.int64),
         _u(batch.quantity, np.uint16),
         _u(batch.value, np.int64),
-        _u(batch.flags, np.uint16),
+        _u(batch.flags, np.uint32),
     )
     p = batch.prev
     prev = st.PreviousRegisters(

@@ -405,7 +405,8 @@ class IngestWorker:
         mask = self.settings.registry.foreign(table, foreign.gateway)
         names = [m for m, f in zip(foreign.meters, mask.tolist(), strict=True) if f]  # per meter, not reading
         detail = f"{len(foreign)} readings of {len(names)} meters bound to other gateways: {', '.join(names)}"
-        self._dead_letter(msg, _NOT_BOUND, detail, payload=encode(foreign))
+        # v2: every flag bit survives (ingest reads both versions; a v1 batch had none above 15)
+        self._dead_letter(msg, _NOT_BOUND, detail, payload=encode(foreign, version=2))
 
     def _dead_letter(self, msg: Message, reason: str, detail: str, *, payload: bytes | None = None) -> _Item:
         """Store ``payload`` (default: the message's) with the reason, count and log it once."""
