@@ -1,7 +1,8 @@
 """Remote prepaid fee control (DESIGN §7; business rules FC-01…FC-14, TOU-03…TOU-06): the pure core.
 
 A ledger per account (integer money, an append-only journal, balances derived from it), tariffs
-as data, exactly-once interval charging, decisions as a pure function of state and ``now_ms``,
+(:mod:`ingest.model.tariff`, the one TOU model), exactly-once interval charging, decisions as a
+pure function of state and ``now_ms``,
 and the relay-command lifecycle persisted beside the ledger. MQTT wiring and command signing are
 not here: commands leave as plain fields (:meth:`Command.fields`), results come back as
 :class:`CommandResult`.
@@ -21,7 +22,6 @@ from .config import (
     NoTripWindows,
     ServiceConfig,
     ServiceSettings,
-    feectl_config_from_mapping,
     load_feectl_config,
     load_service_config,
 )
@@ -54,7 +54,6 @@ from .model import (
 )
 from .sqlite_store import SqliteLedgerStore
 from .store import ConsistencyReport, Hold, IntervalRow, JournalEntry, JournalKind, LedgerStore
-from .tariff import IntervalPrice, Tariff, TariffVersion, TierTable, load_tariff, tariff_from_mapping
 
 __all__ = [
     "TRANSITIONS",
@@ -80,7 +79,6 @@ __all__ = [
     "FeeControlService",
     "FeeController",
     "Hold",
-    "IntervalPrice",
     "IntervalRow",
     "InvalidTransitionError",
     "JournalEntry",
@@ -97,18 +95,12 @@ __all__ = [
     "ServiceConfig",
     "ServiceSettings",
     "SqliteLedgerStore",
-    "Tariff",
-    "TariffVersion",
-    "TierTable",
     "decide",
-    "feectl_config_from_mapping",
     "level_of",
     "load_feectl_config",
     "load_service_config",
-    "load_tariff",
     "next_state",
     "round_half_up",
-    "tariff_from_mapping",
 ]
 
 _LAZY = {"FeeControlService": ".service", "PaymentsApi": ".api"}

@@ -145,7 +145,7 @@ def _trip(
     if now_ms < grace_end:  # FC-06.4
         reasons.append("GRACE")
         wakes.append(grace_end)
-    local = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).astimezone(cfg.zone)
+    local = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).astimezone(cfg.tz)
     window = cfg.windows.active(local)
     if window is not None:  # FC-09
         reasons.append(window)

@@ -21,6 +21,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+from ingest.model.tariff import Tariff
+from ingest.rules.stages import tou_periods
+
 from .config import FeeControlConfig
 from .decide import AccountSnapshot, MeterSnapshot, decide
 from .lifecycle import TRANSITIONS, Command, CommandEvent, CommandResult, CommandState, next_state
@@ -39,7 +44,6 @@ from .model import (
     round_half_up,
 )
 from .store import ConsistencyReport, Hold, IntervalRow, JournalEntry, JournalKind, LedgerStore
-from .tariff import Tariff
 
 __all__ = ["AuditResult", "Evaluated", "FeeController", "ResultOutcome"]
 
@@ -268,7 +272,7 @@ class FeeController:
         cum = 0
         if bounds is not None:
             cum = self.store.cycle_energy_before(new.account_id, bounds[0], new.interval_start_ms, new.meter)
-        price = tariff.price_interval(new.interval_start_ms, new.energy_centi_kwh, cum)
+        price = tariff.price_interval(new.interval_start_ms, _period(tariff, new), new.energy_centi_kwh, cum)
         old_exact = prev.exact_micro if prev is not None and prev.charged else 0
         revision = 0 if kind is JournalKind.CHARGE else (prev.revision + 1 if prev else 0)
         row = dataclasses.replace(
@@ -308,7 +312,8 @@ class FeeController:
         for row in self.store.cycle_intervals_after(
             cause.account_id, cause.interval_start_ms, cause.meter, hi_ms
         ):
-            price = tariff.price_interval(row.interval_start_ms, row.energy_centi_kwh, cum)
+            period = _period(tariff, row)
+            price = tariff.price_interval(row.interval_start_ms, period, row.energy_centi_kwh, cum)
             cum += row.energy_centi_kwh
             delta = price.exact_micro - row.exact_micro
             if delta == 0:
@@ -415,8 +420,8 @@ class FeeController:
         Raises:
             FeeControlError: the meter is not enrolled.
         """
-        lo = _local_midnight_ms(day, self.config.zone)
-        hi = _local_midnight_ms(day + dt.timedelta(days=1), self.config.zone)
+        lo = _local_midnight_ms(day, self.config.tz)
+        hi = _local_midnight_ms(day + dt.timedelta(days=1), self.config.tz)
         with self.store.transaction():
             account_id = self.store.account_of_meter(meter)
             rows = self.store.meter_intervals(meter, lo, hi)
@@ -818,3 +823,10 @@ def _local_midnight_ms(day: dt.date, zone: dt.tzinfo) -> int:
 
 def _j(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _period(tariff: Tariff, row: IntervalRow) -> int:
+    """TOU-03: the period code of an interval, from the very kernel the daily TOU totals use
+    (end-labelled, classified by its start), so charging and the totals cannot disagree."""
+    end = np.array([row.interval_end_ms], dtype=np.int64)
+    return int(tou_periods(end, tariff.calendar, interval_ms=row.interval_end_ms - row.interval_start_ms)[0])

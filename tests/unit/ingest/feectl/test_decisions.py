@@ -119,13 +119,13 @@ def test_fc09_no_trip_window_defers_to_monday_0830(ctl) -> None:  # type: ignore
 
 
 def test_fc09_holiday_monday_and_makeup_saturday(flat) -> None:  # type: ignore[no-untyped-def]
-    windows = NoTripWindows(holidays=frozenset({dt.date(2024, 3, 11)}))
+    windows = NoTripWindows(holidays=(dt.date(2024, 3, 11),))
     ctl = make_controller(flat, config=FeeControlConfig(windows=windows))
     go_negative(ctl, ms("2024-03-08 16:40"))
     ev = ctl.evaluate("A17", ms("2024-03-11 09:00"))
     assert ev.decisions[0].reasons == ("NO_TRIP_WINDOW:HOLIDAY",)
     assert ev.next_check_ms == ms("2024-03-12 08:30")
-    makeup = NoTripWindows(makeup_workdays=frozenset({dt.date(2024, 3, 9)}))
+    makeup = NoTripWindows(makeup_workdays=(dt.date(2024, 3, 9),))
     ctl2 = make_controller(flat, config=FeeControlConfig(windows=makeup))
     go_negative(ctl2, ms("2024-03-08 16:40"))
     assert ctl2.evaluate("A17", ms("2024-03-09 08:29")).next_check_ms == ms("2024-03-09 08:30")
