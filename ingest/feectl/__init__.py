@@ -4,8 +4,8 @@ A ledger per account (integer money, an append-only journal, balances derived fr
 (:mod:`ingest.model.tariff`, the one TOU model), exactly-once interval charging, decisions as a
 pure function of state and ``now_ms``,
 and the relay-command lifecycle persisted beside the ledger. MQTT wiring and command signing are
-not here: commands leave as plain fields (:meth:`Command.fields`), results come back as
-:class:`CommandResult`.
+not here: commands leave as plain fields (:meth:`RelayOrder.fields`), results come back as
+:class:`RelayOrderResult`.
 
 The running service around the core (``amigw feectl``: MQTT, signing, the payments HTTP API) is
 :class:`~.service.FeeControlService` and :class:`~.api.PaymentsApi`, exported lazily so that
@@ -29,11 +29,11 @@ from .decide import AccountSnapshot, Evaluation, MeterSnapshot, decide, level_of
 from .engine import AuditResult, Evaluated, FeeController, ResultOutcome
 from .lifecycle import (
     TRANSITIONS,
-    Command,
     CommandEvent,
-    CommandResult,
     CommandState,
     InvalidTransitionError,
+    RelayOrder,
+    RelayOrderResult,
     next_state,
 )
 from .model import (
@@ -41,7 +41,6 @@ from .model import (
     Balance,
     ChargeResult,
     ChargeStatus,
-    CommandAction,
     Decision,
     DecisionKind,
     EstimatePolicy,
@@ -63,10 +62,7 @@ __all__ = [
     "Balance",
     "ChargeResult",
     "ChargeStatus",
-    "Command",
-    "CommandAction",
     "CommandEvent",
-    "CommandResult",
     "CommandState",
     "ConsistencyReport",
     "Decision",
@@ -90,6 +86,8 @@ __all__ = [
     "NoTripWindows",
     "PaymentResult",
     "PaymentsApi",
+    "RelayOrder",
+    "RelayOrderResult",
     "RelayState",
     "ResultOutcome",
     "ServiceConfig",

@@ -67,9 +67,9 @@ from protocols.topics import check_gateway_id
 from ._log import kv
 from .config import ServiceConfig
 from .engine import FeeController
-from .lifecycle import CommandResult
+from .lifecycle import RelayOrderResult
 from .metrics import FeeControlMetrics, serve
-from .model import ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
+from .model import ORDER_ACTIONS, ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
 from .mqtt import (
     NOTIFICATIONS_TOPIC,
     MqttPublisher,
@@ -94,7 +94,6 @@ __all__ = [
 log = logging.getLogger("amigw.feectl")
 
 ENERGY_QUANTITY = 1  # protocols.quantities: energy_fwd_active_total, 0.01 kWh
-RELAY_ACTIONS = frozenset({"trip", "close_allowed"})  # the only commands fee control issues
 NOTIFICATION_QUEUE_MAX = 10_000
 REJECT_PAYLOAD_BYTES = 1024  # the first bytes of a rejected message kept in the rejects table
 _DETAIL_CHARS = 300  # a reject's detail, and ids taken from the payload, are cut to this
@@ -420,7 +419,7 @@ class FeeControlService:
             return self._reject(msg, "unverified", str(exc))
         if r.gateway != gateway:
             return self._reject(msg, "gateway_mismatch", f"result names gateway {_cut(r.gateway)!r}")
-        if r.action not in RELAY_ACTIONS or (r.status == "rejected" and r.reason == "replayed"):
+        if r.action not in ORDER_ACTIONS or (r.status == "rejected" and r.reason == "replayed"):
             # Not a relay command of ours; or the edge had already finished this id and its real
             # result came before: failing the command on this answer would count a false attempt.
             self.stats.results_ignored += 1
@@ -429,22 +428,17 @@ class FeeControlService:
             )
             return "ignored"
         detail = (r.reason or r.detail) if r.status == "rejected" else r.detail
+        relay_open = None if r.relay_state not in (0, 1) else r.relay_state == 1
         try:
-            result = CommandResult(r.id, r.gateway, r.meter, r.status, detail)
+            result = RelayOrderResult(r.id, r.gateway, r.meter, r.status, detail, relay_open)
         except ValueError as exc:
             return self._reject(msg, "invalid_result", str(exc), meter=r.meter)
-        outcome = self.controller.on_result(result, msg.now_ms)
+        outcome = self.controller.on_result(result, msg.now_ms)  # the result and its read-back
         self._decided(outcome.decisions)
         if outcome.accepted:
             self.stats.results_accepted += 1
         else:
             self.stats.results_ignored += 1
-        # The read-back also counts for a repeated result (a crash between the two transactions).
-        if outcome.command is not None and r.status == "done" and r.relay_state in (0, 1):
-            decisions = self.controller.on_relay_status(
-                gateway, r.meter, r.relay_state == 1, r.action == "trip", self.clock()
-            )
-            self._decided(decisions)
         return "applied" if outcome.accepted else "ignored"
 
     # -- payments and views (the HTTP API) -------------------------------------------------------
