@@ -12,6 +12,7 @@ token, tariffs) once at start, including the bounds on values entering it (``[se
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 import typing
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from ingest.model.tariff import Tariff, parse_hhmm
+from ingest.mqtt.settings import MqttSettings
 from protocols.commands import MAX_VALIDITY_MS
 from protocols.config import loads_toml
 from protocols.errors import ConfigError
@@ -37,7 +39,7 @@ __all__ = [
     "HttpSettings",
     "LimitSettings",
     "MeterSettings",
-    "MqttSettings",
+    "MqttLink",
     "NoTripWindows",
     "ServiceConfig",
     "ServiceSettings",
@@ -181,38 +183,24 @@ class FeeControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class MqttSettings:
-    """``[service.mqtt]``: one persistent session (``client_id``) for the subscriptions, and a
-    second, clean one (``client_id`` + ``"-pub"``) for publishing commands and notifications."""
+class MqttLink(MqttSettings):
+    """``[service.mqtt]``: the connection (:class:`~ingest.mqtt.settings.MqttSettings`, shared
+    with ingest) with fee control's defaults: one persistent session (``client_id``) for the
+    subscriptions, kept a week, and a second, clean one (``client_id`` + ``"-pub"``) for
+    publishing commands and notifications. The password may come from ``password_file``."""
 
-    url: str = "mqtt://127.0.0.1:1883"  # mqtt:// or mqtts:// (TLS, verified against ca_file)
     client_id: str = "amigw-feectl-1"
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password_file: str | None = None
-    ca_file: str | None = None
-    keepalive_s: int = 60
     session_expiry_s: int = 7 * 86_400
     queue_max: int = 64
-    connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
+    password_file: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("mqtt://", "mqtts://")):
-            raise ValueError(f"url: expected mqtt:// or mqtts://, got {self.url!r}")
-        if not self.client_id:
-            raise ValueError("client_id: a persistent session needs a stable, non-empty client id")
+        MqttSettings.__post_init__(self)  # explicit: zero-argument super() fails in slots classes
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file: needs username")
-        for name in (
-            "keepalive_s",
-            "session_expiry_s",
-            "queue_max",
-            "connect_timeout_s",
-            "publish_timeout_s",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0")
+        if self.password_file is not None and self.password is not None:
+            raise ValueError("password_file: give password or password_file, not both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +318,7 @@ class ServiceSettings:
     resend_interval_s: float = 60.0  # an ISSUED command without a result is resent (same id)
     metrics_listen: str = ""  # "host:port" of the Prometheus endpoint; "" disables it
     rejects_keep: int = 100_000  # rows kept in the ledger's rejects table (oldest pruned)
-    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    mqtt: MqttLink = field(default_factory=MqttLink)
     http: HttpSettings = field(default_factory=lambda: HttpSettings(enabled=False))
     limits: LimitSettings = field(default_factory=LimitSettings)
     command_key_files: dict[str, str] = field(default_factory=dict)  # gateway -> hex key file
@@ -368,8 +356,7 @@ class ServiceConfig:
     tariffs: Mapping[str, Tariff]
     accounts: tuple[Account, ...]
     api_token: str | None
-    mqtt_password: str | None
-    ca_file: Path | None
+    mqtt: MqttSettings  # [service.mqtt] with its files read: the password, the CA file's full path
     meter_max_power_w: Mapping[str, int] = field(default_factory=dict)  # enrolled ratings
 
     def max_power_w(self, meter: str) -> int:
@@ -411,14 +398,16 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
         token = _secret_file(base / svc.http.token_file, "service.http.token_file")
         if len(token) < 16:
             raise ConfigError("service.http.token_file", "the API token must be at least 16 characters")
-    password = None
+    password = svc.mqtt.password
     if svc.mqtt.password_file is not None:
         password = _secret_file(base / svc.mqtt.password_file, "service.mqtt.password_file")
     ca = None if svc.mqtt.ca_file is None else base / svc.mqtt.ca_file
     if ca is not None and not ca.is_file():
         raise ConfigError("service.mqtt.ca_file", f"no such file: {ca}")
+    mqtt = MqttSettings(**{f.name: getattr(svc.mqtt, f.name) for f in dataclasses.fields(MqttSettings)})
+    mqtt = dataclasses.replace(mqtt, password=password, ca_file=None if ca is None else str(ca))
     ratings = {m.meter: m.max_power_w for a in svc.accounts for m in a.meters if m.max_power_w is not None}
-    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, password, ca, ratings)
+    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, mqtt, ratings)
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -533,6 +522,7 @@ tariff_files = {}
 # ln-res = "tariffs/ln-res.toml"   (example)
 
 [service.mqtt]
+# The connection (the same keys as ingest's [mqtt], with fee control's defaults).
 # The broker: mqtt://host:port, or mqtts://host:port for TLS (verified against ca_file).
 url = "mqtt://127.0.0.1:1883"
 # The persistent subscribing session; publishing uses "<client_id>-pub".
@@ -540,7 +530,9 @@ client_id = "amigw-feectl-1"
 # "5" (MQTT 5) or "3.1.1".
 protocol = "5"
 # username = "feectl"
+# The password: in a file (preferred), or inline; not both.
 # password_file = "/etc/amigw/feectl.mqtt-password"
+# password = "secret"
 # ca_file = "/etc/amigw/ca.pem"
 keepalive_s = 60
 session_expiry_s = 604800

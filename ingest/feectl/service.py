@@ -72,11 +72,11 @@ from .metrics import FeeControlMetrics, serve
 from .model import ORDER_ACTIONS, ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
 from .mqtt import (
     NOTIFICATIONS_TOPIC,
-    MqttPublisher,
     command_topic,
     consumer_config,
     gateway_of_intervals_topic,
     gateway_of_result_topic,
+    publisher,
 )
 from .sqlite_store import SqliteLedgerStore
 from .store import JournalKind, Reject
@@ -163,7 +163,7 @@ def _decode_intervals_strict(payload: bytes) -> tuple[str, int, list[IntervalRec
 
 
 class Publisher(Protocol):
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None: ...
+    async def publish(self, topic: str, payload: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -590,7 +590,7 @@ class FeeControlService:
                     log.error("command not sent: no key for its gateway", extra=fields)
                     continue
                 payload = SignedCommand(**c.fields()).signed(key)  # type: ignore[arg-type]
-                await self.publisher.publish(command_topic(c.gateway), payload, qos=1)
+                await self.publisher.publish(command_topic(c.gateway), payload)
                 self._sent[c.command_id] = now
                 self.metrics.commands_sent.labels(c.action.value, "first" if last is None else "resend").inc()
                 if last is None:
@@ -599,7 +599,7 @@ class FeeControlService:
                 else:
                     self.stats.commands_resent += 1
             while self._notes:
-                await self.publisher.publish(NOTIFICATIONS_TOPIC, self._notes[0], qos=1)
+                await self.publisher.publish(NOTIFICATIONS_TOPIC, self._notes[0])
                 self._notes.popleft()
                 self.stats.notifications_sent += 1
                 self.metrics.notifications.labels("sent").inc()
@@ -633,7 +633,7 @@ class FeeControlService:
                 self.metrics_address = (str(host), int(port))
                 log.info("metrics listening", extra=kv(host=host, port=port))
             if self.publisher is None:
-                self.publisher = await stack.enter_async_context(MqttPublisher(self.cfg))
+                self.publisher = await stack.enter_async_context(publisher(self.cfg))
             server = None
             if self.cfg.service.http.enabled and self.cfg.api_token is not None:
                 api = PaymentsApi(
