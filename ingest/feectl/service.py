@@ -62,6 +62,7 @@ from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
 from protocols.flags import Flag
+from protocols.quantities import ENERGY_FORWARD
 from protocols.topics import check_gateway_id
 
 from ._log import kv
@@ -82,7 +83,6 @@ from .sqlite_store import SqliteLedgerStore
 from .store import JournalKind, Reject
 
 __all__ = [
-    "ENERGY_QUANTITY",
     "FeeControlService",
     "Publisher",
     "ServiceStats",
@@ -93,7 +93,6 @@ __all__ = [
 
 log = logging.getLogger("amigw.feectl")
 
-ENERGY_QUANTITY = 1  # protocols.quantities: energy_fwd_active_total, 0.01 kWh
 NOTIFICATION_QUEUE_MAX = 10_000
 REJECT_PAYLOAD_BYTES = 1024  # the first bytes of a rejected message kept in the rejects table
 _DETAIL_CHARS = 300  # a reject's detail, and ids taken from the payload, are cut to this
@@ -369,7 +368,7 @@ class FeeControlService:
         """One interval: skipped, charged, rejected (bounds, gateway binding, anything unforeseen)
         or unpriced. Its own transaction: the intervals beside it are not lost with it."""
         enrolled = self._enrolled_meters()
-        if r.quantity != ENERGY_QUANTITY or r.meter not in enrolled:  # most meters are not prepaid
+        if r.quantity != ENERGY_FORWARD or r.meter not in enrolled:  # most meters are not prepaid
             self.stats.intervals_skipped += 1
             self.metrics.charges.labels("skipped").inc()
             return "skipped"
