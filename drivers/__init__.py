@@ -4,14 +4,16 @@
   request/response loop :func:`exchange`.
 * :mod:`drivers.serial_transport`, :mod:`drivers.tcp_transport` -- pyserial and serial-over-TCP.
 * :mod:`drivers.bus` -- one lock per line, guard times, adaptive response timeouts.
-* :mod:`drivers.base` -- :class:`MeterDriver`, :class:`MeterRef`, :class:`ReadResult`,
-  :class:`RelayAction`, and the lazy registry :data:`DRIVERS` / :func:`load_driver`.
+* :mod:`drivers.base` -- :class:`MeterDriver` (what a driver class declares: transports, capabilities,
+  meter checks), :class:`MeterRef`, :class:`ReadResult`, and the registry :data:`DRIVERS` /
+  :func:`load_driver` -- the only list of protocol names.
+* :mod:`drivers.lines` -- the kinds of line (serial, serial server, Modbus TCP) and their ports.
 * :mod:`drivers.modbus` (+ :mod:`drivers.modbus_transport`, the only pymodbus importer).
 
 Importing this package imports neither pyserial nor pymodbus; the modules that need them do.
 """
 
-from drivers.base import DRIVERS, MeterDriver, MeterRef, ReadResult, RelayAction, load_driver
+from drivers.base import DRIVERS, Capability, DriverSetup, MeterDriver, MeterRef, ReadResult, load_driver
 from drivers.bus import Bus, BusTransaction, ResponseTimeout, frame_gap_s
 from drivers.transport import StreamDecoder, Transport, exchange, read_frame
 
@@ -19,10 +21,11 @@ __all__ = [
     "DRIVERS",
     "Bus",
     "BusTransaction",
+    "Capability",
+    "DriverSetup",
     "MeterDriver",
     "MeterRef",
     "ReadResult",
-    "RelayAction",
     "ResponseTimeout",
     "StreamDecoder",
     "Transport",

@@ -1,4 +1,4 @@
-"""The one meter-driver interface, the values it exchanges, and the lazy driver registry.
+"""The one meter-driver interface, the values it exchanges, and the driver registry.
 
 Contract of every :class:`MeterDriver`:
 
@@ -8,31 +8,57 @@ Contract of every :class:`MeterDriver`:
   A failed line or an unanswered meter **is** an exception (``TransportError`` /
   ``TransportTimeout``), after the driver's bounded retries.
 * Writes (:meth:`control`, :meth:`set_clock`) raise ``MeterErrorReply`` when the meter refuses.
-* An operation a protocol or model cannot do raises ``NotImplementedError`` (a configuration
-  mistake the caller should have caught), never a silent no-op.
+* An operation the protocol or model cannot do -- one outside :meth:`~MeterDriver.capabilities`
+  -- raises ``NotImplementedError`` (a configuration mistake the caller should have caught),
+  never a silent no-op.
 
-Drivers are registered by name in :data:`DRIVERS` and imported on first use by
-:func:`load_driver`, so a Modbus-only concentrator never imports the DL/T 645 driver.
+What the rest of the edge asks a driver class instead of testing protocol names:
+
+* :attr:`~MeterDriver.transports` -- the kinds of line it runs over (:mod:`drivers.lines`), and
+  :meth:`~MeterDriver.open` -- the driver on a shared :class:`~drivers.bus.Bus`, or on its own
+  connection (opened by :meth:`~MeterDriver.connect`);
+* :meth:`~MeterDriver.check_meter` -- is a meter reference well formed (address syntax, model),
+  :meth:`~MeterDriver.quantities` / :meth:`~MeterDriver.why_unreadable` -- what it can read;
+* :meth:`~MeterDriver.capabilities` -- relay control, clock read/set, address discovery.
+
+:data:`DRIVERS` is the only list of protocol names in the project: name -> (module, class),
+imported on first use by :func:`load_driver`, so a Modbus-only concentrator never imports the
+DL/T 645 driver. A new protocol is one driver module and one entry here.
 """
 
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import enum
 import importlib
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self
 
-from protocols.errors import ConfigError
+from drivers.lines import LinePort, TransportKind
+from protocols.commands import Action
+from protocols.errors import ConfigError, MeterErrorReply, ProtocolError
+from protocols.flags import Flag
 from protocols.quantities import Quantity
 
 if TYPE_CHECKING:
     from drivers.bus import Bus
 
-__all__ = ["DRIVERS", "MeterDriver", "MeterRef", "ReadResult", "RelayAction", "load_driver"]
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "DRIVERS",
+    "Capability",
+    "DriverSetup",
+    "MeterDriver",
+    "MeterRef",
+    "MeterSpec",
+    "QuantityReading",
+    "ReadResult",
+    "load_driver",
+]
 
 #: protocol name -> (module, class). Imported lazily by :func:`load_driver`.
 DRIVERS: dict[str, tuple[str, str]] = {
@@ -40,27 +66,53 @@ DRIVERS: dict[str, tuple[str, str]] = {
     "dlt645-1997": ("drivers.dlt645", "Dlt645Driver"),
     "modbus": ("drivers.modbus", "ModbusDriver"),
 }
+#: The protocol of a configured meter that names none.
+DEFAULT_PROTOCOL = "dlt645-2007"
 
 
-class RelayAction(enum.StrEnum):
-    """Protocol-neutral relay/alarm commands; each driver maps them (DL/T 645: control codes 1A..3B)."""
+class Capability(enum.StrEnum):
+    """What a driver can do beyond reading quantities."""
 
-    TRIP = "trip"
-    CLOSE_ALLOWED = "close_allowed"
-    DIRECT_CLOSE = "direct_close"
-    ALARM = "alarm"
-    ALARM_RELEASE = "alarm_release"
-    PROTECT = "protect"
-    PROTECT_RELEASE = "protect_release"
+    RELAY = "relay"  # control() with the relay actions, read_relay_state()
+    CLOCK_READ = "clock_read"  # read_clock()
+    CLOCK_SET = "clock_set"  # set_clock()
+    READ_ADDRESS = "read_address"  # read_address(): a lone meter on the line says who it is
+
+
+class MeterSpec(Protocol):
+    """The fields a driver checks in a meter reference (:class:`MeterRef`, a meter's config)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def model(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSetup:
+    """What a driver is opened with: the line's port, the shared bus on it (``None`` for a kind
+    the driver connects to itself), bounded retries, the response timeout of a driver-owned
+    connection, and the meters' local wall time (command deadlines)."""
+
+    port: LinePort
+    bus: Bus | None = None
+    retries: int = 1
+    timeout_s: float = 1.0
+    local_now: Callable[[], dt.datetime] = dt.datetime.now
 
 
 @dataclass(frozen=True, slots=True)
 class MeterRef:
     """Which meter, and how to address it.
 
-    ``address``: DL/T 645 -- the 12-digit meter address; Modbus -- the unit id as decimal text
-    (``"1"`` .. ``"247"``). ``model`` selects a Modbus register map (``"sdm630"``).
-    ``password``/``operator`` are DL/T 645 control credentials (hex text), optional."""
+    ``address`` is the meter's address in its protocol's syntax, ``model`` what the protocol needs
+    to know of the meter type (a register map), ``password``/``operator`` control credentials
+    (hex text), optional. The protocol's driver checks them (:meth:`MeterDriver.check_meter`):
+    ``ConfigError`` naming ``meters[<id>].<field>``."""
 
     id: str
     address: str
@@ -70,23 +122,12 @@ class MeterRef:
     operator: str | None = None
 
     def __post_init__(self) -> None:
-        where = f"meters[{self.id}]"
         if not self.id:
             raise ConfigError("meters[].id", "must not be empty")
-        if self.protocol not in DRIVERS:
-            raise ConfigError(f"{where}.protocol", f"{self.protocol!r} not one of {', '.join(DRIVERS)}")
-        if self.protocol == "modbus":
-            if not self.address.isdigit() or not 1 <= int(self.address) <= 247:
-                raise ConfigError(f"{where}.address", f"Modbus unit id must be 1..247, got {self.address!r}")
-            if not self.model:
-                raise ConfigError(f"{where}.model", "a Modbus meter needs a register-map model")
-
-    @property
-    def unit_id(self) -> int:
-        """The Modbus unit id. ``ValueError`` for a non-Modbus meter."""
-        if self.protocol != "modbus":
-            raise ValueError(f"meter {self.id} is {self.protocol}, it has no unit id")
-        return int(self.address)
+        try:
+            load_driver(self.protocol).check_meter(self)
+        except ConfigError as exc:
+            raise ConfigError(f"meters[{self.id}].{exc.key_path}", exc.reason) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +158,86 @@ class ReadResult:
         raise KeyError(f"quantity {code} not in the result of meter {self.meter_id}")
 
 
+@dataclass(frozen=True, slots=True)
+class QuantityReading:
+    """One quantity as read: ``error`` is the meter's refusal (value 0, ``Flag.METER_ERROR``)."""
+
+    quantity: Quantity
+    value: int
+    error: ProtocolError | None = None
+
+    @property
+    def flags(self) -> int:
+        return int(Flag.METER_ERROR) if self.error is not None else 0
+
+
 class MeterDriver(abc.ABC):
     """Talks to meters of one protocol family. Close with :meth:`aclose` (or ``async with``)."""
 
     protocol: ClassVar[str]
+    #: The kinds of line this driver runs over, the preferred first (``amigw read`` takes the
+    #: first network kind listed for a bare ``tcp://`` port).
+    transports: ClassVar[tuple[TransportKind, ...]]
     _closed: bool = False
-    #: The RS-485 bus this driver's transactions run on (``None``: the driver owns its own
-    #: connection, e.g. Modbus TCP). The edge agent configures per-device timing on it.
-    bus: Bus | None = None
+
+    # -- what the driver class says about itself ------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, setup: DriverSetup) -> MeterDriver:
+        """The driver on ``setup.bus`` (a shared kind) or on its own connection to
+        ``setup.port`` (opened later by :meth:`connect`). Raises ``ConfigError`` (key ``port``)
+        for a kind not in :attr:`transports`."""
+
+    @classmethod
+    def serial_defaults(cls, protocol: str) -> tuple[int, str]:
+        """Baud and parity of a serial line when nothing else says (the field tool's defaults)."""
+        return 9600, "N"
+
+    @classmethod
+    @abc.abstractmethod
+    def capabilities(cls, protocol: str) -> frozenset[Capability]:
+        """What meters of ``protocol`` (one of the names this class is registered under) can do."""
+
+    @classmethod
+    @abc.abstractmethod
+    def check_meter(cls, meter: MeterSpec) -> None:
+        """Raise ``ConfigError`` whose key is the field (``address``, ``model``) when ``meter``
+        cannot be a meter of this protocol (address syntax, a model it needs)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def quantities(cls, meter: MeterSpec) -> tuple[Quantity, ...]:
+        """Every quantity ``meter`` can give. Raises ``ConfigError`` (key ``model``) for a model
+        the driver does not know."""
+
+    @classmethod
+    def why_unreadable(cls, meter: MeterSpec, names: Iterable[str]) -> str | None:
+        """Why ``meter`` cannot read one of ``names``, or ``None`` when it can read them all.
+        Raises as :meth:`quantities`."""
+        have = {q.name for q in cls.quantities(meter)}
+        for name in names:
+            if name not in have:
+                return f"a {meter.protocol} meter has no quantity {name!r}"
+        return None
+
+    @classmethod
+    def require(cls, meter: MeterRef, capability: Capability) -> None:
+        """Raise ``NotImplementedError`` unless meters of ``meter.protocol`` have ``capability``."""
+        if capability not in cls.capabilities(meter.protocol):
+            raise NotImplementedError(f"a {meter.protocol} meter has no {capability} capability")
+
+    # -- one driver -----------------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Bus | None:
+        """The shared bus this driver's transactions run on; ``None`` when the driver owns its
+        own connection. The edge agent configures per-device timing on it."""
+        return None
+
+    async def connect(self) -> None:  # noqa: B027 - a driver on a shared bus has nothing to open
+        """Open the driver's own connection now (reads reconnect by themselves); nothing for a
+        driver on a shared bus, whose owner opens it. Raises ``TransportError``."""
 
     def device_key(self, meter: MeterRef) -> Hashable:
         """The key this driver's bus transactions use for ``meter`` (per-device gaps and
@@ -137,25 +250,38 @@ class MeterDriver(abc.ABC):
 
         Raises ``TransportError``/``TransportTimeout`` when the meter cannot be reached."""
 
-    @abc.abstractmethod
-    async def read_address(self, meter: MeterRef) -> str:
-        """The address the meter reports for itself.
+    async def read_detailed(self, meter: MeterRef, quantities: Sequence[Quantity]) -> list[QuantityReading]:
+        """Like :meth:`read`, each refusal with its error (for ``amigw read``). Raises as :meth:`read`."""
+        result = await self.read(meter, quantities)
+        return [
+            QuantityReading(q, value, MeterErrorReply(0, None, ("refused",)) if flags else None)
+            for q, (_, value, flags) in zip(quantities, result.values, strict=True)
+        ]
 
-        DL/T 645: the wildcard address read; Modbus: the unit id, after a probe read."""
+    async def read_address(self, meter: MeterRef | None = None) -> str:
+        """The address the lone meter on the line reports for itself (:attr:`Capability.READ_ADDRESS`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot ask a meter for its address")
 
-    @abc.abstractmethod
-    async def control(self, meter: MeterRef, action: RelayAction) -> None:
-        """Relay/alarm command.
+    async def control(self, meter: MeterRef, action: Action) -> None:
+        """Relay/alarm command (:attr:`Capability.RELAY`).
 
         Raises ``MeterErrorReply`` when refused, ``NotImplementedError`` when unsupported."""
+        raise NotImplementedError(f"a {meter.protocol} meter has no relay control")
 
-    @abc.abstractmethod
     async def read_relay_state(self, meter: MeterRef) -> int:
         """0 = closed (supply on), 1 = open (tripped) -- the ``relay_state`` quantity."""
+        raise NotImplementedError(f"a {meter.protocol} meter has no relay state")
 
-    @abc.abstractmethod
-    async def set_clock(self, meter: MeterRef, epoch_ms: int) -> None:
-        """Set the meter clock (meter-local time as UTC-naive epoch ms)."""
+    async def read_clock(self, meter: MeterRef) -> int:
+        """The meter clock as meter-local time in UTC-naive epoch ms (:attr:`Capability.CLOCK_READ`)."""
+        raise NotImplementedError(f"a {meter.protocol} meter has no clock to read")
+
+    async def set_clock(self, meter: MeterRef, epoch_ms: int, *, broadcast: bool | None = None) -> None:
+        """Set the meter clock (meter-local time as UTC-naive epoch ms; :attr:`Capability.CLOCK_SET`).
+
+        ``broadcast``: True for a small correction the protocol may send to every meter on the
+        line unauthenticated, False for an authorised write to this meter; None the driver's default."""
+        raise NotImplementedError(f"a {meter.protocol} meter has no clock to set")
 
     async def aclose(self) -> None:
         self._closed = True
@@ -176,11 +302,11 @@ class MeterDriver(abc.ABC):
 def load_driver(name: str) -> type[MeterDriver]:
     """The driver class registered under ``name``, imported on first use.
 
-    Raises ``ConfigError`` for an unknown name."""
+    Raises ``ConfigError`` (key ``protocol``) for an unknown name."""
     try:
         module_name, class_name = DRIVERS[name]
     except KeyError:
-        raise ConfigError("protocol", f"unknown driver {name!r}; known: {', '.join(DRIVERS)}") from None
+        raise ConfigError("protocol", f"{name!r} not one of {', '.join(DRIVERS)}") from None
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, MeterDriver)):
         raise TypeError(f"{module_name}.{class_name} is not a MeterDriver")

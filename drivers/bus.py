@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -129,8 +130,18 @@ class BusTransaction:
 class Bus:
     """One half-duplex line. ``async with Bus(transport, baud=9600) as bus:`` closes the transport."""
 
-    def __init__(self, transport: Transport, *, baud: int | None = None, name: str = "bus") -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        baud: int | None = None,
+        name: str = "bus",
+        timeout: ResponseTimeout | None = None,
+    ) -> None:
+        """``timeout`` is the response timeout a device starts with unless configured (a copy
+        each, as each device adapts its own)."""
         self.transport, self.baud, self.name = transport, baud, name
+        self._default_timeout = timeout or ResponseTimeout()
         self.guard_s = frame_gap_s(baud)
         self._lock = asyncio.Lock()
         self._devices: dict[Hashable, DeviceTiming] = {}
@@ -143,7 +154,9 @@ class Bus:
         self._devices[device] = DeviceTiming(min_gap_s, timeout or ResponseTimeout())
 
     def timing(self, device: Hashable) -> DeviceTiming:
-        return self._devices.setdefault(device, DeviceTiming())
+        if device not in self._devices:
+            self._devices[device] = DeviceTiming(timeout=dataclasses.replace(self._default_timeout))
+        return self._devices[device]
 
     def response_timeout_s(self, device: Hashable) -> float:
         """The response timeout currently in force for ``device`` (exported as a metric)."""

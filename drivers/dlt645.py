@@ -1,7 +1,11 @@
 """DL/T 645 meters (2007 and 1997 editions) on a shared :class:`~drivers.bus.Bus`.
 
 One driver serves both editions: the edition comes from ``MeterRef.protocol`` (``"dlt645-2007"``
-or ``"dlt645-1997"``). Every request goes out with ``preamble`` wake-up ``FE`` bytes (reference
+or ``"dlt645-1997"``, the two names :data:`drivers.base.DRIVERS` registers it under). It runs on a
+serial line or a transparent serial server (never its own connection); 2007 meters can do every
+:class:`~drivers.base.Capability`, 1997 meters have no relay control and no read-address command.
+
+Every request goes out with ``preamble`` wake-up ``FE`` bytes (reference
 §1: masters send 4). One :meth:`Dlt645Driver.read` is one bus transaction (a short sequence of
 request/answer pairs with one meter), each exchange under the bus's adaptive per-device timeout.
 
@@ -27,15 +31,26 @@ import calendar
 import collections
 import datetime as dt
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from drivers.base import MeterDriver, MeterRef, ReadResult, RelayAction
+from drivers.base import (
+    Capability,
+    DriverSetup,
+    MeterDriver,
+    MeterRef,
+    MeterSpec,
+    QuantityReading,
+    ReadResult,
+)
 from drivers.bus import Bus, BusTransaction
+from drivers.lines import TransportKind
+from protocols.commands import Action
 from protocols.dlt645 import (
     BROADCAST_ADDRESS,
     REGISTRY,
+    RELAY_CODES,
     WILDCARD_ADDRESS,
     AddressReply,
     ControlCode,
@@ -43,10 +58,8 @@ from protocols.dlt645 import (
     Frame,
     FrameDecoder,
     MeterDate,
-    NeedData,
     Password,
     RelayControlRequest,
-    Skipped,
     TimeSyncRequest,
     WriteRequest,
     check_reply,
@@ -57,9 +70,9 @@ from protocols.dlt645 import (
     encode_value,
     normalize_address,
     parse_response,
+    quantity_map,
     relay_state,
 )
-from protocols.dlt645 import RelayAction as Dlt645Action
 from protocols.errors import (
     ConfigError,
     FrameError,
@@ -68,10 +81,10 @@ from protocols.errors import (
     ProtocolError,
     TransportTimeout,
 )
-from protocols.flags import Flag
 from protocols.quantities import Quantity, by_name
+from protocols.stream import NeedData, Skipped
 
-__all__ = ["DEFAULT_CONTROL_PASSWORD", "Dlt645Driver", "QuantityReading", "parse_password"]
+__all__ = ["DEFAULT_CONTROL_PASSWORD", "Dlt645Driver", "parse_password"]
 
 #: Plaintext 0x1C password when the meter has none configured: level 02, 000000 (reference §5.9,
 #: G-esp; which level a meter accepts is UNCONFIRMED, so MeterRef.password overrides it).
@@ -101,19 +114,6 @@ def parse_password(text: str | None) -> Password:
         raise ConfigError(
             "meters[].password", f"expected PAP0P1P2 (8 hex digits) or 6 digits: {exc}"
         ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class QuantityReading:
-    """One quantity as read: ``error`` is the meter's refusal (value 0, ``Flag.METER_ERROR``)."""
-
-    quantity: Quantity
-    value: int
-    error: ProtocolError | None = None
-
-    @property
-    def flags(self) -> int:
-        return int(Flag.METER_ERROR) if self.error is not None else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +161,7 @@ class Dlt645Driver(MeterDriver):
     """DL/T 645-2007 and -1997 meters on one bus (see the module docstring for the error rules)."""
 
     protocol = "dlt645-2007"
-    bus: Bus  # always on a shared RS-485 bus (or a serial server), never its own connection
+    transports = (TransportKind.SERIAL, TransportKind.SERIAL_SERVER)
 
     def __init__(
         self,
@@ -184,7 +184,7 @@ class Dlt645Driver(MeterDriver):
             raise ValueError("need retries >= 0 and preamble in 0..4")
         if clock_method not in ("broadcast", "write"):
             raise ValueError(f"clock_method {clock_method!r} not 'broadcast' or 'write'")
-        self.bus, self.retries, self.preamble = bus, retries, preamble
+        self._bus, self.retries, self.preamble = bus, retries, preamble
         self.use_blocks, self.read_meter_clock = use_blocks, read_meter_clock
         self.relay_validity_s, self.clock_method = relay_validity_s, clock_method
         self._local_now, self._time_ms, self.key = local_now, time_ms, key
@@ -193,18 +193,76 @@ class Dlt645Driver(MeterDriver):
         self.stats: collections.Counter[str] = collections.Counter()
         self._opened = True
 
+    # -- what the class says about itself -----------------------------------------------------
+
+    @classmethod
+    def open(cls, setup: DriverSetup) -> Dlt645Driver:
+        """On the line's shared bus; relay-command deadlines in the meters' local time."""
+        if setup.bus is None:
+            raise ConfigError(
+                "port", f"{setup.port.text}: DL/T 645 meters need a serial line or serial server"
+            )
+        return cls(setup.bus, retries=setup.retries, local_now=setup.local_now)
+
+    @classmethod
+    def serial_defaults(cls, protocol: str) -> tuple[int, str]:
+        return (1200 if cls.edition_of(protocol) == 1997 else 2400), "E"
+
+    @classmethod
+    def capabilities(cls, protocol: str) -> frozenset[Capability]:
+        if cls.edition_of(protocol) == 1997:  # no 0x1C relay control, no 0x13 read address
+            return frozenset({Capability.CLOCK_READ, Capability.CLOCK_SET})
+        return frozenset(Capability)
+
+    @classmethod
+    def check_meter(cls, meter: MeterSpec) -> None:
+        cls.edition_of(meter.protocol)
+        if not (len(meter.address) == 12 and meter.address.isdigit()):
+            raise ConfigError("address", f"a DL/T 645 address is 12 digits, got {meter.address!r}")
+
+    @classmethod
+    def quantities(cls, meter: MeterSpec) -> tuple[Quantity, ...]:
+        names = [*quantity_map(cls.edition_of(meter.protocol)), "meter_clock"]
+        return tuple(by_name(n) for n in dict.fromkeys(names))
+
+    @classmethod
+    def why_unreadable(cls, meter: MeterSpec, names: Iterable[str]) -> str | None:
+        edition = cls.edition_of(meter.protocol)
+        for name in names:
+            if name == "meter_clock":
+                continue  # read as date and time, not one DI
+            try:
+                di_for_quantity(name, edition)
+            except KeyError as exc:
+                return str(exc.args[0])
+        return None
+
+    @staticmethod
+    def edition_of(protocol: str) -> int:
+        """2007 or 1997. Raises ``ConfigError`` (key ``protocol``) for another protocol name."""
+        editions = {"dlt645-2007": 2007, "dlt645-1997": 1997}
+        if protocol not in editions:
+            raise ConfigError("protocol", f"{protocol!r} is not DL/T 645")
+        return editions[protocol]
+
     # -- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Bus:
+        """The shared line (RS-485 or a serial server) this driver talks on."""
+        return self._bus
 
     def device_key(self, meter: MeterRef | str) -> Hashable:
         """The bus device key of ``meter`` (to ``bus.configure_device`` its timeout and gap)."""
         address = meter.address if isinstance(meter, MeterRef) else meter
         return (self.key, normalize_address(address))
 
-    @staticmethod
-    def edition(meter: MeterRef) -> int:
-        if not meter.protocol.startswith("dlt645"):
-            raise ConfigError(f"meters[{meter.id}].protocol", f"{meter.protocol!r} is not DL/T 645")
-        return 1997 if meter.protocol == "dlt645-1997" else 2007
+    @classmethod
+    def edition(cls, meter: MeterSpec) -> int:
+        try:
+            return cls.edition_of(meter.protocol)
+        except ConfigError as exc:
+            raise ConfigError(f"meters[{meter.id}].protocol", exc.reason) from None
 
     async def _request(
         self, tx: BusTransaction, address: str | None, control: int, payload: bytes, di: int | None = None
@@ -344,13 +402,15 @@ class Dlt645Driver(MeterDriver):
             raise FramingError(f"meter {address} clock is {day!r} {clock!r}")
         return _meter_epoch_ms(day.to_date(), clock)
 
-    async def read_detailed(
+    async def read_detailed(self, meter: MeterRef, quantities: Sequence[Quantity]) -> list[QuantityReading]:
+        """Like :meth:`read`, keeping each refusal's :class:`MeterErrorReply` (for ``amigw read``)."""
+        readings, _ = await self._read_detailed(meter, quantities, meter_clock=False)
+        return readings
+
+    async def _read_detailed(
         self, meter: MeterRef, quantities: Sequence[Quantity], *, meter_clock: bool | None = None
     ) -> tuple[list[QuantityReading], int | None]:
-        """Like :meth:`read`, keeping each refusal's :class:`MeterErrorReply` (for ``amigw read``).
-
-        Returns the readings in the order asked and the meter clock (epoch ms) when read.
-        """
+        """The readings in the order asked and the meter clock (epoch ms) when read."""
         want_clock = self.read_meter_clock if meter_clock is None else meter_clock
         want_clock = want_clock or any(q.name == "meter_clock" for q in quantities)
         plans = self._plan(meter, quantities)
@@ -381,9 +441,15 @@ class Dlt645Driver(MeterDriver):
             ConfigError: a quantity no DI of the meter's edition carries.
         """
         read_ts_ms = self._time_ms()
-        readings, meter_ts = await self.read_detailed(meter, quantities, meter_clock=meter_clock)
+        readings, meter_ts = await self._read_detailed(meter, quantities, meter_clock=meter_clock)
         values = tuple((r.quantity.code, r.value, r.flags) for r in readings)
         return ReadResult(meter.id, read_ts_ms, values, meter_ts)
+
+    async def read_clock(self, meter: MeterRef) -> int:
+        """The meter's date and time (two requests) as UTC-naive epoch ms. Raises as :meth:`read`."""
+        async with self.bus.transaction(device=self.device_key(meter)) as tx:
+            self.stats["transactions"] += 1
+            return await self._read_clock(tx, meter)
 
     async def read_di(self, meter: MeterRef, di: int) -> bytes:
         """The raw value bytes of one DI (the field tool's ``--di``).
@@ -417,7 +483,7 @@ class Dlt645Driver(MeterDriver):
             self.stats["transactions"] += 1
             await self._request(tx, normalize_address(meter.address), control, payload, di)
 
-    async def control(self, meter: MeterRef, action: RelayAction) -> None:
+    async def control(self, meter: MeterRef, action: Action) -> None:
         """Relay / alarm / protect command (0x1C) with the meter's password and operator code.
 
         The deadline N3..N8 is meter-local now + ``relay_validity_s``.
@@ -428,9 +494,11 @@ class Dlt645Driver(MeterDriver):
         """
         if self.edition(meter) == 1997:
             raise NotImplementedError("DL/T 645-1997 has no relay control code")
+        if action not in RELAY_CODES:
+            raise NotImplementedError(f"{action} is not a relay action")
         until = (self._local_now() + dt.timedelta(seconds=self.relay_validity_s)).replace(microsecond=0)
         request = RelayControlRequest(
-            Dlt645Action[RelayAction(action).name], until, parse_password(meter.password),
+            RELAY_CODES[action], until, parse_password(meter.password),
             (meter.operator or "00000000").upper(),
         )  # fmt: skip
         await self._command(meter, request.control, request.payload())
@@ -444,9 +512,9 @@ class Dlt645Driver(MeterDriver):
             raise FramingError(f"status word 3 decoded to {word!r}")
         return relay_state(word)
 
-    async def set_clock(self, meter: MeterRef, epoch_ms: int, *, method: str | None = None) -> None:
-        """Set the clock to ``epoch_ms`` (meter-local time as UTC-naive epoch ms); ``method``
-        overrides the constructor's ``clock_method`` for this call.
+    async def set_clock(self, meter: MeterRef, epoch_ms: int, *, broadcast: bool | None = None) -> None:
+        """Set the clock to ``epoch_ms`` (meter-local time as UTC-naive epoch ms); ``broadcast``
+        overrides the constructor's ``clock_method`` for this call (True: broadcast, False: write).
 
         ``clock_method="broadcast"``: time sync 0x08 to 99..99 (reference §5): every meter on the line
         takes it and none answers, so nothing can be verified here -- read the clock back.
@@ -458,7 +526,7 @@ class Dlt645Driver(MeterDriver):
         when = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=epoch_ms)
         when = when.replace(microsecond=0)
         edition = self.edition(meter)
-        if (method or self.clock_method) == "broadcast":
+        if broadcast if broadcast is not None else self.clock_method == "broadcast":
             wire = encode_frame(BROADCAST_ADDRESS, ControlCode.BROADCAST_TIME_SYNC,
                                 TimeSyncRequest(when).payload(), preamble=self.preamble)  # fmt: skip
             async with self.bus.transaction(device=self.device_key(BROADCAST_ADDRESS)) as tx:

@@ -11,20 +11,32 @@ fixed-point values in our pure code. Errors:
 * a quantity the model's map does not have is a ``ConfigError`` (the meter config asks for
   something the model cannot give: fix it at start, not per poll).
 
-Relay control and clock setting are not part of these models' maps: ``NotImplementedError``.
+It runs as RTU on a serial line or a transparent serial server (a shared bus) or over Modbus TCP
+(its own connection). A meter's address is its unit id (``"1"`` .. ``"247"``) and its ``model``
+names the register map. Relay control and clock setting are not part of these models' maps: the
+driver declares no :class:`~drivers.base.Capability`, and they raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
-from drivers.base import MeterDriver, MeterRef, ReadResult, RelayAction
+from drivers.base import (
+    Capability,
+    DriverSetup,
+    MeterDriver,
+    MeterRef,
+    MeterSpec,
+    QuantityReading,
+    ReadResult,
+)
 from drivers.bus import Bus
+from drivers.lines import TransportKind
 from drivers.modbus_transport import RegisterLink, RtuLink, TcpLink
 from protocols.errors import ConfigError, MeterErrorReply, TransportTimeout
 from protocols.flags import Flag
-from protocols.modbus.maps import RegisterDef, RegisterMap, load_map
+from protocols.modbus.maps import RegisterDef, RegisterMap, available_models, load_map
 from protocols.modbus.plan import ReadBlock, decode_one, plan_reads
 from protocols.quantities import Quantity
 
@@ -33,6 +45,7 @@ __all__ = ["ModbusDriver"]
 
 class ModbusDriver(MeterDriver):
     protocol = "modbus"
+    transports = (TransportKind.SERIAL, TransportKind.MODBUS_TCP, TransportKind.SERIAL_SERVER)
 
     def __init__(
         self, link: RegisterLink, *, retries: int = 1, maps: Mapping[str, RegisterMap] | None = None
@@ -44,18 +57,54 @@ class ModbusDriver(MeterDriver):
         self._maps = dict(maps or {})
         self._opened = True
 
+    @classmethod
+    def open(cls, setup: DriverSetup) -> ModbusDriver:
+        """Modbus TCP at ``modbus-tcp://host:port``, else RTU on the line's shared bus."""
+        if setup.port.kind is TransportKind.MODBUS_TCP:
+            port = setup.port
+            return cls.tcp(port.host, port.tcp_port, timeout_s=setup.timeout_s, retries=setup.retries)
+        if setup.bus is None:
+            raise ConfigError("port", f"{setup.port.text}: Modbus RTU needs a serial line or serial server")
+        return cls.rtu(setup.bus, retries=setup.retries)
+
+    @classmethod
+    def capabilities(cls, protocol: str) -> frozenset[Capability]:
+        return frozenset()
+
+    @classmethod
+    def check_meter(cls, meter: MeterSpec) -> None:
+        if not meter.address.isdigit() or not 1 <= int(meter.address) <= 247:
+            raise ConfigError("address", f"a Modbus unit id is 1..247, got {meter.address!r}")
+        if not meter.model:
+            raise ConfigError(
+                "model", f"a Modbus meter needs a register map ({', '.join(available_models())})"
+            )
+
+    @classmethod
+    def quantities(cls, meter: MeterSpec) -> tuple[Quantity, ...]:
+        return tuple(load_map(meter.model or "").quantities)
+
+    @classmethod
+    def why_unreadable(cls, meter: MeterSpec, names: Iterable[str]) -> str | None:
+        regmap = load_map(meter.model or "")
+        have = {q.name for q in regmap.quantities}
+        for name in names:
+            if name not in have:
+                return f"model {regmap.model} has no register for {name!r}"
+        return None
+
     @property
-    def bus(self) -> Bus | None:  # type: ignore[override]
+    def bus(self) -> Bus | None:
         """The shared RS-485 bus for Modbus RTU; ``None`` for Modbus TCP (its own connection)."""
         return self.link.bus if isinstance(self.link, RtuLink) else None
 
     async def connect(self) -> None:
         """Modbus TCP: open the connection now (reads reconnect by themselves). RTU: nothing to
-        open, the bus is. Raises ``TransportError``."""
+        open, the bus's owner opens it. Raises ``TransportError``."""
         await self.link.connect()
 
     def device_key(self, meter: MeterRef) -> Hashable:
-        return (self.link.key if isinstance(self.link, RtuLink) else "modbus-tcp", meter.unit_id)
+        return (self.link.key if isinstance(self.link, RtuLink) else TransportKind.MODBUS_TCP, _unit(meter))
 
     def register_map(self, meter: MeterRef) -> RegisterMap:
         """The map for ``meter.model``. Raises ``ConfigError`` for an unknown model."""
@@ -124,26 +173,33 @@ class ModbusDriver(MeterDriver):
         read_ts_ms = time.time_ns() // 1_000_000
         got: dict[int, tuple[int, int]] = {}
         for block in plan_reads(defs, max_gap=self.register_map(meter).max_gap):
-            got |= await self._read_block(meter.unit_id, block)
+            got |= await self._read_block(_unit(meter), block)
         values = tuple((q.code, *got[q.code]) for q in quantities)
         return ReadResult(meter.id, read_ts_ms, values)
 
-    async def read_address(self, meter: MeterRef) -> str:
-        """Modbus has no "who are you": read the map's first register to prove the unit answers."""
-        reg = self.register_map(meter).registers[0]
-        await self._read(meter.unit_id, reg.function, reg.address, reg.count)
-        return str(meter.unit_id)
-
-    async def control(self, meter: MeterRef, action: RelayAction) -> None:
-        raise NotImplementedError(f"model {meter.model} has no relay control over Modbus")
-
-    async def read_relay_state(self, meter: MeterRef) -> int:
-        raise NotImplementedError(f"model {meter.model} has no relay state register")
-
-    async def set_clock(self, meter: MeterRef, epoch_ms: int) -> None:
-        raise NotImplementedError(f"model {meter.model} has no clock register in its map")
+    async def read_detailed(self, meter: MeterRef, quantities: Sequence[Quantity]) -> list[QuantityReading]:
+        """Like :meth:`read`; a refused value carries the exception the unit answers for its
+        register alone, or "not a number" for a NaN or infinity."""
+        result = await self.read(meter, quantities)
+        out = []
+        for q in quantities:
+            error: MeterErrorReply | None = None
+            if result.flags(q):
+                reg = self.register_map(meter).for_quantity(q.name)
+                try:
+                    await self.link.read_registers(_unit(meter), reg.function, reg.address, reg.count)
+                    error = MeterErrorReply(0, None, ("not a number",))
+                except MeterErrorReply as exc:
+                    error = exc
+            out.append(QuantityReading(q, result.value(q), error))
+        return out
 
     async def aclose(self) -> None:
         if not self._closed:
             await self.link.aclose()
         await super().aclose()
+
+
+def _unit(meter: MeterRef) -> int:
+    """The unit id of ``meter`` (its address, checked by :meth:`ModbusDriver.check_meter`)."""
+    return int(meter.address)

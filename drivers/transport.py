@@ -10,9 +10,9 @@ the project. It takes any object with the stream-decoder shape (STYLE H2)::
     decoder.feed(data: bytes) -> None
     decoder.next() -> frame | Skipped | NeedData     # may raise a FrameError
 
-An instance of a class named ``NeedData`` means "read more", one named ``Skipped`` means "garbage
-was hunted over, keep going"; anything else is the frame and is returned. (Classes are matched by
-name so that every codec can keep its own sentinel types without importing a shared module.)
+:class:`~protocols.stream.NeedData` means "read more", :class:`~protocols.stream.Skipped` means
+"garbage was hunted over, keep going" (the one sentinel pair every codec returns); anything else is
+the frame and is returned.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from protocols.errors import TransportError, TransportTimeout
+from protocols.stream import NeedData, Skipped
 
 __all__ = ["ClosedTransport", "StreamDecoder", "Transport", "exchange", "read_frame"]
 
@@ -119,10 +120,9 @@ async def read_frame(
     received = 0
     while True:
         result = decoder.next()
-        kind = type(result).__name__
-        if kind == "Skipped":
+        if isinstance(result, Skipped):
             continue
-        if kind != "NeedData":
+        if not isinstance(result, NeedData):
             return result
         wait = deadline - loop.time()
         if received and gap is not None:

@@ -43,10 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drivers.base import MeterDriver, MeterRef, RelayAction, load_driver
+from drivers.base import Capability, DriverSetup, MeterDriver, MeterRef, load_driver
 from drivers.bus import Bus, ResponseTimeout
-from drivers.serial_transport import SerialTransport
-from drivers.tcp_transport import TcpTransport
+from drivers.lines import open_transport, parse_port
 from drivers.transport import ClosedTransport, Transport
 from gateway.commands import CommandIntake, ExecutedCommands
 from gateway.config import BusConfig, EdgeConfig, MeterConfig, PlanConfig, unreadable_quantity
@@ -55,7 +54,7 @@ from gateway.outbox import Outbox
 from gateway.publisher import ConnectionLostError, Publisher
 from gateway.schedule import MeterStats, bus_retry_s, next_boundary
 from protocols import payload, topics
-from protocols.commands import RELAY_ACTIONS, Command, CommandResult
+from protocols.commands import RELAY_ACTIONS, Action, Command, CommandResult
 from protocols.errors import (
     AmigwError,
     ChecksumError,
@@ -189,11 +188,8 @@ class EdgeAgent:
 
     async def _open_transport(self, bus_cfg: BusConfig) -> Transport:
         """Open the bus's port or serial server. Raises ``TransportError``."""
-        if bus_cfg.kind == "tcp":
-            host, _, port = bus_cfg.port.removeprefix("tcp://").rpartition(":")
-            return await TcpTransport.connect(host, int(port))
-        return SerialTransport(
-            bus_cfg.port,
+        return await open_transport(
+            parse_port(bus_cfg.port),
             baud=bus_cfg.baud,
             parity=bus_cfg.parity,
             stop_bits=bus_cfg.stop_bits,
@@ -201,9 +197,10 @@ class EdgeAgent:
         )
 
     async def _open_bus(self, bus_cfg: BusConfig, stack: contextlib.AsyncExitStack) -> Bus | None:
-        """The bus object, not yet open (its poll task opens it); ``None`` for Modbus TCP."""
-        if bus_cfg.kind == "modbus-tcp":
-            return None  # Modbus TCP drivers own their connection
+        """The bus object, not yet open (its poll task opens it); ``None`` for a kind of line
+        that is not shared (its driver owns the connection)."""
+        if not bus_cfg.kind.shared:
+            return None
         bus = Bus(ClosedTransport(bus_cfg.port), baud=bus_cfg.baud, name=bus_cfg.name)
         await stack.enter_async_context(bus)
         return bus
@@ -213,16 +210,14 @@ class EdgeAgent:
     ) -> MeterDriver:
         if protocol in cache:
             return cache[protocol]
-        cls = load_driver(protocol)
-        driver: MeterDriver
-        if bus is None:  # modbus-tcp://host:port
-            host, _, port = bus_cfg.port.removeprefix("modbus-tcp://").rpartition(":")
-            driver = cls.tcp(host, int(port), timeout_s=bus_cfg.timeout_s, retries=bus_cfg.retries)  # type: ignore[attr-defined]
-        elif protocol == "modbus":
-            driver = cls.rtu(bus, retries=bus_cfg.retries)  # type: ignore[attr-defined]
-        else:  # DL/T 645: relay-command deadlines are in the meters' local time, as configured
-            driver = cls(bus, retries=bus_cfg.retries, local_now=self._meter_local_now)  # type: ignore[call-arg]
-        cache[protocol] = driver
+        setup = DriverSetup(  # command deadlines are in the meters' local time, as configured
+            parse_port(bus_cfg.port),
+            bus,
+            retries=bus_cfg.retries,
+            timeout_s=bus_cfg.timeout_s,
+            local_now=self._meter_local_now,
+        )
+        driver = cache[protocol] = load_driver(protocol).open(setup)
         return driver
 
     def _meter_local_now(self) -> datetime.datetime:
@@ -362,8 +357,8 @@ class EdgeAgent:
         if line.bus is not None:
             await line.bus.reopen(lambda: self._open_transport(line.cfg))
         else:
-            for driver in line.drivers:  # Modbus TCP: the one driver's connection
-                await driver.connect()  # type: ignore[attr-defined]
+            for driver in line.drivers:  # a line that is not shared: each driver's own connection
+                await driver.connect()
 
     async def _bring_up(self, line: _Line) -> None:
         """Open the line, retrying with back-off for as long as it takes."""
@@ -499,10 +494,10 @@ class EdgeAgent:
         for (meter, q), (value, ts) in outbox.get_prev(last).items():
             builder.set_prev(meter, q, value, ts)
         sent_ms = self.now_ms()
-        encoding = self.cfg.mqtt.encoding
+        encoding, version = self.cfg.mqtt.encoding, self.cfg.mqtt.payload_version
 
         def make(seq: int) -> bytes:
-            return payload.encode(builder.build(self.cfg.gateway_id, seq, sent_ms), encoding)
+            return payload.encode(builder.build(self.cfg.gateway_id, seq, sent_ms), encoding, version)
 
         added = outbox.add_batch(self.topic_readings, make, kind=kind, prev=last)
         if added.dropped:
@@ -517,28 +512,30 @@ class EdgeAgent:
         return int(offset.total_seconds() * 1000) if offset else 0
 
     async def _check_clock(self, meter: _Meter) -> None:
-        """Correct a DL/T 645 meter whose clock is off by more than the tolerance, and report it.
+        """Correct a meter whose clock is off by more than the tolerance, and report it -- a
+        meter whose driver declares clock read and set (:class:`~drivers.base.Capability`).
 
-        DL/T 645-2007 §5 (broadcast time sync, 0x08) reaches every meter on the line, needs no
-        password and is only accepted by meters within a few minutes of the sent time: a skew up
-        to ``max_adjust_s`` is corrected that way (which corrects the bus's other meters too).
-        A larger skew needs a password-authorised write of date and time (0x14, DIs
-        04000101/04000102) to that one meter."""
+        A skew up to ``max_adjust_s`` is corrected by broadcast (DL/T 645-2007 §5, 0x08: it
+        reaches every meter on the line, needs no password and is only accepted by meters within
+        a few minutes of the sent time; it corrects the bus's other meters too). A larger skew
+        needs an authorised write to that one meter (DL/T 645: 0x14 of date and time)."""
         now = self.now_ms()
-        if now < meter.next_clock_check_ms or not meter.cfg.protocol.startswith("dlt645") or meter.failing:
+        clock_caps = {Capability.CLOCK_READ, Capability.CLOCK_SET}
+        if now < meter.next_clock_check_ms or meter.failing:
+            return
+        if not clock_caps <= meter.driver.capabilities(meter.ref.protocol):
             return
         clock = self.cfg.clock
         meter.next_clock_check_ms = now + clock.check_interval_s * 1000
         try:
-            result = await meter.driver.read(meter.ref, [], meter_clock=True)  # type: ignore[call-arg]
-            if result.meter_ts_ms is None:
-                return
+            meter_ms = await meter.driver.read_clock(meter.ref)
             true_local = self.now_ms() + self._local_offset_ms(now)
-            skew_ms = result.meter_ts_ms - true_local
+            skew_ms = meter_ms - true_local
             if abs(skew_ms) <= clock.tolerance_s * 1000:
                 return
-            method = "broadcast" if abs(skew_ms) <= clock.max_adjust_s * 1000 else "write"
-            await meter.driver.set_clock(meter.ref, true_local, method=method)  # type: ignore[call-arg]
+            broadcast = abs(skew_ms) <= clock.max_adjust_s * 1000
+            method = "broadcast" if broadcast else "write"
+            await meter.driver.set_clock(meter.ref, true_local, broadcast=broadcast)
         except Exception as exc:  # a failed check is retried at the next interval, never fatal
             log.warning(
                 "clock check failed",
@@ -659,8 +656,8 @@ class EdgeAgent:
         try:
             async with asyncio.timeout(deadline_s):
                 if cmd.action in RELAY_ACTIONS:
-                    return await self._relay(meter, cmd, result)
-                if cmd.action == "time_sync":  # meters keep local time, like the clock check
+                    return await self._relay(meter, cmd, Action(cmd.action), result)
+                if cmd.action == Action.TIME_SYNC:  # meters keep local time, like the clock check
                     now = self.now_ms()
                     await meter.driver.set_clock(meter.ref, now + self._local_offset_ms(now))
                     self._event("clock_adjusted", meter.cfg.id, {"by": "command", "command": cmd.id})
@@ -687,22 +684,23 @@ class EdgeAgent:
         return result("done", "read stored")
 
     async def _relay(
-        self, meter: _Meter, cmd: Command, result: Callable[..., CommandResult]
+        self, meter: _Meter, cmd: Command, action: Action, result: Callable[..., CommandResult]
     ) -> CommandResult:
         before = meter.relay_state
-        await meter.driver.control(meter.ref, RelayAction(cmd.action))
-        if cmd.action not in ("trip", "close_allowed", "direct_close"):
+        meter.driver.require(meter.ref, Capability.RELAY)
+        await meter.driver.control(meter.ref, action)
+        if action not in _SWITCHING:
             self._relay_done(meter, cmd, None)
             return result("done")
         state = await meter.driver.read_relay_state(meter.ref)
         meter.relay_state = state
         if state != before:
             self._event("relay_changed", meter.cfg.id, {"from": before, "to": state, "command": cmd.id})
-        expected = 1 if cmd.action == "trip" else 0
+        expected = 1 if action is Action.TRIP else 0
         if state == expected:
             self._relay_done(meter, cmd, state)
             return result("done", "relay state verified by read-back", state)
-        if cmd.action == "close_allowed":
+        if action is Action.CLOSE_ALLOWED:
             self._relay_done(meter, cmd, state)
             return result("done", "closing allowed; relay stays open until the customer closes it", state)
         return result(
@@ -720,6 +718,8 @@ class EdgeAgent:
 
 
 _POWER_DOWN_COUNT = by_name("power_down_count").code
+#: Relay actions that move the relay, verified by reading its state back.
+_SWITCHING = frozenset({Action.TRIP, Action.CLOSE_ALLOWED, Action.DIRECT_CLOSE})
 
 
 def _is_cumulative(code: int) -> bool:

@@ -2,8 +2,9 @@
 
 :func:`load_config` reads the file and raises :class:`~protocols.errors.ConfigError` naming the
 dotted key for every problem: unknown keys, wrong types, bad values, and cross-references
-(a meter on a bus that does not exist, a plan that names an unknown quantity or one the meter
-cannot give -- no register in its Modbus model's map, no data identifier in its DL/T 645 edition --,
+(a meter on a bus that does not exist or of a protocol that does not run over that kind of line,
+a plan that names an unknown quantity or one the meter cannot give -- as its protocol's driver
+says: :meth:`~drivers.base.MeterDriver.why_unreadable` --,
 two meters with the same id, a gateway id that is not a valid topic level or is reserved, such as
 ``agg``). :data:`SAMPLE` is the commented sample (``amigw config sample``); a unit test loads
 it, so it cannot rot. The commented values are the defaults.
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from drivers.base import DEFAULT_PROTOCOL, load_driver
+from drivers.lines import TransportKind, parse_port
 from protocols.config import loads_toml
-from protocols.dlt645 import di_for_quantity
 from protocols.errors import ConfigError
-from protocols.modbus.maps import load_map
 from protocols.quantities import by_name
 from protocols.topics import check_gateway_id
 
@@ -49,6 +50,7 @@ class MqttConfig:
     key_file: str | None = None
     keepalive_s: int = 30
     encoding: Literal["binary", "json"] = "binary"
+    payload_version: Literal[1, 2] = 1  # 2 once every ingest reads it (docs/payload.md)
 
     def __post_init__(self) -> None:
         if not re.match(r"^mqtts?://[^:/]+(:\d+)?/?$", self.url):
@@ -117,16 +119,14 @@ class BusConfig:
             raise ValueError("timeout_s: need 0 < min_timeout_s <= timeout_s <= max_timeout_s")
         if not 0 <= self.retries <= 10:
             raise ValueError("retries: must be 0..10")
-        if self.port.startswith(("tcp://", "modbus-tcp://")) and not re.match(
-            r"^[a-z-]+://[^:/]+:\d+$", self.port
-        ):
-            raise ValueError(f"port: expected tcp://host:port, got {self.port!r}")
+        try:
+            parse_port(self.port)
+        except ValueError as exc:
+            raise ValueError(f"port: {exc}") from None
 
     @property
-    def kind(self) -> Literal["serial", "tcp", "modbus-tcp"]:
-        if self.port.startswith("modbus-tcp://"):
-            return "modbus-tcp"
-        return "tcp" if self.port.startswith("tcp://") else "serial"
+    def kind(self) -> TransportKind:
+        return parse_port(self.port).kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +152,11 @@ class PlanConfig:
 class MeterConfig:
     id: str
     bus: str
-    protocol: Literal["dlt645-2007", "dlt645-1997", "modbus"] = "dlt645-2007"
-    address: str = ""  # DL/T 645: 12 digits as on the nameplate; Modbus: unit id (1..247)
-    model: str | None = None  # Modbus register map: sdm630, sdm120, dtsu666, ddsu666
-    password: str | None = None  # DL/T 645 control password, 8 hex digits (level + 3 bytes)
-    operator: str | None = None  # DL/T 645 operator code, 8 hex digits
+    protocol: str = DEFAULT_PROTOCOL  # a name in drivers.base.DRIVERS
+    address: str = ""  # in the protocol's syntax, checked by its driver
+    model: str | None = None  # the meter type, when the protocol needs it (a register map)
+    password: str | None = None  # control password, 8 hex digits
+    operator: str | None = None  # operator code, 8 hex digits
     plans: tuple[str, ...] = ("registers", "instant")
     rated_current_a: float = 60.0
     rated_voltage_v: float = 220.0
@@ -166,15 +166,10 @@ class MeterConfig:
     def __post_init__(self) -> None:
         if not _ID.match(self.id):
             raise ValueError(f"id: {self.id!r} must be 1-64 letters, digits or _.:-")
-        if self.protocol.startswith("dlt645") and not re.fullmatch(r"\d{12}", self.address):
-            raise ValueError(f"address: a DL/T 645 address is 12 digits, got {self.address!r}")
-        if self.protocol == "modbus":
-            if not self.address.isdigit() or not 1 <= int(self.address) <= 247:
-                raise ValueError(f"address: a Modbus unit id is 1..247, got {self.address!r}")
-            if not self.model:
-                raise ValueError(
-                    "model: a Modbus meter needs a register map (sdm630, sdm120, dtsu666, ddsu666)"
-                )
+        try:
+            load_driver(self.protocol).check_meter(self)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.key_path}: {exc.reason}") from None
         for name in ("password", "operator"):
             value = getattr(self, name)
             if value is not None and not re.fullmatch(r"[0-9A-Fa-f]{8}", value):
@@ -243,26 +238,11 @@ class EdgeConfig:
 
 
 def unreadable_quantity(meter: MeterConfig, names: Iterable[str]) -> str | None:
-    """Why ``meter`` cannot read one of ``names`` -- its Modbus model's map has no register for
-    it, or its DL/T 645 edition no data identifier --, or None when it can read them all.
+    """Why ``meter`` cannot read one of ``names`` (its protocol's driver says), or None when it
+    can read them all.
 
-    Raises :class:`ConfigError` (key ``model``) for a Modbus model without a register map."""
-    if meter.protocol == "modbus":
-        regmap = load_map(meter.model or "")
-        have = {q.name for q in regmap.quantities}
-        for name in names:
-            if name not in have:
-                return f"model {regmap.model} has no register for {name!r}"
-        return None
-    edition = 1997 if meter.protocol == "dlt645-1997" else 2007
-    for name in names:
-        if name == "meter_clock":
-            continue  # read as date and time, not one DI
-        try:
-            di_for_quantity(name, edition)
-        except KeyError as exc:
-            return str(exc.args[0])
-    return None
+    Raises :class:`ConfigError` (key ``model``) for a model the driver does not know."""
+    return load_driver(meter.protocol).why_unreadable(meter, names)
 
 
 def _check_readable(where: str, meter: MeterConfig, plans: dict[str, PlanConfig]) -> None:
@@ -293,9 +273,12 @@ def _check_references(cfg: EdgeConfig) -> None:
         bus = buses.get(m.bus)
         if bus is None:
             raise ConfigError(f"{where}.bus", f"no bus named {m.bus!r} (buses: {', '.join(buses) or 'none'})")
-        if bus.kind == "modbus-tcp" and m.protocol != "modbus":
+        transports = load_driver(m.protocol).transports
+        if bus.kind not in transports:
+            runs_over = " or ".join(k.described for k in transports)
             raise ConfigError(
-                f"{where}.protocol", f"bus {m.bus!r} is Modbus TCP; only modbus meters can be on it"
+                f"{where}.protocol",
+                f"bus {m.bus!r} is {bus.kind.described}; a {m.protocol} meter runs over {runs_over}",
             )
         for j, p in enumerate(m.plans):
             if p not in plans:
@@ -353,6 +336,10 @@ client_id = ""
 keepalive_s = 30
 # Reading batches as "binary" (compact, the default) or "json" (for debugging).
 encoding = "binary"
+# Readings payload version: 1 carries quality-flag bits 0..15, 2 all 32. Set 2 only once every
+# ingest worker reads v2 (docs/payload.md, "Rolling a fleet over to v2"); until then a reading
+# with a flag bit above 15 cannot be sent.
+payload_version = 1
 
 [outbox]
 # Every batch is written here before it is published. It is deleted once the head-end confirmed
@@ -412,7 +399,7 @@ echo = false
 [[meters]]
 id = "000012345678"
 bus = "rs485-1"
-# dlt645-2007, dlt645-1997 or modbus.
+# The meter's protocol: dlt645-2007, dlt645-1997 or modbus (the names in drivers.base.DRIVERS).
 protocol = "dlt645-2007"
 # DL/T 645: the 12-digit address printed on the nameplate. Modbus: the unit id.
 address = "000012345678"

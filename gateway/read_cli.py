@@ -13,10 +13,17 @@ decimal **string**: the meter's fixed point exactly, never a float. A refused va
 ``{"meter", "quantity", "error", "error_code"}``; for Modbus ``error_code`` is the exception code
 and ``error`` names it (``meter error reply 0x02: illegal_data_address``).
 
+``--protocol`` is a name of the driver registry (:data:`drivers.base.DRIVERS`); the tool asks
+that driver how it runs over the port (a bare ``tcp://`` is its first network kind: a serial
+server for DL/T 645, Modbus TCP for Modbus), whether the address and model are valid, whether it
+can read each ``--quantity``, and (``--discover``) whether a lone meter can say its address. Raw
+options are the protocol's own: ``--di`` for DL/T 645; ``--register``, ``--probe-order`` and the
+``--discover`` unit scan for Modbus.
+
 Every option is checked before the port is opened (a bad address, DI, quantity, unit id, model,
-register or unit range is a usage error and the port is never touched): the address must be a
-DL/T 645 address, a DI must fit its edition (4 bytes for 2007, 2 for 1997), a quantity must be
-one the edition has a DI for or the Modbus model has a register for.
+register or unit range is a usage error and the port is never touched): the address is checked
+by the protocol's driver, a DI must fit its edition (4 bytes for 2007, 2 for 1997), a quantity
+must be one the driver can read (a DI of the edition, a register of the Modbus model).
 
 Exit status: 0 every value read; 1 a runtime failure (timeout, checksum error with the raw bytes,
 error reply with its bits); 2 a usage error. Errors go to stderr and say what happened on the wire.
@@ -28,12 +35,20 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from drivers.base import MeterRef
+from drivers.base import (
+    DEFAULT_PROTOCOL,
+    DRIVERS,
+    Capability,
+    DriverSetup,
+    MeterDriver,
+    MeterRef,
+    load_driver,
+)
 from drivers.bus import Bus, ResponseTimeout
-from protocols.dlt645 import di_for_quantity, normalize_address
+from drivers.lines import LinePort, TransportKind, open_transport, parse_port
 from protocols.errors import (
     AmigwError,
     ConfigError,
@@ -44,13 +59,13 @@ from protocols.errors import (
     TransportTimeout,
 )
 from protocols.modbus import DataType, WordOrder
-from protocols.modbus.maps import load_map
 from protocols.quantities import Quantity, by_name, to_display
 
-__all__ = ["add_arguments", "run"]
+if TYPE_CHECKING:
+    from drivers.dlt645 import Dlt645Driver
+    from drivers.modbus import ModbusDriver
 
-_DEFAULT_BAUD = {"dlt645": 2400, "dlt645-1997": 1200, "modbus": 9600}
-_DEFAULT_PARITY = {"dlt645": "E", "dlt645-1997": "E", "modbus": "N"}
+__all__ = ["add_arguments", "run"]
 
 
 class _UsageError(Exception):
@@ -59,11 +74,14 @@ class _UsageError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", required=True, help="serial device (/dev/ttyUSB0) or tcp://HOST:PORT")
-    parser.add_argument("--protocol", choices=("dlt645", "dlt645-1997", "modbus"), default="dlt645")
-    parser.add_argument("--baud", type=int, help="line speed (default 2400 DL/T 645, 1200 1997, 9600 Modbus)")
-    parser.add_argument("--parity", choices=("N", "E", "O"), help="default E for DL/T 645, N for Modbus")
-    parser.add_argument("--address", help="DL/T 645 meter address (12 digits)")
-    parser.add_argument("--unit", type=int, help="Modbus unit id (1..247)")
+    parser.add_argument("--protocol", choices=tuple(DRIVERS), default=DEFAULT_PROTOCOL)
+    parser.add_argument("--baud", type=int, help="line speed (default: the protocol's; 2400 DL/T 645, "
+                        "1200 1997, 9600 Modbus)")  # fmt: skip
+    parser.add_argument(
+        "--parity", choices=("N", "E", "O"), help="default: the protocol's (E DL/T 645, N Modbus)"
+    )
+    parser.add_argument("--address", help="the meter's address in its protocol (DL/T 645: 12 digits)")
+    parser.add_argument("--unit", type=int, help="Modbus unit id (1..247), the same as --address")
     parser.add_argument("--model", help="Modbus register map (sdm630, sdm120, dtsu666, ddsu666)")
     parser.add_argument("--quantity", action="append", default=[], metavar="NAME", help="repeatable")
     parser.add_argument(
@@ -145,63 +163,147 @@ def _fixed(value: int, decimals: int) -> str:
     return f"{'-' if value < 0 else ''}{whole}.{frac:0{decimals}d}"
 
 
-async def _open_bus(args: argparse.Namespace) -> Bus:
-    from drivers.tcp_transport import TcpTransport
+def _port(args: argparse.Namespace, cls: type[MeterDriver]) -> LinePort:
+    """The port as the driver runs over it: a bare ``tcp://`` is the first network kind the
+    driver lists (a serial server, or the protocol's own TCP)."""
+    try:
+        port = parse_port(args.port)
+    except ValueError as exc:
+        raise _UsageError(f"--port: {exc}") from None
+    if port.kind is TransportKind.SERIAL_SERVER:
+        network = [k for k in cls.transports if k is not TransportKind.SERIAL]
+        port = replace(port, kind=network[0]) if network else port
+    if port.kind not in cls.transports:
+        raise _UsageError(
+            f"--port {args.port}: a {args.protocol} meter does not run over {port.kind.described}"
+        )
+    return port
 
-    if args.port.startswith("tcp://"):
-        host, _, port = args.port.removeprefix("tcp://").rpartition(":")
-        if not port.isdigit():
-            raise _UsageError(f"--port {args.port}: expected tcp://HOST:PORT")
-        return Bus(await TcpTransport.connect(host, int(port)), name=args.port)
-    from drivers.serial_transport import SerialTransport
 
-    baud = args.baud or _DEFAULT_BAUD[args.protocol]
-    parity = args.parity or _DEFAULT_PARITY[args.protocol]
-    return Bus(SerialTransport(args.port, baud=baud, parity=parity), baud=baud, name=args.port)
+def _meter(args: argparse.Namespace, cls: type[MeterDriver]) -> MeterRef | None:
+    """The meter named by ``--address`` (or ``--unit``), checked by its driver, with the
+    ``--quantity`` names it must be able to read; None when none is named (discovery)."""
+    address = str(args.unit) if args.unit is not None else args.address
+    if address is None:
+        return None
+    option = f"--unit {args.unit}" if args.unit is not None else "--address"
+    try:
+        meter = MeterRef(address, address, args.protocol, args.model)
+    except ConfigError as exc:
+        field = exc.key_path.rpartition(".")[2]
+        raise _UsageError(f"{'--model' if field == 'model' else option}: {exc.reason}") from None
+    for name in args.quantity:
+        _quantity(name)
+    try:
+        why = cls.why_unreadable(meter, args.quantity)
+    except ConfigError as exc:
+        raise _UsageError(f"--model: {exc.reason}") from None
+    if why is not None:
+        raise _UsageError(f"--quantity: {why}")
+    return meter
+
+
+async def _read(args: argparse.Namespace, out: _Printer) -> None:
+    """Check every option, open the line and the driver, read; raw reads are the protocol's own."""
+    cls = load_driver(args.protocol)
+    raw = _raw_reader(args, cls)
+    port = _port(args, cls)
+    meter = _meter(args, cls) if args.quantity or args.di or not raw else None
+    if args.quantity and meter is None:
+        raise _UsageError("--quantity needs the meter: --address (or --unit)")
+    if args.discover and raw is None and Capability.READ_ADDRESS not in cls.capabilities(args.protocol):
+        raise _UsageError(f"--discover: a {args.protocol} meter cannot be asked for its address")
+    if not (meter or args.discover or raw):
+        raise _UsageError("name the meter with --address (or --unit), or --discover")
+    if raw is not None:
+        raw.check()
+    baud, parity = cls.serial_defaults(args.protocol)
+    baud, parity = args.baud or baud, args.parity or parity
+    bus: Bus | None = None
+    if port.kind.shared:
+        serial = port.kind is TransportKind.SERIAL
+        transport = await open_transport(port, baud=baud, parity=parity)
+        bus = Bus(transport, baud=baud if serial else None, name=args.port, timeout=_timeout(args))
+    driver = cls.open(DriverSetup(port, bus, retries=args.retries, timeout_s=args.timeout))
+    try:
+        await driver.connect()
+        if args.discover and raw is None:
+            address = await driver.read_address()
+            out.value(address, "quantity", "address", address, "", label="address")
+            if not (args.quantity or args.di):
+                return
+            meter = meter or MeterRef(address, address, args.protocol, args.model)
+        if meter is not None and args.quantity:
+            for r in await driver.read_detailed(meter, [by_name(n) for n in args.quantity]):
+                if r.error is not None:
+                    out.error(meter.address, "quantity", r.quantity.name, r.error)
+                else:
+                    out.value(
+                        meter.address,
+                        "quantity",
+                        r.quantity.name,
+                        _show(r.quantity, r.value),
+                        r.quantity.unit,
+                    )
+        if raw is not None:
+            await raw.read(driver, meter, out)
+    finally:
+        await driver.aclose()
+        if bus is not None:
+            await bus.aclose()
 
 
 def _timeout(args: argparse.Namespace) -> ResponseTimeout:
     return ResponseTimeout(initial_s=args.timeout, min_s=args.timeout, max_s=args.timeout)
 
 
-async def _dlt645(args: argparse.Namespace, out: _Printer) -> None:
-    from drivers.dlt645 import Dlt645Driver
-    from protocols.dlt645 import decode_value, di_info
+def _show(q: Quantity, value: int) -> str:
+    return to_display(q, value)
 
-    if not (args.discover or args.address):
-        raise _UsageError("DL/T 645 needs --address (or --discover)")
-    if args.register or args.probe_order:
-        raise _UsageError("--register and --probe-order are Modbus options")
-    edition = 1997 if args.protocol == "dlt645-1997" else 2007
-    if args.address:
-        try:
-            args.address = normalize_address(args.address)
-        except ValueError as exc:
-            raise _UsageError(f"--address: {exc}") from None
-    quantities = [_dlt645_quantity(name, edition) for name in args.quantity]
-    dis = [_di(text, edition) for text in args.di]
-    async with await _open_bus(args) as bus:
-        driver = Dlt645Driver(bus, retries=args.retries)
-        if args.discover:
-            bus.configure_device(driver.device_key("AAAAAAAAAAAA"), timeout=_timeout(args))
-            address = await driver.read_address()
-            out.value(address, "quantity", "address", address, "", label="address")
-            args.address = args.address or address
-            if not (args.quantity or args.di):
-                return
-        protocol = "dlt645-1997" if args.protocol == "dlt645-1997" else "dlt645-2007"
-        meter = MeterRef(args.address, args.address, protocol)
-        bus.configure_device(driver.device_key(meter), timeout=_timeout(args))
-        if quantities:
-            readings, _ = await driver.read_detailed(meter, quantities)
-            for r in readings:
-                if r.error is not None:
-                    out.error(meter.address, "quantity", r.quantity.name, r.error)
-                else:
-                    shown = _show(r.quantity, r.value)
-                    out.value(meter.address, "quantity", r.quantity.name, shown, r.quantity.unit)
-        for di in dis:
-            label = f"{di:08X}" if protocol == "dlt645-2007" else f"{di:04X}"
+
+def _quantity(name: str) -> Quantity:
+    try:
+        return by_name(name)
+    except KeyError as exc:
+        raise _UsageError(f"--quantity: {exc.args[0]}") from None
+
+
+def _raw_reader(args: argparse.Namespace, cls: type[MeterDriver]) -> _DiReader | _RegisterReader | None:
+    """The reader of the protocol's own raw options (``--di``; ``--register``, ``--probe-order``,
+    a unit scan), or None when none is asked for. Raises ``_UsageError`` for another protocol's."""
+    from drivers.dlt645 import Dlt645Driver
+    from drivers.modbus import ModbusDriver
+
+    registers = args.register or args.probe_order or args.function != 4
+    if args.di:
+        if not issubclass(cls, Dlt645Driver):
+            raise _UsageError(f"--di is a DL/T 645 option, not one of {args.protocol}")
+        if registers:
+            raise _UsageError("--register and --probe-order are Modbus options")
+        return _DiReader(args, cls)
+    if registers or (args.discover and issubclass(cls, ModbusDriver)):
+        if not issubclass(cls, ModbusDriver):
+            raise _UsageError(f"--register and --probe-order are Modbus options, not of {args.protocol}")
+        return _RegisterReader(args)
+    return None
+
+
+class _DiReader:
+    """``--di HEX``: raw DL/T 645 data identifiers, decoded when the registry knows them."""
+
+    def __init__(self, args: argparse.Namespace, cls: type[Dlt645Driver]) -> None:
+        self.args, self.edition = args, cls.edition_of(args.protocol)
+
+    def check(self) -> None:
+        self.dis = [_di(text, self.edition) for text in self.args.di]
+
+    async def read(self, driver: MeterDriver, meter: MeterRef | None, out: _Printer) -> None:
+        from drivers.dlt645 import Dlt645Driver
+        from protocols.dlt645 import decode_value, di_info
+
+        assert isinstance(driver, Dlt645Driver) and meter is not None
+        for di in self.dis:
+            label = f"{di:08X}" if self.edition == 2007 else f"{di:04X}"
             try:
                 raw = await driver.read_di(meter, di)
             except MeterErrorReply as exc:
@@ -219,27 +321,6 @@ async def _dlt645(args: argparse.Namespace, out: _Printer) -> None:
             out.value(meter.address, "di", label, shown, info.unit, label=f"{label} {info.name}")
 
 
-def _show(q: Quantity, value: int) -> str:
-    return to_display(q, value)
-
-
-def _quantity(name: str) -> Quantity:
-    try:
-        return by_name(name)
-    except KeyError as exc:
-        raise _UsageError(f"--quantity: {exc.args[0]}") from None
-
-
-def _dlt645_quantity(name: str, edition: int) -> Quantity:
-    q = _quantity(name)
-    if name != "meter_clock":  # read as date and time, not one DI
-        try:
-            di_for_quantity(name, edition)
-        except KeyError as exc:
-            raise _UsageError(f"--quantity: {exc.args[0]}") from None
-    return q
-
-
 def _di(text: str, edition: int) -> int:
     digits = 8 if edition == 2007 else 4
     if not (len(text) == digits and all(c in "0123456789abcdefABCDEF" for c in text)):
@@ -247,80 +328,33 @@ def _di(text: str, edition: int) -> int:
     return int(text, 16)
 
 
-async def _modbus(args: argparse.Namespace, out: _Printer) -> None:
-    from drivers.modbus import ModbusDriver
+class _RegisterReader:
+    """``--register``, ``--probe-order`` and the ``--discover`` unit scan of Modbus."""
 
-    if args.di or args.address:
-        raise _UsageError("--di and --address are DL/T 645 options; Modbus uses --unit")
-    if not args.discover and args.unit is None:
-        raise _UsageError("Modbus needs --unit (or --discover)")
-    if args.quantity and not args.model:
-        raise _UsageError("--quantity over Modbus needs --model (the register map)")
-    if args.unit is not None and not 1 <= args.unit <= 247:
-        raise _UsageError(f"--unit {args.unit}: a Modbus unit id is 1..247")
-    if args.model:
-        try:
-            regmap = load_map(args.model)
-        except ConfigError as exc:
-            raise _UsageError(f"--model: {exc.reason}") from None
-        for name in args.quantity:
-            _quantity(name)
-            try:
-                regmap.for_quantity(name)
-            except KeyError as exc:
-                raise _UsageError(f"--quantity: {exc.args[0]}") from None
-    args.register = [_register(spec) for spec in args.register]
-    if args.probe_order and any(dtype.width != 2 for _, dtype, _ in args.register):
-        raise _UsageError("--probe-order needs a 32-bit type (float32, int32, uint32)")
-    args.units = _units(args.units) if args.discover else None
-    bus: Bus | None = None
-    if args.port.startswith("tcp://"):
-        host, _, port = args.port.removeprefix("tcp://").rpartition(":")
-        if not port.isdigit():
-            raise _UsageError(f"--port {args.port}: expected tcp://HOST:PORT")
-        driver = ModbusDriver.tcp(host, int(port), timeout_s=args.timeout, retries=args.retries)
-    else:
-        bus = await _open_bus(args)
-        for unit in range(1, 248):
-            bus.configure_device(("modbus", unit), timeout=_timeout(args))
-        driver = ModbusDriver.rtu(bus, retries=args.retries)
-    try:
-        await _modbus_reads(args, driver, out)
-    finally:
-        await driver.aclose()
-        if bus is not None:
-            await bus.aclose()
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
 
+    def check(self) -> None:
+        args = self.args
+        if args.unit is not None and not 1 <= args.unit <= 247:
+            raise _UsageError(f"--unit {args.unit}: a Modbus unit id is 1..247")
+        if not args.discover and args.unit is None:
+            raise _UsageError("Modbus needs --unit (or --discover)")
+        args.register = [_register(spec) for spec in args.register]
+        if args.probe_order and any(dtype.width != 2 for _, dtype, _ in args.register):
+            raise _UsageError("--probe-order needs a 32-bit type (float32, int32, uint32)")
+        args.units = _units(args.units) if args.discover else None
 
-async def _modbus_reads(args: argparse.Namespace, driver: Any, out: _Printer) -> None:
-    from protocols.flags import Flag
+    async def read(self, driver: MeterDriver, meter: MeterRef | None, out: _Printer) -> None:
+        from drivers.modbus import ModbusDriver
 
-    if args.discover:
-        await _scan_units(args, driver, out)
-    if args.unit is None:
-        return
-    if args.quantity:
-        meter = MeterRef(f"unit{args.unit}", str(args.unit), "modbus", args.model)
-        qs = [_quantity(n) for n in args.quantity]
-        result = await driver.read(meter, qs)
-        for q in qs:
-            if result.flags(q) & Flag.METER_ERROR:
-                out.error(str(args.unit), "quantity", q.name, await _why_refused(driver, meter, q))
-            else:
-                out.value(str(args.unit), "quantity", q.name, _show(q, result.value(q)), q.unit)
-    for register in args.register:
-        await _read_register(args, driver, register, out)
-
-
-async def _why_refused(driver: Any, meter: MeterRef, q: Quantity) -> MeterErrorReply:
-    """The exception the meter answers for ``q``'s register alone, or "not a number" when it
-    answers with a NaN or infinity."""
-    reg = driver.register_map(meter).for_quantity(q.name)
-    try:
-        await driver.link.read_registers(meter.unit_id, reg.function, reg.address, reg.count)
-    except MeterErrorReply as exc:
-        return exc
-    return MeterErrorReply(0, None, ("not a number",))
+        assert isinstance(driver, ModbusDriver)
+        if self.args.discover:
+            await _scan_units(self.args, driver, out)
+        if self.args.unit is None:
+            return
+        for register in self.args.register:
+            await _read_register(self.args, driver, register, out)
 
 
 def _units(text: str) -> range:
@@ -330,7 +364,7 @@ def _units(text: str) -> range:
     return range(int(lo), int(hi or lo) + 1)
 
 
-async def _scan_units(args: argparse.Namespace, driver: Any, out: _Printer) -> None:
+async def _scan_units(args: argparse.Namespace, driver: ModbusDriver, out: _Printer) -> None:
     found = 0
     for unit in args.units:
         note, extra = "  answers", dict[str, object]()
@@ -367,7 +401,7 @@ def _register(spec: str) -> tuple[int, DataType, WordOrder]:
 
 
 async def _read_register(
-    args: argparse.Namespace, driver: Any, register: tuple[int, DataType, WordOrder], out: _Printer
+    args: argparse.Namespace, driver: ModbusDriver, register: tuple[int, DataType, WordOrder], out: _Printer
 ) -> None:
     from protocols.modbus import decode_registers, probe_orders
 
@@ -392,12 +426,11 @@ async def _read_register(
 
 def run(args: argparse.Namespace) -> int:
     out = _Printer(args.json)
-    handler: Callable[[argparse.Namespace, _Printer], Any] = _modbus if args.protocol == "modbus" else _dlt645
     if not (args.discover or args.quantity or args.di or args.register):
         print("amigw read: nothing to read: give --quantity, --di, --register or --discover", file=sys.stderr)
         return 2
     try:
-        asyncio.run(handler(args, out))
+        asyncio.run(_read(args, out))
     except _UsageError as exc:
         print(f"amigw read: {exc}", file=sys.stderr)
         return 2

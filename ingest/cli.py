@@ -13,7 +13,7 @@ of one meter-day from InfluxDB and exits. ``--daily-report DAY`` computes the da
 transformer area and collection success per meter, gateway and area from ``daily_tou``, writes
 them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) and exits
 (:mod:`ingest.reports.daily`, ``docs/ingest-report.md``). ``--check-config`` also probes InfluxDB
-(:meth:`~ingest.sinks.influxdb.InfluxSink.probe`, nothing written or created): a refusal is a
+(:meth:`~ingest.sinks.base.Sink.probe`, nothing written or created): a refusal is a
 ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (exit 1).
 ``--replay-dead-letters`` puts dead-lettered payloads back through the pipeline
 (:mod:`ingest.pipeline.replay`; exit 1 when one is still failing or the replay stopped). ``--loss``
@@ -34,9 +34,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ingest.config import IngestConfig, load_calendar, load_config
 from protocols.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ingest.sinks.influx.sink import InfluxSink
 
 __all__ = ["add_arguments", "run"]
 
@@ -121,19 +125,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _completeness(cfg: IngestConfig, meter: str, day_text: str) -> int:
-    from ingest.sinks.influxql import InfluxQuery, query_completeness
-
     day = _day("--completeness", day_text)
     offset = load_calendar(cfg).utc_offset_ms
 
     async def main() -> str:
-        query = InfluxQuery(cfg.influx)
-        try:
-            report = await query_completeness(
-                query, meter, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000
+        async with _sink(cfg) as sink:
+            report = await sink.completeness(
+                meter, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000
             )
-        finally:
-            await query.aclose()
         return str(report)
 
     print(asyncio.run(main()))
@@ -169,13 +168,10 @@ async def _check_sink(cfg: IngestConfig) -> str:
     """Probe InfluxDB without writing or creating anything; the summary line, else raise.
 
     Raises: ConfigError naming the key for a refusal, SinkError when unreachable."""
-    from ingest.pipeline.deadletter import DeadLetterStore
-    from ingest.sinks.influxdb import InfluxSink
     from protocols.errors import SinkError, SinkRefused
 
     influx = cfg.influx
-    with DeadLetterStore(":memory:") as unused:  # the probe writes no line, so dead-letters none
-        sink = InfluxSink(influx, dead_letter=unused)
+    async with _sink(cfg) as sink:
         try:
             return await sink.probe(create=False)
         except SinkRefused as exc:
@@ -186,8 +182,13 @@ async def _check_sink(cfg: IngestConfig) -> str:
             raise ConfigError(_refused_key(exc.reason, sink.api, influx.username), str(exc)) from None
         except SinkError as exc:
             raise SinkError(f"influxdb {influx.url}: {exc}", retryable=True, status=exc.status) from None
-        finally:
-            await sink.aclose()
+
+
+def _sink(cfg: IngestConfig) -> InfluxSink:
+    """The configured sink (the one place the CLI names its implementation)."""
+    from ingest.sinks.influx.sink import InfluxSink
+
+    return InfluxSink(cfg.influx, wide=cfg.pipeline.schema == "wide")
 
 
 def _refused_key(reason: str, api: str | None, username: str | None) -> str:

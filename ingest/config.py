@@ -5,7 +5,7 @@ dotted key for every problem (unknown keys, wrong types, bad values, an unreadab
 tariff calendar). :data:`SAMPLE` is the commented sample (``amigw config sample ingest``); a unit
 test loads it, so it cannot rot. The commented values are the defaults.
 
-Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sinks.influxdb.SinkConfig`),
+Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sinks.influx.http.SinkConfig`),
 ``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages,
 confirmations), ``[loss]`` (:class:`~ingest.pipeline.loss.LossConfig`: loss accounting),
 ``[line_loss]`` (LL-02 bands of the daily report, per area type), plus
@@ -25,7 +25,7 @@ from ingest.mqtt.settings import MqttSettings
 from ingest.pipeline.deadletter import DeadLetterConfig
 from ingest.pipeline.dedup import DedupConfig
 from ingest.pipeline.loss import LossConfig
-from ingest.sinks.influxdb import SinkConfig
+from ingest.sinks.influx.http import SinkConfig
 from protocols import topics
 from protocols.config import loads_toml
 from protocols.errors import ConfigError

@@ -1,4 +1,4 @@
-"""Aggregates published by ingest for downstream consumers (fee control, billing), v1.
+"""Aggregates published by ingest for downstream consumers (fee control, billing).
 
 Topics (QoS 1):
 
@@ -11,9 +11,13 @@ Topics (QoS 1):
   - binary, columnar like the readings payload (a third of the JSON's bytes, and no text to
     format or parse per interval)::
 
-        b"AMA" 0x01  msgpack map {"t": "intervals", "gw": str, "seq": int, "meters": [str, ...],
+        b"AMA" 0x02  msgpack map {"t": "intervals", "gw": str, "seq": int, "meters": [str, ...],
                                   "meter": bin(u32le*n), "q": bin(u16le*n), "start": bin(i64le*n),
-                                  "end": bin(i64le*n), "e": bin(i64le*n), "f": bin(u16le*n)}
+                                  "end": bin(i64le*n), "e": bin(i64le*n), "f": bin(u32le*n)}
+
+    Binary version 2 (written) carries the 32 flag bits; version 1 (``b"AMA" 0x01``, the same
+    map with ``"f": bin(u16le*n)``) is still decoded, widened, so an older ingest keeps working.
+    JSON numbers have no width: JSON stays ``"v": 1`` with flags up to 32 bits.
 
   ``energy`` is the register delta in the quantity's fixed point (0.01 kWh); ``flags`` carries
   the quality bits (``ESTIMATED`` for estimated intervals); ``meter`` indexes ``meters``.
@@ -28,6 +32,8 @@ a redelivered or replayed message carries the same keys, and consumers apply eac
 from __future__ import annotations
 
 import array
+import functools
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -42,6 +48,7 @@ from protocols.payload import (
     _U32,
     _column_bytes,
     _column_from_bytes,
+    _flags_from_u16,
     _get,
     _id_table,
     _uint63,
@@ -60,8 +67,9 @@ __all__ = [
     "encode_intervals",
 ]
 
-VERSION = 1
-INTERVALS_MAGIC = b"AMA" + bytes([VERSION])
+VERSION = 1  # JSON messages
+INTERVALS_BINARY_VERSION = 2  # written; 1 (u16 flags) is decoded too
+INTERVALS_MAGIC = b"AMA" + bytes([INTERVALS_BINARY_VERSION])
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """The largest aggregates message decoded (either encoding)."""
 # (wire key, record field, column spec) of the binary intervals columns, in record order
@@ -71,7 +79,7 @@ _COLUMNS = (
     ("start", "start_ms", _I64),
     ("end", "end_ms", _I64),
     ("e", "energy", _I64),
-    ("f", "flags", _U16),
+    ("f", "flags", _U32),  # u16 in binary version 1
 )
 
 
@@ -102,12 +110,40 @@ def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_JSON_ITEM = '{"meter":%s,"quantity":%d,"start_ms":%d,"end_ms":%d,"energy":%d,"flags":%d}'
+
+
+@functools.lru_cache(maxsize=65_536)
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def encode_interval_columns(
-    gateway: str, batch_seq: int, meters: Sequence[str], columns: Sequence[Any]
+    gateway: str,
+    batch_seq: int,
+    meters: Sequence[str],
+    columns: Sequence[Any],
+    encoding: Literal["json", "binary"] = "binary",
 ) -> bytes:
-    """The binary intervals message from columns ``(meter index, quantity, start_ms, end_ms,
-    energy, flags)``: buffers of u32, u16, i64, i64, i64, u16 items (``array.array``, numpy
-    arrays), ``meter`` indexing ``meters``. Raises TypeError for a column of the wrong type."""
+    """The intervals message from columns ``(meter index, quantity, start_ms, end_ms, energy,
+    flags)``, ``meter`` indexing ``meters``: buffers of integers (``array.array``, numpy arrays).
+    Binary: u32, u16, i64, i64, i64, u32 items (TypeError for a column of another type). JSON: the
+    same text :func:`encode_intervals` writes, formatted in one ``%`` over all the rows (no
+    object per row besides the column values). Raises ValueError for an unknown encoding or (JSON)
+    a meter index off the table."""
+    if encoding == "json":
+        meter, *rest = (memoryview(c).tolist() for c in columns)
+        names = [_json_str(m) for m in meters]  # per meter, not per interval
+        if meter and max(meter) >= len(names):
+            raise ValueError(f"column 'meter': index {max(meter)} beyond {len(names)} meter ids")
+        values = tuple(itertools.chain.from_iterable(zip(map(names.__getitem__, meter), *rest, strict=True)))
+        items = ",".join([_JSON_ITEM] * len(meter)) % values
+        head = _dump(
+            {"v": VERSION, "type": "intervals", "gateway": gateway, "batch_seq": batch_seq, "intervals": []}
+        )
+        return head[:-2] + items.encode() + b"]}"
+    if encoding != "binary":
+        raise ValueError(f"unknown encoding {encoding!r}: expected 'json' or 'binary'")
     body: dict[str, Any] = {"t": "intervals", "gw": gateway, "seq": batch_seq, "meters": list(meters)}
     for (key, name, spec), col in zip(_COLUMNS, columns, strict=True):
         body[key] = _column_bytes(name, col, spec)
@@ -121,27 +157,18 @@ def encode_intervals(
     items: Sequence[IntervalRecord],
     encoding: Literal["json", "binary"] = "json",
 ) -> bytes:
-    """The intervals message of ``items`` (see the module docstring for both encodings)."""
-    if encoding == "binary":
-        index: dict[str, int] = {}
-        cols = [array.array(spec[0]) for _, _, spec in _COLUMNS]
-        for it in items:
-            cols[0].append(index.setdefault(it.meter, len(index)))
-            row = (it.quantity, it.start_ms, it.end_ms, it.energy, it.flags)
-            for col, value in zip(cols[1:], row, strict=True):
-                col.append(value)
-        return encode_interval_columns(gateway, batch_seq, list(index), cols)
-    if encoding != "json":
+    """The intervals message of ``items`` (see the module docstring for both encodings): their
+    columns through :func:`encode_interval_columns`, the one encoder of both."""
+    if encoding not in ("json", "binary"):
         raise ValueError(f"unknown encoding {encoding!r}: expected 'json' or 'binary'")
-    return _dump(
-        {
-            "v": VERSION,
-            "type": "intervals",
-            "gateway": gateway,
-            "batch_seq": batch_seq,
-            "intervals": [asdict(i) for i in items],
-        }
-    )
+    index: dict[str, int] = {}
+    cols = [array.array(spec[0]) for _, _, spec in _COLUMNS]
+    for it in items:
+        cols[0].append(index.setdefault(it.meter, len(index)))
+        row = (it.quantity, it.start_ms, it.end_ms, it.energy, it.flags)
+        for col, value in zip(cols[1:], row, strict=True):
+            col.append(value)
+    return encode_interval_columns(gateway, batch_seq, list(index), cols, encoding)
 
 
 def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:
@@ -192,7 +219,7 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     n = len(data)
     if n > MAX_MESSAGE_BYTES:
         raise PayloadError(f"intervals: {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound")
-    if n < 4 or data[3] != VERSION:
+    if n < 4 or data[3] not in (1, INTERVALS_BINARY_VERSION):
         raise PayloadError(f"intervals: binary version {data[3] if n > 3 else None} not supported")
     try:
         body = msgpack.unpackb(
@@ -206,7 +233,10 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     gateway = _get(body, "gw", str)
     seq = _uint63(_get(body, "seq", int), "seq")
     meters = _id_table(_get(body, "meters", list), "meters")
-    cols = [_column_from_bytes(name, _get(body, key, bytes), spec) for key, name, spec in _COLUMNS]
+    raw = {key: _get(body, key, bytes) for key, _, _ in _COLUMNS}
+    if data[3] == 1:
+        raw["f"] = _flags_from_u16(raw["f"])
+    cols = [_column_from_bytes(name, raw[key], spec) for key, name, spec in _COLUMNS]
     if len({len(c) for c in cols}) > 1:
         raise PayloadError("intervals: columns differ in length: " + "/".join(str(len(c)) for c in cols))
     meter, quantity, start, end, energy, flags = (c.tolist() for c in cols)

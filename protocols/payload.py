@@ -1,10 +1,14 @@
-"""MQTT payload v1: reading batches (binary and JSON) and the small JSON messages.
+"""MQTT payload: reading batches v1 and v2 (binary and JSON) and the small JSON messages (v1).
 
 Contract
 --------
 * :func:`encode` turns a :class:`ReadingBatch` into bytes, ``encoding="binary"`` (default) or
-  ``"json"``. :func:`decode` takes any payload bytes and returns a :class:`ReadingBatch`; the
-  encoding and the version are recognised from the bytes themselves.
+  ``"json"``, as readings payload ``version`` 1 (default) or 2. :func:`decode` takes any payload
+  bytes of either version and returns a :class:`ReadingBatch`; the encoding and the version are
+  recognised from the bytes themselves.
+* The versions differ in the flags column alone: v1 carries 16 bits (u16), v2 all 32 (u32). In
+  memory ``flags`` is always u32: decoding v1 widens it; encoding a bit above 15 as v1 is a
+  ``ValueError`` (a quality flag is never dropped silently).
 * Malformed input -- truncated, wrong types, inconsistent lengths, unknown version, oversize --
   raises :class:`~protocols.errors.PayloadError` with a reason, and nothing else.
 * Decoding binary creates no per-reading Python objects: each column is one typed
@@ -13,14 +17,15 @@ Contract
 
 Binary layout (``docs/payload.md`` has the full schema and an example)::
 
-    b"AMI" 0x01  msgpack map {"t": "readings", "gw": str, "seq": int, "meters": [str, ...],
+    b"AMI" 0x01|0x02  msgpack map {"t": "readings", "gw": str, "seq": int, "meters": [str, ...],
                               "meter": bin(u32le * n), "ts": bin(i64le * n), "q": bin(u16le * n),
-                              "v": bin(i64le * n), "f": bin(u16le * n),
+                              "v": bin(i64le * n), "f": bin(u16le * n) v1 | bin(u32le * n) v2,
                               "prev": {"meter": bin(u32le*k), "q": bin(u16le*k),
                                        "v": bin(i64le*k), "ts": bin(i64le*k)},
                               "sent": int}
 
-JSON starts with ``{`` and carries ``"v": 1, "type": "readings"``.
+JSON starts with ``{`` and carries ``"v": 1`` or ``2``, ``"type": "readings"``; a v1 reading's
+``flags`` must fit 16 bits.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from protocols.errors import PayloadError
 __all__ = [
     "MAGIC",
     "MAX_PAYLOAD_BYTES",
+    "READINGS_VERSIONS",
     "VERSION",
     "BatchBuilder",
     "Column",
@@ -53,7 +59,12 @@ __all__ = [
 ]
 
 VERSION = 1
+"""Version of the small JSON messages, and the readings payload version :func:`encode` writes
+unless asked for another."""
+READINGS_VERSIONS = (1, 2)
+"""Readings payload versions :func:`decode` reads and :func:`encode` writes (v2: u32 flags)."""
 MAGIC = b"AMI" + bytes([VERSION])
+"""The first bytes of a binary v1 readings payload (v2: ``b"AMI\x02"``)."""
 # A batch is one bus-cycle of readings; 16 MiB is ~600,000 readings, far past any real batch.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 _MAX_ID_LEN = 256
@@ -99,6 +110,29 @@ def _column_bytes(name: str, col: Any, spec: tuple[str, int, frozenset[str]]) ->
         swapped.byteswap()
         return swapped.tobytes()
     return view.tobytes()
+
+
+def _flags_to_u16(raw: bytes) -> bytes:
+    """u32le flags as the u16le items of the v1 wire; ValueError if a bit above 15 is set
+    (dropping it would lose a quality flag). Byte slicing: C speed, no object per reading."""
+    high = raw[2::4] + raw[3::4]
+    if high.count(0) != len(high):
+        raise ValueError("column 'flags': a bit above 15 is set; payload v1 carries 16 flag bits")
+    out = bytearray(len(raw) // 2)
+    out[0::2] = raw[0::4]
+    out[1::2] = raw[1::4]
+    return bytes(out)
+
+
+def _flags_from_u16(raw: bytes) -> bytes:
+    """The v1 wire's u16le flags widened to u32le (high halves zero). PayloadError for an odd
+    number of bytes."""
+    if len(raw) % 2:
+        raise PayloadError(f"column 'flags': {len(raw)} bytes is not a multiple of 2")
+    out = bytearray(2 * len(raw))
+    out[0::4] = raw[0::2]
+    out[1::4] = raw[1::2]
+    return bytes(out)
 
 
 def _column_from_bytes(name: str, raw: bytes, spec: tuple[str, int, frozenset[str]]) -> Column:
@@ -186,7 +220,7 @@ class ReadingBatch:
             ("ts", self.ts, _I64),
             ("quantity", self.quantity, _U16),
             ("value", self.value, _I64),
-            ("flags", self.flags, _U16),
+            ("flags", self.flags, _U32),
         ):
             if len(_as_view(name, col, spec)) != n:
                 raise ValueError(f"column {name!r}: length differs from 'meter' ({n})")
@@ -227,7 +261,7 @@ class BatchBuilder:
 
     def __init__(self) -> None:
         self._index: dict[str, int] = {}
-        self._cols = tuple(_empty(s) for s in (_U32, _I64, _U16, _I64, _U16))
+        self._cols = tuple(_empty(s) for s in (_U32, _I64, _U16, _I64, _U32))
         self._prev = tuple(_empty(s) for s in (_U32, _U16, _I64, _I64))
         self._prev_keys: set[tuple[int, int]] = set()
 
@@ -274,16 +308,22 @@ class BatchBuilder:
 # encode
 
 
-def encode(batch: ReadingBatch, encoding: Literal["binary", "json"] = "binary") -> bytes:
-    """Serialise ``batch``. Raises ``ValueError`` for an unknown encoding."""
+def encode(
+    batch: ReadingBatch, encoding: Literal["binary", "json"] = "binary", version: int = VERSION
+) -> bytes:
+    """Serialise ``batch`` as readings payload ``version``. Raises ``ValueError`` for an unknown
+    encoding or version, and for a flag bit above 15 in a v1 payload."""
+    if version not in READINGS_VERSIONS:
+        raise ValueError(f"unknown payload version {version!r}: expected one of {READINGS_VERSIONS}")
     if encoding == "binary":
-        return _encode_binary(batch)
+        return _encode_binary(batch, version)
     if encoding == "json":
-        return _encode_json(batch)
+        return _encode_json(batch, version)
     raise ValueError(f"unknown encoding {encoding!r}: expected 'binary' or 'json'")
 
 
-def _encode_binary(batch: ReadingBatch) -> bytes:
+def _encode_binary(batch: ReadingBatch, version: int) -> bytes:
+    flags = _column_bytes("flags", batch.flags, _U32)
     p = batch.prev
     body = {
         "t": "readings",
@@ -295,7 +335,7 @@ def _encode_binary(batch: ReadingBatch) -> bytes:
         "ts": _column_bytes("ts", batch.ts, _I64),
         "q": _column_bytes("quantity", batch.quantity, _U16),
         "v": _column_bytes("value", batch.value, _I64),
-        "f": _column_bytes("flags", batch.flags, _U16),
+        "f": _flags_to_u16(flags) if version == 1 else flags,
         "prev": {
             "meter": _column_bytes("prev.meter", p.meter, _U32),
             "q": _column_bytes("prev.quantity", p.quantity, _U16),
@@ -304,10 +344,12 @@ def _encode_binary(batch: ReadingBatch) -> bytes:
         },
     }
     packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return MAGIC + packed
+    return b"AMI" + bytes([version]) + packed
 
 
-def _encode_json(batch: ReadingBatch) -> bytes:
+def _encode_json(batch: ReadingBatch, version: int) -> bytes:
+    if version == 1 and len(batch.flags) and max(batch.flags) > 0xFFFF:
+        raise ValueError("column 'flags': a bit above 15 is set; payload v1 carries 16 flag bits")
     readings = [
         {"meter": m, "ts": t, "quantity": q, "value": v, "flags": f}
         for m, t, q, v, f in zip(*batch._columns(), strict=True)
@@ -318,7 +360,7 @@ def _encode_json(batch: ReadingBatch) -> bytes:
         for m, q, v, t in zip(p.meter, p.quantity, p.value, p.ts, strict=True)
     ]
     doc = {
-        "v": VERSION,
+        "v": version,
         "type": "readings",
         "gateway": batch.gateway,
         "seq": batch.seq,
@@ -346,14 +388,16 @@ def decode(data: bytes, *, check_meter_indices: bool = True) -> ReadingBatch:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte bound")
     if data[:3] == MAGIC[:3]:
-        if len(data) < 4 or data[3] != VERSION:
-            version = data[3] if len(data) > 3 else None
-            raise PayloadError(f"binary payload version {version} not supported (this build reads {VERSION})")
-        batch = _decode_binary(data)
+        version = data[3] if len(data) > 3 else None
+        if version not in READINGS_VERSIONS:
+            raise PayloadError(
+                f"binary payload version {version} not supported (this build reads {READINGS_VERSIONS})"
+            )
+        batch = _decode_binary(data, data[3])
     elif data.lstrip()[:1] == b"{":
         batch = _decode_json(data)
     else:
-        raise PayloadError(f"not a v{VERSION} payload: starts with {data[:8].hex(' ') or 'nothing'}")
+        raise PayloadError(f"not a readings payload: starts with {data[:8].hex(' ') or 'nothing'}")
     if check_meter_indices:
         batch.check_meter_indices()
     return batch
@@ -387,7 +431,7 @@ def _uint63(value: Any, key: str) -> int:
     return value
 
 
-def _decode_binary(data: bytes) -> ReadingBatch:
+def _decode_binary(data: bytes, version: int) -> ReadingBatch:
     n = len(data)
     try:
         body = msgpack.unpackb(
@@ -417,9 +461,10 @@ def _decode_binary(data: bytes) -> ReadingBatch:
             ("ts", "ts", _I64),
             ("quantity", "q", _U16),
             ("value", "v", _I64),
-            ("flags", "f", _U16),
         )
     ]
+    flags = _get(body, "f", bytes)
+    cols.append(_column_from_bytes("flags", _flags_from_u16(flags) if version == 1 else flags, _U32))
     prev_doc = _get(body, "prev", dict)
     prev = [
         _column_from_bytes(name, _get(prev_doc, key, bytes, "prev."), spec)
@@ -477,9 +522,10 @@ def _decode_json(data: bytes) -> ReadingBatch:
         raise PayloadError(f"json payload: {type(exc).__name__}: {exc}") from None
     if not isinstance(doc, dict):
         raise PayloadError("json payload: expected an object")
-    if doc.get("v") != VERSION or isinstance(doc.get("v"), bool):
+    version = doc.get("v")
+    if version not in READINGS_VERSIONS or isinstance(version, bool):
         raise PayloadError(
-            f"json payload version {doc.get('v')!r:.40} not supported (this build reads {VERSION})"
+            f"json payload version {version!r:.40} not supported (this build reads {READINGS_VERSIONS})"
         )
     if doc.get("type") != "readings":
         raise PayloadError(f"json payload: type {doc.get('type')!r:.40} is not 'readings'")
@@ -488,8 +534,13 @@ def _decode_json(data: bytes) -> ReadingBatch:
     sent = _uint63(doc.get("sent_ms", 0), "sent_ms")
     meters = _id_table(_get(doc, "meters", list), "meters")
     cols = _json_rows(
-        doc, "readings", ("meter", "ts", "quantity", "value", "flags"), (_U32, _I64, _U16, _I64, _U16)
+        doc,
+        "readings",
+        ("meter", "ts", "quantity", "value", "flags"),
+        (_U32, _I64, _U16, _I64, _U16 if version == 1 else _U32),
     )
+    if version == 1:
+        cols[4] = array.array("I", cols[4])  # the u16 range checked, held as u32
     prev = _json_rows(doc, "prev", ("meter", "quantity", "value", "ts"), (_U32, _U16, _I64, _I64))
     return _checked_batch(gateway, seq, meters, cols, prev, sent)
 

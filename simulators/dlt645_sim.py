@@ -56,11 +56,10 @@ from protocols.dlt645 import (
     Frame,
     FrameDecoder,
     MeterDate,
-    NeedData,
     Password,
     ReadAddressRequest,
     ReadRequest,
-    RelayAction,
+    RelayCode,
     RelayControlRequest,
     Request,
     TimeSyncRequest,
@@ -80,6 +79,7 @@ from protocols.dlt645 import FollowupRequest as _Followup
 from protocols.dlt645 import encode_value as _encode_value
 from protocols.errors import FrameError
 from protocols.quantities import ENERGY_REGISTER_MAX, by_name
+from protocols.stream import NeedData
 from simulators.faults import Fault, FaultKind, apply_fault
 
 __all__ = ["DEFAULT_TOU", "Dlt645Simulator", "ReadRecord", "SimMeter"]
@@ -401,25 +401,25 @@ class SimMeter:
         if request.valid_until < self.local_time():
             return int(ErrorBits.OTHER)  # the command's deadline has passed (reference §5.9)
         action = request.action
-        if action == RelayAction.TRIP:
+        if action == RelayCode.TRIP:
             if self.protected:
                 return int(ErrorBits.OTHER)
             self.trip_commanded = True
             self._set_relay(open_=True)
-        elif action == RelayAction.CLOSE_ALLOWED:
+        elif action == RelayCode.CLOSE_ALLOWED:
             self.trip_commanded = False
             if self.auto_close:
                 self._set_relay(open_=False)
             else:
                 self.armed = self.relay_open
-        elif action in (RelayAction.DIRECT_CLOSE, RelayAction.PROTECT):
+        elif action in (RelayCode.DIRECT_CLOSE, RelayCode.PROTECT):
             self.trip_commanded = False
             self._set_relay(open_=False)
-            self.protected = self.protected or action == RelayAction.PROTECT
-        elif action == RelayAction.PROTECT_RELEASE:
+            self.protected = self.protected or action == RelayCode.PROTECT
+        elif action == RelayCode.PROTECT_RELEASE:
             self.protected = False
         else:
-            self.alarm = action == RelayAction.ALARM
+            self.alarm = action == RelayCode.ALARM
         return 0
 
     def _write(self, request: WriteRequest) -> int:

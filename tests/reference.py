@@ -2,7 +2,7 @@
 
 No cleverness: dicts, sorted(), Python's unbounded ints, ``datetime`` for calendar arithmetic,
 quadratic scans where the kernel slides a window. Tests assert ``kernel(batch) == reference(batch)``
-exactly, and the benchmark uses these as the baseline. Rule IDs: shared/reference/business_rules.md.
+exactly, and the benchmark uses these as the baseline. Rule IDs: docs/rules.md.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def validate(
             else:
                 anchor[c] = (v, t)
         out[i] = f
-    return np.array(out, np.uint16), np.array(delta, np.int64), np.array(anchor_ts, np.int64)
+    return np.array(out, np.uint32), np.array(delta, np.int64), np.array(anchor_ts, np.int64)
 
 
 # --- intervals and estimation (VEE-01, VEE-20, VEE-21) -----------------------------------------------
@@ -196,7 +196,7 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
                 fl = k.F_ESTIMATED | (carry if last else carry & k.F_GAP_BEFORE)
                 rows.append((m, q, a + (j + 1) * interval, e * int(mult[m]), fl))
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
-    dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint16)
+    dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint32)
     return tuple(np.array(c, dtype=d) for c, d in zip(cols, dts, strict=True))
 
 

@@ -1,4 +1,4 @@
-"""Remote prepaid fee control (DESIGN §7; business rules FC-01…FC-14, TOU-03…TOU-06): the pure core.
+"""Remote prepaid fee control (DESIGN §7; ``docs/rules.md`` FC-01…FC-14, TOU-03…TOU-06): the pure core.
 
 A ledger per account (integer money, an append-only journal, balances derived from it), tariffs
 (:mod:`ingest.model.tariff`, the one TOU model), exactly-once interval charging, decisions as a

@@ -3,7 +3,7 @@
 Everything here is a frozen, slotted dataclass validated at construction (STYLE H3) or a
 ``StrEnum`` whose values are what the ledger stores. Money is integer only: balances and postings
 in fen (0.01 yuan), exact charges in micro-yuan (10⁻⁶ yuan = energy in 0.01 kWh × price in
-10⁻⁴ yuan/kWh, business rules "Conventions"). Nothing here reads the clock or does I/O.
+10⁻⁴ yuan/kWh, ``docs/rules.md#conventions``). Nothing here reads the clock or does I/O.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ and hands each message to the event loop with ``loop.call_soon_threadsafe`` into
    paho stops reading the socket, TCP flow control fills the window, and the broker queues. (A
    block longer than 1.5 x keepalive makes the broker drop the connection; unacked messages come
    back on reconnect, and dedup absorbs the repeats.)
-3. *Us → InfluxDB:* the pipeline awaits the sink before acking (``InfluxSink.write`` retries with
+3. *Us → InfluxDB:* the pipeline awaits the sink before acking (``InfluxWriter.write`` retries with
    back-off and raises after a bound), so a slow or absent InfluxDB stops acks, which stops the
    broker (1, 2), which queues for the persistent session, and upstream the edge outbox holds data
    while its publishes go unacknowledged (DESIGN §5).

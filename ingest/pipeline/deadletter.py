@@ -3,9 +3,10 @@
 Contract
 --------
 * Two kinds of entry: ``"payload"`` (an MQTT payload that did not decode: the raw bytes, the
-  topic and :class:`~protocols.errors.PayloadError`'s reason) and ``"line"`` (a line of line
-  protocol InfluxDB rejected: the line, a short reason such as ``"field type conflict"`` and the
-  server's full message in ``detail``). ``reason`` is meant to be low-cardinality, so that
+  topic and :class:`~protocols.errors.PayloadError`'s reason) and ``"line"`` (a record the sink
+  rejected for good, :class:`~ingest.sinks.base.Rejected`, put here by the worker: for InfluxDB a
+  line of line protocol, a short reason such as ``"field type conflict"`` and the server's full
+  message in ``detail``). ``reason`` is meant to be low-cardinality, so that
   :meth:`DeadLetterStore.count_by_reason` is a useful metric; put specifics in ``detail``.
 * :meth:`DeadLetterStore.put` returns after the row is committed to SQLite in WAL mode with
   ``synchronous=FULL``: the caller may acknowledge the MQTT message right after (STYLE H8).

@@ -12,7 +12,7 @@ Contract
   removed too. An entry refused again stays, with the same id and time, under its new reason.
 * A truncated entry (only a prefix of an oversized payload was kept) cannot be replayed: it is
   skipped and left in the store.
-* InfluxDB or the broker unavailable or refusing us stops the replay at that entry (it stays as it
+* The sink (InfluxDB) or the broker unavailable or refusing us stops the replay at that entry (it stays as it
   was); run it again once fixed. Running workers may go on meanwhile: the dedup store is shared.
 * Output: one line per entry (``replayed``, ``already landed``, ``still failing``, ``skipped``),
   then a summary line. :func:`exit_status`: 0 when no entry is still failing and the replay was

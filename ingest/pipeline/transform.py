@@ -1,19 +1,18 @@
-"""The pure per-batch part of ingest: decoded batch -> line protocol, intervals, daily partials.
+"""The pure per-batch part of ingest: decoded batch -> the columns a sink stores.
 
 Contract
 --------
 * :func:`transform` is pure: one decoded :class:`~protocols.payload.ReadingBatch` (plus the
-  registry, the tariff calendar and the settings) in, a :class:`BatchOutput` (line protocol,
-  interval rows, daily partials, collapsed-voltage events) out. It reads nothing but the batch --
-  the first interval of each channel comes from the batch's own ``prev`` columns -- so a
-  redelivered or replayed batch gives byte-identical output whatever arrived before it (DESIGN §6).
-  Columns are wrapped with ``numpy.frombuffer``; there is no Python object per reading, per
-  interval or per daily row: line protocol, the ``daily_tou`` lines and the intervals JSON payload
-  come from numba kernels (:mod:`ingest.rules.kernels`, each checked against a reference in the tests),
-  and the binary intervals payload is the interval columns themselves.
-* The only state is a bounded cache of escaped tag tables per (meter table, gateway): a gateway
-  sends the same meter table batch after batch, and escaping 500 ids cost more than the batch's
-  whole line-protocol encoding. It holds derived bytes only, so it cannot change an output.
+  registry, the tariff calendar and the settings) in, a :class:`BatchOutput` out: the
+  :class:`~ingest.sinks.base.BatchColumns` the sink stores (checked readings, duplicates,
+  intervals, daily and hourly partials, collapsed-voltage events), the flags, the days whose
+  totals changed and the outage span. It reads nothing but the batch -- the first interval of
+  each channel comes from the batch's own ``prev`` columns -- so a redelivered or replayed batch
+  gives identical output whatever arrived before it (DESIGN §6). Columns are wrapped with
+  ``numpy.frombuffer``; there is no Python object per reading, per interval or per daily row.
+  How the columns are stored (InfluxDB line protocol, by numba kernels) is the sink's business
+  (:mod:`ingest.sinks.influx.lines`); the intervals aggregate is encoded by
+  :mod:`protocols.aggregates` straight from the interval columns.
 * :func:`split_foreign` (pure too) cuts out of a batch the readings and previous registers of
   meters the registry binds to another gateway, as a batch of their own, on columns (the worker
   dead-letters that part and transforms the rest).
@@ -24,12 +23,9 @@ Contract
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -39,20 +35,18 @@ from ingest.model.registry import MeterParams, MeterRegistry
 from ingest.model.tariff import TariffCalendar
 from ingest.rules import stages as st
 from ingest.rules.kernels import NOT_ANCHOR
+from ingest.sinks.base import BatchColumns, Partials, Writes
 from protocols.aggregates import IntervalRecord, encode_interval_columns
 from protocols.errors import PayloadError
 from protocols.flags import Flag
-from protocols.payload import BatchBuilder, Event, PrevRegisters, ReadingBatch, decode, encode
+from protocols.payload import BatchBuilder, PrevRegisters, ReadingBatch, decode, encode
 from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 __all__ = [
     "BatchOutput",
     "Settings",
     "columns",
-    "daily_payload",
-    "event_line",
     "split_foreign",
-    "stored_tag",
     "transform",
     "warm_up",
 ]
@@ -61,59 +55,18 @@ DAY_MS = 86_400_000
 Q_ENERGY_TOTAL = ENERGY_FORWARD
 NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
 Mask = npt.NDArray[np.bool_]
+I64 = npt.NDArray[np.int64]
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
 _EPOCH = dt.date(1970, 1, 1)
-_TAG_CACHE_MAX = 256  # meter tables kept: one per active gateway is the steady state
 _DAILY_INTS = (
     b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated", b"invalid",
     b"reg_sharp", b"reg_peak", b"reg_flat", b"reg_valley", b"tou_mismatch",
 )  # fmt: skip
 Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
-_DAILY_FIELDS = [b"day=", *(name + b"=" for name in _DAILY_INTS)]
-_REVERSE_FIELDS = [b"rev_total=", b"rev_intervals=", b"rev_invalid="]
+_REVERSE_FIELDS = (b"rev_total", b"rev_intervals", b"rev_invalid")
 Q_ENERGY_REVERSE = ENERGY_REVERSE
-_HOURLY_FIELDS = [b"hour=", b"total=", b"intervals=", b"estimated=", b"invalid="]
+_HOURLY_FIELDS = (b"total", b"intervals", b"estimated", b"invalid")
 HOUR_MS = 3_600_000
-
-
-class _Tags:
-    """Escaped tag values of one meter table and gateway, with the line tables built from them."""
-
-    def __init__(self, meter_ids: tuple[str, ...], gateway: str) -> None:
-        self.meters = [st.escape_tag(m) for m in meter_ids]
-        self.gateway = st.escape_tag(gateway)
-        self._tables: dict[bytes, st.LineTables] = {}
-        self._json: list[bytes] | None = None
-
-    def table(self, measurement: bytes) -> st.LineTables:
-        t = self._tables.get(measurement)
-        if t is None:
-            tail = b",gateway=" + self.gateway
-            t = self._tables[measurement] = st.LineTables(
-                *st._table([measurement + b",meter=" + m + tail for m in self.meters])
-            )
-        return t
-
-    def meter_json(self, meter_ids: tuple[str, ...]) -> list[bytes]:
-        if self._json is None:
-            self._json = [json.dumps(m, ensure_ascii=False).encode() for m in meter_ids]
-        return self._json
-
-
-class _TagCache:
-    """(meter ids, gateway) -> :class:`_Tags`, at most ``_TAG_CACHE_MAX`` (oldest dropped first)."""
-
-    def __init__(self) -> None:
-        self._d: dict[tuple[tuple[str, ...], str], _Tags] = {}
-
-    def get(self, meter_ids: tuple[str, ...], gateway: str) -> _Tags:
-        key = (meter_ids, gateway)
-        tags = self._d.get(key)
-        if tags is None:
-            if len(self._d) >= _TAG_CACHE_MAX:
-                del self._d[next(iter(self._d))]
-            tags = self._d[key] = _Tags(meter_ids, gateway)
-        return tags
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +75,12 @@ class Settings:
 
     registry: MeterRegistry
     calendar: TariffCalendar
-    wide: bool = True
     interval_ms: int = 900_000
     max_gap_intervals: int = 8
     future_tol_ms: int = 300_000
     check_topic_gateway: bool = True
     min_ts_ms: int = st.MIN_TS_MS
     tariff_calendars: dict[str, TariffCalendar] = field(default_factory=dict)  # registry tariff -> calendar
-    tags: _TagCache = field(default_factory=_TagCache, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> Settings:
@@ -138,7 +89,6 @@ class Settings:
         return cls(
             load_registry(cfg),
             calendar,
-            wide=p.schema == "wide",
             interval_ms=p.interval_s * 1000,
             max_gap_intervals=p.max_gap_intervals,
             future_tol_ms=p.future_tol_s * 1000,
@@ -150,18 +100,24 @@ class Settings:
 
 @dataclass(frozen=True, slots=True)
 class BatchOutput:
-    """Everything one batch becomes. ``lines`` holds every measurement's line protocol."""
+    """Everything one batch becomes: ``columns`` is what the sink stores."""
 
-    lines: bytes
+    columns: BatchColumns
     readings: int
-    flags: npt.NDArray[np.uint16]
-    iv: st.Intervals  # validated intervals, one row per (meter, quantity, end)
-    meter_ids: tuple[str, ...]
-    interval_ms: int
+    flags: npt.NDArray[np.uint32]
     daily_days: tuple[int, ...]  # local day starts (epoch ms) whose daily totals this batch changed
-    outage_events: int  # collapsed-voltage events written (they feed the area-outage check)
+    outage_events: int  # collapsed-voltage events (they feed the area-outage check)
     outage_ts: tuple[int, int] = (0, 0)
-    tags: _Tags | None = field(default=None, compare=False, repr=False)
+    interval_ms: int = 900_000
+
+    @property
+    def iv(self) -> st.Intervals:
+        """Validated intervals, one row per (meter, quantity, end)."""
+        return self.columns.intervals
+
+    @property
+    def meter_ids(self) -> tuple[str, ...]:
+        return self.columns.meter_ids
 
     @property
     def n_intervals(self) -> int:
@@ -182,21 +138,14 @@ class BatchOutput:
             for m, q, e, v, f in zip(*cols, strict=True)
         ]
 
-    def intervals_payload(self, gateway: str, batch_seq: int, encoding: str = "json") -> bytes:
-        """``protocols.aggregates.encode_intervals`` output: binary straight from the interval
-        columns, JSON encoded by a numba kernel (no object per row; unit tests check both)."""
+    def intervals_payload(
+        self, gateway: str, batch_seq: int, encoding: Literal["json", "binary"] = "json"
+    ) -> bytes:
+        """The intervals aggregate of this batch, encoded by
+        :func:`protocols.aggregates.encode_interval_columns` from the interval columns."""
         iv = self.iv
-        if encoding == "binary":
-            cols = (iv.meter, iv.quantity, iv.end_ts - self.interval_ms, iv.end_ts, iv.energy, iv.flags)
-            return encode_interval_columns(gateway, batch_seq, self.meter_ids, cols)
-        if self.tags is not None:
-            names = self.tags.meter_json(self.meter_ids)
-        else:
-            names = [json.dumps(m, ensure_ascii=False).encode() for m in self.meter_ids]
-        items = st.encode_interval_items(self.iv, names, interval_ms=self.interval_ms)
-        head = json.dumps({"v": 1, "type": "intervals", "gateway": gateway, "batch_seq": batch_seq},
-                          ensure_ascii=False, separators=(",", ":"))  # fmt: skip
-        return head[:-1].encode() + b',"intervals":[' + items + b"]}"
+        cols = (iv.meter, iv.quantity, iv.end_ts - self.interval_ms, iv.end_ts, iv.energy, iv.flags)
+        return encode_interval_columns(gateway, batch_seq, self.meter_ids, cols, encoding)
 
 
 def _u(col: Any, dtype: Any) -> Any:
@@ -212,7 +161,7 @@ def columns(batch: ReadingBatch) -> tuple[st.Readings, st.PreviousRegisters]:
         _u(batch.ts, np.int64),
         _u(batch.quantity, np.uint16),
         _u(batch.value, np.int64),
-        _u(batch.flags, np.uint16),
+        _u(batch.flags, np.uint32),
     )
     p = batch.prev
     prev = st.PreviousRegisters(
@@ -225,17 +174,6 @@ def columns(batch: ReadingBatch) -> tuple[st.Readings, st.PreviousRegisters]:
     if "" in batch.meters:
         raise PayloadError("empty meter id in the meter table")
     return r, prev
-
-
-@functools.lru_cache(maxsize=65_536)
-def stored_tag(text: str) -> str:
-    """The tag value InfluxDB stores for ``text`` (``escape_tag`` minus line-protocol escapes)."""
-    raw = st.escape_tag(text).decode("utf-8")
-    return raw.replace("\\,", ",").replace("\\=", "=").replace("\\ ", " ")
-
-
-def _field_str(text: str) -> bytes:
-    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").encode() + b'"'
 
 
 def _subset(r: st.Readings, mask: npt.NDArray[np.bool_]) -> st.Readings:
@@ -304,44 +242,34 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     checked = st.validate_batch(readings, prev, meters, ref_ms, params)
     flags = checked.flags
     checked_r = st.Readings(readings.meter, readings.ts, readings.quantity, readings.value, flags)
-    tags = s.tags.get(batch.meters, batch.gateway)
-    parts: list[bytes] = []
     dup = (flags & int(Flag.DUPLICATE)) != 0
     has_dup = bool(dup.any())
     main = _subset(checked_r, ~dup) if has_dup else checked_r
     order = None if has_dup else checked.order  # the validation's (meter, ts, quantity) sort
-    parts.append(st.encode_lines(main, tags.table(b"meter_reading"), wide=s.wide, order=order))
-    if has_dup:  # stored too, in their own series, so they never overwrite the first arrival
-        dups = _subset(checked_r, dup)
-        parts.append(st.encode_lines(dups, tags.table(b"reading_duplicate")))
     iv = st.aggregate_intervals(
         checked_r, checked, meters, interval_ms=s.interval_ms, max_gap_intervals=s.max_gap_intervals
     )
     iv = _dedup_intervals(iv)
-    iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
-    # Wide, like the readings: one point per (meter, interval end) with a field per energy
-    # channel (<quantity>=kWh, <quantity>_flags where non-zero): a fifth of the lines (docs/ingest.md).
-    parts.append(st.encode_lines(iv_r, tags.table(b"intervals"), wide=True))
     iv1 = _total_register(iv)
-    daily_lines, daily_days = _daily_partials(iv, iv1, meters, tags, s)
-    parts.append(daily_lines)
-    parts.append(_hourly_partials(iv1, tags, s))
-    collapsed, span = _collapsed_voltage(checked_r, meters.un_dv, batch.meters, tags)
-    parts.append(collapsed[0])
-    return BatchOutput(
-        b"".join(parts), len(readings), flags, iv, batch.meters, s.interval_ms, daily_days,
-        collapsed[1], span, tags,
+    daily, daily_days = _daily_partials(iv, iv1, meters, s)
+    c_meter, c_ts = _collapsed_voltage(checked_r, meters.un_dv)
+    span = (int(c_ts.min()), int(c_ts.max())) if c_ts.shape[0] else (0, 0)
+    cols = BatchColumns(
+        batch.gateway, batch.meters, main, order, _subset(checked_r, dup) if has_dup else None, iv,
+        daily, _hourly_partials(iv1, s), c_meter, c_ts,
     )  # fmt: skip
+    return BatchOutput(cols, len(readings), flags, daily_days, int(c_ts.shape[0]), span, s.interval_ms)
 
 
-def warm_up(s: Settings) -> None:
+def warm_up(s: Settings) -> Writes:
     """Run every kernel once on tiny batches, so that loading numba's cache (a third of a second)
-    happens at worker start and not inside the first message's transaction."""
+    happens at worker start and not inside the first message's transaction. Returns what they
+    became, for the sink's own warm-up (:meth:`~ingest.sinks.base.Sink.warm_up`)."""
     t0 = 1_700_000_100_000 // s.interval_ms * s.interval_ms
     cold = Settings(
-        s.registry, s.calendar, s.wide, s.interval_ms, s.max_gap_intervals, s.future_tol_ms,
-        min_ts_ms=s.min_ts_ms,
+        s.registry, s.calendar, s.interval_ms, s.max_gap_intervals, s.future_tol_ms, min_ts_ms=s.min_ts_ms,
     )  # fmt: skip
+    sample = []
     for with_duplicate in (False, True):  # a duplicate makes subsets (copies) of the columns
         b = BatchBuilder()
         for q in (1, 30):
@@ -354,7 +282,8 @@ def warm_up(s: Settings) -> None:
         # Built in memory the columns are writable; decoded off the wire they are read-only views
         # of the payload -- a different numba type, hence a specialisation of its own.
         for batch in (built, decode(encode(built))):
-            transform(batch, cold).intervals_payload("warm-up", 1)
+            sample.append(transform(batch, cold).columns)
+    return Writes(batches=sample)
 
 
 def _periods(iv: st.Intervals, meters: MeterParams, s: Settings) -> npt.NDArray[np.uint8]:
@@ -391,18 +320,18 @@ def _bucket_partials(
 
 
 def _daily_partials(
-    iv: st.Intervals, iv1: st.Intervals, meters: MeterParams, tags: _Tags, s: Settings
-) -> tuple[bytes, tuple[int, ...]]:
+    iv: st.Intervals, iv1: st.Intervals, meters: MeterParams, s: Settings
+) -> tuple[Partials | None, tuple[int, ...]]:
     """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals
     ``iv1``, with the calendar's TOU split, the tariff registers' own deltas and the VEE-15
     mismatches (from all register intervals ``iv``).
 
     The point's time is the start of the batch's first interval of that day: batches cover
     disjoint intervals, so partials never collide, a replay rewrites the same point, and the
-    day's total is ``sum()`` over the day (see docs/ingest.md). Encoded by a kernel; the Python
-    work is per distinct day, not per row."""
+    day's total is ``sum()`` over the day (see docs/ingest.md). Columns: the Python work is per
+    distinct day, not per row."""
     if iv1.end_ts.shape[0] == 0:
-        return b"", ()
+        return None, ()
     off = s.calendar.utc_offset_ms
     tot, first_start, days, row_day = _bucket_partials(iv1, DAY_MS, s)
     # VEE-15: the calendar's split of the total register against the meter's own tariff
@@ -415,7 +344,7 @@ def _daily_partials(
     tou_key = (tou.meter.astype(np.int64) << 24) | ((tou.day_start_ts - day0) // DAY_MS)
     tot_key = (tot.meter.astype(np.int64) << 24) | ((tot.start_ts - day0) // DAY_MS)
     row = np.searchsorted(tou_key, tot_key)
-    texts = [(_EPOCH + dt.timedelta(days=(int(d) + off) // DAY_MS)).isoformat().encode() for d in days]
+    texts = tuple((_EPOCH + dt.timedelta(days=(int(d) + off) // DAY_MS)).isoformat().encode() for d in days)
     cal = np.asarray(tou.calendar, dtype=np.int64)[row]
     reg = np.asarray(tou.registers, dtype=np.int64)[row]
     columns = [
@@ -423,15 +352,14 @@ def _daily_partials(
         tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid,
         reg[:, 0], reg[:, 1], reg[:, 2], reg[:, 3], tou.mismatch[row].sum(axis=1),
     ]  # fmt: skip
-    names = _DAILY_FIELDS
+    names: tuple[bytes, ...] = _DAILY_INTS
     reverse = _rows(iv, iv.quantity == Q_ENERGY_REVERSE)
     if reverse.end_ts.shape[0]:  # LL-01's export terms; fields only where a meter reads them
         columns += _reverse_columns(reverse, tot, s)
-        names = _DAILY_FIELDS + _REVERSE_FIELDS
+        names = _DAILY_INTS + _REVERSE_FIELDS
     values = np.column_stack(columns).astype(np.int64)
-    table, meter = tags.table(b"daily_tou"), tot.meter.astype(np.int64)
-    lines = st.encode_int_lines(table, meter, texts, row_day, names, values, first_start)
-    return lines, tuple(days.tolist())
+    partials = Partials(tot.meter.astype(np.int64), row_day, texts, names, values, first_start)
+    return partials, tuple(days.tolist())
 
 
 def _reverse_columns(reverse: st.Intervals, tot: st.Totals, s: Settings) -> list[npt.NDArray[np.int64]]:
@@ -449,76 +377,40 @@ def _reverse_columns(reverse: st.Intervals, tot: st.Totals, s: Settings) -> list
     return [np.where(hit, c[pos], 0) for c in (rev.energy, rev.n_actual + rev.n_estimated, rev.n_invalid)]
 
 
-def _hourly_partials(iv1: st.Intervals, tags: _Tags, s: Settings) -> bytes:
+def _hourly_partials(iv1: st.Intervals, s: Settings) -> Partials | None:
     """One ``hourly`` point per (meter, local hour) of the total-register intervals ``iv1``:
     billable energy and interval counts, a partial like ``daily_tou`` (time = the batch's first
     interval start in that hour, so the hour's total is ``sum()`` and a replay rewrites it)."""
     if iv1.end_ts.shape[0] == 0:
-        return b""
+        return None
     off = s.calendar.utc_offset_ms
     tot, first_start, hours, row_hour = _bucket_partials(iv1, HOUR_MS, s)
-    texts = [
+    texts = tuple(
         (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=int(h) + off)).strftime("%Y-%m-%dT%H").encode()
         for h in hours
-    ]
+    )
     values = np.column_stack(
         (tot.energy, tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid)
     ).astype(np.int64)
-    table, meter = tags.table(b"hourly"), tot.meter.astype(np.int64)
-    return st.encode_int_lines(table, meter, texts, row_hour, _HOURLY_FIELDS, values, first_start)
+    return Partials(tot.meter.astype(np.int64), row_hour, texts, _HOURLY_FIELDS, values, first_start)
 
 
-def _collapsed_voltage(
-    r: st.Readings, un_dv: npt.NDArray[np.int64], meter_ids: tuple[str, ...], tags: _Tags
-) -> tuple[tuple[bytes, int], tuple[int, int]]:
-    """OUT-01 from readings: (meter, ts) points where every phase voltage read is below 60 % U_n
-    become ``events`` points of kind ``voltage_collapsed`` (meters with a known rating only)."""
+def _collapsed_voltage(r: st.Readings, un_dv: npt.NDArray[np.int64]) -> tuple[I64, I64]:
+    """OUT-01 from readings: the (meter, ts) where every phase voltage read is below 60 % U_n
+    (meters with a known rating only), as ``voltage_collapsed`` event columns."""
+    none = np.empty(0, dtype=np.int64)
     # Believable readings only: an error reply reads 0 V, an out-of-range value could overflow
     # the products below, a reading outside the time bounds is no evidence of an outage now.
     sel = (r.quantity >= _VOLTAGE[0]) & (r.quantity <= _VOLTAGE[-1]) & ((r.flags & NOT_ANCHOR) == 0)
     if not sel.any():
-        return (b"", 0), (0, 0)
+        return none, none
     meter, ts, value = r.meter[sel].astype(np.int64), r.ts[sel], r.value[sel]
     un = un_dv[meter]
     low = (un > 0) & (value * 10 < un * 6)
     if not low.any():
-        return (b"", 0), (0, 0)
+        return none, none
     labels, ng, first = st.group_labels(meter, ts)
     n_all = np.bincount(labels, minlength=ng)
     n_low = np.bincount(labels, weights=low, minlength=ng).astype(np.int64)
-    hit = np.flatnonzero((n_all == n_low) & (n_low > 0))
-    if hit.shape[0] == 0:
-        return (b"", 0), (0, 0)
-    gw_tag = tags.gateway
-    lines = []
-    for g in hit.tolist():
-        m, t = int(meter[first[g]]), int(ts[first[g]])
-        lines.append(
-            b'events,gateway=%s,meter=%s,kind=voltage_collapsed id=%s,detail="{}" %d\n'
-            % (gw_tag, tags.meters[m], _field_str(f"vc-{meter_ids[m]}-{t}"), t)
-        )
-    span = (int(ts[first[hit]].min()), int(ts[first[hit]].max()))
-    return (b"".join(lines), len(lines)), span
-
-
-def event_line(ev: Event) -> bytes:
-    """``events`` point of one edge event (tags gateway, meter, kind; fields id, detail JSON)."""
-    tags = b"events,gateway=" + st.escape_tag(ev.gateway)
-    if ev.meter:
-        tags += b",meter=" + st.escape_tag(ev.meter)
-    tags += b",kind=" + st.escape_tag(ev.kind)
-    detail = json.dumps(ev.detail, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return tags + b" id=%s,detail=%s %d\n" % (_field_str(ev.id), _field_str(detail), ev.ts_ms)
-
-
-def daily_payload(gateway: str, totals: Sequence[tuple[Any, ...]]) -> bytes:
-    """``protocols.aggregates.encode_daily`` of ``DailyTotal(*row)`` rows, without ``asdict`` per
-    row (a unit test checks the two agree)."""
-    items = ",".join(
-        f'{{"meter":{json.dumps(m, ensure_ascii=False)},"day":"{d}","total":{t},"sharp":{a},"peak":{b},'
-        f'"flat":{c},"valley":{v},"intervals":{n},"estimated_intervals":{e}}}'
-        for m, d, t, a, b, c, v, n, e in totals
-    )
-    head = json.dumps({"v": 1, "type": "daily", "gateway": gateway}, ensure_ascii=False,
-                      separators=(",", ":"))  # fmt: skip
-    return (head[:-1] + ',"days":[' + items + "]}").encode()
+    hit = first[np.flatnonzero((n_all == n_low) & (n_low > 0))]
+    return meter[hit], ts[hit].astype(np.int64)

@@ -1,9 +1,11 @@
-"""The ingest worker: one MQTT session (shared subscription) -> transform -> InfluxDB -> aggregates -> ack.
+"""The ingest worker: one MQTT session (shared subscription) -> transform -> sink -> aggregates -> ack.
 
 Contract
 --------
 :class:`IngestWorker` consumes one MQTT session and never acknowledges a message before its data
-is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dead-letter store):
+is durable (the sink wrote it, or a record it can never accept sits in the dead-letter store). It
+knows the store only through :class:`~ingest.sinks.base.Sink` (today
+:class:`~ingest.sinks.influx.sink.InfluxSink`): it hands over columns and reads back values.
 
 * **intake** (one task): per message, refuse one over ``max_payload_bytes`` (the consumer kept
   only a prefix), decode (a bad payload is dead-lettered with its reason, nothing raises out of
@@ -17,15 +19,17 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
   never loss).
 * **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
   ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
-  (its lines concatenated; the sink cuts requests at ``max_batch_lines``/``max_batch_bytes``),
-  retried with back-off for as long as InfluxDB is unavailable; then the group's intervals are
-  published (one message per batch, PUBACKs awaited), outages correlated, ``dedup.mark`` per batch
-  (with the ``(gateway, day)`` keys whose daily totals it changed, in the same transaction), and
-  finally every message of the group is acknowledged. While one group waits for InfluxDB the next
-  is transformed and written on a second connection.
+  (its batches' columns and events in one :class:`~ingest.sinks.base.Writes`), retried with
+  back-off for as long as the store is unavailable; the records the sink reports rejected are
+  dead-lettered here (with the store's reason and message), the rest is written. Then the
+  group's intervals are published (one message per batch, PUBACKs awaited), outages correlated,
+  ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose daily totals it changed, in
+  the same transaction), and finally every message of the group is acknowledged. While one group
+  waits for the store the next is transformed and written on a second connection.
 * **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
-  read back from InfluxDB in one query and published as running totals, then dropped from the
-  store; what a crash interrupts is published by the next start (:mod:`ingest.pipeline.dedup`).
+  read back from the sink (:meth:`~ingest.sinks.base.Sink.daily_totals`) and published as
+  running totals, then dropped from the store; what a crash interrupts is published by the next
+  start (:mod:`ingest.pipeline.dedup`).
 * **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
   3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
   is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.
@@ -35,9 +39,9 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
   alarm is raised while it lasts (logged once per episode, the gauge
   ``amigw_ingest_sink_refused{reason}`` at 1, ``amigw_ingest_sink_refusals_total{reason}``
   counting every refusal). Once fixed, every batch
-  lands exactly once (rewrites are idempotent, the dedup marks follow the write). Only lines
-  InfluxDB will never accept are dead-lettered (by the sink, the rest of the batch is written).
-* **sink probe** (one task at start): :meth:`~ingest.sinks.influxdb.InfluxSink.probe` until InfluxDB
+  lands exactly once (rewrites are idempotent, the dedup marks follow the write). Only records
+  the store will never accept are dead-lettered (by the worker, the rest of the batch is written).
+* **sink probe** (one task at start): :meth:`~ingest.sinks.base.Sink.probe` until the store
   accepts the worker (reachable, database or bucket present, credentials accepted; with
   ``create_database`` a missing v1 database is created). A failing probe raises the same alarm and
   is retried with back-off; the worker keeps running (the broker holds the messages).
@@ -49,7 +53,7 @@ is durable (InfluxDB answered 2xx, or a line it can never accept sits in the dea
 * Intervals are published *before* the ack (acking first would lose them if the worker died in
   between), and the daily obligation is durable before the ack; both are idempotent: interval
   items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
-  ``(meter, day)`` read from InfluxDB (the shared state of all workers) after the write (the item
+  ``(meter, day)`` read from the sink (the shared state of all workers) after the write (the item
   with more ``intervals`` supersedes).
 
 Confirmations and loss accounting
@@ -64,7 +68,7 @@ Before they are confirmed the batches are recorded in :class:`~ingest.pipeline.l
 recording that fails is not confirmed: the edge's re-send records it later); a dedup mark that
 replaced another digest is a sequence reset there. A task updates ``amigw_ingest_missing_batches``
 every ``LossConfig.check_s`` (``min(5 s, gap_alarm_s / 4)``) and raises the due
-``seq_gap``/``seq_reset`` alarms (log line, counter, ``alarms`` point in InfluxDB), each claimed
+``seq_gap``/``seq_reset`` alarms (log line, counter, an alarm written to the sink), each claimed
 by one worker of the machine.
 
 Decision: confirmations are **not** awaited (no PUBACK wait, paho queues them through a
@@ -78,8 +82,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import functools
 import hashlib
 import logging
 import random
@@ -87,7 +89,6 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -99,22 +100,13 @@ from ingest.mqtt.publisher import MqttPublisher
 from ingest.pipeline.deadletter import DeadLetter, DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.loss import Alarm, LossStore
-from ingest.pipeline.transform import (
-    DAY_MS,
-    BatchOutput,
-    Settings,
-    daily_payload,
-    event_line,
-    split_foreign,
-    stored_tag,
-    transform,
-    warm_up,
-)
+from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform, warm_up
 from ingest.rules import stages as st
-from ingest.sinks.influxdb import InfluxSink, backoff_delay_s
-from ingest.sinks.influxql import InfluxQuery, quote_str
+from ingest.sinks.base import AreaAlarm, Sink, WriteResult, Writes, backoff_delay_s
+from ingest.sinks.influx.sink import InfluxSink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
+from protocols.aggregates import DailyTotal, encode_daily
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
 
@@ -122,45 +114,40 @@ __all__ = ["COMMIT_SLOTS", "IngestWorker", "run_worker"]
 
 log = logging.getLogger("amigw.ingest")
 
-COMMIT_SLOTS = 2  # groups in flight at once, each on its own InfluxDB connection
-_EPOCH = dt.date(1970, 1, 1)
+COMMIT_SLOTS = 2  # groups in flight at once, each on its own sink connection
 _FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
 _DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
 _NOT_BOUND = "meter not bound to gateway"
-_DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
 _FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
 _ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
 
 
 @dataclass(slots=True)
 class _Item:
-    """One taken message on its way to the ack. ``lines`` empty: nothing to write (duplicate or
-    dead-lettered at intake, already durable)."""
+    """One taken message on its way to the ack; it has something to write when it holds a
+    transformed batch or an event (else it is a duplicate or dead-lettered at intake)."""
 
     msg: Message
     result: str  # written | duplicate | dead_lettered | event
-    lines: bytes = b""
     batch: ReadingBatch | None = None
     out: BatchOutput | None = None
     event: Event | None = None
     key: tuple[str, int, bytes] | None = None  # dedup key, marked after the write
     refusal: tuple[str, str] | None = None  # dead_lettered: (reason, detail)
 
+    @property
+    def to_write(self) -> bool:
+        return self.out is not None or self.event is not None
+
 
 @dataclass(slots=True)
 class _Resources:
-    sinks: asyncio.Queue[InfluxSink]
-    query: InfluxQuery
+    sinks: asyncio.Queue[Sink]  # one per commit slot; reads take one too
     dead_letter: DeadLetterStore
     dedup: DedupStore
     publisher: MqttPublisher | None
     consumer: MqttConsumer | None = None
     loss: LossStore | None = None
-
-
-@functools.lru_cache(maxsize=65_536)
-def _unescape(raw: str) -> str:
-    return st.unescape_tag(raw)
 
 
 class IngestWorker:
@@ -182,7 +169,7 @@ class IngestWorker:
         self._slots = asyncio.Semaphore(COMMIT_SLOTS)
         self._items: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._in_flight: dict[tuple[str, int, bytes], int] = {}
-        self._refused: str | None = None  # the reason InfluxDB refuses us, while it does
+        self._refused: str | None = None  # the reason the sink refuses us, while it does
         self._replaying = False  # replay: no new dead letters, writes give up instead of waiting
 
     def stop(self) -> None:
@@ -233,20 +220,23 @@ class IngestWorker:
         dead = DeadLetterStore.from_config(cfg.dead_letter)
         dedup = DedupStore.from_config(cfg.dedup)
         loss = LossStore.from_config(cfg.loss)
-        sinks: asyncio.Queue[InfluxSink] = asyncio.Queue()
+        sinks: asyncio.Queue[Sink] = asyncio.Queue()
         for _ in range(slots):
-            sinks.put_nowait(InfluxSink(cfg.influx, dead_letter=dead))
+            sinks.put_nowait(InfluxSink(cfg.influx, wide=p.schema == "wide"))
         publisher = None
         if p.publish_intervals or p.publish_daily or p.confirm:
             publisher = MqttPublisher(cfg.mqtt, f"{cfg.mqtt.client_id}-{publisher_id}-pub")
-        res = self._res = _Resources(sinks, InfluxQuery(cfg.influx), dead, dedup, publisher, loss=loss)
+        res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss)
         try:
-            warm_up(self.settings)
+            sample = warm_up(self.settings)
+            for sink in _drain(sinks):
+                sink.warm_up(sample)
+                sinks.put_nowait(sink)
             if publisher is not None:
                 await publisher.connect()
             yield res
         finally:
-            closers = [s.aclose for s in _drain(sinks)] + [res.query.aclose]
+            closers = [s.aclose for s in _drain(sinks)]
             closers += [publisher.aclose] if publisher else []
             for closer in closers:
                 with contextlib.suppress(Exception):
@@ -297,14 +287,15 @@ class IngestWorker:
         except (ValueError, TypeError, OverflowError) as exc:  # data the stages refuse: never crash
             return self._dead_letter(msg, "rejected by pipeline", f"{type(exc).__name__}: {exc}")
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        return _Item(msg, "written", out.lines, own, out, key=key)
+        return _Item(msg, "written", own, out, key=key)
 
     def _prepare_event(self, msg: Message) -> _Item:
         """Decode one event and check it against its topic, the registry's binding of its meter
         and the time bounds; a refused event is dead-lettered with the reason."""
         try:
             ev = decode_event(msg.payload)
-            line = event_line(ev)
+            if not ev.gateway:
+                raise PayloadError("event: empty gateway")
         except (PayloadError, ValueError) as exc:
             return self._dead_letter(msg, "undecodable event", str(exc))
         s = self.settings
@@ -320,7 +311,7 @@ class IngestWorker:
         if not s.min_ts_ms <= ev.ts_ms <= latest:
             detail = f"ts_ms {ev.ts_ms} outside [{s.min_ts_ms}, now + future_tol_s]"
             return self._dead_letter(msg, "event time out of bounds", detail)
-        return _Item(msg, "event", line, event=ev)
+        return _Item(msg, "event", event=ev)
 
     def _dead_letter_foreign(self, msg: Message, foreign: ReadingBatch) -> None:
         """Dead-letter the readings of meters bound to other gateways, as a batch of their own
@@ -329,7 +320,8 @@ class IngestWorker:
         mask = self.settings.registry.foreign(table, foreign.gateway)
         names = [m for m, f in zip(foreign.meters, mask.tolist(), strict=True) if f]  # per meter, not reading
         detail = f"{len(foreign)} readings of {len(names)} meters bound to other gateways: {', '.join(names)}"
-        self._dead_letter(msg, _NOT_BOUND, detail, payload=encode(foreign))
+        # v2: every flag bit survives (ingest reads both versions; a v1 batch had none above 15)
+        self._dead_letter(msg, _NOT_BOUND, detail, payload=encode(foreign, version=2))
 
     def _dead_letter(self, msg: Message, reason: str, detail: str, *, payload: bytes | None = None) -> _Item:
         """Store ``payload`` (default: the message's) with the reason, count and log it once."""
@@ -369,7 +361,7 @@ class IngestWorker:
     ) -> None:
         """Write, publish, mark and ack one group (see the module contract)."""
         try:
-            writes = [it for it in group if it.lines]
+            writes = [it for it in group if it.to_write]
             if writes:
                 await self._durable(writes)
             if prev is not None:
@@ -382,15 +374,16 @@ class IngestWorker:
             self._slots.release()
 
     async def _durable(self, writes: list[_Item]) -> None:
-        """Write and publish, retried as one (rewrites are idempotent) while InfluxDB or the
-        broker is unavailable or InfluxDB refuses us: an unacknowledged message is not
+        """Write and publish, retried as one (rewrites are idempotent) while the sink or the
+        broker is unavailable or the sink refuses us: an unacknowledged message is not
         redelivered on a live session, and nothing is dead-lettered for our own misconfiguration.
 
         Raises (only while replaying, instead of waiting): TransportError, SinkError."""
         attempt = 0
         while True:
             try:
-                await self._write(b"".join(it.lines for it in writes))
+                batches = [it.out.columns for it in writes if it.out is not None]
+                await self._write(Writes(batches, [it.event for it in writes if it.event is not None]))
                 await self._after_write(writes)
                 return
             except (TransportError, SinkError) as exc:
@@ -519,13 +512,9 @@ class IngestWorker:
         try:
             while pending:
                 alarm = pending[0]
-                line = b"alarms,gateway=%s,kind=%s gaps=%di,missing=%di,first=%di,last=%di %d\n" % (
-                    st.escape_tag(alarm.gateway), alarm.kind.encode(), alarm.gaps, alarm.missing,
-                    alarm.first, alarm.last, alarm.ts_ms,
-                )  # fmt: skip
                 sink = await res.sinks.get()
                 try:
-                    await sink.write(line)
+                    self._dead_letter_rejected(await sink.write(Writes(loss_alarms=[alarm])))
                 except SinkError as exc:
                     res.loss.release(alarm)
                     log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
@@ -549,9 +538,10 @@ class IngestWorker:
                 alarm.gateway, alarm.missing, alarm.gaps, alarm.first, alarm.last, age_s,
             )  # fmt: skip
 
-    async def _write(self, lines: bytes) -> None:
-        """The sink write on a free connection, retried (same lines) while InfluxDB is
-        unavailable or refuses us (the alarm is raised while it refuses, see the module contract).
+    async def _write(self, writes: Writes) -> None:
+        """The sink write on a free connection, retried (same records) while the store is
+        unavailable or refuses us (the alarm is raised while it refuses, see the module contract);
+        then the records it rejected are dead-lettered.
 
         Raises (only while replaying, instead of waiting): SinkError."""
         assert self._res is not None
@@ -562,7 +552,7 @@ class IngestWorker:
         try:
             while True:
                 try:
-                    result = await sink.write(lines)
+                    result = await sink.write(writes)
                     break
                 except SinkError as exc:
                     self._sink_failed(exc)
@@ -576,8 +566,22 @@ class IngestWorker:
             sinks.put_nowait(sink)
         self._sink_accepted()
         self.metrics.sink_latency.observe(time.monotonic() - t0)
-        if result.dead_lettered_lines:
-            self.metrics.sink_lines_dead_lettered.inc(result.dead_lettered_lines)
+        self._dead_letter_rejected(result)
+
+    def _dead_letter_rejected(self, result: WriteResult) -> None:
+        """Commit the records the store refused for good, with its reason and message."""
+        if not result.rejected:
+            return
+        assert self._res is not None
+        now_ms = time.time_ns() // 1_000_000
+        self._res.dead_letter.put_many(
+            [(r.kind, r.reason, r.record, None, now_ms, r.detail) for r in result.rejected]
+        )
+        self.metrics.sink_lines_dead_lettered.inc(len(result.rejected))
+        for r in result.rejected[:10]:
+            log.warning(
+                "record dead-lettered reason=%r store=%r record=%r", r.reason, r.detail[:300], r.record[:300]
+            )
 
     def _backoff_s(self, attempt: int) -> float:
         p = self.cfg.pipeline
@@ -709,7 +713,7 @@ class IngestWorker:
             reason, detail = item.refusal
             self._res.dead_letter.set_reason(entry.id, reason, detail)
             return "failing", f"{reason}: {detail}"
-        if item.lines:
+        if item.to_write:
             await self._durable([item])
         await self._ack([item])
         self._res.dead_letter.remove(entry.id)
@@ -746,90 +750,72 @@ class IngestWorker:
         for i in range(0, len(gateways), _DAILY_QUERY_GATEWAYS):
             part = {g: keys[g] for g in gateways[i : i + _DAILY_QUERY_GATEWAYS]}
             for gw, totals in (await self._daily_totals(part)).items():
-                items.append((topics.agg("daily", gw), daily_payload(gw, totals)))
+                items.append((topics.agg("daily", gw), encode_daily(gw, totals)))
         if items:
             await res.publisher.publish_many(items)
             self.metrics.published.labels("daily").inc(len(items))
         res.dedup.done_days(pending)
         return len(items)
 
-    async def _daily_totals(self, keys: dict[str, set[int]]) -> dict[str, list[tuple[Any, ...]]]:
-        """Running totals of every meter of the (gateway, local day) keys, read back in one query
-        (InfluxDB is the shared state of all workers, so the last reader of a day publishes all of
-        it)."""
+    async def _daily_totals(self, keys: dict[str, set[int]]) -> dict[str, list[DailyTotal]]:
+        """Running totals of every meter of the (gateway, local day) keys, read back in one sink
+        call (the store is the shared state of all workers, so the last reader of a day publishes
+        all of it)."""
         assert self._res is not None
-        off = self.settings.calendar.utc_offset_ms
-        days = [d for ds in keys.values() for d in ds]
-        lo, hi = min(days), max(days) + DAY_MS
-        gws = {stored_tag(g): g for g in keys}
-        cond = " OR ".join(f"gateway = {quote_str(g)}" for g in gws)
-        q = (
-            'SELECT sum("total") AS total, sum("sharp") AS sharp, sum("peak") AS peak, sum("flat") AS flat, '
-            'sum("valley") AS valley, sum("intervals") AS intervals, sum("estimated") AS estimated '
-            f'FROM "daily_tou" WHERE ({cond}) AND time >= {lo}ms AND time < {hi}ms '
-            f"GROUP BY time(1d, {(-off) % DAY_MS}ms), meter, gateway"
-        )
-        rows = await self._res.query.rows(q)  # a refusal raises: the keys stay pending
-        out: dict[str, list[tuple[Any, ...]]] = {}
-        for r in rows:
-            gw = gws.get(r.get("gateway", ""))
-            if gw is None or r["time"] not in keys[gw] or r.get("total") is None:
-                continue
-            day = (_EPOCH + dt.timedelta(days=(r["time"] + off) // DAY_MS)).isoformat()
-            out.setdefault(gw, []).append((_unescape(r["meter"]), day, *(int(r[k]) for k in _DAILY_KEYS)))
-        for totals in out.values():
-            totals.sort()
-        return out
+        sink = await self._res.sinks.get()
+        try:  # a refusal raises: the keys stay pending
+            return await sink.daily_totals(keys, utc_offset_ms=self.settings.calendar.utc_offset_ms)
+        finally:
+            self._res.sinks.put_nowait(sink)
 
     async def _outages(self, t_lo: int, t_hi: int) -> None:
-        """OUT-02 over every power-down-like event InfluxDB holds near [t_lo, t_hi] (all workers'),
-        then one ``alarms`` point per outage: an alarm already open for the area within
-        ``outage_hold_s`` is updated in place (same series and time), never duplicated."""
+        """OUT-02 over every power-down-like event the sink holds near [t_lo, t_hi] (all workers'),
+        then one area-outage alarm per outage: an alarm already open for the area within
+        ``outage_hold_s`` is updated in place (same area and time), never duplicated."""
         assert self._res is not None
         p = self.cfg.pipeline
         win = p.outage_window_s * 1000
-        rows = await self._res.query.rows(
-            "SELECT \"id\" FROM \"events\" WHERE (kind = 'power_down' OR kind = 'voltage_collapsed') "
-            f"AND time >= {t_lo - win}ms AND time <= {t_hi + win}ms GROUP BY meter, gateway"
-        )
+        sink = await self._res.sinks.get()
+        try:
+            await self._correlate(sink, t_lo - win, t_hi + win)
+        finally:
+            self._res.sinks.put_nowait(sink)
+
+    async def _correlate(self, sink: Sink, t_lo: int, t_hi: int) -> None:
+        p = self.cfg.pipeline
         reg = self.settings.registry
-        rows = [r for r in rows if r.get("meter") and _from_its_gateway(reg, r)]
-        if not rows:
+        events = [
+            e for e in await sink.outage_events(t_lo, t_hi) if _from_its_gateway(reg, e.meter, e.gateway)
+        ]
+        if not events:
             return
-        ids = sorted({st.unescape_tag(r["meter"]) for r in rows})
+        ids = sorted({e.meter for e in events})
         index = {m: i for i, m in enumerate(ids)}
         params = reg.params(ids)
-        ev_meter = np.array([index[st.unescape_tag(r["meter"])] for r in rows], dtype=np.uint32)
-        ev_ts = np.array([int(r["time"]) for r in rows], dtype=np.int64)
+        ev_meter = np.array([index[e.meter] for e in events], dtype=np.uint32)
+        ev_ts = np.array([e.ts_ms for e in events], dtype=np.int64)
         known = params.area[ev_meter] >= 0
         if not known.any():
             return
         out = st.area_outages(
             ev_meter[known], ev_ts[known], params, reg.area_sizes(),
-            window_ms=win, k_min=p.outage_min_meters, pct=p.outage_pct,
+            window_ms=p.outage_window_s * 1000, k_min=p.outage_min_meters, pct=p.outage_pct,
         )  # fmt: skip
         for a in range(out.alarm_area.shape[0]):
             area = reg.areas[int(out.alarm_area[a])]
-            await self._raise_alarm(area, int(out.alarm_ts[a]), int(out.alarm_events[a]))
+            await self._raise_alarm(sink, area, int(out.alarm_ts[a]), int(out.alarm_events[a]))
 
-    async def _raise_alarm(self, area: str, ts: int, events: int) -> None:
-        assert self._res is not None
+    async def _raise_alarm(self, sink: Sink, area: str, ts: int, events: int) -> None:
         hold = self.cfg.pipeline.outage_hold_s * 1000
-        existing = await self._res.query.rows(
-            f'SELECT "events" FROM "alarms" WHERE area = {quote_str(stored_tag(area))} '
-            f"AND kind = 'area_outage' AND time >= {ts - hold}ms AND time <= {ts + hold}ms"
-        )
-        if existing:
-            first = min(existing, key=lambda r: r["time"])
-            ts, events = int(first["time"]), max(events, int(first["events"]))
-            if events == int(first["events"]):
+        existing = await sink.open_area_alarm(area, ts - hold, ts + hold)
+        if existing is not None:
+            ts, events = existing.ts_ms, max(events, existing.events)
+            if events == existing.events:
                 return
         else:
             self.metrics.alarms.inc()
             log.warning("area outage alarm area=%s ts_ms=%d events=%d", area, ts, events)
-        await self._write(
-            b"alarms,area=%s,kind=area_outage events=%di %d\n" % (st.escape_tag(area), events, ts)
-        )
+        self._dead_letter_rejected(await sink.write(Writes(area_alarms=[AreaAlarm(area, ts, events)])))
 
 
 class _NoSession:
@@ -843,11 +829,11 @@ class _NoSession:
         pass
 
 
-def _from_its_gateway(reg: MeterRegistry, row: dict[str, Any]) -> bool:
-    """An ``events`` row (grouped by meter and gateway) whose gateway may speak for its meter:
-    the meter's bound gateway, or any for an unbound meter (events stored before the binding)."""
-    bound = reg.bound_gateway(st.unescape_tag(row["meter"]))
-    return bound is None or st.unescape_tag(row.get("gateway", "")) == bound
+def _from_its_gateway(reg: MeterRegistry, meter: str, gateway: str) -> bool:
+    """An outage event whose gateway may speak for its meter: the meter's bound gateway, or any
+    for an unbound meter (events stored before the binding)."""
+    bound = reg.bound_gateway(meter)
+    return bound is None or gateway == bound
 
 
 def _acks(gw: str, ranges: Sequence[tuple[int, int]], events: Sequence[str], ts_ms: int) -> list[Ack]:
@@ -906,7 +892,7 @@ async def run_worker(cfg: IngestConfig, worker: int = 0) -> None:
     await w.run()
 
 
-def _drain(q: asyncio.Queue[InfluxSink]) -> list[InfluxSink]:
+def _drain(q: asyncio.Queue[Sink]) -> list[Sink]:
     out = []
     while not q.empty():
         out.append(q.get_nowait())

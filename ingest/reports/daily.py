@@ -2,22 +2,23 @@
 
 Contract
 --------
-* :func:`compute_report` is pure: the rows of one local day's ``daily_tou`` sums (one per meter
-  and gateway, what :func:`daily_query` asks for), the meter registry and the day in, a
+* :func:`compute_report` is pure: one local day's sums of the daily partials (one
+  :class:`~ingest.sinks.base.DaySums` per meter and gateway, fields ``SUMS``), the meter registry
+  and the day in, a
   :class:`DailyReport` out. Data problems (a registry meter with no data, a meter the registry
   does not know, a null sum) are counts, never exceptions.
-* :func:`run_daily_report` reads the day with **one** InfluxQL query (and the two days before
-  from ``area_loss``, for LL-02's persistence), computes, writes the
-  ``area_loss``, ``collection`` and ``alarms`` (kind ``line_loss``) points stamped with the local
-  day's start, then removes that day's ``line_loss`` alarms of areas that are no longer anomalous.
-  A rerun for the same day rewrites the same series and timestamps: it overwrites, never adds.
-  Raises :class:`~protocols.errors.SinkError` when InfluxDB is unreachable or refuses the query
-  or a report line.
+* :func:`run_daily_report` reads the day through the :class:`~ingest.sinks.base.Sink`
+  (:meth:`~ingest.sinks.base.Sink.day_sums`, and the two days before's area classes for LL-02's
+  persistence), computes, and has the sink write the report (area loss, collection and
+  ``line_loss`` alarms stamped with the local day's start; that day's ``line_loss`` alarms of
+  areas no longer anomalous are removed). A rerun for the same day rewrites the same records:
+  it overwrites, never adds. Raises :class:`~protocols.errors.SinkError` when the store is
+  unreachable or refuses a read or a report record.
 * It never writes ``daily_tou`` and never runs inside the worker: it is a job for once a day,
   after the day is complete (``docs/ingest-report.md`` has the rules, the schema and a timer).
 
-Rules (``shared/reference/business_rules.md``)
-----------------------------------------------
+Rules (``docs/rules.md``)
+-------------------------
 * KPI-01 / VEE-13, per meter: received = ``intervals - estimated`` (estimated intervals do not
   count as collected; invalid ones are not in ``intervals``), expected = ``DAY_MS // interval_ms``
   (96). Per gateway: the sums over the meters seen under it or bound to it in the registry,
@@ -37,7 +38,6 @@ Rules (``shared/reference/business_rules.md``)
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -49,11 +49,9 @@ import numpy.typing as npt
 
 from ingest.config import IngestConfig, LineLossSection, load_calendar, load_registry
 from ingest.model.registry import MeterRegistry
-from ingest.pipeline.deadletter import DeadLetterStore
-from ingest.pipeline.transform import DAY_MS, stored_tag
+from ingest.pipeline.transform import DAY_MS
 from ingest.rules import stages as st
-from ingest.sinks.influxdb import InfluxSink
-from ingest.sinks.influxql import InfluxQuery, quote_str
+from ingest.sinks.base import DaySums, Sink
 from protocols.errors import ConfigError, SinkError
 from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
@@ -63,7 +61,6 @@ __all__ = [
     "Collection",
     "DailyReport",
     "compute_report",
-    "daily_query",
     "daily_report",
     "day_window",
     "run_daily_report",
@@ -73,7 +70,7 @@ log = logging.getLogger("amigw.ingest")
 
 ANOMALY_DAYS = 3  # LL-02: consecutive days not QUALIFIED that raise an area anomaly
 _EPOCH = dt.date(1970, 1, 1)
-_SUMS = ("total", "intervals", "estimated", "invalid", "rev_total", "rev_intervals", "rev_invalid")
+SUMS = ("total", "intervals", "estimated", "invalid", "rev_total", "rev_intervals", "rev_invalid")
 I64 = npt.NDArray[np.int64]
 
 
@@ -131,32 +128,6 @@ class DailyReport:
 
     def level(self, level: str) -> tuple[Collection, ...]:
         return tuple(c for c in self.collection if c.level == level)
-
-    def lines(self) -> bytes:
-        """Line protocol of every report point, all stamped with the day's start (ms)."""
-        ts = self.start_ms
-        out = []
-        for a in self.areas:
-            tag = st.escape_tag(a.area)
-            out.append(
-                b'area_loss,area=%s supply=%di,sales=%di,loss=%di,rate_bp=%di,class="%s",'
-                b"customers_present=%di,customers_expected=%di,days_not_qualified=%di,high_bp=%di %d\n"
-                % (tag, a.supply, a.sales, a.loss, a.rate_bp, a.klass.encode(), a.customers_present,
-                   a.customers_expected, a.days_not_qualified, a.high_bp, ts)
-            )  # fmt: skip
-            if a.anomaly:
-                out.append(
-                    b'alarms,area=%s,kind=line_loss class="%s",rate_bp=%di %d\n'
-                    % (tag, a.klass.encode(), a.rate_bp, ts)
-                )
-        for c in self.collection:
-            out.append(
-                b"collection,id=%s,level=%s received=%di,expected=%di,estimated=%di,invalid=%di,"
-                b"rate_bp=%di %d\n"
-                % (st.escape_tag(c.id), c.level.encode(), c.received, c.expected, c.estimated, c.invalid,
-                   c.rate_bp, ts)
-            )  # fmt: skip
-        return b"".join(out)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as one JSON-able document (``amigw ingest --daily-report DAY --json``)."""
@@ -250,16 +221,6 @@ def day_window(day: dt.date, utc_offset_ms: int) -> tuple[int, int]:
     return start, start + DAY_MS
 
 
-def daily_query(start_ms: int, end_ms: int) -> str:
-    """The one query of the job: the day's ``daily_tou`` partials summed per (meter, gateway).
-    A partial is stamped with its first interval's start, so the day is ``[start, end)``."""
-    sums = ", ".join(f'sum("{f}") AS "{f}"' for f in _SUMS)
-    return (
-        f'SELECT {sums} FROM "daily_tou" WHERE time >= {start_ms}ms AND time < {end_ms}ms '
-        'GROUP BY "meter", "gateway"'
-    )
-
-
 def _sums(group: I64, ngroups: int, values: I64) -> I64:
     out = np.zeros(ngroups, dtype=np.int64)
     np.add.at(out, group, values)
@@ -267,7 +228,7 @@ def _sums(group: I64, ngroups: int, values: I64) -> I64:
 
 
 def compute_report(
-    rows: list[dict[str, Any]],
+    rows: list[DaySums],
     registry: MeterRegistry,
     day: dt.date,
     *,
@@ -276,15 +237,14 @@ def compute_report(
     history: dict[str, list[str]] | None = None,
     bands: LineLossSection | None = None,
 ) -> DailyReport:
-    """The report of ``day`` from the rows of :func:`daily_query` (see the module contract);
+    """The report of ``day`` from the day's sums (see the module contract);
     ``history[area]`` is the area's class on the days before, newest first ("" = no report);
     ``bands`` the LL-02 thresholds per area type (default: 10 % and 98 % for every area).
 
     Raises: ConfigError for an area type ``bands`` does not list."""
     per_day = DAY_MS // interval_ms
     start, _ = day_window(day, utc_offset_ms)
-    rows = [r for r in rows if r.get("meter") and r.get("gateway")]
-    pairs = [(st.unescape_tag(r["meter"]), st.unescape_tag(r["gateway"])) for r in rows]
+    pairs = [(r.meter, r.gateway) for r in rows]
     # meter table: the registry's meters first (one that sent nothing still has a row), then the
     # meters it does not know, which have no area
     ids = registry.ids + tuple(sorted({m for m, _ in pairs} - set(registry.index)))
@@ -301,7 +261,7 @@ def compute_report(
     g_index = {g: i for i, g in enumerate(gateways)}
     r_meter = np.array([index[m] for m, _ in pairs], dtype=np.int64)
     r_gw = np.array([g_index[g] for _, g in pairs + silent], dtype=np.int64)
-    col = {f: np.array([int(r.get(f) or 0) for r in rows], dtype=np.int64) for f in _SUMS}
+    col = {f: np.array([r.sums.get(f) or 0 for r in rows], dtype=np.int64) for f in SUMS}
     r_received = col["intervals"] - col["estimated"]  # KPI-01: estimated is not collected
     n = len(ids)
     total, received, estimated, invalid = (
@@ -392,8 +352,7 @@ def _groups(
 
 
 async def run_daily_report(
-    query: InfluxQuery,
-    sink: InfluxSink,
+    sink: Sink,
     registry: MeterRegistry,
     day: dt.date,
     *,
@@ -403,66 +362,38 @@ async def run_daily_report(
 ) -> DailyReport:
     """Read, compute, write (see the module contract).
 
-    Raises: SinkError (unreachable, the query refused, or a report line dead-lettered)."""
+    Raises: SinkError (unreachable, a read refused, or a report record rejected)."""
     start, end = day_window(day, utc_offset_ms)
-    rows = await query.rows(daily_query(start, end))
+    rows = await sink.day_sums(start, end, SUMS)
     before = ANOMALY_DAYS - 1
-    past = await query.rows(
-        f'SELECT "class" FROM "area_loss" WHERE time >= {start - before * DAY_MS}ms AND time < {start}ms '
-        'GROUP BY "area"'
-    )
-    by_area: dict[str, dict[int, str]] = {}
-    for r in past:
-        by_area.setdefault(r.get("area", ""), {})[int(r["time"])] = str(r.get("class") or "")
+    by_area = await sink.area_classes(start - before * DAY_MS, start)
     history = {
-        a: [by_area.get(stored_tag(a), {}).get(start - d * DAY_MS, "") for d in range(1, before + 1)]
+        a: [by_area.get(a, {}).get(start - d * DAY_MS, "") for d in range(1, before + 1)]
         for a in registry.areas
     }
     report = compute_report(
         rows, registry, day, utc_offset_ms=utc_offset_ms, interval_ms=interval_ms, history=history,
         bands=bands,
     )  # fmt: skip
-    lines = report.lines()
-    if lines:
-        result = await sink.write(lines)
-        if result.dead_lettered_lines:
-            raise SinkError(
-                f"InfluxDB refused {result.dead_lettered_lines} report line(s) (see the dead-letter store)",
-                retryable=False,
-            )
-    await _drop_stale_alarms(query, report, start, end)
+    result = await sink.write_report(report)
+    if result.rejected:
+        raise SinkError(
+            f"the store refused {len(result.rejected)} report record(s): {result.rejected[0].detail[:300]}",
+            retryable=False,
+        )
     return report
 
 
-async def _drop_stale_alarms(query: InfluxQuery, report: DailyReport, start: int, end: int) -> None:
-    """An earlier run's ``line_loss`` alarm of this day whose area is no longer anomalous (late
-    data, a corrected registry) is deleted, so a rerun leaves what a first run would have."""
-    window = f"\"kind\" = 'line_loss' AND time >= {start}ms AND time < {end}ms"
-    rows = await query.rows(f'SELECT "rate_bp" FROM "alarms" WHERE {window} GROUP BY "area"')
-    current = {stored_tag(a.area) for a in report.alarms}
-    for area in sorted({r["area"] for r in rows if r.get("area")} - current):
-        try:
-            await query.rows(f'DELETE FROM "alarms" WHERE "area" = {quote_str(area)} AND {window}')
-        except SinkError as exc:
-            if exc.retryable:
-                raise
-            # InfluxDB 2.x's v1-compatibility /query does not take DELETE: keep it, say so
-            log.warning("stale line-loss alarm not removed area=%s day=%s error=%s", area, report.day, exc)
-
-
 async def daily_report(cfg: IngestConfig, day: dt.date) -> DailyReport:
-    """:func:`run_daily_report` with the registry, calendar, query and sink of ``cfg``.
+    """:func:`run_daily_report` with the registry, calendar and sink of ``cfg``.
 
     Raises: ConfigError (registry, calendar), SinkError (see :func:`run_daily_report`)."""
+    from ingest.sinks.influx.sink import InfluxSink
+
     registry = load_registry(cfg)
     offset = load_calendar(cfg).utc_offset_ms
-    with DeadLetterStore.from_config(cfg.dead_letter) as dead:
-        query = InfluxQuery(cfg.influx)
-        sink = InfluxSink(cfg.influx, dead_letter=dead)
-        try:
-            return await run_daily_report(
-                query, sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000,
-                bands=cfg.line_loss,
-            )  # fmt: skip
-        finally:
-            await asyncio.gather(query.aclose(), sink.aclose())
+    async with InfluxSink(cfg.influx, wide=cfg.pipeline.schema == "wide") as sink:
+        return await run_daily_report(
+            sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000,
+            bands=cfg.line_loss,
+        )  # fmt: skip

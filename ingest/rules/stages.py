@@ -13,10 +13,9 @@ are read-only and work as they are). Stages, in pipeline order::
     line_loss(daily_totals, meters, area_sizes)                      -> LineLoss   (LL-01/02)
     completeness(intervals, readings, checked, meter_ids)            -> CompletenessReport (KPI-01)
     area_outages(event_meter, event_ts, meters, area_sizes)          -> Outages    (OUT-02)
-    encode_lines(readings, LineTables.build(meter_ids, gateway_id))  -> bytes      (line protocol)
 
-Rule IDs refer to ``shared/reference/business_rules.md``; ``docs/ingest-kernels.md`` has the flag
-rules, parameters and the line-protocol schema.
+Rule IDs refer to ``docs/rules.md``; ``docs/ingest-kernels.md`` has the flag rules and
+parameters. Line protocol is the InfluxDB sink's (:mod:`ingest.sinks.influx.lines`).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ __all__ = [
     "DayCompleteness",
     "Intervals",
     "LineLoss",
-    "LineTables",
     "Outages",
     "PreviousRegisters",
     "Readings",
@@ -50,13 +48,10 @@ __all__ = [
     "area_outages",
     "bucket_partials",
     "completeness",
-    "encode_lines",
-    "escape_tag",
     "interval_totals",
     "line_loss",
     "tou_periods",
     "tou_split",
-    "unescape_tag",
     "validate_args",
     "validate_batch",
 ]
@@ -88,14 +83,14 @@ class Readings:
     ts: I64  # epoch ms
     quantity: npt.NDArray[np.uint16]
     value: I64  # fixed point, scaled by the quantity's decimals
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
 
     def __post_init__(self) -> None:
         n = _col("meter", self.meter, np.uint32).shape[0]
         _col("ts", self.ts, np.int64, n)
         _col("quantity", self.quantity, np.uint16, n)
         _col("value", self.value, np.int64, n)
-        _col("flags", self.flags, np.uint16, n)
+        _col("flags", self.flags, np.uint32, n)
 
     def __len__(self) -> int:
         return int(self.meter.shape[0])
@@ -193,7 +188,7 @@ class Checked:
     that anchor's time (``INT64_MIN`` if none); ``order`` the positions sorted by (meter, ts,
     quantity, arrival)."""
 
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
     delta: I64
     anchor_ts: I64
     order: I64
@@ -289,7 +284,7 @@ class Intervals:
     quantity: npt.NDArray[np.uint16]
     end_ts: I64
     energy: I64
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
 
 
 ENERGY_CHANNELS = (1, 2, 3, 4, 5, 6)  # forward total, T1..T4, reverse total
@@ -310,7 +305,7 @@ def aggregate_intervals(
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
     _col("checked.anchor_ts", checked.anchor_ts, np.int64, n)
-    _col("checked.flags", checked.flags, np.uint16, n)
+    _col("checked.flags", checked.flags, np.uint32, n)
     _col("meters.multiplier", meters.multiplier, np.int64)
     selected = np.zeros(_NQ, dtype=np.bool_)
     selected[list(quantities)] = True
@@ -587,7 +582,7 @@ def completeness(
             _bucket_start(readings.ts[d_sel], interval_ms, DAY_MS, utc_offset_ms),
         ]
     )
-    flags = np.concatenate([iv.flags[sel], np.zeros(int(d_sel.sum()), np.uint16)])
+    flags = np.concatenate([iv.flags[sel], np.zeros(int(d_sel.sum()), np.uint32)])
     is_dup = np.concatenate([np.zeros(int(sel.sum()), np.bool_), np.ones(int(d_sel.sum()), np.bool_)])
     labels, ng, first = group_labels(meter, day)
     _, n_act, n_est, n_bad = k.group_totals(labels[~is_dup], ng, iv.energy[sel], flags[~is_dup])
@@ -645,156 +640,3 @@ def area_outages(
             pct,
         )
     )
-
-
-# --- line protocol ------------------------------------------------------------------------------------
-
-_BACKSLASH_ESCAPED = {ord(","): b"\\,", ord("="): b"\\=", ord(" "): b"\\ "}
-
-
-def escape_tag(text: str) -> bytes:
-    """Tag key/value bytes that cannot break out of their tag, reversibly (see docs).
-
-    Step 1, percent-encoding: ``%``, ``\\``, every C0 control (``\\n``, ``\\r``, ``\\t``…) and DEL become
-    ``%XX`` (line protocol cannot carry a raw newline, and a trailing or doubled backslash is read
-    differently by InfluxDB 1.x and 2.x). Step 2, line protocol: comma, equals and space get a
-    backslash. Quotes and non-ASCII (UTF-8) pass through. Raises: ValueError for an empty string
-    (InfluxDB rejects an empty tag value)."""
-    if not text:
-        raise ValueError("an empty string cannot be a tag value")
-    out = bytearray()
-    for b in text.encode("utf-8"):
-        if b < 0x20 or b in (0x25, 0x5C, 0x7F):
-            out += b"%%%02X" % b
-        elif b in _BACKSLASH_ESCAPED:
-            out += _BACKSLASH_ESCAPED[b]
-        else:
-            out.append(b)
-    return bytes(out)
-
-
-def unescape_tag(raw: str) -> str:
-    """Inverse of :func:`escape_tag` applied to the tag value a parser returns (after it removed
-    the line-protocol backslashes): percent-decoding."""
-    out = bytearray()
-    data = raw.encode("utf-8")
-    i = 0
-    while i < len(data):
-        if data[i] == 0x25:
-            out.append(int(data[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(data[i])
-            i += 1
-    return out.decode("utf-8")
-
-
-def _table(parts: list[bytes]) -> tuple[npt.NDArray[np.uint8], I64]:
-    off = np.zeros(len(parts) + 1, dtype=np.int64)
-    off[1:] = np.cumsum([len(p) for p in parts])
-    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), off
-
-
-_FIELD_NAMES = [b"q%d" % c for c in range(_NQ)]
-for _q in QUANTITIES:
-    _FIELD_NAMES[_q.code] = _q.name.encode()
-FNAME, FNAME_OFF = _table(_FIELD_NAMES)
-FNAME_LEN = np.diff(FNAME_OFF)
-
-
-@dataclass(frozen=True, slots=True)
-class LineTables:
-    """Escaped ``measurement,meter=<id>,gateway=<gw>`` prefix per meter of one batch."""
-
-    head: npt.NDArray[np.uint8]
-    head_off: I64
-
-    @classmethod
-    def build(
-        cls, meter_ids: list[str] | tuple[str, ...], gateway_id: str, measurement: str = "meter_reading"
-    ) -> LineTables:
-        """Escape once per batch (per meter, not per reading). Raises: ValueError for an empty id."""
-        gw = escape_tag(gateway_id)
-        meas = measurement.encode().replace(b",", b"\\,").replace(b" ", b"\\ ")
-        return cls(*_table([meas + b",meter=" + escape_tag(m) + b",gateway=" + gw for m in meter_ids]))
-
-
-def encode_lines(
-    readings: Readings, tables: LineTables, *, wide: bool = False, order: I64 | None = None
-) -> bytes:
-    """Line protocol (ms timestamps) for a batch; narrow = one point per reading, wide = one point
-    per (meter, ts) with a field per quantity. ``order`` is :func:`sort_order` of ``readings`` when
-    the caller has it (``Checked.order``). Raises: ValueError for a meter index off the table."""
-    nmeters = tables.head_off.shape[0] - 1
-    if len(readings) and int(readings.meter.max()) >= nmeters:
-        raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meter ids")
-    head_len = np.diff(tables.head_off)
-    bound = int((head_len[readings.meter] + 2 * FNAME_LEN[readings.quantity] + 100).sum())
-    buf = np.empty(bound, dtype=np.uint8)
-    if order is None:
-        order = sort_order(readings)
-    elif order.shape[0] != len(readings):
-        raise ValueError(f"order: {order.shape[0]} positions for {len(readings)} readings")
-    used = k.encode_lines(
-        order,
-        readings.meter,
-        readings.ts,
-        readings.quantity,
-        readings.value,
-        readings.flags,
-        tables.head,
-        tables.head_off,
-        FNAME,
-        FNAME_OFF,
-        Q_DECIMALS,
-        wide,
-        buf,
-    )
-    return buf[:used].tobytes()
-
-
-def encode_interval_items(iv: Intervals, meter_json: list[bytes], *, interval_ms: int) -> bytes:
-    """The comma-joined ``intervals`` items of ``protocols.aggregates.encode_intervals`` for ``iv``;
-    ``meter_json[m]`` is meter m's id as JSON text (``json.dumps(id, ensure_ascii=False)``, UTF-8).
-    Raises: ValueError for a meter index off the table."""
-    n = iv.end_ts.shape[0]
-    if n and int(iv.meter.max()) >= len(meter_json):
-        raise ValueError(f"column 'meter': index {int(iv.meter.max())} beyond {len(meter_json)} meter ids")
-    names, off = _table(meter_json)
-    bound = int(np.diff(off)[iv.meter].sum()) + n * 200 if n else 0
-    buf = np.empty(bound, dtype=np.uint8)
-    used = k.encode_interval_items(
-        iv.meter, iv.quantity, iv.end_ts, iv.energy, iv.flags, np.int64(interval_ms), names, off, buf
-    )
-    return buf[:used].tobytes()
-
-
-def encode_int_lines(
-    heads: LineTables,
-    row_head: I64,
-    texts: list[bytes],
-    row_text: I64,
-    names: list[bytes],
-    values: I64,
-    ts: I64,
-) -> bytes:
-    """Points with one string field and integer fields, one per row (see the kernel):
-    ``names[0]`` is the string field's ``key=``, ``names[1:]`` the integer fields' ``key=``, one per
-    column of ``values`` (rows x fields, int64). Raises: ValueError on shape or index mismatches."""
-    n = ts.shape[0]
-    if values.ndim != 2 or values.shape[0] != n or values.shape[1] != len(names) - 1:
-        raise ValueError(f"values: expected ({n}, {len(names) - 1}), got {values.shape}")
-    if row_head.shape[0] != n or row_text.shape[0] != n:
-        raise ValueError("row_head and row_text need one entry per row")
-    if n and (int(row_head.max()) >= heads.head_off.shape[0] - 1 or int(row_text.max()) >= len(texts)):
-        raise ValueError("row_head or row_text: index beyond its table")
-    text, text_off = _table(texts)
-    name, name_off = _table(names)
-    per_row = int(name_off[-1]) + 23 * (len(names) + 1) + 4
-    bound = int(np.diff(heads.head_off)[row_head].sum() + np.diff(text_off)[row_text].sum()) + n * per_row
-    buf = np.empty(bound, dtype=np.uint8)
-    used = k.encode_int_lines(
-        heads.head, heads.head_off, row_head.astype(np.int64), text, text_off, row_text.astype(np.int64),
-        name, name_off, np.ascontiguousarray(values, dtype=np.int64), ts.astype(np.int64), buf,
-    )  # fmt: skip
-    return buf[:used].tobytes()

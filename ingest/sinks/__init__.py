@@ -1,2 +1,2 @@
-"""Where results are stored: InfluxDB writes (:mod:`~ingest.sinks.influxdb`) and reads
-(:mod:`~ingest.sinks.influxql`)."""
+"""Where results are stored: the seam (:mod:`~ingest.sinks.base`) and its InfluxDB
+implementation (:mod:`~ingest.sinks.influx`)."""

@@ -1,4 +1,5 @@
-"""DL/T 645 code tables shared by requests and replies: control codes, relay actions, ERR bits,
+"""DL/T 645 code tables shared by requests and replies: control codes, relay codes (and
+:data:`RELAY_CODES`, the map from the contract's relay actions), ERR bits,
 baud words, passwords, and the ss mm hh DD MM YY timestamp of time sync and relay control.
 
 Values that the protocol cannot carry raise ``ValueError`` (the caller's mistake); bytes from the
@@ -10,20 +11,23 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from protocols.commands import Action
 from protocols.dlt645.values import decode_item, encode_item
 from protocols.errors import FrameError, FramingError
 
 __all__ = [
     "BAUD_WORDS",
     "DEFAULT_PASSWORD",
+    "RELAY_CODES",
     "ControlCode",
     "ControlCode1997",
     "ErrorBits",
     "Password",
-    "RelayAction",
+    "RelayCode",
 ]
 
 
@@ -59,7 +63,7 @@ class ControlCode1997(enum.IntEnum):
     CLEAR_MAX_DEMAND = 0x10
 
 
-class RelayAction(enum.IntEnum):
+class RelayCode(enum.IntEnum):
     """N1 of control code 0x1C (reference §5.9)."""
 
     TRIP = 0x1A
@@ -69,6 +73,18 @@ class RelayAction(enum.IntEnum):
     ALARM_RELEASE = 0x2B
     PROTECT = 0x3A
     PROTECT_RELEASE = 0x3B
+
+
+#: The contract's relay actions -> N1 of 0x1C: the one place a DL/T 645 relay code is chosen.
+RELAY_CODES: Final[Mapping[Action, RelayCode]] = {
+    Action.TRIP: RelayCode.TRIP,
+    Action.CLOSE_ALLOWED: RelayCode.CLOSE_ALLOWED,
+    Action.DIRECT_CLOSE: RelayCode.DIRECT_CLOSE,
+    Action.ALARM: RelayCode.ALARM,
+    Action.ALARM_RELEASE: RelayCode.ALARM_RELEASE,
+    Action.PROTECT: RelayCode.PROTECT,
+    Action.PROTECT_RELEASE: RelayCode.PROTECT_RELEASE,
+}
 
 
 class ErrorBits(enum.IntFlag):

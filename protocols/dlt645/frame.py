@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocols.errors import ChecksumError, FrameError, FrameTooLong, FramingError
+from protocols.stream import NEED_DATA, NeedData, Skipped
 
 __all__ = [
     "BROADCAST_ADDRESS",
@@ -42,13 +43,10 @@ __all__ = [
     "CONTROL_FOLLOWUP",
     "CONTROL_FUNCTION_MASK",
     "CONTROL_RESPONSE",
-    "NEED_DATA",
     "WAKE_UP",
     "WILDCARD_ADDRESS",
     "Frame",
     "FrameDecoder",
-    "NeedData",
-    "Skipped",
     "address_from_wire",
     "address_to_wire",
     "decode_frame",
@@ -220,23 +218,6 @@ def decode_frame(data: bytes) -> Frame:
     if len(data) > end:
         raise FramingError(f"{len(data) - end} bytes after the end of the frame", data)
     return _frame_at(data, start, end)
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    """``nbytes`` bytes were discarded while hunting for a frame; ``reason`` says why."""
-
-    nbytes: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class NeedData:
-    """The decoder holds no complete frame: feed it more bytes."""
-
-
-#: The one :class:`NeedData` instance the decoder returns.
-NEED_DATA: Final = NeedData()
 
 
 class FrameDecoder:

@@ -23,7 +23,7 @@ from protocols.dlt645.codes import (
     ControlCode,
     ControlCode1997,
     Password,
-    RelayAction,
+    RelayCode,
     _need,
     _operator,
     _operator_bytes,
@@ -233,7 +233,7 @@ class RelayControlRequest:
     after it. N2 is reserved and sent as 00.
     """
 
-    action: RelayAction
+    action: RelayCode
     valid_until: dt.datetime
     password: Password = DEFAULT_PASSWORD
     operator: str = "00000000"
@@ -241,7 +241,7 @@ class RelayControlRequest:
 
     def payload(self) -> bytes:
         head = self.password.to_bytes() + _operator_bytes(self.operator)
-        return head + bytes((RelayAction(self.action), 0x00)) + _timestamp(self.valid_until)
+        return head + bytes((RelayCode(self.action), 0x00)) + _timestamp(self.valid_until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +356,7 @@ def clear_events_request(
 
 def relay_control_request(
     address: str,
-    action: RelayAction,
+    action: RelayCode,
     password: Password = DEFAULT_PASSWORD,
     operator: str = "00000000",
     valid_until: dt.datetime | None = None,
@@ -371,7 +371,7 @@ def relay_control_request(
     """
     if valid_until is None:
         raise ValueError("relay_control_request needs valid_until (the meter rejects commands past it)")
-    return encode_request(address, RelayControlRequest(RelayAction(action), valid_until, password, operator))
+    return encode_request(address, RelayControlRequest(RelayCode(action), valid_until, password, operator))
 
 
 def time_sync_request(when: dt.datetime, address: str = BROADCAST_ADDRESS) -> bytes:
@@ -432,7 +432,7 @@ def _parse_baud(p: bytes) -> ChangeBaudRequest:
 
 def _parse_relay(p: bytes) -> RelayControlRequest:
     try:
-        action = RelayAction(p[8])
+        action = RelayCode(p[8])
     except ValueError:
         raise FramingError(f"relay command N1 = {p[8]:02X} is not a known action", p) from None
     return RelayControlRequest(

@@ -21,15 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocols.errors import FrameTooLong
+from protocols.stream import NEED_DATA, NeedData, Skipped
 
 __all__ = [
     "EXCEPTION_NAMES",
-    "NEED_DATA",
     "ExceptionReply",
-    "NeedData",
     "RegistersReply",
     "ResponseDecoder",
-    "Skipped",
     "crc16",
     "encode_exception_reply",
     "encode_read",
@@ -107,24 +105,6 @@ class ExceptionReply:
     @property
     def reason(self) -> str:
         return EXCEPTION_NAMES.get(self.code, f"exception_{self.code}")
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    nbytes: int
-    reason: str
-
-
-class NeedData:
-    """Type of :data:`NEED_DATA`: the decoder needs more bytes."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = NeedData()
 
 
 class ResponseDecoder:

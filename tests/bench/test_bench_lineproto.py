@@ -11,6 +11,7 @@ import numpy as np
 from influxdb_client import Point, WritePrecision
 
 from ingest.rules import stages
+from ingest.sinks.influx import lines as lp
 
 T0 = 1_710_000_000_000
 QS = np.array([1, 3, 30, 33, 40], np.uint16)
@@ -26,7 +27,7 @@ def _batch(nmeters: int, per_meter_points: int):
         ts.astype(np.int64),
         np.tile(QS, n // QS.shape[0]),
         rng.integers(0, 10**8, n).astype(np.int64),
-        np.zeros(n, np.uint16),
+        np.zeros(n, np.uint32),
     )
     ids = [f"{i:012d}" for i in range(nmeters)]
     return r, ids
@@ -63,12 +64,12 @@ def _rate(fn, min_s=1.0):
 def test_bench_line_protocol_vs_point_api() -> None:
     r, ids = _batch(2_000, 40)  # 400,000 readings
     rs, ids_s = _batch(40, 40)  # 8,000 readings for the slow path
-    tables = stages.LineTables.build(ids, "gw-1")
-    stages.encode_lines(rs, stages.LineTables.build(ids_s, "gw-1"))  # compile
+    tables = lp.LineTables.build(ids, "gw-1")
+    lp.encode_lines(rs, lp.LineTables.build(ids_s, "gw-1"))  # compile
     res = {}
     for name, fn, n in (
-        ("numba narrow", lambda: stages.encode_lines(r, stages.LineTables.build(ids, "gw-1")), len(r)),
-        ("numba wide", lambda: stages.encode_lines(r, tables, wide=True), len(r)),
+        ("numba narrow", lambda: lp.encode_lines(r, lp.LineTables.build(ids, "gw-1")), len(r)),
+        ("numba wide", lambda: lp.encode_lines(r, tables, wide=True), len(r)),
         ("Point API", lambda: _point_api(rs, ids_s), len(rs)),
     ):
         runs, bps, elapsed = _rate(fn)

@@ -12,14 +12,13 @@ import random
 from collections.abc import Iterator
 
 from protocols.dlt645 import (
-    NEED_DATA,
     REGISTRY,
     Frame,
     FrameDecoder,
     MaxDemand,
     Password,
     ReadResponse,
-    RelayAction,
+    RelayCode,
     decode_frame,
     decode_value,
     encode_frame,
@@ -33,6 +32,7 @@ from protocols.dlt645 import (
     time_sync_request,
 )
 from protocols.errors import ProtocolError
+from protocols.stream import NEED_DATA
 
 SEED = 645
 N_INPUTS = 200_000
@@ -51,7 +51,7 @@ def _corpus() -> list[bytes]:
         read_response("000000000161", 0x01010000, encode_value(0x01010000, MaxDemand(123456, when_min))),
         read_response("123456789012", 0x9010, encode_value(0x9010, 1), edition=1997),
         error_response("000000000161", 0x11, 0x02),
-        relay_control_request("111111111111", RelayAction.TRIP, Password(2, "123456"), "00000001", when),
+        relay_control_request("111111111111", RelayCode.TRIP, Password(2, "123456"), "00000001", when),
         time_sync_request(when),
     ]  # fmt: skip
     return out

@@ -1,4 +1,5 @@
-"""Fuzz: random and mutated payloads raise only PayloadError, quickly, with bounded memory."""
+"""Fuzz: random and mutated payloads (v1 and v2) raise only PayloadError, quickly, with bounded
+memory."""
 
 from __future__ import annotations
 
@@ -15,13 +16,27 @@ from protocols.payload import MAGIC, BatchBuilder, decode, encode
 N_INPUTS = 100_000
 
 
+MAGIC_V2 = b"AMI\x02"
+
+
 def _seeds() -> list[bytes]:
     b = BatchBuilder()
     for i in range(20):
         b.add(f"meter-{i % 3}", 1_700_000_000_000 + i, 1 + i % 5, i * 1000, i % 4)
     b.set_prev("meter-0", 1, 5, 6)
     batch = b.build("gw-1", seq=9)
-    return [encode(batch), encode(batch, "json"), encode(BatchBuilder().build("g", 0))]
+    wide = BatchBuilder()  # v2: flag bits above 15
+    for i in range(20):
+        wide.add(f"meter-{i % 3}", 1_700_000_000_000 + i, 1 + i % 5, i * 1000, (i % 4) << (14 + i % 18))
+    wide_batch = wide.build("gw-2", seq=10)
+    return [
+        encode(batch),
+        encode(batch, "json"),
+        encode(BatchBuilder().build("g", 0)),
+        encode(wide_batch, version=2),
+        encode(wide_batch, "json", version=2),
+        encode(BatchBuilder().build("g", 0), version=2),
+    ]
 
 
 def _huge_counts() -> list[bytes]:
@@ -69,7 +84,7 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
         return bytes(buf)
     if op == 4:  # pure noise, sometimes behind a valid magic
         noise = rng.randbytes(rng.randint(0, 64))
-        return (MAGIC + noise) if rng.random() < 0.5 else noise
+        return rng.choice((MAGIC, MAGIC_V2, b"")) + noise
     if op == 5 and buf:  # duplicate a slice
         a = rng.randrange(len(buf))
         b = rng.randrange(a, len(buf) + 1)
@@ -101,6 +116,10 @@ def test_random_and_mutated_payloads_raise_only_payload_error() -> None:
     assert peak < 64 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
     # "Quickly": generous enough for a loaded 2-core CI box with tracemalloc on, catches a hang.
     assert elapsed < 240, f"{elapsed:.0f} s for {len(inputs)} inputs"
+
+
+def test_seeds_of_both_versions_decode() -> None:
+    assert [decode(s).gateway for s in _seeds()] == ["gw-1", "gw-1", "g", "gw-2", "gw-2", "g"]
 
 
 def test_every_huge_count_input_is_rejected() -> None:

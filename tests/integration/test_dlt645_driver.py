@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from drivers.base import MeterRef, RelayAction
+from drivers.base import MeterRef
 from drivers.bus import Bus, ResponseTimeout
 from drivers.dlt645 import Dlt645Driver
 from drivers.serial_transport import SerialTransport
 from drivers.tcp_transport import TcpTransport
+from protocols.commands import Action
 from protocols.dlt645 import ErrorBits, Password
 from protocols.errors import ChecksumError, FrameError, FramingError, MeterErrorReply, TransportTimeout
 from protocols.flags import Flag
@@ -170,21 +171,21 @@ async def test_error_reply_flags_only_its_quantity_and_is_not_retried(rig: Rig) 
     freq = by_name("frequency")
     assert (result.value(freq), result.flags(freq)) == (0, int(Flag.METER_ERROR))
     assert result.value(by_name("voltage_a")) == 2200 and result.flags(by_name("voltage_a")) == 0
-    readings, _ = await rig.driver.read_detailed(rig.ref(A1), [freq])
+    readings = await rig.driver.read_detailed(rig.ref(A1), [freq])
     assert isinstance(readings[0].error, MeterErrorReply) and readings[0].error.error_code == 0x02
     assert rig.driver.stats["retries"] == 0
 
 
 async def test_relay_trip_stops_energy_and_close_allowed_restores_it(rig: Rig) -> None:
     meter, total = rig.ref(A3), ENERGY[0]
-    await rig.driver.control(meter, RelayAction.TRIP)
+    await rig.driver.control(meter, Action.TRIP)
     assert await rig.driver.read_relay_state(meter) == 1
     rig.clock.t += 3600
     tripped = await rig.driver.read(meter, [total, by_name("current_a"), by_name("relay_state")])
     assert tripped.value(total) == 0 and tripped.value(by_name("current_a")) == 0
     assert tripped.value(by_name("relay_state")) == 1
     assert rig.sim.meter(A1).energy() == 150  # the other meters kept running
-    await rig.driver.control(meter, RelayAction.CLOSE_ALLOWED)
+    await rig.driver.control(meter, Action.CLOSE_ALLOWED)
     assert await rig.driver.read_relay_state(meter) == 0
     rig.clock.t += 3600
     assert (await rig.driver.read(meter, [total])).value(total) == 150
@@ -194,13 +195,13 @@ async def test_relay_trip_stops_energy_and_close_allowed_restores_it(rig: Rig) -
 
 async def test_wrong_password_is_a_meter_error_reply_naming_the_bit(rig: Rig) -> None:
     with pytest.raises(MeterErrorReply) as info:
-        await rig.driver.control(rig.ref(A1, password="02123456"), RelayAction.TRIP)
+        await rig.driver.control(rig.ref(A1, password="02123456"), Action.TRIP)
     assert info.value.error_code & ErrorBits.UNAUTHORIZED
     assert any("password" in r for r in info.value.reasons)
     assert rig.driver.stats["retries"] == 0
     assert await rig.driver.read_relay_state(rig.ref(A1)) == 0
     rig.sim.meter(A2).password = Password(3, "123456")
-    await rig.driver.control(rig.ref(A2, password="03123456", operator="1234ABCD"), RelayAction.TRIP)
+    await rig.driver.control(rig.ref(A2, password="03123456", operator="1234ABCD"), Action.TRIP)
     assert await rig.driver.read_relay_state(rig.ref(A2)) == 1
 
 
@@ -238,7 +239,7 @@ async def test_set_clock_broadcast_and_write(rig: Rig) -> None:
 async def test_relay_deadline_in_the_past_is_refused(rig: Rig) -> None:
     late = Dlt645Driver(rig.bus, local_now=lambda: dt.datetime(2026, 3, 1, 9, 0))  # a day behind
     with pytest.raises(MeterErrorReply) as info:
-        await late.control(rig.ref(A1), RelayAction.TRIP)
+        await late.control(rig.ref(A1), Action.TRIP)
     assert info.value.error_code == ErrorBits.OTHER
 
 
@@ -267,7 +268,7 @@ async def test_1997_meter_read(kind: str) -> None:
         assert [result.value(q) for q in qs] == [300, 2200, 2390, 15000]
         assert result.meter_ts_ms is not None
         with pytest.raises(NotImplementedError):
-            await r.driver.control(meter, RelayAction.TRIP)
+            await r.driver.control(meter, Action.TRIP)
     finally:
         await r.bus.aclose()
         await r.sim.aclose()

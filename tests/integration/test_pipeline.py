@@ -25,10 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from ingest.config import parse_config
 from ingest.pipeline.deadletter import DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
-from ingest.pipeline.transform import stored_tag
 from ingest.pipeline.worker import IngestWorker
-from ingest.rules.stages import unescape_tag
-from ingest.sinks.influxql import InfluxQuery, query_completeness
+from ingest.sinks.influx.lines import stored_tag, unescape_tag
+from ingest.sinks.influx.sink import InfluxSink
 from protocols.aggregates import decode_daily, decode_intervals
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, encode
@@ -261,9 +260,8 @@ async def test_batches_land_with_flags_intervals_daily_and_a_bad_payload_is_dead
             (T0 + 4 * Q, 100, 4, 0, 0),
             (T0 + 8 * Q, 50, 2, 2, 1),
         ]
-        query = InfluxQuery(w.cfg.influx)
-        report = await query_completeness(query, "M1", DAY)
-        await query.aclose()
+        async with InfluxSink(w.cfg.influx) as sink:
+            report = await sink.completeness("M1", DAY)
         assert str(report) == "M1 2024-03-10: 10 of 96 intervals, 0 duplicates, 2 estimated, 1 invalid"
 
         # aggregates published: every interval once, daily running totals (one daily message per

@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 
 from ingest.config import parse_config
-from ingest.pipeline.transform import Settings, stored_tag, transform
+from ingest.pipeline.transform import Settings, transform
 from ingest.reports.daily import daily_report
-from ingest.rules.stages import escape_tag
+from ingest.sinks.influx.lines import TagCache, encode_batch, escape_tag, stored_tag
 from protocols.errors import ConfigError
 from protocols.payload import BatchBuilder
 
@@ -59,6 +59,11 @@ METERS = {
 }
 DELTA = {m: v[3] for m, v in METERS.items()} | {D3: 20}
 GAPS = {"C2": {10, 11}}  # readings not received: the k=12 read spans 3 intervals -> 3 estimated
+
+
+def _stored(out: Any) -> bytes:
+    """The line protocol the InfluxDB sink writes for a transformed batch (wide readings)."""
+    return encode_batch(out.columns, TagCache(), wide=True)
 
 
 def registry_toml(with_d3: bool = False) -> str:
@@ -111,7 +116,7 @@ def day_loaded(influx_db: Any, tmp_path: Path) -> tuple[Any, str, Path]:
         batch(GW_B, b_meters, 0, 48, 1),
         batch(GW_B, b_meters, 48, 96, 2),
     ]
-    influxd.write(b"".join(transform(b, settings).lines for b in batches), db)
+    influxd.write(b"".join(_stored(transform(b, settings)) for b in batches), db)
     influxd.write(HISTORY, db)
     # the partials are what the report will sum: check the fixture made what the test assumes
     rows = influxd.query(
@@ -277,16 +282,13 @@ async def test_an_area_anomaly_needs_three_consecutive_days_not_qualified(
     day_loaded: tuple[Any, str, Path],
 ) -> None:
     """LL-02: HIGH today alone, or after a QUALIFIED day, is a class, not yet an anomaly."""
-    from ingest.reports.daily import compute_report, daily_query, day_window
-    from ingest.sinks.influxql import InfluxQuery
+    from ingest.reports.daily import SUMS, compute_report, day_window
+    from ingest.sinks.influx.sink import InfluxSink
 
     _, _, cfg_file = day_loaded
     cfg = parse_config(cfg_file.read_text(), base_dir=cfg_file.parent)
-    query = InfluxQuery(cfg.influx)
-    try:
-        rows = await query.rows(daily_query(*day_window(DAY, 8 * 3_600_000)))
-    finally:
-        await query.aclose()
+    async with InfluxSink(cfg.influx) as sink:
+        rows = await sink.day_sums(*day_window(DAY, 8 * 3_600_000), SUMS)
     registry = Settings.from_config(cfg).registry
     for history, days in (
         ({}, 1),
@@ -328,7 +330,7 @@ async def test_pv_export_enters_supply_and_the_masters_export_enters_sales(
                 bb.set_prev(m, q, 50_000 + d * k_lo, T0 + k_lo * Q)
                 for k in range(k_lo + 1, k_hi + 1):
                     bb.add(m, T0 + k * Q, q, 50_000 + d * k)
-        lines.append(transform(bb.build("gw-pv", seq, sent_ms=T0 + k_hi * Q + 1_000), settings).lines)
+        lines.append(_stored(transform(bb.build("gw-pv", seq, sent_ms=T0 + k_hi * Q + 1_000), settings)))
     influxd.write(b"".join(lines), db)
     rev = influxd.query(
         'SELECT sum("rev_total") AS e, sum("rev_intervals") AS n FROM daily_tou GROUP BY meter', db=db

@@ -1,4 +1,4 @@
-"""InfluxSink against the real influxd 1.x (Debian package), plus the v2 request shape.
+"""InfluxWriter (the InfluxDB sink's HTTP writes) against the real influxd 1.x (Debian package), plus the v2 request shape.
 
 The v1 tests are the integration proof (a real server stores and returns the points). The v2
 test checks the request the sink sends (path, query, token, gzip, body) against a scripted HTTP
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from ingest.pipeline.deadletter import DeadLetterStore
-from ingest.sinks.influxdb import InfluxSink, SinkConfig, WriteResult
+from ingest.sinks.base import WriteResult
+from ingest.sinks.influx.http import InfluxWriter, SinkConfig
 from protocols.errors import SinkError, SinkRefused
 from simulators.servers import Influxd
 from tests.conftest import INFLUX_ADMIN
@@ -34,9 +35,9 @@ def dead_letter(tmp_path: Path) -> DeadLetterStore:
     store.close()
 
 
-def _sink(influxd: Influxd, db: str, dead_letter: DeadLetterStore, **overrides: object) -> InfluxSink:
+def _sink(influxd: Influxd, db: str, dead_letter: DeadLetterStore, **overrides: object) -> InfluxWriter:
     cfg = SinkConfig(url=influxd.url, database=db, **overrides)  # type: ignore[arg-type]
-    return InfluxSink(cfg, dead_letter=dead_letter)
+    return InfluxWriter(cfg)
 
 
 async def test_gzip_write_is_queryable_with_escaped_tags(influx_db, dead_letter) -> None:
@@ -47,7 +48,7 @@ async def test_gzip_write_is_queryable_with_escaped_tags(influx_db, dead_letter)
     ]
     async with _sink(influxd, db, dead_letter, api="v1") as sink:
         result = await sink.write(b"\n".join(lines) + b"\n")
-        assert result == WriteResult(written_lines=200, dead_lettered_lines=0)
+        assert result == WriteResult(200)
         assert sink.stats.bytes_sent < sum(map(len, lines)) // 3  # the body really went gzip-compressed
     rows = influxd.query("SELECT value, site FROM energy ORDER BY time", db=db)
     assert [r["value"] for r in rows] == list(range(200))
@@ -61,11 +62,11 @@ async def test_ping_detects_v1_on_debian_influxd(influx_db, dead_letter) -> None
     async with _sink(influxd, db, dead_letter, api="auto") as sink:
         assert sink.api is None
         assert await sink.detect_api() == "v1"
-        assert (await sink.write([f"m value=1i {T0}".encode()])).written_lines == 1
+        assert (await sink.write([f"m value=1i {T0}".encode()])).written == 1
     assert influxd.query("SELECT value FROM m", db=db) == [{"time": T0, "value": 1}]
 
 
-async def test_bad_lines_are_dead_lettered_and_good_lines_written(influx_db, dead_letter) -> None:
+async def test_bad_lines_are_rejected_with_the_servers_reason_and_good_lines_written(influx_db) -> None:
     influxd, db = influx_db
     influxd.write(f"power,meter=m0 value=0i {T0}", db=db)  # the schema: value is an integer field
     good = [f"power,meter=m{i} value={i}i {T0 + i}".encode() for i in range(1, 31)]
@@ -73,16 +74,16 @@ async def test_bad_lines_are_dead_lettered_and_good_lines_written(influx_db, dea
     conflict = f'power,meter=m99 value="not a number" {T0 + 99}'.encode()
     batch = [*good[:3], malformed, *good[3:20], conflict, *good[20:]]
 
-    async with _sink(influxd, db, dead_letter, api="v1") as sink:
+    async with InfluxWriter(SinkConfig(url=influxd.url, database=db, api="v1")) as sink:
         result = await sink.write(batch)
 
-    assert result == WriteResult(written_lines=30, dead_lettered_lines=2)
+    assert result.written == 30 and len(result.rejected) == 2
     rows = influxd.query("SELECT value FROM power", db=db)
     assert sorted(r["value"] for r in rows) == list(range(31))
-    assert dead_letter.count_by_reason(kind="line") == {"unable to parse": 1, "field type conflict": 1}
-    entries = {e.reason: e for e in dead_letter.list(10)}
-    assert entries["unable to parse"].payload == malformed
-    assert entries["field type conflict"].payload == conflict
+    entries = {e.reason: e for e in result.rejected}
+    assert set(entries) == {"unable to parse", "field type conflict"}
+    assert entries["unable to parse"].record == malformed
+    assert entries["field type conflict"].record == conflict
     assert "conflict" in entries["field type conflict"].detail  # influxd's own message is kept
     assert "unable to parse" in entries["unable to parse"].detail
 
@@ -98,7 +99,7 @@ async def test_unknown_database_is_our_refusal_and_create_database_creates_it(in
     assert dead_letter.count_by_reason() == {}  # a config error is not the data's fault
     try:
         async with _sink(influxd, name, dead_letter, api="v1", create_database=True) as sink:
-            assert (await sink.write([f"m value=1i {T0}".encode()])).written_lines == 1
+            assert (await sink.write([f"m value=1i {T0}".encode()])).written == 1
             assert f"database '{name}' accepts writes" in await sink.probe()
         assert influxd.query("SELECT value FROM m", db=name) == [{"time": T0, "value": 1}]
     finally:
@@ -141,7 +142,7 @@ async def test_outage_raises_retryable_then_write_succeeds_after_restart(influx_
         assert sink.stats.retries == 2  # 3 attempts, bounded
         assert time.monotonic() - started >= 0.05 + 0.1  # it backed off between attempts
         influxd.start()
-        assert (await sink.write([f"m value=2i {T0 + 1}".encode()])).written_lines == 1
+        assert (await sink.write([f"m value=2i {T0 + 1}".encode()])).written == 1
     assert [r["value"] for r in influxd.query("SELECT value FROM m", db=db)] == [1, 2]
 
 
@@ -150,7 +151,7 @@ async def test_create_database(influxd, dead_letter) -> None:
     async with _sink(influxd, name, dead_letter, api="auto") as sink:
         await sink.create_database(name)
         await sink.create_database(name)  # idempotent
-        assert (await sink.write([f"m value=7i {T0}".encode()])).written_lines == 1
+        assert (await sink.write([f"m value=7i {T0}".encode()])).written == 1
     try:
         assert name in influxd.databases()
         assert influxd.query("SELECT value FROM m", db=name) == [{"time": T0, "value": 7}]
@@ -168,8 +169,8 @@ async def test_v2_request_shape(dead_letter, version: str) -> None:
     lines = [f"energy,meter=a value={i}i {T0 + i}".encode() for i in range(5)]
     async with HttpPeer(respond) as peer:
         cfg = SinkConfig(url=peer.url, api="auto", org="acme", bucket="meters", token="s3cr3t")
-        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
-            assert (await sink.write(lines)) == WriteResult(5, 0)
+        async with InfluxWriter(cfg) as sink:
+            assert (await sink.write(lines)) == WriteResult(5)
             assert sink.api == "v2"
 
     ping, write = peer.requests
@@ -192,8 +193,8 @@ async def test_v2_write_is_the_request_influxdb_client_sends(dead_letter) -> Non
     lines = [f"energy,meter=a\\ b value={i}i {T0 + i}".encode() for i in range(5)]
     async with HttpPeer(lambda req: Reply(204)) as peer:
         cfg = SinkConfig(url=peer.url, api="v2", org="acme", bucket="meters", token="s3cr3t")
-        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
-            assert (await sink.write(lines)) == WriteResult(5, 0)
+        async with InfluxWriter(cfg) as sink:
+            assert (await sink.write(lines)) == WriteResult(5)
 
         def reference_write() -> None:
             with InfluxDBClient(url=peer.url, token="s3cr3t", org="acme", enable_gzip=True) as client:
@@ -214,7 +215,7 @@ async def test_v2_write_is_the_request_influxdb_client_sends(dead_letter) -> Non
 async def test_v2_influxql_read_back_uses_the_v1_compatibility_endpoint() -> None:
     """Daily totals, outage correlation and completeness read InfluxQL; on 2.x/3.x that is the
     v1-compatibility ``/query`` with the bucket as ``db`` (a DBRP mapping) and token auth."""
-    from ingest.sinks.influxql import InfluxQuery
+    from ingest.sinks.influx.query import InfluxQuery
 
     body = b'{"results":[{"statement_id":0,"series":[{"name":"m","tags":{"meter":"a b"},"columns":["time","v"],"values":[[1,2]]}]}]}'
     async with HttpPeer(lambda req: Reply(200, {"Content-Type": "application/json"}, body)) as peer:

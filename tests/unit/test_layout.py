@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,58 @@ def test_gateway_and_ingest_never_import_each_other() -> None:
                     assert all(a.name.split(".")[0] != other for a in node.names), path
                 elif isinstance(node, ast.ImportFrom) and node.module:
                     assert node.module.split(".")[0] != other, path
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants of a module and its classes and functions."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                out.add(id(body[0].value))
+    return out
+
+
+def _literals(package: str, *, skip_assignments: tuple[str, ...] = ()) -> list[tuple[str, int, str]]:
+    """(file, line, text) of every string literal in ``package`` but docstrings and the values
+    assigned to the names in ``skip_assignments`` (sample text)."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        skip = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id in skip_assignments for t in node.targets
+            ):
+                skip |= {id(n) for n in ast.walk(node.value)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+                found.append((str(path.relative_to(ROOT)), node.lineno, node.value))
+    return found
+
+
+def test_the_gateway_names_no_protocol() -> None:
+    """The driver registry is the only list of protocol names: the gateway asks the driver."""
+    from drivers.base import DRIVERS
+
+    families = {name.partition("-")[0] for name in DRIVERS}
+    pattern = re.compile(rf"(?<![\w]){'|'.join(map(re.escape, sorted(families)))}")
+    offenders = [f"{f}:{line}: {text!r}" for f, line, text in _literals("gateway", skip_assignments=("SAMPLE",))
+                 if pattern.search(text)]  # fmt: skip
+    assert offenders == []
+
+
+def test_relay_actions_are_named_only_by_the_action_enum() -> None:
+    """Relay actions are ``protocols.commands.Action`` members in the gateway and the drivers;
+    each driver maps them to its own codes in one map (DL/T 645: ``RELAY_CODES``)."""
+    from protocols.commands import RELAY_ACTIONS
+
+    names = {a.value for a in RELAY_ACTIONS}
+    offenders = [
+        f"{f}:{line}: {text!r}"
+        for package in ("gateway", "drivers")
+        for f, line, text in _literals(package)
+        if text in names
+    ]
+    assert offenders == []

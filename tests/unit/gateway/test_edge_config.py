@@ -20,6 +20,12 @@ def test_sample_loads_and_has_defaults() -> None:
     assert {p.name: p.interval_s for p in cfg.plans} == {"registers": 900, "instant": 60}
     assert cfg.outbox.policy == "shed_by_kind"
     assert (cfg.outbox.confirm, cfg.outbox.ack_timeout_s) == ("head-end", 60.0)
+    assert cfg.mqtt.payload_version == 1  # v2 only once every ingest reads it
+
+
+def test_payload_version_2_is_accepted() -> None:
+    cfg = parse_config(_with("payload_version = 1", "payload_version = 2"))
+    assert cfg.mqtt.payload_version == 2
 
 
 def _with(replace: str, by: str) -> str:
@@ -64,6 +70,9 @@ def test_a_modbus_meter_whose_model_has_every_planned_quantity_loads() -> None:
         (_with('confirm = "head-end"', 'confirm = "ingest"'), "outbox.confirm", "expected one of"),
         (_with("ack_timeout_s = 60.0", "ack_timeout_s = 0"), "outbox.ack_timeout_s", "0.1..86400"),
         (_with("keepalive_s = 30", "keepalive_s = 30\nkeep_alive = 3"), "mqtt.keep_alive", "unknown key"),
+        (_with("payload_version = 1", "payload_version = 3"), "mqtt.payload_version", "expected one of 1, 2"),
+        (_with("payload_version = 1", 'payload_version = "2"'), "mqtt.payload_version", "expected one of"),
+        (_with("payload_version = 1", "payload_version = true"), "mqtt.payload_version", "expected one of"),
         (_with('command_key_file = "/etc/amigw/gw-1.key"', ""), "command_key_file", "required"),
         (_with('gateway_id = "gw-1"', 'gateway_id = "agg"'), "gateway_id", "reserved topic level"),
         (_with('gateway_id = "gw-1"', 'gateway_id = "Down"'), "gateway_id", "reserved topic level"),

@@ -13,6 +13,7 @@ from numpy.testing import assert_array_equal
 
 from ingest.rules import kernels as k
 from ingest.rules import stages
+from ingest.sinks.influx import lines as lp
 from tests import reference as ref
 from tests.unit.ingest.strategies import SETTINGS, I, batches, meter_params, readonly
 
@@ -108,7 +109,7 @@ def _cols(rows):
     return (
         np.array(cols[0], np.int64),
         np.array(cols[1], np.int64),
-        np.array(cols[2], np.uint16),
+        np.array(cols[2], np.uint32),
         np.array(cols[3], np.uint16),
         np.array(cols[4], np.uint8),
     )
@@ -232,8 +233,8 @@ ID_TEXT = st.text(alphabet=st.sampled_from(list("ab ,=\n\r\t\"'\\%é中😀x1_-"
 @given(batches(max_n=25), st.lists(ID_TEXT, min_size=3, max_size=3), ID_TEXT, st.booleans())
 def test_encode_lines_matches_reference_and_parses_back(batch, ids, gateway, wide) -> None:
     readings = batch[0]
-    tables = stages.LineTables.build(ids, gateway)
-    data = stages.encode_lines(readings, tables, wide=wide)
+    tables = lp.LineTables.build(ids, gateway)
+    data = lp.encode_lines(readings, tables, wide=wide)
     order = stages.sort_order(readings)
     want = ref.encode_lines(
         order,
@@ -244,21 +245,21 @@ def test_encode_lines_matches_reference_and_parses_back(batch, ids, gateway, wid
         readings.flags,
         tables.head,
         tables.head_off,
-        stages.FNAME,
-        stages.FNAME_OFF,
+        lp.FNAME,
+        lp.FNAME_OFF,
         stages.Q_DECIMALS,
         wide,
     )
     assert data == want
     # the validation's sort, handed over, gives the same bytes (transform passes Checked.order)
-    assert stages.encode_lines(readings, tables, wide=wide, order=stages.validate_batch(*batch).order) == data
+    assert lp.encode_lines(readings, tables, wide=wide, order=stages.validate_batch(*batch).order) == data
     points = ref.parse_lines(data)
     keys = set(zip(readings.meter.tolist(), readings.ts.tolist(), readings.quantity.tolist(), strict=True))
     assert len(points) == (len({(m, t) for m, t, _ in keys}) if wide else len(keys))
     for meas, tags, fields, ts in points:
         assert meas == "meter_reading"
         assert set(tags) <= {"meter", "gateway", "quantity"}
-        assert stages.unescape_tag(tags["meter"]) in ids
-        assert stages.unescape_tag(tags["gateway"]) == gateway
+        assert lp.unescape_tag(tags["meter"]) in ids
+        assert lp.unescape_tag(tags["gateway"]) == gateway
         assert ts in {t for _, t, _ in keys}
         assert fields

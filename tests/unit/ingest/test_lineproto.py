@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingest.rules import stages
+from ingest.sinks.influx import lines as lp
 from tests import reference as ref
 from tests.unit.ingest.strategies import SETTINGS
 
@@ -37,9 +38,9 @@ def _encode(ids, values, quantities, wide=False, gateway="gw 1"):
         np.full(n, 1_700_000_000_000, np.int64),
         np.array(quantities, np.uint16),
         np.array(values, np.int64),
-        np.zeros(n, np.uint16),
+        np.zeros(n, np.uint32),
     )
-    return stages.encode_lines(r, stages.LineTables.build(ids, gateway), wide=wide)
+    return lp.encode_lines(r, lp.LineTables.build(ids, gateway), wide=wide)
 
 
 @pytest.mark.parametrize("meter_id", NASTY)
@@ -48,8 +49,8 @@ def test_injection_reads_back_exactly_one_point(meter_id, wide) -> None:
     points = ref.parse_lines(_encode([meter_id], [12345], [1], wide=wide, gateway=meter_id))
     assert len(points) == 1
     _, tags, fields, ts = points[0]
-    assert stages.unescape_tag(tags["meter"]) == meter_id
-    assert stages.unescape_tag(tags["gateway"]) == meter_id
+    assert lp.unescape_tag(tags["meter"]) == meter_id
+    assert lp.unescape_tag(tags["gateway"]) == meter_id
     assert fields == ({"energy_fwd_active_total": "123.45"} if wide else {"value": "123.45", "flags": 0})
     assert ts == 1_700_000_000_000
 
@@ -58,7 +59,7 @@ def test_injection_reads_back_exactly_one_point(meter_id, wide) -> None:
 @given(st.text(min_size=1, max_size=20))
 def test_any_id_round_trips(meter_id) -> None:
     (point,) = ref.parse_lines(_encode([meter_id], [1], [30]))
-    assert stages.unescape_tag(point[1]["meter"]) == meter_id
+    assert lp.unescape_tag(point[1]["meter"]) == meter_id
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,7 @@ def test_exact_decimals_without_floats(value, q, text) -> None:
 
 def test_empty_id_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
-        stages.LineTables.build([""], "gw")
+        lp.LineTables.build([""], "gw")
 
 
 def test_strict_parser_rejects_injection_when_not_escaped() -> None:

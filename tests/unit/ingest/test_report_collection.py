@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ingest.model.registry import MeterRegistry
 from ingest.reports.daily import compute_report
+from ingest.sinks.base import DaySums
 
 DAY = dt.date(2024, 3, 10)
 REGISTRY = """
@@ -32,8 +33,8 @@ area = "TA-1"
 """
 
 
-def _row(meter: str, gateway: str, intervals: int) -> dict[str, object]:
-    return {"meter": meter, "gateway": gateway, "total": 100 * intervals, "intervals": intervals}
+def _row(meter: str, gateway: str, intervals: int) -> DaySums:
+    return DaySums(meter, gateway, {"total": 100 * intervals, "intervals": intervals})
 
 
 def test_a_bound_meter_silent_all_day_costs_its_gateway_an_unbound_one_only_its_area(

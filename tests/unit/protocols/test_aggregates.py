@@ -13,6 +13,7 @@ from protocols.aggregates import (
     decode_daily,
     decode_intervals,
     encode_daily,
+    encode_interval_columns,
     encode_intervals,
 )
 
@@ -21,6 +22,7 @@ ITEMS = [
     IntervalRecord("m2", 1, 900_000, 1_800_000, 7, 32),
     IntervalRecord("表计", 5, -900_000, 0, -(2**63), 2**16 - 1),
     IntervalRecord("m 1,=", 2, 0, 900_000, 2**63 - 1, 0),
+    IntervalRecord("m2", 2, 0, 900_000, 3, 2**32 - 1),  # every flag bit, 16..31 too
 ]
 
 
@@ -30,6 +32,29 @@ def test_intervals_round_trip(encoding: str) -> None:
     assert data.startswith(INTERVALS_MAGIC if encoding == "binary" else b"{")
     assert decode_intervals(data) == ("gw-1", 9, ITEMS)
     assert decode_intervals(encode_intervals("gw-1", 9, [], encoding)) == ("gw-1", 9, [])  # type: ignore[arg-type]
+
+
+def test_json_intervals_are_the_documented_items_and_columns_encode_the_same() -> None:
+    """The one JSON encoder: the documented keys in record order, compact, UTF-8 unescaped; the
+    column form (what ingest publishes from numpy columns) gives the same bytes."""
+    import array
+    import json
+    from dataclasses import asdict
+
+    want = json.dumps(
+        {"v": 1, "type": "intervals", "gateway": 'g"w', "batch_seq": 3, "intervals": [asdict(i) for i in ITEMS]},
+        ensure_ascii=False, separators=(",", ":"),
+    ).encode()  # fmt: skip
+    assert encode_intervals('g"w', 3, ITEMS) == want
+    meters = ["m 1,=", "m2", "表计"]
+    cols = (
+        array.array("I", [0, 1, 2, 0, 1]), array.array("H", [i.quantity for i in ITEMS]),
+        array.array("q", [i.start_ms for i in ITEMS]), array.array("q", [i.end_ms for i in ITEMS]),
+        array.array("q", [i.energy for i in ITEMS]), array.array("I", [i.flags for i in ITEMS]),
+    )  # fmt: skip
+    assert encode_interval_columns('g"w', 3, meters, cols, "json") == want
+    with pytest.raises(ValueError, match="meter"):
+        encode_interval_columns('g"w', 3, meters[:2], cols, "json")
 
 
 def test_binary_intervals_are_smaller_and_unknown_encodings_refused() -> None:
@@ -49,7 +74,7 @@ def _binary(**body: object) -> bytes:
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (INTERVALS_MAGIC[:3] + b"\x02" + _binary()[4:], "version"),
+        (INTERVALS_MAGIC[:3] + b"\x03" + _binary()[4:], "version"),
         (INTERVALS_MAGIC + b"\xc1", "binary"),  # msgpack's never-used byte
         (_binary(t="readings"), "type"),
         (_binary(seq=-1), "seq"),
@@ -63,7 +88,7 @@ def _binary(**body: object) -> bytes:
                 **dict(
                     zip(
                         ("meter", "q", "start", "end", "e", "f"),
-                        (struct.pack("<I", 1), b"\x01\x00", bytes(8), bytes(8), bytes(8), bytes(2)),
+                        (struct.pack("<I", 1), b"\x01\x00", bytes(8), bytes(8), bytes(8), bytes(4)),
                         strict=True,
                     )
                 )
@@ -75,6 +100,18 @@ def _binary(**body: object) -> bytes:
 def test_malformed_binary_is_payload_error(data: bytes, reason: str) -> None:
     with pytest.raises(PayloadError, match=reason):
         decode_intervals(data)
+
+
+def test_binary_intervals_v2_carry_32_flag_bits_and_v1_is_still_read() -> None:
+    """Ingest writes binary version 2 (u32 flags); a version-1 message (u16 flags) from an older
+    ingest decodes to the same records, its flags widened."""
+    v2 = encode_intervals("gw-1", 9, ITEMS, "binary")
+    assert v2[:4] == b"AMA\x02" and decode_intervals(v2)[2][-1].flags == 2**32 - 1
+    body = msgpack.unpackb(v2[4:], raw=False)
+    body["f"] = struct.pack("<5H", *(i.flags for i in ITEMS[:4]), 7)
+    got = decode_intervals(b"AMA\x01" + msgpack.packb(body, use_bin_type=True))[2]
+    assert [i.flags for i in got] == [i.flags for i in ITEMS[:4]] + [7]
+    assert got[:4] == ITEMS[:4]
 
 
 def test_daily_round_trip() -> None:

@@ -7,7 +7,7 @@ import datetime as dt
 from protocols.dlt645 import (
     ErrorBits,
     Password,
-    RelayAction,
+    RelayCode,
     decode_frame,
     decode_read_response,
     decode_value,
@@ -83,14 +83,14 @@ def test_rollover_and_replacement() -> None:
 def test_relay_trip_with_password_stops_energy_and_wrong_password_is_refused() -> None:
     sim, clock = _sim()
     until = dt.datetime(2026, 3, 2, 8, 0)
-    bad = _ask(sim, relay_control_request(A1, RelayAction.TRIP, Password(2, "111111"), valid_until=until))
+    bad = _ask(sim, relay_control_request(A1, RelayCode.TRIP, Password(2, "111111"), valid_until=until))
     assert bad is not None
     try:
         parse_response(decode_frame(bad))
         raise AssertionError("expected an error reply")
     except MeterErrorReply as exc:
         assert exc.error_code == ErrorBits.UNAUTHORIZED
-    ok = _ask(sim, relay_control_request(A1, RelayAction.TRIP, Password(2, "000000"), valid_until=until))
+    ok = _ask(sim, relay_control_request(A1, RelayCode.TRIP, Password(2, "000000"), valid_until=until))
     assert ok is not None and decode_frame(ok).control == 0x9C
     assert _read(sim, A1, 0x04000503) == 0x50  # bit 4 open, bit 6 trip commanded
     clock.t += 3600
@@ -101,7 +101,7 @@ def test_relay_trip_with_password_stops_energy_and_wrong_password_is_refused() -
 def test_close_allowed_only_arms_without_auto_close() -> None:
     sim, _ = _sim(auto_close=False)
     until = dt.datetime(2026, 3, 2, 8, 0)
-    for action in (RelayAction.TRIP, RelayAction.CLOSE_ALLOWED):
+    for action in (RelayCode.TRIP, RelayCode.CLOSE_ALLOWED):
         _ask(sim, relay_control_request(A1, action, Password(2, "000000"), valid_until=until))
     assert _read(sim, A1, 0x04000503) == 0x10  # still open, no trip commanded: awaiting the customer
     sim.meter(A1).press_button()

@@ -1,4 +1,4 @@
-"""InfluxSink's retry, back-off, chunking and bisection against a scripted HTTP peer (H11).
+"""InfluxWriter's retry, back-off, chunking and bisection against a scripted HTTP peer (H11).
 
 The peer is a seam for the protocol logic (which status leads to which reaction); the real
 server is exercised in tests/integration/test_sink.py.
@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 
 from ingest.pipeline.deadletter import DeadLetterStore
-from ingest.sinks.influxdb import (
-    InfluxSink,
-    SinkConfig,
-    WriteResult,
-    _retry_after_s,
-    backoff_delay_s,
-    split_lines,
-)
+from ingest.sinks.base import Rejected, WriteResult, backoff_delay_s
+from ingest.sinks.influx.http import InfluxWriter, SinkConfig, _retry_after_s, split_lines
 from protocols.config import load
 from protocols.errors import SinkError, SinkRefused
 from tests.unit.ingest.io.http_peer import HttpPeer, Reply, Request
@@ -42,9 +36,9 @@ def dead_letter(tmp_path: Path) -> DeadLetterStore:
     store.close()
 
 
-def _sink(url: str, dead_letter: DeadLetterStore, sleeps: Sleeps, **kw: object) -> InfluxSink:
+def _sink(url: str, dead_letter: DeadLetterStore, sleeps: Sleeps, **kw: object) -> InfluxWriter:
     cfg = SinkConfig(url=url, api="v1", database="db", backoff_initial_s=0.1, **kw)  # type: ignore[arg-type]
-    return InfluxSink(cfg, dead_letter=dead_letter, sleep=sleeps)
+    return InfluxWriter(cfg, sleep=sleeps)
 
 
 def _lines(n: int) -> list[bytes]:
@@ -55,7 +49,7 @@ async def test_5xx_then_success_retries_with_exponential_backoff(dead_letter) ->
     script = iter([Reply(503, body=b'{"error":"busy"}'), Reply(500), Reply(204)])
     sleeps = Sleeps()
     async with HttpPeer(lambda _req: next(script)) as peer, _sink(peer.url, dead_letter, sleeps) as sink:
-        assert await sink.write(_lines(3)) == WriteResult(3, 0)
+        assert await sink.write(_lines(3)) == WriteResult(3)
     assert len(peer.requests) == 3
     assert 0.1 <= sleeps.delays[0] <= 0.12 and 0.2 <= sleeps.delays[1] <= 0.24
     assert peer.requests[0].text == peer.requests[2].text  # the same body, re-sent
@@ -126,7 +120,7 @@ async def test_v1_create_database_on_a_missing_database_then_the_write_is_sent_a
         HttpPeer(respond) as peer,
         _sink(peer.url, dead_letter, Sleeps(), create_database=True) as sink,
     ):
-        assert await sink.write(_lines(3)) == WriteResult(3, 0)
+        assert await sink.write(_lines(3)) == WriteResult(3)
     assert [r.path for r in peer.requests] == ["/write", "/query", "/write"]
     assert created == [b"q=CREATE+DATABASE+%22db%22"]
 
@@ -144,7 +138,7 @@ async def test_v2_probe_is_an_empty_write(dead_letter, status: int, body: bytes,
     "writing requires points" proves all three without writing a point."""
     async with HttpPeer(lambda _req: Reply(status, {"Content-Type": "application/json"}, body)) as peer:
         cfg = SinkConfig(url=peer.url, api="v2", org="o", bucket="b", token="t", gzip=False)
-        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
+        async with InfluxWriter(cfg) as sink:
             if outcome == "accepts writes":
                 assert "bucket 'b' accepts writes" in await sink.probe()
             else:
@@ -188,11 +182,14 @@ async def test_bisection_isolates_rejected_lines(dead_letter, chunked: bool) -> 
     lines[5] = b"m,meter=x value=BAD 5"
     lines[40] = b"m,meter=x value=BAD 40"
     async with HttpPeer(respond) as peer, _sink(peer.url, dead_letter, Sleeps()) as sink:
-        assert await sink.write(lines) == WriteResult(62, 2)
-    assert set(stored) == set(lines) - {lines[5], lines[40]}
+        result = await sink.write(lines)
+    assert result.written == 62 and set(stored) == set(lines) - {lines[5], lines[40]}
     assert len(peer.requests) <= 2 * 2 * 6 + 1  # ~2 log2(n) requests per bad line
-    assert sorted(e.payload for e in dead_letter.list()) == sorted([lines[5], lines[40]])
-    assert dead_letter.count_by_reason() == {"field type conflict": 2}
+    # rejected, reported back with the server's reason; the writer stores no dead letter itself
+    assert sorted(r.record for r in result.rejected) == sorted([lines[5], lines[40]])
+    assert {r.reason for r in result.rejected} == {"field type conflict"}
+    assert all(isinstance(r, Rejected) and "dropped=1" in r.detail for r in result.rejected)
+    assert dead_letter.count_by_reason() == {}
 
 
 async def test_413_splits_and_batches_are_bounded(dead_letter) -> None:
@@ -200,7 +197,7 @@ async def test_413_splits_and_batches_are_bounded(dead_letter) -> None:
         return Reply(413) if len(req.text.splitlines()) > 4 else Reply(204)
 
     async with HttpPeer(respond) as peer, _sink(peer.url, dead_letter, Sleeps(), max_batch_lines=10) as sink:
-        assert await sink.write(_lines(25)) == WriteResult(25, 0)
+        assert await sink.write(_lines(25)) == WriteResult(25)
     sizes = [len(r.text.splitlines()) for r in peer.requests]
     assert max(sizes) <= 10 and sum(s for s in sizes if s <= 4) == 25
 
@@ -220,7 +217,7 @@ async def test_v1_basic_auth_and_retention_policy(dead_letter) -> None:
     async with HttpPeer(lambda _req: Reply(204)) as peer:
         cfg = SinkConfig(url=peer.url, api="v1", database="meters", retention_policy="raw",
                          username="ingest", password="pw")  # fmt: skip
-        async with InfluxSink(cfg, dead_letter=dead_letter) as sink:
+        async with InfluxWriter(cfg) as sink:
             await sink.write(_lines(1))
     (req,) = peer.requests
     assert (req.path, req.query) == ("/write", {"db": "meters", "rp": "raw", "precision": "ms"})
@@ -230,7 +227,7 @@ async def test_v1_basic_auth_and_retention_policy(dead_letter) -> None:
 async def test_ping_without_version_header_is_an_error(dead_letter) -> None:
     async with (
         HttpPeer(lambda _req: Reply(204)) as peer,
-        InfluxSink(SinkConfig(url=peer.url), dead_letter=dead_letter) as sink,
+        InfluxWriter(SinkConfig(url=peer.url)) as sink,
     ):
         with pytest.raises(SinkRefused, match="X-Influxdb-Version") as info:
             await sink.write(_lines(1))
@@ -266,7 +263,7 @@ async def test_concurrent_writes_share_the_connection_one_request_at_a_time(dead
 
     async with HttpPeer(lambda _req: Reply(204)) as peer, _sink(peer.url, dead_letter, Sleeps()) as sink:
         results = await asyncio.gather(*(sink.write([f"m value={i}i {i}".encode()]) for i in range(8)))
-    assert results == [WriteResult(1, 0)] * 8
+    assert results == [WriteResult(1)] * 8
     assert sorted(r.text for r in peer.requests) == sorted(f"m value={i}i {i}\n".encode() for i in range(8))
 
 
@@ -274,7 +271,7 @@ async def test_concurrent_writes_share_the_connection_one_request_at_a_time(dead
 def test_gzip_body_is_a_gzip_member_of_the_body_at_every_level(level: int) -> None:
     import gzip
 
-    from ingest.sinks import influxdb as sink
+    from ingest.sinks.influx import http as sink
 
     body = b"".join(
         b"meter_reading,meter=M%d,gateway=g v=%di %d\n" % (i, i * 7, 1_700_000_000_000 + i)

@@ -10,9 +10,9 @@ import pytest
 from ingest.cli import add_arguments
 from ingest.config import SAMPLE, load_config, parse_config
 from ingest.metrics import IngestMetrics
-from ingest.pipeline.transform import Settings, event_line, split_foreign, stored_tag, transform
-from ingest.rules.stages import unescape_tag
-from ingest.sinks.influxql import quote_str
+from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform
+from ingest.sinks.influx.lines import TagCache, encode_batch, event_line, stored_tag, unescape_tag
+from ingest.sinks.influx.query import quote_str
 from protocols.aggregates import decode_intervals
 from protocols.errors import ConfigError, PayloadError
 from protocols.flags import Flag
@@ -24,6 +24,11 @@ T0 = 1_710_000_000_000  # 2024-03-10 00:00 at UTC+8
 
 def settings(**kw: object) -> Settings:
     return Settings.from_config(parse_config(SAMPLE, **kw))  # type: ignore[arg-type]
+
+
+def stored_lines(out: BatchOutput) -> bytes:
+    """What the InfluxDB sink stores of ``out`` (wide readings, the sample's schema)."""
+    return encode_batch(out.columns, TagCache(), wide=True)
 
 
 def batch(seq: int = 1, k0: int = 0, n: int = 4, gw: str = "gw-1") -> ReadingBatch:
@@ -84,15 +89,15 @@ def test_transform_is_deterministic_and_independent_of_other_batches() -> None:
     a = transform(decode(encode(batch(2, 4))), s)
     transform(decode(encode(batch(1, 0))), s)
     b = transform(decode(encode(batch(2, 4), "json")), s)
-    assert a.lines == b.lines and a.interval_records() == b.interval_records()
+    assert stored_lines(a) == stored_lines(b) and a.interval_records() == b.interval_records()
     assert [(r.start_ms, r.energy) for r in a.interval_records()] == [(T0 + k * Q, 25) for k in range(4, 8)]
-    assert a.lines.count(b"\nmeter_reading,") + a.lines.startswith(b"meter_reading,") == 4
+    assert stored_lines(a).count(b"\nmeter_reading,") + stored_lines(a).startswith(b"meter_reading,") == 4
 
 
 def test_meter_index_out_of_range_is_a_payload_error() -> None:
     good = batch()
     bad = ReadingBatch(good.gateway, 1, good.meters, np.array([0, 1], np.uint32), np.array([T0, T0], np.int64),
-                       np.array([1, 1], np.uint16), np.array([1, 2], np.int64), np.zeros(2, np.uint16))  # fmt: skip
+                       np.array([1, 1], np.uint16), np.array([1, 2], np.int64), np.zeros(2, np.uint32))  # fmt: skip
     with pytest.raises(PayloadError, match="outside"):
         transform(bad, settings())
 
@@ -102,8 +107,8 @@ def test_duplicates_go_to_their_own_measurement_and_never_overwrite() -> None:
     b.add("M1", T0 + Q, 1, 1025)
     b.add("M1", T0 + Q, 1, 9999)
     out = transform(b.build("gw", 1, sent_ms=T0 + Q), settings())
-    main = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"meter_reading")]
-    dup = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"reading_duplicate")]
+    main = [ln for ln in stored_lines(out).split(b"\n") if ln.startswith(b"meter_reading")]
+    dup = [ln for ln in stored_lines(out).split(b"\n") if ln.startswith(b"reading_duplicate")]
     assert main == [b"meter_reading,meter=M1,gateway=gw energy_fwd_active_total=10.25 %d" % (T0 + Q)]
     assert len(dup) == 1 and b"value=99.99" in dup[0] and b"flags=%di" % Flag.DUPLICATE in dup[0]
 
@@ -117,7 +122,7 @@ def test_collapsed_voltage_becomes_an_event(tmp_path: Path) -> None:
     b.add("M1", T0 + 2 * Q, 30, 2200)
     out = transform(b.build("gw", 1, sent_ms=T0 + 2 * Q), s)
     assert out.outage_events == 1 and out.outage_ts == (T0 + Q, T0 + Q)
-    assert b"events,gateway=gw,meter=M1,kind=voltage_collapsed" in out.lines
+    assert b"events,gateway=gw,meter=M1,kind=voltage_collapsed" in stored_lines(out)
 
 
 def test_readings_before_min_ts_are_stored_flagged_and_make_no_daily_row() -> None:
@@ -133,12 +138,14 @@ def test_readings_before_min_ts_are_stored_flagged_and_make_no_daily_row() -> No
     out = transform(decode(encode(b.build("gw", 1, sent_ms=T0 + Q))), settings())
     readings = [
         ln
-        for ln in out.lines.split(b"\n")
+        for ln in stored_lines(out).split(b"\n")
         if ln.startswith((b"meter_reading,meter=M1", b"meter_reading,meter=M3"))
     ]
     flags = [int(ln.split(b"_flags=")[1].split(b"i")[0]) for ln in readings]
     assert len(flags) == 3 and all(f & Flag.BEFORE_MIN_TIME for f in flags)  # stored, flagged
-    assert b"1970-01-01" not in out.lines and b"1969-12-31" not in out.lines  # no daily/hourly row
+    assert b"1970-01-01" not in stored_lines(out) and b"1969-12-31" not in stored_lines(
+        out
+    )  # no daily/hourly row
     assert [(r.meter, r.energy) for r in out.interval_records()] == [("M2", 75)]
 
 
@@ -152,7 +159,7 @@ def test_energy_of_2_62_is_flagged_and_in_no_interval_daily_row_or_published_agg
     out = transform(decode(encode(b.build("gw", 1, sent_ms=T0 + 2 * Q))), settings())
     assert int(out.flags[0]) & Flag.OUT_OF_RANGE
     assert [(r.meter, r.energy) for r in out.interval_records()] == [("M1", 25), ("M1", 25)]
-    daily = [ln for ln in out.lines.split(b"\n") if ln.startswith(b"daily_tou")]
+    daily = [ln for ln in stored_lines(out).split(b"\n") if ln.startswith(b"daily_tou")]
     assert len(daily) == 1 and b"meter=M1" in daily[0] and b",total=50i," in daily[0]
     assert decode_intervals(out.intervals_payload("gw", 1))[2] == out.interval_records()
 
@@ -179,7 +186,7 @@ def test_split_foreign_takes_out_the_readings_of_meters_bound_elsewhere(tmp_path
         {foreign.meters[i] for i in foreign.meter} == {"B1"} and len(foreign) == 2 and len(foreign.prev) == 1
     )
     assert decode(encode(foreign)) == foreign  # stored as a payload of its own, replayable
-    assert b"meter=B1" not in transform(own, s).lines
+    assert b"meter=B1" not in stored_lines(transform(own, s))
     assert split_foreign(decode(encode(b.build("gw-b", 8))), s)[1] is not None  # A1 is foreign there
     unbound = decode(encode(b.build("gw-c", 9)))
     assert split_foreign(unbound, s)[0] is not unbound  # both A1 and B1 are bound elsewhere
@@ -200,7 +207,7 @@ def test_event_line_escapes_strings() -> None:
 
 def test_flag_metrics_count_per_bit() -> None:
     m = IngestMetrics()
-    m.count_flags(np.array([0, Flag.SPIKE, Flag.SPIKE | Flag.GAP_BEFORE], np.uint16))
+    m.count_flags(np.array([0, Flag.SPIKE, Flag.SPIKE | Flag.GAP_BEFORE], np.uint32))
     assert m.flagged.labels("SPIKE")._value.get() == 2 and m.flagged.labels("GAP_BEFORE")._value.get() == 1
 
 
@@ -214,7 +221,7 @@ def test_cli_arguments() -> None:
 
 
 def test_fast_aggregate_payloads_equal_the_protocol_encoders() -> None:
-    from protocols.aggregates import DailyTotal, decode_intervals, encode_daily, encode_intervals
+    from protocols.aggregates import decode_intervals, encode_intervals
 
     b = BatchBuilder()
     b.set_prev('m "1"\\ü', 1, 1000, T0)
@@ -223,10 +230,6 @@ def test_fast_aggregate_payloads_equal_the_protocol_encoders() -> None:
     assert out.intervals_payload('g"w', 4) == encode_intervals('g"w', 4, out.interval_records())
     binary = out.intervals_payload('g"w', 4, "binary")
     assert decode_intervals(binary) == ('g"w', 4, out.interval_records()) and len(out.interval_records()) == 3
-    rows = [('m"1', "2024-03-10", 90, 0, 0, 0, 90, 3, 3), ("m2", "2024-03-11", 1, 1, 0, 0, 0, 1, 0)]
-    from ingest.pipeline.transform import daily_payload
-
-    assert daily_payload("g", rows) == encode_daily("g", [DailyTotal(*r) for r in rows])
 
 
 def _reference_daily_lines(out_lines: bytes) -> list[bytes]:
@@ -240,7 +243,7 @@ def test_daily_partials_lines_are_the_documented_points() -> None:
     for k in (-1, 1, 2):  # the gap at k=0 is estimated; (T0 - Q, T0] belongs to the first day
         b.add("M 1", T0 + k * Q, 1, 1000 + 25 * (k + 2))
     out = transform(b.build("g,w", 3, sent_ms=T0 + 2 * Q), settings())
-    lines = _reference_daily_lines(out.lines)
+    lines = _reference_daily_lines(stored_lines(out))
     assert lines == [
         b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-09",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
         b"intervals=2i,estimated=1i,invalid=0i,reg_sharp=0i,reg_peak=0i,reg_flat=0i,reg_valley=0i,"
@@ -265,7 +268,7 @@ def test_daily_partials_cross_check_the_calendar_split_with_the_tariff_registers
     out = transform(b.build("gw", 1, sent_ms=T0 + 4 * Q), settings())
     fields = {
         line.split(b",", 2)[1]: dict(kv.split(b"=") for kv in line.split(b" ")[1].split(b",")[1:])
-        for line in _reference_daily_lines(out.lines)
+        for line in _reference_daily_lines(stored_lines(out))
     }
     ok, bad = fields[b"meter=OK"], fields[b"meter=BAD"]
     assert (ok[b"valley"], ok[b"reg_valley"], ok[b"reg_peak"], ok[b"tou_mismatch"]) == (
@@ -291,7 +294,7 @@ def test_hourly_partials_split_the_batch_at_local_hours() -> None:
     for k, v in ((3, 1025), (4, 1050), (6, 1100), (7, 1090)):
         b.add("M 1", T0 + k * Q, 1, v)
     out = transform(b.build("g", 1, sent_ms=T0 + 7 * Q), settings())
-    assert [ln for ln in out.lines.split(b"\n") if ln.startswith(b"hourly")] == [
+    assert [ln for ln in stored_lines(out).split(b"\n") if ln.startswith(b"hourly")] == [
         b'hourly,meter=M\\ 1,gateway=g hour="2024-03-10T00",total=50i,intervals=2i,estimated=0i,invalid=0i %d'
         % (T0 + 2 * Q),
         b'hourly,meter=M\\ 1,gateway=g hour="2024-03-10T01",total=50i,intervals=2i,estimated=2i,invalid=1i %d'
@@ -332,7 +335,7 @@ def test_meters_on_a_listed_tariff_get_their_own_tou_calendar(tmp_path: Path) ->
         line.split(b",", 2)[1]: [
             kv for kv in line.split(b" ")[1].split(b",") if kv.split(b"=")[0] in (b"flat", b"valley")
         ]
-        for line in _reference_daily_lines(out.lines)
+        for line in _reference_daily_lines(stored_lines(out))
     }
     assert split == {
         b"meter=A": [b"flat=100i", b"valley=0i"],
@@ -356,7 +359,7 @@ def test_tariff_calendars_errors_name_the_tariff(tmp_path: Path) -> None:
 def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
     import random
 
-    from ingest.sinks.influxdb import _chunks, _cut, split_lines
+    from ingest.sinks.influx.http import _chunks, _cut, split_lines
 
     rng = random.Random(7)
     for _ in range(300):
@@ -369,12 +372,14 @@ def test_sink_cuts_well_formed_bodies_like_the_line_splitter() -> None:
         assert _cut(bad, 10, 100) is None, bad  # the sink splits these line by line instead
 
 
-def test_warm_up_leaves_the_tag_cache_alone() -> None:
+def test_sink_warm_up_leaves_the_tag_cache_alone() -> None:
     from ingest.pipeline.transform import warm_up
+    from ingest.sinks.influx.http import SinkConfig
+    from ingest.sinks.influx.sink import InfluxSink
 
-    s = settings()
-    warm_up(s)
-    assert not s.tags._d
+    sink = InfluxSink(SinkConfig())
+    sink.warm_up(warm_up(settings()))
+    assert not sink._tags._d
 
 
 def test_warm_up_compiles_every_specialisation_a_wire_batch_needs() -> None:
@@ -384,19 +389,25 @@ def test_warm_up_compiles_every_specialisation_a_wire_batch_needs() -> None:
 
     from ingest.pipeline.transform import warm_up
     from ingest.rules import kernels, stages
+    from ingest.sinks.influx import kernels as lp_kernels
 
     def signatures() -> dict[str, set[str]]:
         return {
             f"{mod.__name__}.{name}": {str(sig) for sig in fn.signatures}
-            for mod in (kernels, stages)
+            for mod in (kernels, stages, lp_kernels)
             for name, fn in vars(mod).items()
             if isinstance(fn, numba.core.registry.CPUDispatcher)
         }
 
     s = settings()
-    warm_up(s)
+    sample = warm_up(s)
+    encode_batch(sample.batches[0], TagCache(), wide=True)  # what InfluxSink.warm_up does
+    for b in sample.batches:
+        encode_batch(b, TagCache(), wide=True)
     before = signatures()
     for wire in (decode(encode(batch(seq=2))), decode(encode(batch(seq=3, k0=4, n=6)))):
-        transform(wire, s).intervals_payload("gw-1", wire.seq)
+        out = transform(wire, s)
+        out.intervals_payload("gw-1", wire.seq)
+        stored_lines(out)
     new = {k: v - before.get(k, set()) for k, v in signatures().items() if v - before.get(k, set())}
     assert not new, new

@@ -1,5 +1,5 @@
-"""IngestWorker's reactions to refused InfluxQL reads and refused writes (pure logic: fake query
-and publisher).
+"""IngestWorker's reactions to refused sink reads and refused writes (pure logic: fake sink and
+publisher).
 
 The broker and InfluxDB paths are in tests/integration/test_pipeline.py; here only the decision
 matters: a refused read must neither lose an obligation nor turn written data into dead letters.
@@ -18,21 +18,40 @@ import pytest
 from ingest.config import SAMPLE, parse_config
 from ingest.pipeline.deadletter import DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
-from ingest.pipeline.worker import IngestWorker, _Item, _Resources
+from ingest.pipeline.worker import IngestWorker, _drain, _Item, _Resources
+from ingest.sinks.base import Rejected, WriteResult, Writes
+from protocols.aggregates import DailyTotal
 from protocols.errors import SinkError, SinkRefused
 
 DAY = 1_710_000_000_000
 
 
-class Query:
-    def __init__(self, rows: list[dict[str, Any]] | None = None, error: SinkError | None = None) -> None:
-        self.rows_out, self.error, self.asked = rows or [], error, []
+class FakeSink:
+    """The reads the worker makes, answering ``totals`` or raising ``error``; writes recorded,
+    answering ``result``."""
 
-    async def rows(self, q: str) -> list[dict[str, Any]]:
-        self.asked.append(q)
+    def __init__(
+        self, totals: dict[str, list[DailyTotal]] | None = None, error: SinkError | None = None
+    ) -> None:
+        self.totals, self.error, self.asked = totals or {}, error, []
+        self.result = WriteResult(0)
+        self.written: list[Writes] = []
+
+    async def daily_totals(self, keys: dict[str, set[int]], *, utc_offset_ms: int) -> dict[str, Any]:
+        self.asked.append(keys)
         if self.error is not None:
             raise self.error
-        return self.rows_out
+        return {gw: t for gw, t in self.totals.items() if gw in keys}
+
+    async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[Any]:
+        self.asked.append((t_lo_ms, t_hi_ms))
+        if self.error is not None:
+            raise self.error
+        return []
+
+    async def write(self, writes: Writes) -> WriteResult:
+        self.written.append(writes)
+        return self.result
 
 
 class Publisher:
@@ -47,7 +66,9 @@ class Publisher:
 def worker(tmp_path: Path) -> Any:
     w = IngestWorker(parse_config(SAMPLE))
     dead, dedup = DeadLetterStore(tmp_path / "dl.sqlite"), DedupStore(tmp_path / "dd.sqlite")
-    w._res = _Resources(asyncio.Queue(), Query(), dead, dedup, Publisher())  # type: ignore[arg-type]
+    w._res = _Resources(asyncio.Queue(), dead, dedup, Publisher())  # type: ignore[arg-type]
+    w.use_sink = lambda sink: (_drain(w._res.sinks), w._res.sinks.put_nowait(sink))
+    w.use_sink(FakeSink())
     yield w
     dead.close()
     dedup.close()
@@ -55,7 +76,7 @@ def worker(tmp_path: Path) -> Any:
 
 async def test_a_refused_daily_read_back_keeps_the_days_pending(worker: Any) -> None:
     worker._res.dedup.mark("gw-1", 1, daily_days=[DAY])
-    worker._res.query = Query(error=SinkError("influxql refused: database not found", retryable=False))
+    worker.use_sink(FakeSink(error=SinkError("influxql refused: database not found", retryable=False)))
     with pytest.raises(SinkError):
         await worker.publish_daily()
     assert worker._res.dedup.pending_days() == [("gw-1", DAY, 1)] and worker._res.publisher.sent == []
@@ -63,24 +84,21 @@ async def test_a_refused_daily_read_back_keeps_the_days_pending(worker: Any) -> 
 
 async def test_a_daily_read_back_publishes_the_running_totals_then_drops_the_days(worker: Any) -> None:
     worker._res.dedup.mark("gw-1", 1, daily_days=[DAY])
-    row = {"time": DAY, "meter": "M 1", "gateway": "gw-1", "total": 250, "sharp": 0, "peak": 0,
-           "flat": 0, "valley": 250, "intervals": 10, "estimated": 2}  # fmt: skip
-    worker._res.query = Query(rows=[row, {**row, "time": DAY - 86_400_000}])  # the day before: not owed
+    total = DailyTotal("M 1", "2024-03-10", 250, 0, 0, 0, 250, 10, 2)
+    worker.use_sink(FakeSink({"gw-1": [total], "gw-2": [total]}))  # gw-2 is not owed
     assert await worker.publish_daily() == 1
     [(topic, payload)] = worker._res.publisher.sent
     assert topic == "ami/v1/agg/daily/gw-1" and b'"meter":"M 1","day":"2024-03-10","total":250' in payload
-    assert b"2024-03-09" not in payload and worker._res.dedup.pending_days() == []
+    assert worker._res.dedup.pending_days() == []
 
 
 async def test_a_refused_outage_query_does_not_dead_letter_written_batches(worker: Any) -> None:
-    item = _Item(
-        SimpleNamespace(), "written", b"x 1\n", out=SimpleNamespace(outage_events=1, outage_ts=(DAY, DAY))
-    )
+    item = _Item(SimpleNamespace(), "written", out=SimpleNamespace(outage_events=1, outage_ts=(DAY, DAY)))
     worker._res.publisher = None
-    worker._res.query = Query(error=SinkError("influxql refused", retryable=False))
+    worker.use_sink(FakeSink(error=SinkError("influxql refused", retryable=False)))
     await worker._after_write([item])  # logged, not raised: the data is already durable
     assert item.result == "written" and worker._res.dead_letter.count_by_reason() == {}
-    worker._res.query = Query(error=SinkError("influxd unreachable", retryable=True))
+    worker.use_sink(FakeSink(error=SinkError("influxd unreachable", retryable=True)))
     with pytest.raises(SinkError):  # retryable: the group is retried as a whole
         await worker._after_write([item])
 
@@ -105,3 +123,17 @@ def test_a_refusal_of_ours_raises_the_alarm_once_per_episode(
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.kv["reason"] for r in errors] == ["not_found", "unauthorized"]  # once per episode
     assert sum("accepts the worker again" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_records_the_sink_rejects_are_dead_lettered_by_the_worker_with_the_stores_reason(
+    worker: Any,
+) -> None:
+    """The sink reports rejected records back; the worker (not the sink) dead-letters them."""
+    sink = FakeSink()
+    sink.result = WriteResult(3, (Rejected(b"m x=1 5\n", "field type conflict", "partial write: dropped=1"),))
+    worker.use_sink(sink)
+    await worker._write(Writes())
+    [entry] = worker._res.dead_letter.list()
+    assert (entry.kind, entry.reason, entry.payload) == ("line", "field type conflict", b"m x=1 5\n")
+    assert entry.detail == "partial write: dropped=1" and len(sink.written) == 1
+    assert worker.metrics.sink_lines_dead_lettered._value.get() == 1

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from protocols.dlt645 import NEED_DATA, Frame, FrameDecoder, Skipped
+from protocols.dlt645 import Frame, FrameDecoder
 from protocols.errors import FrameError
+from protocols.stream import NEED_DATA, Skipped
 
 _ROOT = Path(__file__).resolve().parents[4]
 VECTORS_FILE = _ROOT / "tests" / "cases" / "dlt645_public_vectors" / "vectors.json"

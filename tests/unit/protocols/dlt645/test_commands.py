@@ -23,7 +23,7 @@ from protocols.dlt645 import (
     ReadAddressRequest,
     ReadRequest,
     ReadResponse,
-    RelayAction,
+    RelayCode,
     RelayControlRequest,
     Request,
     TimeSyncRequest,
@@ -72,7 +72,7 @@ REQUESTS: list[Request] = [
     ClearMaxDemandRequest(PW, "00000001"),
     ClearMeterRequest(PW, "00000002"),
     ClearEventsRequest(PW, "00000003", 0x03300DFF),
-    *(RelayControlRequest(a, WHEN, PW, "000000AA") for a in RelayAction),
+    *(RelayControlRequest(a, WHEN, PW, "000000AA") for a in RelayCode),
     TimeSyncRequest(WHEN),
 ]
 
@@ -83,7 +83,7 @@ def test_every_request_round_trips_through_the_wire(request_: Request) -> None:
 
 
 def test_relay_trip_matches_published_frame_v29() -> None:
-    wire = relay_control_request("111111111111", RelayAction.TRIP, Password(0), "00000000", WHEN)
+    wire = relay_control_request("111111111111", RelayCode.TRIP, Password(0), "00000000", WHEN)
     assert wire == bytes.fromhex(
         "68 11 11 11 11 11 11 68 1C 10 33 33 33 33 33 33 33 33 4D 33 57 74 48 45 38 4B 55 16"
     )
@@ -91,7 +91,7 @@ def test_relay_trip_matches_published_frame_v29() -> None:
 
 def test_relay_control_requires_a_deadline() -> None:
     with pytest.raises(ValueError, match="valid_until"):
-        relay_control_request(ADDR, RelayAction.TRIP)
+        relay_control_request(ADDR, RelayCode.TRIP)
 
 
 def test_time_sync_matches_published_frame_v27_seconds_first() -> None:

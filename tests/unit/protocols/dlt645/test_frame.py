@@ -6,12 +6,10 @@ import pytest
 
 from protocols.dlt645 import (
     BROADCAST_ADDRESS,
-    NEED_DATA,
     WAKE_UP,
     WILDCARD_ADDRESS,
     Frame,
     FrameDecoder,
-    Skipped,
     address_from_wire,
     address_to_wire,
     decode_frame,
@@ -20,6 +18,7 @@ from protocols.dlt645 import (
     read_request,
 )
 from protocols.errors import ChecksumError, FrameTooLong, FramingError
+from protocols.stream import NEED_DATA, Skipped
 
 from .helpers import drain, feed_all, frames
 

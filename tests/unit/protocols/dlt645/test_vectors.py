@@ -13,16 +13,14 @@ from decimal import Decimal
 import pytest
 
 from protocols.dlt645 import (
-    NEED_DATA,
     AddressReply,
     Frame,
     FrameDecoder,
     ReadAddressRequest,
     ReadRequest,
     ReadResponse,
-    RelayAction,
+    RelayCode,
     RelayControlRequest,
-    Skipped,
     TimeSyncRequest,
     decode_frame,
     decode_value,
@@ -32,6 +30,7 @@ from protocols.dlt645 import (
     parse_response,
 )
 from protocols.errors import ChecksumError, FramingError, MeterErrorReply
+from protocols.stream import NEED_DATA, Skipped
 
 from .helpers import feed_all, frames, load_vectors
 
@@ -76,7 +75,7 @@ def _check_semantics(v: dict[str, object], frame: Frame) -> None:
             assert request.when == dt.datetime.fromisoformat(decoded["datetime"])
         elif frame.control == 0x1C:
             assert isinstance(request, RelayControlRequest)
-            assert request.action is RelayAction.TRIP
+            assert request.action is RelayCode.TRIP
             assert request.password.level == 0 and request.password.code == "000000"
             assert request.operator == "00000000"
             assert request.valid_until == dt.datetime(2018, 5, 12, 15, 41, 24)

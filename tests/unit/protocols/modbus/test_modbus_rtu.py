@@ -7,16 +7,15 @@ from pymodbus.framer import FramerRTU
 
 from protocols.errors import FrameTooLong
 from protocols.modbus.rtu import (
-    NEED_DATA,
     ExceptionReply,
     RegistersReply,
     ResponseDecoder,
-    Skipped,
     crc16,
     encode_exception_reply,
     encode_read,
     encode_registers_reply,
 )
+from protocols.stream import NEED_DATA, Skipped
 
 REPLY = encode_registers_reply(1, 3, [0x4366, 0x3333])
 

@@ -1,31 +1,22 @@
-"""InfluxQL reads of the ingest pipeline: running daily totals, outage correlation, completeness.
+"""InfluxQL over HTTP: the query client of the InfluxDB sink.
 
 Contract: :class:`InfluxQuery` posts InfluxQL to ``/query`` (1.x; 2.x through its
 v1-compatibility endpoint and a DBRP mapping) and returns rows as dicts with epoch-ms times. It
-raises :class:`~protocols.errors.SinkError` like the sink: retryable when unreachable or 5xx, not
-retryable when the server refuses the statement. :func:`query_completeness` answers "meter M,
-day D: 96 of 96 intervals, 0 duplicates, 2 estimated" (``docs/ingest.md`` has the queries).
+raises :class:`~protocols.errors.SinkError` like the writer: retryable when unreachable or 5xx,
+not retryable when the server refuses the statement. The statements themselves are the sink's
+(:mod:`ingest.sinks.influx.sink`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import urllib.parse
 from typing import Any
 
-import numpy as np
-
-from ingest.pipeline.transform import DAY_MS, NOT_BILLABLE, stored_tag
-from ingest.rules import stages as st
-from ingest.sinks.influxdb import HttpConnection, SinkConfig
+from ingest.sinks.influx.http import HttpConnection, SinkConfig
 from protocols.errors import SinkError
-from protocols.flags import Flag
-from protocols.quantities import by_name
 
-__all__ = ["InfluxQuery", "query_completeness", "quote_str"]
-
-_EPOCH = dt.date(1970, 1, 1)
+__all__ = ["InfluxQuery", "quote_str"]
 
 
 def quote_str(text: str) -> str:
@@ -72,38 +63,3 @@ class InfluxQuery:
                 tags = series.get("tags") or {}
                 out += [{**tags, **dict(zip(series["columns"], v, strict=True))} for v in series["values"]]
         return out
-
-
-def _day_window(day: dt.date, utc_offset_ms: int) -> tuple[int, int]:
-    start = (day - _EPOCH).days * DAY_MS - utc_offset_ms
-    return start, start + DAY_MS
-
-
-async def query_completeness(
-    query: InfluxQuery,
-    meter_id: str,
-    day: dt.date,
-    *,
-    utc_offset_ms: int = 8 * 3_600_000,
-    interval_ms: int = 900_000,
-    quantity: str = "energy_fwd_active_total",
-) -> st.DayCompleteness:
-    """KPI-01 / VEE-13 for one meter-day from the ``intervals`` and ``reading_duplicate``
-    measurements: intervals are end-labelled, so day D holds ``time > start AND time <= end``.
-
-    Raises: SinkError (unreachable or refused)."""
-    start, end = _day_window(day, utc_offset_ms)
-    where = f"meter = {quote_str(stored_tag(meter_id))} AND time > {start}ms AND time <= {end}ms"
-    # intervals are wide: the channel is a field, its flags a "<channel>_flags" field where non-zero
-    field = by_name(quantity).name  # a known quantity name: safe as an identifier
-    rows = await query.rows(f'SELECT "{field}", "{field}_flags" FROM "intervals" WHERE {where}')
-    rows = [r for r in rows if r.get(field) is not None]
-    flags = np.array([int(r.get(f"{field}_flags") or 0) for r in rows], dtype=np.int64)
-    bad = (flags & NOT_BILLABLE) != 0
-    est = ~bad & ((flags & int(Flag.ESTIMATED)) != 0)
-    dup_where = f"{where} AND quantity = {quote_str(quantity)}"
-    dups = await query.rows(f'SELECT count("flags") FROM "reading_duplicate" WHERE {dup_where}')
-    n_dup = int(dups[0]["count"]) if dups else 0
-    return st.DayCompleteness(
-        meter_id, day, DAY_MS // interval_ms, int((~bad & ~est).sum()), int(est.sum()), int(bad.sum()), n_dup
-    )

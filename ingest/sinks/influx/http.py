@@ -1,12 +1,13 @@
-"""InfluxDB sink: awaited, gzip-compressed line-protocol writes, with retry and line-level rejection.
+"""InfluxDB writes: awaited, gzip-compressed line-protocol requests, with retry and line-level rejection.
 
 Contract
 --------
-* :meth:`InfluxSink.write` takes line protocol (``bytes``, one point per ``\\n``-separated line,
-  ``precision=ms``) and returns a :class:`WriteResult` only when every line is either **written**
-  (the server answered 2xx for it) or **dead-lettered** (the server will never accept it; the line
-  and the server's message are committed to the :class:`~ingest.pipeline.deadletter.DeadLetterStore`).
-  So the caller may acknowledge the MQTT message as soon as ``write`` returns (STYLE H8). There is
+* :meth:`InfluxWriter.write` takes line protocol (``bytes``, one point per ``\\n``-separated line,
+  ``precision=ms``) and returns a :class:`~ingest.sinks.base.WriteResult` only when every line is
+  either **written** (the server answered 2xx for it) or **rejected** (the server will never
+  accept it: the line, a short reason and the server's message are in ``rejected``; the caller
+  dead-letters them, the writer stores nothing). So the caller may acknowledge the MQTT message
+  once it has dead-lettered the rejected lines (STYLE H8). There is
   no background batching: the write is awaited, never fire-and-forget (unlike influxdb-client's
   ``WriteApi``).
 * Input is split into requests bounded by ``max_batch_lines`` and ``max_batch_bytes``
@@ -21,16 +22,16 @@ Contract
   timestamp, so rewriting the same line is an idempotent overwrite (DESIGN §6).
 * Line rejection (400 naming a partial write, a parse error, a field type conflict or a retention
   policy; 413 too large) is resolved by bisecting the request by lines down to the offending lines,
-  which are dead-lettered with the server's message, while every other line is written. One bad
+  which are rejected with the server's message, while every other line is written. One bad
   point never blocks or drops a batch (field lessons 10 and 18). Halves re-sent after a partial
   write may rewrite points the server already kept: idempotent, as above.
 * Any other 4xx (401 credentials, 403 privileges, 404 unknown database, bucket or org, a bad
   request shape) is a refusal of *us*, not of the data: it raises
   :class:`~protocols.errors.SinkRefused` (``.reason`` ``unauthorized``/``forbidden``/``not_found``/
-  ``refused``; ``retryable``), and nothing is dead-lettered. The caller keeps the data and retries
+  ``refused``; ``retryable``), and nothing is rejected. The caller keeps the data and retries
   once the configuration or the server is fixed. With ``create_database = true`` (v1) a write
   that finds its database missing creates it (``CREATE DATABASE``) and is sent again.
-* :meth:`InfluxSink.probe` checks, without writing a point, that a write would be accepted: the
+* :meth:`InfluxWriter.probe` checks, without writing a point, that a write would be accepted: the
   server answers (and says which API it speaks), the database or bucket exists, the credentials
   and privileges are accepted. It posts an empty body to the write endpoint: 1.x answers 204 only
   after authenticating the user, finding the database and authorising the write; 2.x answers
@@ -75,16 +76,14 @@ try:  # Intel ISA-L: zlib-compatible gzip, several times faster at the low level
 except ImportError:  # pragma: no cover - a platform without an isal wheel
     _isal_gzip = None  # type: ignore[assignment]
 
-from ingest.pipeline.deadletter import DeadLetterStore
+from ingest.sinks.base import Rejected, WriteResult, backoff_delay_s
 from protocols.errors import SinkError, SinkRefused
 
 __all__ = [
     "HttpConnection",
-    "InfluxSink",
+    "InfluxWriter",
     "SinkConfig",
     "SinkStats",
-    "WriteResult",
-    "backoff_delay_s",
     "gzip_body",
     "split_lines",
 ]
@@ -164,14 +163,6 @@ class SinkConfig:
             raise ValueError("timeout_s: timeouts and back-off must be positive")
 
 
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """What one :meth:`InfluxSink.write` did: every input line is counted in exactly one field."""
-
-    written_lines: int
-    dead_lettered_lines: int
-
-
 @dataclass(slots=True)
 class SinkStats:
     """Counters for the metrics endpoint (STYLE H12); monotonically increasing."""
@@ -179,21 +170,12 @@ class SinkStats:
     requests: int = 0
     retries: int = 0
     lines_written: int = 0
-    lines_dead_lettered: int = 0
+    lines_rejected: int = 0
     bytes_sent: int = 0
     failures: int = 0
     last_status: int | None = None
     api: str | None = None
     by_status: dict[int, int] = field(default_factory=dict)
-
-
-def backoff_delay_s(attempt: int, initial_s: float, max_s: float, jitter: float = 0.0) -> float:
-    """Delay before retry number ``attempt`` (1-based): ``initial * 2**(attempt-1)``, capped.
-
-    ``jitter`` in [0, 1) is a caller-supplied random fraction added on top (pure: time and
-    randomness are injected, STYLE H9)."""
-    base = min(max_s, initial_s * 2.0 ** max(0, attempt - 1))
-    return float(base * (1.0 + jitter))
 
 
 def split_lines(data: bytes | Sequence[bytes]) -> list[bytes]:
@@ -420,23 +402,21 @@ class HttpConnection:
                 await writer.wait_closed()
 
 
-class InfluxSink:
+class InfluxWriter:
     """Awaited writes to InfluxDB 1.x (``/write``) or 2.x/3.x (``/api/v2/write``).
 
     ``sleep`` and ``rng`` are injectable for tests (back-off without real waiting).
-    Use as ``async with InfluxSink(config, dead_letter=store) as sink: await sink.write(lines)``.
+    Use as ``async with InfluxWriter(config) as w: await w.write(lines)``.
     """
 
     def __init__(
         self,
         config: SinkConfig,
         *,
-        dead_letter: DeadLetterStore,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.dead_letter = dead_letter
         self.stats = SinkStats()
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -444,7 +424,7 @@ class InfluxSink:
         self._api: Literal["v1", "v2"] | None = None if config.api == "auto" else config.api
         self._failing = False
 
-    async def __aenter__(self) -> InfluxSink:
+    async def __aenter__(self) -> InfluxWriter:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -485,7 +465,7 @@ class InfluxSink:
         Raises:
             SinkError: the server stayed unreachable or overloaded through ``max_attempts``.
             SinkRefused: a refusal that is not about lines (credentials, privileges, unknown
-                database or bucket); nothing was dead-lettered.
+                database or bucket); nothing was rejected.
         """
         cfg = self.config
         bodies: _Bodies
@@ -496,7 +476,7 @@ class InfluxSink:
             chunks = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
             bodies = [(c, len(c)) for c in chunks]
         if not bodies:
-            return WriteResult(0, 0)
+            return WriteResult(0)
         target, headers = self._write_target(await self.detect_api())
         try:
             return await self._write_bodies(bodies, target, headers)
@@ -557,16 +537,15 @@ class InfluxSink:
         return self.config.bucket or self.config.database
 
     async def _write_bodies(self, bodies: _Bodies, target: str, headers: dict[str, str]) -> WriteResult:
-        written = dead = 0
+        written = 0
+        rejected: list[Rejected] = []
         for chunk, n in bodies:
-            ok, rejected = await self._write_bisect(chunk, n, target, headers)
-            if rejected:
-                self._dead_letter(rejected)
+            ok, bad = await self._write_bisect(chunk, n, target, headers)
             written += ok
-            dead += len(rejected)
+            rejected += bad
         self.stats.lines_written += written
-        self.stats.lines_dead_lettered += dead
-        return WriteResult(written, dead)
+        self.stats.lines_rejected += len(rejected)
+        return WriteResult(written, tuple(rejected))
 
     async def _created_missing_database(self, exc: SinkRefused) -> bool:
         """With ``create_database`` (v1): create the database ``exc`` found missing; True when done."""
@@ -601,9 +580,9 @@ class InfluxSink:
 
     async def _write_bisect(
         self, lines: bytes | list[bytes], n: int, target: str, headers: dict[str, str]
-    ) -> tuple[int, list[tuple[bytes, str, str]]]:
-        """(lines written, [(line, reason, server message)]) for the ``n`` lines of ``lines`` (a
-        list, or one well-formed body), bisecting on rejection."""
+    ) -> tuple[int, list[Rejected]]:
+        """(lines written, the rejected lines with reason and server message) for the ``n`` lines
+        of ``lines`` (a list, or one well-formed body), bisecting on rejection."""
         body = lines if isinstance(lines, bytes) else b"\n".join(lines) + b"\n"
         if self.config.gzip:
             body = gzip_body(body, self.config.gzip_level)
@@ -617,19 +596,11 @@ class InfluxSink:
         if isinstance(lines, bytes):
             lines = split_lines(lines)
         if len(lines) == 1:
-            return 0, [(lines[0], _reason(resp.status, message), message)]
+            return 0, [Rejected(lines[0], _reason(resp.status, message), message)]
         mid = len(lines) // 2
         ok_a, bad_a = await self._write_bisect(lines[:mid], mid, target, headers)
         ok_b, bad_b = await self._write_bisect(lines[mid:], len(lines) - mid, target, headers)
         return ok_a + ok_b, bad_a + bad_b
-
-    def _dead_letter(self, rejected: list[tuple[bytes, str, str]]) -> None:
-        now_ms = time.time_ns() // 1_000_000
-        self.dead_letter.put_many(
-            [("line", reason, line, None, now_ms, message) for line, reason, message in rejected]
-        )
-        for line, reason, message in rejected[:10]:
-            log.warning("line dead-lettered reason=%r server=%r line=%r", reason, message[:300], line[:300])
 
     async def _request(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
         """One request with retries on outages and overload; returns any non-retryable answer."""

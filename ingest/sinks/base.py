@@ -1,0 +1,220 @@
+"""The sink seam: what the pipeline stores and reads back, in the pipeline's terms.
+
+Contract
+--------
+* :class:`Sink` is the one interface the worker, the dead-letter replay, the CLI and the daily
+  report use; an implementation (today :class:`~ingest.sinks.influx.sink.InfluxSink`) owns its
+  store's encoding, transport and query language. Nothing outside the implementation's package
+  knows that encoding (line protocol, InfluxQL).
+* :meth:`Sink.write` takes :class:`Writes` (columns: numpy arrays of readings, intervals, daily
+  and hourly partials, collapsed-voltage events; edge events; alarms) and returns only when every
+  record is either written or *rejected*: refused by the store for good, reported back in
+  :attr:`WriteResult.rejected` with the store's reason. The sink dead-letters nothing; the caller
+  does. A rewrite of the same :class:`Writes` is an idempotent overwrite (every record is keyed by
+  series and time).
+* A store that refuses *us* (credentials, privileges, a missing database) raises
+  :class:`~protocols.errors.SinkRefused` (nothing rejected, the caller keeps the data and
+  retries); a store that is unreachable or overloaded raises ``SinkError(retryable=True)`` after
+  its own bounded retries.
+* The reads return the pipeline's values (ids unescaped, local days as epoch ms of their start):
+  running daily totals, outage-like events, the open area-outage alarm, one meter-day's
+  completeness, the daily report's per-meter day sums and past area classes. Each raises
+  ``SinkError`` (retryable when unreachable) like the writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest.rules import stages as st
+from protocols.aggregates import DailyTotal
+from protocols.payload import Event
+
+if TYPE_CHECKING:
+    from ingest.pipeline.loss import Alarm
+    from ingest.reports.daily import DailyReport
+
+__all__ = [
+    "AreaAlarm",
+    "BatchColumns",
+    "DaySums",
+    "OutageEvent",
+    "Partials",
+    "Rejected",
+    "Sink",
+    "WriteResult",
+    "Writes",
+    "backoff_delay_s",
+]
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Partials:
+    """Per (meter, local bucket) partial sums of one batch (``daily_tou``: day, ``hourly``: hour).
+
+    Row r: meter ``meter[r]`` (index into the batch's meter table), bucket ``labels[bucket[r]]``
+    (``YYYY-MM-DD`` or ``YYYY-MM-DDTHH``), stored at ``ts[r]`` (the batch's first interval start
+    in the bucket, so a day's total is the sum of its partials and a replay rewrites the same
+    record), integer fields ``fields`` with values ``values[r]`` (rows x fields)."""
+
+    meter: I64
+    bucket: I64
+    labels: tuple[bytes, ...]
+    fields: tuple[bytes, ...]
+    values: I64
+    ts: I64
+
+
+@dataclass(frozen=True, slots=True)
+class BatchColumns:
+    """What one reading batch stores, as columns indexing ``meter_ids``.
+
+    ``readings``: checked readings without the duplicates (flags set), ``order`` their (meter, ts,
+    quantity) sort when known; ``duplicates``: the readings flagged DUPLICATE (stored in a series
+    of their own); ``intervals``: validated interval energy; ``daily``/``hourly``: partials of the
+    total register; ``collapsed_meter``/``collapsed_ts``: OUT-01 collapsed-voltage events."""
+
+    gateway: str
+    meter_ids: tuple[str, ...]
+    readings: st.Readings
+    order: I64 | None
+    duplicates: st.Readings | None
+    intervals: st.Intervals
+    daily: Partials | None
+    hourly: Partials | None
+    collapsed_meter: I64
+    collapsed_ts: I64
+
+
+@dataclass(frozen=True, slots=True)
+class AreaAlarm:
+    """An OUT-02 area-outage alarm: ``events`` outage events in ``area`` around ``ts_ms``."""
+
+    area: str
+    ts_ms: int
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
+class Writes:
+    """One :meth:`Sink.write`: any mix of batches, edge events and alarms."""
+
+    batches: Sequence[BatchColumns] = ()
+    events: Sequence[Event] = ()
+    area_alarms: Sequence[AreaAlarm] = ()
+    loss_alarms: Sequence[Alarm] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record the store will never accept: its encoded form, a short reason and the store's
+    message (what the dead-letter store keeps, kind ``kind``)."""
+
+    record: bytes
+    reason: str
+    detail: str
+    kind: str = "line"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one write did: every record is either written or in ``rejected``."""
+
+    written: int
+    rejected: tuple[Rejected, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutageEvent:
+    """A power-down-like event (edge ``power_down`` or OUT-01 ``voltage_collapsed``) as stored."""
+
+    meter: str
+    gateway: str
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DaySums:
+    """One (meter, gateway)'s sums over a local day of its ``daily`` partials (the report's
+    input); ``sums`` maps field name to its sum, None when no partial carried the field."""
+
+    meter: str
+    gateway: str
+    sums: Mapping[str, int | None] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """The store of the ingest pipeline (see the module contract)."""
+
+    async def aclose(self) -> None: ...
+
+    async def probe(self, *, create: bool = True) -> str:
+        """Would a write be accepted (nothing written)? A one-line summary, else raise
+        SinkRefused / SinkError. ``create=False``: create nothing that is missing."""
+        ...
+
+    def warm_up(self, sample: Writes) -> None:
+        """Prepare the encoding of ``sample`` (JIT compilation) without writing anything."""
+        ...
+
+    async def write(self, writes: Writes) -> WriteResult: ...
+
+    async def daily_totals(
+        self, keys: Mapping[str, set[int]], *, utc_offset_ms: int
+    ) -> dict[str, list[DailyTotal]]:
+        """Running totals of every meter of the ``{gateway: {local day start ms}}`` keys (local
+        days of the zone ``utc_offset_ms`` east of UTC), per gateway, sorted by (meter, day); a
+        day without data is absent."""
+        ...
+
+    async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[OutageEvent]:
+        """Every power-down-like event stored in ``[t_lo_ms, t_hi_ms]`` (all workers')."""
+        ...
+
+    async def open_area_alarm(self, area: str, t_lo_ms: int, t_hi_ms: int) -> AreaAlarm | None:
+        """The earliest area-outage alarm of ``area`` stored in ``[t_lo_ms, t_hi_ms]``."""
+        ...
+
+    async def completeness(
+        self,
+        meter_id: str,
+        day: dt.date,
+        *,
+        utc_offset_ms: int = ...,
+        interval_ms: int = ...,
+        quantity: str = ...,
+    ) -> st.DayCompleteness:
+        """KPI-01 / VEE-13 of one meter-day from the stored intervals and duplicates."""
+        ...
+
+    async def day_sums(self, start_ms: int, end_ms: int, fields: Sequence[str]) -> list[DaySums]:
+        """Per (meter, gateway) the sums of the daily partials' ``fields`` stored in
+        ``[start_ms, end_ms)``."""
+        ...
+
+    async def area_classes(self, start_ms: int, end_ms: int) -> dict[str, dict[int, str]]:
+        """``{area: {day start ms: LL-02 class}}`` of the daily reports stored in the window."""
+        ...
+
+    async def write_report(self, report: DailyReport) -> WriteResult:
+        """The daily report's records (area loss, collection, line-loss alarms), then the removal
+        of that day's line-loss alarms of areas no longer anomalous (a rerun leaves what a first
+        run would have)."""
+        ...
+
+
+def backoff_delay_s(attempt: int, initial_s: float, max_s: float, jitter: float = 0.0) -> float:
+    """Delay before retry number ``attempt`` (1-based): ``initial * 2**(attempt-1)``, capped.
+
+    ``jitter`` in [0, 1) is a caller-supplied random fraction added on top (pure: time and
+    randomness are injected, STYLE H9)."""
+    base = min(max_s, initial_s * 2.0 ** max(0, attempt - 1))
+    return float(base * (1.0 + jitter))

@@ -1,0 +1,246 @@
+"""The InfluxDB implementation of :class:`~ingest.sinks.base.Sink`: line protocol, HTTP, InfluxQL.
+
+Contract
+--------
+* :class:`InfluxSink` is a thin adapter: :meth:`InfluxSink.write` encodes the columns
+  (:func:`~ingest.sinks.influx.lines.encode_writes`, ``wide`` or narrow readings) and hands the
+  lines to :class:`~ingest.sinks.influx.http.InfluxWriter` (retries, bisection of rejected lines,
+  refusals); the rejected lines come back in the result, nothing is dead-lettered here.
+* Every read is one or two InfluxQL statements (here and nowhere else) on
+  :class:`~ingest.sinks.influx.query.InfluxQuery`; tag values are compared as
+  :func:`~ingest.sinks.influx.lines.stored_tag` and returned unescaped, times as epoch ms.
+* Two connections: one for writes, one for queries, each one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from ingest.rules import stages as st
+from ingest.sinks.base import AreaAlarm, DaySums, OutageEvent, WriteResult, Writes
+from ingest.sinks.influx.http import InfluxWriter, SinkConfig
+from ingest.sinks.influx.lines import TagCache, encode_writes, escape_tag, stored_tag, unescape_stored
+from ingest.sinks.influx.query import InfluxQuery, quote_str
+from protocols.aggregates import DailyTotal
+from protocols.errors import SinkError
+from protocols.flags import Flag
+from protocols.quantities import by_name
+
+if TYPE_CHECKING:
+    from ingest.reports.daily import DailyReport
+
+__all__ = ["InfluxSink", "report_lines"]
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+_EPOCH = dt.date(1970, 1, 1)
+_NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
+_DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
+
+
+class InfluxSink:
+    """The pipeline's store on InfluxDB 1.x/2.x (see the module contract). ``sleep`` and ``rng``
+    are the writer's back-off, injectable for tests."""
+
+    def __init__(
+        self,
+        config: SinkConfig,
+        *,
+        wide: bool = True,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.wide = wide
+        self.writer = InfluxWriter(config, sleep=sleep, rng=rng)
+        self.query = InfluxQuery(config)
+        self._tags = TagCache()
+
+    async def __aenter__(self) -> InfluxSink:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(self.writer.aclose(), self.query.aclose())
+
+    @property
+    def api(self) -> Literal["v1", "v2"] | None:
+        """The API generation in use; ``None`` until ``auto`` detection has run."""
+        return self.writer.api
+
+    async def probe(self, *, create: bool = True) -> str:
+        return await self.writer.probe(create=create)
+
+    def warm_up(self, sample: Writes) -> None:
+        """Encode ``sample`` once, nothing written: numba's cache loads now, not in a write."""
+        encode_writes(sample, TagCache(), wide=self.wide)
+
+    async def write(self, writes: Writes) -> WriteResult:
+        lines = encode_writes(writes, self._tags, wide=self.wide)
+        return await self.writer.write(lines) if lines else WriteResult(0)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def daily_totals(
+        self, keys: Mapping[str, set[int]], *, utc_offset_ms: int
+    ) -> dict[str, list[DailyTotal]]:
+        """One query over the ``daily_tou`` partials of the keys' gateways and days."""
+        days = [d for ds in keys.values() for d in ds]
+        if not days:
+            return {}
+        lo, hi = min(days), max(days) + DAY_MS
+        gws = {stored_tag(g): g for g in keys}
+        cond = " OR ".join(f"gateway = {quote_str(g)}" for g in gws)
+        sums = ", ".join(f'sum("{k}") AS {k}' for k in _DAILY_KEYS)
+        q = (
+            f'SELECT {sums} FROM "daily_tou" WHERE ({cond}) AND time >= {lo}ms AND time < {hi}ms '
+            f"GROUP BY time(1d, {(-utc_offset_ms) % DAY_MS}ms), meter, gateway"
+        )
+        out: dict[str, list[DailyTotal]] = {}
+        for r in await self.query.rows(q):
+            gw = gws.get(r.get("gateway", ""))
+            if gw is None or r["time"] not in keys[gw] or r.get("total") is None:
+                continue
+            day = (_EPOCH + dt.timedelta(days=(r["time"] + utc_offset_ms) // DAY_MS)).isoformat()
+            values = (int(r[k]) for k in _DAILY_KEYS)
+            out.setdefault(gw, []).append(DailyTotal(unescape_stored(r["meter"]), day, *values))
+        for totals in out.values():
+            totals.sort(key=lambda t: (t.meter, t.day))
+        return out
+
+    async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[OutageEvent]:
+        rows = await self.query.rows(
+            "SELECT \"id\" FROM \"events\" WHERE (kind = 'power_down' OR kind = 'voltage_collapsed') "
+            f"AND time >= {t_lo_ms}ms AND time <= {t_hi_ms}ms GROUP BY meter, gateway"
+        )
+        return [
+            OutageEvent(unescape_stored(r["meter"]), unescape_stored(r.get("gateway") or ""), int(r["time"]))
+            for r in rows
+            if r.get("meter")
+        ]
+
+    async def open_area_alarm(self, area: str, t_lo_ms: int, t_hi_ms: int) -> AreaAlarm | None:
+        rows = await self.query.rows(
+            f'SELECT "events" FROM "alarms" WHERE area = {quote_str(stored_tag(area))} '
+            f"AND kind = 'area_outage' AND time >= {t_lo_ms}ms AND time <= {t_hi_ms}ms"
+        )
+        if not rows:
+            return None
+        first = min(rows, key=lambda r: r["time"])
+        return AreaAlarm(area, int(first["time"]), int(first["events"]))
+
+    async def completeness(
+        self,
+        meter_id: str,
+        day: dt.date,
+        *,
+        utc_offset_ms: int = 8 * 3_600_000,
+        interval_ms: int = 900_000,
+        quantity: str = "energy_fwd_active_total",
+    ) -> st.DayCompleteness:
+        """From the ``intervals`` and ``reading_duplicate`` measurements: intervals are
+        end-labelled, so day D holds ``time > start AND time <= end``."""
+        start = (day - _EPOCH).days * DAY_MS - utc_offset_ms
+        end = start + DAY_MS
+        where = f"meter = {quote_str(stored_tag(meter_id))} AND time > {start}ms AND time <= {end}ms"
+        # intervals are wide: the channel is a field, its flags a "<channel>_flags" field where non-zero
+        field = by_name(quantity).name  # a known quantity name: safe as an identifier
+        rows = await self.query.rows(f'SELECT "{field}", "{field}_flags" FROM "intervals" WHERE {where}')
+        rows = [r for r in rows if r.get(field) is not None]
+        flags = np.array([int(r.get(f"{field}_flags") or 0) for r in rows], dtype=np.int64)
+        bad = (flags & _NOT_BILLABLE) != 0
+        est = ~bad & ((flags & int(Flag.ESTIMATED)) != 0)
+        dup_where = f"{where} AND quantity = {quote_str(quantity)}"
+        dups = await self.query.rows(f'SELECT count("flags") FROM "reading_duplicate" WHERE {dup_where}')
+        n_dup = int(dups[0]["count"]) if dups else 0
+        per_day = DAY_MS // interval_ms
+        n_ok, n_est, n_bad = int((~bad & ~est).sum()), int(est.sum()), int(bad.sum())
+        return st.DayCompleteness(meter_id, day, per_day, n_ok, n_est, n_bad, n_dup)
+
+    async def day_sums(self, start_ms: int, end_ms: int, fields: Sequence[str]) -> list[DaySums]:
+        """A partial is stamped with its first interval's start, so the day is ``[start, end)``."""
+        sums = ", ".join(f'sum("{f}") AS "{f}"' for f in fields)
+        rows = await self.query.rows(
+            f'SELECT {sums} FROM "daily_tou" WHERE time >= {start_ms}ms AND time < {end_ms}ms '
+            'GROUP BY "meter", "gateway"'
+        )
+        return [
+            DaySums(
+                unescape_stored(r["meter"]),
+                unescape_stored(r["gateway"]),
+                {f: None if r.get(f) is None else int(r[f]) for f in fields},
+            )
+            for r in rows
+            if r.get("meter") and r.get("gateway")
+        ]
+
+    async def area_classes(self, start_ms: int, end_ms: int) -> dict[str, dict[int, str]]:
+        rows = await self.query.rows(
+            f'SELECT "class" FROM "area_loss" WHERE time >= {start_ms}ms AND time < {end_ms}ms '
+            'GROUP BY "area"'
+        )
+        out: dict[str, dict[int, str]] = {}
+        for r in rows:
+            if r.get("area"):
+                out.setdefault(unescape_stored(r["area"]), {})[int(r["time"])] = str(r.get("class") or "")
+        return out
+
+    async def write_report(self, report: DailyReport) -> WriteResult:
+        lines = report_lines(report)
+        result = await self.writer.write(lines) if lines else WriteResult(0)
+        await self._drop_stale_alarms(report)
+        return result
+
+    async def _drop_stale_alarms(self, report: DailyReport) -> None:
+        """An earlier run's ``line_loss`` alarm of this day whose area is no longer anomalous is
+        deleted (InfluxDB 2.x's v1-compatibility ``/query`` takes no DELETE: kept, logged)."""
+        start, end = report.start_ms, report.start_ms + DAY_MS
+        window = f"\"kind\" = 'line_loss' AND time >= {start}ms AND time < {end}ms"
+        rows = await self.query.rows(f'SELECT "rate_bp" FROM "alarms" WHERE {window} GROUP BY "area"')
+        current = {stored_tag(a.area) for a in report.alarms}
+        for area in sorted({r["area"] for r in rows if r.get("area")} - current):
+            try:
+                await self.query.rows(f'DELETE FROM "alarms" WHERE "area" = {quote_str(area)} AND {window}')
+            except SinkError as exc:
+                if exc.retryable:
+                    raise
+                log.warning(
+                    "stale line-loss alarm not removed area=%s day=%s error=%s", area, report.day, exc
+                )
+
+
+def report_lines(report: DailyReport) -> bytes:
+    """Line protocol of every daily report point, all stamped with the day's start (ms)."""
+    ts = report.start_ms
+    out = []
+    for a in report.areas:
+        tag = escape_tag(a.area)
+        out.append(
+            b'area_loss,area=%s supply=%di,sales=%di,loss=%di,rate_bp=%di,class="%s",'
+            b"customers_present=%di,customers_expected=%di,days_not_qualified=%di,high_bp=%di %d\n"
+            % (tag, a.supply, a.sales, a.loss, a.rate_bp, a.klass.encode(), a.customers_present,
+               a.customers_expected, a.days_not_qualified, a.high_bp, ts)
+        )  # fmt: skip
+        if a.anomaly:
+            out.append(
+                b'alarms,area=%s,kind=line_loss class="%s",rate_bp=%di %d\n'
+                % (tag, a.klass.encode(), a.rate_bp, ts)
+            )
+    for c in report.collection:
+        out.append(
+            b"collection,id=%s,level=%s received=%di,expected=%di,estimated=%di,invalid=%di,"
+            b"rate_bp=%di %d\n"
+            % (escape_tag(c.id), c.level.encode(), c.received, c.expected, c.estimated, c.invalid,
+               c.rate_bp, ts)
+        )  # fmt: skip
+    return b"".join(out)

@@ -1,0 +1,162 @@
+"""The sink contract (:mod:`ingest.sinks.base`), run against every implementation on a real store.
+
+Each test takes ``store``: a :class:`Store` (a fresh, empty store and a :class:`Sink` on it). A
+second implementation is one more entry in ``STORES``: a function of the pytest request that
+yields a ``Store``, with ``poison`` making the store refuse edge events for good (what its
+line-level rejection looks like) and ``missing`` a sink on a store that does not exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import numpy as np
+import pytest
+
+from ingest.config import SAMPLE, parse_config
+from ingest.pipeline.transform import BatchOutput, Settings, transform
+from ingest.reports.daily import AreaLoss, DailyReport, day_window
+from ingest.sinks.base import AreaAlarm, OutageEvent, Sink, Writes
+from protocols.aggregates import DailyTotal
+from protocols.errors import SinkRefused
+from protocols.payload import BatchBuilder, Event
+
+pytestmark = pytest.mark.integration
+
+Q = 900_000
+T0 = 1_710_000_000_000  # 2024-03-10 00:00 at UTC+8, the sample calendar's zone
+DAY = dt.date(2024, 3, 10)
+OFFSET = 8 * 3_600_000
+METER = 'M 1,=x"%'  # every character a store's encoding must escape and give back
+GATEWAY = "gw 1,="
+
+
+@dataclasses.dataclass
+class Store:
+    sink: Sink
+    poison: Callable[[], None]
+    missing: Callable[[], AbstractAsyncContextManager[Sink]]
+
+
+@asynccontextmanager
+async def influxdb(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    from ingest.sinks.influx.http import SinkConfig
+    from ingest.sinks.influx.sink import InfluxSink
+
+    influxd, db = request.getfixturevalue("influx_db")
+
+    def poison() -> None:  # ``id`` an integer field in T0's shard: a string id is a type conflict
+        influxd.write(b'events,gateway=x,kind=power_down id=1i,detail="{}" %d\n' % T0, db)
+
+    @asynccontextmanager
+    async def missing() -> AsyncIterator[Sink]:
+        async with InfluxSink(SinkConfig(url=influxd.url, api="v1", database=f"{db}_missing")) as s:
+            yield s
+
+    async with InfluxSink(SinkConfig(url=influxd.url, api="v1", database=db)) as sink:
+        yield Store(sink, poison, missing)
+
+
+STORES = {"influxdb": influxdb}
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    async with STORES[request.param](request) as s:
+        yield s
+
+
+def settings() -> Settings:
+    return Settings.from_config(parse_config(SAMPLE))
+
+
+def transformed(seq: int, k_lo: int, k_hi: int) -> BatchOutput:
+    """Meter ``METER``: 25 (0.01 kWh) per interval over (k_lo, k_hi]."""
+    b = BatchBuilder()
+    b.set_prev(METER, 1, 1000 + 25 * k_lo, T0 + k_lo * Q)
+    for k in range(k_lo + 1, k_hi + 1):
+        b.add(METER, T0 + k * Q, 1, 1000 + 25 * k)
+    return transform(b.build(GATEWAY, seq, sent_ms=T0 + k_hi * Q), settings())
+
+
+async def test_probe_accepts_and_a_missing_store_is_refused(store: Store) -> None:
+    assert await store.sink.probe(create=False)
+    async with store.missing() as missing:
+        with pytest.raises(SinkRefused) as refused:
+            await missing.probe(create=False)
+        assert refused.value.reason == "not_found"
+        with pytest.raises(SinkRefused):  # a refusal of us: nothing is reported rejected
+            await missing.write(Writes([transformed(1, 0, 4).columns]))
+
+
+async def test_written_batches_read_back_as_running_daily_totals_and_rewrites_are_idempotent(
+    store: Store,
+) -> None:
+    first, second = transformed(1, 0, 4), transformed(2, 4, 10)
+    for out in (first, second, first):  # a redelivery rewrites, never adds
+        result = await store.sink.write(Writes([out.columns]))
+        assert result.written > 0 and result.rejected == ()
+    assert first.daily_days == second.daily_days == (T0,)
+    totals = await store.sink.daily_totals({GATEWAY: {T0}}, utc_offset_ms=OFFSET)
+    # 10 intervals of 25; the sample calendar puts 00:00-08:00 in valley
+    assert totals == {GATEWAY: [DailyTotal(METER, "2024-03-10", 250, 0, 0, 0, 250, 10, 0)]}
+    assert await store.sink.daily_totals({GATEWAY: {T0 + 86_400_000}}, utc_offset_ms=OFFSET) == {}
+    assert await store.sink.daily_totals({"other": {T0}}, utc_offset_ms=OFFSET) == {}
+    [sums] = await store.sink.day_sums(*day_window(DAY, OFFSET), ("total", "intervals", "rev_total"))
+    assert (sums.meter, sums.gateway) == (METER, GATEWAY)
+    assert dict(sums.sums) == {"total": 250, "intervals": 10, "rev_total": None}
+
+
+async def test_completeness_of_a_meter_day(store: Store) -> None:
+    await store.sink.write(Writes([transformed(1, 0, 4).columns, transformed(2, 6, 8).columns]))
+    report = await store.sink.completeness(METER, DAY, utc_offset_ms=OFFSET, interval_ms=Q)
+    assert (report.expected, report.actual, report.estimated, report.invalid) == (96, 6, 0, 0)
+    assert report.duplicates == 0 and report.meter_id == METER and report.day == DAY
+
+
+async def test_outage_events_and_area_alarms_read_back(store: Store) -> None:
+    power_down = Event("e-1", GATEWAY, "power_down", T0 + 5 * Q, METER, {"phase": "A"})
+    collapsed = np.array([T0 + 3 * Q], np.int64)  # OUT-01 of the batch's meter 0 (see transform)
+    cols = dataclasses.replace(
+        transformed(1, 0, 4).columns, collapsed_meter=np.zeros(1, np.int64), collapsed_ts=collapsed
+    )
+    await store.sink.write(Writes([cols], [power_down]))
+    events = await store.sink.outage_events(T0, T0 + 5 * Q)
+    assert sorted(events, key=lambda e: e.ts_ms) == [
+        OutageEvent(METER, GATEWAY, T0 + 3 * Q),
+        OutageEvent(METER, GATEWAY, T0 + 5 * Q),
+    ]
+    assert await store.sink.outage_events(T0 + 6 * Q, T0 + 9 * Q) == []
+
+    area = "area 1,="
+    assert await store.sink.open_area_alarm(area, T0, T0 + Q) is None
+    await store.sink.write(Writes(area_alarms=[AreaAlarm(area, T0 + Q, 3)]))
+    await store.sink.write(Writes(area_alarms=[AreaAlarm(area, T0 + Q, 5)]))  # updated in place
+    assert await store.sink.open_area_alarm(area, T0, T0 + 2 * Q) == AreaAlarm(area, T0 + Q, 5)
+    assert await store.sink.open_area_alarm("other", T0, T0 + 2 * Q) is None
+
+
+async def test_records_the_store_refuses_are_reported_back_and_the_rest_written(store: Store) -> None:
+    store.poison()
+    event = Event("e-1", GATEWAY, "power_down", T0 + Q, METER, {})
+    result = await store.sink.write(Writes([transformed(1, 0, 4).columns], [event]))
+    [rejected] = result.rejected
+    assert rejected.reason and rejected.detail and rejected.record
+    totals = await store.sink.daily_totals({GATEWAY: {T0}}, utc_offset_ms=OFFSET)
+    assert [t.intervals for t in totals[GATEWAY]] == [4]  # the batch is written all the same
+
+
+async def test_daily_report_is_written_read_back_and_rewritten(store: Store) -> None:
+    start, end = day_window(DAY, OFFSET)
+
+    def report(klass: str, days: int) -> DailyReport:
+        area = AreaLoss("area 1,=", 1000, 800, 200, 2000, klass, 3, 3, days_not_qualified=days)
+        return DailyReport(DAY, start, OFFSET, (area,), ())
+
+    assert (await store.sink.write_report(report("HIGH", 3))).rejected == ()
+    assert await store.sink.area_classes(start, end) == {"area 1,=": {start: "HIGH"}}
+    await store.sink.write_report(report("QUALIFIED", 0))  # a rerun overwrites
+    assert await store.sink.area_classes(start - 86_400_000, end) == {"area 1,=": {start: "QUALIFIED"}}
