@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ingest.mqtt.consumer import ConsumerConfig
+from ingest.mqtt.settings import MqttSettings
 from ingest.pipeline.deadletter import DeadLetterConfig
 from ingest.pipeline.dedup import DedupConfig
 from ingest.pipeline.loss import LossConfig
@@ -70,46 +71,20 @@ DEFAULT_CALENDAR: dict[str, Any] = {
 
 
 @dataclass(frozen=True, slots=True)
-class MqttSection:
-    """``[mqtt]``: the consumer of every worker. Worker ``i`` connects as ``<client_id>-<i>``."""
+class MqttSection(MqttSettings):
+    """``[mqtt]``: the connection (:class:`~ingest.mqtt.settings.MqttSettings`, shared with fee
+    control) and what every worker subscribes to. Worker ``i`` connects as ``<client_id>-<i>``."""
 
-    url: str = "mqtt://127.0.0.1:1883"
     client_id: str = "amigw-ingest"
     topics: tuple[str, ...] = (READINGS_FILTER, EVENTS_FILTER)
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    keepalive_s: int = 60
-    session_expiry_s: int = 3600
-    queue_max: int = 16
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
-    connect_timeout_s: float = 10.0
-    publish_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        ConsumerConfig(
-            url=self.url, client_id=self.client_id, topics=self.topics, queue_max=self.queue_max,
-            max_payload_bytes=self.max_payload_bytes,
-        )  # fmt: skip
-        if self.publish_timeout_s <= 0:
-            raise ValueError("publish_timeout_s: must be positive")
+        MqttSettings.__post_init__(self)  # explicit: zero-argument super() fails in slots classes
+        self.consumer(0)  # the consumer's own checks (topics, max_payload_bytes)
 
     def consumer(self, worker: int) -> ConsumerConfig:
-        return ConsumerConfig(
-            url=self.url,
-            client_id=f"{self.client_id}-{worker}",
-            topics=self.topics,
-            protocol=self.protocol,
-            username=self.username,
-            password=self.password,
-            ca_file=self.ca_file,
-            keepalive_s=self.keepalive_s,
-            session_expiry_s=self.session_expiry_s,
-            queue_max=self.queue_max,
-            max_payload_bytes=self.max_payload_bytes,
-            connect_timeout_s=self.connect_timeout_s,
-        )
+        return self.consumer_config(f"{self.client_id}-{worker}", self.topics, self.max_payload_bytes)
 
 
 @dataclass(frozen=True, slots=True)

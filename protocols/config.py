@@ -7,13 +7,14 @@ dataclass. A dataclass's ``__post_init__`` may raise ``ValueError("field: reason
 checks; the loader turns it into a ``ConfigError`` at that dataclass's path.
 
 Supported field types: ``int``, ``float`` (ints accepted), ``str``, ``bool``, ``Literal[...]``,
-``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses.
+``X | None``, an ``Enum`` (by value), ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses.
 Pure: no file or environment access (the caller reads the file and passes its text).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import tomllib
 import types
 import typing
@@ -57,8 +58,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # ``X | None``: X's own error, with its own key path
+            return _convert(options[0], value, path)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return _convert(arg, value, path)
             except ConfigError as exc:
@@ -83,6 +87,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return {str(k): _convert(item_tp, v, _join(path, str(k))) for k, v in value.items()}
     if tp is Any:
         return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in tp)
+            raise ConfigError(path, f"expected one of {allowed}, got {_describe(value)}") from None
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -1,10 +1,11 @@
 """Remote prepaid fee control (DESIGN §7; ``docs/rules.md`` FC-01…FC-14, TOU-03…TOU-06): the pure core.
 
 A ledger per account (integer money, an append-only journal, balances derived from it), tariffs
-as data, exactly-once interval charging, decisions as a pure function of state and ``now_ms``,
+(:mod:`ingest.model.tariff`, the one TOU model), exactly-once interval charging, decisions as a
+pure function of state and ``now_ms``,
 and the relay-command lifecycle persisted beside the ledger. MQTT wiring and command signing are
-not here: commands leave as plain fields (:meth:`Command.fields`), results come back as
-:class:`CommandResult`.
+not here: commands leave as plain fields (:meth:`RelayOrder.fields`), results come back as
+:class:`RelayOrderResult`.
 
 The running service around the core (``amigw feectl``: MQTT, signing, the payments HTTP API) is
 :class:`~.service.FeeControlService` and :class:`~.api.PaymentsApi`, exported lazily so that
@@ -21,7 +22,6 @@ from .config import (
     NoTripWindows,
     ServiceConfig,
     ServiceSettings,
-    feectl_config_from_mapping,
     load_feectl_config,
     load_service_config,
 )
@@ -29,11 +29,11 @@ from .decide import AccountSnapshot, Evaluation, MeterSnapshot, decide, level_of
 from .engine import AuditResult, Evaluated, FeeController, ResultOutcome
 from .lifecycle import (
     TRANSITIONS,
-    Command,
     CommandEvent,
-    CommandResult,
     CommandState,
     InvalidTransitionError,
+    RelayOrder,
+    RelayOrderResult,
     next_state,
 )
 from .model import (
@@ -41,7 +41,6 @@ from .model import (
     Balance,
     ChargeResult,
     ChargeStatus,
-    CommandAction,
     Decision,
     DecisionKind,
     EstimatePolicy,
@@ -54,7 +53,6 @@ from .model import (
 )
 from .sqlite_store import SqliteLedgerStore
 from .store import ConsistencyReport, Hold, IntervalRow, JournalEntry, JournalKind, LedgerStore
-from .tariff import IntervalPrice, Tariff, TariffVersion, TierTable, load_tariff, tariff_from_mapping
 
 __all__ = [
     "TRANSITIONS",
@@ -64,10 +62,7 @@ __all__ = [
     "Balance",
     "ChargeResult",
     "ChargeStatus",
-    "Command",
-    "CommandAction",
     "CommandEvent",
-    "CommandResult",
     "CommandState",
     "ConsistencyReport",
     "Decision",
@@ -80,7 +75,6 @@ __all__ = [
     "FeeControlService",
     "FeeController",
     "Hold",
-    "IntervalPrice",
     "IntervalRow",
     "InvalidTransitionError",
     "JournalEntry",
@@ -92,23 +86,19 @@ __all__ = [
     "NoTripWindows",
     "PaymentResult",
     "PaymentsApi",
+    "RelayOrder",
+    "RelayOrderResult",
     "RelayState",
     "ResultOutcome",
     "ServiceConfig",
     "ServiceSettings",
     "SqliteLedgerStore",
-    "Tariff",
-    "TariffVersion",
-    "TierTable",
     "decide",
-    "feectl_config_from_mapping",
     "level_of",
     "load_feectl_config",
     "load_service_config",
-    "load_tariff",
     "next_state",
     "round_half_up",
-    "tariff_from_mapping",
 ]
 
 _LAZY = {"FeeControlService": ".service", "PaymentsApi": ".api"}

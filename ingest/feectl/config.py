@@ -12,66 +12,96 @@ token, tariffs) once at start, including the bounds on values entering it (``[se
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import tomllib
+import re
+import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from ingest.model.tariff import Tariff, parse_hhmm
+from ingest.mqtt.settings import MqttSettings
 from protocols.commands import MAX_VALIDITY_MS
-from protocols.config import load as load_typed
+from protocols.config import loads_toml
 from protocols.errors import ConfigError
 from protocols.topics import check_gateway_id
 
-from ._reader import Section, parse_hhmm, parse_zone
 from .model import Account, EstimatePolicy, MeterRef
-from .tariff import Tariff, load_tariff
 
 __all__ = [
     "SAMPLE",
     "AccountSettings",
     "FeeControlConfig",
+    "FeectlFile",
     "HttpSettings",
     "LimitSettings",
     "MeterSettings",
-    "MqttSettings",
+    "MqttLink",
     "NoTripWindows",
     "ServiceConfig",
     "ServiceSettings",
-    "feectl_config_from_mapping",
     "load_config",
     "load_feectl_config",
     "load_service_config",
 ]
 
-_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_UTC8 = dt.timezone(dt.timedelta(hours=8))
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_WEEKDAYS = typing.get_args(Weekday)
+_OFFSET = re.compile(r"^([+-])(\d\d):(\d\d)$")
+
+
+def parse_zone(text: str) -> dt.tzinfo:
+    """A fixed offset ``"+08:00"`` (DST-free, preferred) or an IANA name via :mod:`zoneinfo`.
+    Raises: ValueError."""
+    m = _OFFSET.match(text)
+    if m is not None:
+        minutes = int(m.group(2)) * 60 + int(m.group(3))
+        if minutes >= 24 * 60:
+            raise ValueError(f"offset out of range: {text!r}")
+        return dt.timezone(dt.timedelta(minutes=-minutes if m.group(1) == "-" else minutes))
+    try:
+        return zoneinfo.ZoneInfo(text)
+    except (ValueError, LookupError):  # ZoneInfoNotFoundError is a KeyError
+        raise ValueError(f"unknown time zone {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class NoTripWindows:
-    """FC-09: trips are allowed only on working days within ``[allowed_from_min, allowed_until_min)``
-    local time. Weekends (except make-up working days, 调休) and holidays are no-trip days."""
+    """``[feectl.windows]``, FC-09: trips are allowed only on working days within
+    ``allowed_hours`` (``[from, until)`` local time). Weekends (except make-up working days, 调休)
+    and holidays are no-trip days."""
 
-    allowed_from_min: int = 8 * 60 + 30  # FC-09 default 08:30 [inferred]
-    allowed_until_min: int = 16 * 60 + 30  # FC-09 default 16:30 [inferred]
-    weekend_days: frozenset[int] = frozenset({5, 6})  # Saturday, Sunday (Monday = 0)
-    holidays: frozenset[dt.date] = frozenset()
-    makeup_workdays: frozenset[dt.date] = frozenset()
+    allowed_hours: tuple[str, ...] = ("08:30", "16:30")  # FC-09 default [inferred]
+    weekend_days: tuple[Weekday, ...] = ("sat", "sun")
+    holidays: tuple[dt.date, ...] = ()
+    makeup_workdays: tuple[dt.date, ...] = ()
+    allowed_from_min: int = field(init=False)
+    allowed_until_min: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.allowed_from_min < self.allowed_until_min <= 1440:
+        if len(self.allowed_hours) != 2:
+            raise ValueError(f'allowed_hours: expected ["HH:MM", "HH:MM"], got {list(self.allowed_hours)}')
+        try:
+            lo, hi = (parse_hhmm(h, "allowed_hours") for h in self.allowed_hours)
+        except ConfigError as exc:
+            raise ValueError(f"allowed_hours: {exc.reason}") from None
+        if not lo < hi:
             raise ValueError("allowed_hours: need 00:00 <= from < until <= 24:00")
-        if any(not 0 <= d <= 6 for d in self.weekend_days):
-            raise ValueError("weekend_days: weekdays are 0 (Monday) .. 6 (Sunday)")
+        for name in ("holidays", "makeup_workdays"):
+            if any(isinstance(d, dt.datetime) for d in getattr(self, name)):
+                raise ValueError(f"{name}: expected dates without a time")
+        object.__setattr__(self, "allowed_from_min", lo)
+        object.__setattr__(self, "allowed_until_min", hi)
 
     def active(self, local: dt.datetime) -> str | None:
         """The reason code of the window in force at ``local``, or None when trips are allowed."""
         day = local.date()
         if day in self.holidays:
             return "NO_TRIP_WINDOW:HOLIDAY"
-        if day.weekday() in self.weekend_days and day not in self.makeup_workdays:
+        if _WEEKDAYS[day.weekday()] in self.weekend_days and day not in self.makeup_workdays:
             return "NO_TRIP_WINDOW:WEEKEND"
         minute = local.hour * 60 + local.minute
         if not self.allowed_from_min <= minute < self.allowed_until_min:
@@ -95,7 +125,9 @@ class NoTripWindows:
 
 @dataclass(frozen=True, slots=True)
 class FeeControlConfig:
-    """Every fee-control parameter, with the reference defaults. Money in fen, times in seconds."""
+    """``[feectl]``: every fee-control parameter, with the reference defaults. Money in fen, times
+    in seconds. ``zone`` (local time for windows and audit days) is a fixed offset or an IANA
+    name; :attr:`tz` is it resolved."""
 
     alarm1_fen: int = 5_000  # FC-03 A1
     alarm2_fen: int = 2_000  # FC-03 A2
@@ -103,7 +135,7 @@ class FeeControlConfig:
     restore_threshold_fen: int = 0  # FC-08 R
     grace_s: int = 1_800  # FC-06 grace after the zero notice
     estimate_policy: EstimatePolicy = EstimatePolicy.CHARGE  # FC-04
-    zone: dt.tzinfo = _UTC8  # local time for windows and audit days (Asia/Shanghai, no DST)
+    zone: str = "+08:00"  # Asia/Shanghai, no DST
     windows: NoTripWindows = field(default_factory=NoTripWindows)  # FC-09
     command_validity_s: int = 600  # FC-11 validity
     result_grace_s: int = 60  # FC-11 result grace
@@ -115,6 +147,7 @@ class FeeControlConfig:
     max_estimated_share_bp: int = 2_500  # FC-14: > 25 % of a day's intervals estimated
     interval_s: int = 900  # expected interval length (VEE-13), for the FC-14 share
     rules_version: str = "v1"  # written into every decision (FC-13)
+    tz: dt.tzinfo = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.alarm1_fen > self.alarm2_fen >= 0:
@@ -129,120 +162,45 @@ class FeeControlConfig:
         for name in ("command_validity_s", "verify_timeout_s", "max_attempts", "interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
+        if self.command_validity_s * 1000 > MAX_VALIDITY_MS:
+            raise ValueError(f"command_validity_s: must be <= {MAX_VALIDITY_MS // 1000} (protocols)")
         if not 0 <= self.max_estimated_share_bp <= 10_000:
             raise ValueError("max_estimated_share_bp: must be 0..10000")
-
-
-def load_feectl_config(text: str) -> FeeControlConfig:
-    """Parse a TOML document holding a ``[feectl]`` table (missing table: all defaults).
-
-    Raises:
-        ConfigError: invalid TOML or a bad key under ``feectl``.
-    """
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"invalid TOML: {exc}") from exc
-    return feectl_config_from_mapping(data.get("feectl", {}), "feectl")
-
-
-def feectl_config_from_mapping(data: Mapping[str, Any], path: str = "feectl") -> FeeControlConfig:
-    """Build a :class:`FeeControlConfig`; absent keys take the dataclass defaults.
-
-    Raises:
-        ConfigError: a key unknown, mistyped or out of range, named by its dotted path.
-    """
-    sec = Section(data, path)
-    d = FeeControlConfig()
-    kwargs: dict[str, Any] = {}
-    for name in FeeControlConfig.__dataclass_fields__:
-        if name in ("zone", "windows", "estimate_policy"):
-            continue
-        kwargs[name] = sec.get(name, type(getattr(d, name)), getattr(d, name))
-    policy = sec.get("estimate_policy", str, d.estimate_policy.value)
-    try:
-        kwargs["estimate_policy"] = EstimatePolicy(policy)
-    except ValueError as exc:
-        raise sec.fail("estimate_policy", f"expected one of {[p.value for p in EstimatePolicy]}") from exc
-    if "zone" in sec.data:
-        kwargs["zone"] = parse_zone(sec.get("zone", str), sec.key("zone"))
-    windows = sec.section("windows", None)
-    if windows is not None:
-        kwargs["windows"] = _windows(windows)
-    sec.done()
-    try:
-        return FeeControlConfig(**kwargs)
-    except ValueError as exc:
-        name, _, reason = str(exc).partition(": ")
-        raise ConfigError(sec.key(name), reason) from exc
-
-
-def _windows(sec: Section) -> NoTripWindows:
-    hours = sec.get_list("allowed_hours", str, ["08:30", "16:30"])
-    if len(hours) != 2:
-        raise sec.fail("allowed_hours", f'expected ["HH:MM", "HH:MM"], got {hours}')
-    days = sec.get_list("weekend_days", str, ["sat", "sun"])
-    if any(x not in _WEEKDAYS for x in days):
-        raise sec.fail("weekend_days", f"expected names from {list(_WEEKDAYS)}, got {days}")
-    holidays = frozenset(sec.get_list("holidays", dt.date, []))
-    makeup = frozenset(sec.get_list("makeup_workdays", dt.date, []))
-    sec.done()
-    try:
-        return NoTripWindows(
-            parse_hhmm(hours[0], sec.key("allowed_hours[0]")),
-            parse_hhmm(hours[1], sec.key("allowed_hours[1]")),
-            frozenset(_WEEKDAYS.index(x) for x in days),
-            holidays,
-            makeup,
-        )
-    except ValueError as exc:
-        name, _, reason = str(exc).partition(": ")
-        raise ConfigError(sec.key(name), reason) from exc
+        try:
+            object.__setattr__(self, "tz", parse_zone(self.zone))
+        except ValueError as exc:
+            raise ValueError(f"zone: {exc}") from None
 
 
 # -------------------------------------------------------------------------------------------------
 # The running service (``amigw feectl``): the ``[service]`` table beside ``[feectl]``.
 #
-# ``[feectl]`` stays the core's parameters (read by :func:`feectl_config_from_mapping`, unchanged);
-# everything about processes, sockets, files and enrolment lives under ``[service]`` and is read
-# by :func:`load_service_config` with the project's typed loader (``protocols.config``). Relative
+# ``[feectl]`` stays the core's parameters; everything about processes, sockets, files and
+# enrolment lives under ``[service]``. Both are read by :func:`load_service_config` with the
+# project's typed loader (``protocols.config``). Relative
 # file paths are resolved against the config file's folder. The command validity window is the
 # core's ``feectl.command_validity_s`` (the core writes it into every command row).
 
 
 @dataclass(frozen=True, slots=True)
-class MqttSettings:
-    """``[service.mqtt]``: one persistent session (``client_id``) for the subscriptions, and a
-    second, clean one (``client_id`` + ``"-pub"``) for publishing commands and notifications."""
+class MqttLink(MqttSettings):
+    """``[service.mqtt]``: the connection (:class:`~ingest.mqtt.settings.MqttSettings`, shared
+    with ingest) with fee control's defaults: one persistent session (``client_id``) for the
+    subscriptions, kept a week, and a second, clean one (``client_id`` + ``"-pub"``) for
+    publishing commands and notifications. The password may come from ``password_file``."""
 
-    url: str = "mqtt://127.0.0.1:1883"  # mqtt:// or mqtts:// (TLS, verified against ca_file)
     client_id: str = "amigw-feectl-1"
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password_file: str | None = None
-    ca_file: str | None = None
-    keepalive_s: int = 60
     session_expiry_s: int = 7 * 86_400
     queue_max: int = 64
-    connect_timeout_s: float = 10.0
     publish_timeout_s: float = 10.0
+    password_file: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("mqtt://", "mqtts://")):
-            raise ValueError(f"url: expected mqtt:// or mqtts://, got {self.url!r}")
-        if not self.client_id:
-            raise ValueError("client_id: a persistent session needs a stable, non-empty client id")
+        MqttSettings.__post_init__(self)  # explicit: zero-argument super() fails in slots classes
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file: needs username")
-        for name in (
-            "keepalive_s",
-            "session_expiry_s",
-            "queue_max",
-            "connect_timeout_s",
-            "publish_timeout_s",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0")
+        if self.password_file is not None and self.password is not None:
+            raise ValueError("password_file: give password or password_file, not both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +318,7 @@ class ServiceSettings:
     resend_interval_s: float = 60.0  # an ISSUED command without a result is resent (same id)
     metrics_listen: str = ""  # "host:port" of the Prometheus endpoint; "" disables it
     rejects_keep: int = 100_000  # rows kept in the ledger's rejects table (oldest pruned)
-    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    mqtt: MqttLink = field(default_factory=MqttLink)
     http: HttpSettings = field(default_factory=lambda: HttpSettings(enabled=False))
     limits: LimitSettings = field(default_factory=LimitSettings)
     command_key_files: dict[str, str] = field(default_factory=dict)  # gateway -> hex key file
@@ -398,8 +356,7 @@ class ServiceConfig:
     tariffs: Mapping[str, Tariff]
     accounts: tuple[Account, ...]
     api_token: str | None
-    mqtt_password: str | None
-    ca_file: Path | None
+    mqtt: MqttSettings  # [service.mqtt] with its files read: the password, the CA file's full path
     meter_max_power_w: Mapping[str, int] = field(default_factory=dict)  # enrolled ratings
 
     def max_power_w(self, meter: str) -> int:
@@ -407,24 +364,29 @@ class ServiceConfig:
         return self.meter_max_power_w.get(meter, self.service.limits.max_power_w)
 
 
+@dataclass(frozen=True, slots=True)
+class FeectlFile:
+    """The whole document: ``[feectl]`` (the core) and ``[service]`` (the process around it)."""
+
+    feectl: FeeControlConfig = field(default_factory=FeeControlConfig)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+
+
+def load_feectl_config(text: str) -> FeeControlConfig:
+    """The ``[feectl]`` table of a TOML document (missing: all defaults). Raises: ConfigError."""
+    return loads_toml(FeectlFile, text, "feectl config").feectl
+
+
 def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
-    """Parse the service's TOML document (``[feectl]`` and ``[service]``) and read its files.
+    """Parse the service's TOML document (``[feectl]`` and ``[service]``, read by the project's
+    one typed loader, :mod:`protocols.config`) and read its files.
 
     Raises:
         ConfigError: invalid TOML, an unknown top-level table, a bad key (dotted path), an
             unreadable or invalid key/token/tariff file, or an account naming an unknown tariff.
     """
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"invalid TOML: {exc}") from exc
-    unknown = sorted(set(data) - {"feectl", "service"})
-    if unknown:
-        raise ConfigError(unknown[0], "unknown table (expected feectl, service)")
-    core = feectl_config_from_mapping(data.get("feectl", {}), "feectl")
-    svc = load_typed(ServiceSettings, data.get("service", {}), "service")
-    if core.command_validity_s * 1000 > MAX_VALIDITY_MS:
-        raise ConfigError("feectl.command_validity_s", f"must be <= {MAX_VALIDITY_MS // 1000} (protocols)")
+    doc = loads_toml(FeectlFile, text, "feectl config")
+    core, svc = doc.feectl, doc.service
     base = Path(base_dir)
     tariffs = {tid: _tariff_file(base, tid, p) for tid, p in svc.tariff_files.items()}
     keys = {
@@ -436,14 +398,16 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
         token = _secret_file(base / svc.http.token_file, "service.http.token_file")
         if len(token) < 16:
             raise ConfigError("service.http.token_file", "the API token must be at least 16 characters")
-    password = None
+    password = svc.mqtt.password
     if svc.mqtt.password_file is not None:
         password = _secret_file(base / svc.mqtt.password_file, "service.mqtt.password_file")
     ca = None if svc.mqtt.ca_file is None else base / svc.mqtt.ca_file
     if ca is not None and not ca.is_file():
         raise ConfigError("service.mqtt.ca_file", f"no such file: {ca}")
+    mqtt = MqttSettings(**{f.name: getattr(svc.mqtt, f.name) for f in dataclasses.fields(MqttSettings)})
+    mqtt = dataclasses.replace(mqtt, password=password, ca_file=None if ca is None else str(ca))
     ratings = {m.meter: m.max_power_w for a in svc.accounts for m in a.meters if m.max_power_w is not None}
-    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, password, ca, ratings)
+    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, mqtt, ratings)
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -482,7 +446,7 @@ def _key_file(path: Path, key_path: str) -> bytes:
 
 def _tariff_file(base: Path, tariff_id: str, rel: str) -> Tariff:
     key_path = f"service.tariff_files.{tariff_id}"
-    tariff = load_tariff(_secret_file(base / rel, key_path))
+    tariff = Tariff.loads(_secret_file(base / rel, key_path), key_path)
     if tariff.tariff_id != tariff_id:
         raise ConfigError(key_path, f"the file holds tariff {tariff.tariff_id!r}, not {tariff_id!r}")
     return tariff
@@ -558,6 +522,7 @@ tariff_files = {}
 # ln-res = "tariffs/ln-res.toml"   (example)
 
 [service.mqtt]
+# The connection (the same keys as ingest's [mqtt], with fee control's defaults).
 # The broker: mqtt://host:port, or mqtts://host:port for TLS (verified against ca_file).
 url = "mqtt://127.0.0.1:1883"
 # The persistent subscribing session; publishing uses "<client_id>-pub".
@@ -565,7 +530,9 @@ client_id = "amigw-feectl-1"
 # "5" (MQTT 5) or "3.1.1".
 protocol = "5"
 # username = "feectl"
+# The password: in a file (preferred), or inline; not both.
 # password_file = "/etc/amigw/feectl.mqtt-password"
+# password = "secret"
 # ca_file = "/etc/amigw/ca.pem"
 keepalive_s = 60
 session_expiry_s = 604800

@@ -12,8 +12,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from protocols.commands import Action
+
 from .config import FeeControlConfig
-from .model import Account, Balance, CommandAction, Decision, DecisionKind, Level, MeterRef, RelayState
+from .model import Account, Balance, Decision, DecisionKind, Level, MeterRef, RelayState
 
 __all__ = ["AccountSnapshot", "Evaluation", "MeterSnapshot", "Trigger", "decide", "level_of"]
 
@@ -31,8 +33,8 @@ _NOTICE_OF = {
 class MeterSnapshot:
     ref: MeterRef
     relay: RelayState = RelayState.CLOSED
-    outstanding: CommandAction | None = None  # action of the ISSUED/ACKED command, if any (FC-11)
-    failed_action: CommandAction | None = None  # action of the current failing streak (FC-12)
+    outstanding: Action | None = None  # action of the ISSUED/ACKED command, if any (FC-11)
+    failed_action: Action | None = None  # action of the current failing streak (FC-12)
     failed_attempts: int = 0
     last_failed_ms: int | None = None
     blocked_reason: str | None = None  # "COMMAND_FAILED" (escalated) | "METER_IN_PROTECT" (FC-07)
@@ -145,7 +147,7 @@ def _trip(
     if now_ms < grace_end:  # FC-06.4
         reasons.append("GRACE")
         wakes.append(grace_end)
-    local = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).astimezone(cfg.zone)
+    local = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).astimezone(cfg.tz)
     window = cfg.windows.active(local)
     if window is not None:  # FC-09
         reasons.append(window)
@@ -154,12 +156,12 @@ def _trip(
             wakes.append(int(nxt.timestamp() * 1000))
     if snap.holds:  # FC-14
         reasons.append("AUDIT_HOLD")
-    wake = _command_blocks(m, CommandAction.TRIP, cfg, now_ms, reasons)
+    wake = _command_blocks(m, Action.TRIP, cfg, now_ms, reasons)
     if wake is not None:
         wakes.append(wake)
     if reasons:
         return _deferral(snap, m, DecisionKind.TRIP_DEFERRED, reasons, min(wakes, default=None))
-    return _decision(snap, m, DecisionKind.TRIP_ISSUED, (), CommandAction.TRIP), "", None
+    return _decision(snap, m, DecisionKind.TRIP_ISSUED, (), Action.TRIP), "", None
 
 
 def _restore(
@@ -167,14 +169,14 @@ def _restore(
 ) -> tuple[Decision | None, str, int | None]:
     """FC-08: restore at once; not subject to windows, grace, holds or protection."""
     reasons: list[str] = []
-    wake = _command_blocks(m, CommandAction.CLOSE_ALLOWED, cfg, now_ms, reasons)
+    wake = _command_blocks(m, Action.CLOSE_ALLOWED, cfg, now_ms, reasons)
     if reasons:
         return _deferral(snap, m, DecisionKind.RESTORE_DEFERRED, reasons, wake)
-    return _decision(snap, m, DecisionKind.RESTORE_ISSUED, (), CommandAction.CLOSE_ALLOWED), "", None
+    return _decision(snap, m, DecisionKind.RESTORE_ISSUED, (), Action.CLOSE_ALLOWED), "", None
 
 
 def _command_blocks(
-    m: MeterSnapshot, action: CommandAction, cfg: FeeControlConfig, now_ms: int, reasons: list[str]
+    m: MeterSnapshot, action: Action, cfg: FeeControlConfig, now_ms: int, reasons: list[str]
 ) -> int | None:
     """FC-11 (one outstanding command per meter) and FC-12 (retry spacing, escalation)."""
     if m.outstanding is not None:
@@ -202,7 +204,7 @@ def _decision(
     m: MeterSnapshot,
     kind: DecisionKind,
     reasons: tuple[str, ...],
-    action: CommandAction | None = None,
+    action: Action | None = None,
 ) -> Decision:
     b = snap.balance
     return Decision(

@@ -21,15 +21,20 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+from ingest.model.tariff import Tariff
+from ingest.rules.stages import tou_periods
+from protocols.commands import Action
+
 from .config import FeeControlConfig
 from .decide import AccountSnapshot, MeterSnapshot, decide
-from .lifecycle import TRANSITIONS, Command, CommandEvent, CommandResult, CommandState, next_state
+from .lifecycle import TRANSITIONS, CommandEvent, CommandState, RelayOrder, RelayOrderResult, next_state
 from .model import (
     Account,
     Balance,
     ChargeResult,
     ChargeStatus,
-    CommandAction,
     Decision,
     DecisionKind,
     EstimatePolicy,
@@ -39,7 +44,6 @@ from .model import (
     round_half_up,
 )
 from .store import ConsistencyReport, Hold, IntervalRow, JournalEntry, JournalKind, LedgerStore
-from .tariff import Tariff
 
 __all__ = ["AuditResult", "Evaluated", "FeeController", "ResultOutcome"]
 
@@ -54,14 +58,14 @@ METER_IN_PROTECT_DETAIL = "meter_in_protect"  # the edge's detail for ERR "跳�
 @dataclass(frozen=True, slots=True)
 class Evaluated:
     decisions: tuple[Decision, ...]
-    commands: tuple[Command, ...]  # created by these decisions, to send now
+    commands: tuple[RelayOrder, ...]  # created by these decisions, to send now
     next_check_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
 class ResultOutcome:
     accepted: bool  # False: unknown id, gateway/meter mismatch, or late/repeated (logged, ignored)
-    command: Command | None
+    command: RelayOrder | None
     reason: str
     decisions: tuple[Decision, ...] = ()
 
@@ -268,7 +272,7 @@ class FeeController:
         cum = 0
         if bounds is not None:
             cum = self.store.cycle_energy_before(new.account_id, bounds[0], new.interval_start_ms, new.meter)
-        price = tariff.price_interval(new.interval_start_ms, new.energy_centi_kwh, cum)
+        price = tariff.price_interval(new.interval_start_ms, _period(tariff, new), new.energy_centi_kwh, cum)
         old_exact = prev.exact_micro if prev is not None and prev.charged else 0
         revision = 0 if kind is JournalKind.CHARGE else (prev.revision + 1 if prev else 0)
         row = dataclasses.replace(
@@ -308,7 +312,8 @@ class FeeController:
         for row in self.store.cycle_intervals_after(
             cause.account_id, cause.interval_start_ms, cause.meter, hi_ms
         ):
-            price = tariff.price_interval(row.interval_start_ms, row.energy_centi_kwh, cum)
+            period = _period(tariff, row)
+            price = tariff.price_interval(row.interval_start_ms, period, row.energy_centi_kwh, cum)
             cum += row.energy_centi_kwh
             delta = price.exact_micro - row.exact_micro
             if delta == 0:
@@ -415,8 +420,8 @@ class FeeController:
         Raises:
             FeeControlError: the meter is not enrolled.
         """
-        lo = _local_midnight_ms(day, self.config.zone)
-        hi = _local_midnight_ms(day + dt.timedelta(days=1), self.config.zone)
+        lo = _local_midnight_ms(day, self.config.tz)
+        hi = _local_midnight_ms(day + dt.timedelta(days=1), self.config.tz)
         with self.store.transaction():
             account_id = self.store.account_of_meter(meter)
             rows = self.store.meter_intervals(meter, lo, hi)
@@ -494,7 +499,7 @@ class FeeController:
         """Expire overdue commands (FC-11/12), then evaluate every account. Call it every minute or
         at the earliest ``next_check_ms`` returned."""
         decisions: list[Decision] = []
-        commands: list[Command] = []
+        commands: list[RelayOrder] = []
         wakes: list[int] = []
         with self.store.transaction():
             grace, verify = self.config.result_grace_s * 1000, self.config.verify_timeout_s * 1000
@@ -526,7 +531,7 @@ class FeeController:
             if meters[meter].last_sig != sig:
                 self.store.put_meter_snapshot(dataclasses.replace(meters[meter], last_sig=sig))
         out: list[Decision] = []
-        commands: list[Command] = []
+        commands: list[RelayOrder] = []
         for d in ev.decisions:
             if d.action is not None and d.meter is not None:
                 command = self._issue(account_id, meters[d.meter], d.action, now_ms)
@@ -537,10 +542,10 @@ class FeeController:
             out.append(d)
         return Evaluated(tuple(out), tuple(commands), ev.next_check_ms)
 
-    def _issue(self, account_id: str, m: MeterSnapshot, action: CommandAction, now_ms: int) -> Command:
+    def _issue(self, account_id: str, m: MeterSnapshot, action: Action, now_ms: int) -> RelayOrder:
         """FC-11: id chosen before sending, row written in the decision's transaction."""
         attempt = m.failed_attempts + 1 if m.failed_action is action else 1
-        command = Command(
+        command = RelayOrder(
             self._new_id(),
             account_id,
             m.ref.gateway,
@@ -597,22 +602,37 @@ class FeeController:
         return d
 
     # command lifecycle ----------------------------------------------------------------------------
-    def command(self, command_id: str) -> Command | None:
+    def command(self, command_id: str) -> RelayOrder | None:
         with self.store.transaction():
             return self.store.command(command_id)
 
-    def pending_commands(self, now_ms: int) -> tuple[Command, ...]:
+    def pending_commands(self, now_ms: int) -> tuple[RelayOrder, ...]:
         """Commands to (re)send: ISSUED and still valid. After a restart this returns the very
         commands decided before the crash, with the same ids (the edge de-duplicates by id)."""
         with self.store.transaction():
             return tuple(c for c in self.store.commands([CommandState.ISSUED]) if now_ms <= c.expires_ms)
 
-    def on_result(self, result: CommandResult, now_ms: int) -> ResultOutcome:
-        """Match a result to its command by (command_id, gateway, meter) (FC-11) and advance it.
+    def on_result(self, result: RelayOrderResult, now_ms: int) -> ResultOutcome:
+        """Match a result to its order by (command_id, gateway, meter) (FC-11) and advance it; a
+        "done" result's read-back (``relay_open``) is then applied as :meth:`on_relay_status`
+        does, in the same transaction: the ledger never holds the result without its read-back.
+        The read-back also counts when the result itself is a repeat.
 
         Unknown ids, mismatched gateway/meter, and late or repeated results are journaled as
         ``COMMAND_RESULT_IGNORED`` and change nothing else.
         """
+        with self.store.transaction():
+            outcome = self._result(result, now_ms)
+            c = outcome.command
+            if c is None or result.status != "done" or result.relay_open is None:
+                return outcome
+            readback = self._relay_status(
+                c.gateway, c.meter, result.relay_open, c.action is Action.TRIP, now_ms
+            )
+            command = self.store.command(c.command_id)
+            return dataclasses.replace(outcome, command=command, decisions=outcome.decisions + readback)
+
+    def _result(self, result: RelayOrderResult, now_ms: int) -> ResultOutcome:
         with self.store.transaction():
             c = self.store.command(result.command_id)
             reasons = (f"status:{result.status}", f"detail:{result.detail}")
@@ -659,6 +679,12 @@ class FeeController:
             FeeControlError: the meter is not enrolled.
         """
         with self.store.transaction():
+            return self._relay_status(gateway, meter, relay_open, commanded_open, now_ms)
+
+    def _relay_status(
+        self, gateway: str, meter: str, relay_open: bool, commanded_open: bool, now_ms: int
+    ) -> tuple[Decision, ...]:
+        with self.store.transaction():
             account_id = self.store.account_of_meter(meter)
             snap = next(m for m in self.store.meter_snapshots(account_id) if m.ref.meter == meter)
             if snap.ref.gateway != gateway:
@@ -692,7 +718,7 @@ class FeeController:
                     decisions += self._transition(
                         c, CommandEvent.READBACK_MATCH, now_ms, (f"relay:{relay.value}",)
                     )
-                    if c.action is CommandAction.CLOSE_ALLOWED and relay is RelayState.ARMED:
+                    if c.action is Action.CLOSE_ALLOWED and relay is RelayState.ARMED:
                         decisions.append(
                             self._log(
                                 account_id, meter, DecisionKind.RESTORE_ALLOWED, (), {}, now_ms, c.command_id
@@ -704,7 +730,7 @@ class FeeController:
             return tuple(decisions)
 
     def _transition(
-        self, c: Command, event: CommandEvent, now_ms: int, reasons: tuple[str, ...], detail: str = ""
+        self, c: RelayOrder, event: CommandEvent, now_ms: int, reasons: tuple[str, ...], detail: str = ""
     ) -> list[Decision]:
         state = next_state(c.state, event)
         self.store.set_command_state(c.command_id, state, now_ms)
@@ -735,7 +761,7 @@ class FeeController:
             out += self._attempt_failed(c, detail, now_ms)
         return out
 
-    def _attempt_failed(self, c: Command, detail: str, now_ms: int) -> list[Decision]:
+    def _attempt_failed(self, c: RelayOrder, detail: str, now_ms: int) -> list[Decision]:
         """FC-12: count the failed attempt; after ``max_attempts`` escalate (COMMAND_FAILED) and stop
         retrying. FC-07: a meter refusing a trip because it is in 保电 is not retried."""
         account = self.store.account(c.account_id)
@@ -744,7 +770,7 @@ class FeeController:
         blocked = None
         out: list[Decision] = []
         info = {"attempts": attempts, "max_attempts": self.config.max_attempts}
-        if c.action is CommandAction.TRIP and detail == METER_IN_PROTECT_DETAIL and not account.protected:
+        if c.action is Action.TRIP and detail == METER_IN_PROTECT_DETAIL and not account.protected:
             blocked = DecisionKind.METER_IN_PROTECT.value
             out.append(
                 self._log(
@@ -798,10 +824,10 @@ class FeeController:
             return "-"
 
 
-def _shows(action: CommandAction, relay: RelayState) -> bool:
+def _shows(action: Action, relay: RelayState) -> bool:
     """FC-12: a trip is proven by relay open + command state open; close-allowed by the command
     state no longer open (armed, or already closed on builds that close at once)."""
-    if action is CommandAction.TRIP:
+    if action is Action.TRIP:
         return relay is RelayState.OPEN
     return relay in (RelayState.ARMED, RelayState.CLOSED)
 
@@ -818,3 +844,10 @@ def _local_midnight_ms(day: dt.date, zone: dt.tzinfo) -> int:
 
 def _j(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _period(tariff: Tariff, row: IntervalRow) -> int:
+    """TOU-03: the period code of an interval, from the very kernel the daily TOU totals use
+    (end-labelled, classified by its start), so charging and the totals cannot disagree."""
+    end = np.array([row.interval_end_ms], dtype=np.int64)
+    return int(tou_periods(end, tariff.calendar, interval_ms=row.interval_end_ms - row.interval_start_ms)[0])

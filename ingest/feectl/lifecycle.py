@@ -19,18 +19,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .model import CommandAction
+from protocols.commands import Action
 
 __all__ = [
     "OUTSTANDING",
     "RESULT_STATUSES",
     "TERMINAL",
     "TRANSITIONS",
-    "Command",
     "CommandEvent",
-    "CommandResult",
     "CommandState",
     "InvalidTransitionError",
+    "RelayOrder",
+    "RelayOrderResult",
     "next_state",
 ]
 
@@ -90,14 +90,14 @@ def next_state(state: CommandState, event: CommandEvent) -> CommandState:
 
 
 @dataclass(frozen=True, slots=True)
-class Command:
+class RelayOrder:
     """The fields of one relay command (FC-11); signing and framing happen in ``protocols``."""
 
     command_id: str
     account_id: str
     gateway: str
     meter: str
-    action: CommandAction
+    action: Action
     issued_ms: int
     expires_ms: int  # the meter's validity deadline (N3..N8)
     attempt: int = 1
@@ -125,14 +125,17 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
-class CommandResult:
-    """A result reported by the edge for one command; matched on (command_id, gateway, meter)."""
+class RelayOrderResult:
+    """A result reported by the edge for one relay order; matched on (command_id, gateway, meter).
+    ``relay_open`` is the status-word read-back the edge sent with it (True open, False closed,
+    None: none); :meth:`~.engine.FeeController.on_result` applies it in the result's transaction."""
 
     command_id: str
     gateway: str
     meter: str
     status: str  # "done" | "failed" | "rejected"
     detail: str = ""
+    relay_open: bool | None = None
 
     def __post_init__(self) -> None:
         if self.status not in RESULT_STATUSES:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from protocols.commands import Action
 from protocols.errors import AmigwError
 
 __all__ = [
     "MICRO_PER_FEN",
+    "ORDER_ACTIONS",
     "Account",
     "Balance",
     "ChargeResult",
     "ChargeStatus",
-    "CommandAction",
     "Decision",
     "DecisionKind",
     "EstimatePolicy",
@@ -73,17 +74,16 @@ class Level(enum.IntEnum):
     TRIP_DUE = 4
 
 
+# The relay actions fee control issues (a subset of protocols.commands.RELAY_ACTIONS).
+ORDER_ACTIONS = frozenset({Action.TRIP, Action.CLOSE_ALLOWED})
+
+
 class RelayState(enum.StrEnum):
     """Last known relay state of a meter (FC-12, status word 3 bits 4 and 6)."""
 
     CLOSED = "closed"
     OPEN = "open"  # tripped by command (bit4 = 1, bit6 = 1)
     ARMED = "armed"  # close allowed, waiting for the customer's button (bit4 = 1, bit6 = 0)
-
-
-class CommandAction(enum.StrEnum):
-    TRIP = "trip"
-    CLOSE_ALLOWED = "close_allowed"
 
 
 class DecisionKind(enum.StrEnum):
@@ -187,7 +187,7 @@ class Decision:
     reasons: tuple[str, ...] = ()
     balance_fen: int | None = None
     actual_balance_fen: int | None = None
-    action: CommandAction | None = None
+    action: Action | None = None
     command_id: str | None = None
     detail: tuple[tuple[str, str], ...] = field(default=())
 

@@ -62,27 +62,27 @@ from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
 from protocols.flags import Flag
+from protocols.quantities import ENERGY_FORWARD
 from protocols.topics import check_gateway_id
 
 from ._log import kv
 from .config import ServiceConfig
 from .engine import FeeController
-from .lifecycle import CommandResult
+from .lifecycle import RelayOrderResult
 from .metrics import FeeControlMetrics, serve
-from .model import ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
+from .model import ORDER_ACTIONS, ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
 from .mqtt import (
     NOTIFICATIONS_TOPIC,
-    MqttPublisher,
     command_topic,
     consumer_config,
     gateway_of_intervals_topic,
     gateway_of_result_topic,
+    publisher,
 )
 from .sqlite_store import SqliteLedgerStore
 from .store import JournalKind, Reject
 
 __all__ = [
-    "ENERGY_QUANTITY",
     "FeeControlService",
     "Publisher",
     "ServiceStats",
@@ -93,8 +93,6 @@ __all__ = [
 
 log = logging.getLogger("amigw.feectl")
 
-ENERGY_QUANTITY = 1  # protocols.quantities: energy_fwd_active_total, 0.01 kWh
-RELAY_ACTIONS = frozenset({"trip", "close_allowed"})  # the only commands fee control issues
 NOTIFICATION_QUEUE_MAX = 10_000
 REJECT_PAYLOAD_BYTES = 1024  # the first bytes of a rejected message kept in the rejects table
 _DETAIL_CHARS = 300  # a reject's detail, and ids taken from the payload, are cut to this
@@ -164,7 +162,7 @@ def _decode_intervals_strict(payload: bytes) -> tuple[str, int, list[IntervalRec
 
 
 class Publisher(Protocol):
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None: ...
+    async def publish(self, topic: str, payload: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -370,7 +368,7 @@ class FeeControlService:
         """One interval: skipped, charged, rejected (bounds, gateway binding, anything unforeseen)
         or unpriced. Its own transaction: the intervals beside it are not lost with it."""
         enrolled = self._enrolled_meters()
-        if r.quantity != ENERGY_QUANTITY or r.meter not in enrolled:  # most meters are not prepaid
+        if r.quantity != ENERGY_FORWARD or r.meter not in enrolled:  # most meters are not prepaid
             self.stats.intervals_skipped += 1
             self.metrics.charges.labels("skipped").inc()
             return "skipped"
@@ -420,7 +418,7 @@ class FeeControlService:
             return self._reject(msg, "unverified", str(exc))
         if r.gateway != gateway:
             return self._reject(msg, "gateway_mismatch", f"result names gateway {_cut(r.gateway)!r}")
-        if r.action not in RELAY_ACTIONS or (r.status == "rejected" and r.reason == "replayed"):
+        if r.action not in ORDER_ACTIONS or (r.status == "rejected" and r.reason == "replayed"):
             # Not a relay command of ours; or the edge had already finished this id and its real
             # result came before: failing the command on this answer would count a false attempt.
             self.stats.results_ignored += 1
@@ -429,22 +427,17 @@ class FeeControlService:
             )
             return "ignored"
         detail = (r.reason or r.detail) if r.status == "rejected" else r.detail
+        relay_open = None if r.relay_state not in (0, 1) else r.relay_state == 1
         try:
-            result = CommandResult(r.id, r.gateway, r.meter, r.status, detail)
+            result = RelayOrderResult(r.id, r.gateway, r.meter, r.status, detail, relay_open)
         except ValueError as exc:
             return self._reject(msg, "invalid_result", str(exc), meter=r.meter)
-        outcome = self.controller.on_result(result, msg.now_ms)
+        outcome = self.controller.on_result(result, msg.now_ms)  # the result and its read-back
         self._decided(outcome.decisions)
         if outcome.accepted:
             self.stats.results_accepted += 1
         else:
             self.stats.results_ignored += 1
-        # The read-back also counts for a repeated result (a crash between the two transactions).
-        if outcome.command is not None and r.status == "done" and r.relay_state in (0, 1):
-            decisions = self.controller.on_relay_status(
-                gateway, r.meter, r.relay_state == 1, r.action == "trip", self.clock()
-            )
-            self._decided(decisions)
         return "applied" if outcome.accepted else "ignored"
 
     # -- payments and views (the HTTP API) -------------------------------------------------------
@@ -596,7 +589,7 @@ class FeeControlService:
                     log.error("command not sent: no key for its gateway", extra=fields)
                     continue
                 payload = SignedCommand(**c.fields()).signed(key)  # type: ignore[arg-type]
-                await self.publisher.publish(command_topic(c.gateway), payload, qos=1)
+                await self.publisher.publish(command_topic(c.gateway), payload)
                 self._sent[c.command_id] = now
                 self.metrics.commands_sent.labels(c.action.value, "first" if last is None else "resend").inc()
                 if last is None:
@@ -605,7 +598,7 @@ class FeeControlService:
                 else:
                     self.stats.commands_resent += 1
             while self._notes:
-                await self.publisher.publish(NOTIFICATIONS_TOPIC, self._notes[0], qos=1)
+                await self.publisher.publish(NOTIFICATIONS_TOPIC, self._notes[0])
                 self._notes.popleft()
                 self.stats.notifications_sent += 1
                 self.metrics.notifications.labels("sent").inc()
@@ -639,7 +632,7 @@ class FeeControlService:
                 self.metrics_address = (str(host), int(port))
                 log.info("metrics listening", extra=kv(host=host, port=port))
             if self.publisher is None:
-                self.publisher = await stack.enter_async_context(MqttPublisher(self.cfg))
+                self.publisher = await stack.enter_async_context(publisher(self.cfg))
             server = None
             if self.cfg.service.http.enabled and self.cfg.api_token is not None:
                 api = PaymentsApi(

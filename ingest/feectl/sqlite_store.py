@@ -17,12 +17,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from protocols.commands import Action
+
 from .decide import MeterSnapshot
-from .lifecycle import Command, CommandState
+from .lifecycle import CommandState, RelayOrder
 from .model import (
     Account,
     Balance,
-    CommandAction,
     FeeControlError,
     Level,
     MeterRef,
@@ -388,8 +389,8 @@ class SqliteLedgerStore(LedgerStore):
             MeterSnapshot(
                 MeterRef(r[0], r[1], bool(r[2])),
                 RelayState(r[3]),
-                None if r[4] is None else CommandAction(r[4]),
-                None if r[5] is None else CommandAction(r[5]),
+                None if r[4] is None else Action(r[4]),
+                None if r[5] is None else Action(r[5]),
                 r[6],
                 r[7],
                 r[8],
@@ -454,12 +455,10 @@ class SqliteLedgerStore(LedgerStore):
     _CCOLS = "command_id, account_id, gateway, meter, action, issued_ms, expires_ms, attempt, state, state_ms"
 
     @staticmethod
-    def _crow(r: tuple) -> Command:  # type: ignore[type-arg]
-        return Command(
-            r[0], r[1], r[2], r[3], CommandAction(r[4]), r[5], r[6], r[7], CommandState(r[8]), r[9]
-        )
+    def _crow(r: tuple) -> RelayOrder:  # type: ignore[type-arg]
+        return RelayOrder(r[0], r[1], r[2], r[3], Action(r[4]), r[5], r[6], r[7], CommandState(r[8]), r[9])
 
-    def insert_command(self, command: Command) -> None:
+    def insert_command(self, command: RelayOrder) -> None:
         self._db.execute(
             f"INSERT INTO commands({self._CCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -476,7 +475,7 @@ class SqliteLedgerStore(LedgerStore):
             ),
         )
 
-    def command(self, command_id: str) -> Command | None:
+    def command(self, command_id: str) -> RelayOrder | None:
         r = self._one(f"SELECT {self._CCOLS} FROM commands WHERE command_id = ?", command_id)
         return None if r is None else self._crow(r)
 
@@ -486,7 +485,7 @@ class SqliteLedgerStore(LedgerStore):
             (state.value, now_ms, command_id),
         )
 
-    def commands(self, states: Sequence[CommandState]) -> list[Command]:
+    def commands(self, states: Sequence[CommandState]) -> list[RelayOrder]:
         marks = ", ".join("?" for _ in states)
         rows = self._db.execute(
             f"SELECT {self._CCOLS} FROM commands WHERE state IN ({marks}) ORDER BY issued_ms, command_id",

@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from .decide import MeterSnapshot
-from .lifecycle import Command, CommandState
+from .lifecycle import CommandState, RelayOrder
 from .model import Account, Balance, Level
 
 __all__ = [
@@ -239,17 +239,17 @@ class LedgerStore(abc.ABC):
 
     # commands -------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def insert_command(self, command: Command) -> None:
+    def insert_command(self, command: RelayOrder) -> None:
         """Raises: the store's integrity error if the meter already has an outstanding command."""
 
     @abc.abstractmethod
-    def command(self, command_id: str) -> Command | None: ...
+    def command(self, command_id: str) -> RelayOrder | None: ...
 
     @abc.abstractmethod
     def set_command_state(self, command_id: str, state: CommandState, now_ms: int) -> None: ...
 
     @abc.abstractmethod
-    def commands(self, states: Sequence[CommandState]) -> list[Command]: ...
+    def commands(self, states: Sequence[CommandState]) -> list[RelayOrder]: ...
 
     # rejected input -------------------------------------------------------------------------------
     @abc.abstractmethod

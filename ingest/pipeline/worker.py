@@ -86,12 +86,9 @@ import hashlib
 import logging
 import random
 import sqlite3
-import threading
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -99,6 +96,7 @@ from ingest.config import IngestConfig
 from ingest.metrics import IngestMetrics
 from ingest.model.registry import MeterRegistry
 from ingest.mqtt.consumer import ConsumerStats, Message, MqttConsumer
+from ingest.mqtt.publisher import MqttPublisher
 from ingest.pipeline.deadletter import DeadLetter, DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.loss import Alarm, LossStore
@@ -112,7 +110,7 @@ from protocols.aggregates import DailyTotal, encode_daily
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
 
-__all__ = ["COMMIT_SLOTS", "AggregatePublisher", "IngestWorker", "run_worker"]
+__all__ = ["COMMIT_SLOTS", "IngestWorker", "run_worker"]
 
 log = logging.getLogger("amigw.ingest")
 
@@ -122,89 +120,6 @@ _DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
 _NOT_BOUND = "meter not bound to gateway"
 _FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
 _ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
-
-
-class AggregatePublisher:
-    """A paho client (its own connection, clean session) for the head-end's downstream messages:
-    aggregates, published QoS 1 with the PUBACK awaited (:meth:`publish_many`, TransportError when
-    none arrives within ``timeout_s``), and confirmations, published QoS 1 without waiting
-    (:meth:`send`)."""
-
-    def __init__(self, cfg: IngestConfig, worker: int | str) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        m = cfg.mqtt
-        self.timeout_s = m.publish_timeout_s
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"{m.client_id}-{worker}-pub",
-            protocol=mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311,
-        )
-        if m.username is not None:
-            self._client.username_pw_set(m.username, m.password)
-        if urllib.parse.urlsplit(m.url).scheme == "mqtts":
-            self._client.tls_set(ca_certs=m.ca_file)
-        self._client.on_publish = self._on_publish
-        self._client.max_inflight_messages_set(1000)
-        self._lock = threading.Lock()
-        self._waiting: dict[int, asyncio.Future[None]] = {}
-        self._early: set[int] = set()
-        self._unawaited: set[int] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        parts = urllib.parse.urlsplit(m.url)
-        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 1883
-
-    async def connect(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._client.connect_async(self._host, self._port)
-        self._client.loop_start()
-
-    async def aclose(self) -> None:
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
-
-    def _on_publish(self, _c: Any, _ud: Any, mid: int, _rc: Any, _props: Any) -> None:
-        with self._lock:
-            fut = self._waiting.pop(mid, None)
-            if fut is None and mid in self._unawaited:
-                self._unawaited.discard(mid)
-                return
-            if fut is None:
-                self._early.add(mid)
-        if fut is not None and self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(_resolve, fut)
-
-    def send(self, topic: str, payload: bytes) -> None:
-        """Publish QoS 1 and return at once; paho re-sends it after a reconnect."""
-        info = self._client.publish(topic, payload, qos=1)
-        with self._lock:  # as in publish_many: the PUBACK may have come already
-            if info.mid in self._early:
-                self._early.discard(info.mid)
-            else:
-                self._unawaited.add(info.mid)
-
-    async def publish_many(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Publish all, then await every PUBACK. Raises: TransportError on timeout."""
-        assert self._loop is not None
-        futs = []
-        for topic, payload in items:
-            fut: asyncio.Future[None] = self._loop.create_future()
-            # Not under self._lock: paho calls on_publish holding its own mutex (lock order).
-            info = self._client.publish(topic, payload, qos=1)
-            with self._lock:
-                if info.mid in self._early:
-                    self._early.discard(info.mid)
-                    fut.set_result(None)
-                else:
-                    self._waiting[info.mid] = fut
-            futs.append(fut)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await asyncio.gather(*futs)
-        except TimeoutError:
-            raise TransportError(f"no PUBACK for aggregates within {self.timeout_s}s") from None
 
 
 @dataclass(slots=True)
@@ -230,7 +145,7 @@ class _Resources:
     sinks: asyncio.Queue[Sink]  # one per commit slot; reads take one too
     dead_letter: DeadLetterStore
     dedup: DedupStore
-    publisher: AggregatePublisher | None
+    publisher: MqttPublisher | None
     consumer: MqttConsumer | None = None
     loss: LossStore | None = None
 
@@ -310,7 +225,7 @@ class IngestWorker:
             sinks.put_nowait(InfluxSink(cfg.influx, wide=p.schema == "wide"))
         publisher = None
         if p.publish_intervals or p.publish_daily or p.confirm:
-            publisher = AggregatePublisher(cfg, publisher_id)
+            publisher = MqttPublisher(cfg.mqtt, f"{cfg.mqtt.client_id}-{publisher_id}-pub")
         res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss)
         try:
             sample = warm_up(self.settings)
@@ -982,9 +897,3 @@ def _drain(q: asyncio.Queue[Sink]) -> list[Sink]:
     while not q.empty():
         out.append(q.get_nowait())
     return out
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    """Resolve ``fut`` unless it is already done (called on its loop)."""
-    if not fut.done():
-        fut.set_result(None)

@@ -130,10 +130,11 @@ class Stack:
         (d / "gw.key").write_text(KEY_HEX)
         (d / "token").write_text(TOKEN)
         (d / "flat.toml").write_text(
-            'id = "flat"\nzone = "+08:00"\n[[versions]]\nversion = "e2e"\n'
-            "effective_from = 2020-01-01T00:00:00+08:00\n"
+            'id = "flat"\nutc_offset_minutes = 480\n'
+            '[seasons.all]\nmonths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]\nworkday = "flat"\n'
+            '[profiles.flat]\nsegments = [["00:00", "24:00", "flat"]]\n'
+            '[[versions]]\nversion = "e2e"\neffective_from = 2020-01-01T00:00:00+08:00\n'
             f"prices = {{ flat = {self.price} }}\n"
-            '[[versions.calendar]]\nsegments = [["00:00", "24:00", "flat"]]\n'
         )
         if not self.http_port:
             self.http_port = free_port()

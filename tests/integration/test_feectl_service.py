@@ -41,13 +41,16 @@ Q = 900_000
 
 FLAT = """
 id = "flat"
-zone = "+08:00"
+utc_offset_minutes = 480
+[seasons.all]
+months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+workday = "flat"
+[profiles.flat]
+segments = [["00:00", "24:00", "flat"]]
 [[versions]]
 version = "f1"
 effective_from = 2020-01-01T00:00:00+08:00
 prices = { flat = 5000 }
-[[versions.calendar]]
-segments = [["00:00", "24:00", "flat"]]
 """
 
 

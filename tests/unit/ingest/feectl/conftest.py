@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from ingest.feectl import (
@@ -15,9 +16,9 @@ from ingest.feectl import (
     FeeController,
     MeterRef,
     SqliteLedgerStore,
-    Tariff,
-    load_tariff,
 )
+from ingest.model.tariff import IntervalPrice, Tariff
+from ingest.rules.stages import tou_periods
 
 CST = dt.timezone(dt.timedelta(hours=8))
 MIN = 60_000
@@ -31,51 +32,61 @@ def ms(text: str) -> int:
 
 FLAT_TOML = """
 id = "flat"
-zone = "+08:00"
+utc_offset_minutes = 480
+[seasons.all]
+months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+workday = "flat"
+[profiles.flat]
+segments = [["00:00", "24:00", "flat"]]
 [[versions]]
 version = "f1"
 effective_from = 2020-01-01T00:00:00+08:00
 prices = { flat = 5000 }
-[[versions.calendar]]
-segments = [["00:00", "24:00", "flat"]]
 """
 
 # TOU-03 Liaoning draft with TOU-02 Liaoning ratios on a 0.5000 flat price.
 LIAONING_TOML = """
 id = "ln"
-zone = "+08:00"
-[[versions]]
-version = "ln-2024"
-effective_from = 2024-01-01T00:00:00+08:00
-prices = { sharp = 9375, peak = 7500, flat = 5000, valley = 2500 }
-[[versions.calendar]]
+utc_offset_minutes = 480
+[seasons.sharp]
 months = [1, 7, 8, 12]
+workday = "with_sharp"
+[seasons.rest]
+months = [2, 3, 4, 5, 6, 9, 10, 11]
+workday = "no_sharp"
+[profiles.with_sharp]
 segments = [
   ["00:00", "05:00", "valley"], ["05:00", "07:30", "flat"], ["07:30", "10:30", "peak"],
   ["10:30", "11:30", "flat"], ["11:30", "12:30", "valley"], ["12:30", "16:00", "flat"],
   ["16:00", "17:00", "peak"], ["17:00", "19:00", "sharp"], ["19:00", "21:00", "peak"],
   ["21:00", "22:00", "flat"], ["22:00", "24:00", "valley"],
 ]
-[[versions.calendar]]
-months = [2, 3, 4, 5, 6, 9, 10, 11]
+[profiles.no_sharp]
 segments = [
   ["00:00", "05:00", "valley"], ["05:00", "07:30", "flat"], ["07:30", "10:30", "peak"],
   ["10:30", "11:30", "flat"], ["11:30", "12:30", "valley"], ["12:30", "16:00", "flat"],
   ["16:00", "21:00", "peak"], ["21:00", "22:00", "flat"], ["22:00", "24:00", "valley"],
 ]
+[[versions]]
+version = "ln-2024"
+effective_from = 2024-01-01T00:00:00+08:00
+prices = { sharp = 9375, peak = 7500, flat = 5000, valley = 2500 }
 """
 
 
 def tiered_toml(cycle: str, t1: int, t2: int, base: int = 4883, extra: str = "") -> str:
     return f"""
 id = "tier"
-zone = "+08:00"
+utc_offset_minutes = 480
+[seasons.all]
+months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+workday = "flat"
+[profiles.flat]
+segments = [["00:00", "24:00", "flat"]]
 [[versions]]
 version = "t1"
 effective_from = 2020-01-01T00:00:00+08:00
 prices = {{ flat = {base} }}
-[[versions.calendar]]
-segments = [["00:00", "24:00", "flat"]]
 [versions.tiers]
 cycle = "{cycle}"
 thresholds_centi_kwh = [{t1}, {t2}]
@@ -84,14 +95,25 @@ surcharges = [0, 500, 3000]
 """
 
 
+def period_of(tariff: Tariff, start_ms: int, end_ms: int | None = None) -> int:
+    """The period code the TOU kernel gives an interval (end-labelled; 15 min unless ``end_ms``)."""
+    end = start_ms + QUARTER if end_ms is None else end_ms
+    return int(tou_periods(np.array([end], dtype=np.int64), tariff.calendar, interval_ms=end - start_ms)[0])
+
+
+def price(tariff: Tariff, start_ms: int, energy: int, cum: int = 0) -> IntervalPrice:
+    """What charging asks of the model for a 15-minute interval starting at ``start_ms``."""
+    return tariff.price_interval(start_ms, period_of(tariff, start_ms), energy, cum)
+
+
 @pytest.fixture
 def flat() -> Tariff:
-    return load_tariff(FLAT_TOML)
+    return Tariff.loads(FLAT_TOML)
 
 
 @pytest.fixture
 def liaoning() -> Tariff:
-    return load_tariff(LIAONING_TOML)
+    return Tariff.loads(LIAONING_TOML)
 
 
 def make_controller(

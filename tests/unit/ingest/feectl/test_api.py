@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from ingest.feectl.api import PaymentsApi
-from ingest.feectl.config import SAMPLE, LimitSettings, MqttSettings, ServiceSettings, load_service_config
+from ingest.feectl.config import SAMPLE, LimitSettings, MqttLink, ServiceSettings, load_service_config
 from ingest.feectl.service import FeeControlService
 from protocols.aggregates import IntervalRecord, encode_intervals
 from protocols.commands import CommandResult, verify_command
@@ -63,7 +63,7 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
+    async def publish(self, topic: str, payload: bytes) -> None:
         self.sent.append((topic, payload))
 
 
@@ -308,7 +308,7 @@ def test_config_sample_loads_and_the_cli_prints_and_checks_it(tmp_path: Path) ->
 
 def test_config_sample_shows_every_key_with_its_default() -> None:
     """Each settings table's keys appear in the sample with their default value."""
-    tables = {"service": ServiceSettings(), "service.mqtt": MqttSettings(), "service.limits": LimitSettings()}
+    tables = {"service": ServiceSettings(), "service.mqtt": MqttLink(), "service.limits": LimitSettings()}
     for name, defaults in tables.items():
         for key in defaults.__dataclass_fields__:
             value = getattr(defaults, key)

@@ -38,8 +38,9 @@ def test_defaults_are_the_reference_defaults() -> None:
 def test_sample_loads() -> None:
     cfg = load_feectl_config(SAMPLE)
     assert cfg.estimate_policy is EstimatePolicy.DEFER
-    assert cfg.windows.allowed_from_min == 540 and cfg.windows.weekend_days == frozenset({6})
-    assert cfg.windows.holidays == frozenset({dt.date(2024, 10, 1)})
+    assert cfg.windows.allowed_from_min == 540 and cfg.windows.weekend_days == ("sun",)
+    assert cfg.windows.holidays == (dt.date(2024, 10, 1),)
+    assert cfg.tz.utcoffset(dt.datetime(2024, 7, 1)) == dt.timedelta(hours=8)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,12 @@ def test_sample_loads() -> None:
         ("[feectl]\nalarm1_fen = 100\nalarm2_fen = 200", "feectl.alarm1_fen"),
         ("[feectl]\ngrace = 5", "feectl.grace"),
         ("[feectl]\nestimate_policy = 'maybe'", "feectl.estimate_policy"),
-        ("[feectl.windows]\nweekend_days = ['caturday']", "feectl.windows.weekend_days"),
+        ("[feectl.windows]\nweekend_days = ['caturday']", "feectl.windows.weekend_days[0]"),
+        ("[feectl]\nzone = 'Mars/Olympus'", "feectl.zone"),
+        ("[feectl]\ncommand_validity_s = 90000", "feectl.command_validity_s"),
+        ("[feectl.windows]\nholidays = ['2024-10-01']", "feectl.windows.holidays[0]"),
+        ("[feectl.windows]\nallowed_hours = ['9:00', '16:00']", "feectl.windows.allowed_hours"),
+        ("[feeds]\nx = 1", "feeds"),
         ("[feectl.windows]\nallowed_hours = ['17:00', '09:00']", "feectl.windows.allowed_hours"),
         ("[feectl]\nmax_attempts = true", "feectl.max_attempts"),
     ],

@@ -9,7 +9,6 @@ from ingest.feectl import (
     Account,
     AccountSnapshot,
     Balance,
-    CommandAction,
     DecisionKind,
     FeeControlConfig,
     Level,
@@ -20,6 +19,7 @@ from ingest.feectl import (
     decide,
     level_of,
 )
+from protocols.commands import Action
 
 from .conftest import QUARTER, make_controller, ms
 
@@ -119,13 +119,13 @@ def test_fc09_no_trip_window_defers_to_monday_0830(ctl) -> None:  # type: ignore
 
 
 def test_fc09_holiday_monday_and_makeup_saturday(flat) -> None:  # type: ignore[no-untyped-def]
-    windows = NoTripWindows(holidays=frozenset({dt.date(2024, 3, 11)}))
+    windows = NoTripWindows(holidays=(dt.date(2024, 3, 11),))
     ctl = make_controller(flat, config=FeeControlConfig(windows=windows))
     go_negative(ctl, ms("2024-03-08 16:40"))
     ev = ctl.evaluate("A17", ms("2024-03-11 09:00"))
     assert ev.decisions[0].reasons == ("NO_TRIP_WINDOW:HOLIDAY",)
     assert ev.next_check_ms == ms("2024-03-12 08:30")
-    makeup = NoTripWindows(makeup_workdays=frozenset({dt.date(2024, 3, 9)}))
+    makeup = NoTripWindows(makeup_workdays=(dt.date(2024, 3, 9),))
     ctl2 = make_controller(flat, config=FeeControlConfig(windows=makeup))
     go_negative(ctl2, ms("2024-03-08 16:40"))
     assert ctl2.evaluate("A17", ms("2024-03-09 08:29")).next_check_ms == ms("2024-03-09 08:30")
@@ -149,11 +149,7 @@ def test_fc08_restore_promptly_after_payment(ctl) -> None:  # type: ignore[no-un
     assert small.decisions[0].reasons == ("BALANCE_NOT_ABOVE_RESTORE",)
     big = ctl.record_payment("A17", "P2", 10_000, ms("2024-03-05 23:00"))
     restore = [d for d in big.decisions if d.kind is DecisionKind.RESTORE_ISSUED]
-    assert (
-        restore
-        and restore[0].action is CommandAction.CLOSE_ALLOWED
-        and restore[0].command_id != trip.command_id
-    )
+    assert restore and restore[0].action is Action.CLOSE_ALLOWED and restore[0].command_id != trip.command_id
     assert ctl.command(restore[0].command_id).issued_ms == ms("2024-03-05 23:00")  # at payment time
 
 
@@ -210,15 +206,11 @@ def test_decide_is_pure_and_blocks_on_command_state() -> None:
     now = TUE_10 + 3_600_000
     assert kinds(decide(_snap(-5), cfg, now).decisions) == [DecisionKind.TRIP_ISSUED]
     assert decide(_snap(-5), cfg, now) == decide(_snap(-5), cfg, now)
-    inflight = decide(_snap(-5, outstanding=CommandAction.TRIP), cfg, now).decisions[0]
+    inflight = decide(_snap(-5, outstanding=Action.TRIP), cfg, now).decisions[0]
     assert inflight.reasons == ("COMMAND_IN_FLIGHT",)
-    waiting = decide(
-        _snap(-5, failed_action=CommandAction.TRIP, failed_attempts=1, last_failed_ms=now), cfg, now
-    )
+    waiting = decide(_snap(-5, failed_action=Action.TRIP, failed_attempts=1, last_failed_ms=now), cfg, now)
     assert waiting.decisions[0].reasons == ("RETRY_WAIT",) and waiting.next_check_ms == now + 300_000
-    escalated = _snap(
-        -5, failed_action=CommandAction.TRIP, failed_attempts=3, blocked_reason="COMMAND_FAILED"
-    )
+    escalated = _snap(-5, failed_action=Action.TRIP, failed_attempts=3, blocked_reason="COMMAND_FAILED")
     assert decide(escalated, cfg, now).decisions[0].reasons == ("COMMAND_FAILED",)
     already_open = decide(_snap(-5, relay=RelayState.OPEN), cfg, now)
     assert already_open.decisions == ()

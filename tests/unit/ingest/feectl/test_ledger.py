@@ -12,9 +12,9 @@ from ingest.feectl import (
     FeeControlConfig,
     FeeControlError,
     JournalKind,
-    load_tariff,
     round_half_up,
 )
+from ingest.model.tariff import Tariff
 
 from .conftest import QUARTER, make_controller, ms, tiered_toml
 
@@ -36,7 +36,7 @@ def test_fc02_balance_example(ctl) -> None:  # type: ignore[no-untyped-def]
 
 def test_tou06_cumulative_rounding_example(flat) -> None:  # type: ignore[no-untyped-def]
     """Three charges of 39.5 fen post 40, 39, 40 = 119 fen (not 120)."""
-    ctl = make_controller(load_tariff(tiered_toml("annual", 288_000, 480_000, base=5000)))
+    ctl = make_controller(Tariff.loads(tiered_toml("annual", 288_000, 480_000, base=5000)))
     posted = [charge(ctl, T0 + i * QUARTER, 79).posted_fen for i in range(3)]  # 79 × 5000 = 395 000
     assert posted == [40, 39, 40]
     assert ctl.balance("A17").balance_fen == -119 == -round_half_up(3 * 395_000)
@@ -104,7 +104,7 @@ def test_fc04_actual_balance_excludes_unconfirmed_estimates(ctl) -> None:  # typ
 
 
 def test_tou05_month_boundary_resets_tier_position() -> None:
-    ctl = make_controller(load_tariff(tiered_toml("monthly", 1_000, 2_000, base=5000)))
+    ctl = make_controller(Tariff.loads(tiered_toml("monthly", 1_000, 2_000, base=5000)))
     last = ms("2024-03-31 23:45")  # interval ending 24:00 Mar 31: March cycle
     charge(ctl, last - QUARTER, 990)
     march = charge(ctl, last, 40)  # 10 at tier 1, 30 at tier 2
@@ -116,7 +116,7 @@ def test_tou05_month_boundary_resets_tier_position() -> None:
 def test_fc05_late_interval_reprices_later_ones_in_cycle() -> None:
     """A late interval takes its own tier position; later intervals move up and only the
     difference is posted. The end state equals the in-order result."""
-    tariff = load_tariff(tiered_toml("monthly", 100, 200, base=5000))
+    tariff = Tariff.loads(tiered_toml("monthly", 100, 200, base=5000))
     energies = [60, 60, 60, 60]
     starts = [T0 + i * QUARTER for i in range(4)]
     in_order = make_controller(tariff)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.feectl import ChargeStatus, JournalKind, load_tariff, round_half_up
+from ingest.feectl import ChargeStatus, JournalKind, round_half_up
+from ingest.model.tariff import Tariff
 
 from .conftest import QUARTER, make_controller, ms, tiered_toml
 
 T0 = ms("2024-03-31 22:00")  # eight quarters before and after the March/April cycle boundary
-TARIFF = load_tariff(tiered_toml("monthly", 300, 600, base=5283))
+TARIFF = Tariff.loads(tiered_toml("monthly", 300, 600, base=5283))
 
 charge_op = st.tuples(
     st.just("charge"), st.sampled_from(["M1", "M2"]), st.integers(0, 15), st.integers(0, 400), st.booleans()

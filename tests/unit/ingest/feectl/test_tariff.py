@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import tomllib
 
 import pytest
 
-from ingest.feectl import load_tariff, round_half_up
+from ingest.feectl import round_half_up
+from ingest.model.tariff import Tariff, TariffCalendar
 from protocols.errors import ConfigError
 
-from .conftest import FLAT_TOML, LIAONING_TOML, QUARTER, ms, tiered_toml
+from .conftest import FLAT_TOML, LIAONING_TOML, QUARTER, ms, price, tiered_toml
 
 
 @pytest.mark.parametrize(
@@ -23,145 +25,137 @@ from .conftest import FLAT_TOML, LIAONING_TOML, QUARTER, ms, tiered_toml
     ],
 )
 def test_tou03_liaoning_period_of_interval_start(interval_end: str, period: str) -> None:
-    tariff = load_tariff(LIAONING_TOML)
+    tariff = Tariff.loads(LIAONING_TOML)
     start = ms(interval_end) - QUARTER
-    price = tariff.price_interval(start, 100)
-    assert price.period == period
+    got = price(tariff, start, 100)
+    assert got.period == period
     # TOU-02 Liaoning ratios on flat 0.5000: sharp 0.9375, peak 0.7500, flat 0.5000, valley 0.2500
-    assert price.exact_micro == 100 * {"sharp": 9375, "peak": 7500, "flat": 5000, "valley": 2500}[period]
+    assert got.exact_micro == 100 * {"sharp": 9375, "peak": 7500, "flat": 5000, "valley": 2500}[period]
 
 
 def test_tou03_local_day_boundary_in_fixed_zone() -> None:
     """Local time is UTC+8: 16:00 UTC is 00:00 next day locally (valley), 15:45 UTC is 23:45 (valley),
     22:30 UTC is 06:30 local (flat); a UTC reading of the clock would get these wrong."""
-    tariff = load_tariff(LIAONING_TOML)
+    tariff = Tariff.loads(LIAONING_TOML)
     utc = dt.UTC
     at = [dt.datetime(2024, 5, 14, h, m, tzinfo=utc) for h, m in ((15, 45), (16, 0), (22, 30), (2, 0))]
-    periods = [tariff.price_interval(int(t.timestamp() * 1000), 1).period for t in at]
+    periods = [price(tariff, int(t.timestamp() * 1000), 1).period for t in at]
     assert periods == ["valley", "valley", "flat", "peak"]  # 02:00 UTC = 10:00 local: peak
 
 
-def test_tou03_iana_zone_name_gives_same_result() -> None:
-    named = load_tariff(LIAONING_TOML.replace('zone = "+08:00"', 'zone = "Asia/Shanghai"'))
-    fixed = load_tariff(LIAONING_TOML)
-    for t in range(ms("2024-07-14 22:00"), ms("2024-07-16 02:00"), QUARTER):
-        assert named.price_interval(t, 7).period == fixed.price_interval(t, 7).period
-
-
-def test_tou03_weather_override_day() -> None:
-    """Jiangsu 2021: the sharp period applies only on days listed (forecast ≥ 35 °C)."""
-    text = FLAT_TOML.replace("prices = { flat = 5000 }", "prices = { flat = 5000, sharp = 6000 }") + (
-        '[[versions.overrides]]\ndate = 2021-07-20\nsegments = [["00:00", "10:00", "flat"], '
-        '["10:00", "11:00", "sharp"], ["11:00", "24:00", "flat"]]\n'
+def test_tou03_holiday_and_weekend_profiles() -> None:
+    text = (
+        FLAT_TOML.replace('workday = "flat"', 'workday = "flat"\nweekend = "rest"\nholiday = "rest"').replace(
+            "holidays", "x"
+        )
+        + '[profiles.rest]\nsegments = [["00:00", "24:00", "valley"]]\n'
     )
-    tariff = load_tariff(text)
-    assert tariff.price_interval(ms("2021-07-20 10:15"), 1).period == "sharp"
-    assert tariff.price_interval(ms("2021-07-21 10:15"), 1).period == "flat"
+    text = text.replace("utc_offset_minutes = 480", "utc_offset_minutes = 480\nholidays = [2024-10-01]")
+    text = text.replace("prices = { flat = 5000 }", "prices = { flat = 5000, valley = 3000 }")
+    tariff = Tariff.loads(text)
+    period = [price(tariff, ms(f"2024-10-{d:02d} 12:00"), 1).period for d in (1, 2, 12, 13)]
+    assert period == ["valley", "flat", "valley", "valley"]  # holiday Tue, Wed, Sat, Sun
 
 
-def test_tou03_day_types_and_makeup_workday() -> None:
-    text = """
-id = "dt"
-[[versions]]
-version = "v"
-effective_from = 2024-01-01T00:00:00+08:00
-prices = { work = 5000, rest = 3000 }
-holidays = [2024-10-01]
-makeup_workdays = [2024-10-12]
-[[versions.calendar]]
-day_types = ["workday"]
-segments = [["00:00", "24:00", "work"]]
-[[versions.calendar]]
-day_types = ["weekend", "holiday"]
-segments = [["00:00", "24:00", "rest"]]
-"""
-    tariff = load_tariff(text)
-    period = [tariff.price_interval(ms(f"2024-10-{d:02d} 12:00"), 1).period for d in (1, 2, 12, 13)]
-    assert period == ["rest", "work", "work", "rest"]  # holiday Tue, Wed, make-up Sat, Sun
+def test_calendar_document_is_a_tariff_without_prices() -> None:
+    """One schema: ingest reads the calendar of a tariff document; charging needs id and versions."""
+    doc = tomllib.loads(LIAONING_TOML)
+    assert (TariffCalendar.from_dict(doc).profiles == Tariff.loads(LIAONING_TOML).calendar.profiles).all()
+    del doc["id"], doc["versions"]
+    TariffCalendar.from_dict(doc)
+    with pytest.raises(ConfigError) as err:
+        Tariff.from_dict(doc)
+    assert err.value.key_path == "tariff.id"
 
 
 def test_tou04_annual_interval_crossing_t1_is_split() -> None:
     """TOU-04 example: T1 = 2 880.00 kWh, cumulative 2 879.50, 1.20 kWh in the valley at 0.3000."""
-    tariff = load_tariff(tiered_toml("annual", 288_000, 480_000, base=3000))
-    price = tariff.price_interval(ms("2024-06-01 02:00"), 120, 287_950)
-    assert [(p.tier, p.energy_centi_kwh, p.price) for p in price.parts] == [(1, 50, 3000), (2, 70, 3500)]
-    assert price.exact_micro == 150_000 + 245_000 == 395_000  # 39.5 fen
+    tariff = Tariff.loads(tiered_toml("annual", 288_000, 480_000, base=3000))
+    got = price(tariff, ms("2024-06-01 02:00"), 120, 287_950)
+    assert [(p.tier, p.energy_centi_kwh, p.price) for p in got.parts] == [(1, 50, 3000), (2, 70, 3500)]
+    assert got.exact_micro == 150_000 + 245_000 == 395_000  # 39.5 fen
 
 
 def test_tou04_beijing_monthly_250_kwh() -> None:
     """240 × 0.4883 + 10 × 0.5383 = 122.575 yuan, as 0.01 kWh steps summed over the month."""
-    tariff = load_tariff(tiered_toml("monthly", 24_000, 40_000))
+    tariff = Tariff.loads(tiered_toml("monthly", 24_000, 40_000))
     total, cum = 0, 0
     for i in range(250):  # 1 kWh per interval
-        total += tariff.price_interval(ms("2024-03-01 00:00") + i * QUARTER, 100, cum).exact_micro
+        total += price(tariff, ms("2024-03-01 00:00") + i * QUARTER, 100, cum).exact_micro
         cum += 100
     assert total == 122_575_000
     assert round_half_up(total) == 12_258  # fen
 
 
 def test_tou04_third_tier_and_exact_threshold() -> None:
-    tariff = load_tariff(tiered_toml("monthly", 24_000, 40_000, base=5000))
-    on_t1 = tariff.price_interval(ms("2024-03-02 00:00"), 100, 23_900)  # ends exactly at T1: tier 1
+    tariff = Tariff.loads(tiered_toml("monthly", 24_000, 40_000, base=5000))
+    on_t1 = price(tariff, ms("2024-03-02 00:00"), 100, 23_900)  # ends exactly at T1: tier 1
     assert [(p.tier, p.energy_centi_kwh) for p in on_t1.parts] == [(1, 100)]
-    across_both = tariff.price_interval(ms("2024-03-02 00:00"), 17_000, 23_500)
+    across_both = price(tariff, ms("2024-03-02 00:00"), 17_000, 23_500)
     assert [(p.tier, p.energy_centi_kwh) for p in across_both.parts] == [(1, 500), (2, 16_000), (3, 500)]
     assert across_both.exact_micro == 500 * 5000 + 16_000 * 5500 + 500 * 8000
 
 
 def test_tou05_cycle_bounds_year_and_month() -> None:
-    annual = load_tariff(tiered_toml("annual", 288_000, 480_000))
+    annual = Tariff.loads(tiered_toml("annual", 288_000, 480_000))
     # interval ending 00:00 Jan 1 (starts 23:45 Dec 31) is in the old cycle; ending 00:15 in the new
     assert annual.cycle_bounds(ms("2024-12-31 23:45")) == (ms("2024-01-01 00:00"), ms("2025-01-01 00:00"))
     assert annual.cycle_bounds(ms("2025-01-01 00:00")) == (ms("2025-01-01 00:00"), ms("2026-01-01 00:00"))
-    monthly = load_tariff(tiered_toml("monthly", 24_000, 40_000, extra="start_day = 15"))
+    monthly = Tariff.loads(tiered_toml("monthly", 24_000, 40_000, extra="start_day = 15"))
     assert monthly.cycle_bounds(ms("2024-03-14 23:45")) == (ms("2024-02-15 00:00"), ms("2024-03-15 00:00"))
     assert monthly.cycle_bounds(ms("2024-12-20 10:00")) == (ms("2024-12-15 00:00"), ms("2025-01-15 00:00"))
 
 
 def test_tou05_price_change_mid_day_applies_by_interval_start() -> None:
     text = FLAT_TOML + (
-        '[[versions]]\nversion = "f2"\neffective_from = "2024-07-01T14:00:00+08:00"\n'
-        'prices = { flat = 6000 }\n[[versions.calendar]]\nsegments = [["00:00", "24:00", "flat"]]\n'
-    )
-    tariff = load_tariff(text)
-    before = tariff.price_interval(ms("2024-07-01 13:45"), 10)  # interval ending 14:00: old price
-    after = tariff.price_interval(ms("2024-07-01 14:00"), 10)  # interval ending 14:15: new price
+        '[[versions]]\nversion = "f2"\neffective_from = 2024-07-01T14:00:00\nprices = { flat = 6000 }\n'
+    )  # a local date-time: at utc_offset_minutes
+    tariff = Tariff.loads(text)
+    before = price(tariff, ms("2024-07-01 13:45"), 10)  # interval ending 14:00: old price
+    after = price(tariff, ms("2024-07-01 14:00"), 10)  # interval ending 14:15: new price
     assert (before.version, before.exact_micro) == ("f1", 50_000)
     assert (after.version, after.exact_micro) == ("f2", 60_000)
 
 
 def test_version_not_yet_in_force_is_config_error() -> None:
-    tariff = load_tariff(FLAT_TOML)
+    tariff = Tariff.loads(FLAT_TOML)
     with pytest.raises(ConfigError) as err:
-        tariff.price_interval(ms("2019-12-31 23:45"), 1)
+        price(tariff, ms("2019-12-31 23:45"), 1)
     assert err.value.key_path == "tariffs.flat.versions"
 
 
 @pytest.mark.parametrize(
     ("old", "new", "key_path"),
     [
-        ('id = "flat"', "id = 7", "id"),
-        ('version = "f1"', 'version = "f1"\nbogus = 1', "versions[0].bogus"),
-        ("prices = { flat = 5000 }", "prices = { flat = 0.5 }", "versions[0].prices.flat"),
-        ('["00:00", "24:00", "flat"]', '["00:00", "23:00", "flat"]', "versions[0].calendar[0].segments"),
-        ('["00:00", "24:00", "flat"]', '["00:00", "25:00", "flat"]', "versions[0].calendar[0].segments[0]"),
-        ('["00:00", "24:00", "flat"]', '["00:00", "24:00", "peak"]', "versions[0].segments"),
-        ('zone = "+08:00"', 'zone = "Mars/Olympus"', "zone"),
+        ('id = "flat"', "id = 7", "tariff.id"),
+        ('version = "f1"', 'version = "f1"\nbogus = 1', "tariff.versions[0].bogus"),
+        ("prices = { flat = 5000 }", "prices = { flat = 0.5 }", "tariff.versions[0].prices.flat"),
+        ("prices = { flat = 5000 }", "prices = { peak = 5000 }", "tariff.versions[0].prices"),
+        ("prices = { flat = 5000 }", "prices = { deep = 5000 }", "tariff.versions[0].prices"),
+        ('["00:00", "24:00", "flat"]', '["00:00", "23:00", "flat"]', "tariff.profiles.flat.segments"),
+        ('["00:00", "24:00", "flat"]', '["00:00", "25:00", "flat"]', "tariff.profiles.flat.segments"),
+        ('["00:00", "24:00", "flat"]', '["0:00", "24:00", "flat"]', "tariff.profiles.flat.segments"),
+        ("utc_offset_minutes = 480", 'utc_offset_minutes = "+08:00"', "tariff.utc_offset_minutes"),
+        (
+            "effective_from = 2020-01-01T00:00:00+08:00",
+            "effective_from = 2020-01-01",
+            "tariff.versions[0].effective_from",
+        ),
     ],
 )
 def test_loader_errors_name_the_key(old: str, new: str, key_path: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_tariff(FLAT_TOML.replace(old, new))
+        Tariff.loads(FLAT_TOML.replace(old, new))
     assert err.value.key_path == key_path
 
 
 def test_calendar_must_cover_every_month_once() -> None:
     bad = LIAONING_TOML.replace("months = [2, 3, 4, 5, 6, 9, 10, 11]", "months = [2, 3, 4, 5, 6, 9, 10]")
-    with pytest.raises(ConfigError, match="month 11 workday is not covered"):
-        load_tariff(bad)
+    with pytest.raises(ConfigError, match=r"months \[11\] are in no season"):
+        Tariff.loads(bad)
 
 
 def test_tou05_non_increasing_tiers_rejected_at_load() -> None:
     with pytest.raises(ConfigError) as err:
-        load_tariff(tiered_toml("monthly", 40_000, 24_000))
-    assert err.value.key_path == "versions[0].tiers.thresholds_centi_kwh"
+        Tariff.loads(tiered_toml("monthly", 40_000, 24_000))
+    assert err.value.key_path == "tariff.versions[0].tiers.thresholds_centi_kwh"
