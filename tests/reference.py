@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ingest.rules import kernels as k
+from protocols.quantities import VALUE_BOUND
 
 EPOCH = dt.datetime(1970, 1, 1)
 INT64_MIN = -(2**63)
@@ -31,41 +32,20 @@ def emax(k_mw_pct: int, dt_ms: int) -> int:
     return k_mw_pct * dt_ms // 3_600_000_000_000
 
 
-def validate(
-    order,
-    chan,
-    meter,
-    ts,
-    quantity,
-    value,
-    flags,
-    prev_value,
-    prev_ts,
-    has_prev,
-    q_kind,
-    q_regmax,
-    q_lo,
-    q_hi,
-    q_energy,
-    q_signed,
-    m_un,
-    m_kmax,
-    m_ib,
-    m_phases,
-    m_izero,
-    m_regmax,
-    receive,
-    future_tol,
-    min_ts,
-    clock_off,
-    skew_tol,
-    interval,
-    dec_min,
-    rep_below,
-    rep_drop,
-    pf_floor,
-    p_min,
-):
+def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, qt, mt, params):
+    p = {name: int(params[0][name]) for name in params.dtype.names}
+    receive, future_tol, min_ts, interval = (
+        p["receive_ts_ms"],
+        p["future_tol_ms"],
+        p["min_ts_ms"],
+        p["interval_ms"],
+    )
+    q_lo, q_hi, q_kind, q_signed, q_energy, q_regmax = (
+        qt[name] for name in ("lo", "hi", "kind", "signed", "energy", "regmax")
+    )
+    m_un, m_kmax, m_ib, m_phases, m_izero, m_regmax = (
+        mt[name] for name in ("un_dv", "kmax", "ib_ma", "phases", "izero_ma", "regmax")
+    )
     n = len(meter)
     meter, ts, quantity, value, flags, chan = map(_l, (meter, ts, quantity, value, flags, chan))
     out = list(flags)
@@ -75,9 +55,9 @@ def validate(
 
     skewed = set()
     for i in range(n):
-        believable = min_ts <= ts[i] <= receive + future_tol and abs(value[i]) <= k.VALUE_BOUND
+        believable = min_ts <= ts[i] <= receive + future_tol and abs(value[i]) <= VALUE_BOUND
         is_clock = quantity[i] == k.Q_METER_CLOCK and not flags[i] & k.F_METER_ERROR and believable
-        if is_clock and abs(value[i] - clock_off - ts[i]) > skew_tol:
+        if is_clock and abs(value[i] - p["meter_clock_utc_offset_ms"] - ts[i]) > p["skew_tol_ms"]:
             skewed.add(meter[i])
 
     newest = {c: t for c, (_, t) in prev.items()}
@@ -111,7 +91,7 @@ def validate(
             f |= k.F_BEFORE_MIN_TIME
         hi = int(q_hi[q])
         if q in (30, 31, 32) and m_un[m] > 0:
-            hi = min(hi, int(m_un[m]) * 3 // 2)
+            hi = min(hi, int(m_un[m]) * p["voltage_invalid_pct"] // 100)
         if q_kind[q] == k.KIND_UNKNOWN or not int(q_lo[q]) <= v <= hi:
             f |= k.F_OUT_OF_RANGE
         if last_seen.get(c) == t:
@@ -119,16 +99,19 @@ def validate(
         last_seen[c] = t
         if not f & k.F_DUPLICATE and c in anchor and t - anchor[c][1] > interval:
             f |= k.F_GAP_BEFORE
-        bad_pf = abs(v) > 1000 or (abs(v) < pf_floor and power is not None and power > 0)
+        bad_pf = abs(v) > 1000 or (abs(v) < p["pf_floor"] and power is not None and power > 0)
         if q in (52, 53, 54, 55) and not f & k.F_METER_ERROR and in_table[i] and bad_pf:
             f |= k.F_PF_OUT_OF_BOUNDS
         if q in (30, 31, 32) and m_phases[m] == 3 and m_un[m] > 0 and not f & k.F_METER_ERROR and in_table[i]:
             x, un = q - 30, int(m_un[m])
             cur = amps[x]
-            collapsed = 100 * v < 60 * un or (
-                100 * v < 78 * un and cur is not None and 1000 * cur > 5 * int(m_ib[m])
+            brk, loss = p["phase_break_pct"], p["voltage_loss_pct"]
+            collapsed = 100 * v < brk * un or (
+                100 * v < loss * un
+                and cur is not None
+                and 1000 * cur > p["voltage_loss_current_permille"] * int(m_ib[m])
             )
-            others = any(volts[y] is not None and 100 * volts[y] >= 60 * un for y in range(3) if y != x)
+            others = any(volts[y] is not None and 100 * volts[y] >= brk * un for y in range(3) if y != x)
             if collapsed and others:
                 f |= k.F_PHASE_LOSS
         if not f & k.NOT_ANCHOR and (c not in anchor or t > anchor[c][1]):
@@ -142,11 +125,12 @@ def validate(
                     per_meter = int(m_regmax[m]) if q_energy[q] else 0  # VEE-02: digits per meter
                     span = (per_meter or int(q_regmax[q])) + 1
                     wrapped = span - a_v + v
-                    if 10 * a_v >= 9 * span and (not q_energy[q] or kmax <= 0 or wrapped <= emax(kmax, gap)):
+                    near_max = 100 * a_v >= p["rollover_band_pct"] * span
+                    if near_max and (not q_energy[q] or kmax <= 0 or wrapped <= emax(kmax, gap)):
                         d, f = wrapped, f | k.F_ROLLOVER
-                    elif v < rep_below and a_v - v >= rep_drop:
+                    elif v < p["replaced_below"] and a_v - v >= p["replaced_drop"]:
                         d, f = 0, f | k.F_METER_REPLACED
-                    elif a_v - v >= dec_min:
+                    elif a_v - v >= p["decrease_min"]:
                         d, f = 0, f | k.F_WENT_BACKWARDS
                     else:
                         d, moves = 0, False
@@ -154,6 +138,7 @@ def validate(
                     f |= k.F_SPIKE
                 if q == 1 and d == 0 and not f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED):
                     biggest = max([a for a in amps if a is not None], default=-1)
+                    p_min = 10 * p["zero_power_min_w"]
                     if (power is not None and power >= p_min) or (m_izero[m] > 0 and biggest >= m_izero[m]):
                         f |= k.F_ZERO_WITH_CURRENT
                 delta[i] = d

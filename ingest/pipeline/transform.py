@@ -28,7 +28,7 @@ import functools
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,7 @@ class Settings:
     check_topic_gateway: bool = True
     min_ts_ms: int = st.MIN_TS_MS
     tariff_calendars: dict[str, TariffCalendar] = field(default_factory=dict)  # registry tariff -> calendar
+    validation: st.ValidationParams = field(default_factory=st.ValidationParams)  # [pipeline] fields win
     tags: _TagCache = field(default_factory=_TagCache, compare=False, repr=False)
 
     @classmethod
@@ -145,6 +146,7 @@ class Settings:
             check_topic_gateway=p.check_topic_gateway,
             min_ts_ms=p.min_ts_ms,
             tariff_calendars=load_tariff_calendars(cfg, calendar),
+            validation=cfg.validation.params(),
         )
 
 
@@ -298,9 +300,10 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     # arrival time: a replay days later must flag exactly what the first delivery flagged.
     now_ms = time.time_ns() // 1_000_000
     ref_ms = min(batch.sent_ms, now_ms) if batch.sent_ms else now_ms
-    params = st.ValidationParams(
-        interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms, min_ts_ms=s.min_ts_ms
-    )
+    params = replace(
+        s.validation, interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms, min_ts_ms=s.min_ts_ms,
+        max_gap_intervals=s.max_gap_intervals,
+    )  # fmt: skip
     checked = st.validate_batch(readings, prev, meters, ref_ms, params)
     flags = checked.flags
     checked_r = st.Readings(readings.meter, readings.ts, readings.quantity, readings.value, flags)
@@ -314,9 +317,7 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     if has_dup:  # stored too, in their own series, so they never overwrite the first arrival
         dups = _subset(checked_r, dup)
         parts.append(st.encode_lines(dups, tags.table(b"reading_duplicate")))
-    iv = st.aggregate_intervals(
-        checked_r, checked, meters, interval_ms=s.interval_ms, max_gap_intervals=s.max_gap_intervals
-    )
+    iv = st.aggregate_intervals(checked_r, checked, meters, params)
     iv = _dedup_intervals(iv)
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
     # Wide, like the readings: one point per (meter, interval end) with a field per energy

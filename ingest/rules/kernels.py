@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from protocols.flags import Flag
-from protocols.quantities import ENERGY_FORWARD, by_name
+from protocols.quantities import ENERGY_FORWARD, VALUE_BOUND, by_name
 
 # Flag bits as plain ints: numba freezes module-level ints as compile-time constants.
 F_OUT_OF_RANGE = int(Flag.OUT_OF_RANGE)
@@ -62,10 +62,56 @@ Q_POWER_TOTAL = by_name("power_active_total").code
 Q_PF_TOTAL = by_name("power_factor_total").code  # total, a, b, c are consecutive codes
 Q_METER_CLOCK = by_name("meter_clock").code
 
-# No quantity reaches 10^15 of its units (a meter clock, epoch ms, is 1.7e12): a value beyond is
-# OUT_OF_RANGE, and every rule that computes with a value takes in-range values only, so no
-# product in these kernels (x 1000 at most) can overflow int64 whatever an edge sends.
-VALUE_BOUND = 10**15
+# The validation kernel's tables and parameters: numpy record arrays (``np.recarray`` views, so
+# that ``table[i].field`` reads the same with and without the JIT) read field by field, built
+# by ``ingest.rules.stages`` (QUANTITY_TABLE from ``protocols.quantities``, METER_TABLE from the
+# registry, PARAMS from ``ValidationParams``, whose fields have these names). A new rule adds its
+# parameter here and on ValidationParams, its block of kernel code, and its reference twin.
+QUANTITY_TABLE = np.dtype(
+    [
+        ("kind", np.int64),  # KIND_*
+        ("lo", np.int64),  # the valid range, inclusive (Quantity.valid_range)
+        ("hi", np.int64),
+        ("regmax", np.int64),  # cumulative: the register maximum (VEE-02), else 0
+        ("energy", np.bool_),  # an energy register: the meter's rating bounds its deltas (VEE-05)
+        ("signed", np.bool_),  # a decrease is consumption, not a fault (VEE-04)
+        ("stuck_check", np.bool_),  # VEE-19 applies
+    ],
+    align=True,
+)
+METER_TABLE = np.dtype(
+    [
+        ("un_dv", np.int64),  # rated phase voltage, 0.1 V; 0 = unknown (rating rules skipped)
+        ("kmax", np.int64),  # VEE-05: U_n·I_max·phases in mW x (100 + spike_margin_pct)
+        ("ib_ma", np.int64),  # basic current, mA
+        ("phases", np.int64),
+        ("izero_ma", np.int64),  # VEE-08: the current that carries zero_power_min_w at U_n
+        ("regmax", np.int64),  # VEE-02: this meter's energy register maximum, 0 = the quantity's
+    ],
+    align=True,
+)
+PARAMS = np.dtype(
+    [
+        ("receive_ts_ms", np.int64),  # the batch's reference time (VEE-11)
+        ("interval_ms", np.int64),  # VEE-13 grid and gap
+        ("future_tol_ms", np.int64),  # VEE-11
+        ("min_ts_ms", np.int64),  # readings earlier are BEFORE_MIN_TIME
+        ("skew_tol_ms", np.int64),  # VEE-12
+        ("meter_clock_utc_offset_ms", np.int64),  # VEE-12: meter_clock is meter-local time
+        ("rollover_band_pct", np.int64),  # VEE-02: the anchor is within this % of the maximum
+        ("replaced_below", np.int64),  # VEE-03, 0.01 kWh
+        ("replaced_drop", np.int64),  # VEE-03, 0.01 kWh
+        ("decrease_min", np.int64),  # VEE-04, 0.01 kWh
+        ("zero_power_min_w", np.int64),  # VEE-08
+        ("voltage_invalid_pct", np.int64),  # VEE-16, % of U_n
+        ("phase_break_pct", np.int64),  # VEE-17, % of U_n
+        ("voltage_loss_pct", np.int64),  # VEE-17, % of U_n
+        ("voltage_loss_current_permille", np.int64),  # VEE-17, ‰ of I_b
+        ("pf_floor", np.int64),  # VEE-18, 0.001
+    ],
+    align=True,
+)
+
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
 _MS_PER_HOUR = 3_600_000
@@ -75,6 +121,8 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 # --- validation ------------------------------------------------------------------------------------
+# Every value a rule computes with is within its quantity's valid range, hence within VALUE_BOUND
+# (10^15), so no product in these kernels (x 1000 at most) can overflow int64 whatever an edge sends.
 
 
 @_jit
@@ -90,70 +138,39 @@ def _emax(k_mw_pct, dt_ms):
 
 
 @_jit
-def _skewed_meters(meter, ts, quantity, value, flags, nmeters, clock_offset_ms, skew_tol_ms, t_lo, t_hi):
+def _skewed_meters(meter, ts, quantity, value, flags, nmeters, p):
     """VEE-12: a meter whose clock reading differs from the read time by more than the tolerance
-    (clock readings read within the time bounds ``[t_lo, t_hi]``, value within VALUE_BOUND)."""
+    (clock readings read within the time bounds, value within VALUE_BOUND)."""
     out = np.zeros(nmeters, dtype=np.bool_)
+    t_hi = p.receive_ts_ms + p.future_tol_ms
     for i in range(meter.shape[0]):
-        believable = t_lo <= ts[i] <= t_hi and -VALUE_BOUND <= value[i] <= VALUE_BOUND
+        believable = p.min_ts_ms <= ts[i] <= t_hi and -VALUE_BOUND <= value[i] <= VALUE_BOUND
         if quantity[i] == Q_METER_CLOCK and (flags[i] & F_METER_ERROR) == 0 and believable:
-            skew = value[i] - clock_offset_ms - ts[i]
-            if skew > skew_tol_ms or skew < -skew_tol_ms:
+            skew = value[i] - p.meter_clock_utc_offset_ms - ts[i]
+            if skew > p.skew_tol_ms or skew < -p.skew_tol_ms:
                 out[meter[i]] = True
     return out
 
 
 @_jit
-def validate(
-    order,
-    chan,
-    meter,
-    ts,
-    quantity,
-    value,
-    flags,
-    prev_value,
-    prev_ts,
-    has_prev,
-    q_kind,
-    q_regmax,
-    q_lo,
-    q_hi,
-    q_energy,
-    q_signed,
-    m_un_dv,
-    m_kmax,
-    m_ib_ma,
-    m_phases,
-    m_izero_ma,
-    m_regmax,
-    receive_ts_ms,
-    future_tol_ms,
-    min_ts_ms,
-    clock_offset_ms,
-    skew_tol_ms,
-    interval_ms,
-    decrease_min,
-    replaced_below,
-    replaced_drop,
-    pf_floor,
-    p_min,
-):
+def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, qt, mt, params):
     """One pass over the batch in ``order`` (sorted by meter, ts, quantity, arrival).
 
-    Returns ``(flags, delta, anchor_ts)`` per reading (input positions): the new flags (input
-    flags OR'ed with every rule that fired), the register delta since the channel's previous
-    anchor (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and
-    that anchor's time (``INT64_MIN`` when there is none)."""
+    ``qt`` is the QUANTITY_TABLE indexed by code, ``mt`` the METER_TABLE indexed by batch meter,
+    ``params`` a PARAMS array of one record; ``chan`` labels (meter, quantity) channels and
+    ``prev_*`` / ``has_prev`` give each channel's register before the batch. Returns
+    ``(flags, delta, anchor_ts)`` per reading (input positions): the new flags (input flags OR'ed
+    with every rule that fired), the register delta since the channel's previous anchor
+    (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and that
+    anchor's time (``INT64_MIN`` when there is none)."""
+    p = params[0]
     n = order.shape[0]
     nchan = prev_value.shape[0]
     out = flags.astype(np.int64)
     delta = np.zeros(n, dtype=np.int64)
     anchor_ts = np.full(n, INT64_MIN, dtype=np.int64)
-    skewed = _skewed_meters(
-        meter, ts, quantity, value, flags, m_un_dv.shape[0], clock_offset_ms, skew_tol_ms,
-        min_ts_ms, receive_ts_ms + future_tol_ms,
-    )  # fmt: skip
+    skewed = _skewed_meters(meter, ts, quantity, value, flags, mt.shape[0], p)
+    interval_ms = p.interval_ms
 
     # Arrival order: OUT_OF_ORDER when earlier than something already seen on the channel.
     seen_max = np.full(nchan, INT64_MIN, dtype=np.int64)
@@ -190,7 +207,7 @@ def validate(
             i = order[j]
             q = np.int64(quantity[i])
             v = value[i]
-            if (flags[i] & F_METER_ERROR) != 0 or v < q_lo[q] or v > q_hi[q]:
+            if (flags[i] & F_METER_ERROR) != 0 or v < qt[q].lo or v > qt[q].hi:
                 continue
             if Q_VOLT_A <= q < Q_VOLT_A + 3:
                 ua[q - Q_VOLT_A] = v
@@ -199,24 +216,27 @@ def validate(
             elif q == Q_POWER_TOTAL:
                 p_abs = v if v >= 0 else -v
         i_max_abs = max(ia[0], max(ia[1], ia[2]))
+        mr = mt[m]
+        un = mr.un_dv
         for j in range(start, end):
             i = order[j]
             c = chan[i]
             q = np.int64(quantity[i])
+            qr = qt[q]
             v = value[i]
             f = out[i]
             if skewed[m]:
                 f |= F_CLOCK_SKEW
-            if t > receive_ts_ms + future_tol_ms:  # VEE-11
+            if t > p.receive_ts_ms + p.future_tol_ms:  # VEE-11
                 f |= F_FUTURE_TIME
-            if t < min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
+            if t < p.min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
                 f |= F_BEFORE_MIN_TIME
-            kind = q_kind[q]
-            in_table = q_lo[q] <= v <= q_hi[q]  # the rules below compute with in-range values only
-            hi = q_hi[q]
-            if Q_VOLT_A <= q < Q_VOLT_A + 3 and m_un_dv[m] > 0:
-                hi = min(hi, m_un_dv[m] * 3 // 2)  # VEE-16: invalid above 1.5 U_n
-            if kind == KIND_UNKNOWN or v < q_lo[q] or v > hi:
+            kind = qr.kind
+            in_table = qr.lo <= v <= qr.hi  # the rules below compute with in-range values only
+            hi = qr.hi
+            if Q_VOLT_A <= q < Q_VOLT_A + 3 and un > 0:
+                hi = min(hi, un * p.voltage_invalid_pct // 100)  # VEE-16: invalid above 1.5 U_n
+            if kind == KIND_UNKNOWN or v < qr.lo or v > hi:
                 f |= F_OUT_OF_RANGE
             if has_last[c] and t == last_ts[c]:  # VEE-10: same (meter, quantity, ts) seen before
                 f |= F_DUPLICATE
@@ -227,21 +247,23 @@ def validate(
                 f |= F_GAP_BEFORE
             if Q_PF_TOTAL <= q < Q_PF_TOTAL + 4 and (f & F_METER_ERROR) == 0 and in_table:  # VEE-18
                 pf = v if v >= 0 else -v
-                if pf > 1000 or (pf < pf_floor and p_abs > 0):
+                if pf > 1000 or (pf < p.pf_floor and p_abs > 0):
                     f |= F_PF_OUT_OF_BOUNDS
             if (
                 Q_VOLT_A <= q < Q_VOLT_A + 3
-                and m_phases[m] == 3
-                and m_un_dv[m] > 0
+                and mr.phases == 3
+                and un > 0
                 and (f & F_METER_ERROR) == 0
                 and in_table
             ):
                 x = q - Q_VOLT_A
-                un = m_un_dv[m]
-                collapsed = v * 100 < 60 * un or (v * 100 < 78 * un and ia[x] * 1000 > 5 * m_ib_ma[m])
+                collapsed = v * 100 < p.phase_break_pct * un or (
+                    v * 100 < p.voltage_loss_pct * un
+                    and ia[x] * 1000 > p.voltage_loss_current_permille * mr.ib_ma
+                )
                 other_ok = False
                 for y in range(3):
-                    if y != x and ua[y] >= 0 and ua[y] * 100 >= 60 * un:
+                    if y != x and ua[y] >= 0 and ua[y] * 100 >= p.phase_break_pct * un:
                         other_ok = True
                 if collapsed and other_ok:  # VEE-17 断相 / 失压
                     f |= F_PHASE_LOSS
@@ -251,22 +273,14 @@ def validate(
                     d = v - a_val[c]
                     anchor_ts[i] = a_ts[c]
                     move = True
-                    if d < 0 and not q_signed[q]:
-                        d, f, move = _backwards(
-                            v,
-                            a_val[c],
-                            dt,
-                            m_regmax[m] if q_energy[q] and m_regmax[m] > 0 else q_regmax[q],
-                            q_energy[q],
-                            m_kmax[m],
-                            f,
-                            decrease_min,
-                            replaced_below,
-                            replaced_drop,
-                        )
-                    elif q_energy[q] and m_kmax[m] > 0 and d > _emax(m_kmax[m], dt):
+                    if d < 0 and not qr.signed:
+                        regmax = mr.regmax if qr.energy and mr.regmax > 0 else qr.regmax
+                        d, f, move = _backwards(v, a_val[c], dt, regmax, qr.energy, mr.kmax, f, p)
+                    elif qr.energy and mr.kmax > 0 and d > _emax(mr.kmax, dt):
                         f |= F_SPIKE  # VEE-05
-                    current = p_abs >= p_min or (m_izero_ma[m] > 0 and i_max_abs >= m_izero_ma[m])
+                    current = p_abs >= p.zero_power_min_w * 10 or (
+                        mr.izero_ma > 0 and i_max_abs >= mr.izero_ma
+                    )
                     if (
                         q == Q_ENERGY_TOTAL
                         and d == 0
@@ -292,15 +306,16 @@ def validate(
 
 
 @_jit
-def _backwards(v, prev, dt, regmax, is_energy, kmax, f, decrease_min, replaced_below, replaced_drop):
+def _backwards(v, prev, dt, regmax, is_energy, kmax, f, p):
     """VEE-02/03/04 for a register lower than its anchor: (delta, flags, anchor value moves)."""
     span = regmax + 1
     wrapped = span - prev + v
-    if prev * 10 >= span * 9 and (not is_energy or kmax <= 0 or wrapped <= _emax(kmax, dt)):
+    near_max = prev * 100 >= span * p.rollover_band_pct
+    if near_max and (not is_energy or kmax <= 0 or wrapped <= _emax(kmax, dt)):
         return wrapped, f | F_ROLLOVER, True  # VEE-02
-    if v < replaced_below and prev - v >= replaced_drop:
+    if v < p.replaced_below and prev - v >= p.replaced_drop:
         return np.int64(0), f | F_METER_REPLACED, True  # VEE-03 (suspect: no consumption)
-    if prev - v >= decrease_min:
+    if prev - v >= p.decrease_min:
         return np.int64(0), f | F_WENT_BACKWARDS, True  # VEE-04
     return np.int64(0), f, False  # VEE-04 jitter: E = 0; the anchor keeps the higher value, takes the time
 
