@@ -106,7 +106,7 @@ class IngestMetrics:
             registry=r,
         )
 
-    def count_flags(self, flags: npt.NDArray[np.uint16]) -> None:
+    def count_flags(self, flags: npt.NDArray[np.uint32]) -> None:
         """One vectorised count per flag bit present in the batch (most batches carry few bits;
         none per reading)."""
         if flags.shape[0] == 0:

@@ -42,6 +42,8 @@ from protocols.payload import (
     _U32,
     _column_bytes,
     _column_from_bytes,
+    _flags_from_u16,
+    _flags_to_u16,
     _get,
     _id_table,
     _uint63,
@@ -71,7 +73,7 @@ _COLUMNS = (
     ("start", "start_ms", _I64),
     ("end", "end_ms", _I64),
     ("e", "energy", _I64),
-    ("f", "flags", _U16),
+    ("f", "flags", _U32),  # u16 on the v1 wire
 )
 
 
@@ -106,11 +108,12 @@ def encode_interval_columns(
     gateway: str, batch_seq: int, meters: Sequence[str], columns: Sequence[Any]
 ) -> bytes:
     """The binary intervals message from columns ``(meter index, quantity, start_ms, end_ms,
-    energy, flags)``: buffers of u32, u16, i64, i64, i64, u16 items (``array.array``, numpy
+    energy, flags)``: buffers of u32, u16, i64, i64, i64, u32 items (``array.array``, numpy
     arrays), ``meter`` indexing ``meters``. Raises TypeError for a column of the wrong type."""
     body: dict[str, Any] = {"t": "intervals", "gw": gateway, "seq": batch_seq, "meters": list(meters)}
     for (key, name, spec), col in zip(_COLUMNS, columns, strict=True):
         body[key] = _column_bytes(name, col, spec)
+    body["f"] = _flags_to_u16(body["f"])
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return INTERVALS_MAGIC + packed
 
@@ -206,7 +209,9 @@ def _decode_binary_intervals(data: bytes) -> tuple[str, int, list[IntervalRecord
     gateway = _get(body, "gw", str)
     seq = _uint63(_get(body, "seq", int), "seq")
     meters = _id_table(_get(body, "meters", list), "meters")
-    cols = [_column_from_bytes(name, _get(body, key, bytes), spec) for key, name, spec in _COLUMNS]
+    raw = {key: _get(body, key, bytes) for key, _, _ in _COLUMNS}
+    raw["f"] = _flags_from_u16(raw["f"])
+    cols = [_column_from_bytes(name, raw[key], spec) for key, name, spec in _COLUMNS]
     if len({len(c) for c in cols}) > 1:
         raise PayloadError("intervals: columns differ in length: " + "/".join(str(len(c)) for c in cols))
     meter, quantity, start, end, energy, flags = (c.tolist() for c in cols)

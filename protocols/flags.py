@@ -1,4 +1,4 @@
-"""Quality flags: one bit per rule, carried in every reading's ``flags`` (uint16).
+"""Quality flags: one bit per rule, carried in every reading's ``flags`` (uint32).
 
 A reading is never silently dropped: whatever is wrong with it is recorded here and it is
 stored with its flags. The edge sets ``METER_ERROR`` and ``CLOCK_SKEW``-at-read; ingest's
@@ -25,7 +25,9 @@ bit  name                meaning
 15   BEFORE_MIN_TIME     timestamp earlier than the head-end's lower bound (ingest ``min_ts``)
 ==== ==================  ============================================================
 
-Bit 15 is the last of the uint16: the next rule needs a wider column (a payload version).
+Bits 16..31 are free for new rules. Inside the head-end every flags column is ``uint32``. On
+the wire, payload v1 carries 16 bits (decoding widens them; encoding a higher bit as v1 is an
+error) and payload v2 all 32 (``docs/payload.md``).
 """
 
 from __future__ import annotations

@@ -101,6 +101,29 @@ def _column_bytes(name: str, col: Any, spec: tuple[str, int, frozenset[str]]) ->
     return view.tobytes()
 
 
+def _flags_to_u16(raw: bytes) -> bytes:
+    """u32le flags as the u16le items of the v1 wire; ValueError if a bit above 15 is set
+    (dropping it would lose a quality flag). Byte slicing: C speed, no object per reading."""
+    high = raw[2::4] + raw[3::4]
+    if high.count(0) != len(high):
+        raise ValueError("column 'flags': a bit above 15 is set; payload v1 carries 16 flag bits")
+    out = bytearray(len(raw) // 2)
+    out[0::2] = raw[0::4]
+    out[1::2] = raw[1::4]
+    return bytes(out)
+
+
+def _flags_from_u16(raw: bytes) -> bytes:
+    """The v1 wire's u16le flags widened to u32le (high halves zero). PayloadError for an odd
+    number of bytes."""
+    if len(raw) % 2:
+        raise PayloadError(f"column 'flags': {len(raw)} bytes is not a multiple of 2")
+    out = bytearray(2 * len(raw))
+    out[0::4] = raw[0::2]
+    out[1::4] = raw[1::2]
+    return bytes(out)
+
+
 def _column_from_bytes(name: str, raw: bytes, spec: tuple[str, int, frozenset[str]]) -> Column:
     if len(raw) % spec[1]:
         raise PayloadError(f"column {name!r}: {len(raw)} bytes is not a multiple of {spec[1]}")
@@ -186,7 +209,7 @@ class ReadingBatch:
             ("ts", self.ts, _I64),
             ("quantity", self.quantity, _U16),
             ("value", self.value, _I64),
-            ("flags", self.flags, _U16),
+            ("flags", self.flags, _U32),
         ):
             if len(_as_view(name, col, spec)) != n:
                 raise ValueError(f"column {name!r}: length differs from 'meter' ({n})")
@@ -227,7 +250,7 @@ class BatchBuilder:
 
     def __init__(self) -> None:
         self._index: dict[str, int] = {}
-        self._cols = tuple(_empty(s) for s in (_U32, _I64, _U16, _I64, _U16))
+        self._cols = tuple(_empty(s) for s in (_U32, _I64, _U16, _I64, _U32))
         self._prev = tuple(_empty(s) for s in (_U32, _U16, _I64, _I64))
         self._prev_keys: set[tuple[int, int]] = set()
 
@@ -295,7 +318,7 @@ def _encode_binary(batch: ReadingBatch) -> bytes:
         "ts": _column_bytes("ts", batch.ts, _I64),
         "q": _column_bytes("quantity", batch.quantity, _U16),
         "v": _column_bytes("value", batch.value, _I64),
-        "f": _column_bytes("flags", batch.flags, _U16),
+        "f": _flags_to_u16(_column_bytes("flags", batch.flags, _U32)),
         "prev": {
             "meter": _column_bytes("prev.meter", p.meter, _U32),
             "q": _column_bytes("prev.quantity", p.quantity, _U16),
@@ -308,6 +331,8 @@ def _encode_binary(batch: ReadingBatch) -> bytes:
 
 
 def _encode_json(batch: ReadingBatch) -> bytes:
+    if len(batch.flags) and max(batch.flags) > 0xFFFF:
+        raise ValueError("column 'flags': a bit above 15 is set; payload v1 carries 16 flag bits")
     readings = [
         {"meter": m, "ts": t, "quantity": q, "value": v, "flags": f}
         for m, t, q, v, f in zip(*batch._columns(), strict=True)
@@ -417,9 +442,9 @@ def _decode_binary(data: bytes) -> ReadingBatch:
             ("ts", "ts", _I64),
             ("quantity", "q", _U16),
             ("value", "v", _I64),
-            ("flags", "f", _U16),
         )
     ]
+    cols.append(_column_from_bytes("flags", _flags_from_u16(_get(body, "f", bytes)), _U32))
     prev_doc = _get(body, "prev", dict)
     prev = [
         _column_from_bytes(name, _get(prev_doc, key, bytes, "prev."), spec)
@@ -490,6 +515,7 @@ def _decode_json(data: bytes) -> ReadingBatch:
     cols = _json_rows(
         doc, "readings", ("meter", "ts", "quantity", "value", "flags"), (_U32, _I64, _U16, _I64, _U16)
     )
+    cols[4] = array.array("I", cols[4])
     prev = _json_rows(doc, "prev", ("meter", "quantity", "value", "ts"), (_U32, _U16, _I64, _I64))
     return _checked_batch(gateway, seq, meters, cols, prev, sent)
 

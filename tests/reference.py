@@ -147,7 +147,7 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
             else:
                 anchor[c] = (v, t)
         out[i] = f
-    return np.array(out, np.uint16), np.array(delta, np.int64), np.array(anchor_ts, np.int64)
+    return np.array(out, np.uint32), np.array(delta, np.int64), np.array(anchor_ts, np.int64)
 
 
 # --- intervals and estimation (VEE-01, VEE-20, VEE-21) -----------------------------------------------
@@ -181,7 +181,7 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
                 fl = k.F_ESTIMATED | (carry if last else carry & k.F_GAP_BEFORE)
                 rows.append((m, q, a + (j + 1) * interval, e * int(mult[m]), fl))
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
-    dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint16)
+    dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint32)
     return tuple(np.array(c, dtype=d) for c, d in zip(cols, dts, strict=True))
 
 

@@ -156,7 +156,7 @@ class BatchOutput:
 
     lines: bytes
     readings: int
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
     iv: st.Intervals  # validated intervals, one row per (meter, quantity, end)
     meter_ids: tuple[str, ...]
     interval_ms: int
@@ -214,7 +214,7 @@ def columns(batch: ReadingBatch) -> tuple[st.Readings, st.PreviousRegisters]:
         _u(batch.ts, np.int64),
         _u(batch.quantity, np.uint16),
         _u(batch.value, np.int64),
-        _u(batch.flags, np.uint16),
+        _u(batch.flags, np.uint32),
     )
     p = batch.prev
     prev = st.PreviousRegisters(

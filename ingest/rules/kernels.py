@@ -302,7 +302,7 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                     a_ok[c] = True
             out[i] = f
         start = end
-    return out.astype(np.uint16), delta, anchor_ts
+    return out.astype(np.uint32), delta, anchor_ts
 
 
 @_jit
@@ -355,7 +355,7 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
     o_q = np.empty(total, dtype=np.uint16)
     o_end = np.empty(total, dtype=np.int64)
     o_e = np.empty(total, dtype=np.int64)
-    o_f = np.empty(total, dtype=np.uint16)
+    o_f = np.empty(total, dtype=np.uint32)
     r = 0
     for i in range(n):
         if not selected[quantity[i]]:

@@ -88,14 +88,14 @@ class Readings:
     ts: I64  # epoch ms
     quantity: npt.NDArray[np.uint16]
     value: I64  # fixed point, scaled by the quantity's decimals
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
 
     def __post_init__(self) -> None:
         n = _col("meter", self.meter, np.uint32).shape[0]
         _col("ts", self.ts, np.int64, n)
         _col("quantity", self.quantity, np.uint16, n)
         _col("value", self.value, np.int64, n)
-        _col("flags", self.flags, np.uint16, n)
+        _col("flags", self.flags, np.uint32, n)
 
     def __len__(self) -> int:
         return int(self.meter.shape[0])
@@ -237,7 +237,7 @@ class Checked:
     that anchor's time (``INT64_MIN`` if none); ``order`` the positions sorted by (meter, ts,
     quantity, arrival)."""
 
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
     delta: I64
     anchor_ts: I64
     order: I64
@@ -330,7 +330,7 @@ class Intervals:
     quantity: npt.NDArray[np.uint16]
     end_ts: I64
     energy: I64
-    flags: npt.NDArray[np.uint16]
+    flags: npt.NDArray[np.uint32]
 
 
 ENERGY_CHANNELS = (1, 2, 3, 4, 5, 6)  # forward total, T1..T4, reverse total
@@ -350,7 +350,7 @@ def aggregate_intervals(
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
     _col("checked.anchor_ts", checked.anchor_ts, np.int64, n)
-    _col("checked.flags", checked.flags, np.uint16, n)
+    _col("checked.flags", checked.flags, np.uint32, n)
     _col("meters.multiplier", meters.multiplier, np.int64)
     selected = np.zeros(_NQ, dtype=np.bool_)
     selected[list(quantities)] = True
@@ -627,7 +627,7 @@ def completeness(
             _bucket_start(readings.ts[d_sel], interval_ms, DAY_MS, utc_offset_ms),
         ]
     )
-    flags = np.concatenate([iv.flags[sel], np.zeros(int(d_sel.sum()), np.uint16)])
+    flags = np.concatenate([iv.flags[sel], np.zeros(int(d_sel.sum()), np.uint32)])
     is_dup = np.concatenate([np.zeros(int(sel.sum()), np.bool_), np.ones(int(d_sel.sum()), np.bool_)])
     labels, ng, first = group_labels(meter, day)
     _, n_act, n_est, n_bad = k.group_totals(labels[~is_dup], ng, iv.energy[sel], flags[~is_dup])

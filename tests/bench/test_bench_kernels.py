@@ -33,7 +33,7 @@ def _batch(nmeters: int, intervals: int, seed: int = 1):
     value[q == 40] = rng.integers(0, 40_000, size=nmeters * intervals)
     keep = rng.random(m.shape[0]) > 0.01  # 1 % lost: gaps to estimate
     r = stages.Readings(
-        m[keep], T0 + slot[keep] * I, q[keep], value[keep], np.zeros(int(keep.sum()), np.uint16)
+        m[keep], T0 + slot[keep] * I, q[keep], value[keep], np.zeros(int(keep.sum()), np.uint32)
     )
     pm = np.repeat(np.arange(nmeters, dtype=np.uint32), 2)
     prev = stages.PreviousRegisters(

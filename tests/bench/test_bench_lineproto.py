@@ -26,7 +26,7 @@ def _batch(nmeters: int, per_meter_points: int):
         ts.astype(np.int64),
         np.tile(QS, n // QS.shape[0]),
         rng.integers(0, 10**8, n).astype(np.int64),
-        np.zeros(n, np.uint16),
+        np.zeros(n, np.uint32),
     )
     ids = [f"{i:012d}" for i in range(nmeters)]
     return r, ids

@@ -88,7 +88,7 @@ def batches(draw, max_n: int = 40):
         np.array(cols[1], np.int64),
         np.array(cols[2], np.uint16),
         np.array(cols[3], np.int64),
-        np.array(cols[4], np.uint16),
+        np.array(cols[4], np.uint32),
     )
     prev = []
     for m in range(nmeters):

@@ -49,7 +49,7 @@ def random_intervals(rng: random.Random, n: int, repeats: bool = False) -> stage
         np.array(
             [rng.choice([0, 1, -5, 2**62, -(2**62), rng.randrange(-999, 999)]) for _ in range(n)], np.int64
         ),
-        np.array([rng.randrange(0, 2**16) for _ in range(n)], np.uint16),
+        np.array([rng.randrange(0, 2**32) for _ in range(n)], np.uint32),
     )
 
 

@@ -108,7 +108,7 @@ def _cols(rows):
     return (
         np.array(cols[0], np.int64),
         np.array(cols[1], np.int64),
-        np.array(cols[2], np.uint16),
+        np.array(cols[2], np.uint32),
         np.array(cols[3], np.uint16),
         np.array(cols[4], np.uint8),
     )

@@ -37,7 +37,7 @@ def _encode(ids, values, quantities, wide=False, gateway="gw 1"):
         np.full(n, 1_700_000_000_000, np.int64),
         np.array(quantities, np.uint16),
         np.array(values, np.int64),
-        np.zeros(n, np.uint16),
+        np.zeros(n, np.uint32),
     )
     return stages.encode_lines(r, stages.LineTables.build(ids, gateway), wide=wide)
 

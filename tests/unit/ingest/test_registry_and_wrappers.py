@@ -168,7 +168,7 @@ def test_wrapper_names_the_bad_column() -> None:
             np.zeros(1, np.int64),
             np.zeros(1, np.uint16),
             np.zeros(1, np.float64),
-            np.zeros(1, np.uint16),
+            np.zeros(1, np.uint32),
         )
     with pytest.raises(ValueError, match="column 'flags': expected length 1"):
         stages.Readings(
@@ -176,9 +176,9 @@ def test_wrapper_names_the_bad_column() -> None:
             np.zeros(1, np.int64),
             np.zeros(1, np.uint16),
             np.zeros(1, np.int64),
-            np.zeros(2, np.uint16),
+            np.zeros(2, np.uint32),
         )
-    one = stages.Readings(*(np.zeros(1, t) for t in (np.uint32, np.int64, np.uint16, np.int64, np.uint16)))
+    one = stages.Readings(*(np.zeros(1, t) for t in (np.uint32, np.int64, np.uint16, np.int64, np.uint32)))
     with pytest.raises(ValueError, match="order: 2 positions for 1 readings"):
         stages.encode_lines(one, stages.LineTables.build(["m"], "g"), order=np.zeros(2, np.int64))
 
@@ -194,7 +194,7 @@ def test_read_only_frombuffer_columns_work_and_stay_unchanged() -> None:
             ("ts", [T + 900_000, T + 1_800_000], np.int64),
             ("quantity", [1, 1], np.uint16),
             ("value", [100, 90], np.int64),
-            ("flags", [0, 0], np.uint16),
+            ("flags", [0, 0], np.uint32),
         )
     }
     r = stages.Readings(**raw)

@@ -38,7 +38,7 @@ def batch(rows, prev=()):
         np.array(cols[1], np.int64),
         np.array(cols[2], np.uint16),
         np.array(cols[3], np.int64),
-        np.array(cols[4] if len(cols) > 4 else [0] * len(rows), np.uint16),
+        np.array(cols[4] if len(cols) > 4 else [0] * len(rows), np.uint32),
     )
     pc = list(zip(*prev, strict=True)) if prev else [[]] * 4
     p = stages.PreviousRegisters(
@@ -299,7 +299,7 @@ def test_tou03_liaoning_examples(end, period) -> None:
         np.ones(1, np.uint16),
         np.array([_local_ms(*end)], np.int64),
         np.array([10], np.int64),
-        np.zeros(1, np.uint16),
+        np.zeros(1, np.uint32),
     )
     assert stages.tou_split(iv, cal).calendar[0].tolist() == [10 if p == period else 0 for p in (1, 2, 3, 4)]
 
@@ -312,7 +312,7 @@ def test_vee15_tou_calendar_mismatch() -> None:
         np.array([1, 1, 3, 3], np.uint16),
         np.array(ends * 2, np.int64),
         np.array([40, 40, 200, 270], np.int64),
-        np.zeros(4, np.uint16),
+        np.zeros(4, np.uint32),
     )
     tou = stages.tou_split(iv, cal)  # calendar: peak 0.80 kWh; meter T2 says 4.70, largest interval 0.40
     assert tou.calendar[0].tolist() == [0, 80, 0, 0] and tou.mismatch[0].tolist() == [

@@ -39,7 +39,7 @@ def batches(draw: st.DrawFn) -> ReadingBatch:
         array.array("q", draw(st.lists(I64, min_size=n, max_size=n))),
         array.array("H", draw(st.lists(U16, min_size=n, max_size=n))),
         array.array("q", draw(st.lists(I64, min_size=n, max_size=n))),
-        array.array("H", draw(st.lists(U16, min_size=n, max_size=n))),
+        array.array("I", draw(st.lists(U16, min_size=n, max_size=n))),
     )
     k = draw(st.integers(0, 5)) if meters else 0
     prev = PrevRegisters(
@@ -115,7 +115,7 @@ def test_encode_accepts_numpy_columns() -> None:
         np.arange(2, dtype=np.int64),
         np.ones(2, np.uint16),
         np.array([-1, 2**63 - 1], np.int64),
-        np.zeros(2, np.uint16),
+        np.zeros(2, np.uint32),
     )
     assert list(decode(encode(batch)).value) == [-1, 2**63 - 1]
 
@@ -130,7 +130,7 @@ def test_encode_rejects_wrong_column_type() -> None:
             array.array("i", [1]),
             array.array("H", [1]),
             array.array("q", [1]),
-            array.array("H", [0]),
+            array.array("I", [0]),
         )
     with pytest.raises(ValueError, match="unknown encoding"):
         encode(_sample(), "xml")  # type: ignore[arg-type]

@@ -92,7 +92,7 @@ def test_transform_is_deterministic_and_independent_of_other_batches() -> None:
 def test_meter_index_out_of_range_is_a_payload_error() -> None:
     good = batch()
     bad = ReadingBatch(good.gateway, 1, good.meters, np.array([0, 1], np.uint32), np.array([T0, T0], np.int64),
-                       np.array([1, 1], np.uint16), np.array([1, 2], np.int64), np.zeros(2, np.uint16))  # fmt: skip
+                       np.array([1, 1], np.uint16), np.array([1, 2], np.int64), np.zeros(2, np.uint32))  # fmt: skip
     with pytest.raises(PayloadError, match="outside"):
         transform(bad, settings())
 
@@ -200,7 +200,7 @@ def test_event_line_escapes_strings() -> None:
 
 def test_flag_metrics_count_per_bit() -> None:
     m = IngestMetrics()
-    m.count_flags(np.array([0, Flag.SPIKE, Flag.SPIKE | Flag.GAP_BEFORE], np.uint16))
+    m.count_flags(np.array([0, Flag.SPIKE, Flag.SPIKE | Flag.GAP_BEFORE], np.uint32))
     assert m.flagged.labels("SPIKE")._value.get() == 2 and m.flagged.labels("GAP_BEFORE")._value.get() == 1
 
 
