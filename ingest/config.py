@@ -246,6 +246,13 @@ class ValidationSection:
     voltage_loss_pct: int = 78  # VEE-17
     voltage_loss_current_pct_ib: float = 0.5  # VEE-17
     pf_floor: float = 0.3  # VEE-18
+    spike_rel_pct: int = 300  # VEE-06
+    spike_rel_floor_kwh: float = 0.1  # VEE-06
+    fast_running_ratio: float = 10.0  # VEE-07
+    fast_running_min_kwh: float = 0.1  # VEE-07
+    stopped_intervals: int = 4  # VEE-08
+    zero_long_intervals: int = 288  # VEE-09
+    stuck_readings: int = 8  # VEE-19
 
     def __post_init__(self) -> None:
         self.params()
@@ -263,6 +270,9 @@ class ValidationSection:
             "decrease_min": "register_decrease_min_kwh",
             "zero_power_min_w": "zero_power_min_kw",
             "voltage_loss_current_permille": "voltage_loss_current_pct_ib",
+            "spike_rel_floor": "spike_rel_floor_kwh",
+            "fast_ratio_x10": "fast_running_ratio",
+            "fast_min": "fast_running_min_kwh",
         }
         values = {
             "skew_tol_ms": self.clock_skew_tol_s * 1000,
@@ -280,6 +290,13 @@ class ValidationSection:
                 self.voltage_loss_current_pct_ib, 1, "voltage_loss_current_pct_ib"
             ),
             "pf_floor": _fixed(self.pf_floor, 3, "pf_floor"),
+            "spike_rel_pct": self.spike_rel_pct,
+            "spike_rel_floor": _fixed(self.spike_rel_floor_kwh, 2, "spike_rel_floor_kwh"),
+            "fast_ratio_x10": _fixed(self.fast_running_ratio, 1, "fast_running_ratio"),
+            "fast_min": _fixed(self.fast_running_min_kwh, 2, "fast_running_min_kwh"),
+            "stopped_intervals": self.stopped_intervals,
+            "zero_long_intervals": self.zero_long_intervals,
+            "stuck_readings": self.stuck_readings,
         }
         try:
             return ValidationParams(**values)
@@ -579,4 +596,21 @@ voltage_loss_pct = 78
 voltage_loss_current_pct_ib = 0.5
 # VEE-18: |PF| below pf_floor with active power flowing is PF_OUT_OF_BOUNDS.
 pf_floor = 0.3
+# VEE-06: per meter, energy channel and local day, the highest interval is SPIKE_REL (a warning,
+# still billable) when it exceeds the third-highest by more than spike_rel_pct %, provided the
+# third-highest is at least spike_rel_floor_kwh (interval energy, multiplier applied).
+spike_rel_pct = 300
+spike_rel_floor_kwh = 0.1
+# VEE-07: an interval of at least fast_running_min_kwh above fast_running_ratio times the energy
+# the active power read with it implies is FAST_RUNNING (not billable).
+fast_running_ratio = 10.0
+fast_running_min_kwh = 0.1
+# VEE-08: the register unchanged over stopped_intervals consecutive intervals while current flows
+# is STOPPED (not billable). VEE-09: zero_long_intervals consecutive zero intervals (no outage)
+# are ZERO_LONG (billable, for review). Runs are judged within one batch (docs/ingest-kernels.md).
+stopped_intervals = 4
+zero_long_intervals = 288
+# VEE-19: a phase voltage, current or power repeating one exact non-zero value for stuck_readings
+# readings while another of the meter's values changes is STUCK.
+stuck_readings = 8
 """

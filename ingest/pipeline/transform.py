@@ -59,7 +59,6 @@ __all__ = [
 
 DAY_MS = 86_400_000
 Q_ENERGY_TOTAL = ENERGY_FORWARD
-NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
 Mask = npt.NDArray[np.bool_]
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
 _EPOCH = dt.date(1970, 1, 1)
@@ -317,7 +316,7 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     if has_dup:  # stored too, in their own series, so they never overwrite the first arrival
         dups = _subset(checked_r, dup)
         parts.append(st.encode_lines(dups, tags.table(b"reading_duplicate")))
-    iv = st.aggregate_intervals(checked_r, checked, meters, params)
+    iv = st.aggregate_intervals(checked_r, checked, meters, params, utc_offset_ms=s.calendar.utc_offset_ms)
     iv = _dedup_intervals(iv)
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
     # Wide, like the readings: one point per (meter, interval end) with a field per energy

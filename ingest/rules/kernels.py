@@ -35,12 +35,19 @@ F_PHASE_LOSS = int(Flag.PHASE_LOSS)
 F_PF_OUT_OF_BOUNDS = int(Flag.PF_OUT_OF_BOUNDS)
 F_OUT_OF_ORDER = int(Flag.OUT_OF_ORDER)
 F_BEFORE_MIN_TIME = int(Flag.BEFORE_MIN_TIME)
+F_SPIKE_REL = int(Flag.SPIKE_REL)
+F_FAST_RUNNING = int(Flag.FAST_RUNNING)
+F_STOPPED = int(Flag.STOPPED)
+F_ZERO_LONG = int(Flag.ZERO_LONG)
+F_STUCK = int(Flag.STUCK)
+F_OUTAGE = int(Flag.OUTAGE)
 
 # A reading with one of these bits is not a register anchor: its value is not the register (or
-# its time is not believable), so it closes no interval and is in no total.
-NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE
-# An interval carrying one of these bits has no billable consumption (VEE-03/04/05).
-NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE
+# its time is not believable, or it was estimated upstream: VEE-22, estimates never anchor an
+# estimate), so it closes no interval and is in no total.
+NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE | F_ESTIMATED
+# An interval carrying one of these bits has no billable consumption (VEE-03/04/05/07/08).
+NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE | F_FAST_RUNNING | F_STOPPED
 # Reading bits an interval row inherits from the reading that closes it.
 INTERVAL_CARRY = (
     F_ROLLOVER
@@ -51,6 +58,10 @@ INTERVAL_CARRY = (
     | F_CLOCK_SKEW
     | F_OUT_OF_ORDER
     | F_ZERO_WITH_CURRENT
+    | F_FAST_RUNNING
+    | F_STOPPED
+    | F_ZERO_LONG
+    | F_OUTAGE
 )
 
 KIND_UNKNOWN, KIND_CUMULATIVE, KIND_INSTANT, KIND_STATE = 0, 1, 2, 3
@@ -108,9 +119,22 @@ PARAMS = np.dtype(
         ("voltage_loss_pct", np.int64),  # VEE-17, % of U_n
         ("voltage_loss_current_permille", np.int64),  # VEE-17, ‰ of I_b
         ("pf_floor", np.int64),  # VEE-18, 0.001
+        ("fast_ratio_x10", np.int64),  # VEE-07: E above this many tenths of the power-implied energy
+        ("fast_min", np.int64),  # VEE-07, 0.01 kWh
+        ("stopped_intervals", np.int64),  # VEE-08: N
+        ("zero_long_intervals", np.int64),  # VEE-09: Z
+        ("stuck_readings", np.int64),  # VEE-19: N
     ],
     align=True,
 )
+
+# VEE-07 compares E with P·interval only while that product stays below this (a larger implied
+# energy exceeds any register delta, so the rule cannot fire); VEE-06 ranks intervals up to
+# SPIKE_REL_BOUND (10^12 kWh: beyond, no consumption to compare).
+FAST_P_BOUND = 10**18
+SPIKE_REL_BOUND = 10**14
+# Per-reading steps of a run rule (VEE-08/09/19), see _runs.
+RUN_NEUTRAL, RUN_BREAK, RUN_CONTINUE, RUN_START = 0, 1, 2, 3
 
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
@@ -171,6 +195,10 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
     anchor_ts = np.full(n, INT64_MIN, dtype=np.int64)
     skewed = _skewed_meters(meter, ts, quantity, value, flags, mt.shape[0], p)
     interval_ms = p.interval_ms
+    stop_step = np.zeros(n, dtype=np.int64)  # VEE-08
+    zero_step = np.zeros(n, dtype=np.int64)  # VEE-09
+    stuck_step = np.zeros(n, dtype=np.int64)  # VEE-19
+    changed = np.zeros(n, dtype=np.bool_)  # VEE-19: a stuck-checked value differs from the last
 
     # Arrival order: OUT_OF_ORDER when earlier than something already seen on the channel.
     seen_max = np.full(nchan, INT64_MIN, dtype=np.int64)
@@ -187,6 +215,7 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
     a_val = prev_value.copy()
     a_ts = prev_ts.copy()
     a_ok = has_prev.copy()
+    a_down = np.zeros(nchan, dtype=np.bool_)  # VEE-23: the meter was down at the anchor's point
     last_ts = np.full(nchan, INT64_MIN, dtype=np.int64)  # for duplicates, any reading
     has_last = has_prev.copy()  # not a sentinel time: a reading may be stamped INT64_MIN
     for c in range(nchan):
@@ -218,6 +247,11 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
         i_max_abs = max(ia[0], max(ia[1], ia[2]))
         mr = mt[m]
         un = mr.un_dv
+        # VEE-23 (OUT-01): every phase voltage the point reports is below phase_break_pct of U_n.
+        down = un > 0 and max(ua[0], max(ua[1], ua[2])) >= 0
+        for y in range(3):
+            if ua[y] * 100 >= p.phase_break_pct * un:
+                down = False
         for j in range(start, end):
             i = order[j]
             c = chan[i]
@@ -231,6 +265,8 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                 f |= F_FUTURE_TIME
             if t < p.min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
                 f |= F_BEFORE_MIN_TIME
+            if down:
+                f |= F_OUTAGE  # VEE-23
             kind = qr.kind
             in_table = qr.lo <= v <= qr.hi  # the rules below compute with in-range values only
             hi = qr.hi
@@ -288,6 +324,19 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                         and (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) == 0
                     ):
                         f |= F_ZERO_WITH_CURRENT  # VEE-08, one interval
+                    if a_down[c]:
+                        f |= F_OUTAGE  # VEE-23: the interval starts where the meter was down
+                    if q == Q_ENERGY_TOTAL and t % interval_ms == 0:
+                        one = dt == interval_ms and a_ts[c] % interval_ms == 0
+                        fault = (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) != 0
+                        stopped = one and (f & F_ZERO_WITH_CURRENT) != 0
+                        stop_step[i] = RUN_CONTINUE if stopped else RUN_BREAK
+                        zero = one and d == 0 and not fault and (f & F_OUTAGE) == 0
+                        zero_step[i] = RUN_CONTINUE if zero else RUN_BREAK
+                        if one and 0 <= p_abs <= FAST_P_BOUND // interval_ms and d >= p.fast_min:
+                            implied = p_abs * interval_ms // 360_000_000  # 0.1 W x ms -> 0.01 kWh
+                            if d * 10 > p.fast_ratio_x10 * implied:
+                                f |= F_FAST_RUNNING  # VEE-07
                     delta[i] = d
                     # VEE-13: an off-grid reading (an ad-hoc read, a late one) is validated, but an
                     # on-grid anchor stays: the next on-grid reading still closes a whole interval.
@@ -295,14 +344,107 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                         if move:
                             a_val[c] = v
                         a_ts[c] = t
+                        a_down[c] = down
                 else:
                     if kind == KIND_CUMULATIVE:
                         a_val[c] = v
+                    elif qr.stuck_check:  # VEE-19: runs of one exact non-zero value
+                        same = a_ok[c] and v == a_val[c]
+                        stuck_step[i] = RUN_BREAK if v == 0 else (RUN_CONTINUE if same else RUN_START)
+                        changed[i] = a_ok[c] and not same
+                        a_val[c] = v
                     a_ts[c] = t
                     a_ok[c] = True
+                    a_down[c] = down
             out[i] = f
         start = end
+
+    stopped_run, _, _ = _runs(order, chan, nchan, ts, stop_step, p.stopped_intervals)
+    zero_run, _, _ = _runs(order, chan, nchan, ts, zero_step, p.zero_long_intervals)
+    stuck_run, run_first, run_last = _runs(order, chan, nchan, ts, stuck_step, p.stuck_readings)
+    nchg = 0
+    for i in range(n):
+        nchg += changed[i]
+    chg_meter = np.empty(nchg, dtype=np.int64)  # the changes in (meter, ts) order
+    chg_ts = np.empty(nchg, dtype=np.int64)
+    r = 0
+    for j in range(n):
+        i = order[j]
+        if changed[i]:
+            chg_meter[r] = meter[i]
+            chg_ts[r] = ts[i]
+            r += 1
+    for i in range(n):
+        if stopped_run[i]:
+            out[i] |= F_STOPPED  # VEE-08, N intervals
+        if zero_run[i]:
+            out[i] |= F_ZERO_LONG  # VEE-09
+        if stuck_run[i]:
+            mi = np.int64(meter[i])
+            # VEE-19: only while another channel of the meter changes within the run.
+            later = _changes_upto(chg_meter, chg_ts, mi, run_last[i])
+            if later > _changes_upto(chg_meter, chg_ts, mi, run_first[i]):
+                out[i] |= F_STUCK
     return out.astype(np.uint32), delta, anchor_ts
+
+
+@_jit
+def _runs(order, chan, nchan, ts, step, min_len):
+    """Per-channel runs in ``order``: ``step`` per reading is RUN_BREAK (ends a run, not in one),
+    RUN_START (begins a new run), RUN_CONTINUE (joins the current run, or begins one) or
+    RUN_NEUTRAL (neither). Returns ``(in_run, first_ts, last_ts)``: readings of runs of at least
+    ``min_len`` readings, and the times of their run's first and last readings."""
+    n = order.shape[0]
+    length = np.zeros(nchan, dtype=np.int64)
+    begin = np.zeros(nchan, dtype=np.int64)
+    at = np.zeros(n, dtype=np.int64)
+    first = np.zeros(n, dtype=np.int64)
+    for j in range(n):
+        i = order[j]
+        c = chan[i]
+        s = step[i]
+        if s == RUN_BREAK:
+            length[c] = 0
+        elif s == RUN_START or (s == RUN_CONTINUE and length[c] == 0):
+            length[c] = 1
+            begin[c] = ts[i]
+        elif s == RUN_CONTINUE:
+            length[c] += 1
+        at[i] = length[c]
+        first[i] = begin[c]
+    total = np.zeros(nchan, dtype=np.int64)
+    end_ts = np.zeros(nchan, dtype=np.int64)
+    last = np.zeros(n, dtype=np.int64)
+    in_run = np.zeros(n, dtype=np.bool_)
+    for j in range(n - 1, -1, -1):
+        i = order[j]
+        c = chan[i]
+        s = step[i]
+        if s == RUN_BREAK:
+            total[c] = 0
+        elif s != RUN_NEUTRAL:
+            if total[c] == 0:
+                total[c] = at[i]
+                end_ts[c] = ts[i]
+            in_run[i] = total[c] >= min_len
+            last[i] = end_ts[c]
+            if at[i] == 1:
+                total[c] = 0  # the run's first reading: an earlier one belongs to another run
+    return in_run, first, last
+
+
+@_jit
+def _changes_upto(chg_meter, chg_ts, m, t):
+    """How many changes sort at or before (meter m, time t); the changes are in (meter, ts) order."""
+    lo = 0
+    hi = chg_meter.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if chg_meter[mid] < m or (chg_meter[mid] == m and chg_ts[mid] <= t):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @_jit
@@ -370,6 +512,10 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
             rows_end0 = ts[i] - interval_ms
             part = delta[i]
             est = 0
+        elif (f & F_OUTAGE) != 0:  # VEE-23: not estimated; the delta stays on the closing row
+            rows_end0 = anchor_ts[i]
+            part = 0
+            est = 0
         else:
             rows_end0 = anchor_ts[i]
             part = delta[i] // k
@@ -382,9 +528,47 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
             if (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) != 0:
                 e = 0
             o_e[r] = e * mu
-            o_f[r] = est | (carry if j == k - 1 else (carry & F_GAP_BEFORE))
+            o_f[r] = est | (carry if j == k - 1 else (carry & (F_GAP_BEFORE | F_OUTAGE)))
             r += 1
     return o_meter, o_q, o_end, o_e, o_f
+
+
+@_jit
+def relative_spikes(labels, ngroups, energy, flags, floor, tol_pct):
+    """VEE-06 per group of interval rows (a meter's channel over one 24-hour block): with max1 the
+    highest and max3 the third-highest energy of the group's actual, billable rows (not
+    ESTIMATED, OUTAGE or NOT_BILLABLE; 0 .. SPIKE_REL_BOUND), flag SPIKE_REL on the first max1
+    row when max3 >= ``floor`` and (max1 − max3)·100 > ``tol_pct``·max3. Returns new flags."""
+    t1 = np.full(ngroups, INT64_MIN, dtype=np.int64)
+    t2 = np.full(ngroups, INT64_MIN, dtype=np.int64)
+    t3 = np.full(ngroups, INT64_MIN, dtype=np.int64)
+    top = np.full(ngroups, -1, dtype=np.int64)
+    count = np.zeros(ngroups, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        e = energy[i]
+        if (
+            (np.int64(flags[i]) & (NOT_BILLABLE | F_ESTIMATED | F_OUTAGE)) != 0
+            or e < 0
+            or e > SPIKE_REL_BOUND
+        ):
+            continue
+        g = labels[i]
+        count[g] += 1
+        if e > t1[g]:
+            t3[g] = t2[g]
+            t2[g] = t1[g]
+            t1[g] = e
+            top[g] = i
+        elif e > t2[g]:
+            t3[g] = t2[g]
+            t2[g] = e
+        elif e > t3[g]:
+            t3[g] = e
+    out = flags.astype(np.uint32)
+    for g in range(ngroups):
+        if count[g] >= 3 and t3[g] >= floor and (t1[g] - t3[g]) * 100 > tol_pct * t3[g]:
+            out[top[g]] = out[top[g]] | np.uint32(F_SPIKE_REL)
+    return out
 
 
 @_jit

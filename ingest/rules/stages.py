@@ -126,9 +126,9 @@ class PreviousRegisters:
 class ValidationParams:
     """Thresholds of the validation and estimation rules; integer units in the names, defaults
     from the rules (``shared/reference/business_rules.md``). Every field but ``spike_margin_pct``
-    and those of the interval stage (``max_gap_intervals``) is a field of ``kernels.PARAMS`` of
-    the same name. Configured by ingest's ``[pipeline]`` and ``[validation]`` sections.
-    Raises: ValueError naming the field for a value outside its range."""
+    (in the meter table) and those of the interval stage (``max_gap_intervals``, ``spike_rel_*``)
+    is a field of ``kernels.PARAMS`` of the same name. Configured by ingest's ``[pipeline]`` and
+    ``[validation]`` sections. Raises: ValueError naming the field for a value outside its range."""
 
     interval_ms: int = INTERVAL_MS  # VEE-13 grid and gap
     future_tol_ms: int = 300_000  # VEE-11
@@ -146,7 +146,14 @@ class ValidationParams:
     voltage_loss_pct: int = 78  # VEE-17 失压 below 78 % U_n ...
     voltage_loss_current_permille: int = 5  # ... with I above 0.5 % I_b
     pf_floor: int = 300  # VEE-18, 0.300
+    fast_ratio_x10: int = 100  # VEE-07: E > 10.0 x the power-implied energy ...
+    fast_min: int = 10  # ... and E >= 0.10 kWh
+    stopped_intervals: int = 4  # VEE-08: N intervals (1 h)
+    zero_long_intervals: int = 288  # VEE-09: Z intervals (3 days)
+    stuck_readings: int = 8  # VEE-19: N readings (2 h)
     max_gap_intervals: int = 8  # VEE-20: longest gap interpolated (intervals missing)
+    spike_rel_pct: int = 300  # VEE-06: max1 above max3 by more than 300 % ...
+    spike_rel_floor: int = 10  # ... when max3 >= 0.10 kWh (interval energy, multiplier applied)
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _PARAM_RANGES.items():
@@ -183,6 +190,13 @@ _PARAM_RANGES = {
     "voltage_loss_pct": (0, 100),
     "voltage_loss_current_permille": (0, 1_000),
     "pf_floor": (0, 1_000),
+    "fast_ratio_x10": (10, 1_000_000),
+    "fast_min": (0, _BIG),
+    "stopped_intervals": (1, 1_000_000),
+    "zero_long_intervals": (1, 1_000_000),
+    "stuck_readings": (2, 1_000_000),
+    "spike_rel_pct": (0, 10_000),
+    "spike_rel_floor": (0, _BIG),
     "max_gap_intervals": (0, 10_000),
 }
 
@@ -343,10 +357,13 @@ def aggregate_intervals(
     params: ValidationParams = ValidationParams(),
     *,
     quantities: tuple[int, ...] = ENERGY_CHANNELS,
+    utc_offset_ms: int = SHANGHAI_MS,
 ) -> Intervals:
     """VEE-01 interval energy from register deltas on the ``params.interval_ms`` grid, VEE-20
     estimation of gaps of at most ``params.max_gap_intervals`` missing intervals (2 h by
-    default); longer gaps stay gaps (VEE-21). Raises: TypeError/ValueError naming the column."""
+    default; not across an OUTAGE, VEE-23); longer gaps stay gaps (VEE-21). VEE-06 relative
+    spikes per (meter, quantity, local day at ``utc_offset_ms``).
+    Raises: TypeError/ValueError naming the column."""
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
     _col("checked.anchor_ts", checked.anchor_ts, np.int64, n)
@@ -366,7 +383,13 @@ def aggregate_intervals(
         params.interval_ms,
         params.max_gap_intervals,
     )
-    return Intervals(*out)
+    iv = Intervals(*out)
+    day = (iv.end_ts - params.interval_ms + utc_offset_ms) // DAY_MS
+    labels, ngroups, _ = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), day)
+    flags = k.relative_spikes(
+        labels, ngroups, iv.energy, iv.flags, params.spike_rel_floor, params.spike_rel_pct
+    )
+    return Intervals(iv.meter, iv.quantity, iv.end_ts, iv.energy, flags)
 
 
 def group_labels(*keys: I64) -> tuple[I64, int, I64]:

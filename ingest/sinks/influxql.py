@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ingest.pipeline.transform import DAY_MS, NOT_BILLABLE, stored_tag
+from ingest.pipeline.transform import DAY_MS, stored_tag
 from ingest.rules import stages as st
+from ingest.rules.kernels import NOT_BILLABLE
 from ingest.sinks.influxdb import HttpConnection, SinkConfig
 from protocols.errors import SinkError
 from protocols.flags import Flag

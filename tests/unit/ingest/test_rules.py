@@ -202,7 +202,8 @@ def test_vee17_phase_break_and_power_down() -> None:
         (0, T0 + I, 32, 0),
     ]
     _, c, _ = check(rows, m=m)
-    assert c.flags.tolist() == [0, Flag.PHASE_LOSS, 0, 0, 0, 0, 0]  # all phases down: power-down, not loss
+    # All phases down: a power-down (VEE-23 OUTAGE), not phase loss.
+    assert c.flags.tolist() == [0, Flag.PHASE_LOSS, 0, 0, Flag.OUTAGE, Flag.OUTAGE, Flag.OUTAGE]
 
 
 def test_vee18_power_factor() -> None:

@@ -38,6 +38,13 @@ phase_break_pct = 50
 voltage_loss_pct = 80
 voltage_loss_current_pct_ib = 1.5
 pf_floor = 0.25
+spike_rel_pct = 200
+spike_rel_floor_kwh = 0.2
+fast_running_ratio = 7.5
+fast_running_min_kwh = 0.05
+stopped_intervals = 8
+zero_long_intervals = 96
+stuck_readings = 12
 """
     p = parse_config(text).validation.params()
     assert p == dataclasses.replace(
@@ -45,7 +52,8 @@ pf_floor = 0.25
         skew_tol_ms=60_000, meter_clock_utc_offset_ms=-300 * 60_000, rollover_band_pct=95,
         replaced_below=550, replaced_drop=2_000, decrease_min=10, spike_margin_pct=20,
         zero_power_min_w=250, voltage_invalid_pct=130, phase_break_pct=50, voltage_loss_pct=80,
-        voltage_loss_current_permille=15, pf_floor=250,
+        voltage_loss_current_permille=15, pf_floor=250, spike_rel_pct=200, spike_rel_floor=20,
+        fast_ratio_x10=75, fast_min=5, stopped_intervals=8, zero_long_intervals=96, stuck_readings=12,
     )  # fmt: skip
 
 
@@ -58,6 +66,8 @@ pf_floor = 0.25
         ("pf_floor = 1.5", "validation.pf_floor"),
         ("pf_floor = 'low'", "validation.pf_floor"),
         ("stuck = 3", "validation.stuck"),
+        ("fast_running_ratio = 10.25", "validation.fast_running_ratio"),
+        ("stopped_intervals = 0", "validation.stopped_intervals"),
     ],
 )
 def test_bad_values_name_the_key(line: str, key: str) -> None:
@@ -72,7 +82,7 @@ def _clock_batch(offset_ms: int) -> tuple[stages.Readings, MeterParams]:
         np.array([T0, T0], np.int64),
         np.array([1, 101], np.uint16),
         np.array([100, T0 + offset_ms], np.int64),
-        np.zeros(2, np.uint16),
+        np.zeros(2, np.uint32),
     )
     one = np.ones(1, np.int64)
     m = MeterParams(np.ones(1, np.bool_), one * 2200, one * 60_000, one * 5_000, one, one,
