@@ -253,6 +253,8 @@ class ValidationSection:
     stopped_intervals: int = 4  # VEE-08
     zero_long_intervals: int = 288  # VEE-09
     stuck_readings: int = 8  # VEE-19
+    flat_gap_max_intervals: int = 2016  # VEE-21
+    prolonged_est_days: int = 3  # VEE-22
 
     def __post_init__(self) -> None:
         self.params()
@@ -273,6 +275,7 @@ class ValidationSection:
             "spike_rel_floor": "spike_rel_floor_kwh",
             "fast_ratio_x10": "fast_running_ratio",
             "fast_min": "fast_running_min_kwh",
+            "prolonged_est_ms": "prolonged_est_days",
         }
         values = {
             "skew_tol_ms": self.clock_skew_tol_s * 1000,
@@ -297,6 +300,8 @@ class ValidationSection:
             "stopped_intervals": self.stopped_intervals,
             "zero_long_intervals": self.zero_long_intervals,
             "stuck_readings": self.stuck_readings,
+            "flat_gap_max_intervals": self.flat_gap_max_intervals,
+            "prolonged_est_ms": self.prolonged_est_days * 86_400_000,
         }
         try:
             return ValidationParams(**values)
@@ -613,4 +618,10 @@ zero_long_intervals = 288
 # VEE-19: a phase voltage, current or power repeating one exact non-zero value for stuck_readings
 # readings while another of the meter's values changes is STUCK.
 stuck_readings = 8
+# VEE-21: a gap longer than [pipeline] max_gap_intervals, up to flat_gap_max_intervals (3 weeks),
+# is estimated by spreading the register delta evenly (ESTIMATED|EST_FLAT: like-day shapes need
+# history the pipeline does not keep); longer gaps stay gaps. VEE-22: estimated intervals ending
+# more than prolonged_est_days after the meter's last actual reading are PROLONGED_EST.
+flat_gap_max_intervals = 2016
+prolonged_est_days = 3
 """

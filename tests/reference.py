@@ -206,7 +206,9 @@ def _long_runs(events, min_len):
 # --- intervals and estimation (VEE-01, VEE-20, VEE-21) -----------------------------------------------
 
 
-def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval, max_gap):
+def intervals(
+    meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval, max_gap, flat_max, prolonged
+):
     rows = []
     for i in range(len(ts)):
         q, f, d, t, a, m = (
@@ -225,18 +227,22 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
             rows.append((m, q, t, 0, carry))
         elif steps == 1 or f & k.NOT_BILLABLE:
             rows.append((m, q, t, d * int(mult[m]), carry))
-        elif steps - 1 <= max_gap and f & k.F_OUTAGE:  # VEE-23: zeros, the delta on the closing row
+        elif steps - 1 <= max(max_gap, flat_max) and f & k.F_OUTAGE:  # VEE-23: zeros, the delta last
             for j in range(1, steps):
                 rows.append((m, q, a + j * interval, 0, carry & (k.F_GAP_BEFORE | k.F_OUTAGE)))
             rows.append((m, q, t, d * int(mult[m]), carry))
-        elif steps - 1 <= max_gap:
+        elif steps - 1 <= max(max_gap, flat_max):
             each = d // steps  # floor; the remainder goes to the last interval (VEE-20)
             energies = [each] * (steps - 1) + [d - each * (steps - 1)]
             assert sum(energies) == d
+            flat = k.F_EST_FLAT if steps - 1 > max_gap else 0  # VEE-21 without like days
             for j, e in enumerate(energies):
                 last = j == steps - 1
-                fl = k.F_ESTIMATED | (carry if last else carry & k.F_GAP_BEFORE)
-                rows.append((m, q, a + (j + 1) * interval, e * int(mult[m]), fl))
+                end = a + (j + 1) * interval
+                fl = k.F_ESTIMATED | flat | (carry if last else carry & k.F_GAP_BEFORE)
+                if end - a > prolonged:
+                    fl |= k.F_PROLONGED_EST  # VEE-22
+                rows.append((m, q, end, e * int(mult[m]), fl))
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
     dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint32)
     return tuple(np.array(c, dtype=d) for c, d in zip(cols, dts, strict=True))

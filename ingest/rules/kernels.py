@@ -41,6 +41,8 @@ F_STOPPED = int(Flag.STOPPED)
 F_ZERO_LONG = int(Flag.ZERO_LONG)
 F_STUCK = int(Flag.STUCK)
 F_OUTAGE = int(Flag.OUTAGE)
+F_EST_FLAT = int(Flag.EST_FLAT)
+F_PROLONGED_EST = int(Flag.PROLONGED_EST)
 
 # A reading with one of these bits is not a register anchor: its value is not the register (or
 # its time is not believable, or it was estimated upstream: VEE-22, estimates never anchor an
@@ -467,7 +469,8 @@ def _backwards(v, prev, dt, regmax, is_energy, kmax, f, p):
 
 @_jit
 def _interval_rows(f, d, t, a, interval_ms, max_gap):
-    """How many interval rows reading (flags f, delta d, ts t, anchor a) produces."""
+    """How many interval rows reading (flags f, delta d, ts t, anchor a) produces; ``max_gap``
+    is the longest gap (intervals missing) that gets rows."""
     if a == INT64_MIN or (f & NOT_ANCHOR) != 0 or t % interval_ms != 0 or a % interval_ms != 0:
         return 0
     k = (t - a) // interval_ms
@@ -475,24 +478,32 @@ def _interval_rows(f, d, t, a, interval_ms, max_gap):
         return 1
     if k - 1 <= max_gap:
         return k
-    return 0  # VEE-21: longer gaps stay gaps
+    return 0  # longer gaps stay gaps
 
 
 @_jit
-def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval_ms, max_gap):
-    """VEE-01 interval consumption + VEE-20 linear interpolation of short gaps.
+def intervals(
+    meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval_ms, max_gap, flat_max, prolonged_ms
+):
+    """VEE-01 interval consumption, VEE-20 linear interpolation of short gaps, VEE-21 flat
+    estimation of longer ones, VEE-22 prolonged estimation, VEE-23 outages.
 
     For each cumulative reading on the grid whose anchor is on the grid ``k`` intervals earlier:
     k == 1 gives one row ``E = delta × multiplier``; 2 ≤ k ≤ max_gap + 1 gives k rows flagged
     ESTIMATED with ``E = (delta // k) × multiplier`` and the remainder ``delta − (k−1)·(delta // k)``
-    on the last one, so the rows sum exactly to the register delta; a longer gap gives no rows.
-    A reading whose delta is not billable (VEE-03/04/05) gives one row at its own time carrying
-    the flag (E = 0, or the spiked delta for review). Rows come in reading order."""
+    on the last one, so the rows sum exactly to the register delta; max_gap + 1 < k ≤ flat_max + 1
+    gives the same rows flagged ESTIMATED | EST_FLAT (VEE-21 without like days); a longer gap
+    gives no rows. An estimated row ending more than ``prolonged_ms`` after the anchor (the last
+    actual reading) is also PROLONGED_EST. A gap whose reading carries OUTAGE is not estimated:
+    E = 0 rows flagged OUTAGE and the whole delta on the closing row. A reading whose delta is not
+    billable (VEE-03/04/05/07/08) gives one row at its own time carrying the flag (E = 0, or the
+    delta for review). Rows come in reading order."""
     n = ts.shape[0]
+    longest = max(max_gap, flat_max)
     total = 0
     for i in range(n):
         if selected[quantity[i]]:
-            total += _interval_rows(np.int64(flags[i]), delta[i], ts[i], anchor_ts[i], interval_ms, max_gap)
+            total += _interval_rows(np.int64(flags[i]), delta[i], ts[i], anchor_ts[i], interval_ms, longest)
     o_meter = np.empty(total, dtype=np.uint32)
     o_q = np.empty(total, dtype=np.uint16)
     o_end = np.empty(total, dtype=np.int64)
@@ -503,7 +514,7 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
         if not selected[quantity[i]]:
             continue
         f = np.int64(flags[i])
-        k = _interval_rows(f, delta[i], ts[i], anchor_ts[i], interval_ms, max_gap)
+        k = _interval_rows(f, delta[i], ts[i], anchor_ts[i], interval_ms, longest)
         if k == 0:
             continue
         mu = mult[meter[i]]
@@ -519,7 +530,7 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
         else:
             rows_end0 = anchor_ts[i]
             part = delta[i] // k
-            est = F_ESTIMATED
+            est = F_ESTIMATED | (F_EST_FLAT if k - 1 > max_gap else 0)
         for j in range(k):
             o_meter[r] = meter[i]
             o_q[r] = quantity[i]
@@ -529,6 +540,8 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
                 e = 0
             o_e[r] = e * mu
             o_f[r] = est | (carry if j == k - 1 else (carry & (F_GAP_BEFORE | F_OUTAGE)))
+            if est != 0 and o_end[r] - anchor_ts[i] > prolonged_ms:
+                o_f[r] |= F_PROLONGED_EST  # VEE-22
             r += 1
     return o_meter, o_q, o_end, o_e, o_f
 

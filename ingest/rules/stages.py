@@ -126,7 +126,8 @@ class PreviousRegisters:
 class ValidationParams:
     """Thresholds of the validation and estimation rules; integer units in the names, defaults
     from the rules (``shared/reference/business_rules.md``). Every field but ``spike_margin_pct``
-    (in the meter table) and those of the interval stage (``max_gap_intervals``, ``spike_rel_*``)
+    (in the meter table) and those of the interval stage (``max_gap_intervals``,
+    ``flat_gap_max_intervals``, ``prolonged_est_ms``, ``spike_rel_*``)
     is a field of ``kernels.PARAMS`` of the same name. Configured by ingest's ``[pipeline]`` and
     ``[validation]`` sections. Raises: ValueError naming the field for a value outside its range."""
 
@@ -152,6 +153,8 @@ class ValidationParams:
     zero_long_intervals: int = 288  # VEE-09: Z intervals (3 days)
     stuck_readings: int = 8  # VEE-19: N readings (2 h)
     max_gap_intervals: int = 8  # VEE-20: longest gap interpolated (intervals missing)
+    flat_gap_max_intervals: int = 2_016  # VEE-21: longest gap spread flat (3 weeks)
+    prolonged_est_ms: int = 3 * DAY_MS  # VEE-22: estimates this long after the last actual reading
     spike_rel_pct: int = 300  # VEE-06: max1 above max3 by more than 300 % ...
     spike_rel_floor: int = 10  # ... when max3 >= 0.10 kWh (interval energy, multiplier applied)
 
@@ -198,6 +201,8 @@ _PARAM_RANGES = {
     "spike_rel_pct": (0, 10_000),
     "spike_rel_floor": (0, _BIG),
     "max_gap_intervals": (0, 10_000),
+    "flat_gap_max_intervals": (0, 100_000),
+    "prolonged_est_ms": (0, _BIG),
 }
 
 
@@ -361,8 +366,9 @@ def aggregate_intervals(
 ) -> Intervals:
     """VEE-01 interval energy from register deltas on the ``params.interval_ms`` grid, VEE-20
     estimation of gaps of at most ``params.max_gap_intervals`` missing intervals (2 h by
-    default; not across an OUTAGE, VEE-23); longer gaps stay gaps (VEE-21). VEE-06 relative
-    spikes per (meter, quantity, local day at ``utc_offset_ms``).
+    default), VEE-21 flat estimation up to ``params.flat_gap_max_intervals`` (3 weeks; longer
+    gaps stay gaps), VEE-22 PROLONGED_EST, VEE-23 no estimation across an OUTAGE, and VEE-06
+    relative spikes per (meter, quantity, local day at ``utc_offset_ms``).
     Raises: TypeError/ValueError naming the column."""
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
@@ -382,6 +388,8 @@ def aggregate_intervals(
         meters.multiplier,
         params.interval_ms,
         params.max_gap_intervals,
+        params.flat_gap_max_intervals,
+        params.prolonged_est_ms,
     )
     iv = Intervals(*out)
     day = (iv.end_ts - params.interval_ms + utc_offset_ms) // DAY_MS

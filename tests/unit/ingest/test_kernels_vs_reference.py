@@ -56,15 +56,15 @@ def test_validate_run_rules_match_reference(batch, params) -> None:
 
 
 @SETTINGS
-@given(series(), st.integers(0, 3))
-def test_intervals_of_series_match_reference(batch, max_gap) -> None:
+@given(series(), st.integers(0, 3), st.sampled_from([0, 4]), st.sampled_from([0, 2 * I]))
+def test_intervals_of_series_match_reference(batch, max_gap, flat_max, prolonged) -> None:
     """VEE-23: gaps that start or end where the meter was down are not estimated."""
     readings, previous, meters, receive = batch
     c = stages.validate_batch(readings, previous, meters, receive, P)
     selected = np.zeros(1 << 16, np.bool_)
     selected[1] = True
     args = (readings.meter, readings.ts, readings.quantity, c.flags, c.delta, c.anchor_ts, selected,
-            meters.multiplier, I, max_gap)  # fmt: skip
+            meters.multiplier, I, max_gap, flat_max, prolonged)  # fmt: skip
     _assert_all_equal(k.intervals(*args), ref.intervals(*args))
 
 
@@ -92,8 +92,10 @@ def test_relative_spikes_match_reference(rows, floor, tol) -> None:
 
 
 @SETTINGS
-@given(batches(), st.integers(0, 10))
-def test_intervals_match_reference(batch, max_gap) -> None:
+@given(
+    batches(), st.integers(0, 10), st.sampled_from([0, 5, 12]), st.sampled_from([0, 2 * I, 3 * 86_400_000])
+)
+def test_intervals_match_reference(batch, max_gap, flat_max, prolonged) -> None:
     readings, previous, meters, receive = batch
     c = stages.validate_batch(readings, previous, meters, receive, P)
     selected = np.zeros(1 << 16, np.bool_)
@@ -109,6 +111,8 @@ def test_intervals_match_reference(batch, max_gap) -> None:
         meters.multiplier,
         I,
         max_gap,
+        flat_max,
+        prolonged,
     )
     got = k.intervals(*args)
     _assert_all_equal(got, ref.intervals(*args))
@@ -123,7 +127,7 @@ def test_intervals_match_reference(batch, max_gap) -> None:
         if not selected[q] or a == np.iinfo(np.int64).min or t % I or a % I or f & k.NOT_ANCHOR:
             continue
         steps = (t - a) // I
-        if steps < 2 or steps - 1 > max_gap or f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED | k.F_SPIKE):
+        if steps < 2 or steps - 1 > max(max_gap, flat_max) or f & (k.NOT_BILLABLE | k.F_OUTAGE):
             continue
         mine = [rows.get((m, q, a + j * I), []) for j in range(1, steps + 1)]
         if any(len(r) != 1 for r in mine):

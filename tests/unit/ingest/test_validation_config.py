@@ -45,6 +45,8 @@ fast_running_min_kwh = 0.05
 stopped_intervals = 8
 zero_long_intervals = 96
 stuck_readings = 12
+flat_gap_max_intervals = 0
+prolonged_est_days = 7
 """
     p = parse_config(text).validation.params()
     assert p == dataclasses.replace(
@@ -54,6 +56,7 @@ stuck_readings = 12
         zero_power_min_w=250, voltage_invalid_pct=130, phase_break_pct=50, voltage_loss_pct=80,
         voltage_loss_current_permille=15, pf_floor=250, spike_rel_pct=200, spike_rel_floor=20,
         fast_ratio_x10=75, fast_min=5, stopped_intervals=8, zero_long_intervals=96, stuck_readings=12,
+        flat_gap_max_intervals=0, prolonged_est_ms=7 * 86_400_000,
     )  # fmt: skip
 
 
@@ -68,6 +71,7 @@ stuck_readings = 12
         ("stuck = 3", "validation.stuck"),
         ("fast_running_ratio = 10.25", "validation.fast_running_ratio"),
         ("stopped_intervals = 0", "validation.stopped_intervals"),
+        ("prolonged_est_days = -1", "validation.prolonged_est_days"),
     ],
 )
 def test_bad_values_name_the_key(line: str, key: str) -> None:

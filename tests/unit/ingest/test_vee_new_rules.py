@@ -140,6 +140,29 @@ def test_vee19_not_stuck_when_short_zero_or_nothing_else_changes() -> None:
     assert not any(c.flags & Flag.STUCK)  # zero is no stuck value
 
 
+def test_vee21_a_long_gap_is_spread_flat_up_to_three_weeks() -> None:
+    # 09:00-17:00 (32 intervals) with ΔR = 6.00 kWh and no like days: 0.18 x 31 + 0.42, EST_FLAT.
+    prev = [(0, 1, 1000, T0)]
+    r, c, m = validate([(0, T0 + 32 * I, 1, 1600)], prev)
+    iv = stages.aggregate_intervals(r, c, m)
+    assert iv.energy.tolist() == [18] * 31 + [42] and int(iv.energy.sum()) == 600
+    assert all(f & Flag.ESTIMATED and f & Flag.EST_FLAT for f in iv.flags.tolist())
+    # Within max_gap it is VEE-20's interpolation (no EST_FLAT); beyond 3 weeks it stays a gap.
+    r, c, m = validate([(0, T0 + 3 * I, 1, 1600)], prev)
+    assert not any(stages.aggregate_intervals(r, c, m).flags & Flag.EST_FLAT)
+    r, c, m = validate([(0, T0 + 2_018 * I, 1, 1600)], prev)
+    assert len(stages.aggregate_intervals(r, c, m).energy) == 0
+
+
+def test_vee22_prolonged_estimation_is_escalated() -> None:
+    # Last actual reading at T0; the estimates ending more than 3 days (288 intervals) later are
+    # PROLONGED_EST, the earlier ones are not.
+    r, c, m = validate([(0, T0 + 300 * I, 1, 1300)], [(0, 1, 1000, T0)])
+    iv = stages.aggregate_intervals(r, c, m)
+    prolonged = [bool(f & Flag.PROLONGED_EST) for f in iv.flags.tolist()]
+    assert prolonged == [False] * 288 + [True] * 12
+
+
 def test_vee22_an_estimated_reading_never_anchors_an_estimate() -> None:
     # The edge sent 10:30 as an estimate: 10:15 -> 11:00 is interpolated from actual readings only.
     rows = [
