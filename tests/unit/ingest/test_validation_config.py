@@ -10,10 +10,11 @@ import pytest
 
 from ingest.config import SAMPLE, parse_config
 from ingest.model.registry import MeterParams
-from ingest.pipeline.transform import Settings
+from ingest.pipeline.transform import Settings, transform
 from ingest.rules import stages
 from protocols.errors import ConfigError
 from protocols.flags import Flag
+from protocols.payload import BatchBuilder
 
 T0 = 1_700_000_000_000 // 900_000 * 900_000
 
@@ -101,3 +102,16 @@ def test_meter_clock_offset_is_configured_not_fixed() -> None:
     utc5 = Settings.from_config(parse_config("[validation]\nmeter_clock_utc_offset_min = -300\n")).validation
     assert stages.validate_batch(r, prev, m, T0, default).flags[0] & Flag.CLOCK_SKEW
     assert not stages.validate_batch(r, prev, m, T0, utc5).flags[0] & Flag.CLOCK_SKEW
+
+
+def test_the_pipeline_validates_with_the_configured_thresholds() -> None:
+    """[validation] reaches transform: a meter clock in UTC-5 is skewed under the default
+    offset and fine under the configured one."""
+    b = BatchBuilder()
+    b.add("M1", T0, 1, 100)
+    b.add("M1", T0, 101, T0 - 5 * 3_600_000)
+    batch = b.build("G1", 1, sent_ms=T0)
+    default = Settings.from_config(parse_config(""))
+    utc5 = Settings.from_config(parse_config("[validation]\nmeter_clock_utc_offset_min = -300\n"))
+    assert all(f & Flag.CLOCK_SKEW for f in transform(batch, default).flags.tolist())
+    assert not any(f & Flag.CLOCK_SKEW for f in transform(batch, utc5).flags.tolist())
