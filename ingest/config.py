@@ -330,6 +330,29 @@ class IngestConfig:
             _, sep, port = self.metrics_listen.rpartition(":")
             if not sep or not port.isdigit():
                 raise ValueError(f"metrics_listen: expected host:port or '', got {self.metrics_listen!r}")
+        self.validation_params()
+
+    def validation_params(self) -> Any:
+        """``ValidationParams`` of ``[validation]`` with ``[pipeline]``'s grid, time bounds and
+        longest interpolated gap. Raises: ValueError naming the ``[pipeline]`` key."""
+        p = self.pipeline
+        keys = {
+            "interval_ms": "pipeline.interval_s",
+            "future_tol_ms": "pipeline.future_tol_s",
+            "min_ts_ms": "pipeline.min_ts",
+            "max_gap_intervals": "pipeline.max_gap_intervals",
+        }
+        try:
+            return replace(
+                self.validation.params(),
+                interval_ms=p.interval_s * 1000,
+                future_tol_ms=p.future_tol_s * 1000,
+                min_ts_ms=p.min_ts_ms,
+                max_gap_intervals=p.max_gap_intervals,
+            )
+        except ValueError as exc:
+            param, _, reason = str(exc).partition(": ")
+            raise ValueError(f"{keys.get(param, param)}: {reason}") from None
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -145,7 +145,7 @@ class Settings:
             check_topic_gateway=p.check_topic_gateway,
             min_ts_ms=p.min_ts_ms,
             tariff_calendars=load_tariff_calendars(cfg, calendar),
-            validation=cfg.validation.params(),
+            validation=cfg.validation_params(),
         )
 
 

@@ -7,7 +7,7 @@ quality-flag bits (:mod:`protocols.flags`). Inputs are never written (``numpy.fr
 are read-only and work as they are). Stages, in pipeline order::
 
     validate_batch(readings, previous, meters, receive_ts_ms)        -> Checked
-    aggregate_intervals(readings, checked, meters)                   -> Intervals  (VEE-01, VEE-20)
+    aggregate_intervals(readings, checked, meters, params)           -> Intervals  (VEE-01, 06, 20..23)
     interval_totals(intervals, bucket_ms)                            -> Totals     (hourly / daily)
     tou_split(intervals, calendar)                                   -> TouDays    (TOU-03, VEE-15)
     line_loss(daily_totals, meters, area_sizes)                      -> LineLoss   (LL-01/02)
@@ -177,7 +177,7 @@ class ValidationParams:
 
 _BIG = 10**12  # no threshold is larger (12 days in ms, 10^10 kWh): products stay far from int64
 _PARAM_RANGES = {
-    "interval_ms": (60_000, DAY_MS),
+    "interval_ms": (1, DAY_MS),
     "future_tol_ms": (0, _BIG),
     "min_ts_ms": (0, 4_102_444_800_000),  # 1970 .. 2100
     "skew_tol_ms": (0, _BIG),
@@ -332,7 +332,7 @@ def validate_batch(
     receive_ts_ms: int,
     params: ValidationParams = ValidationParams(),
 ) -> Checked:
-    """Every per-reading rule (VEE-02..05, 08, 10..13, 16..18): see docs/ingest-kernels.md.
+    """Every per-reading rule (VEE-02..05, 07..13, 16..19, 22, 23): see docs/ingest-kernels.md.
 
     ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``).
     Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""

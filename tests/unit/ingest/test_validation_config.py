@@ -80,6 +80,12 @@ def test_bad_values_name_the_key(line: str, key: str) -> None:
         parse_config(f"[validation]\n{line}\n")
 
 
+def test_pipeline_values_the_kernel_cannot_take_are_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"pipeline\.future_tol_s"):
+        parse_config("[pipeline]\nfuture_tol_s = 100000000000\n")
+    assert parse_config("[pipeline]\ninterval_s = 1\n").validation_params().interval_ms == 1000
+
+
 def _clock_batch(offset_ms: int) -> tuple[stages.Readings, MeterParams]:
     """A meter whose clock reads the read time in UTC-5 local time, and its energy register."""
     r = stages.Readings(
