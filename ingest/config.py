@@ -8,7 +8,8 @@ test loads it, so it cannot rot. The commented values are the defaults.
 Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sinks.influx.http.SinkConfig`),
 ``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages,
 confirmations), ``[loss]`` (:class:`~ingest.pipeline.loss.LossConfig`: loss accounting),
-``[line_loss]`` (LL-02 bands of the daily report, per area type), plus
+``[line_loss]`` (LL-02 bands of the daily report, per area type), ``[validation]`` (the
+thresholds of the validation rules, :class:`ValidationSection`), plus
 top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import tomllib
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ __all__ = [
     "LossBand",
     "MqttSection",
     "PipelineSection",
+    "ValidationSection",
     "load_calendar",
     "load_config",
     "load_registry",
@@ -190,6 +193,98 @@ class LineLossSection:
         return complete, _pct_bp(high, "high_pct")
 
 
+def _fixed(value: float, decimals: int, key: str) -> int:
+    """A decimal number with at most ``decimals`` decimals, as an integer of 10^-decimals units."""
+    scaled = Decimal(str(value)) * 10**decimals
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"{key}: expected at most {decimals} decimals, got {value}")
+    return int(scaled)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSection:
+    """``[validation]``: thresholds of the validation rules (VEE-nn of
+    ``shared/reference/business_rules.md``) in the rules' units; defaults from the rules. The
+    grid, future tolerance, lower time bound and longest interpolated gap are ``[pipeline]``'s.
+    :meth:`params` gives them as ``ingest.rules.stages.ValidationParams``."""
+
+    clock_skew_tol_s: int = 300  # VEE-12
+    meter_clock_utc_offset_min: int = 480  # VEE-12: the meters' local time (meter_clock) is UTC+8
+    rollover_band_pct: int = 90  # VEE-02
+    replaced_below_kwh: float = 10.0  # VEE-03
+    replaced_drop_kwh: float = 10.0  # VEE-03
+    register_decrease_min_kwh: float = 0.05  # VEE-04
+    spike_margin_pct: int = 10  # VEE-05
+    zero_power_min_kw: float = 0.4  # VEE-08
+    voltage_invalid_pct: int = 150  # VEE-16
+    phase_break_pct: int = 60  # VEE-17
+    voltage_loss_pct: int = 78  # VEE-17
+    voltage_loss_current_pct_ib: float = 0.5  # VEE-17
+    pf_floor: float = 0.3  # VEE-18
+    spike_rel_pct: int = 300  # VEE-06
+    spike_rel_floor_kwh: float = 0.1  # VEE-06
+    fast_running_ratio: float = 10.0  # VEE-07
+    fast_running_min_kwh: float = 0.1  # VEE-07
+    stopped_intervals: int = 4  # VEE-08
+    zero_long_intervals: int = 288  # VEE-09
+    stuck_readings: int = 8  # VEE-19
+    flat_gap_max_intervals: int = 2016  # VEE-21
+    prolonged_est_days: int = 3  # VEE-22
+
+    def __post_init__(self) -> None:
+        self.params()
+
+    def params(self) -> Any:
+        """The ``ValidationParams`` of this section (``[pipeline]``'s fields at their defaults).
+        Raises: ValueError naming the key."""
+        from ingest.rules.stages import ValidationParams
+
+        names = {
+            "skew_tol_ms": "clock_skew_tol_s",
+            "meter_clock_utc_offset_ms": "meter_clock_utc_offset_min",
+            "replaced_below": "replaced_below_kwh",
+            "replaced_drop": "replaced_drop_kwh",
+            "decrease_min": "register_decrease_min_kwh",
+            "zero_power_min_w": "zero_power_min_kw",
+            "voltage_loss_current_permille": "voltage_loss_current_pct_ib",
+            "spike_rel_floor": "spike_rel_floor_kwh",
+            "fast_ratio_x10": "fast_running_ratio",
+            "fast_min": "fast_running_min_kwh",
+            "prolonged_est_ms": "prolonged_est_days",
+        }
+        values = {
+            "skew_tol_ms": self.clock_skew_tol_s * 1000,
+            "meter_clock_utc_offset_ms": self.meter_clock_utc_offset_min * 60_000,
+            "rollover_band_pct": self.rollover_band_pct,
+            "replaced_below": _fixed(self.replaced_below_kwh, 2, "replaced_below_kwh"),
+            "replaced_drop": _fixed(self.replaced_drop_kwh, 2, "replaced_drop_kwh"),
+            "decrease_min": _fixed(self.register_decrease_min_kwh, 2, "register_decrease_min_kwh"),
+            "spike_margin_pct": self.spike_margin_pct,
+            "zero_power_min_w": _fixed(self.zero_power_min_kw, 3, "zero_power_min_kw"),
+            "voltage_invalid_pct": self.voltage_invalid_pct,
+            "phase_break_pct": self.phase_break_pct,
+            "voltage_loss_pct": self.voltage_loss_pct,
+            "voltage_loss_current_permille": _fixed(
+                self.voltage_loss_current_pct_ib, 1, "voltage_loss_current_pct_ib"
+            ),
+            "pf_floor": _fixed(self.pf_floor, 3, "pf_floor"),
+            "spike_rel_pct": self.spike_rel_pct,
+            "spike_rel_floor": _fixed(self.spike_rel_floor_kwh, 2, "spike_rel_floor_kwh"),
+            "fast_ratio_x10": _fixed(self.fast_running_ratio, 1, "fast_running_ratio"),
+            "fast_min": _fixed(self.fast_running_min_kwh, 2, "fast_running_min_kwh"),
+            "stopped_intervals": self.stopped_intervals,
+            "zero_long_intervals": self.zero_long_intervals,
+            "stuck_readings": self.stuck_readings,
+            "flat_gap_max_intervals": self.flat_gap_max_intervals,
+            "prolonged_est_ms": self.prolonged_est_days * 86_400_000,
+        }
+        try:
+            return ValidationParams(**values)
+        except ValueError as exc:  # "<param>: reason" -> "<key>: reason"
+            param, _, reason = str(exc).partition(": ")
+            raise ValueError(f"{names.get(param, param)}: {reason}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     registry: str = ""
@@ -203,12 +298,36 @@ class IngestConfig:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     loss: LossConfig = field(default_factory=LossConfig)
     line_loss: LineLossSection = field(default_factory=LineLossSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def __post_init__(self) -> None:
         if self.metrics_listen:
             _, sep, port = self.metrics_listen.rpartition(":")
             if not sep or not port.isdigit():
                 raise ValueError(f"metrics_listen: expected host:port or '', got {self.metrics_listen!r}")
+        self.validation_params()
+
+    def validation_params(self) -> Any:
+        """``ValidationParams`` of ``[validation]`` with ``[pipeline]``'s grid, time bounds and
+        longest interpolated gap. Raises: ValueError naming the ``[pipeline]`` key."""
+        p = self.pipeline
+        keys = {
+            "interval_ms": "pipeline.interval_s",
+            "future_tol_ms": "pipeline.future_tol_s",
+            "min_ts_ms": "pipeline.min_ts",
+            "max_gap_intervals": "pipeline.max_gap_intervals",
+        }
+        try:
+            return replace(
+                self.validation.params(),
+                interval_ms=p.interval_s * 1000,
+                future_tol_ms=p.future_tol_s * 1000,
+                min_ts_ms=p.min_ts_ms,
+                max_gap_intervals=p.max_gap_intervals,
+            )
+        except ValueError as exc:
+            param, _, reason = str(exc).partition(": ")
+            raise ValueError(f"{keys.get(param, param)}: {reason}") from None
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -453,4 +572,54 @@ min_complete_pct = 98
 # [line_loss.area_types.rural]   (example)
 # high_pct = 12.0
 
+[validation]
+# Thresholds of the validation rules (shared/reference/business_rules.md; docs/ingest-kernels.md).
+# VEE-12: a meter whose clock (meter_clock, kept in the meters' local time, UTC+offset) differs
+# from the read time by more than clock_skew_tol_s has every reading flagged CLOCK_SKEW.
+clock_skew_tol_s = 300
+meter_clock_utc_offset_min = 480
+# VEE-02: a register lower than before is a rollover when the earlier value was at least this
+# percentage of the rollover point (and the wrapped delta is physically possible).
+rollover_band_pct = 90
+# VEE-03: a drop to below replaced_below_kwh by at least replaced_drop_kwh is METER_REPLACED.
+replaced_below_kwh = 10.0
+replaced_drop_kwh = 10.0
+# VEE-04: a smaller drop than this is jitter (E = 0, no flag); a larger one WENT_BACKWARDS.
+register_decrease_min_kwh = 0.05
+# VEE-05: SPIKE above U_n x I_max x phases x time x (100 + spike_margin_pct) %.
+spike_margin_pct = 10
+# VEE-08: zero consumption while |P| >= zero_power_min_kw (or the current carrying it at U_n).
+zero_power_min_kw = 0.4
+# VEE-16: a phase voltage above voltage_invalid_pct % of U_n is OUT_OF_RANGE.
+voltage_invalid_pct = 150
+# VEE-17: PHASE_LOSS below phase_break_pct % of U_n, or below voltage_loss_pct % with a current
+# above voltage_loss_current_pct_ib % of I_b, while another phase is at least phase_break_pct %.
+phase_break_pct = 60
+voltage_loss_pct = 78
+voltage_loss_current_pct_ib = 0.5
+# VEE-18: |PF| below pf_floor with active power flowing is PF_OUT_OF_BOUNDS.
+pf_floor = 0.3
+# VEE-06: per meter, energy channel and local day, the highest interval is SPIKE_REL (a warning,
+# still billable) when it exceeds the third-highest by more than spike_rel_pct %, provided the
+# third-highest is at least spike_rel_floor_kwh (interval energy, multiplier applied).
+spike_rel_pct = 300
+spike_rel_floor_kwh = 0.1
+# VEE-07: an interval of at least fast_running_min_kwh above fast_running_ratio times the energy
+# the active power read with it implies is FAST_RUNNING (not billable).
+fast_running_ratio = 10.0
+fast_running_min_kwh = 0.1
+# VEE-08: the register unchanged over stopped_intervals consecutive intervals while current flows
+# is STOPPED (not billable). VEE-09: zero_long_intervals consecutive zero intervals (no outage)
+# are ZERO_LONG (billable, for review). Runs are judged within one batch (docs/ingest-kernels.md).
+stopped_intervals = 4
+zero_long_intervals = 288
+# VEE-19: a phase voltage, current or power repeating one exact non-zero value for stuck_readings
+# readings while another of the meter's values changes is STUCK.
+stuck_readings = 8
+# VEE-21: a gap longer than [pipeline] max_gap_intervals, up to flat_gap_max_intervals (3 weeks),
+# is estimated by spreading the register delta evenly (ESTIMATED|EST_FLAT: like-day shapes need
+# history the pipeline does not keep); longer gaps stay gaps. VEE-22: estimated intervals ending
+# more than prolonged_est_days after the meter's last actual reading are PROLONGED_EST.
+flat_gap_max_intervals = 2016
+prolonged_est_days = 3
 """

@@ -23,9 +23,17 @@ bit  name                meaning
 13   PF_OUT_OF_BOUNDS    power factor outside [-1, 1] or below the configured floor
 14   OUT_OF_ORDER        timestamp earlier than a reading already seen for this channel
 15   BEFORE_MIN_TIME     timestamp earlier than the head-end's lower bound (ingest ``min_ts``)
+16   SPIKE_REL           interval far above the day's third-highest (VEE-06; a warning, billable)
+17   FAST_RUNNING        interval energy far above what the measured power implies (VEE-07)
+18   STOPPED             register unchanged over several intervals while current flowed (VEE-08)
+19   ZERO_LONG           a long run of zero-consumption intervals (VEE-09; billable, for review)
+20   STUCK               an instantaneous value repeated exactly while the meter's others change (VEE-19)
+21   OUTAGE              the meter was down at this point, or the interval touches such a point (VEE-23)
+22   EST_FLAT            estimated over a gap longer than interpolation's limit, spread evenly (VEE-21)
+23   PROLONGED_EST       estimated more than the allowed days after the meter's last actual reading (VEE-22)
 ==== ==================  ============================================================
 
-Bits 16..31 are free for new rules. Inside the head-end every flags column is ``uint32``. On
+Bits 24..31 are free for new rules. Inside the head-end every flags column is ``uint32``. On
 the wire, payload v1 carries 16 bits (decoding widens them; encoding a higher bit as v1 is an
 error) and payload v2 all 32 (``docs/payload.md``).
 """
@@ -54,10 +62,18 @@ class Flag(enum.IntFlag):
     PF_OUT_OF_BOUNDS = 1 << 13
     OUT_OF_ORDER = 1 << 14
     BEFORE_MIN_TIME = 1 << 15
+    SPIKE_REL = 1 << 16
+    FAST_RUNNING = 1 << 17
+    STOPPED = 1 << 18
+    ZERO_LONG = 1 << 19
+    STUCK = 1 << 20
+    OUTAGE = 1 << 21
+    EST_FLAT = 1 << 22
+    PROLONGED_EST = 1 << 23
 
 
 def describe(flags: int) -> tuple[str, ...]:
-    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit16``."""
+    """Names of the bits set in ``flags``, lowest bit first; unknown bits as ``bit31``."""
     names = [f.name or "" for f in Flag if flags & f]
     known = sum(int(f) for f in Flag)
     names.extend(f"bit{b}" for b in range(flags.bit_length()) if flags & ~known & (1 << b))

@@ -13,6 +13,11 @@ Money is integer fen (0.01 CNY). Floats appear only at presentation (:func:`to_d
 * ``instantaneous``: a sampled value (voltage, current, power, balance).
 * ``state``: a discrete state or a timestamp (relay, status words, meter clock).
 
+The quantity also carries what validation needs to know of it (ingest's kernels read these
+through a table built from :data:`QUANTITIES`, never a literal code): :attr:`Quantity.valid_range`
+(VEE-16: a value outside is ``OUT_OF_RANGE``), :attr:`Quantity.is_energy` (VEE-02/05 rating
+checks) and ``stuck_check`` (VEE-19 applies to it).
+
 ``cim`` is the IEC 61968-9 ReadingType (the 18-field dotted code: macroPeriod, aggregate,
 measuringPeriod, accumulation, flowDirection, commodity, measurementKind, interharmonic n/d,
 argument n/d, TOU, CPP, consumptionTier, phases, multiplier, unit, currency) for MDM and billing
@@ -29,6 +34,7 @@ __all__ = [
     "ENERGY_FORWARD",
     "ENERGY_REVERSE",
     "QUANTITIES",
+    "VALUE_BOUND",
     "Quantity",
     "by_code",
     "by_name",
@@ -42,6 +48,10 @@ _KINDS = ("cumulative", "instantaneous", "state")
 ENERGY_REGISTER_MAX = 99_999_999
 # XXXXXX event counters: 6 BCD digits.
 COUNTER_REGISTER_MAX = 999_999
+# No quantity reaches 10^15 of its units (a meter clock, epoch ms, is 1.7e12): the valid range of a
+# quantity without its own bounds, so that every value a rule computes with is bounded.
+VALUE_BOUND = 10**15
+_ENERGY_UNITS = ("kWh", "kvarh", "kVAh")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,9 @@ class Quantity:
     cim: str | None = None
     signed: bool = False
     register_max: int | None = None  # cumulative only: the value after which the register wraps to 0
+    valid_min: int | None = None  # physical range (fixed point); None: see valid_range
+    valid_max: int | None = None
+    stuck_check: bool = False  # VEE-19: a run of one exact non-zero value is suspect
 
     def __post_init__(self) -> None:
         if not 0 < self.code < 0x10000:
@@ -68,6 +81,23 @@ class Quantity:
             raise ValueError(f"quantity {self.name}: decimals {self.decimals} outside 0..6")
         if (self.register_max is not None) != (self.kind == "cumulative"):
             raise ValueError(f"quantity {self.name}: register_max is required for, and only for, cumulative")
+        lo, hi = self.valid_range
+        if not -VALUE_BOUND <= lo <= hi <= VALUE_BOUND:
+            raise ValueError(f"quantity {self.name}: valid range {lo}..{hi} empty or beyond VALUE_BOUND")
+
+    @property
+    def valid_range(self) -> tuple[int, int]:
+        """``(lo, hi)``, inclusive: ``valid_min``/``valid_max`` where given, else a register's
+        0..register_max (± when signed), else 0 (or -VALUE_BOUND when signed) .. VALUE_BOUND."""
+        bound = self.register_max if self.register_max is not None else VALUE_BOUND
+        lo = self.valid_min if self.valid_min is not None else (-bound if self.signed else 0)
+        hi = self.valid_max if self.valid_max is not None else bound
+        return lo, hi
+
+    @property
+    def is_energy(self) -> bool:
+        """An energy register (kWh, kvarh, kVAh): the meter's rating bounds its deltas (VEE-05)."""
+        return self.kind == "cumulative" and self.unit in _ENERGY_UNITS
 
     @property
     def scale(self) -> int:
@@ -240,6 +270,7 @@ def _build() -> tuple[Quantity, ...]:
             "instantaneous",
             f"phase {ph.upper()} voltage",
             _cim(_INDICATING, 0, _VOLTAGE, _V, phases=code),
+            stuck_check=True,
         )
     for i, (ph, code) in enumerate((("a", _PH_A), ("b", _PH_B), ("c", _PH_C), ("n", _PH_N))):
         add(
@@ -251,6 +282,7 @@ def _build() -> tuple[Quantity, ...]:
             f"{'neutral' if ph == 'n' else 'phase ' + ph.upper()} current (sign is the direction)",
             _cim(_INDICATING, 0, _CURRENT, _A, phases=code),
             signed=True,
+            stuck_check=True,
         )
     for base, stem, unit, cim_unit, what in (
         (40, "power_active", "kW", _W, "active power"),
@@ -267,6 +299,7 @@ def _build() -> tuple[Quantity, ...]:
                 f"{what}, {'total' if ph == 'total' else 'phase ' + ph.upper()}",
                 _cim(_INDICATING, 0, _POWER, cim_unit, phases=code, multiplier=_KILO),
                 signed=True,
+                stuck_check=True,
             )
     for i, (ph, code) in enumerate((("total", _PH_ABC), ("a", _PH_A), ("b", _PH_B), ("c", _PH_C))):
         add(
@@ -279,7 +312,17 @@ def _build() -> tuple[Quantity, ...]:
             _cim(_INDICATING, 0, _PF, _COS, phases=code),
             signed=True,
         )
-    add(56, "frequency", "Hz", 2, "instantaneous", "grid frequency", _cim(_INDICATING, 0, _FREQ, _HZ))
+    add(
+        56,
+        "frequency",
+        "Hz",
+        2,
+        "instantaneous",
+        "grid frequency",
+        _cim(_INDICATING, 0, _FREQ, _HZ),
+        valid_min=4_500,  # 45.00 .. 65.00 Hz
+        valid_max=6_500,
+    )
     add(
         57,
         "demand_active",
@@ -350,7 +393,15 @@ def _build() -> tuple[Quantity, ...]:
     add(86, "relay_close_count", "", 0, "cumulative", "relay close operations, total", None, register_max=c)
 
     # --- states -----------------------------------------------------------------------------
-    add(100, "relay_state", "", 0, "state", "relay state: 0 = closed (supply on), 1 = open (tripped)")
+    add(
+        100,
+        "relay_state",
+        "",
+        0,
+        "state",
+        "relay state: 0 = closed (supply on), 1 = open (tripped)",
+        valid_max=1,
+    )
     add(
         101,
         "meter_clock",

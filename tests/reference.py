@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ingest.rules import kernels as k
+from protocols.quantities import VALUE_BOUND
 
 EPOCH = dt.datetime(1970, 1, 1)
 INT64_MIN = -(2**63)
@@ -23,7 +24,7 @@ def _l(a: Any) -> list[int]:
     return [int(x) for x in a]
 
 
-# --- validation (VEE-02..05, 08, 10..13, 16..18) -----------------------------------------------------
+# --- validation (VEE-02..05, 07..13, 16..19, 22, 23) -----------------------------------------------------
 
 
 def emax(k_mw_pct: int, dt_ms: int) -> int:
@@ -31,41 +32,20 @@ def emax(k_mw_pct: int, dt_ms: int) -> int:
     return k_mw_pct * dt_ms // 3_600_000_000_000
 
 
-def validate(
-    order,
-    chan,
-    meter,
-    ts,
-    quantity,
-    value,
-    flags,
-    prev_value,
-    prev_ts,
-    has_prev,
-    q_kind,
-    q_regmax,
-    q_lo,
-    q_hi,
-    q_energy,
-    q_signed,
-    m_un,
-    m_kmax,
-    m_ib,
-    m_phases,
-    m_izero,
-    m_regmax,
-    receive,
-    future_tol,
-    min_ts,
-    clock_off,
-    skew_tol,
-    interval,
-    dec_min,
-    rep_below,
-    rep_drop,
-    pf_floor,
-    p_min,
-):
+def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, qt, mt, params):
+    p = {name: int(params[0][name]) for name in params.dtype.names}
+    receive, future_tol, min_ts, interval = (
+        p["receive_ts_ms"],
+        p["future_tol_ms"],
+        p["min_ts_ms"],
+        p["interval_ms"],
+    )
+    q_lo, q_hi, q_kind, q_signed, q_energy, q_regmax, q_stuck = (
+        qt[name] for name in ("lo", "hi", "kind", "signed", "energy", "regmax", "stuck_check")
+    )
+    m_un, m_kmax, m_ib, m_phases, m_izero, m_regmax = (
+        mt[name] for name in ("un_dv", "kmax", "ib_ma", "phases", "izero_ma", "regmax")
+    )
     n = len(meter)
     meter, ts, quantity, value, flags, chan = map(_l, (meter, ts, quantity, value, flags, chan))
     out = list(flags)
@@ -75,9 +55,9 @@ def validate(
 
     skewed = set()
     for i in range(n):
-        believable = min_ts <= ts[i] <= receive + future_tol and abs(value[i]) <= k.VALUE_BOUND
+        believable = min_ts <= ts[i] <= receive + future_tol and abs(value[i]) <= VALUE_BOUND
         is_clock = quantity[i] == k.Q_METER_CLOCK and not flags[i] & k.F_METER_ERROR and believable
-        if is_clock and abs(value[i] - clock_off - ts[i]) > skew_tol:
+        if is_clock and abs(value[i] - p["meter_clock_utc_offset_ms"] - ts[i]) > p["skew_tol_ms"]:
             skewed.add(meter[i])
 
     newest = {c: t for c, (_, t) in prev.items()}
@@ -95,14 +75,22 @@ def validate(
         if not flags[i] & k.F_METER_ERROR and in_table[i]:
             point[(meter[i], ts[i])][quantity[i]] = value[i]
 
-    anchor = dict(prev)  # chan -> (value, ts); value unused for non-cumulative
+    # chan -> (value, ts, the meter was down there); value unused for non-cumulative non-stuck-checked
+    anchor = {c: (v, t, False) for c, (v, t) in prev.items()}
     last_seen = {c: t for c, (_, t) in prev.items()}
+    stopped, zeros, stuck = defaultdict(list), defaultdict(list), defaultdict(list)  # chan -> [(i, step)]
+    changes = []  # (meter, ts) where a stuck-checked value changed (VEE-19)
     for i in in_order:
         c, m, t, q, v, f = chan[i], meter[i], ts[i], quantity[i], value[i], out[i]
         pt = point[(m, t)]
         volts = [pt.get(k.Q_VOLT_A + x) for x in range(3)]
         amps = [abs(pt[k.Q_CURR_A + x]) if k.Q_CURR_A + x in pt else None for x in range(3)]
         power = abs(pt[k.Q_POWER_TOTAL]) if k.Q_POWER_TOTAL in pt else None
+        un = int(m_un[m])
+        reported = [u for u in volts if u is not None]
+        down = un > 0 and bool(reported) and all(100 * u < p["phase_break_pct"] * un for u in reported)
+        if down:
+            f |= k.F_OUTAGE
         if m in skewed:
             f |= k.F_CLOCK_SKEW
         if t > receive + future_tol:
@@ -111,7 +99,7 @@ def validate(
             f |= k.F_BEFORE_MIN_TIME
         hi = int(q_hi[q])
         if q in (30, 31, 32) and m_un[m] > 0:
-            hi = min(hi, int(m_un[m]) * 3 // 2)
+            hi = min(hi, int(m_un[m]) * p["voltage_invalid_pct"] // 100)
         if q_kind[q] == k.KIND_UNKNOWN or not int(q_lo[q]) <= v <= hi:
             f |= k.F_OUT_OF_RANGE
         if last_seen.get(c) == t:
@@ -119,21 +107,24 @@ def validate(
         last_seen[c] = t
         if not f & k.F_DUPLICATE and c in anchor and t - anchor[c][1] > interval:
             f |= k.F_GAP_BEFORE
-        bad_pf = abs(v) > 1000 or (abs(v) < pf_floor and power is not None and power > 0)
+        bad_pf = abs(v) > 1000 or (abs(v) < p["pf_floor"] and power is not None and power > 0)
         if q in (52, 53, 54, 55) and not f & k.F_METER_ERROR and in_table[i] and bad_pf:
             f |= k.F_PF_OUT_OF_BOUNDS
         if q in (30, 31, 32) and m_phases[m] == 3 and m_un[m] > 0 and not f & k.F_METER_ERROR and in_table[i]:
             x, un = q - 30, int(m_un[m])
             cur = amps[x]
-            collapsed = 100 * v < 60 * un or (
-                100 * v < 78 * un and cur is not None and 1000 * cur > 5 * int(m_ib[m])
+            brk, loss = p["phase_break_pct"], p["voltage_loss_pct"]
+            collapsed = 100 * v < brk * un or (
+                100 * v < loss * un
+                and cur is not None
+                and 1000 * cur > p["voltage_loss_current_permille"] * int(m_ib[m])
             )
-            others = any(volts[y] is not None and 100 * volts[y] >= 60 * un for y in range(3) if y != x)
+            others = any(volts[y] is not None and 100 * volts[y] >= brk * un for y in range(3) if y != x)
             if collapsed and others:
                 f |= k.F_PHASE_LOSS
         if not f & k.NOT_ANCHOR and (c not in anchor or t > anchor[c][1]):
             if q_kind[q] == k.KIND_CUMULATIVE and c in anchor:
-                a_v, a_t = anchor[c]
+                a_v, a_t, a_down = anchor[c]
                 d, gap = v - a_v, t - a_t
                 anchor_ts[i] = a_t
                 moves = True
@@ -142,11 +133,12 @@ def validate(
                     per_meter = int(m_regmax[m]) if q_energy[q] else 0  # VEE-02: digits per meter
                     span = (per_meter or int(q_regmax[q])) + 1
                     wrapped = span - a_v + v
-                    if 10 * a_v >= 9 * span and (not q_energy[q] or kmax <= 0 or wrapped <= emax(kmax, gap)):
+                    near_max = 100 * a_v >= p["rollover_band_pct"] * span
+                    if near_max and (not q_energy[q] or kmax <= 0 or wrapped <= emax(kmax, gap)):
                         d, f = wrapped, f | k.F_ROLLOVER
-                    elif v < rep_below and a_v - v >= rep_drop:
+                    elif v < p["replaced_below"] and a_v - v >= p["replaced_drop"]:
                         d, f = 0, f | k.F_METER_REPLACED
-                    elif a_v - v >= dec_min:
+                    elif a_v - v >= p["decrease_min"]:
                         d, f = 0, f | k.F_WENT_BACKWARDS
                     else:
                         d, moves = 0, False
@@ -154,21 +146,69 @@ def validate(
                     f |= k.F_SPIKE
                 if q == 1 and d == 0 and not f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED):
                     biggest = max([a for a in amps if a is not None], default=-1)
+                    p_min = 10 * p["zero_power_min_w"]
                     if (power is not None and power >= p_min) or (m_izero[m] > 0 and biggest >= m_izero[m]):
                         f |= k.F_ZERO_WITH_CURRENT
+                if a_down:
+                    f |= k.F_OUTAGE
+                if q == 1 and t % interval == 0:
+                    one = gap == interval and a_t % interval == 0
+                    fault = f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED)
+                    stopped[c].append((i, "continue" if one and f & k.F_ZERO_WITH_CURRENT else "break"))
+                    zero = one and d == 0 and not fault and not f & k.F_OUTAGE
+                    zeros[c].append((i, "continue" if zero else "break"))
+                    if one and power is not None and power * interval <= 10**18 and d >= p["fast_min"]:
+                        implied = power * interval // 360_000_000  # 0.1 W x ms in 0.01 kWh
+                        if 10 * d > p["fast_ratio_x10"] * implied:
+                            f |= k.F_FAST_RUNNING
                 delta[i] = d
                 if t % interval == 0 or a_t % interval != 0:  # off-grid readings keep an on-grid anchor
-                    anchor[c] = (v if moves else a_v, t)
+                    anchor[c] = (v if moves else a_v, t, down)
             else:
-                anchor[c] = (v, t)
+                if q_kind[q] != k.KIND_CUMULATIVE and q_stuck[q]:
+                    same = c in anchor and anchor[c][0] == v
+                    stuck[c].append((i, "break" if v == 0 else ("continue" if same else "start")))
+                    if c in anchor and not same:
+                        changes.append((m, t))
+                anchor[c] = (v, t, down)
         out[i] = f
+    for runs, n_min, flag in (
+        (stopped, p["stopped_intervals"], k.F_STOPPED),
+        (zeros, p["zero_long_intervals"], k.F_ZERO_LONG),
+    ):
+        for events in runs.values():
+            for run in _long_runs(events, n_min):
+                for i in run:
+                    out[i] |= flag
+    for events in stuck.values():
+        for run in _long_runs(events, p["stuck_readings"]):
+            m, first, last = meter[run[0]], ts[run[0]], ts[run[-1]]
+            if any(cm == m and first < ct <= last for cm, ct in changes):
+                for i in run:
+                    out[i] |= k.F_STUCK
     return np.array(out, np.uint32), np.array(delta, np.int64), np.array(anchor_ts, np.int64)
+
+
+def _long_runs(events, min_len):
+    """The runs of at least ``min_len`` readings in one channel's ``(reading, step)`` events: a
+    "break" ends a run, a "start" begins a new one, a "continue" joins the current one."""
+    runs, current = [], []
+    for i, step in events:
+        if step in ("break", "start"):
+            runs.append(current)
+            current = []
+        if step != "break":
+            current.append(i)
+    runs.append(current)
+    return [run for run in runs if len(run) >= min_len]
 
 
 # --- intervals and estimation (VEE-01, VEE-20, VEE-21) -----------------------------------------------
 
 
-def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval, max_gap):
+def intervals(
+    meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval, max_gap, flat_max, prolonged
+):
     rows = []
     for i in range(len(ts)):
         q, f, d, t, a, m = (
@@ -185,19 +225,43 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
         carry = f & k.INTERVAL_CARRY
         if f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED):
             rows.append((m, q, t, 0, carry))
-        elif steps == 1 or f & k.F_SPIKE:
+        elif steps == 1 or f & k.NOT_BILLABLE:
             rows.append((m, q, t, d * int(mult[m]), carry))
-        elif steps - 1 <= max_gap:
+        elif steps - 1 <= max(max_gap, flat_max) and f & k.F_OUTAGE:  # VEE-23: zeros, the delta last
+            for j in range(1, steps):
+                rows.append((m, q, a + j * interval, 0, carry & (k.F_GAP_BEFORE | k.F_OUTAGE)))
+            rows.append((m, q, t, d * int(mult[m]), carry))
+        elif steps - 1 <= max(max_gap, flat_max):
             each = d // steps  # floor; the remainder goes to the last interval (VEE-20)
             energies = [each] * (steps - 1) + [d - each * (steps - 1)]
             assert sum(energies) == d
+            flat = k.F_EST_FLAT if steps - 1 > max_gap else 0  # VEE-21 without like days
             for j, e in enumerate(energies):
                 last = j == steps - 1
-                fl = k.F_ESTIMATED | (carry if last else carry & k.F_GAP_BEFORE)
-                rows.append((m, q, a + (j + 1) * interval, e * int(mult[m]), fl))
+                end = a + (j + 1) * interval
+                fl = k.F_ESTIMATED | flat | (carry if last else carry & k.F_GAP_BEFORE)
+                if end - a > prolonged:
+                    fl |= k.F_PROLONGED_EST  # VEE-22
+                rows.append((m, q, end, e * int(mult[m]), fl))
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
     dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint32)
     return tuple(np.array(c, dtype=d) for c, d in zip(cols, dts, strict=True))
+
+
+def relative_spikes(labels, ngroups, energy, flags, floor, tol_pct):
+    """VEE-06: per group, the highest against the third-highest eligible interval."""
+    groups = defaultdict(list)
+    for i, (g, e, f) in enumerate(zip(_l(labels), _l(energy), _l(flags), strict=True)):
+        if not f & (k.NOT_BILLABLE | k.F_ESTIMATED | k.F_OUTAGE) and 0 <= e <= k.SPIKE_REL_BOUND:
+            groups[g].append((-e, i))  # highest first, then the first row
+    out = _l(flags)
+    for rows in groups.values():
+        rows.sort()
+        if len(rows) >= 3:
+            max1, max3 = -rows[0][0], -rows[2][0]
+            if max3 >= floor and (max1 - max3) * 100 > tol_pct * max3:
+                out[rows[0][1]] |= k.F_SPIKE_REL
+    return np.array(out, np.uint32)
 
 
 def group_totals(labels, ngroups, energy, flags):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -53,7 +53,6 @@ __all__ = [
 
 DAY_MS = 86_400_000
 Q_ENERGY_TOTAL = ENERGY_FORWARD
-NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
 Mask = npt.NDArray[np.bool_]
 I64 = npt.NDArray[np.int64]
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
@@ -81,6 +80,7 @@ class Settings:
     check_topic_gateway: bool = True
     min_ts_ms: int = st.MIN_TS_MS
     tariff_calendars: dict[str, TariffCalendar] = field(default_factory=dict)  # registry tariff -> calendar
+    validation: st.ValidationParams = field(default_factory=st.ValidationParams)  # [pipeline] fields win
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> Settings:
@@ -95,6 +95,7 @@ class Settings:
             check_topic_gateway=p.check_topic_gateway,
             min_ts_ms=p.min_ts_ms,
             tariff_calendars=load_tariff_calendars(cfg, calendar),
+            validation=cfg.validation_params(),
         )
 
 
@@ -236,9 +237,10 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     # arrival time: a replay days later must flag exactly what the first delivery flagged.
     now_ms = time.time_ns() // 1_000_000
     ref_ms = min(batch.sent_ms, now_ms) if batch.sent_ms else now_ms
-    params = st.ValidationParams(
-        interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms, min_ts_ms=s.min_ts_ms
-    )
+    params = replace(
+        s.validation, interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms, min_ts_ms=s.min_ts_ms,
+        max_gap_intervals=s.max_gap_intervals,
+    )  # fmt: skip
     checked = st.validate_batch(readings, prev, meters, ref_ms, params)
     flags = checked.flags
     checked_r = st.Readings(readings.meter, readings.ts, readings.quantity, readings.value, flags)
@@ -246,9 +248,7 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
     has_dup = bool(dup.any())
     main = _subset(checked_r, ~dup) if has_dup else checked_r
     order = None if has_dup else checked.order  # the validation's (meter, ts, quantity) sort
-    iv = st.aggregate_intervals(
-        checked_r, checked, meters, interval_ms=s.interval_ms, max_gap_intervals=s.max_gap_intervals
-    )
+    iv = st.aggregate_intervals(checked_r, checked, meters, params, utc_offset_ms=s.calendar.utc_offset_ms)
     iv = _dedup_intervals(iv)
     iv1 = _total_register(iv)
     daily, daily_days = _daily_partials(iv, iv1, meters, s)

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from protocols.flags import Flag
-from protocols.quantities import ENERGY_FORWARD, by_name
+from protocols.quantities import ENERGY_FORWARD, VALUE_BOUND, by_name
 
 # Flag bits as plain ints: numba freezes module-level ints as compile-time constants.
 F_OUT_OF_RANGE = int(Flag.OUT_OF_RANGE)
@@ -35,12 +35,21 @@ F_PHASE_LOSS = int(Flag.PHASE_LOSS)
 F_PF_OUT_OF_BOUNDS = int(Flag.PF_OUT_OF_BOUNDS)
 F_OUT_OF_ORDER = int(Flag.OUT_OF_ORDER)
 F_BEFORE_MIN_TIME = int(Flag.BEFORE_MIN_TIME)
+F_SPIKE_REL = int(Flag.SPIKE_REL)
+F_FAST_RUNNING = int(Flag.FAST_RUNNING)
+F_STOPPED = int(Flag.STOPPED)
+F_ZERO_LONG = int(Flag.ZERO_LONG)
+F_STUCK = int(Flag.STUCK)
+F_OUTAGE = int(Flag.OUTAGE)
+F_EST_FLAT = int(Flag.EST_FLAT)
+F_PROLONGED_EST = int(Flag.PROLONGED_EST)
 
 # A reading with one of these bits is not a register anchor: its value is not the register (or
-# its time is not believable), so it closes no interval and is in no total.
-NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE
-# An interval carrying one of these bits has no billable consumption (VEE-03/04/05).
-NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE
+# its time is not believable, or it was estimated upstream: VEE-22, estimates never anchor an
+# estimate), so it closes no interval and is in no total.
+NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE | F_ESTIMATED
+# An interval carrying one of these bits has no billable consumption (VEE-03/04/05/07/08).
+NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE | F_FAST_RUNNING | F_STOPPED
 # Reading bits an interval row inherits from the reading that closes it.
 INTERVAL_CARRY = (
     F_ROLLOVER
@@ -51,6 +60,10 @@ INTERVAL_CARRY = (
     | F_CLOCK_SKEW
     | F_OUT_OF_ORDER
     | F_ZERO_WITH_CURRENT
+    | F_FAST_RUNNING
+    | F_STOPPED
+    | F_ZERO_LONG
+    | F_OUTAGE
 )
 
 KIND_UNKNOWN, KIND_CUMULATIVE, KIND_INSTANT, KIND_STATE = 0, 1, 2, 3
@@ -62,10 +75,69 @@ Q_POWER_TOTAL = by_name("power_active_total").code
 Q_PF_TOTAL = by_name("power_factor_total").code  # total, a, b, c are consecutive codes
 Q_METER_CLOCK = by_name("meter_clock").code
 
-# No quantity reaches 10^15 of its units (a meter clock, epoch ms, is 1.7e12): a value beyond is
-# OUT_OF_RANGE, and every rule that computes with a value takes in-range values only, so no
-# product in these kernels (x 1000 at most) can overflow int64 whatever an edge sends.
-VALUE_BOUND = 10**15
+# The validation kernel's tables and parameters: numpy record arrays (``np.recarray`` views, so
+# that ``table[i].field`` reads the same with and without the JIT) read field by field, built
+# by ``ingest.rules.stages`` (QUANTITY_TABLE from ``protocols.quantities``, METER_TABLE from the
+# registry, PARAMS from ``ValidationParams``, whose fields have these names). A new rule adds its
+# parameter here and on ValidationParams, its block of kernel code, and its reference twin.
+QUANTITY_TABLE = np.dtype(
+    [
+        ("kind", np.int64),  # KIND_*
+        ("lo", np.int64),  # the valid range, inclusive (Quantity.valid_range)
+        ("hi", np.int64),
+        ("regmax", np.int64),  # cumulative: the register maximum (VEE-02), else 0
+        ("energy", np.bool_),  # an energy register: the meter's rating bounds its deltas (VEE-05)
+        ("signed", np.bool_),  # a decrease is consumption, not a fault (VEE-04)
+        ("stuck_check", np.bool_),  # VEE-19 applies
+    ],
+    align=True,
+)
+METER_TABLE = np.dtype(
+    [
+        ("un_dv", np.int64),  # rated phase voltage, 0.1 V; 0 = unknown (rating rules skipped)
+        ("kmax", np.int64),  # VEE-05: U_n·I_max·phases in mW x (100 + spike_margin_pct)
+        ("ib_ma", np.int64),  # basic current, mA
+        ("phases", np.int64),
+        ("izero_ma", np.int64),  # VEE-08: the current that carries zero_power_min_w at U_n
+        ("regmax", np.int64),  # VEE-02: this meter's energy register maximum, 0 = the quantity's
+    ],
+    align=True,
+)
+PARAMS = np.dtype(
+    [
+        ("receive_ts_ms", np.int64),  # the batch's reference time (VEE-11)
+        ("interval_ms", np.int64),  # VEE-13 grid and gap
+        ("future_tol_ms", np.int64),  # VEE-11
+        ("min_ts_ms", np.int64),  # readings earlier are BEFORE_MIN_TIME
+        ("skew_tol_ms", np.int64),  # VEE-12
+        ("meter_clock_utc_offset_ms", np.int64),  # VEE-12: meter_clock is meter-local time
+        ("rollover_band_pct", np.int64),  # VEE-02: the anchor is within this % of the maximum
+        ("replaced_below", np.int64),  # VEE-03, 0.01 kWh
+        ("replaced_drop", np.int64),  # VEE-03, 0.01 kWh
+        ("decrease_min", np.int64),  # VEE-04, 0.01 kWh
+        ("zero_power_min_w", np.int64),  # VEE-08
+        ("voltage_invalid_pct", np.int64),  # VEE-16, % of U_n
+        ("phase_break_pct", np.int64),  # VEE-17, % of U_n
+        ("voltage_loss_pct", np.int64),  # VEE-17, % of U_n
+        ("voltage_loss_current_permille", np.int64),  # VEE-17, ‰ of I_b
+        ("pf_floor", np.int64),  # VEE-18, 0.001
+        ("fast_ratio_x10", np.int64),  # VEE-07: E above this many tenths of the power-implied energy
+        ("fast_min", np.int64),  # VEE-07, 0.01 kWh
+        ("stopped_intervals", np.int64),  # VEE-08: N
+        ("zero_long_intervals", np.int64),  # VEE-09: Z
+        ("stuck_readings", np.int64),  # VEE-19: N
+    ],
+    align=True,
+)
+
+# VEE-07 compares E with P·interval only while that product stays below this (a larger implied
+# energy exceeds any register delta, so the rule cannot fire); VEE-06 ranks intervals up to
+# SPIKE_REL_BOUND (10^12 kWh: beyond, no consumption to compare).
+FAST_P_BOUND = 10**18
+SPIKE_REL_BOUND = 10**14
+# Per-reading steps of a run rule (VEE-08/09/19), see _runs.
+RUN_NEUTRAL, RUN_BREAK, RUN_CONTINUE, RUN_START = 0, 1, 2, 3
+
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
 _MS_PER_HOUR = 3_600_000
@@ -75,6 +147,8 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 # --- validation ------------------------------------------------------------------------------------
+# Every value a rule computes with is within its quantity's valid range, hence within VALUE_BOUND
+# (10^15), so no product in these kernels (x 1000 at most) can overflow int64 whatever an edge sends.
 
 
 @_jit
@@ -90,70 +164,43 @@ def _emax(k_mw_pct, dt_ms):
 
 
 @_jit
-def _skewed_meters(meter, ts, quantity, value, flags, nmeters, clock_offset_ms, skew_tol_ms, t_lo, t_hi):
+def _skewed_meters(meter, ts, quantity, value, flags, nmeters, p):
     """VEE-12: a meter whose clock reading differs from the read time by more than the tolerance
-    (clock readings read within the time bounds ``[t_lo, t_hi]``, value within VALUE_BOUND)."""
+    (clock readings read within the time bounds, value within VALUE_BOUND)."""
     out = np.zeros(nmeters, dtype=np.bool_)
+    t_hi = p.receive_ts_ms + p.future_tol_ms
     for i in range(meter.shape[0]):
-        believable = t_lo <= ts[i] <= t_hi and -VALUE_BOUND <= value[i] <= VALUE_BOUND
+        believable = p.min_ts_ms <= ts[i] <= t_hi and -VALUE_BOUND <= value[i] <= VALUE_BOUND
         if quantity[i] == Q_METER_CLOCK and (flags[i] & F_METER_ERROR) == 0 and believable:
-            skew = value[i] - clock_offset_ms - ts[i]
-            if skew > skew_tol_ms or skew < -skew_tol_ms:
+            skew = value[i] - p.meter_clock_utc_offset_ms - ts[i]
+            if skew > p.skew_tol_ms or skew < -p.skew_tol_ms:
                 out[meter[i]] = True
     return out
 
 
 @_jit
-def validate(
-    order,
-    chan,
-    meter,
-    ts,
-    quantity,
-    value,
-    flags,
-    prev_value,
-    prev_ts,
-    has_prev,
-    q_kind,
-    q_regmax,
-    q_lo,
-    q_hi,
-    q_energy,
-    q_signed,
-    m_un_dv,
-    m_kmax,
-    m_ib_ma,
-    m_phases,
-    m_izero_ma,
-    m_regmax,
-    receive_ts_ms,
-    future_tol_ms,
-    min_ts_ms,
-    clock_offset_ms,
-    skew_tol_ms,
-    interval_ms,
-    decrease_min,
-    replaced_below,
-    replaced_drop,
-    pf_floor,
-    p_min,
-):
+def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, qt, mt, params):
     """One pass over the batch in ``order`` (sorted by meter, ts, quantity, arrival).
 
-    Returns ``(flags, delta, anchor_ts)`` per reading (input positions): the new flags (input
-    flags OR'ed with every rule that fired), the register delta since the channel's previous
-    anchor (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and
-    that anchor's time (``INT64_MIN`` when there is none)."""
+    ``qt`` is the QUANTITY_TABLE indexed by code, ``mt`` the METER_TABLE indexed by batch meter,
+    ``params`` a PARAMS array of one record; ``chan`` labels (meter, quantity) channels and
+    ``prev_*`` / ``has_prev`` give each channel's register before the batch. Returns
+    ``(flags, delta, anchor_ts)`` per reading (input positions): the new flags (input flags OR'ed
+    with every rule that fired), the register delta since the channel's previous anchor
+    (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and that
+    anchor's time (``INT64_MIN`` when there is none)."""
+    p = params[0]
     n = order.shape[0]
     nchan = prev_value.shape[0]
     out = flags.astype(np.int64)
     delta = np.zeros(n, dtype=np.int64)
     anchor_ts = np.full(n, INT64_MIN, dtype=np.int64)
-    skewed = _skewed_meters(
-        meter, ts, quantity, value, flags, m_un_dv.shape[0], clock_offset_ms, skew_tol_ms,
-        min_ts_ms, receive_ts_ms + future_tol_ms,
-    )  # fmt: skip
+    skewed = _skewed_meters(meter, ts, quantity, value, flags, mt.shape[0], p)
+    interval_ms = p.interval_ms
+    stop_step = np.zeros(n, dtype=np.int64)  # VEE-08
+    zero_step = np.zeros(n, dtype=np.int64)  # VEE-09
+    stuck_step = np.zeros(n, dtype=np.int64)  # VEE-19
+    changed = np.zeros(n, dtype=np.bool_)  # VEE-19: a stuck-checked value differs from the last
 
     # Arrival order: OUT_OF_ORDER when earlier than something already seen on the channel.
     seen_max = np.full(nchan, INT64_MIN, dtype=np.int64)
@@ -170,6 +217,7 @@ def validate(
     a_val = prev_value.copy()
     a_ts = prev_ts.copy()
     a_ok = has_prev.copy()
+    a_down = np.zeros(nchan, dtype=np.bool_)  # VEE-23: the meter was down at the anchor's point
     last_ts = np.full(nchan, INT64_MIN, dtype=np.int64)  # for duplicates, any reading
     has_last = has_prev.copy()  # not a sentinel time: a reading may be stamped INT64_MIN
     for c in range(nchan):
@@ -190,7 +238,7 @@ def validate(
             i = order[j]
             q = np.int64(quantity[i])
             v = value[i]
-            if (flags[i] & F_METER_ERROR) != 0 or v < q_lo[q] or v > q_hi[q]:
+            if (flags[i] & F_METER_ERROR) != 0 or v < qt[q].lo or v > qt[q].hi:
                 continue
             if Q_VOLT_A <= q < Q_VOLT_A + 3:
                 ua[q - Q_VOLT_A] = v
@@ -199,24 +247,34 @@ def validate(
             elif q == Q_POWER_TOTAL:
                 p_abs = v if v >= 0 else -v
         i_max_abs = max(ia[0], max(ia[1], ia[2]))
+        mr = mt[m]
+        un = mr.un_dv
+        # VEE-23 (OUT-01): every phase voltage the point reports is below phase_break_pct of U_n.
+        down = un > 0 and max(ua[0], max(ua[1], ua[2])) >= 0
+        for y in range(3):
+            if ua[y] * 100 >= p.phase_break_pct * un:
+                down = False
         for j in range(start, end):
             i = order[j]
             c = chan[i]
             q = np.int64(quantity[i])
+            qr = qt[q]
             v = value[i]
             f = out[i]
             if skewed[m]:
                 f |= F_CLOCK_SKEW
-            if t > receive_ts_ms + future_tol_ms:  # VEE-11
+            if t > p.receive_ts_ms + p.future_tol_ms:  # VEE-11
                 f |= F_FUTURE_TIME
-            if t < min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
+            if t < p.min_ts_ms:  # the lower time bound (epoch 0, an unset clock)
                 f |= F_BEFORE_MIN_TIME
-            kind = q_kind[q]
-            in_table = q_lo[q] <= v <= q_hi[q]  # the rules below compute with in-range values only
-            hi = q_hi[q]
-            if Q_VOLT_A <= q < Q_VOLT_A + 3 and m_un_dv[m] > 0:
-                hi = min(hi, m_un_dv[m] * 3 // 2)  # VEE-16: invalid above 1.5 U_n
-            if kind == KIND_UNKNOWN or v < q_lo[q] or v > hi:
+            if down:
+                f |= F_OUTAGE  # VEE-23
+            kind = qr.kind
+            in_table = qr.lo <= v <= qr.hi  # the rules below compute with in-range values only
+            hi = qr.hi
+            if Q_VOLT_A <= q < Q_VOLT_A + 3 and un > 0:
+                hi = min(hi, un * p.voltage_invalid_pct // 100)  # VEE-16: invalid above 1.5 U_n
+            if kind == KIND_UNKNOWN or v < qr.lo or v > hi:
                 f |= F_OUT_OF_RANGE
             if has_last[c] and t == last_ts[c]:  # VEE-10: same (meter, quantity, ts) seen before
                 f |= F_DUPLICATE
@@ -227,21 +285,23 @@ def validate(
                 f |= F_GAP_BEFORE
             if Q_PF_TOTAL <= q < Q_PF_TOTAL + 4 and (f & F_METER_ERROR) == 0 and in_table:  # VEE-18
                 pf = v if v >= 0 else -v
-                if pf > 1000 or (pf < pf_floor and p_abs > 0):
+                if pf > 1000 or (pf < p.pf_floor and p_abs > 0):
                     f |= F_PF_OUT_OF_BOUNDS
             if (
                 Q_VOLT_A <= q < Q_VOLT_A + 3
-                and m_phases[m] == 3
-                and m_un_dv[m] > 0
+                and mr.phases == 3
+                and un > 0
                 and (f & F_METER_ERROR) == 0
                 and in_table
             ):
                 x = q - Q_VOLT_A
-                un = m_un_dv[m]
-                collapsed = v * 100 < 60 * un or (v * 100 < 78 * un and ia[x] * 1000 > 5 * m_ib_ma[m])
+                collapsed = v * 100 < p.phase_break_pct * un or (
+                    v * 100 < p.voltage_loss_pct * un
+                    and ia[x] * 1000 > p.voltage_loss_current_permille * mr.ib_ma
+                )
                 other_ok = False
                 for y in range(3):
-                    if y != x and ua[y] >= 0 and ua[y] * 100 >= 60 * un:
+                    if y != x and ua[y] >= 0 and ua[y] * 100 >= p.phase_break_pct * un:
                         other_ok = True
                 if collapsed and other_ok:  # VEE-17 断相 / 失压
                     f |= F_PHASE_LOSS
@@ -251,22 +311,14 @@ def validate(
                     d = v - a_val[c]
                     anchor_ts[i] = a_ts[c]
                     move = True
-                    if d < 0 and not q_signed[q]:
-                        d, f, move = _backwards(
-                            v,
-                            a_val[c],
-                            dt,
-                            m_regmax[m] if q_energy[q] and m_regmax[m] > 0 else q_regmax[q],
-                            q_energy[q],
-                            m_kmax[m],
-                            f,
-                            decrease_min,
-                            replaced_below,
-                            replaced_drop,
-                        )
-                    elif q_energy[q] and m_kmax[m] > 0 and d > _emax(m_kmax[m], dt):
+                    if d < 0 and not qr.signed:
+                        regmax = mr.regmax if qr.energy and mr.regmax > 0 else qr.regmax
+                        d, f, move = _backwards(v, a_val[c], dt, regmax, qr.energy, mr.kmax, f, p)
+                    elif qr.energy and mr.kmax > 0 and d > _emax(mr.kmax, dt):
                         f |= F_SPIKE  # VEE-05
-                    current = p_abs >= p_min or (m_izero_ma[m] > 0 and i_max_abs >= m_izero_ma[m])
+                    current = p_abs >= p.zero_power_min_w * 10 or (
+                        mr.izero_ma > 0 and i_max_abs >= mr.izero_ma
+                    )
                     if (
                         q == Q_ENERGY_TOTAL
                         and d == 0
@@ -274,6 +326,19 @@ def validate(
                         and (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) == 0
                     ):
                         f |= F_ZERO_WITH_CURRENT  # VEE-08, one interval
+                    if a_down[c]:
+                        f |= F_OUTAGE  # VEE-23: the interval starts where the meter was down
+                    if q == Q_ENERGY_TOTAL and t % interval_ms == 0:
+                        one = dt == interval_ms and a_ts[c] % interval_ms == 0
+                        fault = (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) != 0
+                        stopped = one and (f & F_ZERO_WITH_CURRENT) != 0
+                        stop_step[i] = RUN_CONTINUE if stopped else RUN_BREAK
+                        zero = one and d == 0 and not fault and (f & F_OUTAGE) == 0
+                        zero_step[i] = RUN_CONTINUE if zero else RUN_BREAK
+                        if one and 0 <= p_abs <= FAST_P_BOUND // interval_ms and d >= p.fast_min:
+                            implied = p_abs * interval_ms // 360_000_000  # 0.1 W x ms -> 0.01 kWh
+                            if d * 10 > p.fast_ratio_x10 * implied:
+                                f |= F_FAST_RUNNING  # VEE-07
                     delta[i] = d
                     # VEE-13: an off-grid reading (an ad-hoc read, a late one) is validated, but an
                     # on-grid anchor stays: the next on-grid reading still closes a whole interval.
@@ -281,26 +346,120 @@ def validate(
                         if move:
                             a_val[c] = v
                         a_ts[c] = t
+                        a_down[c] = down
                 else:
                     if kind == KIND_CUMULATIVE:
                         a_val[c] = v
+                    elif qr.stuck_check:  # VEE-19: runs of one exact non-zero value
+                        same = a_ok[c] and v == a_val[c]
+                        stuck_step[i] = RUN_BREAK if v == 0 else (RUN_CONTINUE if same else RUN_START)
+                        changed[i] = a_ok[c] and not same
+                        a_val[c] = v
                     a_ts[c] = t
                     a_ok[c] = True
+                    a_down[c] = down
             out[i] = f
         start = end
+
+    stopped_run, _, _ = _runs(order, chan, nchan, ts, stop_step, p.stopped_intervals)
+    zero_run, _, _ = _runs(order, chan, nchan, ts, zero_step, p.zero_long_intervals)
+    stuck_run, run_first, run_last = _runs(order, chan, nchan, ts, stuck_step, p.stuck_readings)
+    nchg = 0
+    for i in range(n):
+        nchg += changed[i]
+    chg_meter = np.empty(nchg, dtype=np.int64)  # the changes in (meter, ts) order
+    chg_ts = np.empty(nchg, dtype=np.int64)
+    r = 0
+    for j in range(n):
+        i = order[j]
+        if changed[i]:
+            chg_meter[r] = meter[i]
+            chg_ts[r] = ts[i]
+            r += 1
+    for i in range(n):
+        if stopped_run[i]:
+            out[i] |= F_STOPPED  # VEE-08, N intervals
+        if zero_run[i]:
+            out[i] |= F_ZERO_LONG  # VEE-09
+        if stuck_run[i]:
+            mi = np.int64(meter[i])
+            # VEE-19: only while another channel of the meter changes within the run.
+            later = _changes_upto(chg_meter, chg_ts, mi, run_last[i])
+            if later > _changes_upto(chg_meter, chg_ts, mi, run_first[i]):
+                out[i] |= F_STUCK
     return out.astype(np.uint32), delta, anchor_ts
 
 
 @_jit
-def _backwards(v, prev, dt, regmax, is_energy, kmax, f, decrease_min, replaced_below, replaced_drop):
+def _runs(order, chan, nchan, ts, step, min_len):
+    """Per-channel runs in ``order``: ``step`` per reading is RUN_BREAK (ends a run, not in one),
+    RUN_START (begins a new run), RUN_CONTINUE (joins the current run, or begins one) or
+    RUN_NEUTRAL (neither). Returns ``(in_run, first_ts, last_ts)``: readings of runs of at least
+    ``min_len`` readings, and the times of their run's first and last readings."""
+    n = order.shape[0]
+    length = np.zeros(nchan, dtype=np.int64)
+    begin = np.zeros(nchan, dtype=np.int64)
+    at = np.zeros(n, dtype=np.int64)
+    first = np.zeros(n, dtype=np.int64)
+    for j in range(n):
+        i = order[j]
+        c = chan[i]
+        s = step[i]
+        if s == RUN_BREAK:
+            length[c] = 0
+        elif s == RUN_START or (s == RUN_CONTINUE and length[c] == 0):
+            length[c] = 1
+            begin[c] = ts[i]
+        elif s == RUN_CONTINUE:
+            length[c] += 1
+        at[i] = length[c]
+        first[i] = begin[c]
+    total = np.zeros(nchan, dtype=np.int64)
+    end_ts = np.zeros(nchan, dtype=np.int64)
+    last = np.zeros(n, dtype=np.int64)
+    in_run = np.zeros(n, dtype=np.bool_)
+    for j in range(n - 1, -1, -1):
+        i = order[j]
+        c = chan[i]
+        s = step[i]
+        if s == RUN_BREAK:
+            total[c] = 0
+        elif s != RUN_NEUTRAL:
+            if total[c] == 0:
+                total[c] = at[i]
+                end_ts[c] = ts[i]
+            in_run[i] = total[c] >= min_len
+            last[i] = end_ts[c]
+            if at[i] == 1:
+                total[c] = 0  # the run's first reading: an earlier one belongs to another run
+    return in_run, first, last
+
+
+@_jit
+def _changes_upto(chg_meter, chg_ts, m, t):
+    """How many changes sort at or before (meter m, time t); the changes are in (meter, ts) order."""
+    lo = 0
+    hi = chg_meter.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if chg_meter[mid] < m or (chg_meter[mid] == m and chg_ts[mid] <= t):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@_jit
+def _backwards(v, prev, dt, regmax, is_energy, kmax, f, p):
     """VEE-02/03/04 for a register lower than its anchor: (delta, flags, anchor value moves)."""
     span = regmax + 1
     wrapped = span - prev + v
-    if prev * 10 >= span * 9 and (not is_energy or kmax <= 0 or wrapped <= _emax(kmax, dt)):
+    near_max = prev * 100 >= span * p.rollover_band_pct
+    if near_max and (not is_energy or kmax <= 0 or wrapped <= _emax(kmax, dt)):
         return wrapped, f | F_ROLLOVER, True  # VEE-02
-    if v < replaced_below and prev - v >= replaced_drop:
+    if v < p.replaced_below and prev - v >= p.replaced_drop:
         return np.int64(0), f | F_METER_REPLACED, True  # VEE-03 (suspect: no consumption)
-    if prev - v >= decrease_min:
+    if prev - v >= p.decrease_min:
         return np.int64(0), f | F_WENT_BACKWARDS, True  # VEE-04
     return np.int64(0), f, False  # VEE-04 jitter: E = 0; the anchor keeps the higher value, takes the time
 
@@ -310,7 +469,8 @@ def _backwards(v, prev, dt, regmax, is_energy, kmax, f, decrease_min, replaced_b
 
 @_jit
 def _interval_rows(f, d, t, a, interval_ms, max_gap):
-    """How many interval rows reading (flags f, delta d, ts t, anchor a) produces."""
+    """How many interval rows reading (flags f, delta d, ts t, anchor a) produces; ``max_gap``
+    is the longest gap (intervals missing) that gets rows."""
     if a == INT64_MIN or (f & NOT_ANCHOR) != 0 or t % interval_ms != 0 or a % interval_ms != 0:
         return 0
     k = (t - a) // interval_ms
@@ -318,24 +478,32 @@ def _interval_rows(f, d, t, a, interval_ms, max_gap):
         return 1
     if k - 1 <= max_gap:
         return k
-    return 0  # VEE-21: longer gaps stay gaps
+    return 0  # longer gaps stay gaps
 
 
 @_jit
-def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval_ms, max_gap):
-    """VEE-01 interval consumption + VEE-20 linear interpolation of short gaps.
+def intervals(
+    meter, ts, quantity, flags, delta, anchor_ts, selected, mult, interval_ms, max_gap, flat_max, prolonged_ms
+):
+    """VEE-01 interval consumption, VEE-20 linear interpolation of short gaps, VEE-21 flat
+    estimation of longer ones, VEE-22 prolonged estimation, VEE-23 outages.
 
     For each cumulative reading on the grid whose anchor is on the grid ``k`` intervals earlier:
     k == 1 gives one row ``E = delta × multiplier``; 2 ≤ k ≤ max_gap + 1 gives k rows flagged
     ESTIMATED with ``E = (delta // k) × multiplier`` and the remainder ``delta − (k−1)·(delta // k)``
-    on the last one, so the rows sum exactly to the register delta; a longer gap gives no rows.
-    A reading whose delta is not billable (VEE-03/04/05) gives one row at its own time carrying
-    the flag (E = 0, or the spiked delta for review). Rows come in reading order."""
+    on the last one, so the rows sum exactly to the register delta; max_gap + 1 < k ≤ flat_max + 1
+    gives the same rows flagged ESTIMATED | EST_FLAT (VEE-21 without like days); a longer gap
+    gives no rows. An estimated row ending more than ``prolonged_ms`` after the anchor (the last
+    actual reading) is also PROLONGED_EST. A gap whose reading carries OUTAGE is not estimated:
+    E = 0 rows flagged OUTAGE and the whole delta on the closing row. A reading whose delta is not
+    billable (VEE-03/04/05/07/08) gives one row at its own time carrying the flag (E = 0, or the
+    delta for review). Rows come in reading order."""
     n = ts.shape[0]
+    longest = max(max_gap, flat_max)
     total = 0
     for i in range(n):
         if selected[quantity[i]]:
-            total += _interval_rows(np.int64(flags[i]), delta[i], ts[i], anchor_ts[i], interval_ms, max_gap)
+            total += _interval_rows(np.int64(flags[i]), delta[i], ts[i], anchor_ts[i], interval_ms, longest)
     o_meter = np.empty(total, dtype=np.uint32)
     o_q = np.empty(total, dtype=np.uint16)
     o_end = np.empty(total, dtype=np.int64)
@@ -346,7 +514,7 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
         if not selected[quantity[i]]:
             continue
         f = np.int64(flags[i])
-        k = _interval_rows(f, delta[i], ts[i], anchor_ts[i], interval_ms, max_gap)
+        k = _interval_rows(f, delta[i], ts[i], anchor_ts[i], interval_ms, longest)
         if k == 0:
             continue
         mu = mult[meter[i]]
@@ -355,10 +523,14 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
             rows_end0 = ts[i] - interval_ms
             part = delta[i]
             est = 0
+        elif (f & F_OUTAGE) != 0:  # VEE-23: not estimated; the delta stays on the closing row
+            rows_end0 = anchor_ts[i]
+            part = 0
+            est = 0
         else:
             rows_end0 = anchor_ts[i]
             part = delta[i] // k
-            est = F_ESTIMATED
+            est = F_ESTIMATED | (F_EST_FLAT if k - 1 > max_gap else 0)
         for j in range(k):
             o_meter[r] = meter[i]
             o_q[r] = quantity[i]
@@ -367,9 +539,49 @@ def intervals(meter, ts, quantity, flags, delta, anchor_ts, selected, mult, inte
             if (f & (F_WENT_BACKWARDS | F_METER_REPLACED)) != 0:
                 e = 0
             o_e[r] = e * mu
-            o_f[r] = est | (carry if j == k - 1 else (carry & F_GAP_BEFORE))
+            o_f[r] = est | (carry if j == k - 1 else (carry & (F_GAP_BEFORE | F_OUTAGE)))
+            if est != 0 and o_end[r] - anchor_ts[i] > prolonged_ms:
+                o_f[r] |= F_PROLONGED_EST  # VEE-22
             r += 1
     return o_meter, o_q, o_end, o_e, o_f
+
+
+@_jit
+def relative_spikes(labels, ngroups, energy, flags, floor, tol_pct):
+    """VEE-06 per group of interval rows (a meter's channel over one 24-hour block): with max1 the
+    highest and max3 the third-highest energy of the group's actual, billable rows (not
+    ESTIMATED, OUTAGE or NOT_BILLABLE; 0 .. SPIKE_REL_BOUND), flag SPIKE_REL on the first max1
+    row when max3 >= ``floor`` and (max1 − max3)·100 > ``tol_pct``·max3. Returns new flags."""
+    t1 = np.full(ngroups, INT64_MIN, dtype=np.int64)
+    t2 = np.full(ngroups, INT64_MIN, dtype=np.int64)
+    t3 = np.full(ngroups, INT64_MIN, dtype=np.int64)
+    top = np.full(ngroups, -1, dtype=np.int64)
+    count = np.zeros(ngroups, dtype=np.int64)
+    for i in range(labels.shape[0]):
+        e = energy[i]
+        if (
+            (np.int64(flags[i]) & (NOT_BILLABLE | F_ESTIMATED | F_OUTAGE)) != 0
+            or e < 0
+            or e > SPIKE_REL_BOUND
+        ):
+            continue
+        g = labels[i]
+        count[g] += 1
+        if e > t1[g]:
+            t3[g] = t2[g]
+            t2[g] = t1[g]
+            t1[g] = e
+            top[g] = i
+        elif e > t2[g]:
+            t3[g] = t2[g]
+            t2[g] = e
+        elif e > t3[g]:
+            t3[g] = e
+    out = flags.astype(np.uint32)
+    for g in range(ngroups):
+        if count[g] >= 3 and t3[g] >= floor and (t1[g] - t3[g]) * 100 > tol_pct * t3[g]:
+            out[top[g]] = out[top[g]] | np.uint32(F_SPIKE_REL)
+    return out
 
 
 @_jit

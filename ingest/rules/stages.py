@@ -7,7 +7,7 @@ quality-flag bits (:mod:`protocols.flags`). Inputs are never written (``numpy.fr
 are read-only and work as they are). Stages, in pipeline order::
 
     validate_batch(readings, previous, meters, receive_ts_ms)        -> Checked
-    aggregate_intervals(readings, checked, meters)                   -> Intervals  (VEE-01, VEE-20)
+    aggregate_intervals(readings, checked, meters, params)           -> Intervals  (VEE-01, 06, 20..23)
     interval_totals(intervals, bucket_ms)                            -> Totals     (hourly / daily)
     tou_split(intervals, calendar)                                   -> TouDays    (TOU-03, VEE-15)
     line_loss(daily_totals, meters, area_sizes)                      -> LineLoss   (LL-01/02)
@@ -119,66 +119,129 @@ class PreviousRegisters:
 
 @dataclass(frozen=True, slots=True)
 class ValidationParams:
-    """Thresholds of the validation rules; integer units in the names (defaults from the rules)."""
+    """Thresholds of the validation and estimation rules; integer units in the names, defaults
+    from the rules (``shared/reference/business_rules.md``). Every field but ``spike_margin_pct``
+    (in the meter table) and those of the interval stage (``max_gap_intervals``,
+    ``flat_gap_max_intervals``, ``prolonged_est_ms``, ``spike_rel_*``)
+    is a field of ``kernels.PARAMS`` of the same name. Configured by ingest's ``[pipeline]`` and
+    ``[validation]`` sections. Raises: ValueError naming the field for a value outside its range."""
 
     interval_ms: int = INTERVAL_MS  # VEE-13 grid and gap
     future_tol_ms: int = 300_000  # VEE-11
     min_ts_ms: int = MIN_TS_MS  # readings earlier are BEFORE_MIN_TIME
     skew_tol_ms: int = 300_000  # VEE-12
     meter_clock_utc_offset_ms: int = SHANGHAI_MS  # meter_clock is meter-local time as UTC-naive
-    decrease_min: int = 5  # VEE-04, 0.05 kWh
+    rollover_band_pct: int = 90  # VEE-02, anchor >= 90 % of the rollover point
     replaced_below: int = 1_000  # VEE-03, R(t) < 10.00 kWh
     replaced_drop: int = 1_000  # VEE-03, drop >= 10.00 kWh
+    decrease_min: int = 5  # VEE-04, 0.05 kWh
     spike_margin_pct: int = 10  # VEE-05
-    pf_floor: int = 300  # VEE-18, 0.300
     zero_power_min_w: int = 400  # VEE-08, 0.4 kW
+    voltage_invalid_pct: int = 150  # VEE-16, invalid above 150 % U_n
+    phase_break_pct: int = 60  # VEE-17 断相 below 60 % U_n
+    voltage_loss_pct: int = 78  # VEE-17 失压 below 78 % U_n ...
+    voltage_loss_current_permille: int = 5  # ... with I above 0.5 % I_b
+    pf_floor: int = 300  # VEE-18, 0.300
+    fast_ratio_x10: int = 100  # VEE-07: E > 10.0 x the power-implied energy ...
+    fast_min: int = 10  # ... and E >= 0.10 kWh
+    stopped_intervals: int = 4  # VEE-08: N intervals (1 h)
+    zero_long_intervals: int = 288  # VEE-09: Z intervals (3 days)
+    stuck_readings: int = 8  # VEE-19: N readings (2 h)
+    max_gap_intervals: int = 8  # VEE-20: longest gap interpolated (intervals missing)
+    flat_gap_max_intervals: int = 2_016  # VEE-21: longest gap spread flat (3 weeks)
+    prolonged_est_ms: int = 3 * DAY_MS  # VEE-22: estimates this long after the last actual reading
+    spike_rel_pct: int = 300  # VEE-06: max1 above max3 by more than 300 % ...
+    spike_rel_floor: int = 10  # ... when max3 >= 0.10 kWh (interval energy, multiplier applied)
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in _PARAM_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name}: expected an integer {lo}..{hi}, got {value!r}")
+        if DAY_MS % self.interval_ms:
+            raise ValueError(f"interval_ms: must divide a day, got {self.interval_ms}")
+
+    def record(self, receive_ts_ms: int) -> npt.NDArray[np.void]:
+        """The ``kernels.PARAMS`` record (an array of one) for a batch received at ``receive_ts_ms``."""
+        rec = np.zeros(1, dtype=k.PARAMS).view(np.recarray)
+        for name in k.PARAMS.fields or ():
+            rec[name] = receive_ts_ms if name == "receive_ts_ms" else getattr(self, name)
+        rec.setflags(write=False)
+        return rec
 
 
-# Quantity tables indexed by code (uint16 range, so any code is a valid index).
+_BIG = 10**12  # no threshold is larger (12 days in ms, 10^10 kWh): products stay far from int64
+_PARAM_RANGES = {
+    "interval_ms": (1, DAY_MS),
+    "future_tol_ms": (0, _BIG),
+    "min_ts_ms": (0, 4_102_444_800_000),  # 1970 .. 2100
+    "skew_tol_ms": (0, _BIG),
+    "meter_clock_utc_offset_ms": (-14 * 3_600_000, 14 * 3_600_000),
+    "rollover_band_pct": (1, 100),
+    "replaced_below": (0, _BIG),
+    "replaced_drop": (1, _BIG),
+    "decrease_min": (1, _BIG),
+    "spike_margin_pct": (0, 1_000),
+    "zero_power_min_w": (0, 10**9),
+    "voltage_invalid_pct": (100, 1_000),
+    "phase_break_pct": (0, 100),
+    "voltage_loss_pct": (0, 100),
+    "voltage_loss_current_permille": (0, 1_000),
+    "pf_floor": (0, 1_000),
+    "fast_ratio_x10": (10, 1_000_000),
+    "fast_min": (0, _BIG),
+    "stopped_intervals": (1, 1_000_000),
+    "zero_long_intervals": (1, 1_000_000),
+    "stuck_readings": (2, 1_000_000),
+    "spike_rel_pct": (0, 10_000),
+    "spike_rel_floor": (0, _BIG),
+    "max_gap_intervals": (0, 10_000),
+    "flat_gap_max_intervals": (0, 100_000),
+    "prolonged_est_ms": (0, _BIG),
+}
+
+
+def _quantity_table() -> npt.NDArray[np.void]:
+    """``kernels.QUANTITY_TABLE`` indexed by code (the uint16 range, so any code is an index):
+    every row from the quantity's own attributes; unknown codes are KIND_UNKNOWN."""
+    kinds = {"cumulative": k.KIND_CUMULATIVE, "instantaneous": k.KIND_INSTANT, "state": k.KIND_STATE}
+    table = np.zeros(_NQ, dtype=k.QUANTITY_TABLE).view(np.recarray)
+    for q in QUANTITIES:
+        lo, hi = q.valid_range
+        regmax = q.register_max if q.register_max is not None else 0
+        table[q.code] = (kinds[q.kind], lo, hi, regmax, q.is_energy, q.signed, q.stuck_check)
+    table.setflags(write=False)
+    return table
+
+
 _NQ = 1 << 16
-Q_KIND = np.zeros(_NQ, dtype=np.int64)
-Q_REGMAX = np.zeros(_NQ, dtype=np.int64)
-Q_LO = np.zeros(_NQ, dtype=np.int64)
-Q_HI = np.zeros(_NQ, dtype=np.int64)
-Q_ENERGY = np.zeros(_NQ, dtype=np.bool_)
-Q_SIGNED = np.zeros(_NQ, dtype=np.bool_)
+QUANTITY_TABLE = _quantity_table()
 Q_DECIMALS = np.zeros(_NQ, dtype=np.int64)
 for _q in QUANTITIES:
-    Q_KIND[_q.code] = {
-        "cumulative": k.KIND_CUMULATIVE,
-        "instantaneous": k.KIND_INSTANT,
-        "state": k.KIND_STATE,
-    }[_q.kind]
     Q_DECIMALS[_q.code] = _q.decimals
-    Q_SIGNED[_q.code] = _q.signed
-    Q_ENERGY[_q.code] = _q.kind == "cumulative" and _q.unit in ("kWh", "kvarh", "kVAh")
-    if _q.register_max is not None:
-        Q_REGMAX[_q.code] = _q.register_max
-        Q_LO[_q.code], Q_HI[_q.code] = (-_q.register_max if _q.signed else 0), _q.register_max
-    else:
-        Q_LO[_q.code], Q_HI[_q.code] = (-k.VALUE_BOUND if _q.signed else 0), k.VALUE_BOUND
-Q_LO[k.Q_PF_TOTAL : k.Q_PF_TOTAL + 4] = -k.VALUE_BOUND  # PF has its own rule and bit (VEE-18)
-Q_LO[56], Q_HI[56] = 4_500, 6_500  # frequency 45.00..65.00 Hz
-for _q in QUANTITIES:
-    if _q.name == "relay_state":
-        Q_HI[_q.code] = 1
-for _a in (Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED, Q_DECIMALS):
-    _a.setflags(write=False)
+Q_DECIMALS.setflags(write=False)
 
 
-def _meter_columns(meters: MeterParams, nmeters: int, p: ValidationParams) -> dict[str, I64]:
+def meter_table(meters: MeterParams, nmeters: int, p: ValidationParams) -> npt.NDArray[np.void]:
+    """``kernels.METER_TABLE`` of a batch's meters: registry columns and what the rules derive
+    from them. Raises: TypeError/ValueError naming the column."""
     for name in ("un_dv", "imax_ma", "ib_ma", "phases", "multiplier"):
         _col(f"meters.{name}", getattr(meters, name), np.int64, nmeters)
+    table = np.zeros(nmeters, dtype=k.METER_TABLE).view(np.recarray)
+    table["un_dv"] = meters.un_dv
+    table["ib_ma"] = meters.ib_ma
+    table["phases"] = meters.phases
     pmax_mw = meters.un_dv * meters.imax_ma * meters.phases // 10  # 0.1 V x mA = 0.1 mW
-    izero = np.zeros(nmeters, dtype=np.int64)
+    table["kmax"] = pmax_mw * (100 + p.spike_margin_pct)
     ok = meters.un_dv > 0
     # VEE-08: the current that carries zero_power_min_w at U_n, in mA, rounded up.
-    izero[ok] = -(-p.zero_power_min_w * 10_000 // meters.un_dv[ok])
+    table["izero_ma"][ok] = -(-p.zero_power_min_w * 10_000 // meters.un_dv[ok])
     # VEE-02: a meter whose energy registers have fewer integer digits wraps earlier (0 = the
     # quantity's own register maximum).
     regmax = meters.energy_regmax if meters.energy_regmax.shape[0] else np.zeros(nmeters, np.int64)
-    _col("meters.energy_regmax", regmax, np.int64, nmeters)
-    return {"kmax": pmax_mw * (100 + p.spike_margin_pct), "izero": izero, "regmax": regmax}
+    table["regmax"] = _col("meters.energy_regmax", regmax, np.int64, nmeters)
+    table.setflags(write=False)
+    return table
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +267,8 @@ def _usable_previous(previous: PreviousRegisters, lo_ts_ms: int, hi_ts_ms: int) 
     time within ``[lo_ts_ms, hi_ts_ms]``. Others are ignored (as if the edge had sent none), so
     no register delta, interval or sum can start from a value or time no reading could carry."""
     q = previous.quantity
-    ok_value = (previous.value >= Q_LO[q]) & (previous.value <= Q_HI[q]) & (Q_KIND[q] != k.KIND_UNKNOWN)
+    row = QUANTITY_TABLE[q]
+    ok_value = (previous.value >= row["lo"]) & (previous.value <= row["hi"]) & (row["kind"] != k.KIND_UNKNOWN)
     usable: npt.NDArray[np.bool_] = ok_value & (previous.ts >= lo_ts_ms) & (previous.ts <= hi_ts_ms)
     return usable
 
@@ -238,25 +302,21 @@ def validate_args(
     receive_ts_ms: int,
     params: ValidationParams = ValidationParams(),
 ) -> tuple[Any, ...]:
-    """The positional arguments of ``kernels.validate`` (and of its reference implementation)
-    for a batch: one place that lines the columns, tables and parameters up with the signature.
-    Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
+    """The arguments of ``kernels.validate`` (and of its reference implementation) for a batch:
+    the reading columns, each channel's previous register, and the quantity table, meter table
+    and parameter record. Raises: TypeError/ValueError naming the column for a wrong dtype, shape
+    or meter index."""
     nmeters = int(meters.un_dv.shape[0])
     if len(readings) and int(readings.meter.max()) >= nmeters:
         raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
-    mc = _meter_columns(meters, nmeters, params)
-    p = params
-    usable = _usable_previous(previous, p.min_ts_ms, receive_ts_ms + p.future_tol_ms)
+    mt = meter_table(meters, nmeters, params)
+    usable = _usable_previous(previous, params.min_ts_ms, receive_ts_ms + params.future_tol_ms)
     chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous, usable)
     return (
         sort_order(readings), chan,
         readings.meter, readings.ts, readings.quantity, readings.value, readings.flags,
         prev_value, prev_ts, has_prev,
-        Q_KIND, Q_REGMAX, Q_LO, Q_HI, Q_ENERGY, Q_SIGNED,
-        meters.un_dv, mc["kmax"], meters.ib_ma, meters.phases, mc["izero"], mc["regmax"],
-        receive_ts_ms, p.future_tol_ms, p.min_ts_ms, p.meter_clock_utc_offset_ms, p.skew_tol_ms,
-        p.interval_ms,
-        p.decrease_min, p.replaced_below, p.replaced_drop, p.pf_floor, p.zero_power_min_w * 10,
+        QUANTITY_TABLE, mt, params.record(receive_ts_ms),
     )  # fmt: skip
 
 
@@ -267,7 +327,7 @@ def validate_batch(
     receive_ts_ms: int,
     params: ValidationParams = ValidationParams(),
 ) -> Checked:
-    """Every per-reading rule (VEE-02..05, 08, 10..13, 16..18): see docs/ingest-kernels.md.
+    """Every per-reading rule (VEE-02..05, 07..13, 16..19, 22, 23): see docs/ingest-kernels.md.
 
     ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``).
     Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
@@ -294,13 +354,16 @@ def aggregate_intervals(
     readings: Readings,
     checked: Checked,
     meters: MeterParams,
+    params: ValidationParams = ValidationParams(),
     *,
     quantities: tuple[int, ...] = ENERGY_CHANNELS,
-    interval_ms: int = INTERVAL_MS,
-    max_gap_intervals: int = 8,
+    utc_offset_ms: int = SHANGHAI_MS,
 ) -> Intervals:
-    """VEE-01 interval energy from register deltas, VEE-20 estimation of gaps of at most
-    ``max_gap_intervals`` missing intervals (2 h by default); longer gaps stay gaps (VEE-21).
+    """VEE-01 interval energy from register deltas on the ``params.interval_ms`` grid, VEE-20
+    estimation of gaps of at most ``params.max_gap_intervals`` missing intervals (2 h by
+    default), VEE-21 flat estimation up to ``params.flat_gap_max_intervals`` (3 weeks; longer
+    gaps stay gaps), VEE-22 PROLONGED_EST, VEE-23 no estimation across an OUTAGE, and VEE-06
+    relative spikes per (meter, quantity, local day at ``utc_offset_ms``).
     Raises: TypeError/ValueError naming the column."""
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
@@ -318,10 +381,18 @@ def aggregate_intervals(
         checked.anchor_ts,
         selected,
         meters.multiplier,
-        interval_ms,
-        max_gap_intervals,
+        params.interval_ms,
+        params.max_gap_intervals,
+        params.flat_gap_max_intervals,
+        params.prolonged_est_ms,
     )
-    return Intervals(*out)
+    iv = Intervals(*out)
+    day = (iv.end_ts - params.interval_ms + utc_offset_ms) // DAY_MS
+    labels, ngroups, _ = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), day)
+    flags = k.relative_spikes(
+        labels, ngroups, iv.energy, iv.flags, params.spike_rel_floor, params.spike_rel_pct
+    )
+    return Intervals(iv.meter, iv.quantity, iv.end_ts, iv.energy, flags)
 
 
 def group_labels(*keys: I64) -> tuple[I64, int, I64]:

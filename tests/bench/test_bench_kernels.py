@@ -61,12 +61,28 @@ def _kernel_pipeline(r, prev, meters):
     return stages.interval_totals(iv)
 
 
+P = stages.ValidationParams()
+
+
 def _reference_pipeline(r, prev, meters):
     flags, delta, anchor = ref.validate(*stages.validate_args(r, prev, meters, T0 + 200 * I))
     selected = np.zeros(1 << 16, np.bool_)
     selected[list(stages.ENERGY_CHANNELS)] = True
     iv = stages.Intervals(
-        *ref.intervals(r.meter, r.ts, r.quantity, flags, delta, anchor, selected, meters.multiplier, I, 8)
+        *ref.intervals(
+            r.meter,
+            r.ts,
+            r.quantity,
+            flags,
+            delta,
+            anchor,
+            selected,
+            meters.multiplier,
+            I,
+            P.max_gap_intervals,
+            P.flat_gap_max_intervals,
+            P.prolonged_est_ms,
+        )
     )
     start = stages._bucket_start(iv.end_ts, I, stages.DAY_MS, stages.SHANGHAI_MS)
     labels, ng, _ = stages.group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), start)

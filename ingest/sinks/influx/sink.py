@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from ingest.rules import stages as st
+from ingest.rules.kernels import NOT_BILLABLE
 from ingest.sinks.base import AreaAlarm, DaySums, OutageEvent, WriteResult, Writes
 from ingest.sinks.influx.http import InfluxWriter, SinkConfig
 from ingest.sinks.influx.lines import TagCache, encode_writes, escape_tag, stored_tag, unescape_stored
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 _EPOCH = dt.date(1970, 1, 1)
-_NOT_BILLABLE = int(Flag.SPIKE | Flag.WENT_BACKWARDS | Flag.METER_REPLACED)
 _DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
 
 
@@ -158,7 +158,7 @@ class InfluxSink:
         rows = await self.query.rows(f'SELECT "{field}", "{field}_flags" FROM "intervals" WHERE {where}')
         rows = [r for r in rows if r.get(field) is not None]
         flags = np.array([int(r.get(f"{field}_flags") or 0) for r in rows], dtype=np.int64)
-        bad = (flags & _NOT_BILLABLE) != 0
+        bad = (flags & NOT_BILLABLE) != 0
         est = ~bad & ((flags & int(Flag.ESTIMATED)) != 0)
         dup_where = f"{where} AND quantity = {quote_str(quantity)}"
         dups = await self.query.rows(f'SELECT count("flags") FROM "reading_duplicate" WHERE {dup_where}')

@@ -15,13 +15,17 @@ from ingest.rules import kernels as k
 from ingest.rules import stages
 from ingest.sinks.influx import lines as lp
 from tests import reference as ref
-from tests.unit.ingest.strategies import SETTINGS, I, batches, meter_params, readonly
+from tests.unit.ingest.strategies import SETTINGS, I, batches, meter_params, readonly, series
 
 P = stages.ValidationParams()
+# Thresholds low enough that the run rules (VEE-08/09/19) and VEE-07 fire in small batches.
+P_RUNS = stages.ValidationParams(
+    stopped_intervals=2, zero_long_intervals=2, stuck_readings=2, fast_ratio_x10=10, fast_min=0
+)
 
 
-def _validate_args(readings, previous, meters, receive):
-    args = stages.validate_args(readings, previous, meters, receive, P)
+def _validate_args(readings, previous, meters, receive, params=P):
+    args = stages.validate_args(readings, previous, meters, receive, params)
     readonly(*(a for a in args if isinstance(a, np.ndarray)))
     return args
 
@@ -45,8 +49,54 @@ def test_validate_matches_reference(batch) -> None:
 
 
 @SETTINGS
-@given(batches(), st.integers(0, 10))
-def test_intervals_match_reference(batch, max_gap) -> None:
+@given(st.one_of(batches(), series()), st.sampled_from([P, P_RUNS]))
+def test_validate_run_rules_match_reference(batch, params) -> None:
+    """VEE-07/08/09/19/23 over consecutive points (series) as well as adversarial batches."""
+    args = _validate_args(*batch, params=params)
+    _assert_all_equal(k.validate(*args), ref.validate(*args))
+
+
+@SETTINGS
+@given(series(), st.integers(0, 3), st.sampled_from([0, 4]), st.sampled_from([0, 2 * I]))
+def test_intervals_of_series_match_reference(batch, max_gap, flat_max, prolonged) -> None:
+    """VEE-23: gaps that start or end where the meter was down are not estimated."""
+    readings, previous, meters, receive = batch
+    c = stages.validate_batch(readings, previous, meters, receive, P)
+    selected = np.zeros(1 << 16, np.bool_)
+    selected[1] = True
+    args = (readings.meter, readings.ts, readings.quantity, c.flags, c.delta, c.anchor_ts, selected,
+            meters.multiplier, I, max_gap, flat_max, prolonged)  # fmt: skip
+    _assert_all_equal(k.intervals(*args), ref.intervals(*args))
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.sampled_from([0, 5, 10, 11, 40, 41, 300, 10**14 + 1, -7]),
+            st.sampled_from([0, 0, 0, k.F_ESTIMATED, k.F_OUTAGE, k.F_SPIKE, k.F_GAP_BEFORE, k.F_STOPPED]),
+        ),
+        max_size=40,
+    ),
+    st.sampled_from([0, 10, 11]),
+    st.sampled_from([0, 100, 300]),
+)
+def test_relative_spikes_match_reference(rows, floor, tol) -> None:
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 3
+    labels, energy, flags = (
+        np.array(c, d) for c, d in zip(cols, (np.int64, np.int64, np.uint32), strict=True)
+    )
+    readonly(labels, energy, flags)
+    got = k.relative_spikes(labels, 3, energy, flags, floor, tol)
+    _assert_all_equal((got,), (ref.relative_spikes(labels, 3, energy, flags, floor, tol),))
+
+
+@SETTINGS
+@given(
+    batches(), st.integers(0, 10), st.sampled_from([0, 5, 12]), st.sampled_from([0, 2 * I, 3 * 86_400_000])
+)
+def test_intervals_match_reference(batch, max_gap, flat_max, prolonged) -> None:
     readings, previous, meters, receive = batch
     c = stages.validate_batch(readings, previous, meters, receive, P)
     selected = np.zeros(1 << 16, np.bool_)
@@ -62,6 +112,8 @@ def test_intervals_match_reference(batch, max_gap) -> None:
         meters.multiplier,
         I,
         max_gap,
+        flat_max,
+        prolonged,
     )
     got = k.intervals(*args)
     _assert_all_equal(got, ref.intervals(*args))
@@ -76,7 +128,7 @@ def test_intervals_match_reference(batch, max_gap) -> None:
         if not selected[q] or a == np.iinfo(np.int64).min or t % I or a % I or f & k.NOT_ANCHOR:
             continue
         steps = (t - a) // I
-        if steps < 2 or steps - 1 > max_gap or f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED | k.F_SPIKE):
+        if steps < 2 or steps - 1 > max(max_gap, flat_max) or f & (k.NOT_BILLABLE | k.F_OUTAGE):
             continue
         mine = [rows.get((m, q, a + j * I), []) for j in range(1, steps + 1)]
         if any(len(r) != 1 for r in mine):

@@ -202,7 +202,8 @@ def test_vee17_phase_break_and_power_down() -> None:
         (0, T0 + I, 32, 0),
     ]
     _, c, _ = check(rows, m=m)
-    assert c.flags.tolist() == [0, Flag.PHASE_LOSS, 0, 0, 0, 0, 0]  # all phases down: power-down, not loss
+    # All phases down: a power-down (VEE-23 OUTAGE), not phase loss.
+    assert c.flags.tolist() == [0, Flag.PHASE_LOSS, 0, 0, Flag.OUTAGE, Flag.OUTAGE, Flag.OUTAGE]
 
 
 def test_vee18_power_factor() -> None:
@@ -217,7 +218,8 @@ def test_vee20_linear_interpolation_with_remainder_and_vee21_long_gap() -> None:
     assert iv.energy.tolist() == [30, 30, 30, 31] and iv.end_ts.tolist() == [T0 + j * I for j in (1, 2, 3, 4)]
     assert all(f & Flag.ESTIMATED for f in iv.flags.tolist())
     r, c, m = check([(0, T0 + 17 * I, 1, 100_121)], prev=[(0, 1, 100_000, T0)])
-    assert len(stages.aggregate_intervals(r, c, m).energy) == 0  # 16 missing > 8: stays a gap
+    iv = stages.aggregate_intervals(r, c, m)  # 16 missing > 8: VEE-21, spread flat (no like days)
+    assert iv.energy.tolist() == [7] * 16 + [9] and all(f & Flag.EST_FLAT for f in iv.flags.tolist())
 
 
 def test_vee01_multiplier_and_daily_totals() -> None:
