@@ -204,7 +204,7 @@ def _fixed(value: float, decimals: int, key: str) -> int:
 @dataclass(frozen=True, slots=True)
 class ValidationSection:
     """``[validation]``: thresholds of the validation rules (VEE-nn of
-    ``shared/reference/business_rules.md``) in the rules' units; defaults from the rules. The
+    ``docs/rules.md``) in the rules' units; defaults from the rules. The
     grid, future tolerance, lower time bound and longest interpolated gap are ``[pipeline]``'s.
     :meth:`params` gives them as ``ingest.rules.stages.ValidationParams``."""
 
@@ -573,7 +573,7 @@ min_complete_pct = 98
 # high_pct = 12.0
 
 [validation]
-# Thresholds of the validation rules (shared/reference/business_rules.md; docs/ingest-kernels.md).
+# Thresholds of the validation rules (docs/rules.md; docs/ingest-kernels.md).
 # VEE-12: a meter whose clock (meter_clock, kept in the meters' local time, UTC+offset) differs
 # from the read time by more than clock_skew_tol_s has every reading flagged CLOCK_SKEW.
 clock_skew_tol_s = 300

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from ingest.model.registry import MeterParams
 from ingest.model.tariff import TariffCalendar
 from ingest.rules import kernels as k
-from protocols.quantities import QUANTITIES
+from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE, QUANTITIES, by_name
 
 __all__ = [
     "Checked",
@@ -120,7 +120,7 @@ class PreviousRegisters:
 @dataclass(frozen=True, slots=True)
 class ValidationParams:
     """Thresholds of the validation and estimation rules; integer units in the names, defaults
-    from the rules (``shared/reference/business_rules.md``). Every field but ``spike_margin_pct``
+    from the rules (``docs/rules.md``). Every field but ``spike_margin_pct``
     (in the meter table) and those of the interval stage (``max_gap_intervals``,
     ``flat_gap_max_intervals``, ``prolonged_est_ms``, ``spike_rel_*``)
     is a field of ``kernels.PARAMS`` of the same name. Configured by ingest's ``[pipeline]`` and
@@ -347,7 +347,11 @@ class Intervals:
     flags: npt.NDArray[np.uint32]
 
 
-ENERGY_CHANNELS = (1, 2, 3, 4, 5, 6)  # forward total, T1..T4, reverse total
+ENERGY_CHANNELS = (  # forward total, T1..T4, reverse total
+    ENERGY_FORWARD,
+    *(by_name(f"energy_fwd_active_t{t}").code for t in range(1, 5)),
+    ENERGY_REVERSE,
+)
 
 
 def aggregate_intervals(

@@ -1,5 +1,5 @@
 """Worked examples of the rules added to validation: VEE-06, 07, 08 (N intervals), 09, 19, 22
-and 23 of shared/reference/business_rules.md, through the public stage wrappers."""
+and 23 of docs/rules.md, through the public stage wrappers."""
 
 from __future__ import annotations
 
