@@ -86,7 +86,7 @@ class IngestMetrics:
         )
         self.confirmations = Counter(
             "amigw_ingest_confirmations_total",
-            "Confirmation messages published to gateways (ami/v1/<gw>/down/ack)",
+            "Confirmation messages published to gateways (each on its down/ack topic)",
             registry=r,
         )
         self.missing_batches = Gauge(

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from protocols import topics
-from protocols.commands import Command, decode_result
+from protocols.commands import Action, Command, decode_result
 from protocols.errors import AmigwError
 from simulators.servers import Influxd, Mosquitto
 
@@ -126,7 +126,7 @@ class _Commander:
         with self._lock:
             self.results[json.loads(payload).get("id", "?")] = payload
 
-    def run(self, meter: str, action: str, timeout_s: float = 30.0) -> tuple[str, float]:
+    def run(self, meter: str, action: Action, timeout_s: float = 30.0) -> tuple[str, float]:
         now = int(time.time() * 1000)
         cmd = Command(f"demo-{action}-{secrets.token_hex(4)}", GATEWAY, meter, action, now, now + 120_000)
         started = time.monotonic()
@@ -237,7 +237,7 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
         _progress(influx, started)
         if not tripped and time.monotonic() - started >= trip_at:
             _say(f"5/5 head-end sends a signed TRIP to meter {target} on {topics.command(GATEWAY)} ...")
-            outcome, took = commander.run(target, "trip")
+            outcome, took = commander.run(target, Action.TRIP)
             trip_ms = int(time.time() * 1000)
             _say(f"    trip: {outcome} after {took * 1000:.0f} ms")
             tripped = True
@@ -248,7 +248,7 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
                     f"    meter {target} while tripped: energy {span[0]:.2f} -> {span[1]:.2f} kWh "
                     "(no supply, no consumption)"
                 )
-            outcome, took = commander.run(target, "close_allowed")
+            outcome, took = commander.run(target, Action.CLOSE_ALLOWED)
             _say(f"    close-allowed: {outcome} after {took * 1000:.0f} ms")
             closed = True
 

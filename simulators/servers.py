@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from protocols import topics
+
 __all__ = [
     "GATEWAY_USERS",
     "HEADEND_USER",
@@ -486,7 +488,7 @@ class Mosquitto(_ChildServer):
             else "# the head-end reads and writes everything\n"
             f"user {HEADEND_USER}\ntopic readwrite #\n\n"
             "# every user (so each gateway) writes only under its own prefix, reads its commands\n"
-            "pattern write ami/v1/%u/#\npattern read ami/v1/%u/down/#\n"
+            f"pattern write {topics.PREFIX}/%u/#\npattern read {topics.PREFIX}/%u/down/#\n"
         )
 
     def _answers(self) -> bool:

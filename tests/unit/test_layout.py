@@ -127,8 +127,12 @@ def test_the_gateway_names_no_protocol() -> None:
 
     families = {name.partition("-")[0] for name in DRIVERS}
     pattern = re.compile(rf"(?<![\w]){'|'.join(map(re.escape, sorted(families)))}")
-    offenders = [f"{f}:{line}: {text!r}" for f, line, text in _literals("gateway", skip_assignments=("SAMPLE",))
-                 if pattern.search(text)]  # fmt: skip
+    offenders = [
+        f"{f}:{line}: {text!r}"
+        for package in ("gateway", "ingest")
+        for f, line, text in _literals(package, skip_assignments=("SAMPLE",))
+        if pattern.search(text)
+    ]
     assert offenders == []
 
 
@@ -140,8 +144,19 @@ def test_relay_actions_are_named_only_by_the_action_enum() -> None:
     names = {a.value for a in RELAY_ACTIONS}
     offenders = [
         f"{f}:{line}: {text!r}"
-        for package in ("gateway", "drivers")
+        for package in ("gateway", "drivers", "ingest", "simulators")
         for f, line, text in _literals(package)
         if text in names
+    ]
+    assert offenders == []
+
+
+def test_topics_are_spelt_only_in_the_contract_module() -> None:
+    """Every MQTT topic and filter is built by ``protocols.topics``; no other code spells one."""
+    offenders = [
+        f"{f}:{line}: {text!r}"
+        for package in ("protocols", "drivers", "gateway", "ingest", "simulators")
+        for f, line, text in _literals(package, skip_assignments=("SAMPLE",))
+        if "ami/v1" in text and f != "protocols/topics.py"
     ]
     assert offenders == []
