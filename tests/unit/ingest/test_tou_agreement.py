@@ -17,7 +17,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.feectl import Account, FeeControlConfig, FeeController, MeterRef, SqliteLedgerStore
+from ingest.feectl.config import FeeControlConfig
+from ingest.feectl.engine import FeeController
+from ingest.feectl.model import Account, MeterRef
+from ingest.feectl.sqlite_store import SqliteLedgerStore
 from ingest.model.tariff import PERIODS, Tariff
 from ingest.rules.stages import Intervals, tou_split
 from protocols.quantities import ENERGY_FORWARD

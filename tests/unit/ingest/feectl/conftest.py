@@ -10,13 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from ingest.feectl import (
-    Account,
-    FeeControlConfig,
-    FeeController,
-    MeterRef,
-    SqliteLedgerStore,
-)
+from ingest.feectl.config import FeeControlConfig
+from ingest.feectl.engine import FeeController
+from ingest.feectl.model import Account, MeterRef
+from ingest.feectl.sqlite_store import SqliteLedgerStore
 from ingest.model.tariff import IntervalPrice, Tariff
 from ingest.rules.stages import tou_periods
 

@@ -6,16 +6,15 @@ import itertools
 
 import pytest
 
-from ingest.feectl import (
+from ingest.feectl.lifecycle import (
     TRANSITIONS,
     CommandEvent,
     CommandState,
-    DecisionKind,
     InvalidTransitionError,
     RelayOrderResult,
-    RelayState,
     next_state,
 )
+from ingest.feectl.model import DecisionKind, RelayState
 
 from .conftest import QUARTER, make_controller, ms
 

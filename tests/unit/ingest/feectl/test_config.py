@@ -6,7 +6,8 @@ import datetime as dt
 
 import pytest
 
-from ingest.feectl import EstimatePolicy, FeeControlConfig, load_feectl_config
+from ingest.feectl.config import FeeControlConfig, load_feectl_config
+from ingest.feectl.model import EstimatePolicy
 from protocols.errors import ConfigError
 
 SAMPLE = """

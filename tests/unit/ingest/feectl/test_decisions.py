@@ -5,20 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from ingest.feectl import (
-    Account,
-    AccountSnapshot,
-    Balance,
-    DecisionKind,
-    FeeControlConfig,
-    Level,
-    MeterRef,
-    MeterSnapshot,
-    NoTripWindows,
-    RelayState,
-    decide,
-    level_of,
-)
+from ingest.feectl.config import FeeControlConfig, NoTripWindows
+from ingest.feectl.decide import AccountSnapshot, MeterSnapshot, decide, level_of
+from ingest.feectl.model import Account, Balance, DecisionKind, Level, MeterRef, RelayState
 from protocols.commands import Action
 
 from .conftest import QUARTER, make_controller, ms

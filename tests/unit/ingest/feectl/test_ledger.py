@@ -6,14 +6,9 @@ import sqlite3
 
 import pytest
 
-from ingest.feectl import (
-    ChargeStatus,
-    EstimatePolicy,
-    FeeControlConfig,
-    FeeControlError,
-    JournalKind,
-    round_half_up,
-)
+from ingest.feectl.config import FeeControlConfig
+from ingest.feectl.model import ChargeStatus, EstimatePolicy, FeeControlError, round_half_up
+from ingest.feectl.store import JournalKind
 from ingest.model.tariff import Tariff
 
 from .conftest import QUARTER, make_controller, ms, tiered_toml

@@ -7,7 +7,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.feectl import ChargeStatus, JournalKind, round_half_up
+from ingest.feectl.model import ChargeStatus, round_half_up
+from ingest.feectl.store import JournalKind
 from ingest.model.tariff import Tariff
 
 from .conftest import QUARTER, make_controller, ms, tiered_toml

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from ingest.feectl import round_half_up
+from ingest.feectl.model import round_half_up
 from ingest.model.tariff import Tariff, TariffCalendar
 from protocols.errors import ConfigError
 
