@@ -90,6 +90,7 @@ _CALENDAR_KEYS = (
     "calendar_versions",
 )
 INT64_MIN = -(2**63)
+_WORKDAY, _HOLIDAY = 0, 2  # columns of TariffCalendar.day_profile (1 is weekend)
 _TARIFF_KEYS = ("id", "versions")
 
 
@@ -225,7 +226,7 @@ class TariffCalendar:
     @staticmethod
     def _dated(doc: dict[str, Any], names: dict[str, int], key: str) -> tuple[list[int], dict[int, int]]:
         """Sorted local days fixed by date and, per day, a profile index (an override) or
-        ``-1 - daytype`` (holiday: daytype 2, make-up workday: daytype 0). A date may not be two kinds."""
+        ``-1 - column`` of ``day_profile`` (a holiday, a make-up workday). A date may not be two kinds."""
         profile_of: dict[int, int] = {}
 
         def put(day: int, kind: int, k: str) -> None:
@@ -235,12 +236,12 @@ class TariffCalendar:
             profile_of[day] = kind
 
         for h in _list(doc, "holidays", key):
-            put(_day(h, f"{key}.holidays"), -1 - 2, f"{key}.holidays")
+            put(_day(h, f"{key}.holidays"), -1 - _HOLIDAY, f"{key}.holidays")
         for w in _list(doc, "makeup_workdays", key):
             day = _day(w, f"{key}.makeup_workdays")
             if (_EPOCH + dt.timedelta(days=day)).weekday() < 5:
                 raise ConfigError(f"{key}.makeup_workdays", f"{w} is not a Saturday or Sunday")
-            put(day, -1 - 0, f"{key}.makeup_workdays")
+            put(day, -1 - _WORKDAY, f"{key}.makeup_workdays")
         for i, item in enumerate(_list(doc, "overrides", key)):
             okey = f"{key}.overrides[{i}]"
             if not isinstance(item, dict):
