@@ -421,9 +421,11 @@ SAMPLE = """\
 # means no registry: every meter is unknown, rating checks are skipped, multipliers are 1.
 # Relative paths are taken from this file's folder.
 registry = ""
-# The time-of-use calendar (see ingest/model/tariff.py). An empty string selects the built-in
-# calendar: valley 22:00-08:00, flat 08:00-10:00 and 13:00-17:00, peak 10:00-11:30 and
-# 17:00-22:00, sharp 11:30-13:00, UTC+8.
+# The time-of-use calendar: the calendar part of a tariff document (seasons, profiles, holidays,
+# make-up workdays, per-day overrides, calendar versions; docs/feectl.md#configuration and
+# ingest/model/tariff.py), so fee control's file of the same tariff serves. An empty string
+# selects the built-in calendar: valley 22:00-08:00, flat 08:00-10:00 and 13:00-17:00, peak
+# 10:00-11:30 and 17:00-22:00, sharp 11:30-13:00, UTC+8.
 tariff_calendar = ""
 # Where the Prometheus metrics are served (worker i listens on port + i); "" disables them.
 metrics_listen = ""

@@ -304,14 +304,19 @@ def group_count(labels, ngroups, mask):
 # --- time of use (TOU-03, VEE-15) ----------------------------------------------------------------------
 
 
-def tou_periods(end_ts, interval, offset, month_season, day_profile, profiles, holidays):
-    hol = set(_l(holidays))
+def tou_periods(
+    end_ts, interval, offset, version_from, month_season, day_profile, profiles, dated_days, dated_profile
+):
+    dated = {d: n for n, d in enumerate(_l(dated_days))}
     out = []
     for e in _l(end_ts):
+        v = max(j for j, t in enumerate(_l(version_from)) if j == 0 or t <= e - interval)
         start = EPOCH + dt.timedelta(milliseconds=e - interval + offset)
         day = (start.date() - EPOCH.date()).days
-        daytype = 2 if day in hol else (1 if start.weekday() >= 5 else 0)
-        prof = day_profile[month_season[start.month - 1], daytype]
+        if day in dated:
+            prof = dated_profile[v, dated[day]]
+        else:
+            prof = day_profile[month_season[v, start.month - 1], 1 if start.weekday() >= 5 else 0]
         out.append(int(profiles[prof, start.hour * 60 + start.minute]))
     return np.array(out, np.uint8)
 

@@ -6,21 +6,35 @@ control reads the whole document as :class:`Tariff` (the calendar plus versioned
 tiers) and takes every interval's period from that same kernel, so the daily totals and charging
 cannot put an interval in different periods (``tests/unit/ingest/test_tou_agreement.py``).
 
-A calendar maps local time (a fixed UTC offset, no DST) to a period: 1 sharp (尖, T1), 2 peak
-(峰, T2), 3 flat (平, T3), 4 valley (谷, T4) (TOU-01). Seasons are month sets; each season names a
-day profile for workdays, and optionally for weekends (Saturday, Sunday) and holidays; a profile
-is a list of half-open ``[start, end)`` segments that must cover 00:00-24:00 with no overlap.
-An end-labelled interval takes the period of its start (TOU-03). ``id`` and ``[[versions]]`` are
-the charging part; a calendar-only document (no ``id``, no versions) is valid for ingest::
+A calendar maps local time (a fixed UTC offset; zones with daylight saving are not supported) to
+a period: 1 sharp (尖, T1), 2 peak (峰, T2), 3 flat (平, T3), 4 valley (谷, T4) (TOU-01). Seasons
+are month sets; each season names a day profile for workdays, and optionally for weekends
+(Saturday, Sunday) and holidays; a profile is a list of half-open ``[start, end)`` segments that
+must cover 00:00-24:00 with no overlap. Some days are fixed by date instead of by weekday:
+``holidays`` (the season's holiday profile), ``makeup_workdays`` (调休: a Saturday or Sunday
+worked by decree, the season's workday profile) and ``overrides`` (a date that uses a named
+profile, e.g. a weather-triggered sharp day published the evening before, TOU-03); a date may be
+in only one of them. ``[[calendar_versions]]`` replace the seasons from an effective time on
+(TOU-05; profiles and dated days are shared by all versions). An end-labelled interval takes the
+period of its start, in the calendar version in force at its start (TOU-03/05). ``id`` and
+``[[versions]]`` are the charging part; a calendar-only document (no ``id``, no versions) is valid
+for ingest::
 
     id = "ln-res"                      # charging only
     utc_offset_minutes = 480
     holidays = [2024-10-01]            # dates or "YYYY-MM-DD" strings
+    makeup_workdays = [2024-10-12]     # Saturdays or Sundays only
+    overrides = [{ date = 2024-07-20, profile = "sharp_day" }]
     [seasons.winter]
     months = [1, 7, 8, 12]
     workday = "sharp_day"              # weekend defaults to workday, holiday to weekend
     [profiles.sharp_day]
     segments = [["00:00", "05:00", "valley"], ["05:00", "07:30", "flat"], ...]
+    [[calendar_versions]]              # from this time on, these seasons (all 12 months again)
+    effective_from = 2025-01-01T00:00:00   # a local date-time is at utc_offset_minutes
+    [calendar_versions.seasons.all]
+    months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    workday = "sharp_day"
     [[versions]]                       # charging only: prices and tiers by effective time (TOU-05)
     version = "2024a"
     effective_from = 2024-01-01T00:00:00+08:00   # a local date-time is at utc_offset_minutes
@@ -66,7 +80,17 @@ PERIODS = {"sharp": 1, "peak": 2, "flat": 3, "valley": 4}
 PERIOD_NAMES = {code: name for name, code in PERIODS.items()}
 _EPOCH = dt.date(1970, 1, 1)
 _HHMM = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
-_CALENDAR_KEYS = ("utc_offset_minutes", "holidays", "seasons", "profiles")
+_CALENDAR_KEYS = (
+    "utc_offset_minutes",
+    "holidays",
+    "makeup_workdays",
+    "overrides",
+    "seasons",
+    "profiles",
+    "calendar_versions",
+)
+INT64_MIN = -(2**63)
+_WORKDAY, _HOLIDAY = 0, 2  # columns of TariffCalendar.day_profile (1 is weekend)
 _TARIFF_KEYS = ("id", "versions")
 
 
@@ -81,14 +105,25 @@ def parse_hhmm(text: Any, key: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class TariffCalendar:
-    """The kernel's tables: ``month_season[12]``, ``day_profile[season, 3]`` (workday, weekend,
-    holiday), ``profiles[p, 1440]`` period per minute of day, ``holidays`` sorted local days since
-    1970-01-01, and ``utc_offset_ms``."""
+    """The kernel's tables (``kernels.tou_periods``), one stack for every calendar version:
 
+    - ``version_from[v]``: epoch ms from which version ``v`` is in force, for intervals that
+      *start* at or after it (TOU-05); ``version_from[0]`` is the int64 minimum (the top-level
+      seasons), later rows are the ``[[calendar_versions]]``;
+    - ``month_season[v, 12]``: row of ``day_profile`` for each month under version ``v``;
+    - ``day_profile[s, 3]``: profile for a workday, a weekend day (Saturday, Sunday), a holiday;
+    - ``profiles[p, 1440]``: period code per minute of the local day;
+    - ``dated_days[n]``: sorted local days (since 1970-01-01) whose profile is fixed by date
+      (holidays, make-up workdays, overrides), ``dated_profile[v, n]`` that profile under
+      version ``v`` (a holiday takes the holiday profile of its season in that version);
+    - ``utc_offset_ms``: local time is UTC plus this fixed offset (no DST)."""
+
+    version_from: npt.NDArray[np.int64]
     month_season: npt.NDArray[np.int64]
     day_profile: npt.NDArray[np.int64]
     profiles: npt.NDArray[np.uint8]
-    holidays: npt.NDArray[np.int64]
+    dated_days: npt.NDArray[np.int64]
+    dated_profile: npt.NDArray[np.int64]
     utc_offset_ms: int
 
     @property
@@ -105,14 +140,66 @@ class TariffCalendar:
         offset = doc.get("utc_offset_minutes", 480)
         if isinstance(offset, bool) or not isinstance(offset, int) or abs(offset) > 14 * 60:
             raise ConfigError(f"{key}.utc_offset_minutes", f"expected minutes within ±840, got {offset!r}")
+        zone = dt.timezone(dt.timedelta(minutes=offset))
         names, tables = cls._profiles(doc.get("profiles", {}), f"{key}.profiles")
-        seasons = doc.get("seasons", {})
+        month_rows: list[npt.NDArray[np.int64]] = []
+        day_rows: list[npt.NDArray[np.int64]] = []
+        nrows = 0  # the seasons of every version are rows of one day_profile table
+        version_from = [INT64_MIN]
+        raw_versions = doc.get("calendar_versions", [])
+        if not isinstance(raw_versions, list):
+            raise ConfigError(f"{key}.calendar_versions", "expected [[calendar_versions]] tables")
+        for i, item in enumerate([{"seasons": doc.get("seasons")}, *raw_versions]):
+            vkey = f"{key}.calendar_versions[{i - 1}]" if i else key
+            if i:
+                if not isinstance(item, dict):
+                    raise ConfigError(vkey, "expected a table with effective_from and seasons")
+                for k in item:
+                    if k not in ("effective_from", "seasons"):
+                        raise ConfigError(f"{vkey}.{k}", "unknown key")
+                start = _effective_ms(item.get("effective_from"), zone, f"{vkey}.effective_from")
+                if start <= version_from[-1]:
+                    raise ConfigError(f"{vkey}.effective_from", "must be later than the previous version's")
+                version_from.append(start)
+            month_season, day_profile = cls._seasons(item.get("seasons"), names, f"{vkey}.seasons")
+            month_rows.append(month_season + nrows)
+            day_rows.append(day_profile)
+            nrows += len(day_profile)
+        months = np.array(month_rows, dtype=np.int64)
+        day_profile = np.concatenate(day_rows)
+        days, profile_of = cls._dated(doc, names, key)
+        dated = np.zeros((len(version_from), len(days)), dtype=np.int64)
+        for v in range(len(version_from)):
+            for n, day in enumerate(days):
+                kind = profile_of[day]  # a profile index, or -1 - daytype
+                if kind >= 0:
+                    dated[v, n] = kind
+                else:
+                    month = (_EPOCH + dt.timedelta(days=day)).month
+                    dated[v, n] = day_profile[months[v, month - 1], -1 - kind]
+        return cls(
+            np.array(version_from, dtype=np.int64),
+            months,
+            day_profile,
+            tables,
+            np.array(days, dtype=np.int64),
+            dated,
+            offset * 60_000,
+        )
+
+    @staticmethod
+    def _seasons(
+        seasons: Any, names: dict[str, int], key: str
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``month_season[12]`` and ``day_profile[s, 3]`` of one ``seasons`` table."""
         if not isinstance(seasons, dict) or not seasons:
-            raise ConfigError(f"{key}.seasons", "expected at least one season")
+            raise ConfigError(key, "expected at least one season")
         month_season = np.full(12, -1, dtype=np.int64)
         day_profile = np.zeros((len(seasons), 3), dtype=np.int64)
         for s, (sname, season) in enumerate(seasons.items()):
-            skey = f"{key}.seasons.{sname}"
+            skey = f"{key}.{sname}"
+            if not isinstance(season, dict):
+                raise ConfigError(skey, "expected a table with months and workday")
             for k in season:
                 if k not in ("months", "workday", "weekend", "holiday"):
                     raise ConfigError(f"{skey}.{k}", "unknown key")
@@ -133,18 +220,40 @@ class TariffCalendar:
                 day_profile[s, col] = names[pname]
         missing = [m + 1 for m in range(12) if month_season[m] < 0]
         if missing:
-            raise ConfigError(f"{key}.seasons", f"months {missing} are in no season")
-        holidays = []
-        for h in doc.get("holidays", []):
-            if isinstance(h, dt.datetime):
-                raise ConfigError(f"{key}.holidays", f"expected a date, got {h!r}")
-            try:
-                holidays.append((dt.date.fromisoformat(str(h)) - _EPOCH).days)
-            except ValueError:
-                raise ConfigError(f"{key}.holidays", f"expected YYYY-MM-DD, got {h!r}") from None
-        return cls(
-            month_season, day_profile, tables, np.array(sorted(holidays), dtype=np.int64), offset * 60_000
-        )
+            raise ConfigError(key, f"months {missing} are in no season")
+        return month_season, day_profile
+
+    @staticmethod
+    def _dated(doc: dict[str, Any], names: dict[str, int], key: str) -> tuple[list[int], dict[int, int]]:
+        """Sorted local days fixed by date and, per day, a profile index (an override) or
+        ``-1 - column`` of ``day_profile`` (a holiday, a make-up workday). A date may not be two kinds."""
+        profile_of: dict[int, int] = {}
+
+        def put(day: int, kind: int, k: str) -> None:
+            if profile_of.get(day, kind) != kind:
+                date = _EPOCH + dt.timedelta(days=day)
+                raise ConfigError(k, f"{date} is already a holiday, make-up workday or override")
+            profile_of[day] = kind
+
+        for h in _list(doc, "holidays", key):
+            put(_day(h, f"{key}.holidays"), -1 - _HOLIDAY, f"{key}.holidays")
+        for w in _list(doc, "makeup_workdays", key):
+            day = _day(w, f"{key}.makeup_workdays")
+            if (_EPOCH + dt.timedelta(days=day)).weekday() < 5:
+                raise ConfigError(f"{key}.makeup_workdays", f"{w} is not a Saturday or Sunday")
+            put(day, -1 - _WORKDAY, f"{key}.makeup_workdays")
+        for i, item in enumerate(_list(doc, "overrides", key)):
+            okey = f"{key}.overrides[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(okey, "expected { date = YYYY-MM-DD, profile = name }")
+            for k in item:
+                if k not in ("date", "profile"):
+                    raise ConfigError(f"{okey}.{k}", "unknown key")
+            day = _day(item.get("date"), f"{okey}.date")
+            if item.get("profile") not in names:
+                raise ConfigError(f"{okey}.profile", f"unknown profile {item.get('profile')!r}")
+            put(day, names[item["profile"]], f"{okey}.date")
+        return sorted(profile_of), profile_of
 
     @staticmethod
     def _profiles(profiles: Any, key: str) -> tuple[dict[str, int], npt.NDArray[np.uint8]]:
@@ -372,3 +481,27 @@ def _replace_from(version: PriceVersion, when: dt.datetime) -> PriceVersion:
 
 def _ms(d: dt.datetime) -> int:
     return int(d.timestamp()) * 1000
+
+
+def _list(doc: dict[str, Any], name: str, key: str) -> list[Any]:
+    value = doc.get(name, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}.{name}", f"expected a list, got {value!r}")
+    return value
+
+
+def _day(value: Any, key: str) -> int:
+    """A TOML date or ``"YYYY-MM-DD"`` -> local days since 1970-01-01. Raises: ConfigError."""
+    if isinstance(value, dt.datetime):
+        raise ConfigError(key, f"expected a date, got {value!r}")
+    try:
+        return (dt.date.fromisoformat(str(value)) - _EPOCH).days
+    except ValueError:
+        raise ConfigError(key, f"expected YYYY-MM-DD, got {value!r}") from None
+
+
+def _effective_ms(value: Any, zone: dt.timezone, key: str) -> int:
+    """A TOML date-time (a local one is in ``zone``) -> epoch ms. Raises: ConfigError."""
+    if not isinstance(value, dt.datetime):
+        raise ConfigError(key, f"expected a date-time such as 2025-01-01T00:00:00, got {value!r}")
+    return _ms(value if value.tzinfo is not None else value.replace(tzinfo=zone))

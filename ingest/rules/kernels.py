@@ -667,24 +667,41 @@ def _civil_month(days):
 
 
 @_jit
-def tou_periods(end_ts, interval_ms, utc_offset_ms, month_season, day_profile, profiles, holidays):
+def tou_periods(
+    end_ts,
+    interval_ms,
+    utc_offset_ms,
+    version_from,
+    month_season,
+    day_profile,
+    profiles,
+    dated_days,
+    dated_profile,
+):
     """TOU-03: period code (1 sharp .. 4 valley) of each end-labelled interval, by its start time.
 
-    ``month_season[12]`` season of each month; ``day_profile[season, daytype]`` profile index for
-    daytype 0 workday, 1 weekend, 2 holiday; ``profiles[p, minute_of_day]`` period code;
-    ``holidays`` sorted local day numbers."""
+    The calendar version is the last ``version_from[v]`` at or before the start (TOU-05);
+    ``month_season[v, 12]`` row of ``day_profile`` per month; ``day_profile[row, daytype]``
+    profile index for daytype 0 workday, 1 weekend, 2 holiday; ``profiles[p, minute_of_day]``
+    period code; ``dated_days`` sorted local day numbers whose profile is ``dated_profile[v, n]``
+    (holidays, make-up workdays, per-day overrides) instead of the weekday's."""
     n = end_ts.shape[0]
     out = np.empty(n, dtype=np.uint8)
     for i in range(n):
-        local = end_ts[i] - interval_ms + utc_offset_ms
+        start = end_ts[i] - interval_ms
+        v = 0
+        while v + 1 < version_from.shape[0] and version_from[v + 1] <= start:
+            v += 1
+        local = start + utc_offset_ms
         day = local // _MS_PER_DAY
         minute = (local - day * _MS_PER_DAY) // 60_000
-        season = month_season[_civil_month(day) - 1]
-        dt = 1 if (day + 3) % 7 >= 5 else 0  # 1970-01-01 was a Thursday; Monday = 0
-        h = np.searchsorted(holidays, day)
-        if h < holidays.shape[0] and holidays[h] == day:
-            dt = 2
-        out[i] = profiles[day_profile[season, dt], minute]
+        h = np.searchsorted(dated_days, day)
+        if h < dated_days.shape[0] and dated_days[h] == day:
+            profile = dated_profile[v, h]
+        else:
+            weekend = 1 if (day + 3) % 7 >= 5 else 0  # 1970-01-01 was a Thursday; Monday = 0
+            profile = day_profile[month_season[v, _civil_month(day) - 1], weekend]
+        out[i] = profiles[profile, minute]
     return out
 
 

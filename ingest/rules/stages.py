@@ -468,15 +468,19 @@ class TouDays:
 def tou_periods(
     end_ts: I64, calendar: TariffCalendar, *, interval_ms: int = INTERVAL_MS
 ) -> npt.NDArray[np.uint8]:
-    """TOU-03: the period (1 sharp .. 4 valley) of each end-labelled interval, by its start."""
+    """TOU-03: the period (1 sharp .. 4 valley) of each end-labelled interval, by its start: the
+    calendar version in force then (TOU-05), the day's override, holiday or make-up workday if it
+    has one, else its season's workday or weekend profile."""
     periods: npt.NDArray[np.uint8] = k.tou_periods(
         end_ts,
         interval_ms,
         calendar.utc_offset_ms,
+        calendar.version_from,
         calendar.month_season,
         calendar.day_profile,
         calendar.profiles,
-        calendar.holidays,
+        calendar.dated_days,
+        calendar.dated_profile,
     )
     return periods
 

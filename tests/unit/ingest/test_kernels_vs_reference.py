@@ -201,6 +201,10 @@ def test_group_labels_match_reference(rows) -> None:
     _assert_all_equal((labels, first), (want_labels, want_first))
 
 
+# quarter-hours anywhere, or around the days the calendars below fix by date
+TOU_QUARTERS = st.one_of(st.integers(-(10**6), 4 * 10**7), st.integers(18_999 * 96, 19_031 * 96))
+
+
 @st.composite
 def calendars(draw):
     nprof = draw(st.integers(1, 3))
@@ -210,21 +214,32 @@ def calendars(draw):
         edges = [0, *[c * 30 for c in cuts], 1440]
         for a, b in itertools.pairwise(edges):
             profiles[p, a:b] = draw(st.integers(1, 4))
-    nseason = draw(st.integers(1, 3))
-    month_season = np.array([draw(st.integers(0, nseason - 1)) for _ in range(12)], np.int64)
+    # calendar versions (TOU-05): effective times on, or a millisecond off, a quarter-hour
+    cuts = sorted(draw(st.sets(TOU_QUARTERS, max_size=2)))
+    version_from = np.array(
+        [k.INT64_MIN, *(c * I + draw(st.sampled_from([0, -1, 1])) for c in cuts)], np.int64
+    )
+    nversion = len(version_from)
+    nseason = draw(st.integers(1, 3 * nversion))
+    month_season = np.array(
+        [[draw(st.integers(0, nseason - 1)) for _ in range(12)] for _ in range(nversion)], np.int64
+    )
     day_profile = np.array(
         [[draw(st.integers(0, nprof - 1)) for _ in range(3)] for _ in range(nseason)], np.int64
     )
-    holidays = np.array(sorted(set(draw(st.lists(st.integers(19_000, 20_100), max_size=8)))), np.int64)
-    return month_season, day_profile, profiles, holidays
+    # days fixed by date (holidays, make-up workdays, overrides): any profile, per version
+    dated_days = np.array(sorted(set(draw(st.lists(st.integers(19_000, 19_030), max_size=8)))), np.int64)
+    dated_profile = np.array(
+        [[draw(st.integers(0, nprof - 1)) for _ in dated_days] for _ in range(nversion)], np.int64
+    ).reshape(nversion, len(dated_days))
+    return version_from, month_season, day_profile, profiles, dated_days, dated_profile
 
 
 @SETTINGS
-@given(
-    calendars(), st.lists(st.integers(-(10**6), 4 * 10**7), max_size=40), st.sampled_from([0, 480, -300, 345])
-)
+@given(calendars(), st.lists(TOU_QUARTERS, max_size=40), st.sampled_from([0, 480, -300, 345]))
 def test_tou_periods_match_reference(cal, quarter_hours, offset_min) -> None:
-    end_ts = np.array([q * I for q in quarter_hours], np.int64)
+    at_cuts = [int(t) + I + d for t in cal[0][1:] for d in (-1, 0)]  # intervals starting at a version's time
+    end_ts = np.array([q * I for q in quarter_hours] + at_cuts, np.int64)
     args = (end_ts, I, offset_min * 60_000, *cal)
     assert_array_equal(k.tou_periods(*args), ref.tou_periods(*args))
 

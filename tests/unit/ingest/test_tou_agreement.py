@@ -3,7 +3,8 @@
 totals cut is inside the tier cycle charging counts it in (TOU-03/04/05, issue 13).
 
 Generated: UTC offsets (any minute within ±14 h), seasons over arbitrary month sets, day profiles
-with boundaries at odd minutes, weekend and holiday profiles, holidays, price versions with
+with boundaries at odd minutes, weekend and holiday profiles, holidays, make-up workdays, per-day
+overrides, calendar versions with their own seasons from any minute on, price versions with
 monthly or annual tier cycles, and end-labelled intervals of several lengths at any millisecond.
 """
 
@@ -25,6 +26,8 @@ from ingest.model.tariff import PERIODS, Tariff
 from ingest.rules.stages import Intervals, tou_split
 from protocols.quantities import ENERGY_FORWARD
 
+from .feectl.conftest import JIANGSU_TOML, QUARTER, ms
+
 T0 = int(dt.datetime(2024, 1, 1, tzinfo=dt.UTC).timestamp() * 1000)
 SPAN = 800 * 86_400_000  # intervals over two years and a bit: cycles, leap day, every month
 NAMES = list(PERIODS)
@@ -41,9 +44,7 @@ def profiles(draw: st.DrawFn) -> list[list[str]]:
 
 
 @st.composite
-def tariff_docs(draw: st.DrawFn) -> dict[str, Any]:
-    nprof = draw(st.integers(1, 3))
-    profs = {f"p{i}": {"segments": draw(profiles())} for i in range(nprof)}
+def season_tables(draw: st.DrawFn, nprof: int) -> dict[str, Any]:
     season_of = draw(st.lists(st.integers(0, 2), min_size=12, max_size=12))
     seasons: dict[str, Any] = {}
     for month, s in enumerate(season_of, start=1):
@@ -55,8 +56,21 @@ def tariff_docs(draw: st.DrawFn) -> dict[str, Any]:
             },
         )
         season["months"].append(month)
+    return seasons
+
+
+@st.composite
+def tariff_docs(draw: st.DrawFn) -> dict[str, Any]:
+    nprof = draw(st.integers(1, 3))
+    profs = {f"p{i}": {"segments": draw(profiles())} for i in range(nprof)}
     offset = draw(st.integers(-840, 840))
-    holidays = draw(st.lists(st.dates(dt.date(2023, 12, 30), dt.date(2026, 3, 15)), max_size=20))
+    dated = draw(st.lists(st.dates(dt.date(2023, 12, 30), dt.date(2026, 3, 15)), max_size=30, unique=True))
+    kinds = [draw(st.sampled_from(["holiday", "workday", "override"])) for _ in dated]
+    calendar_versions = []
+    start = dt.datetime(2023, 6, 1)
+    for _ in range(draw(st.integers(0, 2))):
+        start += dt.timedelta(minutes=draw(st.integers(1, 400 * 1440)))
+        calendar_versions.append({"effective_from": start, "seasons": draw(season_tables(nprof))})
     versions = []
     start = dt.datetime(2023, 1, 1)
     for i in range(draw(st.integers(1, 3))):
@@ -79,8 +93,17 @@ def tariff_docs(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "id": "gen",
         "utc_offset_minutes": offset,
-        "holidays": holidays,
-        "seasons": seasons,
+        "holidays": [d for d, kind in zip(dated, kinds, strict=True) if kind == "holiday"],
+        "makeup_workdays": [
+            d for d, kind in zip(dated, kinds, strict=True) if kind == "workday" and d.weekday() >= 5
+        ],
+        "overrides": [
+            {"date": d, "profile": f"p{draw(st.integers(0, nprof - 1))}"}
+            for d, kind in zip(dated, kinds, strict=True)
+            if kind == "override"
+        ],
+        "seasons": draw(season_tables(nprof)),
+        "calendar_versions": calendar_versions,
         "profiles": profs,
         "versions": versions,
     }
@@ -123,3 +146,32 @@ def test_daily_totals_and_charging_agree_on_period_and_local_time(
         bounds = tariff.cycle_bounds(start)
         if bounds is not None:  # the totals' local day of the interval lies in charging's tier cycle
             assert bounds[0] <= int(totals.day_start_ts[g]) < bounds[1]
+
+
+def test_weather_triggered_sharp_day_is_charged_sharp_and_totalled_sharp() -> None:
+    """TOU-03 Jiangsu: the override makes 10:00-10:15 on 2024-07-20 sharp. Fee control charges it at
+    the sharp price and the daily TOU totals count it as sharp; the next day (no override) both
+    say peak."""
+    tariff = Tariff.loads(JIANGSU_TOML)
+    starts = [ms("2024-07-20 10:00"), ms("2024-07-21 10:00")]
+    ends = np.array([s + QUARTER for s in starts], dtype=np.int64)
+    totals = tou_split(
+        Intervals(
+            meter=np.array([1, 1], dtype=np.uint32),
+            quantity=np.full(2, ENERGY_FORWARD, dtype=np.uint16),
+            end_ts=ends,
+            energy=np.array([100, 100], dtype=np.int64),
+            flags=np.zeros(2, dtype=np.uint16),
+        ),
+        tariff.calendar,
+    )
+    assert totals.calendar.tolist() == [[100, 0, 0, 0], [0, 100, 0, 0]]  # sharp, peak, flat, valley
+    ctl = FeeController(SqliteLedgerStore(":memory:"), FeeControlConfig(), {"js": tariff})
+    ctl.open_account(Account("A", (MeterRef("M1", "G1"),), "js"), starts[0])
+    charged = []
+    for start, end in zip(starts, ends, strict=True):
+        ctl.charge_interval("M1", start, int(end), 100, False, int(end))
+        row = ctl.store.interval("M1", start)
+        assert row is not None
+        charged.append((row.period, row.exact_micro))
+    assert charged == [("sharp", 100 * 8000), ("peak", 100 * 7000)]  # sharp = peak + 0.1000 yuan/kWh

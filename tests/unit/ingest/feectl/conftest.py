@@ -71,6 +71,35 @@ prices = { sharp = 9375, peak = 7500, flat = 5000, valley = 2500 }
 """
 
 
+# TOU-03 Jiangsu large-industry summer sharp (2021): the sharp profile applies only on dates whose
+# forecast maximum is ≥ 35 °C, published the evening before: a per-day override (here 2024-07-20).
+# Other days put 10:00-11:00 and 14:00-15:00 in the peak. Sharp = peak + 0.1 yuan/kWh.
+JIANGSU_TOML = """
+id = "js"
+utc_offset_minutes = 480
+overrides = [{ date = 2024-07-20, profile = "hot" }]
+[seasons.all]
+months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+workday = "normal"
+[profiles.hot]
+segments = [
+  ["00:00", "08:00", "valley"], ["08:00", "10:00", "peak"], ["10:00", "11:00", "sharp"],
+  ["11:00", "12:00", "peak"], ["12:00", "14:00", "flat"], ["14:00", "15:00", "sharp"],
+  ["15:00", "19:00", "flat"], ["19:00", "22:00", "peak"], ["22:00", "24:00", "flat"],
+]
+[profiles.normal]
+segments = [
+  ["00:00", "08:00", "valley"], ["08:00", "12:00", "peak"], ["12:00", "14:00", "flat"],
+  ["14:00", "15:00", "peak"], ["15:00", "19:00", "flat"], ["19:00", "22:00", "peak"],
+  ["22:00", "24:00", "flat"],
+]
+[[versions]]
+version = "js-2021"
+effective_from = 2021-07-01T00:00:00+08:00
+prices = { sharp = 8000, peak = 7000, flat = 4000, valley = 2000 }
+"""
+
+
 def tiered_toml(cycle: str, t1: int, t2: int, base: int = 4883, extra: str = "") -> str:
     return f"""
 id = "tier"

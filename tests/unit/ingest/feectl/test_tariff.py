@@ -11,7 +11,7 @@ from ingest.feectl.model import round_half_up
 from ingest.model.tariff import Tariff, TariffCalendar
 from protocols.errors import ConfigError
 
-from .conftest import FLAT_TOML, LIAONING_TOML, QUARTER, ms, price, tiered_toml
+from .conftest import FLAT_TOML, JIANGSU_TOML, LIAONING_TOML, QUARTER, ms, price, tiered_toml
 
 
 @pytest.mark.parametrize(
@@ -55,6 +55,71 @@ def test_tou03_holiday_and_weekend_profiles() -> None:
     tariff = Tariff.loads(text)
     period = [price(tariff, ms(f"2024-10-{d:02d} 12:00"), 1).period for d in (1, 2, 12, 13)]
     assert period == ["valley", "flat", "valley", "valley"]  # holiday Tue, Wed, Sat, Sun
+
+
+UTC8 = "utc_offset_minutes = 480"
+
+
+def _weekend_rest(extra: str) -> Tariff:
+    """FLAT_TOML with a valley ``rest`` profile on weekends and holidays, plus ``extra`` top-level keys."""
+    text = FLAT_TOML.replace('workday = "flat"', 'workday = "flat"\nweekend = "rest"')
+    text = text.replace(UTC8, f"{UTC8}\n{extra}")
+    text = text.replace("prices = { flat = 5000 }", "prices = { flat = 5000, valley = 3000 }")
+    return Tariff.loads(text + '[profiles.rest]\nsegments = [["00:00", "24:00", "valley"]]\n')
+
+
+def test_tou03_weather_triggered_override_day() -> None:
+    """TOU-03 Jiangsu example: 07-20 is forecast at 36 °C, so 10:00-11:00 is sharp that day; 07-21
+    (34 °C, no override) is peak at the same time."""
+    tariff = Tariff.loads(JIANGSU_TOML)
+    hot, normal = price(tariff, ms("2024-07-20 10:00"), 100), price(tariff, ms("2024-07-21 10:00"), 100)
+    assert (hot.period, hot.exact_micro) == ("sharp", 800_000)
+    assert (normal.period, normal.exact_micro) == ("peak", 700_000)
+    assert price(tariff, ms("2024-07-20 14:45"), 1).period == "sharp"  # the override's whole day
+    assert price(tariff, ms("2024-07-20 15:00"), 1).period == "flat"
+
+
+def test_tou03_makeup_workday_uses_the_workday_profile() -> None:
+    """调休: Saturday 2024-10-12 is worked by decree (workday profile); Sunday 10-13 is a weekend."""
+    tariff = _weekend_rest("makeup_workdays = [2024-10-12]")
+    period = [price(tariff, ms(f"2024-10-{d:02d} 12:00"), 1).period for d in (11, 12, 13)]
+    assert period == ["flat", "flat", "valley"]
+    assert price(_weekend_rest(""), ms("2024-10-12 12:00"), 1).period == "valley"  # without it
+
+
+def test_tou05_calendar_version_applies_by_interval_start() -> None:
+    """A calendar version from 2024-07-15 17:30 drops July's sharp: the interval starting 17:15
+    keeps the old calendar (sharp), the one starting 17:30 takes the new one (peak)."""
+    text = LIAONING_TOML.replace(
+        "[[versions]]",
+        "[[calendar_versions]]\neffective_from = 2024-07-15T17:30:00\n"
+        "[calendar_versions.seasons.all]\nmonths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]\n"
+        'workday = "no_sharp"\n[[versions]]',
+    )
+    tariff = Tariff.loads(text)
+    period = [
+        price(tariff, ms(f"2024-07-{t}"), 1).period for t in ("14 17:30", "15 17:15", "15 17:30", "16 17:30")
+    ]
+    assert period == ["sharp", "sharp", "peak", "peak"]
+
+
+def test_tou05_holiday_takes_the_holiday_profile_of_the_version_in_force() -> None:
+    """Holiday 2024-10-01 (a Tuesday) has no holiday profile of its own at first (so the workday's:
+    flat); a calendar version from 12:00 that day gives holidays the valley ``rest`` profile."""
+    doc = tomllib.loads(FLAT_TOML.replace(UTC8, f"{UTC8}\nholidays = [2024-10-01]"))
+    doc["profiles"]["rest"] = {"segments": [["00:00", "24:00", "valley"]]}
+    doc["versions"][0]["prices"]["valley"] = 3000
+    doc["calendar_versions"] = [
+        {
+            "effective_from": dt.datetime(2024, 10, 1, 12),
+            "seasons": {"all": {**doc["seasons"]["all"], "holiday": "rest"}},
+        }
+    ]
+    tariff = Tariff.from_dict(doc)
+    period = [
+        price(tariff, ms(t), 1).period for t in ("2024-10-01 11:45", "2024-10-01 12:00", "2024-10-02 12:00")
+    ]
+    assert period == ["flat", "valley", "flat"]
 
 
 def test_calendar_document_is_a_tariff_without_prices() -> None:
@@ -146,6 +211,52 @@ def test_version_not_yet_in_force_is_config_error() -> None:
 def test_loader_errors_name_the_key(old: str, new: str, key_path: str) -> None:
     with pytest.raises(ConfigError) as err:
         Tariff.loads(FLAT_TOML.replace(old, new))
+    assert err.value.key_path == key_path
+
+
+CAL_VERSION = """
+[[calendar_versions]]
+effective_from = 2024-07-01T00:00:00
+[calendar_versions.seasons.all]
+months = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+workday = "flat"
+"""
+
+
+@pytest.mark.parametrize(
+    ("top", "tail", "key_path"),
+    [
+        ("holidays = [2024-10-01T00:00:00]", "", "tariff.holidays"),
+        ("makeup_workdays = [2024-10-11]", "", "tariff.makeup_workdays"),  # a Friday
+        ("makeup_workdays = 2024-10-12", "", "tariff.makeup_workdays"),
+        ("overrides = [{ date = 2024-07-20, profile = 'hot' }]", "", "tariff.overrides[0].profile"),
+        ("overrides = [{ date = '07-20', profile = 'flat' }]", "", "tariff.overrides[0].date"),
+        ("overrides = [{ date = 2024-07-20, profile = 'flat', x = 1 }]", "", "tariff.overrides[0].x"),
+        ("overrides = { date = 2024-07-20, profile = 'flat' }", "", "tariff.overrides"),
+        (
+            "holidays = [2024-07-20]\noverrides = [{ date = 2024-07-20, profile = 'flat' }]",
+            "",
+            "tariff.overrides[0].date",
+        ),
+        ("", CAL_VERSION.replace("T00:00:00", ""), "tariff.calendar_versions[0].effective_from"),
+        ("", CAL_VERSION + CAL_VERSION, "tariff.calendar_versions[1].effective_from"),  # not later
+        (
+            "",
+            CAL_VERSION.replace("effective_from", "prices = 1\neffective_from"),
+            "tariff.calendar_versions[0].prices",
+        ),
+        (
+            "",
+            CAL_VERSION.replace("3, 4, 5, 6, 7, 8, 9, 10, 11, 12", "3"),
+            "tariff.calendar_versions[0].seasons",
+        ),
+        ("", CAL_VERSION.replace('"flat"', '"hot"'), "tariff.calendar_versions[0].seasons.all.workday"),
+    ],
+)
+def test_calendar_loader_errors_name_the_key(top: str, tail: str, key_path: str) -> None:
+    Tariff.loads(FLAT_TOML.replace(UTC8, f"{UTC8}\nmakeup_workdays = [2024-10-12]") + CAL_VERSION)  # valid
+    with pytest.raises(ConfigError) as err:
+        Tariff.loads(FLAT_TOML.replace(UTC8, f"{UTC8}\n{top}") + tail)
     assert err.value.key_path == key_path
 
 
