@@ -21,6 +21,12 @@ What the rest of the edge asks a driver class instead of testing protocol names:
   :meth:`~MeterDriver.quantities` / :meth:`~MeterDriver.why_unreadable` -- what it can read;
 * :meth:`~MeterDriver.capabilities` -- relay control, clock read/set, address discovery.
 
+The field tool (``amigw read``) asks the driver class for its own raw options, titled by
+:attr:`~MeterDriver.family` in ``--help``: :meth:`~MeterDriver.add_raw_options` declares them,
+:meth:`~MeterDriver.raw_reads` checks them before the port is opened and returns the read,
+and :meth:`~MeterDriver.discover` does ``--discover`` (by default: ask the lone meter its address).
+A read or discovery yields :class:`FieldRow` values (or bare text lines) for the tool to print.
+
 :data:`DRIVERS` is the only list of protocol names in the project: name -> (module, class),
 imported on first use by :func:`load_driver`, so a Modbus-only concentrator never imports the
 DL/T 645 driver. A new protocol is one driver module and one entry here.
@@ -29,14 +35,15 @@ DL/T 645 driver. A new protocol is one driver module and one entry here.
 from __future__ import annotations
 
 import abc
+import argparse
 import datetime as dt
 import enum
 import importlib
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self, TypeAlias, TypeVar
 
 from drivers.lines import LinePort, TransportKind
 from protocols.commands import Action
@@ -52,6 +59,8 @@ __all__ = [
     "DRIVERS",
     "Capability",
     "DriverSetup",
+    "FieldRead",
+    "FieldRow",
     "MeterDriver",
     "MeterRef",
     "MeterSpec",
@@ -171,6 +180,32 @@ class QuantityReading:
         return int(Flag.METER_ERROR) if self.error is not None else 0
 
 
+@dataclass(frozen=True, slots=True)
+class FieldRow:
+    """One value ``amigw read`` prints for a driver's raw read or discovery.
+
+    With ``--json`` the line ``{"meter": meter, key: name, "value": value, "unit": unit, **extra}``
+    (``key`` says what ``name`` is: ``"di"``, ``"register"``, ``"quantity"``); as text
+    ``label = value unit`` then ``note`` (``label`` defaults to ``name``). With ``error`` set the
+    meter refused this value: the tool prints the error and exits 1."""
+
+    meter: str
+    key: str
+    name: str
+    value: str = ""
+    unit: str = ""
+    label: str | None = None
+    note: str = ""
+    extra: Mapping[str, object] = field(default_factory=dict)
+    error: ProtocolError | None = None
+
+
+_D = TypeVar("_D", bound="MeterDriver")
+#: A checked field-tool read, run on the opened driver: the values to print in order, a bare
+#: ``str`` a text-only line (left out of ``--json``). Raises as the driver's reads.
+FieldRead: TypeAlias = Callable[[_D], AsyncIterator[FieldRow | str]]
+
+
 class MeterDriver(abc.ABC):
     """Talks to meters of one protocol family. Close with :meth:`aclose` (or ``async with``)."""
 
@@ -226,6 +261,40 @@ class MeterDriver(abc.ABC):
         """Raise ``NotImplementedError`` unless meters of ``meter.protocol`` have ``capability``."""
         if capability not in cls.capabilities(meter.protocol):
             raise NotImplementedError(f"a {meter.protocol} meter has no {capability} capability")
+
+    # -- the field tool (``amigw read``) -------------------------------------------------------
+
+    #: The protocol family as people write it ("DL/T 645"): the title of the driver's raw
+    #: options in ``amigw read --help`` and in the message refusing them for another protocol.
+    family: ClassVar[str] = ""
+
+    @classmethod
+    def add_raw_options(cls, group: argparse._ArgumentGroup) -> Sequence[argparse.Action]:
+        """Add this driver's raw ``amigw read`` options to ``group`` and return them (what
+        ``add_argument`` returned): the tool refuses each, given, for another protocol. Their
+        defaults mean "not given". None by default."""
+        return ()
+
+    @classmethod
+    def raw_reads(cls, protocol: str, options: argparse.Namespace) -> FieldRead[Self] | None:
+        """The raw read ``options`` (the tool's parsed command line) ask of a ``protocol`` meter,
+        checked before the port is opened; None when they ask none. Raises ``ConfigError`` whose
+        key is the option (``--di '0001'``) for a bad value or combination."""
+        return None
+
+    @classmethod
+    def discover(cls, protocol: str, options: argparse.Namespace) -> FieldRead[Self]:
+        """``amigw read --discover``, checked before the port is opened: by default the lone
+        meter on the line says its address (:attr:`Capability.READ_ADDRESS`). Raises
+        ``ConfigError`` (key ``--discover``) when a ``protocol`` meter cannot be discovered."""
+        if Capability.READ_ADDRESS not in cls.capabilities(protocol):
+            raise ConfigError("--discover", f"a {protocol} meter cannot be asked for its address")
+
+        async def read_address(driver: Self) -> AsyncIterator[FieldRow | str]:
+            address = await driver.read_address()
+            yield FieldRow(address, "quantity", "address", address)
+
+        return read_address
 
     # -- one driver -----------------------------------------------------------------------------
 

@@ -23,21 +23,28 @@ Multi-frame answers (D5 set, 0xB1/0xB2) are completed with follow-up requests (0
 reference §7, SEQ numbering UNCONFIRMED). Block DIs (a DI byte of FF: ``0001FF00`` total + tariffs,
 ``0201FF00`` voltages ...) replace two or more single reads when ``use_blocks`` is on; a meter that
 refuses a block is remembered and read item by item from then on.
+
+The field tool's raw option is ``--di HEX`` (:meth:`Dlt645Driver.raw_reads`): data identifiers
+read as they are, decoded when the registry knows them; ``--discover`` is the base driver's
+(the lone meter's address, 0x13).
 """
 
 from __future__ import annotations
 
+import argparse
 import calendar
 import collections
 import datetime as dt
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Self
 
 from drivers.base import (
     Capability,
     DriverSetup,
+    FieldRead,
+    FieldRow,
     MeterDriver,
     MeterRef,
     MeterSpec,
@@ -66,6 +73,7 @@ from protocols.dlt645 import (
     decode_read_response,
     decode_value,
     di_for_quantity,
+    di_info,
     encode_frame,
     encode_value,
     normalize_address,
@@ -161,6 +169,7 @@ class Dlt645Driver(MeterDriver):
     """DL/T 645-2007 and -1997 meters on one bus (see the module docstring for the error rules)."""
 
     protocol = "dlt645-2007"
+    family = "DL/T 645"
     transports = (TransportKind.SERIAL, TransportKind.SERIAL_SERVER)
 
     def __init__(
@@ -244,6 +253,53 @@ class Dlt645Driver(MeterDriver):
         if protocol not in editions:
             raise ConfigError("protocol", f"{protocol!r} is not DL/T 645")
         return editions[protocol]
+
+    # -- the field tool (amigw read) -----------------------------------------------------------
+
+    @classmethod
+    def add_raw_options(cls, group: argparse._ArgumentGroup) -> Sequence[argparse.Action]:
+        help_ = "raw data identifier, repeatable: 8 hex digits (4 for -1997)"
+        return (group.add_argument("--di", action="append", default=[], metavar="HEX", help=help_),)
+
+    @classmethod
+    def raw_reads(cls, protocol: str, options: argparse.Namespace) -> FieldRead[Self] | None:
+        """``--di HEX ...`` of the ``--address`` meter; each DI must fit the edition (4 bytes
+        for 2007, 2 for 1997)."""
+        if not options.di:
+            return None
+        edition = cls.edition_of(protocol)
+        dis = [_raw_di(text, edition) for text in options.di]
+        if options.address is None:
+            raise ConfigError("--di", "needs the meter: --address")
+        try:
+            meter = MeterRef(options.address, options.address, protocol)
+        except ConfigError as exc:
+            raise ConfigError("--address", exc.reason) from None
+
+        async def read_dis(driver: Self) -> AsyncIterator[FieldRow | str]:
+            for di in dis:
+                label = f"{di:08X}" if edition == 2007 else f"{di:04X}"
+                try:
+                    raw = await driver.read_di(meter, di)
+                except MeterErrorReply as exc:
+                    yield FieldRow(meter.address, "di", label, error=exc)
+                    continue
+                try:
+                    info = di_info(di)
+                except KeyError:
+                    yield FieldRow(
+                        meter.address, "di", label, raw.hex(), "raw", label=f"{label} (unknown DI)"
+                    )
+                    continue
+                value = decode_value(di, raw)
+                shown = (
+                    _fixed(value, info.decimals)
+                    if isinstance(value, int) and info.fmt == "bcd"
+                    else str(value)
+                )
+                yield FieldRow(meter.address, "di", label, shown, info.unit, label=f"{label} {info.name}")
+
+        return read_dis
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -560,3 +616,19 @@ def _to_quantity(q: Quantity, info: DataIdentifier, item: object) -> int:
         return item * int(10**shift)
     whole = abs(item) // int(10**-shift)  # fewer decimals: truncate toward zero
     return -whole if item < 0 else whole
+
+
+def _raw_di(text: str, edition: int) -> int:
+    """A ``--di`` of the field tool. Raises ``ConfigError`` (key ``--di 'TEXT'``)."""
+    digits = 8 if edition == 2007 else 4
+    if not (len(text) == digits and all(c in "0123456789abcdefABCDEF" for c in text)):
+        raise ConfigError(f"--di {text!r}", f"a DL/T 645-{edition} DI is {digits} hex digits")
+    return int(text, 16)
+
+
+def _fixed(value: int, decimals: int) -> str:
+    """``value`` with ``decimals`` implied decimals as exact decimal text."""
+    if decimals == 0:
+        return str(value)
+    whole, frac = divmod(abs(value), 10**decimals)
+    return f"{'-' if value < 0 else ''}{whole}.{frac:0{decimals}d}"

@@ -15,16 +15,24 @@ It runs as RTU on a serial line or a transparent serial server (a shared bus) or
 (its own connection). A meter's address is its unit id (``"1"`` .. ``"247"``) and its ``model``
 names the register map. Relay control and clock setting are not part of these models' maps: the
 driver declares no :class:`~drivers.base.Capability`, and they raise ``NotImplementedError``.
+
+The field tool's raw options (:meth:`ModbusDriver.raw_reads`): ``--register ADDR[:TYPE[:ORDER]]``
+read with ``--function`` (4 input, 3 holding), ``--probe-order`` to decode a 32-bit register under
+every word order; ``--discover`` scans the unit ids of ``--units`` (:meth:`ModbusDriver.discover`).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterable, Mapping, Sequence
+from typing import Self
 
 from drivers.base import (
     Capability,
     DriverSetup,
+    FieldRead,
+    FieldRow,
     MeterDriver,
     MeterRef,
     MeterSpec,
@@ -34,8 +42,9 @@ from drivers.base import (
 from drivers.bus import Bus
 from drivers.lines import TransportKind
 from drivers.modbus_transport import RegisterLink, RtuLink, TcpLink
-from protocols.errors import ConfigError, MeterErrorReply, TransportTimeout
+from protocols.errors import ConfigError, FrameError, MeterErrorReply, TransportTimeout
 from protocols.flags import Flag
+from protocols.modbus import DataType, WordOrder, decode_registers, probe_orders
 from protocols.modbus.maps import RegisterDef, RegisterMap, available_models, load_map
 from protocols.modbus.plan import ReadBlock, decode_one, plan_reads
 from protocols.quantities import Quantity
@@ -45,6 +54,7 @@ __all__ = ["ModbusDriver"]
 
 class ModbusDriver(MeterDriver):
     protocol = "modbus"
+    family = "Modbus"
     transports = (TransportKind.SERIAL, TransportKind.MODBUS_TCP, TransportKind.SERIAL_SERVER)
 
     def __init__(
@@ -92,6 +102,74 @@ class ModbusDriver(MeterDriver):
             if name not in have:
                 return f"model {regmap.model} has no register for {name!r}"
         return None
+
+    # -- the field tool (amigw read) -----------------------------------------------------------
+
+    @classmethod
+    def add_raw_options(cls, group: argparse._ArgumentGroup) -> Sequence[argparse.Action]:
+        return (
+            group.add_argument("--register", action="append", default=[], metavar="ADDR[:TYPE[:ORDER]]",
+                               help="raw register of --unit, e.g. 0x0000:float32:ABCD (repeatable)"),
+            group.add_argument("--function", type=int, choices=(3, 4), default=4,
+                               help="function for --register: 4 input (default), 3 holding registers"),
+            group.add_argument("--probe-order", action="store_true",
+                               help="show a 32-bit --register under every word order"),
+            group.add_argument("--units", default="1-16", metavar="LO-HI",
+                               help="unit ids --discover scans (default 1-16)"),
+        )  # fmt: skip
+
+    @classmethod
+    def raw_reads(cls, protocol: str, options: argparse.Namespace) -> FieldRead[Self] | None:
+        """``--register`` of ``--unit`` (with ``--function`` and ``--probe-order``); with
+        ``--discover`` and no ``--unit`` the registers are checked but not read."""
+        if not options.register:
+            if options.probe_order:
+                raise ConfigError("--probe-order", "needs a --register")
+            return None
+        unit, function, probe = options.unit, options.function, options.probe_order
+        if unit is not None and not 1 <= unit <= 247:
+            raise ConfigError(f"--unit {unit}", "a Modbus unit id is 1..247")
+        if unit is None and not options.discover:
+            raise ConfigError("--register", "needs the unit: --unit (or --discover)")
+        registers = [_register(spec) for spec in options.register]
+        if probe and any(dtype.width != 2 for _, dtype, _ in registers):
+            raise ConfigError("--probe-order", "needs a 32-bit type (float32, int32, uint32)")
+
+        async def read_registers(driver: Self) -> AsyncIterator[FieldRow | str]:
+            if unit is None:
+                return
+            for register in registers:
+                async for row in _raw_register(driver.link, unit, function, register, probe):
+                    yield row
+
+        return read_registers
+
+    @classmethod
+    def discover(cls, protocol: str, options: argparse.Namespace) -> FieldRead[Self]:
+        """Scan the unit ids of ``--units``: a unit that answers, even with an exception, is
+        listed; ``TransportTimeout`` when none does."""
+        units, function = _units(options.units), options.function
+
+        async def scan(driver: Self) -> AsyncIterator[FieldRow | str]:
+            found = 0
+            for unit in units:
+                note, extra = "  answers", dict[str, object]()
+                try:
+                    await driver.link.read_registers(unit, function, 0, 1)
+                except MeterErrorReply as exc:
+                    if exc.error_code in (0x0A, 0x0B):  # a TCP gateway says: no such unit behind me
+                        continue
+                    # any other exception reply still proves that something answers to this unit id
+                    note = f"  answers with exception {exc.error_code} ({', '.join(exc.reasons)})"
+                    extra = {"exception": exc.error_code}
+                except (TransportTimeout, FrameError):
+                    continue
+                found += 1
+                yield FieldRow(str(unit), "quantity", "unit", str(unit), label="unit", note=note, extra=extra)
+            if not found:
+                raise TransportTimeout(f"no Modbus unit answered in {units.start}-{units.stop - 1}")
+
+        return scan
 
     @property
     def bus(self) -> Bus | None:
@@ -203,3 +281,49 @@ class ModbusDriver(MeterDriver):
 def _unit(meter: MeterRef) -> int:
     """The unit id of ``meter`` (its address, checked by :meth:`ModbusDriver.check_meter`)."""
     return int(meter.address)
+
+
+def _units(text: str) -> range:
+    """``--units LO-HI`` (or one id). Raises ``ConfigError`` (key ``--units 'TEXT'``)."""
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and (hi or lo).isdigit() and 1 <= int(lo) <= int(hi or lo) <= 247):
+        raise ConfigError(f"--units {text!r}", "expected LO-HI within 1..247")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+def _register(spec: str) -> tuple[int, DataType, WordOrder]:
+    """``--register ADDR[:TYPE[:ORDER]]``. Raises ``ConfigError`` (key ``--register 'SPEC'``)."""
+    parts = spec.split(":")
+    try:
+        address = int(parts[0], 0)
+        dtype = DataType(parts[1].lower()) if len(parts) > 1 else DataType.FLOAT32
+        order = WordOrder(parts[2].upper()) if len(parts) > 2 else WordOrder.ABCD
+        if not 0 <= address <= 0xFFFF or len(parts) > 3:
+            raise ValueError(spec)
+    except ValueError:
+        hint = "expected ADDR[:TYPE[:ORDER]] with ADDR 0..0xFFFF, e.g. 0x0000:float32:ABCD"
+        raise ConfigError(f"--register {spec!r}", hint) from None
+    return address, dtype, order
+
+
+async def _raw_register(
+    link: RegisterLink, unit: int, function: int, register: tuple[int, DataType, WordOrder], probe: bool
+) -> AsyncIterator[FieldRow | str]:
+    """One ``--register`` as read (``probe``: decoded under each word order)."""
+    address, dtype, order = register
+    label, meter = f"register {address:#06x}", str(unit)
+    try:
+        words = await link.read_registers(unit, function, address, dtype.width)
+    except MeterErrorReply as exc:  # the unit refuses this register: say which exception
+        yield FieldRow(meter, "register", f"{address}:{dtype}:{order}", error=exc)
+        return
+    if probe:
+        yield f"{label} words {' '.join(f'{w:04X}' for w in words)} as {dtype} under each order:"
+        for probe_order, value, plausible in probe_orders(words, dtype):
+            mark = "   <- plausible" if plausible else ""
+            yield FieldRow(meter, "register", f"{address}:{dtype}:{probe_order}", repr(value),
+                           label=f"  {probe_order}", note=mark)  # fmt: skip
+        return
+    value = decode_registers(words, dtype, order)
+    yield FieldRow(meter, "register", f"{address}:{dtype}:{order}", repr(value),
+                   label=f"{label} {dtype} {order}")  # fmt: skip

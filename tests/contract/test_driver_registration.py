@@ -5,6 +5,7 @@ mosquitto broker) and read by ``amigw read`` -- the gateway asks the driver, nev
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +93,23 @@ def test_amigw_read_reads_a_registered_protocol(toy: ToyMeters, capsys: pytest.C
     assert main(["read", "--protocol", PROTOCOL, "--port", port, "--address", "8", "--timeout", "0.2",
                  "--retries", "0", "--quantity", "voltage_a"]) == 1  # fmt: skip
     assert "timeout" in capsys.readouterr().err
+
+
+def test_amigw_read_takes_the_raw_options_the_driver_declares(
+    toy: ToyMeters, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = f"tcp://127.0.0.1:{toy.port}"
+    argv = ["read", "--protocol", PROTOCOL, "--port", port, "--address", "7", "--json"]
+    assert main([*argv, "--toy-code", str(VOLTAGE.code), "--toy-code", "99"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        {"meter": "7", "code": str(VOLTAGE.code), "value": "2301", "unit": ""},
+        {"meter": "7", "code": "99", "value": "refused", "unit": ""},
+    ]
+    assert main(["read", "--protocol", PROTOCOL, "--port", port, "--toy-code", "1"]) == 2
+    assert "--toy-code: needs the meter: --address" in capsys.readouterr().err
+    # each protocol's raw options are refused for the others, before the port is opened
+    assert main([*argv, "--di", "00010000"]) == 2
+    assert "--di is a DL/T 645 option, not one of toy" in capsys.readouterr().err
+    assert main(["read", "--port", port, "--address", "000000000001", "--toy-code", "1"]) == 2
+    assert "--toy-code is a toy option, not one of dlt645-2007" in capsys.readouterr().err

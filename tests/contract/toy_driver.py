@@ -2,19 +2,31 @@
 server (``tcp://``), and its meter simulator (a thread serving a real TCP socket).
 
 Request ``R<address> <quantity code>\\n``; answer ``V<address> <value>\\n``, or ``E<address>\\n``
-for a quantity the meter refuses. Nothing in ``gateway/`` knows of it.
+for a quantity the meter refuses. Its raw field-tool option ``--toy-code N`` asks for a quantity
+code as it is. Nothing in ``gateway/`` knows of it.
 """
 
 from __future__ import annotations
 
+import argparse
 import socketserver
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Self
 
-from drivers.base import Capability, DriverSetup, MeterDriver, MeterRef, MeterSpec, ReadResult
-from drivers.bus import Bus
+from drivers.base import (
+    Capability,
+    DriverSetup,
+    FieldRead,
+    FieldRow,
+    MeterDriver,
+    MeterRef,
+    MeterSpec,
+    ReadResult,
+)
+from drivers.bus import Bus, BusTransaction
 from drivers.lines import TransportKind
 from protocols.errors import ConfigError, FramingError
 from protocols.flags import Flag
@@ -54,6 +66,7 @@ class ToyDecoder:
 
 class ToyDriver(MeterDriver):
     protocol = PROTOCOL
+    family = "toy"
     transports = (TransportKind.SERIAL_SERVER,)
 
     def __init__(self, bus: Bus) -> None:
@@ -78,9 +91,35 @@ class ToyDriver(MeterDriver):
     def quantities(cls, meter: MeterSpec) -> tuple[Quantity, ...]:
         return tuple(by_name(n) for n in QUANTITIES)
 
+    @classmethod
+    def add_raw_options(cls, group: argparse._ArgumentGroup) -> Sequence[argparse.Action]:
+        return (group.add_argument("--toy-code", action="append", type=int, default=[], metavar="N"),)
+
+    @classmethod
+    def raw_reads(cls, protocol: str, options: argparse.Namespace) -> FieldRead[Self] | None:
+        if not options.toy_code:
+            return None
+        if options.address is None:
+            raise ConfigError("--toy-code", "needs the meter: --address")
+        meter, codes = MeterRef(options.address, options.address, protocol), list(options.toy_code)
+
+        async def read_codes(driver: Self) -> AsyncIterator[FieldRow | str]:
+            for code in codes:
+                async with driver.bus.transaction(device=driver.device_key(meter)) as tx:
+                    value = await driver._ask(tx, meter.address, code)
+                yield FieldRow(meter.address, "code", str(code), "refused" if value is None else str(value))
+
+        return read_codes
+
     @property
     def bus(self) -> Bus:
         return self._bus
+
+    async def _ask(self, tx: BusTransaction, address: str, code: int) -> int | None:
+        reply = await tx.exchange(f"R{address} {code}\n".encode(), ToyDecoder())
+        if not isinstance(reply, ToyReply) or reply.address != address:
+            raise FramingError(f"unexpected answer {reply!r}")
+        return reply.value
 
     def device_key(self, meter: MeterRef) -> Hashable:
         return (PROTOCOL, meter.address)
@@ -90,12 +129,8 @@ class ToyDriver(MeterDriver):
         rows = []
         async with self.bus.transaction(device=self.device_key(meter)) as tx:
             for q in quantities:
-                reply = await tx.exchange(f"R{meter.address} {q.code}\n".encode(), ToyDecoder())
-                if not isinstance(reply, ToyReply) or reply.address != meter.address:
-                    raise FramingError(f"unexpected answer {reply!r}")
-                rows.append(
-                    (q.code, 0, int(Flag.METER_ERROR)) if reply.value is None else (q.code, reply.value, 0)
-                )
+                value = await self._ask(tx, meter.address, q.code)
+                rows.append((q.code, 0, int(Flag.METER_ERROR)) if value is None else (q.code, value, 0))
         return ReadResult(meter.id, ts, tuple(rows))
 
 

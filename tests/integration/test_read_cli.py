@@ -165,6 +165,17 @@ async def test_usage_errors_exit_2(dlt645_pty: tuple[Dlt645Simulator, str]) -> N
         (["--protocol", "modbus", "--unit", "1", "--register", "0:int16", "--probe-order"], "32-bit"),
         (["--protocol", "modbus", "--discover", "--units", "5-x"], "--units '5-x'"),
         (["--protocol", "modbus", "--discover", "--units", "0-300"], "--units '0-300'"),
+        (["--protocol", "modbus", "--unit", "1", "--probe-order"], "--probe-order: needs a --register"),
+        (["--protocol", "modbus", "--register", "0"], "--register: needs the unit"),
+        (["--di", "00010000"], "--di: needs the meter: --address"),
+        (["--address", A1], "nothing to read: give --quantity, --discover, --di"),
+        # a raw option is its protocol's own: refused for another
+        (
+            ["--protocol", "modbus", "--unit", "1", "--di", "00010000"],
+            "--di is a DL/T 645 option, not one of modbus",
+        ),
+        (["--address", A1, "--register", "0"], "--register is a Modbus option, not one of dlt645-2007"),
+        (["--address", A1, "--di", "00010000", "--units", "1-3"], "--units is a Modbus option"),
     ],
 )
 @pytest.mark.parametrize("port", ["/dev/ttyUSB-missing", "tcp"])

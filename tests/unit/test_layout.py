@@ -160,3 +160,27 @@ def test_topics_are_spelt_only_in_the_contract_module() -> None:
         if "ami/v1" in text and f != "protocols/topics.py"
     ]
     assert offenders == []
+
+
+def test_the_gateway_imports_no_protocol_driver_or_codec() -> None:
+    """The gateway reaches a protocol only through the driver registry: no module of
+    :data:`drivers.base.DRIVERS` and no protocol codec package (``protocols.<family>``) is
+    imported anywhere in ``gateway/``, not even for type checking."""
+    from drivers.base import DRIVERS
+
+    families = {name.partition("-")[0] for name in DRIVERS}
+    forbidden = {module for module, _ in DRIVERS.values()} | {f"protocols.{f}" for f in families}
+    offenders = []
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                for n in names
+                if any(n == m or n.startswith(m + ".") for m in forbidden)
+            ]
+    assert offenders == []
