@@ -32,7 +32,9 @@ def emax(k_mw_pct: int, dt_ms: int) -> int:
     return k_mw_pct * dt_ms // 3_600_000_000_000
 
 
-def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, qt, mt, params):
+def validate(
+    order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, carry, qt, mt, params
+):
     p = {name: int(params[0][name]) for name in params.dtype.names}
     receive, future_tol, min_ts, interval = (
         p["receive_ts_ms"],
@@ -80,6 +82,10 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
     last_seen = {c: t for c, (_, t) in prev.items()}
     stopped, zeros, stuck = defaultdict(list), defaultdict(list), defaultdict(list)  # chan -> [(i, step)]
     changes = []  # (meter, ts) where a stuck-checked value changed (VEE-19)
+    cin = [[int(x) for x in row] for row in carry]
+    linked = {"stop": {}, "zero": {}, "stuck": {}}  # chan -> the carried run continues (first step)
+    last_stuck = {}  # chan -> (value, ts, meter) of its last stuck-checked reading
+    last_step = {}  # chan -> latest step time
     for i in in_order:
         c, m, t, q, v, f = chan[i], meter[i], ts[i], quantity[i], value[i], out[i]
         pt = point[(m, t)]
@@ -154,9 +160,14 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                 if q == 1 and t % interval == 0:
                     one = gap == interval and a_t % interval == 0
                     fault = f & (k.F_WENT_BACKWARDS | k.F_METER_REPLACED)
-                    stopped[c].append((i, "continue" if one and f & k.F_ZERO_WITH_CURRENT else "break"))
+                    stop = one and bool(f & k.F_ZERO_WITH_CURRENT)
+                    stopped[c].append((i, "continue" if stop else "break"))
                     zero = one and d == 0 and not fault and not f & k.F_OUTAGE
                     zeros[c].append((i, "continue" if zero else "break"))
+                    # The carried run continues when the first step's interval starts at its end.
+                    linked["stop"].setdefault(c, stop and cin[c][k.C_STOP_END] == a_t)
+                    linked["zero"].setdefault(c, zero and cin[c][k.C_ZERO_END] == a_t)
+                    last_step[c] = max(last_step.get(c, t), t)
                     if one and power is not None and power * interval <= 10**18 and d >= p["fast_min"]:
                         implied = power * interval // 360_000_000  # 0.1 W x ms in 0.01 kWh
                         if 10 * d > p["fast_ratio_x10"] * implied:
@@ -166,41 +177,82 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                     anchor[c] = (v if moves else a_v, t, down)
             else:
                 if q_kind[q] != k.KIND_CUMULATIVE and q_stuck[q]:
-                    same = c in anchor and anchor[c][0] == v
+                    before = anchor.get(c)
+                    if c not in linked["stuck"]:
+                        c_end = cin[c][k.C_STUCK_END]
+                        if before is not None:
+                            linked["stuck"][c] = c_end != INT64_MIN and before[1] == c_end
+                        else:
+                            linked["stuck"][c] = c_end != INT64_MIN and 0 < t - c_end <= interval
+                            if linked["stuck"][c]:
+                                before = (cin[c][k.C_STUCK_VALUE], c_end, False)
+                    same = before is not None and before[0] == v
                     stuck[c].append((i, "break" if v == 0 else ("continue" if same else "start")))
-                    if c in anchor and not same:
+                    if before is not None and not same:
                         changes.append((m, t))
+                    last_stuck[c] = (v, t, m)
+                    last_step[c] = max(last_step.get(c, t), t)
                 anchor[c] = (v, t, down)
         out[i] = f
-    for runs, n_min, flag in (
-        (stopped, p["stopped_intervals"], k.F_STOPPED),
-        (zeros, p["zero_long_intervals"], k.F_ZERO_LONG),
+    cout = [list(row) for row in cin]
+    for c, t in last_step.items():
+        cout[c][k.C_LAST] = max(cout[c][k.C_LAST], t)
+    for runs, n_min, flag, rule, col in (
+        (stopped, p["stopped_intervals"], k.F_STOPPED, "stop", k.C_STOP_LEN),
+        (zeros, p["zero_long_intervals"], k.F_ZERO_LONG, "zero", k.C_ZERO_LEN),
     ):
-        for events in runs.values():
-            for run in _long_runs(events, n_min):
-                for i in run:
-                    out[i] |= flag
-    for events in stuck.values():
-        for run in _long_runs(events, p["stuck_readings"]):
-            m, first, last = meter[run[0]], ts[run[0]], ts[run[-1]]
-            if any(cm == m and first < ct <= last for cm, ct in changes):
-                for i in run:
-                    out[i] |= k.F_STUCK
-    return np.array(out, np.uint32), np.array(delta, np.int64), np.array(anchor_ts, np.int64)
+        for c, events in runs.items():
+            carried = cin[c][col] if linked[rule][c] else 0
+            all_runs = _runs(events, carried)
+            for run, extra in all_runs:
+                if len(run) + extra >= n_min:
+                    for i in run:
+                        out[i] |= flag
+            cout[c][col : col + 3] = _run_state(all_runs, cin[c][col + 1], ts)
+    for c, events in stuck.items():
+        carried = cin[c][k.C_STUCK_LEN] if linked["stuck"][c] else 0
+        c_moved = bool(cin[c][k.C_STUCK_MOVED])
+        all_runs = _runs(events, carried)
+        for run, extra in all_runs:
+            if run and len(run) + extra >= p["stuck_readings"]:
+                m, last = meter[run[0]], ts[run[-1]]
+                first = cin[c][k.C_STUCK_BEGIN] if extra else ts[run[0]]
+                if any(cm == m and first < ct <= last for cm, ct in changes) or (extra and c_moved):
+                    for i in run:
+                        out[i] |= k.F_STUCK
+        length, begin, _ = _run_state(all_runs, cin[c][k.C_STUCK_BEGIN], ts)
+        value, end, m = last_stuck[c]
+        moved = 0
+        if length:
+            extra = all_runs[-1][1]
+            moved = int(any(cm == m and ct > begin for cm, ct in changes) or (bool(extra) and c_moved))
+        cout[c][k.C_STUCK_LEN : k.C_STUCK_MOVED + 1] = [length, begin, end, value, moved]
+    carry_out = np.array(cout, np.int64).reshape(len(cin), k.NCARRY)
+    return np.array(out, np.uint32), np.array(delta, np.int64), np.array(anchor_ts, np.int64), carry_out
 
 
-def _long_runs(events, min_len):
-    """The runs of at least ``min_len`` readings in one channel's ``(reading, step)`` events: a
-    "break" ends a run, a "start" begins a new one, a "continue" joins the current one."""
-    runs, current = [], []
+def _runs(events, carried):
+    """A channel's ``(reading, step)`` events cut into runs: a "break" ends a run, a "start"
+    begins a new one, a "continue" joins the current one. Returns ``[(readings, extra)]`` in
+    order, ``extra`` the carried run's length for the first run when its first step continues it
+    (``carried``), else 0; the last entry is the run the channel ends in (empty: none)."""
+    runs, current, extra = [], [], carried
     for i, step in events:
         if step in ("break", "start"):
-            runs.append(current)
-            current = []
+            runs.append((current, extra))
+            current, extra = [], 0
         if step != "break":
             current.append(i)
-    runs.append(current)
-    return [run for run in runs if len(run) >= min_len]
+    runs.append((current, extra))
+    return runs
+
+
+def _run_state(runs, carried_begin, ts):
+    """``[length, first time, last time]`` of the run the channel ends in; [0, 0, INT64_MIN] if none."""
+    run, extra = runs[-1]
+    if not run:  # ended by a break (a channel in ``runs`` has a step, so extra alone is never last)
+        return [0, 0, INT64_MIN]
+    return [len(run) + extra, carried_begin if extra else ts[run[0]], ts[run[-1]]]
 
 
 # --- intervals and estimation (VEE-01, VEE-20, VEE-21) -----------------------------------------------

@@ -137,6 +137,16 @@ FAST_P_BOUND = 10**18
 SPIKE_REL_BOUND = 10**14
 # Per-reading steps of a run rule (VEE-08/09/19), see _runs.
 RUN_NEUTRAL, RUN_BREAK, RUN_CONTINUE, RUN_START = 0, 1, 2, 3
+# The run state a channel carries from one batch to the next (VEE-08/09/19): one int64 row per
+# channel, these columns. For each run rule the run's length so far, the time of its first and
+# last steps (``*_END`` INT64_MIN: nothing carried); VEE-19 also the channel's last stuck-checked
+# value and whether another channel of the meter changed within the run; ``C_LAST`` the latest
+# step time of the channel (a carry is only ever replaced by a later one).
+C_STOP_LEN, C_STOP_BEGIN, C_STOP_END = 0, 1, 2
+C_ZERO_LEN, C_ZERO_BEGIN, C_ZERO_END = 3, 4, 5
+C_STUCK_LEN, C_STUCK_BEGIN, C_STUCK_END, C_STUCK_VALUE, C_STUCK_MOVED = 6, 7, 8, 9, 10
+C_LAST = 11
+NCARRY = 12
 
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
@@ -179,16 +189,25 @@ def _skewed_meters(meter, ts, quantity, value, flags, nmeters, p):
 
 
 @_jit
-def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, qt, mt, params):
+def validate(
+    order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts, has_prev, carry, qt, mt, params
+):
     """One pass over the batch in ``order`` (sorted by meter, ts, quantity, arrival).
 
     ``qt`` is the QUANTITY_TABLE indexed by code, ``mt`` the METER_TABLE indexed by batch meter,
-    ``params`` a PARAMS array of one record; ``chan`` labels (meter, quantity) channels and
-    ``prev_*`` / ``has_prev`` give each channel's register before the batch. Returns
-    ``(flags, delta, anchor_ts)`` per reading (input positions): the new flags (input flags OR'ed
-    with every rule that fired), the register delta since the channel's previous anchor
-    (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and that
-    anchor's time (``INT64_MIN`` when there is none)."""
+    ``params`` a PARAMS array of one record; ``chan`` labels (meter, quantity) channels,
+    ``prev_*`` / ``has_prev`` give each channel's register before the batch and ``carry[chan,
+    NCARRY]`` its run state carried from earlier batches (C_* columns). Returns
+    ``(flags, delta, anchor_ts, carry_out)``: per reading (input positions) the new flags (input
+    flags OR'ed with every rule that fired), the register delta since the channel's previous
+    anchor (cumulative channels, rollover unwrapped; 0 when there is none or it is invalid) and
+    that anchor's time (``INT64_MIN`` when there is none); per channel the run state after the
+    batch (a channel without a step of a rule keeps that rule's carry).
+
+    A carried run continues only where it is contiguous with the batch: VEE-08/09 when the
+    channel's first step closes the interval starting at the carried run's end; VEE-19 when the
+    channel's first stuck-checked reading follows its carried last reading within one interval
+    (or its previous register is that reading). Otherwise the run restarts in this batch."""
     p = params[0]
     n = order.shape[0]
     nchan = prev_value.shape[0]
@@ -201,6 +220,19 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
     zero_step = np.zeros(n, dtype=np.int64)  # VEE-09
     stuck_step = np.zeros(n, dtype=np.int64)  # VEE-19
     changed = np.zeros(n, dtype=np.bool_)  # VEE-19: a stuck-checked value differs from the last
+    # Whether the channel had a step of each run rule yet, and whether its first one continued
+    # the carried run.
+    stop_seen = np.zeros(nchan, dtype=np.bool_)
+    zero_seen = np.zeros(nchan, dtype=np.bool_)
+    stuck_seen = np.zeros(nchan, dtype=np.bool_)
+    stop_len0 = np.zeros(nchan, dtype=np.int64)
+    zero_len0 = np.zeros(nchan, dtype=np.int64)
+    stuck_len0 = np.zeros(nchan, dtype=np.int64)
+    stuck_linked = np.zeros(nchan, dtype=np.bool_)
+    stuck_val = np.zeros(nchan, dtype=np.int64)  # the channel's last stuck-checked value and time
+    stuck_end = np.full(nchan, INT64_MIN, dtype=np.int64)
+    chan_meter = np.zeros(nchan, dtype=np.int64)
+    last_step = carry[:, C_LAST].copy()
 
     # Arrival order: OUT_OF_ORDER when earlier than something already seen on the channel.
     seen_max = np.full(nchan, INT64_MIN, dtype=np.int64)
@@ -335,6 +367,17 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                         stop_step[i] = RUN_CONTINUE if stopped else RUN_BREAK
                         zero = one and d == 0 and not fault and (f & F_OUTAGE) == 0
                         zero_step[i] = RUN_CONTINUE if zero else RUN_BREAK
+                        # A carried run continues when this first step closes the interval
+                        # that starts where the carried run ended.
+                        if not stop_seen[c]:
+                            stop_seen[c] = True
+                            if stopped and carry[c, C_STOP_END] == a_ts[c]:
+                                stop_len0[c] = carry[c, C_STOP_LEN]
+                        if not zero_seen[c]:
+                            zero_seen[c] = True
+                            if zero and carry[c, C_ZERO_END] == a_ts[c]:
+                                zero_len0[c] = carry[c, C_ZERO_LEN]
+                        last_step[c] = max(last_step[c], t)
                         if one and 0 <= p_abs <= FAST_P_BOUND // interval_ms and d >= p.fast_min:
                             implied = p_abs * interval_ms // 360_000_000  # 0.1 W x ms -> 0.01 kWh
                             if d * 10 > p.fast_ratio_x10 * implied:
@@ -351,9 +394,26 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
                     if kind == KIND_CUMULATIVE:
                         a_val[c] = v
                     elif qr.stuck_check:  # VEE-19: runs of one exact non-zero value
-                        same = a_ok[c] and v == a_val[c]
+                        known = a_ok[c]
+                        last_v = a_val[c]
+                        if not stuck_seen[c]:
+                            stuck_seen[c] = True
+                            c_end = carry[c, C_STUCK_END]
+                            if c_end != INT64_MIN and (
+                                a_ts[c] == c_end if known else 0 < t - c_end <= interval_ms
+                            ):
+                                stuck_linked[c] = True
+                                stuck_len0[c] = carry[c, C_STUCK_LEN]
+                                if not known:  # the carried reading is the one before this
+                                    known = True
+                                    last_v = carry[c, C_STUCK_VALUE]
+                        same = known and v == last_v
                         stuck_step[i] = RUN_BREAK if v == 0 else (RUN_CONTINUE if same else RUN_START)
-                        changed[i] = a_ok[c] and not same
+                        changed[i] = known and not same
+                        stuck_val[c] = v
+                        stuck_end[c] = t
+                        chan_meter[c] = meter[i]
+                        last_step[c] = max(last_step[c], t)
                         a_val[c] = v
                     a_ts[c] = t
                     a_ok[c] = True
@@ -361,9 +421,32 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
             out[i] = f
         start = end
 
-    stopped_run, _, _ = _runs(order, chan, nchan, ts, stop_step, p.stopped_intervals)
-    zero_run, _, _ = _runs(order, chan, nchan, ts, zero_step, p.zero_long_intervals)
-    stuck_run, run_first, run_last = _runs(order, chan, nchan, ts, stuck_step, p.stuck_readings)
+    carry_out = carry.copy()
+    carry_out[:, C_LAST] = last_step
+    stopped_run, _, _, s_len, s_begin, s_end = _runs(
+        order, chan, nchan, ts, stop_step, p.stopped_intervals, stop_len0, carry[:, C_STOP_BEGIN]
+    )
+    zero_run, _, _, z_len, z_begin, z_end = _runs(
+        order, chan, nchan, ts, zero_step, p.zero_long_intervals, zero_len0, carry[:, C_ZERO_BEGIN]
+    )
+    stuck_run, run_first, run_last, u_len, u_begin, _ = _runs(
+        order, chan, nchan, ts, stuck_step, p.stuck_readings, stuck_len0, carry[:, C_STUCK_BEGIN]
+    )
+    for c in range(nchan):
+        if stop_seen[c]:
+            carry_out[c, C_STOP_LEN], carry_out[c, C_STOP_BEGIN], carry_out[c, C_STOP_END] = (
+                s_len[c],
+                s_begin[c],
+                s_end[c],
+            )
+        if zero_seen[c]:
+            carry_out[c, C_ZERO_LEN], carry_out[c, C_ZERO_BEGIN], carry_out[c, C_ZERO_END] = (
+                z_len[c],
+                z_begin[c],
+                z_end[c],
+            )
+        if stuck_seen[c]:
+            carry_out[c, C_STUCK_LEN], carry_out[c, C_STUCK_BEGIN] = u_len[c], u_begin[c]
     nchg = 0
     for i in range(n):
         nchg += changed[i]
@@ -383,22 +466,46 @@ def validate(order, chan, meter, ts, quantity, value, flags, prev_value, prev_ts
             out[i] |= F_ZERO_LONG  # VEE-09
         if stuck_run[i]:
             mi = np.int64(meter[i])
-            # VEE-19: only while another channel of the meter changes within the run.
+            c = chan[i]
+            # VEE-19: only while another channel of the meter changes within the run (in this
+            # batch, or in the earlier batches of a carried run).
             later = _changes_upto(chg_meter, chg_ts, mi, run_last[i])
-            if later > _changes_upto(chg_meter, chg_ts, mi, run_first[i]):
+            carried = stuck_len0[c] > 0 and run_first[i] == carry[c, C_STUCK_BEGIN]
+            if later > _changes_upto(chg_meter, chg_ts, mi, run_first[i]) or (
+                carried and carry[c, C_STUCK_MOVED] != 0
+            ):
                 out[i] |= F_STUCK
-    return out.astype(np.uint32), delta, anchor_ts
+    for c in range(nchan):
+        if stuck_seen[c]:
+            carry_out[c, C_STUCK_END] = stuck_end[c]  # the last reading, for the next link
+            carry_out[c, C_STUCK_VALUE] = stuck_val[c]
+            moved = 0
+            if carry_out[c, C_STUCK_LEN] > 0:
+                mc = chan_meter[c]
+                begin = carry_out[c, C_STUCK_BEGIN]
+                carried = stuck_len0[c] > 0 and begin == carry[c, C_STUCK_BEGIN]
+                after = _changes_upto(chg_meter, chg_ts, mc, INT64_MAX)
+                if after > _changes_upto(chg_meter, chg_ts, mc, begin):
+                    moved = 1
+                elif carried:
+                    moved = carry[c, C_STUCK_MOVED]
+            carry_out[c, C_STUCK_MOVED] = moved
+    return out.astype(np.uint32), delta, anchor_ts, carry_out
 
 
 @_jit
-def _runs(order, chan, nchan, ts, step, min_len):
+def _runs(order, chan, nchan, ts, step, min_len, len0, begin0):
     """Per-channel runs in ``order``: ``step`` per reading is RUN_BREAK (ends a run, not in one),
     RUN_START (begins a new run), RUN_CONTINUE (joins the current run, or begins one) or
-    RUN_NEUTRAL (neither). Returns ``(in_run, first_ts, last_ts)``: readings of runs of at least
-    ``min_len`` readings, and the times of their run's first and last readings."""
+    RUN_NEUTRAL (neither). A channel's first run continues a carried one of ``len0`` readings
+    begun at ``begin0`` (``len0`` 0: none). Returns ``(in_run, first_ts, last_ts, length, begin,
+    end)``: readings of runs of at least ``min_len`` readings and the times of their run's first
+    and last readings; per channel its last run's length, first and last step times (0, 0,
+    INT64_MIN when the channel ended outside a run)."""
     n = order.shape[0]
-    length = np.zeros(nchan, dtype=np.int64)
-    begin = np.zeros(nchan, dtype=np.int64)
+    length = len0.copy()
+    begin = begin0.copy()
+    end = np.full(nchan, INT64_MIN, dtype=np.int64)
     at = np.zeros(n, dtype=np.int64)
     first = np.zeros(n, dtype=np.int64)
     for j in range(n):
@@ -412,8 +519,13 @@ def _runs(order, chan, nchan, ts, step, min_len):
             begin[c] = ts[i]
         elif s == RUN_CONTINUE:
             length[c] += 1
+        if s != RUN_NEUTRAL:
+            end[c] = ts[i] if length[c] > 0 else INT64_MIN
         at[i] = length[c]
         first[i] = begin[c]
+    for c in range(nchan):
+        if length[c] == 0:
+            begin[c] = 0
     total = np.zeros(nchan, dtype=np.int64)
     end_ts = np.zeros(nchan, dtype=np.int64)
     last = np.zeros(n, dtype=np.int64)
@@ -432,7 +544,7 @@ def _runs(order, chan, nchan, ts, step, min_len):
             last[i] = end_ts[c]
             if at[i] == 1:
                 total[c] = 0  # the run's first reading: an earlier one belongs to another run
-    return in_run, first, last
+    return in_run, first, last, length, begin, end
 
 
 @_jit

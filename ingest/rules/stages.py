@@ -6,7 +6,7 @@ parameter columns, allocates, and calls a kernel. Bad *data* never raises: it co
 quality-flag bits (:mod:`protocols.flags`). Inputs are never written (``numpy.frombuffer`` arrays
 are read-only and work as they are). Stages, in pipeline order::
 
-    validate_batch(readings, previous, meters, receive_ts_ms)        -> Checked
+    validate_batch(readings, previous, meters, receive_ts_ms, carry) -> Checked    (+ run carry out)
     aggregate_intervals(readings, checked, meters, params)           -> Intervals  (VEE-01, 06, 20..23)
     interval_totals(intervals, bucket_ms)                            -> Totals     (hourly / daily)
     tou_split(intervals, calendar)                                   -> TouDays    (TOU-03, VEE-15)
@@ -41,6 +41,7 @@ __all__ = [
     "Outages",
     "PreviousRegisters",
     "Readings",
+    "RunCarry",
     "Totals",
     "TouDays",
     "ValidationParams",
@@ -115,6 +116,37 @@ class PreviousRegisters:
     def empty(cls) -> PreviousRegisters:
         e = np.empty(0, dtype=np.int64)
         return cls(np.empty(0, np.uint32), np.empty(0, np.uint16), e, e)
+
+
+@dataclass(frozen=True, slots=True)
+class RunCarry:
+    """Per (meter, quantity): the run state of VEE-08/09/19 carried across batches, one row of
+    ``kernels.NCARRY`` int64 columns (``kernels.C_*``) per channel."""
+
+    meter: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    state: npt.NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        n = _col("carry.meter", self.meter, np.uint32).shape[0]
+        _col("carry.quantity", self.quantity, np.uint16, n)
+        if self.state.dtype != np.int64 or self.state.shape != (n, k.NCARRY):
+            got = f"{self.state.dtype} {self.state.shape}"
+            raise TypeError(f"carry.state: expected int64 ({n}, {k.NCARRY}), got {got}")
+
+    def __len__(self) -> int:
+        return int(self.meter.shape[0])
+
+    @classmethod
+    def empty(cls) -> RunCarry:
+        return cls(np.empty(0, np.uint32), np.empty(0, np.uint16), np.empty((0, k.NCARRY), np.int64))
+
+
+def empty_carry(nchan: int) -> npt.NDArray[np.int64]:
+    """``nchan`` carry rows that carry nothing."""
+    state = np.zeros((nchan, k.NCARRY), dtype=np.int64)
+    state[:, [k.C_STOP_END, k.C_ZERO_END, k.C_STUCK_END, k.C_LAST]] = k.INT64_MIN
+    return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,12 +281,14 @@ class Checked:
     """``validate_batch`` output, per reading (input positions): ``flags``; ``delta`` the register
     delta since the previous anchor (rollover unwrapped, 0 when invalid or none); ``anchor_ts``
     that anchor's time (``INT64_MIN`` if none); ``order`` the positions sorted by (meter, ts,
-    quantity, arrival)."""
+    quantity, arrival). ``carry`` is the run state after the batch of the channels whose state
+    changed (to hand to the batch that follows)."""
 
     flags: npt.NDArray[np.uint32]
     delta: I64
     anchor_ts: I64
     order: I64
+    carry: RunCarry = field(default_factory=RunCarry.empty)
 
 
 def sort_order(readings: Readings) -> I64:
@@ -273,12 +307,28 @@ def _usable_previous(previous: PreviousRegisters, lo_ts_ms: int, hi_ts_ms: int) 
     return usable
 
 
+def _channel_key(meter: npt.NDArray[np.uint32], quantity: npt.NDArray[np.uint16]) -> I64:
+    key: I64 = (meter.astype(np.int64) << 16) | quantity
+    return key
+
+
+def _carry_rows(uniq: I64, carry: RunCarry) -> npt.NDArray[np.int64]:
+    """The carry row of each channel ``uniq`` (sorted channel keys); none where not carried."""
+    state = empty_carry(uniq.shape[0])
+    if len(carry) and uniq.shape[0]:
+        ckey = _channel_key(carry.meter, carry.quantity)
+        pos = np.minimum(np.searchsorted(uniq, ckey), uniq.shape[0] - 1)
+        hit = uniq[pos] == ckey
+        state[pos[hit]] = carry.state[hit]
+    return state
+
+
 def channel_labels(
     readings: Readings, previous: PreviousRegisters, usable: npt.NDArray[np.bool_] | None = None
 ) -> tuple[I64, I64, I64, npt.NDArray[np.bool_]]:
     """Dense (meter, quantity) labels and the previous register per label (of the previous
     registers ``usable`` selects, default all)."""
-    key = (readings.meter.astype(np.int64) << 16) | readings.quantity
+    key = _channel_key(readings.meter, readings.quantity)
     uniq, chan = np.unique(key, return_inverse=True)
     pkey = (previous.meter.astype(np.int64) << 16) | previous.quantity
     pos = np.searchsorted(uniq, pkey)
@@ -301,21 +351,23 @@ def validate_args(
     meters: MeterParams,
     receive_ts_ms: int,
     params: ValidationParams = ValidationParams(),
+    carry: RunCarry | None = None,
 ) -> tuple[Any, ...]:
     """The arguments of ``kernels.validate`` (and of its reference implementation) for a batch:
-    the reading columns, each channel's previous register, and the quantity table, meter table
-    and parameter record. Raises: TypeError/ValueError naming the column for a wrong dtype, shape
-    or meter index."""
+    the reading columns, each channel's previous register and carried run state, and the
+    quantity table, meter table and parameter record. Raises: TypeError/ValueError naming the
+    column for a wrong dtype, shape or meter index."""
     nmeters = int(meters.un_dv.shape[0])
     if len(readings) and int(readings.meter.max()) >= nmeters:
         raise ValueError(f"column 'meter': index {int(readings.meter.max())} beyond {nmeters} meters")
     mt = meter_table(meters, nmeters, params)
     usable = _usable_previous(previous, params.min_ts_ms, receive_ts_ms + params.future_tol_ms)
     chan, prev_value, prev_ts, has_prev = channel_labels(readings, previous, usable)
+    uniq = np.unique(_channel_key(readings.meter, readings.quantity))
     return (
         sort_order(readings), chan,
         readings.meter, readings.ts, readings.quantity, readings.value, readings.flags,
-        prev_value, prev_ts, has_prev,
+        prev_value, prev_ts, has_prev, _carry_rows(uniq, carry or RunCarry.empty()),
         QUANTITY_TABLE, mt, params.record(receive_ts_ms),
     )  # fmt: skip
 
@@ -326,14 +378,22 @@ def validate_batch(
     meters: MeterParams,
     receive_ts_ms: int,
     params: ValidationParams = ValidationParams(),
+    carry: RunCarry | None = None,
 ) -> Checked:
     """Every per-reading rule (VEE-02..05, 07..13, 16..19, 22, 23): see docs/ingest-kernels.md.
 
-    ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``).
+    ``meters`` holds one row per entry of the batch's meter-id table (``registry.params(ids)``);
+    ``carry`` the run state of the batch's channels after earlier batches (VEE-08/09/19).
     Raises: TypeError/ValueError naming the column for a wrong dtype, shape or meter index."""
-    args = validate_args(readings, previous, meters, receive_ts_ms, params)
-    flags, delta, anchor_ts = k.validate(*args)
-    return Checked(flags, delta, anchor_ts, args[0])
+    args = validate_args(readings, previous, meters, receive_ts_ms, params, carry)
+    carry_in = args[10]
+    flags, delta, anchor_ts, carry_out = k.validate(*args)
+    uniq = np.unique(_channel_key(readings.meter, readings.quantity))
+    moved = np.flatnonzero((carry_out != carry_in).any(axis=1))
+    out = RunCarry(
+        (uniq[moved] >> 16).astype(np.uint32), (uniq[moved] & 0xFFFF).astype(np.uint16), carry_out[moved]
+    )
+    return Checked(flags, delta, anchor_ts, args[0], out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,7 @@ P = stages.ValidationParams()
 
 
 def _reference_pipeline(r, prev, meters):
-    flags, delta, anchor = ref.validate(*stages.validate_args(r, prev, meters, T0 + 200 * I))
+    flags, delta, anchor, _ = ref.validate(*stages.validate_args(r, prev, meters, T0 + 200 * I))
     selected = np.zeros(1 << 16, np.bool_)
     selected[list(stages.ENERGY_CHANNELS)] = True
     iv = stages.Intervals(

@@ -111,34 +111,64 @@ def batches(draw, max_n: int = 40):
     return readings, previous, meters, receive
 
 
+@st.composite
+def carries(draw, readings: stages.Readings) -> stages.RunCarry:
+    """Run state carried into ``readings``' channels (and one channel not in the batch): runs of
+    VEE-08/09/19 ending at or near the batch's start (contiguous or not), stuck values that
+    match the first reading or not, moved or not."""
+    from ingest.rules import kernels as k
+
+    keys = sorted({(int(m), int(q)) for m, q in zip(readings.meter, readings.quantity, strict=True)})
+    keys.append((0, 7))
+    chosen = [key for key in keys if draw(st.integers(0, 3))]
+    state = stages.empty_carry(len(chosen))
+    for row, (_, q) in enumerate(chosen):
+        end = BASE + draw(st.sampled_from([-1, 0, 0, 1, 2, 5])) * I + draw(st.sampled_from([0, 0, 1]))
+        length = draw(st.integers(0, 3))
+        begin = end - max(length - 1, 0) * I if length else 0
+        for col in (k.C_STOP_LEN, k.C_ZERO_LEN, k.C_STUCK_LEN):
+            if draw(st.booleans()) and length:
+                state[row, col : col + 3] = (length, begin, end)
+        if draw(st.booleans()):
+            state[row, k.C_STUCK_END] = end
+            state[row, k.C_STUCK_VALUE] = draw(st.sampled_from([0, 1_200, 2_200, 4_000, 12_000, q]))
+            state[row, k.C_STUCK_MOVED] = draw(st.integers(0, 1))
+        state[row, k.C_LAST] = end if draw(st.booleans()) else k.INT64_MIN
+    pc = list(zip(*chosen, strict=True)) if chosen else [[]] * 2
+    return stages.RunCarry(np.array(pc[0], np.uint32), np.array(pc[1], np.uint16), state)
+
+
 def readonly(*arrays):
     for a in arrays:
         a.setflags(write=False)
 
 
 @st.composite
-def series(draw, max_points: int = 12):
+def series(draw, max_points: int = 12, clean: bool = False):
     """Batches of consecutive 15-minute points per meter (registers that stand still, creep or
     jump; power, phase voltages and currents that repeat or change; sometimes a missing or
-    collapsed point), so that the run rules (VEE-07/08/09/19/23) see runs to judge."""
+    collapsed point, never when ``clean``), so that the run rules (VEE-07/08/09/19/23) see runs
+    to judge."""
     nmeters = draw(st.integers(1, 2))
     rows = []
     prev = []
     for m in range(nmeters):
         register = draw(st.sampled_from([0, 1_000, 99_999_990]))
+        phases = draw(st.sampled_from([0, 1, 3]))  # read at every point when clean
         if draw(st.booleans()):
             prev.append((m, 1, register, BASE))
         for j in range(1, draw(st.integers(1, max_points)) + 1):
-            if draw(st.integers(0, 9)) == 0:
+            if not clean and draw(st.integers(0, 9)) == 0:
                 continue  # a missing point: a gap
             t = BASE + j * I
             register = min(register + draw(st.sampled_from([0, 0, 0, 1, 25, 3_000])), 99_999_999)
             rows.append((m, t, 1, register, 0))
-            if draw(st.integers(0, 3)):
+            if clean or draw(st.integers(0, 3)):
                 rows.append((m, t, 40, draw(st.sampled_from([0, 3_999, 4_000, 12_000, 400_000])), 0))
-            down = draw(st.integers(0, 7)) == 0
-            for x in range(draw(st.sampled_from([0, 1, 3]))):
-                volts = draw(st.sampled_from([2_200, 2_200, 2_213, 0, 1_000])) if not down else 50
+            down = not clean and draw(st.integers(0, 7)) == 0
+            for x in range(phases if clean else draw(st.sampled_from([0, 1, 3]))):
+                steady = [2_200, 2_200, 2_213] if clean else [2_200, 2_200, 2_213, 0, 1_000]
+                volts = draw(st.sampled_from(steady)) if not down else 50
                 rows.append((m, t, 30 + x, volts, 0))
                 rows.append((m, t, 33 + x, draw(st.sampled_from([0, 1_200, 1_200, 4_800])), 0))
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5

@@ -15,7 +15,7 @@ from ingest.rules import kernels as k
 from ingest.rules import stages
 from ingest.sinks.influx import lines as lp
 from tests import reference as ref
-from tests.unit.ingest.strategies import SETTINGS, I, batches, meter_params, readonly, series
+from tests.unit.ingest.strategies import BASE, SETTINGS, I, batches, carries, meter_params, readonly, series
 
 P = stages.ValidationParams()
 # Thresholds low enough that the run rules (VEE-08/09/19) and VEE-07 fire in small batches.
@@ -24,8 +24,8 @@ P_RUNS = stages.ValidationParams(
 )
 
 
-def _validate_args(readings, previous, meters, receive, params=P):
-    args = stages.validate_args(readings, previous, meters, receive, params)
+def _validate_args(readings, previous, meters, receive, params=P, carry=None):
+    args = stages.validate_args(readings, previous, meters, receive, params, carry)
     readonly(*(a for a in args if isinstance(a, np.ndarray)))
     return args
 
@@ -45,7 +45,55 @@ def test_validate_matches_reference(batch) -> None:
     got = k.validate(*args)
     _assert_all_equal(got, ref.validate(*args))
     checked = stages.validate_batch(readings, previous, meters, receive, P)
-    _assert_all_equal((checked.flags, checked.delta, checked.anchor_ts), got)
+    _assert_all_equal((checked.flags, checked.delta, checked.anchor_ts), got[:3])
+
+
+@SETTINGS
+@given(st.data(), st.sampled_from([P, P_RUNS]))
+def test_validate_with_a_carried_run_state_matches_reference(data, params) -> None:
+    """VEE-08/09/19 runs carried in from earlier batches, contiguous or not, and the carry out."""
+    batch = data.draw(st.one_of(batches(), series()))
+    carry = data.draw(carries(batch[0]))
+    readonly(carry.meter, carry.quantity, carry.state)
+    args = _validate_args(*batch, params=params, carry=carry)
+    _assert_all_equal(k.validate(*args), ref.validate(*args))
+
+
+RUN_BITS = k.F_STOPPED | k.F_ZERO_LONG | k.F_STUCK
+
+
+@SETTINGS
+@given(series(clean=True), st.integers(1, 12), st.sampled_from([P_RUNS, stages.ValidationParams(
+    stopped_intervals=3, zero_long_intervals=4, stuck_readings=3)]))  # fmt: skip
+def test_a_series_cut_in_two_batches_flags_the_second_like_the_whole(batch, cut, params) -> None:
+    """A series without gaps or outages, cut at a point: the second batch, given the first's carry
+    and last register (what the edge sends as previous), flags its readings with the run rules
+    exactly as the whole series does."""
+    readings, previous, meters, receive = batch
+    whole = stages.validate_batch(readings, previous, meters, receive, params)
+    at = readings.ts <= BASE + cut * I
+    first = stages.Readings(*(col[at] for col in _reading_cols(readings)))
+    second = stages.Readings(*(col[~at] for col in _reading_cols(readings)))
+    a = stages.validate_batch(first, previous, meters, receive, params)
+    reg = first.quantity == 1
+    last = {}
+    for m, t, v in zip(
+        first.meter[reg].tolist(), first.ts[reg].tolist(), first.value[reg].tolist(), strict=True
+    ):
+        last[m] = (v, t)
+    for m, v, t in zip(previous.meter.tolist(), previous.value.tolist(), previous.ts.tolist(), strict=True):
+        last.setdefault(m, (v, t))
+    ms = sorted(last)
+    prev_b = stages.PreviousRegisters(
+        np.array(ms, np.uint32), np.ones(len(ms), np.uint16),
+        np.array([last[m][0] for m in ms], np.int64), np.array([last[m][1] for m in ms], np.int64),
+    )  # fmt: skip
+    b = stages.validate_batch(second, prev_b, meters, receive, params, a.carry)
+    assert_array_equal(b.flags & RUN_BITS, whole.flags[~at] & RUN_BITS)
+
+
+def _reading_cols(r: stages.Readings) -> tuple[np.ndarray, ...]:
+    return (r.meter, r.ts, r.quantity, r.value, r.flags)
 
 
 @SETTINGS
