@@ -111,8 +111,12 @@ class PipelineSection:
     outage_min_meters: int = 3
     outage_pct: int = 30
     outage_hold_s: int = 1800
+    state_path: str = ""  # "": runstate.sqlite beside the dedup database (IngestConfig.run_state_path)
+    state_max_age_s: float = 604_800.0
 
     def __post_init__(self) -> None:
+        if self.state_max_age_s <= 0:
+            raise ValueError("state_max_age_s: must be > 0")
         if self.interval_s <= 0 or 86_400 % self.interval_s:
             raise ValueError("interval_s: must divide a day")
         if not 0 < self.daily_publish_s <= 3600:
@@ -307,6 +311,11 @@ class IngestConfig:
                 raise ValueError(f"metrics_listen: expected host:port or '', got {self.metrics_listen!r}")
         self.validation_params()
 
+    @property
+    def run_state_path(self) -> str:
+        """``[pipeline] state_path``, else ``runstate.sqlite`` beside the dedup database."""
+        return self.pipeline.state_path or str(Path(self.dedup.path).with_name("runstate.sqlite"))
+
     def validation_params(self) -> Any:
         """``ValidationParams`` of ``[validation]`` with ``[pipeline]``'s grid, time bounds and
         longest interpolated gap. Raises: ValueError naming the ``[pipeline]`` key."""
@@ -348,6 +357,9 @@ def parse_config(text: str, source: str = "ingest.toml", base_dir: Path | None =
         dead_letter=replace(cfg.dead_letter, path=_resolve(base, cfg.dead_letter.path)),
         dedup=replace(cfg.dedup, path=_resolve(base, cfg.dedup.path)),
         loss=replace(cfg.loss, path=_resolve(base, cfg.loss.path)),
+        pipeline=replace(cfg.pipeline, state_path=_resolve(base, cfg.pipeline.state_path))
+        if cfg.pipeline.state_path
+        else cfg.pipeline,
     )
     registry = load_registry(cfg)
     for area, area_type in zip(registry.areas, registry.area_types, strict=True):
@@ -555,6 +567,12 @@ outage_window_s = 120
 outage_min_meters = 3
 outage_pct = 30
 outage_hold_s = 1800
+# Run state of the run rules (VEE-08 stopped meter, VEE-09 long zero consumption, VEE-19 stuck
+# value) carried from one batch to the next, per channel (SQLite, shared by the workers of this
+# machine; default: runstate.sqlite beside the dedup database). Channels not seen for
+# state_max_age_s are forgotten (their runs restart).
+state_path = "runstate.sqlite"
+state_max_age_s = 604800.0
 
 [loss]
 # Loss accounting (SQLite, shared by the workers of this machine): per gateway, the durable seq

@@ -6,10 +6,15 @@ Contract
   registry, the tariff calendar and the settings) in, a :class:`BatchOutput` out: the
   :class:`~ingest.sinks.base.BatchColumns` the sink stores (checked readings, duplicates,
   intervals, daily and hourly partials, collapsed-voltage events), the flags, the days whose
-  totals changed and the outage span. It reads nothing but the batch -- the first interval of
-  each channel comes from the batch's own ``prev`` columns -- so a redelivered or replayed batch
-  gives identical output whatever arrived before it (DESIGN §6). Columns are wrapped with
-  ``numpy.frombuffer``; there is no Python object per reading, per interval or per daily row.
+  totals changed, the outage span and the run state to carry to the next batch. It reads nothing
+  but the batch and the run state it is given -- the first interval of each channel comes from
+  the batch's own ``prev`` columns, the runs of VEE-08/09/19 continue from the carried state
+  (:mod:`ingest.pipeline.state`) only where it ends exactly where the batch starts -- so a
+  redelivered or replayed batch gives the same interval energies whatever arrived before it
+  (DESIGN §6); only a run flag (and so a not-billable count) can differ, when a replay no longer
+  continues the stored run.
+  Columns are wrapped with ``numpy.frombuffer``; there is no Python object per reading, per
+  interval or per daily row.
   How the columns are stored (InfluxDB line protocol, by numba kernels) is the sink's business
   (:mod:`ingest.sinks.influx.lines`); the intervals aggregate is encoded by
   :mod:`protocols.aggregates` straight from the interval columns.
@@ -110,6 +115,7 @@ class BatchOutput:
     outage_events: int  # collapsed-voltage events (they feed the area-outage check)
     outage_ts: tuple[int, int] = (0, 0)
     interval_ms: int = 900_000
+    carry: st.RunCarry = field(default_factory=st.RunCarry.empty)  # run state after the batch
 
     @property
     def iv(self) -> st.Intervals:
@@ -227,8 +233,10 @@ def _take(b: ReadingBatch, r: st.Readings, p: st.PreviousRegisters, rows: Mask, 
     )  # fmt: skip
 
 
-def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
-    """The pure per-batch pipeline (see the module contract).
+def transform(batch: ReadingBatch, s: Settings, carry: st.RunCarry | None = None) -> BatchOutput:
+    """The pure per-batch pipeline (see the module contract). ``carry`` is the run state of the
+    batch's channels after the batches before it (:meth:`RunStateStore.carry`), indexed by the
+    batch's meter table; none: every run starts in this batch.
 
     Raises: PayloadError for what the decoder left to ingest (meter index, empty id)."""
     readings, prev = columns(batch)
@@ -241,7 +249,7 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
         s.validation, interval_ms=s.interval_ms, future_tol_ms=s.future_tol_ms, min_ts_ms=s.min_ts_ms,
         max_gap_intervals=s.max_gap_intervals,
     )  # fmt: skip
-    checked = st.validate_batch(readings, prev, meters, ref_ms, params)
+    checked = st.validate_batch(readings, prev, meters, ref_ms, params, carry)
     flags = checked.flags
     checked_r = st.Readings(readings.meter, readings.ts, readings.quantity, readings.value, flags)
     dup = (flags & int(Flag.DUPLICATE)) != 0
@@ -258,7 +266,8 @@ def transform(batch: ReadingBatch, s: Settings) -> BatchOutput:
         batch.gateway, batch.meters, main, order, _subset(checked_r, dup) if has_dup else None, iv,
         daily, _hourly_partials(iv1, s), c_meter, c_ts,
     )  # fmt: skip
-    return BatchOutput(cols, len(readings), flags, daily_days, int(c_ts.shape[0]), span, s.interval_ms)
+    n_events = int(c_ts.shape[0])
+    return BatchOutput(cols, len(readings), flags, daily_days, n_events, span, s.interval_ms, checked.carry)
 
 
 def warm_up(s: Settings) -> Writes:

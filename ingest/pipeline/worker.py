@@ -24,7 +24,9 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   dead-lettered here (with the store's reason and message), the rest is written. Then the
   group's intervals are published (one message per batch, PUBACKs awaited), outages correlated,
   ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose daily totals it changed, in
-  the same transaction), and finally every message of the group is acknowledged. While one group
+  the same transaction), and finally every message of the group is acknowledged. Right before
+  the marks, the run state the group's batches carry out (VEE-08/09/19) is saved in one
+  transaction (:mod:`ingest.pipeline.state`); each batch read its channels' carry at intake. While one group
   waits for the store the next is transformed and written on a second connection.
 * **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
   read back from the sink (:meth:`~ingest.sinks.base.Sink.daily_totals`) and published as
@@ -100,6 +102,7 @@ from ingest.mqtt.publisher import MqttPublisher
 from ingest.pipeline.deadletter import DeadLetter, DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.loss import Alarm, LossStore
+from ingest.pipeline.state import RunStateStore
 from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform, warm_up
 from ingest.rules import stages as st
 from ingest.sinks.base import AreaAlarm, Sink, WriteResult, Writes, backoff_delay_s
@@ -148,6 +151,7 @@ class _Resources:
     publisher: MqttPublisher | None
     consumer: MqttConsumer | None = None
     loss: LossStore | None = None
+    state: RunStateStore | None = None
 
 
 class IngestWorker:
@@ -220,13 +224,14 @@ class IngestWorker:
         dead = DeadLetterStore.from_config(cfg.dead_letter)
         dedup = DedupStore.from_config(cfg.dedup)
         loss = LossStore.from_config(cfg.loss)
+        state = RunStateStore(cfg.run_state_path, max_age_s=p.state_max_age_s)
         sinks: asyncio.Queue[Sink] = asyncio.Queue()
         for _ in range(slots):
             sinks.put_nowait(InfluxSink(cfg.influx, wide=p.schema == "wide"))
         publisher = None
         if p.publish_intervals or p.publish_daily or p.confirm:
             publisher = MqttPublisher(cfg.mqtt, f"{cfg.mqtt.client_id}-{publisher_id}-pub")
-        res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss)
+        res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss, state=state)
         try:
             sample = warm_up(self.settings)
             for sink in _drain(sinks):
@@ -244,6 +249,7 @@ class IngestWorker:
             dead.close()
             dedup.close()
             loss.close()
+            state.close()
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -281,7 +287,8 @@ class IngestWorker:
                 self._dead_letter_foreign(msg, foreign)
                 if not len(own) and not len(own.prev):
                     return _Item(msg, "dead_lettered", batch=batch)
-            out = transform(own, self.settings)
+            carry = self._res.state.carry(own.gateway, own.meters) if self._res.state else None
+            out = transform(own, self.settings, carry)
         except PayloadError as exc:
             return self._dead_letter(msg, _reason(str(exc)), str(exc))
         except (ValueError, TypeError, OverflowError) as exc:  # data the stages refuse: never crash
@@ -407,6 +414,14 @@ class IngestWorker:
         assert res is not None and res.consumer is not None
         m = self.metrics
         reused: set[tuple[str, int]] = set()  # marks that replaced another digest: seq resets
+        if res.state is not None:  # before the marks: a marked batch's runs are always saved
+            res.state.save(
+                [
+                    (it.out.columns.gateway, it.out.columns.meter_ids, it.out.carry)
+                    for it in group
+                    if it.result == "written" and it.out is not None and len(it.out.carry)
+                ]
+            )
         for it in group:
             if it.key is not None:
                 if it.result == "written":
