@@ -34,7 +34,7 @@ def _batch(nmeters: int, per_meter_points: int):
 
 
 def _point_api(r, ids):
-    names = {int(q): stages._FIELD_NAMES[int(q)].decode() for q in QS}
+    names = {int(q): lp._FIELD_NAMES[int(q)].decode() for q in QS}
     dec = {int(q): int(stages.Q_DECIMALS[q]) for q in QS}
     out = []
     for m, t, q, v in zip(

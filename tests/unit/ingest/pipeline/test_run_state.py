@@ -59,3 +59,33 @@ def test_the_store_is_shared_by_connections(tmp_path: Path) -> None:
     with RunStateStore(tmp_path / "s.sqlite") as one, RunStateStore(tmp_path / "s.sqlite") as two:
         one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
         assert two.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2
+
+
+def test_merging_agrees_with_a_dictionary_of_channels(tmp_path: Path) -> None:
+    """Many saves of overlapping meter tables: the store holds, per (meter, quantity), the state
+    with the latest last step (the first saved one on a tie), whatever the batch's meter order."""
+    rng = np.random.default_rng(7)
+    names = [f"M{i}" for i in range(40)]
+    want: dict[tuple[str, int], tuple[int, int]] = {}  # (meter, q) -> (last, stop length)
+    with RunStateStore(tmp_path / "s.sqlite") as store:
+        for save in range(60):
+            table = list(rng.choice(names, size=int(rng.integers(1, 12)), replace=False))
+            rows, seen = [], set()
+            for _ in range(int(rng.integers(1, 20))):
+                m, q = int(rng.integers(len(table))), int(rng.choice([1, 5, 40]))
+                if (m, q) in seen:
+                    continue
+                seen.add((m, q))
+                last = int(rng.integers(0, 30))
+                rows.append((m, q, save, last))
+                key = (table[m], q)
+                if key not in want or last > want[key][0]:
+                    want[key] = (last, save)
+            store.save([("gw", table, carry(rows))])
+        got = store.carry("gw", names)
+        have = {
+            (names[m], q): (int(s[k.C_LAST]), int(s[k.C_STOP_LEN]))
+            for m, q, s in zip(got.meter.tolist(), got.quantity.tolist(), got.state, strict=True)
+        }
+        assert have == want
+        assert len(store) == len(want)
