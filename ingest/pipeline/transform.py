@@ -256,7 +256,7 @@ def transform(batch: ReadingBatch, s: Settings, carry: st.RunCarry | None = None
     has_dup = bool(dup.any())
     main = _subset(checked_r, ~dup) if has_dup else checked_r
     order = None if has_dup else checked.order  # the validation's (meter, ts, quantity) sort
-    iv = st.aggregate_intervals(checked_r, checked, meters, params, utc_offset_ms=s.calendar.utc_offset_ms)
+    iv = st.aggregate_intervals(checked_r, checked, meters, params)
     iv = _dedup_intervals(iv)
     iv1 = _total_register(iv)
     daily, daily_days = _daily_partials(iv, iv1, meters, s)

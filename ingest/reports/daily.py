@@ -11,7 +11,8 @@ Contract
   (:meth:`~ingest.sinks.base.Sink.day_sums`, and the two days before's area classes for LL-02's
   persistence), computes, and has the sink write the report (area loss, collection and
   ``line_loss`` alarms stamped with the local day's start; that day's ``line_loss`` alarms of
-  areas no longer anomalous are removed). A rerun for the same day rewrites the same records:
+  areas no longer anomalous are removed). It also runs VEE-06 over the whole day
+  (:func:`flag_relative_spikes`). A rerun for the same day rewrites the same records:
   it overwrites, never adds. Raises :class:`~protocols.errors.SinkError` when the store is
   unreachable or refuses a read or a report record.
 * It never writes ``daily_tou`` and never runs inside the worker: it is a job for once a day,
@@ -34,6 +35,12 @@ Rules (``docs/rules.md``)
   is written; the area anomaly (an ``alarms`` point) is raised when a class other than QUALIFIED
   has persisted for ``ANOMALY_DAYS`` consecutive days (this one and the days before, as earlier
   runs wrote them to ``area_loss``).
+* VEE-06, per meter, energy channel and local day: :func:`ingest.rules.stages.relative_spikes`
+  over every stored interval of the day (a batch holds too few of them to rank), thresholds of
+  ``[validation]``. Only intervals whose SPIKE_REL bit changes are rewritten (their flags field,
+  the bit set or cleared), so a rerun over unchanged data writes nothing, and one after late
+  intervals moves the flag to the day's new highest. The report counts the day's SPIKE_REL
+  intervals (``spike_rel``).
 """
 
 from __future__ import annotations
@@ -51,8 +58,9 @@ from ingest.config import IngestConfig, LineLossSection, load_calendar, load_reg
 from ingest.model.registry import MeterRegistry
 from ingest.pipeline.transform import DAY_MS
 from ingest.rules import stages as st
-from ingest.sinks.base import DaySums, Sink
+from ingest.sinks.base import DaySums, Sink, WriteResult
 from protocols.errors import ConfigError, SinkError
+from protocols.flags import Flag
 from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 __all__ = [
@@ -63,6 +71,7 @@ __all__ = [
     "compute_report",
     "daily_report",
     "day_window",
+    "flag_relative_spikes",
     "run_daily_report",
 ]
 
@@ -121,6 +130,7 @@ class DailyReport:
     utc_offset_ms: int
     areas: tuple[AreaLoss, ...]
     collection: tuple[Collection, ...]
+    spike_rel: int = 0  # VEE-06: intervals of the day flagged SPIKE_REL (all meters and channels)
 
     @property
     def alarms(self) -> tuple[AreaLoss, ...]:
@@ -141,6 +151,7 @@ class DailyReport:
                 {"area": a.area, "kind": "line_loss", "class": a.klass, "rate_bp": a.rate_bp}
                 for a in self.alarms
             ],
+            "spike_rel": self.spike_rel,
         }
 
     def summary(self) -> str:
@@ -169,6 +180,7 @@ class DailyReport:
         silent = sum(1 for c in meters if c.received + c.estimated + c.invalid == 0)
         est, bad = sum(c.estimated for c in meters), sum(c.invalid for c in meters)
         out += ["", f"meters: {len(meters)}, {silent} without data, {est} estimated, {bad} invalid intervals"]
+        out.append(f"relative spikes (VEE-06): {self.spike_rel} intervals")
         alarms = [
             f"{a.area} {a.klass} {_hundredths(a.rate_bp)} % ({a.days_not_qualified} days not QUALIFIED)"
             for a in self.alarms
@@ -351,6 +363,29 @@ def _groups(
     return [Collection(level, name, r, s * per_day, e, b) for name, r, s, e, b in cols_out]
 
 
+async def flag_relative_spikes(
+    sink: Sink, start_ms: int, end_ms: int, params: st.ValidationParams, *, utc_offset_ms: int
+) -> int:
+    """VEE-06 over the day ``[start_ms, end_ms)`` (see the module contract): the intervals whose
+    SPIKE_REL bit changes get their flags rewritten. Returns the day's SPIKE_REL intervals.
+
+    Raises: SinkError (unreachable, the read refused, or a flags record rejected)."""
+    stored = await sink.day_intervals(start_ms, end_ms, st.ENERGY_CHANNELS)
+    flags = st.relative_spikes(stored.intervals(), params, utc_offset_ms=utc_offset_ms)
+    changed = np.flatnonzero(flags != stored.flags)
+    if changed.shape[0]:
+        _check("interval flags", await sink.write_interval_flags(stored.take(changed, flags)))
+    return int(np.count_nonzero(flags & np.uint32(Flag.SPIKE_REL)))
+
+
+def _check(what: str, result: WriteResult) -> None:
+    if result.rejected:
+        raise SinkError(
+            f"the store refused {len(result.rejected)} {what} record(s): {result.rejected[0].detail[:300]}",
+            retryable=False,
+        )
+
+
 async def run_daily_report(
     sink: Sink,
     registry: MeterRegistry,
@@ -359,11 +394,15 @@ async def run_daily_report(
     utc_offset_ms: int = st.SHANGHAI_MS,
     interval_ms: int = st.INTERVAL_MS,
     bands: LineLossSection | None = None,
+    params: st.ValidationParams | None = None,
 ) -> DailyReport:
-    """Read, compute, write (see the module contract).
+    """Read, compute, write (see the module contract); ``params`` the VEE-06 thresholds
+    (default: the rules' defaults on the ``interval_ms`` grid).
 
-    Raises: SinkError (unreachable, a read refused, or a report record rejected)."""
+    Raises: SinkError (unreachable, a read refused, or a report or flags record rejected)."""
     start, end = day_window(day, utc_offset_ms)
+    params = params or st.ValidationParams(interval_ms=interval_ms)
+    spike_rel = await flag_relative_spikes(sink, start, end, params, utc_offset_ms=utc_offset_ms)
     rows = await sink.day_sums(start, end, SUMS)
     before = ANOMALY_DAYS - 1
     by_area = await sink.area_classes(start - before * DAY_MS, start)
@@ -375,12 +414,8 @@ async def run_daily_report(
         rows, registry, day, utc_offset_ms=utc_offset_ms, interval_ms=interval_ms, history=history,
         bands=bands,
     )  # fmt: skip
-    result = await sink.write_report(report)
-    if result.rejected:
-        raise SinkError(
-            f"the store refused {len(result.rejected)} report record(s): {result.rejected[0].detail[:300]}",
-            retryable=False,
-        )
+    report = dataclasses.replace(report, spike_rel=spike_rel)
+    _check("report", await sink.write_report(report))
     return report
 
 
@@ -395,5 +430,5 @@ async def daily_report(cfg: IngestConfig, day: dt.date) -> DailyReport:
     async with InfluxSink(cfg.influx, wide=cfg.pipeline.schema == "wide") as sink:
         return await run_daily_report(
             sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000,
-            bands=cfg.line_loss,
+            bands=cfg.line_loss, params=cfg.validation_params(),
         )  # fmt: skip

@@ -7,7 +7,8 @@ quality-flag bits (:mod:`protocols.flags`). Inputs are never written (``numpy.fr
 are read-only and work as they are). Stages, in pipeline order::
 
     validate_batch(readings, previous, meters, receive_ts_ms, carry) -> Checked    (+ run carry out)
-    aggregate_intervals(readings, checked, meters, params)           -> Intervals  (VEE-01, 06, 20..23)
+    aggregate_intervals(readings, checked, meters, params)           -> Intervals  (VEE-01, 20..23)
+    relative_spikes(day_intervals, params)                           -> flags      (VEE-06, daily job)
     interval_totals(intervals, bucket_ms)                            -> Totals     (hourly / daily)
     tou_split(intervals, calendar)                                   -> TouDays    (TOU-03, VEE-15)
     line_loss(daily_totals, meters, area_sizes)                      -> LineLoss   (LL-01/02)
@@ -51,6 +52,7 @@ __all__ = [
     "completeness",
     "interval_totals",
     "line_loss",
+    "relative_spikes",
     "tou_periods",
     "tou_split",
     "validate_args",
@@ -421,13 +423,12 @@ def aggregate_intervals(
     params: ValidationParams = ValidationParams(),
     *,
     quantities: tuple[int, ...] = ENERGY_CHANNELS,
-    utc_offset_ms: int = SHANGHAI_MS,
 ) -> Intervals:
     """VEE-01 interval energy from register deltas on the ``params.interval_ms`` grid, VEE-20
     estimation of gaps of at most ``params.max_gap_intervals`` missing intervals (2 h by
     default), VEE-21 flat estimation up to ``params.flat_gap_max_intervals`` (3 weeks; longer
-    gaps stay gaps), VEE-22 PROLONGED_EST, VEE-23 no estimation across an OUTAGE, and VEE-06
-    relative spikes per (meter, quantity, local day at ``utc_offset_ms``).
+    gaps stay gaps), VEE-22 PROLONGED_EST and VEE-23 no estimation across an OUTAGE. VEE-06
+    needs the whole day: :func:`relative_spikes`, in the daily job.
     Raises: TypeError/ValueError naming the column."""
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
@@ -450,13 +451,30 @@ def aggregate_intervals(
         params.flat_gap_max_intervals,
         params.prolonged_est_ms,
     )
-    iv = Intervals(*out)
+    return Intervals(*out)
+
+
+def relative_spikes(
+    iv: Intervals, params: ValidationParams = ValidationParams(), *, utc_offset_ms: int = SHANGHAI_MS
+) -> npt.NDArray[np.uint32]:
+    """VEE-06 over whole local days: the flags of ``iv`` with SPIKE_REL recomputed per (meter,
+    quantity, local day at ``utc_offset_ms``) from every row given (a SPIKE_REL already set is
+    cleared first, so the result depends only on the energies and the other flags: a rerun over
+    the same rows gives the same flags). Give it a whole day of a channel's intervals: a part of
+    the day ranks only that part. Raises: TypeError/ValueError naming the column."""
+    n = iv.end_ts.shape[0]
+    _col("iv.meter", iv.meter, np.uint32, n)
+    _col("iv.quantity", iv.quantity, np.uint16, n)
+    _col("iv.energy", iv.energy, np.int64, n)
+    _col("iv.flags", iv.flags, np.uint32, n)
+    _col("iv.end_ts", iv.end_ts, np.int64)
     day = (iv.end_ts - params.interval_ms + utc_offset_ms) // DAY_MS
     labels, ngroups, _ = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), day)
-    flags = k.relative_spikes(
-        labels, ngroups, iv.energy, iv.flags, params.spike_rel_floor, params.spike_rel_pct
+    flags = iv.flags & np.uint32(~k.F_SPIKE_REL & 0xFFFF_FFFF)
+    out: npt.NDArray[np.uint32] = k.relative_spikes(
+        labels, ngroups, iv.energy, flags, params.spike_rel_floor, params.spike_rel_pct
     )
-    return Intervals(iv.meter, iv.quantity, iv.end_ts, iv.energy, flags)
+    return out
 
 
 def group_labels(*keys: I64) -> tuple[I64, int, I64]:

@@ -18,8 +18,10 @@ Contract
   its own bounded retries.
 * The reads return the pipeline's values (ids unescaped, local days as epoch ms of their start):
   running daily totals, outage-like events, the open area-outage alarm, one meter-day's
-  completeness, the daily report's per-meter day sums and past area classes. Each raises
-  ``SinkError`` (retryable when unreachable) like the writes.
+  completeness, the daily report's per-meter day sums and past area classes, a day's stored
+  energy intervals. Each raises ``SinkError`` (retryable when unreachable) like the writes.
+* :meth:`Sink.write_interval_flags` rewrites only the flags of stored intervals (the daily job's
+  VEE-06): the energies stay, and a rewrite of the same flags is an idempotent overwrite.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "Partials",
     "Rejected",
     "Sink",
+    "StoredIntervals",
     "WriteResult",
     "Writes",
     "backoff_delay_s",
@@ -151,6 +154,37 @@ class DaySums:
     sums: Mapping[str, int | None] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredIntervals:
+    """Stored energy intervals as columns: row r is the interval of channel ``quantity[r]``
+    (quantity code) ending at ``end_ts[r]`` (ms) of meter ``meters[meter[r]]``, stored under
+    gateway ``gateways[gateway[r]]``; ``energy`` in the quantity's fixed point (0.01 kWh),
+    multiplier applied; ``flags`` as stored."""
+
+    meters: tuple[str, ...]
+    gateways: tuple[str, ...]
+    meter: npt.NDArray[np.uint32]
+    gateway: npt.NDArray[np.uint32]
+    quantity: npt.NDArray[np.uint16]
+    end_ts: I64
+    energy: I64
+    flags: npt.NDArray[np.uint32]
+
+    def __len__(self) -> int:
+        return int(self.end_ts.shape[0])
+
+    def intervals(self) -> st.Intervals:
+        """The rows as the rule stages' :class:`~ingest.rules.stages.Intervals` (meter indexes)."""
+        return st.Intervals(self.meter, self.quantity, self.end_ts, self.energy, self.flags)
+
+    def take(self, rows: I64, flags: npt.NDArray[np.uint32] | None = None) -> StoredIntervals:
+        """The rows ``rows`` (same tables), with their flags replaced by ``flags[rows]`` if given."""
+        return StoredIntervals(
+            self.meters, self.gateways, self.meter[rows], self.gateway[rows], self.quantity[rows],
+            self.end_ts[rows], self.energy[rows], (self.flags if flags is None else flags)[rows],
+        )  # fmt: skip
+
+
 class Sink(Protocol):
     """The store of the ingest pipeline (see the module contract)."""
 
@@ -202,6 +236,16 @@ class Sink(Protocol):
 
     async def area_classes(self, start_ms: int, end_ms: int) -> dict[str, dict[int, str]]:
         """``{area: {day start ms: LL-02 class}}`` of the daily reports stored in the window."""
+        ...
+
+    async def day_intervals(self, start_ms: int, end_ms: int, quantities: Sequence[int]) -> StoredIntervals:
+        """Every stored interval of the channels ``quantities`` (codes) ending in
+        ``(start_ms, end_ms]`` (intervals are end-labelled: a local day's ``[start, end)`` of
+        interval starts), every meter and gateway."""
+        ...
+
+    async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:
+        """Set the stored flags of each row's interval to ``rows.flags`` (energy untouched)."""
         ...
 
     async def write_report(self, report: DailyReport) -> WriteResult:

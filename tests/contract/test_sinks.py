@@ -22,7 +22,9 @@ from ingest.reports.daily import AreaLoss, DailyReport, day_window
 from ingest.sinks.base import AreaAlarm, OutageEvent, Sink, Writes
 from protocols.aggregates import DailyTotal
 from protocols.errors import SinkRefused
+from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event
+from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +162,30 @@ async def test_daily_report_is_written_read_back_and_rewritten(store: Store) -> 
     assert await store.sink.area_classes(start, end) == {"area 1,=": {start: "HIGH"}}
     await store.sink.write_report(report("QUALIFIED", 0))  # a rerun overwrites
     assert await store.sink.area_classes(start - 86_400_000, end) == {"area 1,=": {start: "QUALIFIED"}}
+
+
+async def test_day_intervals_read_back_and_their_flags_are_rewritten_in_place(store: Store) -> None:
+    start, end = day_window(DAY, OFFSET)
+    # intervals ending T0+Q .. T0+4Q, and the one ending at the day's end (T0+96Q, day D) and after it
+    for out in (transformed(1, 0, 4), transformed(2, 95, 97)):
+        await store.sink.write(Writes([out.columns]))
+    got = await store.sink.day_intervals(start, end, (ENERGY_FORWARD, ENERGY_REVERSE))
+    assert (got.meters, got.gateways) == ((METER,), (GATEWAY,))
+    rows = sorted(zip(got.end_ts.tolist(), got.energy.tolist(), got.flags.tolist(), strict=True))
+    assert rows == [(T0 + k * Q, 25, 0) for k in (1, 2, 3, 4, 96)]
+    assert set(got.quantity.tolist()) == {ENERGY_FORWARD}
+    assert set(got.meter.tolist()) == set(got.gateway.tolist()) == {0}
+
+    third = np.flatnonzero(got.end_ts == T0 + 3 * Q)
+    marked = got.take(third, got.flags | np.uint32(Flag.SPIKE_REL))
+    for _ in range(2):  # a rewrite of the same flags is an idempotent overwrite
+        assert (await store.sink.write_interval_flags(marked)).rejected == ()
+    again = await store.sink.day_intervals(start, end, (ENERGY_FORWARD,))
+    assert sorted(zip(again.end_ts.tolist(), again.energy.tolist(), again.flags.tolist(), strict=True)) == [
+        (T0 + k * Q, 25, Flag.SPIKE_REL if k == 3 else 0) for k in (1, 2, 3, 4, 96)
+    ]
+    cleared = again.take(np.flatnonzero(again.end_ts == T0 + 3 * Q), np.zeros(len(again), np.uint32))
+    await store.sink.write_interval_flags(cleared)
+    assert not (await store.sink.day_intervals(start, end, (ENERGY_FORWARD,))).flags.any()
+    report = await store.sink.completeness(METER, DAY, utc_offset_ms=OFFSET, interval_ms=Q)
+    assert report.actual == 5  # the energies are untouched

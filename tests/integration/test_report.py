@@ -33,6 +33,7 @@ from ingest.pipeline.transform import Settings, transform
 from ingest.reports.daily import daily_report
 from ingest.sinks.influx.lines import TagCache, encode_batch, escape_tag, stored_tag
 from protocols.errors import ConfigError
+from protocols.flags import Flag
 from protocols.payload import BatchBuilder
 
 pytestmark = pytest.mark.integration
@@ -252,6 +253,7 @@ def test_cli_prints_the_report_as_json_and_as_a_summary(day_loaded: tuple[Any, s
     assert {(c["level"], c["id"]): (c["received"], c["expected"], c["estimated"], c["invalid"], c["rate_bp"])
             for c in doc["collection"]} == COLLECTION  # fmt: skip
     assert doc["alarms"] == [{"area": AREA_B, "kind": "line_loss", "class": "HIGH", "rate_bp": 2_000}]
+    assert doc["spike_rel"] == 0  # constant deltas: no relative spike
     assert stored(influxd, db) == expected_points(AREA_LOSS, COLLECTION)  # the CLI wrote them too
 
     text = _amigw("--config", str(cfg_file), "--daily-report", "2024-03-10")
@@ -261,6 +263,7 @@ def test_cli_prints_the_report_as_json_and_as_a_summary(day_loaded: tuple[Any, s
     assert any(ln.startswith(AREA_B) and "HIGH" in ln and " 20.00 " in ln for ln in lines), text.stdout
     assert any(ln.split() == [GW_A, "99.21", "%", "(381/384)"] for ln in lines), text.stdout
     assert f"line-loss alarms: {AREA_B} HIGH 20.00 % (3 days not QUALIFIED)" in lines
+    assert "relative spikes (VEE-06): 0 intervals" in lines
 
 
 def test_cli_bad_day_and_unreachable_influxdb_are_one_line_errors(tmp_path: Path) -> None:
@@ -378,3 +381,46 @@ async def test_area_types_select_their_ll02_band(day_loaded: tuple[Any, str, Pat
         stored_tag(AREA_B): ("QUALIFIED", 2_500),
         "TA-3": ("NOT_COMPUTABLE", 1_000),
     }
+
+
+async def test_relative_spikes_are_ranked_over_the_stored_day_and_flagged_once(
+    influx_db: Any, tmp_path: Path
+) -> None:
+    """VEE-06 over the whole day: meter ``S 1,x`` (CT x2) sends one interval per batch, the edge's
+    cadence, so no batch can rank it. Interval energies 0.40, 0.50, 2.10, 0.40, 0.45 kWh before the
+    CT: (2.10 − 0.45)/0.45 > 300 %, the 2.10 interval gets SPIKE_REL in the store (its energy stays);
+    the next day's larger interval is ranked with its own day only. A rerun changes nothing."""
+    influxd, db = influx_db
+    meter, field = "S 1,x", "energy_fwd_active_total"
+    (tmp_path / "meters.toml").write_text(
+        f'[meters.{json.dumps(meter)}]\nvoltage_v = 220\nimax_a = 100\nphases = 1\narea = "TA-S"\n'
+        "master = true\nmultiplier = 2\n"
+    )
+    cfg_file = tmp_path / "ingest.toml"
+    cfg_file.write_text(config_toml(tmp_path, influxd.url, db))
+    cfg = parse_config(cfg_file.read_text(), base_dir=tmp_path)
+    settings = Settings.from_config(cfg)
+    deltas = {1: 40, 2: 50, 3: 210, 4: 40, 5: 45, 97: 900}  # interval k ends at T0 + k*Q
+    register, lines = 100_000, []
+    for seq, (k, d) in enumerate(sorted(deltas.items()), start=1):
+        bb = BatchBuilder()
+        bb.set_prev(meter, 1, register, T0 + (k - 1) * Q)
+        register += d
+        bb.add(meter, T0 + k * Q, 1, register)
+        out = transform(bb.build("gw-s", seq, sent_ms=T0 + k * Q + 1_000), settings)
+        assert not (out.columns.intervals.flags & Flag.SPIKE_REL).any()  # a batch ranks nothing
+        lines.append(_stored(out))
+    influxd.write(b"".join(lines), db)
+
+    def points() -> list[tuple[int, float, int | None]]:
+        rows = influxd.query(f'SELECT "{field}", "{field}_flags" FROM intervals', db=db)
+        return [(r["time"], r[field], r.get(f"{field}_flags")) for r in rows]
+
+    report = await daily_report(cfg, DAY)
+    assert report.spike_rel == 1
+    first = points()
+    assert [(t, e) for t, e, f in first if (f or 0) & Flag.SPIKE_REL] == [(T0 + 3 * Q, 4.2)]
+    assert [t for t, _, _ in first] == [T0 + k * Q for k in sorted(deltas)]  # no point added
+    assert await daily_report(cfg, DAY) == report
+    assert points() == first
+    assert (await daily_report(cfg, DAY + dt.timedelta(days=1))).spike_rel == 0  # one interval that day

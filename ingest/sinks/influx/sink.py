@@ -25,19 +25,19 @@ import numpy as np
 
 from ingest.rules import stages as st
 from ingest.rules.kernels import NOT_BILLABLE
-from ingest.sinks.base import AreaAlarm, DaySums, OutageEvent, WriteResult, Writes
+from ingest.sinks.base import AreaAlarm, DaySums, OutageEvent, StoredIntervals, WriteResult, Writes
 from ingest.sinks.influx.http import InfluxWriter, SinkConfig
 from ingest.sinks.influx.lines import TagCache, encode_writes, escape_tag, stored_tag, unescape_stored
 from ingest.sinks.influx.query import InfluxQuery, quote_str
 from protocols.aggregates import DailyTotal
 from protocols.errors import SinkError
 from protocols.flags import Flag
-from protocols.quantities import by_name
+from protocols.quantities import by_code, by_name
 
 if TYPE_CHECKING:
     from ingest.reports.daily import DailyReport
 
-__all__ = ["InfluxSink", "report_lines"]
+__all__ = ["InfluxSink", "interval_flag_lines", "report_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,40 @@ class InfluxSink:
                 out.setdefault(unescape_stored(r["area"]), {})[int(r["time"])] = str(r.get("class") or "")
         return out
 
+    async def day_intervals(self, start_ms: int, end_ms: int, quantities: Sequence[int]) -> StoredIntervals:
+        """One query over the wide ``intervals`` points (a field per channel, its flags in
+        ``<channel>_flags`` where non-zero); energies come back as decimals of the quantity's
+        fixed point and are scaled back to integers."""
+        names = [by_code(q).name for q in quantities]  # known quantity names: safe as identifiers
+        cols = ", ".join(f'"{n}", "{n}_flags"' for n in names)
+        rows = await self.query.rows(
+            f'SELECT {cols} FROM "intervals" WHERE time > {start_ms}ms AND time <= {end_ms}ms '
+            'GROUP BY "meter", "gateway"'
+        )
+        meters: dict[str, int] = {}
+        gateways: dict[str, int] = {}
+        out: list[tuple[int, int, int, int, int, int]] = []
+        for r in rows:
+            if not r.get("meter") or not r.get("gateway"):
+                continue
+            m = meters.setdefault(unescape_stored(r["meter"]), len(meters))
+            g = gateways.setdefault(unescape_stored(r["gateway"]), len(gateways))
+            for q, n in zip(quantities, names, strict=True):
+                if r.get(n) is not None:
+                    energy = round(float(r[n]) * 10 ** by_code(q).decimals)
+                    out.append((m, g, q, int(r["time"]), energy, int(r.get(f"{n}_flags") or 0)))
+        cols_out = list(zip(*out, strict=True)) if out else [()] * 6
+        return StoredIntervals(
+            tuple(meters), tuple(gateways),
+            np.array(cols_out[0], np.uint32), np.array(cols_out[1], np.uint32),
+            np.array(cols_out[2], np.uint16), np.array(cols_out[3], np.int64),
+            np.array(cols_out[4], np.int64), np.array(cols_out[5], np.uint32),
+        )  # fmt: skip
+
+    async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:
+        lines = interval_flag_lines(rows)
+        return await self.writer.write(lines) if lines else WriteResult(0)
+
     async def write_report(self, report: DailyReport) -> WriteResult:
         lines = report_lines(report)
         result = await self.writer.write(lines) if lines else WriteResult(0)
@@ -244,3 +278,18 @@ def report_lines(report: DailyReport) -> bytes:
                c.rate_bp, ts)
         )  # fmt: skip
     return b"".join(out)
+
+
+def interval_flag_lines(rows: StoredIntervals) -> bytes:
+    """Line protocol setting the ``<channel>_flags`` field of each row's ``intervals`` point (the
+    same series and time as the worker wrote it; the energy field is left as it is)."""
+    meters = [escape_tag(m) for m in rows.meters]
+    gateways = [escape_tag(g) for g in rows.gateways]
+    return b"".join(
+        b"intervals,meter=%s,gateway=%s %s_flags=%di %d\n"
+        % (meters[m], gateways[g], by_code(q).name.encode(), f, t)
+        for m, g, q, f, t in zip(
+            rows.meter.tolist(), rows.gateway.tolist(), rows.quantity.tolist(), rows.flags.tolist(),
+            rows.end_ts.tolist(), strict=True,
+        )
+    )  # fmt: skip

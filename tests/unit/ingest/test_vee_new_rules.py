@@ -32,23 +32,59 @@ def energy_flags(r, c):
     return [int(f) for f, q in zip(c.flags, r.quantity, strict=True) if q == 1]
 
 
+def intervals(values, t0=T0):
+    """The intervals of one batch of consecutive register readings (see :func:`register`)."""
+    rows, prev = register(values, t0)
+    r, c, m = validate(rows, prev)
+    return stages.aggregate_intervals(r, c, m)
+
+
+def spikes(iv):
+    return [bool(f & Flag.SPIKE_REL) for f in stages.relative_spikes(iv)]
+
+
+def concat(*ivs):
+    return stages.Intervals(*(np.concatenate(cols) for cols in zip(*((i.meter, i.quantity, i.end_ts, i.energy,
+                                                                      i.flags) for i in ivs), strict=True)))  # fmt: skip
+
+
 def test_vee06_relative_spike_flags_the_highest_interval_of_the_day() -> None:
     # max1 = 2.10, max2 = 0.50, max3 = 0.40 kWh: (2.10 − 0.40)/0.40 = 425 % > 300 %.
-    rows, prev = register([1000, 1040, 1090, 1300, 1340])
-    r, c, m = validate(rows, prev)
-    iv = stages.aggregate_intervals(r, c, m)
+    iv = intervals([1000, 1040, 1090, 1300, 1340])
     assert [int(e) for e in iv.energy] == [40, 50, 210, 40]
-    assert [bool(f & Flag.SPIKE_REL) for f in iv.flags] == [False, False, True, False]
+    assert spikes(iv) == [False, False, True, False]
     # 1.00, 0.95, 0.90: 11 %, no flag; the data stay billable either way.
-    rows, prev = register([1000, 1090, 1185, 1285])
-    r, c, m = validate(rows, prev)
-    assert not any(stages.aggregate_intervals(r, c, m).flags & Flag.SPIKE_REL)
+    assert spikes(intervals([1000, 1090, 1185, 1285])) == [False, False, False]
 
 
 def test_vee06_needs_three_intervals_above_the_floor_in_one_day() -> None:
-    rows, prev = register([1000, 1005, 1010, 1100])  # max3 = 0.05 kWh < 0.10: skipped
-    r, c, m = validate(rows, prev)
-    assert not any(stages.aggregate_intervals(r, c, m).flags & Flag.SPIKE_REL)
+    assert not any(spikes(intervals([1000, 1005, 1010, 1100])))  # max3 = 0.05 kWh < 0.10: skipped
+
+
+def test_vee06_ranks_the_whole_day_of_one_interval_batches_not_each_batch() -> None:
+    # The edge's cadence: one interval per batch. A batch alone never holds three intervals, so
+    # the batch path does not rank; the day built from the four batches does.
+    registers = [1000, 1040, 1090, 1300, 1340]
+    batches = [intervals(registers[j : j + 2], T0 + j * I) for j in range(4)]
+    assert not any(int(f) & Flag.SPIKE_REL for b in batches for f in b.flags)
+    day = concat(*batches)
+    flags = stages.relative_spikes(day)
+    assert [bool(f & Flag.SPIKE_REL) for f in flags] == [False, False, True, False]
+    # a rerun over the flagged day gives the same flags (the bit is recomputed, not toggled)
+    again = stages.Intervals(day.meter, day.quantity, day.end_ts, day.energy, flags)
+    assert stages.relative_spikes(again).tolist() == flags.tolist()
+    # a SPIKE_REL no longer earned (a late, higher interval) is cleared
+    late = concat(again, intervals([1340, 1600], T0 + 4 * I))  # 2.60 kWh: now the day's max1
+    assert [bool(f & Flag.SPIKE_REL) for f in stages.relative_spikes(late)] == [False] * 4 + [True]
+
+
+def test_vee06_ranks_each_local_day_apart() -> None:
+    # the same four intervals, the spike's day ending at local midnight: the days are ranked apart
+    day_start = T0 - (T0 + stages.SHANGHAI_MS) % stages.DAY_MS + stages.DAY_MS
+    iv = intervals([1000, 1040, 1090, 1300, 1340], day_start - 3 * I)  # three end on day D, one on D+1
+    assert spikes(iv) == [False, False, True, False]
+    iv = intervals([1000, 1040, 1090, 1300, 1340], day_start - 2 * I)  # two on D, two on D+1
+    assert spikes(iv) == [False, False, False, False]
 
 
 def test_vee07_meter_running_fast() -> None:
