@@ -569,9 +569,9 @@ outage_pct = 30
 outage_hold_s = 1800
 # Run state of the run rules (VEE-08 stopped meter, VEE-09 long zero consumption, VEE-19 stuck
 # value) carried from one batch to the next, per channel (SQLite, shared by the workers of this
-# machine; default: runstate.sqlite beside the dedup database). Channels not seen for
+# machine; "" = runstate.sqlite beside the dedup database). Channels not seen for
 # state_max_age_s are forgotten (their runs restart).
-state_path = "runstate.sqlite"
+state_path = ""
 state_max_age_s = 604800.0
 
 [loss]
