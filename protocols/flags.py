@@ -29,11 +29,12 @@ bit  name                meaning
 19   ZERO_LONG           a long run of zero-consumption intervals (VEE-09; billable, for review)
 20   STUCK               an instantaneous value repeated exactly while the meter's others change (VEE-19)
 21   OUTAGE              the meter was down at this point, or the interval touches such a point (VEE-23)
-22   EST_FLAT            estimated over a gap longer than interpolation's limit, spread evenly (VEE-21)
+22   EST_FLAT            a gap beyond interpolation's limit spread evenly: it has no like day (VEE-21)
 23   PROLONGED_EST       estimated more than the allowed days after the meter's last actual reading (VEE-22)
+24   EST_HIST            a gap beyond interpolation's limit shaped by its like days (VEE-21)
 ==== ==================  ============================================================
 
-Bits 24..31 are free for new rules. Inside the head-end every flags column is ``uint32``. On
+Bits 25..31 are free for new rules. Inside the head-end every flags column is ``uint32``. On
 the wire, payload v1 carries 16 bits (decoding widens them; encoding a higher bit as v1 is an
 error) and payload v2 all 32 (``docs/payload.md``).
 """
@@ -70,6 +71,7 @@ class Flag(enum.IntFlag):
     OUTAGE = 1 << 21
     EST_FLAT = 1 << 22
     PROLONGED_EST = 1 << 23
+    EST_HIST = 1 << 24
 
 
 def describe(flags: int) -> tuple[str, ...]:

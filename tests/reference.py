@@ -18,6 +18,7 @@ from protocols.quantities import VALUE_BOUND
 
 EPOCH = dt.datetime(1970, 1, 1)
 INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 
 def _l(a: Any) -> list[int]:
@@ -298,6 +299,49 @@ def intervals(
     cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
     dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint32)
     return tuple(np.array(c, dtype=d) for c, d in zip(cols, dts, strict=True))
+
+
+def like_day_spread(
+    meter, ts, quantity, flags, delta, anchor_ts, selected, interval, longest, energy, row_flags,
+    ref_meter, ref_q, ref_end, ref_e, ref_f, week, weeks, like_days,
+):  # fmt: skip
+    """VEE-21: each flat gap's rows reshaped by the sum of its nearest eligible like weeks."""
+    ref = {
+        (m, q, t): (e, f)
+        for m, q, t, e, f in zip(_l(ref_meter), _l(ref_q), _l(ref_end), _l(ref_e), _l(ref_f), strict=True)
+    }
+    out_e, out_f = _l(energy), _l(row_flags)
+    r = 0
+    for i in range(len(ts)):
+        q, f, t, a = int(quantity[i]), int(flags[i]), int(ts[i]), int(anchor_ts[i])
+        if not selected[q]:
+            continue
+        if a == INT64_MIN or f & k.NOT_ANCHOR or t % interval or a % interval:
+            continue
+        steps = (t - a) // interval
+        n = 1 if steps == 1 or f & k.NOT_BILLABLE else steps if steps - 1 <= longest else 0
+        rows = list(range(r, r + n))
+        r += n
+        if n < 2 or not out_f[rows[0]] & k.F_EST_FLAT:
+            continue
+        slots = [(int(meter[i]), q, a + (j + 1) * interval) for j in range(n)]
+        days = []
+        for w in range(1, weeks + 1):
+            got = [ref.get((m, qq, end - w * week)) for m, qq, end in slots]
+            if all(g is not None and g[0] >= 0 and not g[1] & k.NOT_LIKE_DAY for g in got):
+                days.append([g[0] for g in got if g is not None])
+            if len(days) == like_days:
+                break
+        total = sum(out_e[x] for x in rows)
+        shape = [sum(col) for col in zip(*days, strict=True)] if days else []
+        if not days or sum(shape) <= 0 or total < 0 or total * sum(shape) > INT64_MAX:
+            continue
+        spread = [total * s // sum(shape) for s in shape[:-1]]
+        spread.append(total - sum(spread))
+        for x, e in zip(rows, spread, strict=True):
+            out_e[x] = e
+            out_f[x] = (out_f[x] & ~k.F_EST_FLAT) | k.F_EST_HIST
+    return np.array(out_e, dtype=np.int64), np.array(out_f, dtype=np.uint32)
 
 
 def relative_spikes(labels, ngroups, energy, flags, floor, tol_pct):

@@ -123,6 +123,11 @@ class BatchOutput:
         return self.columns.intervals
 
     @property
+    def flat_gaps(self) -> bool:
+        """Are some intervals spread flat over a long gap (EST_FLAT)? Then like days may shape them."""
+        return st.has_flat_gaps(self.iv)
+
+    @property
     def meter_ids(self) -> tuple[str, ...]:
         return self.columns.meter_ids
 
@@ -233,10 +238,15 @@ def _take(b: ReadingBatch, r: st.Readings, p: st.PreviousRegisters, rows: Mask, 
     )  # fmt: skip
 
 
-def transform(batch: ReadingBatch, s: Settings, carry: st.RunCarry | None = None) -> BatchOutput:
+def transform(
+    batch: ReadingBatch, s: Settings, carry: st.RunCarry | None = None, like: st.Intervals | None = None
+) -> BatchOutput:
     """The pure per-batch pipeline (see the module contract). ``carry`` is the run state of the
     batch's channels after the batches before it (:meth:`RunStateStore.carry`), indexed by the
-    batch's meter table; none: every run starts in this batch.
+    batch's meter table; none: every run starts in this batch. ``like``: stored intervals of the
+    batch's meters (indexed by its meter table) covering :func:`~ingest.rules.stages.like_day_window`
+    of a first run's :attr:`BatchOutput.flat_gaps`; given, those gaps are shaped by their like days
+    (VEE-21) before the daily and hourly partials are summed.
 
     Raises: PayloadError for what the decoder left to ingest (meter index, empty id)."""
     readings, prev = columns(batch)
@@ -256,7 +266,7 @@ def transform(batch: ReadingBatch, s: Settings, carry: st.RunCarry | None = None
     has_dup = bool(dup.any())
     main = _subset(checked_r, ~dup) if has_dup else checked_r
     order = None if has_dup else checked.order  # the validation's (meter, ts, quantity) sort
-    iv = st.aggregate_intervals(checked_r, checked, meters, params)
+    iv = st.aggregate_intervals(checked_r, checked, meters, params, like=like)
     iv = _dedup_intervals(iv)
     iv1 = _total_register(iv)
     daily, daily_days = _daily_partials(iv, iv1, meters, s)

@@ -28,6 +28,13 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   the marks, the run state the group's batches carry out (VEE-08/09/19) is saved in one
   transaction (:mod:`ingest.pipeline.state`); each batch read its channels' carry at intake. While one group
   waits for the store the next is transformed and written on a second connection.
+* **like days** (VEE-21, rare): a batch whose intervals spread a long gap flat (EST_FLAT) gets,
+  at commit before its write, one sink read of the stored intervals of those gaps' meters in the
+  like-day window (:func:`~ingest.rules.stages.like_day_window`), then is transformed again from
+  its batch and intake carry with those like days, so its intervals *and* its daily and hourly
+  partials follow the like-day shape (EST_HIST). A failing read is a sink error like a failing
+  write: the group is retried with back-off (while replaying it raises), never written flat for
+  want of the store. A batch without such gaps reads nothing.
 * **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
   read back from the sink (:meth:`~ingest.sinks.base.Sink.daily_totals`) and published as
   running totals, then dropped from the store; what a crash interrupts is published by the next
@@ -111,6 +118,7 @@ from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
 from protocols.aggregates import DailyTotal, encode_daily
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
+from protocols.flags import Flag
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
 
 __all__ = ["COMMIT_SLOTS", "IngestWorker", "run_worker"]
@@ -136,6 +144,8 @@ class _Item:
     out: BatchOutput | None = None
     event: Event | None = None
     key: tuple[str, int, bytes] | None = None  # dedup key, marked after the write
+    carry: st.RunCarry | None = None  # the run state ``out`` was transformed with
+    shaped: bool = False  # VEE-21: ``out`` was transformed again with its like days
     refusal: tuple[str, str] | None = None  # dead_lettered: (reason, detail)
 
     @property
@@ -294,7 +304,7 @@ class IngestWorker:
         except (ValueError, TypeError, OverflowError) as exc:  # data the stages refuse: never crash
             return self._dead_letter(msg, "rejected by pipeline", f"{type(exc).__name__}: {exc}")
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        return _Item(msg, "written", own, out, key=key)
+        return _Item(msg, "written", own, out, key=key, carry=carry)
 
     def _prepare_event(self, msg: Message) -> _Item:
         """Decode one event and check it against its topic, the registry's binding of its meter
@@ -389,6 +399,7 @@ class IngestWorker:
         attempt = 0
         while True:
             try:
+                await self._shape_long_gaps(writes)
                 batches = [it.out.columns for it in writes if it.out is not None]
                 await self._write(Writes(batches, [it.event for it in writes if it.event is not None]))
                 await self._after_write(writes)
@@ -408,6 +419,39 @@ class IngestWorker:
                     exc,
                 )
                 await asyncio.sleep(delay)
+
+    async def _shape_long_gaps(self, writes: list[_Item]) -> None:
+        """VEE-21: transform again, with their like days read from the sink (one read per batch),
+        the batches whose intervals spread a long gap flat (see the module contract).
+
+        Raises: SinkError (the read failed; the caller retries the group)."""
+        todo = [it for it in writes if it.out is not None and not it.shaped and it.out.flat_gaps]
+        if not todo:
+            return
+        assert self._res is not None
+        sink = await self._res.sinks.get()
+        try:
+            for it in todo:
+                assert it.out is not None and it.batch is not None
+                iv = it.out.iv
+                flat = (iv.flags & np.uint32(Flag.EST_FLAT)) != 0
+                start, end = st.like_day_window(iv, self.settings.interval_ms)
+                index = {m: i for i, m in enumerate(it.out.meter_ids)}
+                meters = [it.out.meter_ids[m] for m in np.unique(iv.meter[flat]).tolist()]
+                quantities = np.unique(iv.quantity[flat]).tolist()
+                stored = await sink.day_intervals(start, end, quantities, meters=meters)
+                to_batch = np.array([index.get(m, -1) for m in stored.meters], np.int64)
+                rows = to_batch[stored.meter.astype(np.int64)] >= 0 if len(stored) else np.zeros(0, np.bool_)
+                like = st.Intervals(
+                    to_batch[stored.meter[rows].astype(np.int64)].astype(np.uint32), stored.quantity[rows],
+                    stored.end_ts[rows], stored.energy[rows], stored.flags[rows],
+                )  # fmt: skip
+                it.out = transform(it.batch, self.settings, it.carry, like)
+                it.shaped = True
+                b = it.batch
+                log.debug("VEE-21 like days gateway=%s seq=%d rows=%d", b.gateway, b.seq, len(stored))
+        finally:
+            self._res.sinks.put_nowait(sink)
 
     async def _ack(self, group: list[_Item]) -> None:
         res = self._res

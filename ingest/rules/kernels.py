@@ -43,6 +43,7 @@ F_STUCK = int(Flag.STUCK)
 F_OUTAGE = int(Flag.OUTAGE)
 F_EST_FLAT = int(Flag.EST_FLAT)
 F_PROLONGED_EST = int(Flag.PROLONGED_EST)
+F_EST_HIST = int(Flag.EST_HIST)
 
 # A reading with one of these bits is not a register anchor: its value is not the register (or
 # its time is not believable, or it was estimated upstream: VEE-22, estimates never anchor an
@@ -656,6 +657,95 @@ def intervals(
                 o_f[r] |= F_PROLONGED_EST  # VEE-22
             r += 1
     return o_meter, o_q, o_end, o_e, o_f
+
+
+# A like-day interval with one of these bits is no reference (VEE-21/22: estimates, outages and
+# unbillable intervals never shape an estimate).
+NOT_LIKE_DAY = F_ESTIMATED | F_OUTAGE | NOT_BILLABLE
+
+
+@_jit
+def _find_row(ref_meter, ref_q, ref_end, m, q, end):
+    """Row of (m, q, end) in the reference rows sorted by (meter, quantity, end); -1 if absent."""
+    lo = 0
+    hi = ref_end.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        rm = np.int64(ref_meter[mid])
+        rq = np.int64(ref_q[mid])
+        if rm < m or (rm == m and (rq < q or (rq == q and ref_end[mid] < end))):
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < ref_end.shape[0] and ref_meter[lo] == m and ref_q[lo] == q and ref_end[lo] == end:
+        return lo
+    return -1
+
+
+@_jit
+def like_day_spread(
+    meter, ts, quantity, flags, delta, anchor_ts, selected, interval_ms, longest, energy, row_flags,
+    ref_meter, ref_q, ref_end, ref_e, ref_f, week_ms, weeks, like_days,
+):  # fmt: skip
+    """VEE-21 like-day estimation over the rows :func:`intervals` made from the same readings
+    (``energy``/``row_flags``, ``longest`` = max(max_gap, flat_max)): returns their new energies
+    and flags.
+
+    Each flat gap (rows flagged EST_FLAT; one reading's rows) of total T is re-spread by the
+    shape of its like days: the same slots ``w`` weeks earlier, w = 1..``weeks``, nearest first,
+    the first ``like_days`` whose every slot is among the reference rows (sorted by meter,
+    quantity, end) with energy >= 0 and none of NOT_LIKE_DAY. With s_j the sum of those days'
+    slot j and S = Σ s_j: E_j = T·s_j // S, the last row T − Σ the others (exact sum), and
+    EST_FLAT becomes EST_HIST. A gap without a like day, with S = 0 or with T·S beyond int64
+    stays flat."""
+    out_e = energy.copy()
+    out_f = row_flags.copy()
+    r = 0
+    for i in range(ts.shape[0]):
+        if not selected[quantity[i]]:
+            continue
+        k = _interval_rows(np.int64(flags[i]), delta[i], ts[i], anchor_ts[i], interval_ms, longest)
+        r0 = r
+        r += k
+        if k < 2 or (np.int64(row_flags[r0]) & F_EST_FLAT) == 0:
+            continue
+        m = np.int64(meter[i])
+        q = np.int64(quantity[i])
+        total = np.int64(0)
+        for j in range(k):
+            total += energy[r0 + j]
+        shape = np.zeros(k, dtype=np.int64)
+        found = 0
+        for w in range(1, weeks + 1):
+            if found == like_days:
+                break
+            ok = True
+            start = anchor_ts[i] - w * week_ms
+            for j in range(k):
+                x = _find_row(ref_meter, ref_q, ref_end, m, q, start + (j + 1) * interval_ms)
+                if x < 0 or ref_e[x] < 0 or (np.int64(ref_f[x]) & NOT_LIKE_DAY) != 0:
+                    ok = False
+                    break
+            if not ok:
+                continue
+            found += 1
+            for j in range(k):
+                x = _find_row(ref_meter, ref_q, ref_end, m, q, start + (j + 1) * interval_ms)
+                shape[j] += ref_e[x]
+        s = np.int64(0)
+        for j in range(k):
+            s += shape[j]
+        if found == 0 or s <= 0 or total < 0 or (total > 0 and s > INT64_MAX // total):
+            continue
+        done = np.int64(0)
+        for j in range(k - 1):
+            e = total * shape[j] // s
+            out_e[r0 + j] = e
+            done += e
+        out_e[r0 + k - 1] = total - done
+        for j in range(k):
+            out_f[r0 + j] = (np.int64(row_flags[r0 + j]) & ~F_EST_FLAT) | F_EST_HIST
+    return out_e, out_f
 
 
 @_jit

@@ -50,7 +50,9 @@ __all__ = [
     "area_outages",
     "bucket_partials",
     "completeness",
+    "has_flat_gaps",
     "interval_totals",
+    "like_day_window",
     "line_loss",
     "relative_spikes",
     "tou_periods",
@@ -63,6 +65,8 @@ I64 = npt.NDArray[np.int64]
 DAY_MS = 86_400_000
 INTERVAL_MS = 900_000
 SHANGHAI_MS = 8 * 3_600_000
+LIKE_DAYS = 3  # VEE-21: like days averaged into a long gap's shape ...
+LIKE_DAY_WEEKS = 8  # ... the nearest eligible within this many weeks back (same weekday)
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: no meter of this system read before it
 
 
@@ -423,12 +427,18 @@ def aggregate_intervals(
     params: ValidationParams = ValidationParams(),
     *,
     quantities: tuple[int, ...] = ENERGY_CHANNELS,
+    like: Intervals | None = None,
 ) -> Intervals:
     """VEE-01 interval energy from register deltas on the ``params.interval_ms`` grid, VEE-20
     estimation of gaps of at most ``params.max_gap_intervals`` missing intervals (2 h by
     default), VEE-21 flat estimation up to ``params.flat_gap_max_intervals`` (3 weeks; longer
     gaps stay gaps), VEE-22 PROLONGED_EST and VEE-23 no estimation across an OUTAGE. VEE-06
     needs the whole day: :func:`relative_spikes`, in the daily job.
+
+    ``like``: stored intervals of the same meters (meter indexes of ``readings``), read for the
+    like days of this batch's flat gaps (:func:`like_day_window`); given, every flat gap with
+    :data:`LIKE_DAYS` like days (or fewer, at least one) within :data:`LIKE_DAY_WEEKS` weeks is
+    re-spread by their shape and flagged EST_HIST instead of EST_FLAT (VEE-21).
     Raises: TypeError/ValueError naming the column."""
     n = len(readings)
     _col("checked.delta", checked.delta, np.int64, n)
@@ -451,7 +461,37 @@ def aggregate_intervals(
         params.flat_gap_max_intervals,
         params.prolonged_est_ms,
     )
-    return Intervals(*out)
+    iv = Intervals(*out)
+    if like is None or not has_flat_gaps(iv):
+        return iv
+    n_ref = like.end_ts.shape[0]
+    like_dtypes = (("meter", np.uint32), ("quantity", np.uint16), ("energy", np.int64), ("flags", np.uint32))
+    for name, dtype in like_dtypes:
+        _col(f"like.{name}", getattr(like, name), dtype, n_ref)
+    _col("like.end_ts", like.end_ts, np.int64)
+    order = np.lexsort((like.end_ts, like.quantity, like.meter))
+    energy, flags = k.like_day_spread(
+        readings.meter, readings.ts, readings.quantity, checked.flags, checked.delta, checked.anchor_ts,
+        selected, params.interval_ms, max(params.max_gap_intervals, params.flat_gap_max_intervals),
+        iv.energy, iv.flags, like.meter[order], like.quantity[order], like.end_ts[order],
+        like.energy[order], like.flags[order], 7 * DAY_MS, LIKE_DAY_WEEKS, LIKE_DAYS,
+    )  # fmt: skip
+    return Intervals(iv.meter, iv.quantity, iv.end_ts, energy, flags)
+
+
+def has_flat_gaps(iv: Intervals) -> bool:
+    """Does ``iv`` hold rows spread flat over a long gap (EST_FLAT), i.e. would like days help?"""
+    return bool((iv.flags & np.uint32(k.F_EST_FLAT)).any())
+
+
+def like_day_window(iv: Intervals, interval_ms: int = INTERVAL_MS) -> tuple[int, int]:
+    """``(start_ms, end_ms]`` of the interval ends :func:`aggregate_intervals` may look up as like
+    days of the flat gaps in ``iv``: their slots 1 .. :data:`LIKE_DAY_WEEKS` weeks earlier.
+    Raises ValueError when ``iv`` has no flat gap."""
+    ends = iv.end_ts[(iv.flags & np.uint32(k.F_EST_FLAT)) != 0]
+    if not ends.shape[0]:
+        raise ValueError("no flat gap in the intervals")
+    return int(ends.min()) - LIKE_DAY_WEEKS * 7 * DAY_MS - interval_ms, int(ends.max()) - 7 * DAY_MS
 
 
 def relative_spikes(

@@ -18,8 +18,9 @@ Contract
   its own bounded retries.
 * The reads return the pipeline's values (ids unescaped, local days as epoch ms of their start):
   running daily totals, outage-like events, the open area-outage alarm, one meter-day's
-  completeness, the daily report's per-meter day sums and past area classes, a day's stored
-  energy intervals. Each raises ``SinkError`` (retryable when unreachable) like the writes.
+  completeness, the daily report's per-meter day sums and past area classes, stored energy
+  intervals of a window (a day for VEE-06, the like days of long gaps for VEE-21). Each raises
+  ``SinkError`` (retryable when unreachable) like the writes.
 * :meth:`Sink.write_interval_flags` rewrites only the flags of stored intervals (the daily job's
   VEE-06): the energies stay, and a rewrite of the same flags is an idempotent overwrite.
 """
@@ -238,10 +239,13 @@ class Sink(Protocol):
         """``{area: {day start ms: LL-02 class}}`` of the daily reports stored in the window."""
         ...
 
-    async def day_intervals(self, start_ms: int, end_ms: int, quantities: Sequence[int]) -> StoredIntervals:
+    async def day_intervals(
+        self, start_ms: int, end_ms: int, quantities: Sequence[int], meters: Sequence[str] | None = None
+    ) -> StoredIntervals:
         """Every stored interval of the channels ``quantities`` (codes) ending in
         ``(start_ms, end_ms]`` (intervals are end-labelled: a local day's ``[start, end)`` of
-        interval starts), every meter and gateway."""
+        interval starts), every gateway, of every meter or only of ``meters`` (the worker's
+        VEE-21 like-day read)."""
         ...
 
     async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:

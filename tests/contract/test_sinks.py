@@ -75,12 +75,12 @@ def settings() -> Settings:
     return Settings.from_config(parse_config(SAMPLE))
 
 
-def transformed(seq: int, k_lo: int, k_hi: int) -> BatchOutput:
-    """Meter ``METER``: 25 (0.01 kWh) per interval over (k_lo, k_hi]."""
+def transformed(seq: int, k_lo: int, k_hi: int, meter: str = METER) -> BatchOutput:
+    """Meter ``meter``: 25 (0.01 kWh) per interval over (k_lo, k_hi]."""
     b = BatchBuilder()
-    b.set_prev(METER, 1, 1000 + 25 * k_lo, T0 + k_lo * Q)
+    b.set_prev(meter, 1, 1000 + 25 * k_lo, T0 + k_lo * Q)
     for k in range(k_lo + 1, k_hi + 1):
-        b.add(METER, T0 + k * Q, 1, 1000 + 25 * k)
+        b.add(meter, T0 + k * Q, 1, 1000 + 25 * k)
     return transform(b.build(GATEWAY, seq, sent_ms=T0 + k_hi * Q), settings())
 
 
@@ -162,6 +162,19 @@ async def test_daily_report_is_written_read_back_and_rewritten(store: Store) -> 
     assert await store.sink.area_classes(start, end) == {"area 1,=": {start: "HIGH"}}
     await store.sink.write_report(report("QUALIFIED", 0))  # a rerun overwrites
     assert await store.sink.area_classes(start - 86_400_000, end) == {"area 1,=": {start: "QUALIFIED"}}
+
+
+async def test_stored_intervals_of_some_meters_only(store: Store) -> None:
+    """VEE-21's like-day read: the window's intervals of the meters named, no other meter's."""
+    for seq, meter in enumerate((METER, "other meter", 'M 1,=x"'), 1):
+        await store.sink.write(Writes([transformed(seq, 0, 3, meter).columns]))
+    got = await store.sink.day_intervals(T0, T0 + 2 * Q, (ENERGY_FORWARD,), meters=[METER, "absent"])
+    assert got.meters == (METER,)
+    rows = sorted(zip(got.end_ts.tolist(), got.energy.tolist(), got.flags.tolist(), strict=True))
+    assert rows == [(T0 + Q, 25, 0), (T0 + 2 * Q, 25, 0)]
+    assert len(await store.sink.day_intervals(T0, T0 + 3 * Q, (ENERGY_FORWARD,), meters=[])) == 0
+    everyone = await store.sink.day_intervals(T0, T0 + 3 * Q, (ENERGY_FORWARD,))
+    assert sorted(everyone.meters) == sorted((METER, "other meter", 'M 1,=x"'))
 
 
 async def test_day_intervals_read_back_and_their_flags_are_rewritten_in_place(store: Store) -> None:

@@ -195,35 +195,34 @@ class InfluxSink:
                 out.setdefault(unescape_stored(r["area"]), {})[int(r["time"])] = str(r.get("class") or "")
         return out
 
-    async def day_intervals(self, start_ms: int, end_ms: int, quantities: Sequence[int]) -> StoredIntervals:
+    async def day_intervals(
+        self, start_ms: int, end_ms: int, quantities: Sequence[int], meters: Sequence[str] | None = None
+    ) -> StoredIntervals:
         """One query over the wide ``intervals`` points (a field per channel, its flags in
         ``<channel>_flags`` where non-zero); energies come back as decimals of the quantity's
         fixed point and are scaled back to integers."""
         names = [by_code(q).name for q in quantities]  # known quantity names: safe as identifiers
         cols = ", ".join(f'"{n}", "{n}_flags"' for n in names)
-        rows = await self.query.rows(
-            f'SELECT {cols} FROM "intervals" WHERE time > {start_ms}ms AND time <= {end_ms}ms '
-            'GROUP BY "meter", "gateway"'
-        )
-        meters: dict[str, int] = {}
+        where = f"time > {start_ms}ms AND time <= {end_ms}ms"
+        if meters is not None:
+            if not meters:
+                return _stored_intervals({}, {}, [])
+            where += " AND (" + " OR ".join(f"meter = {quote_str(stored_tag(m))}" for m in meters) + ")"
+        group = 'GROUP BY "meter", "gateway"'
+        rows = await self.query.rows(f'SELECT {cols} FROM "intervals" WHERE {where} {group}')
+        ids: dict[str, int] = {}
         gateways: dict[str, int] = {}
         out: list[tuple[int, int, int, int, int, int]] = []
         for r in rows:
             if not r.get("meter") or not r.get("gateway"):
                 continue
-            m = meters.setdefault(unescape_stored(r["meter"]), len(meters))
+            m = ids.setdefault(unescape_stored(r["meter"]), len(ids))
             g = gateways.setdefault(unescape_stored(r["gateway"]), len(gateways))
             for q, n in zip(quantities, names, strict=True):
                 if r.get(n) is not None:
                     energy = round(float(r[n]) * 10 ** by_code(q).decimals)
                     out.append((m, g, q, int(r["time"]), energy, int(r.get(f"{n}_flags") or 0)))
-        cols_out = list(zip(*out, strict=True)) if out else [()] * 6
-        return StoredIntervals(
-            tuple(meters), tuple(gateways),
-            np.array(cols_out[0], np.uint32), np.array(cols_out[1], np.uint32),
-            np.array(cols_out[2], np.uint16), np.array(cols_out[3], np.int64),
-            np.array(cols_out[4], np.int64), np.array(cols_out[5], np.uint32),
-        )  # fmt: skip
+        return _stored_intervals(ids, gateways, out)
 
     async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:
         lines = interval_flag_lines(rows)
@@ -292,4 +291,16 @@ def interval_flag_lines(rows: StoredIntervals) -> bytes:
             rows.meter.tolist(), rows.gateway.tolist(), rows.quantity.tolist(), rows.flags.tolist(),
             rows.end_ts.tolist(), strict=True,
         )
+    )  # fmt: skip
+
+
+def _stored_intervals(
+    meters: Mapping[str, int], gateways: Mapping[str, int], rows: list[tuple[int, int, int, int, int, int]]
+) -> StoredIntervals:
+    """Rows (meter, gateway, quantity, end, energy, flags) as :class:`StoredIntervals` columns."""
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 6
+    return StoredIntervals(
+        tuple(meters), tuple(gateways),
+        np.array(cols[0], np.uint32), np.array(cols[1], np.uint32), np.array(cols[2], np.uint16),
+        np.array(cols[3], np.int64), np.array(cols[4], np.int64), np.array(cols[5], np.uint32),
     )  # fmt: skip

@@ -378,3 +378,35 @@ def test_encode_lines_matches_reference_and_parses_back(batch, ids, gateway, wid
         assert lp.unescape_tag(tags["gateway"]) == gateway
         assert ts in {t for _, t, _ in keys}
         assert fields
+
+
+@SETTINGS
+@given(series(), st.integers(0, 2), st.sampled_from([4, 12]), st.integers(1, 4), st.integers(1, 3), st.data())
+def test_like_day_spread_matches_reference(batch, max_gap, flat_max, weeks, like_days, data) -> None:
+    """VEE-21 over the flat gaps of a series, against references drawn on the gaps' own slots
+    shifted back 1..weeks+1 'weeks' (a short week keeps the cases small): some missing, some
+    estimated, outage or negative, so every eligibility branch is taken."""
+    readings, previous, meters, receive = batch
+    c = stages.validate_batch(readings, previous, meters, receive, P)
+    selected = np.zeros(1 << 16, np.bool_)
+    selected[1] = True
+    iv = k.intervals(readings.meter, readings.ts, readings.quantity, c.flags, c.delta, c.anchor_ts,
+                     selected, meters.multiplier, I, max_gap, flat_max, 2 * I)  # fmt: skip
+    week = 3 * I
+    ref_rows: dict[tuple[int, int, int], tuple[int, int]] = {}
+    for m, q, end in zip(iv[0].tolist(), iv[1].tolist(), iv[2].tolist(), strict=True):
+        for w in range(1, weeks + 2):
+            if data.draw(st.booleans()):
+                e = data.draw(st.sampled_from([0, 1, 7, 20, 55, -3]))
+                f = data.draw(st.sampled_from([0, 0, 0, k.F_ESTIMATED, k.F_OUTAGE, k.F_GAP_BEFORE]))
+                ref_rows[(m, q, end - w * week)] = (e, f)
+    keys = sorted(ref_rows)
+    cols = list(zip(*[(*key, *ref_rows[key]) for key in keys], strict=True)) if keys else [[]] * 5
+    dts = (np.uint32, np.uint16, np.int64, np.int64, np.uint32)
+    rm, rq, rt, re_, rf = (np.array(col, d) for col, d in zip(cols, dts, strict=True))
+    args = (readings.meter, readings.ts, readings.quantity, c.flags, c.delta, c.anchor_ts, selected,
+            I, max(max_gap, flat_max), iv[3], iv[4], rm, rq, rt, re_, rf, week, weeks, like_days)  # fmt: skip
+    got = k.like_day_spread(*args)
+    _assert_all_equal(got, ref.like_day_spread(*args))
+    # The rows of each reading still sum to what the flat spread gave them (exact sum).
+    assert int(got[0].sum()) == int(iv[3].sum())

@@ -26,7 +26,9 @@ class Intervals:
         self.rows = {START + (j + 1) * I: [e, 0] for j, e in enumerate(energies)}
         self.writes: list[StoredIntervals] = []
 
-    async def day_intervals(self, start_ms: int, end_ms: int, quantities: Sequence[int]) -> StoredIntervals:
+    async def day_intervals(
+        self, start_ms: int, end_ms: int, quantities: Sequence[int], meters: Sequence[str] | None = None
+    ) -> StoredIntervals:
         ts = [t for t in sorted(self.rows) if start_ms < t <= end_ms]
         n = len(ts)
         return StoredIntervals(

@@ -190,6 +190,56 @@ def test_vee21_a_long_gap_is_spread_flat_up_to_three_weeks() -> None:
     assert len(stages.aggregate_intervals(r, c, m).energy) == 0
 
 
+WEEK = 7 * 86_400_000
+
+
+def _like_days(slots, weeks_back, energies, flags=0):
+    """Stored intervals of meter 0's total register: ``energies`` on ``slots`` (interval ends)
+    shifted back each of ``weeks_back`` weeks."""
+    rows = [(t - w * WEEK, e) for w in weeks_back for t, e in zip(slots, energies, strict=True)]
+    n = len(rows)
+    return stages.Intervals(
+        np.zeros(n, np.uint32), np.ones(n, np.uint16), np.array([t for t, _ in rows], np.int64),
+        np.array([e for _, e in rows], np.int64), np.full(n, flags, np.uint32),
+    )  # fmt: skip
+
+
+def test_vee21_a_long_gap_takes_the_shape_of_its_like_days() -> None:
+    # The rule's example: 09:00-17:00 (32 intervals), ΔR = 6.00 kWh; the like days' average over
+    # those intervals sums to 4.80 kWh (16 of 0.20, 16 of 0.10), so the scale is 1.25: 0.20 ->
+    # 0.25, 0.10 -> 0.125 -> 0.12, and the rounding remainder lands on the last interval.
+    prev = [(0, 1, 1000, T0)]
+    r, c, m = validate([(0, T0 + 32 * I, 1, 1600)], prev)
+    slots = [T0 + (j + 1) * I for j in range(32)]
+    shape = [20] * 16 + [10] * 16
+    like = _like_days(slots, (1, 2, 3), shape)
+    iv = stages.aggregate_intervals(r, c, m, like=like)
+    assert iv.energy.tolist() == [25] * 16 + [12] * 15 + [20] and int(iv.energy.sum()) == 600
+    assert all(f & Flag.ESTIMATED and f & Flag.EST_HIST and not f & Flag.EST_FLAT for f in iv.flags.tolist())
+    # The 3 nearest like days only: a 4th, older week with another shape changes nothing.
+    more = _like_days(slots, (4,), [10] * 16 + [20] * 16)
+    both = stages.Intervals(*(np.concatenate((a, b)) for a, b in zip(
+        (like.meter, like.quantity, like.end_ts, like.energy, like.flags),
+        (more.meter, more.quantity, more.end_ts, more.energy, more.flags), strict=True)))  # fmt: skip
+    assert stages.aggregate_intervals(r, c, m, like=both).energy.tolist() == iv.energy.tolist()
+
+
+def test_vee21_without_an_eligible_like_day_the_gap_stays_flat() -> None:
+    prev = [(0, 1, 1000, T0)]
+    r, c, m = validate([(0, T0 + 32 * I, 1, 1600)], prev)
+    slots = [T0 + (j + 1) * I for j in range(32)]
+    flat = [18] * 31 + [42]
+    for like in (
+        _like_days(slots, (1, 2), [20] * 32, flags=int(Flag.ESTIMATED)),  # estimates never shape
+        _like_days(slots, (1,), [20] * 32, flags=int(Flag.OUTAGE)),  # nor outage days
+        _like_days(slots[1:], (1, 2, 3), [20] * 31),  # a slot missing: not a like day
+        _like_days(slots, (1,), [0] * 32),  # a shape summing to 0
+        _like_days(slots, (9,), [20] * 32),  # beyond the 8-week look-back
+    ):
+        iv = stages.aggregate_intervals(r, c, m, like=like)
+        assert iv.energy.tolist() == flat and all(f & Flag.EST_FLAT for f in iv.flags.tolist())
+
+
 def test_vee22_prolonged_estimation_is_escalated() -> None:
     # Last actual reading at T0; the estimates ending more than 3 days (288 intervals) later are
     # PROLONGED_EST, the earlier ones are not.
