@@ -106,8 +106,6 @@ class RunStateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
-        if self._db.execute("SELECT 1 FROM pragma_table_info('run_state') WHERE name = 'last_ts'").fetchone():
-            self._db.execute("DROP TABLE run_state")  # the per-channel layout: carries are disposable
         self._db.executescript(_SCHEMA)
         self._saves = 0
 
