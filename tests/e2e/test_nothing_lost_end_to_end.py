@@ -126,7 +126,9 @@ def _stored(influxd: Any, db: str, gateway: _Gateway) -> set[tuple[str, int]]:
     meters = " OR ".join(f"meter = '{m}'" for m in gateway.meters)
     rows = influxd.query(f"SELECT energy_fwd_active_total, meter FROM meter_reading WHERE {meters}", db=db)
     return {
-        (r["meter"], round(r["energy_fwd_active_total"] * 100)) for r in rows if r["energy_fwd_active_total"]
+        (r["meter"], round(r["energy_fwd_active_total"] * 100))
+        for r in rows
+        if r["energy_fwd_active_total"] is not None
     }
 
 
