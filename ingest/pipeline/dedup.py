@@ -113,7 +113,7 @@ class DedupStore:
         self.prune_every = prune_every
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -164,7 +164,9 @@ class DedupStore:
         different digest: the gateway reused the seq (its outbox was wiped; :mod:`ingest.pipeline.loss`)."""
         now_ms = int(self._clock() * 1000)
         with self._lock:
-            self._db.execute("BEGIN")
+            # IMMEDIATE: take the write lock before reading, so a write of another worker waits
+            # in the busy handler instead of invalidating this transaction's snapshot
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 old = self._db.execute(
                     "SELECT digest FROM processed WHERE gateway = ? AND seq = ?", (gateway, seq)

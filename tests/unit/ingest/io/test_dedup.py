@@ -109,3 +109,30 @@ def test_a_mark_that_fails_leaves_neither_the_batch_nor_its_days(tmp_path: Path)
         assert not store.seen("gw-1", 1) and store.pending_days() == []
         store.mark("gw-1", 1, b"a", daily_days=[5])  # the store is still usable
         assert store.seen("gw-1", 1, b"a") and store.pending_days() == [("gw-1", 5, 1)]
+
+
+def test_a_mark_waits_for_another_workers_write_instead_of_failing(tmp_path: Path) -> None:
+    """Workers of one machine share the file: a mark that meets another connection's write
+    transaction waits for it (it once read a snapshot first and then failed with "database is
+    locked" when the other write committed, which ended the worker)."""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "dedup.sqlite"
+    with DedupStore(path) as store:
+        store.mark("gw", 1)
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO processed(gateway, seq, digest, ts_ms) VALUES ('other', 1, NULL, 0)")
+
+        def commit_later() -> None:
+            time.sleep(0.3)
+            other.execute("COMMIT")
+
+        committer = threading.Thread(target=commit_later)
+        committer.start()
+        store.mark("gw", 2, daily_days=[0])
+        committer.join()
+        other.close()
+        assert store.seen("gw", 2) and store.seen("other", 1)
