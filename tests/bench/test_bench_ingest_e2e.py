@@ -5,7 +5,7 @@
 (b) CPU seconds per million readings of the worker process (user+sys from /proc/<pid>/stat, sink
     included) against a conventional pipeline: a paho callback decoding JSON payloads into
     influxdb-client ``Point`` objects, ``to_line_protocol()``, posted in batches of the same size.
-    Two forms of it: the one the issue describes (a ``Point`` per reading: the aim, 10x, is judged
+    Two forms of it: the usual one (a ``Point`` per reading: the target, 10x, is judged
     on it) and a stricter one with our wide schema (a ``Point`` per meter and time, a field per
     quantity), which leaves out the schema's share of the gain and writes a quarter of our lines;
 (c) two workers (``--workers 2``) against one (throughput);
