@@ -282,7 +282,9 @@ def test_ingest_end_to_end(mosquitto: Any, influxd: Any, tmp_path: Path) -> None
     print(
         f"    conventional CPU (paho + JSON + a Point per reading): {cpu_textbook:.2f} s per million readings"
     )
-    print(f"    ratio: {cpu_textbook / cpu_one:.1f}x less CPU per reading (the conventional baseline; target 10x)")
+    print(
+        f"    ratio: {cpu_textbook / cpu_one:.1f}x less CPU per reading (the conventional baseline; target 10x)"
+    )
     print(f"    stricter, same wide schema (a Point per meter and time): {cpu_conv:.2f} s per million "
           f"readings, {conv:,.0f} readings/s = {cpu_conv / cpu_one:.1f}x ours")  # fmt: skip
     print(f"(c) 2 workers: {two:,.0f} readings/s = {two / one:.2f}x one worker")
