@@ -1,4 +1,5 @@
-"""Fee control's MQTT link: topics, the subscribing session, and the publishing session.
+"""Fee control's MQTT link: the subscribing session and the publishing session (topics come
+from :mod:`protocols.topics`).
 
 Both sessions are the head-end's shared MQTT adapter, on the connection ``[service.mqtt]``
 (:class:`~ingest.mqtt.settings.MqttSettings`): receiving is
@@ -20,39 +21,14 @@ from protocols.aggregates import MAX_MESSAGE_BYTES
 
 from .config import ServiceConfig
 
-__all__ = [
-    "INTERVALS_FILTER",
-    "NOTIFICATIONS_TOPIC",
-    "RESULTS_FILTER",
-    "command_topic",
-    "consumer_config",
-    "gateway_of_intervals_topic",
-    "gateway_of_result_topic",
-    "publisher",
-]
-
-INTERVALS_FILTER = topics.agg_all("intervals")
-RESULTS_FILTER = topics.CMD_RESULTS_ALL
-NOTIFICATIONS_TOPIC = topics.NOTIFICATIONS
-
-
-def command_topic(gateway: str) -> str:
-    return topics.command(gateway)
-
-
-def gateway_of_intervals_topic(topic: str) -> str | None:
-    """``ami/v1/agg/intervals/{gateway}`` → ``gateway`` (not yet checked); anything else → None."""
-    return topics.agg_gateway_of("intervals", topic)
-
-
-def gateway_of_result_topic(topic: str) -> str | None:
-    """``ami/v1/{gateway}/up/cmd-result`` → ``gateway``; anything else → None."""
-    return topics.cmd_result_gateway_of(topic)
+__all__ = ["consumer_config", "publisher"]
 
 
 def consumer_config(cfg: ServiceConfig) -> ConsumerConfig:
-    """The subscribing session: both filters at QoS 1, persistent, manual acknowledgement."""
-    return cfg.mqtt.consumer_config(cfg.mqtt.client_id, (INTERVALS_FILTER, RESULTS_FILTER), MAX_MESSAGE_BYTES)
+    """The subscribing session: the intervals of every gateway and every gateway's command
+    results, QoS 1, persistent, manual acknowledgement."""
+    filters = (topics.agg_all("intervals"), topics.CMD_RESULTS_ALL)
+    return cfg.mqtt.consumer_config(cfg.mqtt.client_id, filters, MAX_MESSAGE_BYTES)
 
 
 def publisher(cfg: ServiceConfig) -> MqttPublisher:

@@ -57,13 +57,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ingest.mqtt.consumer import MqttConsumer
+from protocols import topics
 from protocols.aggregates import INTERVALS_MAGIC, MAX_MESSAGE_BYTES, IntervalRecord, decode_intervals
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
 from protocols.flags import Flag
 from protocols.quantities import ENERGY_FORWARD
-from protocols.topics import check_gateway_id
 
 from ._log import kv
 from .config import ServiceConfig
@@ -71,14 +71,7 @@ from .engine import FeeController
 from .lifecycle import RelayOrderResult
 from .metrics import FeeControlMetrics, serve
 from .model import ORDER_ACTIONS, ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
-from .mqtt import (
-    NOTIFICATIONS_TOPIC,
-    command_topic,
-    consumer_config,
-    gateway_of_intervals_topic,
-    gateway_of_result_topic,
-    publisher,
-)
+from .mqtt import consumer_config, publisher
 from .sqlite_store import SqliteLedgerStore
 from .store import JournalKind, Reject
 
@@ -285,10 +278,10 @@ class FeeControlService:
         try:
             if oversize:
                 result = self._reject(msg, "too_large", f"{oversize} bytes, over {MAX_MESSAGE_BYTES}")
-            elif (gateway := gateway_of_intervals_topic(topic)) is not None:
+            elif (gateway := topics.agg_gateway_of("intervals", topic)) is not None:
                 kind = "intervals"
                 result = self._on_intervals(msg, gateway)
-            elif (gateway := gateway_of_result_topic(topic)) is not None:
+            elif (gateway := topics.cmd_result_gateway_of(topic)) is not None:
                 kind = "cmd_result"
                 result = self._on_result(msg, gateway)
             else:
@@ -345,7 +338,7 @@ class FeeControlService:
         return "rejected"
 
     def _on_intervals(self, msg: _Inbound, topic_gateway: str) -> str:
-        why = check_gateway_id(topic_gateway)
+        why = topics.check_gateway_id(topic_gateway)
         if why is not None:
             return self._reject(msg, "bad_topic", f"gateway level: {why}")
         try:
@@ -589,7 +582,7 @@ class FeeControlService:
                     log.error("command not sent: no key for its gateway", extra=fields)
                     continue
                 payload = SignedCommand(**c.fields()).signed(key)  # type: ignore[arg-type]
-                await self.publisher.publish(command_topic(c.gateway), payload)
+                await self.publisher.publish(topics.command(c.gateway), payload)
                 self._sent[c.command_id] = now
                 self.metrics.commands_sent.labels(c.action.value, "first" if last is None else "resend").inc()
                 if last is None:
@@ -598,7 +591,7 @@ class FeeControlService:
                 else:
                     self.stats.commands_resent += 1
             while self._notes:
-                await self.publisher.publish(NOTIFICATIONS_TOPIC, self._notes[0])
+                await self.publisher.publish(topics.NOTIFICATIONS, self._notes[0])
                 self._notes.popleft()
                 self.stats.notifications_sent += 1
                 self.metrics.notifications.labels("sent").inc()
