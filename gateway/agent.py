@@ -270,6 +270,7 @@ class EdgeAgent:
                 policy=cfg.outbox.policy,
                 confirm=cfg.outbox.confirm,
                 ack_timeout_s=cfg.outbox.ack_timeout_s,
+                resend_cap_s=cfg.outbox.resend_max_s,
             )
             stack.callback(self.outbox.close)
             self.metrics.watch_outbox(self.outbox.stats)

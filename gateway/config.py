@@ -66,12 +66,15 @@ class OutboxConfig:
     max_readings_per_batch: int = 5000
     confirm: Literal["head-end", "broker"] = "head-end"
     ack_timeout_s: float = 60.0
+    resend_max_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_bytes < 64 * 1024:
             raise ValueError("max_bytes: must be at least 65536")
         if not 0.1 <= self.ack_timeout_s <= 86_400:
             raise ValueError("ack_timeout_s: must be within 0.1..86400 seconds")
+        if not 0.1 <= self.resend_max_s <= 86_400:
+            raise ValueError("resend_max_s: must be within 0.1..86400 seconds")
         if not 1 <= self.max_inflight <= 65535:
             raise ValueError("max_inflight: must be 1..65535 (MQTT packet ids are 16-bit)")
         if self.max_readings_per_batch < 1:
@@ -359,9 +362,10 @@ max_readings_per_batch = 5000
 # head-end that sends no confirmations (a broker can acknowledge and still lose a message).
 confirm = "head-end"
 # A batch or event not confirmed this many seconds after its PUBACK is sent again; each further
-# re-send waits twice as long, up to 600 s (or ack_timeout_s if longer). A restart re-sends every
-# unconfirmed one at once.
+# re-send waits twice as long, up to resend_max_s (or ack_timeout_s if longer). A restart re-sends
+# every unconfirmed one at once.
 ack_timeout_s = 60.0
+resend_max_s = 600.0
 
 [clock]
 # Meters whose clock is off by more than this are corrected with the protocol's time sync.

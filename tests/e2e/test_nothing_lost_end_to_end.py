@@ -83,7 +83,7 @@ class _Gateway:
             f'[[buses]]\nname = "b"\nport = "{path}"\nbaud = 9600\n',
             meters,
             '[[plans]]\nname = "fast"\nquantities = ["energy_fwd_active_total"]\ninterval_s = 1\n',
-        ).replace("max_inflight = 64", "max_inflight = 64\nack_timeout_s = 2")
+        ).replace("max_inflight = 64", "max_inflight = 64\nack_timeout_s = 2\nresend_max_s = 4")
         config = self.dir / "edge.toml"
         config.write_text(text)
         self.proc = subprocess.Popen(

@@ -69,6 +69,7 @@ def test_a_modbus_meter_whose_model_has_every_planned_quantity_loads() -> None:
         (_with("max_inflight = 256", "max_inflight = 70000"), "outbox.max_inflight", "16-bit"),
         (_with('confirm = "head-end"', 'confirm = "ingest"'), "outbox.confirm", "expected one of"),
         (_with("ack_timeout_s = 60.0", "ack_timeout_s = 0"), "outbox.ack_timeout_s", "0.1..86400"),
+        (_with("resend_max_s = 600.0", "resend_max_s = 0"), "outbox.resend_max_s", "0.1..86400"),
         (_with("keepalive_s = 30", "keepalive_s = 30\nkeep_alive = 3"), "mqtt.keep_alive", "unknown key"),
         (_with("payload_version = 1", "payload_version = 3"), "mqtt.payload_version", "expected one of 1, 2"),
         (_with("payload_version = 1", 'payload_version = "2"'), "mqtt.payload_version", "expected one of"),
