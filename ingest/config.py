@@ -104,7 +104,8 @@ class PipelineSection:
     publish_intervals: bool = True
     publish_daily: bool = True
     aggregates_encoding: Literal["binary", "json"] = "binary"
-    daily_publish_s: float = 5.0
+    rollup_delay_s: float = 300.0
+    rollup_check_s: float = 10.0
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     outage_window_s: int = 120
@@ -119,8 +120,10 @@ class PipelineSection:
             raise ValueError("state_max_age_s: must be > 0")
         if self.interval_s <= 0 or 86_400 % self.interval_s:
             raise ValueError("interval_s: must divide a day")
-        if not 0 < self.daily_publish_s <= 3600:
-            raise ValueError(f"daily_publish_s: expected 0 < seconds <= 3600, got {self.daily_publish_s}")
+        if not 0 <= self.rollup_delay_s <= 7 * 86_400:
+            raise ValueError(f"rollup_delay_s: expected 0 <= seconds <= 604800, got {self.rollup_delay_s}")
+        if not 0 < self.rollup_check_s <= 3600:
+            raise ValueError(f"rollup_check_s: expected 0 < seconds <= 3600, got {self.rollup_check_s}")
         if self.max_gap_intervals < 0:
             raise ValueError("max_gap_intervals: must be >= 0")
         if self.future_tol_s < 0:
@@ -548,15 +551,19 @@ check_topic_gateway = true
 # keeps a batch until it is confirmed and re-sends it otherwise.
 confirm = true
 # Publish validated intervals to ami/v1/agg/intervals/<gateway> (QoS 1, before the batch is
-# acknowledged) and running daily time-of-use totals to ami/v1/agg/daily/<gateway>.
+# acknowledged) and each day's time-of-use totals to ami/v1/agg/daily/<gateway> when the day is
+# rolled up (again after late data).
 publish_intervals = true
 publish_daily = true
 # Encoding of the intervals messages: "binary" (columnar, like the readings payload; a third of
 # the bytes) or "json" (for consumers that cannot read msgpack). protocols.aggregates reads both.
 aggregates_encoding = "binary"
-# Daily totals are read back from InfluxDB and published at most this often per worker, for every
-# (gateway, day) written since; the keys still owed survive a crash in the dedup database.
-daily_publish_s = 5.0
+# Hourly and daily totals are written once per closed period, computed from the stored intervals:
+# a period is rolled up when it has ended and no batch touched it for rollup_delay_s seconds
+# (data arriving later rolls it up again, rewriting its rows). Each worker looks for due periods
+# every rollup_check_s. The periods still owed survive a crash in the dedup database.
+rollup_delay_s = 300.0
+rollup_check_s = 10.0
 # While InfluxDB is down: wait this long before retrying a batch, doubling up to the maximum.
 retry_initial_s = 0.5
 retry_max_s = 30.0

@@ -100,6 +100,22 @@ class IngestMetrics:
             "seq_gap alarms raised: a gateway's batches missing longer than gap_alarm_s",
             registry=r,
         )
+        self.rollups = Counter(
+            "amigw_ingest_rollups_total",
+            "Periods rolled up (their totals written once), by kind (hour, day)",
+            ["kind"],
+            registry=r,
+        )
+        self.rollup_failures = Counter(
+            "amigw_ingest_rollup_failures_total",
+            "Rollup attempts that failed (the periods stay owed and are tried again)",
+            registry=r,
+        )
+        self.rollup_pending = Gauge(
+            "amigw_ingest_rollup_pending",
+            "Periods owed a rollup on this machine (touched by a batch since their last rollup)",
+            registry=r,
+        )
         self.seq_resets = Counter(
             "amigw_ingest_seq_resets_total",
             "Gateways seen starting their sequence again (outbox wiped); their open gaps count as lost",

@@ -26,14 +26,18 @@ session, which are the newest seqs and well inside the kept window. A low-water-
 not be safe here: with a shared subscription, seq 50 of a gateway may still sit unacked at another
 worker (or in a crashed worker's session) while this one has processed seqs up to 10,000.
 
-Pending daily totals
---------------------
-The same database is the outbox of the running daily totals the worker still owes
-``ami/v1/agg/daily``: :meth:`mark` records the batch and the ``(gateway, local day)`` keys whose
-totals it changed in **one transaction**, before the MQTT ack; the worker's timed flush reads them
-(:meth:`pending_days`), publishes, and only after the PUBACKs drops them (:meth:`done_days`), and
-only if no batch touched that key since it was read (a version counter). A crash between the ack
-and the publish therefore cannot lose a day's final total: the next start publishes it.
+Pending rollups
+---------------
+The same database holds the **periods still to be rolled up** (:mod:`ingest.pipeline.rollup`):
+:meth:`mark` records the batch and the ``(gateway, kind, period start)`` keys whose totals it
+changed (kind ``hour`` or ``day``, local periods, epoch ms) in **one transaction**, before the MQTT
+ack, with the time of the touch. The rollup job takes the keys that are due
+(:meth:`claim_due`: the period ended and nothing touched it for ``delay``), computes and writes
+their totals, and only then drops them (:meth:`done_periods`), each only if no batch touched it
+since it was claimed (a version counter): a batch that lands during a rollup leaves its key owed,
+and the period is rolled up again. A claim is a lease: a worker that dies holding it leaves the key
+to be claimed again after ``lease``. A crash anywhere therefore loses no period's totals: the next
+start rolls up what is owed.
 
 Durability: WAL with ``synchronous=NORMAL``. A mark lost to power failure only makes a later
 redelivery look new, which, as above, costs a rewrite and never loses data.
@@ -50,7 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DedupConfig", "DedupStats", "DedupStore"]
+__all__ = ["PERIOD_MS", "DedupConfig", "DedupStats", "DedupStore", "PendingPeriod", "Period"]
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +67,34 @@ CREATE TABLE IF NOT EXISTS processed (
     PRIMARY KEY (gateway, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS processed_ts ON processed(ts_ms);
-CREATE TABLE IF NOT EXISTS daily_pending (
-    gateway TEXT    NOT NULL,
-    day_ms  INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (gateway, day_ms)
+CREATE TABLE IF NOT EXISTS rollup_pending (
+    gateway    TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,
+    period_ms  INTEGER NOT NULL,
+    end_ms     INTEGER NOT NULL,
+    version    INTEGER NOT NULL,
+    touched_ms INTEGER NOT NULL,
+    claimed_ms INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (gateway, kind, period_ms)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_pending_due ON rollup_pending(end_ms);
 """
+PERIOD_MS = {"hour": 3_600_000, "day": 86_400_000}
+"""The length of each kind of period (local hours and days of a zone without daylight saving)."""
+
+
+Period = tuple[str, int]
+"""``(kind, local period start in epoch ms)``: kind ``hour`` or ``day``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPeriod:
+    """A claimed key: ``gateway``'s ``kind`` period starting at ``period_ms``, as of ``version``."""
+
+    gateway: str
+    kind: str
+    period_ms: int
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +142,7 @@ class DedupStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._adopt_daily_pending()
         self._marks_since_prune: dict[str, int] = {}
         self._pruned = 0
         self._seq_reuse = 0
@@ -155,14 +181,16 @@ class DedupStore:
         return True
 
     def mark(
-        self, gateway: str, seq: int, digest: bytes | None = None, daily_days: Sequence[int] = ()
+        self, gateway: str, seq: int, digest: bytes | None = None, periods: Sequence[Period] = ()
     ) -> bool:
-        """Record the batch as durably processed, and in the same transaction the local days
-        (epoch ms) whose daily totals it changed; prunes that gateway every ``prune_every`` marks.
+        """Record the batch as durably processed, and in the same transaction the periods
+        (``(kind, start ms)``) whose totals it changed; prunes that gateway every ``prune_every``
+        marks.
 
         Returns True when this replaced a remembered mark of the same ``(gateway, seq)`` with a
         different digest: the gateway reused the seq (its outbox was wiped; :mod:`ingest.pipeline.loss`)."""
         now_ms = int(self._clock() * 1000)
+        keys = [_key(gateway, kind, start, now_ms) for kind, start in periods]
         with self._lock:
             # IMMEDIATE: take the write lock before reading, so a write of another worker waits
             # in the busy handler instead of invalidating this transaction's snapshot
@@ -175,12 +203,7 @@ class DedupStore:
                     "INSERT OR REPLACE INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?)",
                     (gateway, seq, digest, now_ms),
                 )
-                if daily_days:
-                    self._db.executemany(
-                        "INSERT INTO daily_pending(gateway, day_ms, version) VALUES (?,?,1) "
-                        "ON CONFLICT(gateway, day_ms) DO UPDATE SET version = version + 1",
-                        [(gateway, int(d)) for d in daily_days],
-                    )
+                self._touch(keys)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -191,25 +214,101 @@ class DedupStore:
             self.prune(gateway)
         return old is not None and old[0] is not None and digest is not None and bytes(old[0]) != digest
 
-    def pending_days(self, limit: int = 10_000) -> list[tuple[str, int, int]]:
-        """``(gateway, day_ms, version)`` whose daily totals are still to be published, oldest
-        day first."""
+    def touch(self, gateway: str, periods: Sequence[Period]) -> None:
+        """Owe the rollup of ``periods`` of ``gateway`` again without a batch (their stored
+        intervals changed otherwise, e.g. the daily job's flags)."""
+        now_ms = int(self._clock() * 1000)
+        keys = [_key(gateway, kind, start, now_ms) for kind, start in periods]
         with self._lock:
-            rows = self._db.execute(
-                "SELECT gateway, day_ms, version FROM daily_pending ORDER BY day_ms, gateway LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [(str(g), int(d), int(v)) for g, d, v in rows]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._touch(keys)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
-    def done_days(self, rows: Sequence[tuple[str, int, int]]) -> int:
-        """Drop published keys, each only if no batch touched it since it was read (same version).
-        Returns how many were dropped."""
+    def _touch(self, keys: list[tuple[str, str, int, int, int]]) -> None:
+        if keys:
+            self._db.executemany(
+                "INSERT INTO rollup_pending(gateway, kind, period_ms, end_ms, version, touched_ms) "
+                "VALUES (?,?,?,?,1,?) ON CONFLICT(gateway, kind, period_ms) "
+                "DO UPDATE SET version = version + 1, touched_ms = excluded.touched_ms",
+                keys,
+            )
+
+    def claim_due(self, delay_s: float, lease_s: float, limit: int = 10_000) -> list[PendingPeriod]:
+        """Claim the keys due for their rollup: the period ended and its last touch are at least
+        ``delay_s`` ago, and no live claim (younger than ``lease_s``) holds it; oldest period
+        first. The claim is one transaction, so two workers never claim the same key at once."""
+        now_ms = int(self._clock() * 1000)
+        delay_ms, lease_ms = int(delay_s * 1000), int(lease_s * 1000)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    "SELECT gateway, kind, period_ms, version FROM rollup_pending "
+                    "WHERE end_ms <= ?1 AND touched_ms <= ?1 AND claimed_ms <= ?2 "
+                    "ORDER BY period_ms, kind DESC, gateway LIMIT ?3",
+                    (now_ms - delay_ms, now_ms - lease_ms, limit),
+                ).fetchall()
+                self._db.executemany(
+                    "UPDATE rollup_pending SET claimed_ms = ? "
+                    "WHERE gateway = ? AND kind = ? AND period_ms = ?",
+                    [(now_ms, g, k, p) for g, k, p, _ in rows],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [PendingPeriod(str(g), str(k), int(p), int(v)) for g, k, p, v in rows]
+
+    def done_periods(self, done: Sequence[PendingPeriod], failed: Sequence[PendingPeriod] = ()) -> int:
+        """Drop the rolled-up keys ``done``, each only if no batch touched it since its claim
+        (same version; else it stays owed); release the claims of ``failed``. Returns how many
+        were dropped."""
         with self._lock:
             before = self._db.total_changes
             self._db.executemany(
-                "DELETE FROM daily_pending WHERE gateway = ? AND day_ms = ? AND version = ?", rows
+                "DELETE FROM rollup_pending WHERE gateway = ? AND kind = ? AND period_ms = ? AND version = ?",
+                [(p.gateway, p.kind, p.period_ms, p.version) for p in done],
             )
-            return self._db.total_changes - before
+            dropped = self._db.total_changes - before
+            self._db.executemany(
+                "UPDATE rollup_pending SET claimed_ms = 0 WHERE gateway = ? AND kind = ? AND period_ms = ?",
+                [(p.gateway, p.kind, p.period_ms) for p in (*done, *failed)],
+            )
+            return dropped
+
+    def pending_periods(self) -> int:
+        """How many keys are owed a rollup (claimed or not)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM rollup_pending").fetchone()[0])
+
+    def _adopt_daily_pending(self) -> None:
+        """Keys owed by a store of the earlier layout (``daily_pending``: days whose totals were
+        still to be published) become day rollups, so an upgrade loses none."""
+        with self._lock:
+            if (
+                self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daily_pending'"
+                ).fetchone()
+                is None
+            ):
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO rollup_pending"
+                    "(gateway, kind, period_ms, end_ms, version, touched_ms) "
+                    "SELECT gateway, 'day', day_ms, day_ms + ?, version, 0 FROM daily_pending",
+                    (PERIOD_MS["day"],),
+                )
+                self._db.execute("DROP TABLE daily_pending")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def prune(self, gateway: str | None = None) -> int:
         """Apply the bounds now (one gateway, or all); returns how many entries were dropped."""
@@ -241,3 +340,10 @@ class DedupStore:
         with self._lock:
             entries = self._db.execute("SELECT COUNT(*) FROM processed").fetchone()[0]
         return DedupStats(entries, self._pruned, self._seq_reuse)
+
+
+def _key(gateway: str, kind: str, start_ms: int, now_ms: int) -> tuple[str, str, int, int, int]:
+    if kind not in PERIOD_MS:
+        raise ValueError(f"unknown period kind {kind!r}")
+    start = int(start_ms)
+    return (gateway, kind, start, start + PERIOD_MS[kind], now_ms)

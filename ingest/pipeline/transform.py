@@ -5,16 +5,17 @@ Contract
 * :func:`transform` is pure: one decoded :class:`~protocols.payload.ReadingBatch` (plus the
   registry, the tariff calendar and the settings) in, a :class:`BatchOutput` out: the
   :class:`~ingest.sinks.base.BatchColumns` the sink stores (checked readings, duplicates,
-  intervals, daily and hourly partials, collapsed-voltage events), the flags, the days whose
-  totals changed, the outage span and the run state to carry to the next batch. It reads nothing
+  intervals, collapsed-voltage events), the flags, the hours and days whose totals changed (their
+  rollups are owed: :mod:`ingest.pipeline.rollup`), the outage span and the run state to carry to
+  the next batch. It reads nothing
   but the batch and the run state it is given -- the first interval of each channel comes from
   the batch's own ``prev`` columns, the runs of VEE-08/09/19 continue from the carried state
   (:mod:`ingest.pipeline.state`) only where it ends exactly where the batch starts -- so a
   redelivered or replayed batch gives the same interval energies whatever arrived before it
   (DESIGN §6); only a run flag (and so a not-billable count) can differ, when a replay no longer
   continues the stored run.
-  Columns are wrapped with ``numpy.frombuffer``; there is no Python object per reading, per
-  interval or per daily row.
+  Columns are wrapped with ``numpy.frombuffer``; there is no Python object per reading or per
+  interval.
   How the columns are stored (InfluxDB line protocol, by numba kernels) is the sink's business
   (:mod:`ingest.sinks.influx.lines`); the intervals aggregate is encoded by
   :mod:`protocols.aggregates` straight from the interval columns.
@@ -27,7 +28,6 @@ Contract
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -36,16 +36,17 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.config import IngestConfig, load_calendar, load_registry, load_tariff_calendars
-from ingest.model.registry import MeterParams, MeterRegistry
+from ingest.model.registry import MeterRegistry
 from ingest.model.tariff import TariffCalendar
+from ingest.pipeline.dedup import Period
+from ingest.pipeline.rollup import periods_of
 from ingest.rules import stages as st
 from ingest.rules.kernels import NOT_ANCHOR
-from ingest.sinks.base import BatchColumns, Partials, Writes
+from ingest.sinks.base import BatchColumns, Writes
 from protocols.aggregates import IntervalRecord, encode_interval_columns
 from protocols.errors import PayloadError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, PrevRegisters, ReadingBatch, decode, encode
-from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 __all__ = [
     "BatchOutput",
@@ -56,21 +57,9 @@ __all__ = [
     "warm_up",
 ]
 
-DAY_MS = 86_400_000
-Q_ENERGY_TOTAL = ENERGY_FORWARD
 Mask = npt.NDArray[np.bool_]
 I64 = npt.NDArray[np.int64]
 _VOLTAGE = (30, 31, 32)  # voltage_a, _b, _c (consecutive codes, protocols.quantities)
-_EPOCH = dt.date(1970, 1, 1)
-_DAILY_INTS = (
-    b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated", b"invalid",
-    b"reg_sharp", b"reg_peak", b"reg_flat", b"reg_valley", b"tou_mismatch",
-)  # fmt: skip
-Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
-_REVERSE_FIELDS = (b"rev_total", b"rev_intervals", b"rev_invalid")
-Q_ENERGY_REVERSE = ENERGY_REVERSE
-_HOURLY_FIELDS = (b"total", b"intervals", b"estimated", b"invalid")
-HOUR_MS = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +100,7 @@ class BatchOutput:
     columns: BatchColumns
     readings: int
     flags: npt.NDArray[np.uint32]
-    daily_days: tuple[int, ...]  # local day starts (epoch ms) whose daily totals this batch changed
+    periods: tuple[Period, ...]  # the local hours and days whose totals this batch changed
     outage_events: int  # collapsed-voltage events (they feed the area-outage check)
     outage_ts: tuple[int, int] = (0, 0)
     interval_ms: int = 900_000
@@ -246,7 +235,7 @@ def transform(
     batch's meter table; none: every run starts in this batch. ``like``: stored intervals of the
     batch's meters (indexed by its meter table) covering :func:`~ingest.rules.stages.like_day_window`
     of a first run's :attr:`BatchOutput.flat_gaps`; given, those gaps are shaped by their like days
-    (VEE-21) before the daily and hourly partials are summed.
+    (VEE-21).
 
     Raises: PayloadError for what the decoder left to ingest (meter index, empty id)."""
     readings, prev = columns(batch)
@@ -268,16 +257,15 @@ def transform(
     order = None if has_dup else checked.order  # the validation's (meter, ts, quantity) sort
     iv = st.aggregate_intervals(checked_r, checked, meters, params, like=like)
     iv = _dedup_intervals(iv)
-    iv1 = _total_register(iv)
-    daily, daily_days = _daily_partials(iv, iv1, meters, s)
+    periods = periods_of(iv, s.interval_ms, s.calendar.utc_offset_ms)
     c_meter, c_ts = _collapsed_voltage(checked_r, meters.un_dv)
     span = (int(c_ts.min()), int(c_ts.max())) if c_ts.shape[0] else (0, 0)
     cols = BatchColumns(
         batch.gateway, batch.meters, main, order, _subset(checked_r, dup) if has_dup else None, iv,
-        daily, _hourly_partials(iv1, s), c_meter, c_ts,
+        c_meter, c_ts,
     )  # fmt: skip
     n_events = int(c_ts.shape[0])
-    return BatchOutput(cols, len(readings), flags, daily_days, n_events, span, s.interval_ms, checked.carry)
+    return BatchOutput(cols, len(readings), flags, periods, n_events, span, s.interval_ms, checked.carry)
 
 
 def warm_up(s: Settings) -> Writes:
@@ -303,115 +291,6 @@ def warm_up(s: Settings) -> Writes:
         for batch in (built, decode(encode(built))):
             sample.append(transform(batch, cold).columns)
     return Writes(batches=sample)
-
-
-def _periods(iv: st.Intervals, meters: MeterParams, s: Settings) -> npt.NDArray[np.uint8]:
-    """TOU period of each interval: its meter's tariff calendar, else the default calendar."""
-    period = st.tou_periods(iv.end_ts, s.calendar, interval_ms=s.interval_ms)
-    if not s.tariff_calendars or meters.tariff.shape[0] == 0 or iv.end_ts.shape[0] == 0:
-        return period
-    tariff = meters.tariff[iv.meter]
-    names = s.registry.tariffs
-    for t in np.unique(tariff).tolist():
-        cal = s.tariff_calendars.get(names[t]) if t >= 0 else None
-        if cal is not None:
-            rows = tariff == t
-            period[rows] = st.tou_periods(iv.end_ts[rows], cal, interval_ms=s.interval_ms)
-    return period
-
-
-def _total_register(iv: st.Intervals) -> st.Intervals:
-    return _rows(iv, iv.quantity == Q_ENERGY_TOTAL)
-
-
-def _bucket_partials(
-    iv1: st.Intervals, bucket_ms: int, s: Settings
-) -> tuple[st.Totals, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Per (meter, local bucket) of the total-register intervals ``iv1``, in (meter, bucket)
-    order: the totals, the batch's first interval start in the bucket (the partial's time), and
-    the distinct bucket starts with each row's index into them."""
-    off = s.calendar.utc_offset_ms
-    tot, first_start = st.bucket_partials(
-        iv1, bucket_ms=bucket_ms, interval_ms=s.interval_ms, utc_offset_ms=off
-    )
-    buckets, row_bucket = np.unique(tot.start_ts, return_inverse=True)
-    return tot, first_start, buckets, row_bucket.astype(np.int64)
-
-
-def _daily_partials(
-    iv: st.Intervals, iv1: st.Intervals, meters: MeterParams, s: Settings
-) -> tuple[Partials | None, tuple[int, ...]]:
-    """One ``daily_tou`` point per (meter, local day) of this batch's total-register intervals
-    ``iv1``, with the calendar's TOU split, the tariff registers' own deltas and the VEE-15
-    mismatches (from all register intervals ``iv``).
-
-    The point's time is the start of the batch's first interval of that day: batches cover
-    disjoint intervals, so partials never collide, a replay rewrites the same point, and the
-    day's total is ``sum()`` over the day (see docs/ingest.md). Columns: the Python work is per
-    distinct day, not per row."""
-    if iv1.end_ts.shape[0] == 0:
-        return None, ()
-    off = s.calendar.utc_offset_ms
-    tot, first_start, days, row_day = _bucket_partials(iv1, DAY_MS, s)
-    # VEE-15: the calendar's split of the total register against the meter's own tariff
-    # registers T1..T4 over the same (meter, day); its groups cover tot's (and days with tariff
-    # intervals only), both in (meter, day) order, so tot's rows are found by searchsorted.
-    regs = (iv.quantity >= Q_ENERGY_TOTAL) & (iv.quantity <= Q_TARIFF_LAST)
-    ivr = _rows(iv, regs)
-    tou = st.tou_split(ivr, s.calendar, interval_ms=s.interval_ms, period=_periods(ivr, meters, s))
-    day0 = int(tou.day_start_ts.min())
-    tou_key = (tou.meter.astype(np.int64) << 24) | ((tou.day_start_ts - day0) // DAY_MS)
-    tot_key = (tot.meter.astype(np.int64) << 24) | ((tot.start_ts - day0) // DAY_MS)
-    row = np.searchsorted(tou_key, tot_key)
-    texts = tuple((_EPOCH + dt.timedelta(days=(int(d) + off) // DAY_MS)).isoformat().encode() for d in days)
-    cal = np.asarray(tou.calendar, dtype=np.int64)[row]
-    reg = np.asarray(tou.registers, dtype=np.int64)[row]
-    columns = [
-        tot.energy, cal[:, 0], cal[:, 1], cal[:, 2], cal[:, 3],
-        tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid,
-        reg[:, 0], reg[:, 1], reg[:, 2], reg[:, 3], tou.mismatch[row].sum(axis=1),
-    ]  # fmt: skip
-    names: tuple[bytes, ...] = _DAILY_INTS
-    reverse = _rows(iv, iv.quantity == Q_ENERGY_REVERSE)
-    if reverse.end_ts.shape[0]:  # LL-01's export terms; fields only where a meter reads them
-        columns += _reverse_columns(reverse, tot, s)
-        names = _DAILY_INTS + _REVERSE_FIELDS
-    values = np.column_stack(columns).astype(np.int64)
-    partials = Partials(tot.meter.astype(np.int64), row_day, texts, names, values, first_start)
-    return partials, tuple(days.tolist())
-
-
-def _reverse_columns(reverse: st.Intervals, tot: st.Totals, s: Settings) -> list[npt.NDArray[np.int64]]:
-    """Billable reverse active energy (quantity 6) of each of ``tot``'s (meter, day) rows, with its
-    interval counts (actual + estimated, not billable); zeros where the meter has none that day.
-    A day's export travels with its forward total: a meter-day without forward intervals in this
-    batch has no ``daily_tou`` point, so its reverse energy is not in one either."""
-    off = s.calendar.utc_offset_ms
-    rev, _ = st.bucket_partials(reverse, bucket_ms=DAY_MS, interval_ms=s.interval_ms, utc_offset_ms=off)
-    day0 = min(int(tot.start_ts.min()), int(rev.start_ts.min()))
-    rev_key = rev.meter.astype(np.int64) * (1 << 32) + (rev.start_ts - day0) // DAY_MS
-    tot_key = tot.meter.astype(np.int64) * (1 << 32) + (tot.start_ts - day0) // DAY_MS
-    pos = np.minimum(np.searchsorted(rev_key, tot_key), rev_key.shape[0] - 1)
-    hit = rev_key[pos] == tot_key
-    return [np.where(hit, c[pos], 0) for c in (rev.energy, rev.n_actual + rev.n_estimated, rev.n_invalid)]
-
-
-def _hourly_partials(iv1: st.Intervals, s: Settings) -> Partials | None:
-    """One ``hourly`` point per (meter, local hour) of the total-register intervals ``iv1``:
-    billable energy and interval counts, a partial like ``daily_tou`` (time = the batch's first
-    interval start in that hour, so the hour's total is ``sum()`` and a replay rewrites it)."""
-    if iv1.end_ts.shape[0] == 0:
-        return None
-    off = s.calendar.utc_offset_ms
-    tot, first_start, hours, row_hour = _bucket_partials(iv1, HOUR_MS, s)
-    texts = tuple(
-        (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=int(h) + off)).strftime("%Y-%m-%dT%H").encode()
-        for h in hours
-    )
-    values = np.column_stack(
-        (tot.energy, tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid)
-    ).astype(np.int64)
-    return Partials(tot.meter.astype(np.int64), row_hour, texts, _HOURLY_FIELDS, values, first_start)
 
 
 def _collapsed_voltage(r: st.Readings, un_dv: npt.NDArray[np.int64]) -> tuple[I64, I64]:

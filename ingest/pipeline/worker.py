@@ -23,22 +23,23 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   back-off for as long as the store is unavailable; the records the sink reports rejected are
   dead-lettered here (with the store's reason and message), the rest is written. Then the
   group's intervals are published (one message per batch, PUBACKs awaited), outages correlated,
-  ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose daily totals it changed, in
-  the same transaction), and finally every message of the group is acknowledged. Right before
-  the marks, the run state the group's batches carry out (VEE-08/09/19) is saved in one
-  transaction (:mod:`ingest.pipeline.state`); each batch read its channels' carry at intake. While one group
-  waits for the store the next is transformed and written on a second connection.
+  ``dedup.mark`` per batch (with the ``(gateway, hour)`` and ``(gateway, day)`` periods whose
+  totals it changed, in the same transaction), and finally every message of the group is
+  acknowledged. Right before the marks, the run state the group's batches carry out
+  (VEE-08/09/19) is saved in one transaction (:mod:`ingest.pipeline.state`); each batch read its
+  channels' carry at intake. While one group waits for the store the next is transformed and
+  written on a second connection.
 * **like days** (VEE-21, rare): a batch whose intervals spread a long gap flat (EST_FLAT) gets,
   at commit before its write, one sink read of the stored intervals of those gaps' meters in the
   like-day window (:func:`~ingest.rules.stages.like_day_window`), then is transformed again from
-  its batch and intake carry with those like days, so its intervals *and* its daily and hourly
-  partials follow the like-day shape (EST_HIST). A failing read is a sink error like a failing
+  its batch and intake carry with those like days, so its intervals (and the totals rolled up
+  from them) follow the like-day shape (EST_HIST). A failing read is a sink error like a failing
   write: the group is retried with back-off (while replaying it raises), never written flat for
   want of the store. A batch without such gaps reads nothing.
-* **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
-  read back from the sink (:meth:`~ingest.sinks.base.Sink.daily_totals`) and published as
-  running totals, then dropped from the store; what a crash interrupts is published by the next
-  start (:mod:`ingest.pipeline.dedup`).
+* **rollups** (one task, :class:`~ingest.pipeline.rollup.RollupJob`): every ``rollup_check_s``
+  the periods that closed ``rollup_delay_s`` ago and are owed (durable in the dedup store) are
+  rolled up from the stored intervals: one ``hourly``/``daily_tou`` row per meter and period,
+  the daily totals published; what a crash interrupts is done by the next start.
 * **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
   3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
   is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.
@@ -60,10 +61,10 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   dead-lettered payload goes through the same intake and commit code (decode, dedup, transform,
   write, publish, mark), without an MQTT session and giving up instead of waiting forever.
 * Intervals are published *before* the ack (acking first would lose them if the worker died in
-  between), and the daily obligation is durable before the ack; both are idempotent: interval
-  items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
-  ``(meter, day)`` read from the sink (the shared state of all workers) after the write (the item
-  with more ``intervals`` supersedes).
+  between), and the rollup obligation is durable before the ack; both are idempotent: interval
+  items are keyed by ``(meter, quantity, start_ms)``, daily items are the totals of ``(meter,
+  day)`` computed from the stored intervals (the shared state of all workers); a rollup after
+  late data publishes the item again, with more ``intervals``.
 
 Confirmations and loss accounting
 ---------------------------------
@@ -109,6 +110,7 @@ from ingest.mqtt.publisher import MqttPublisher
 from ingest.pipeline.deadletter import DeadLetter, DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.loss import Alarm, LossStore
+from ingest.pipeline.rollup import RollupJob
 from ingest.pipeline.state import RunStateStore
 from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform, warm_up
 from ingest.rules import stages as st
@@ -116,7 +118,6 @@ from ingest.sinks.base import AreaAlarm, Sink, WriteResult, Writes, backoff_dela
 from ingest.sinks.influx.sink import InfluxSink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
-from protocols.aggregates import DailyTotal, encode_daily
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
 from protocols.flags import Flag
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
@@ -126,8 +127,6 @@ __all__ = ["COMMIT_SLOTS", "IngestWorker", "run_worker"]
 log = logging.getLogger("amigw.ingest")
 
 COMMIT_SLOTS = 2  # groups in flight at once, each on its own sink connection
-_FINAL_FLUSH_S = 3.0  # a stopping worker's last daily flush
-_DAILY_QUERY_GATEWAYS = 100  # gateways per daily read-back query
 _NOT_BOUND = "meter not bound to gateway"
 _FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
 _ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
@@ -213,15 +212,14 @@ class IngestWorker:
                         tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
                         tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
                         tg.create_task(self._loss_loop(), name=f"ingest-loss-{self.worker}")
-                        if res.publisher is not None and cfg.pipeline.publish_daily:
-                            tg.create_task(self._daily_loop(), name=f"ingest-daily-{self.worker}")
+                        job = self.rollup_job()
+                        tg.create_task(
+                            job.run(cfg.pipeline.rollup_check_s), name=f"ingest-rollup-{self.worker}"
+                        )
                 except BaseExceptionGroup as eg:  # one task failed: raise its error, not the group
                     raise eg.exceptions[0] from None
                 finally:
                     await consumer.aclose()
-                    if res.publisher is not None and cfg.pipeline.publish_daily and self.ready.is_set():
-                        with contextlib.suppress(Exception):  # best effort: what stays pending is kept
-                            await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
         except asyncio.CancelledError:
             pass
 
@@ -469,9 +467,8 @@ class IngestWorker:
         for it in group:
             if it.key is not None:
                 if it.result == "written":
-                    owed = self.cfg.pipeline.publish_daily
-                    days = it.out.daily_days if it.out is not None and owed else ()
-                    if res.dedup.mark(*it.key, daily_days=days):
+                    periods = it.out.periods if it.out is not None else ()
+                    if res.dedup.mark(*it.key, periods=periods):
                         reused.add(it.key[:2])
                     m.readings.inc(it.out.readings if it.out else 0)
                     m.intervals.inc(it.out.n_intervals if it.out else 0)
@@ -741,21 +738,13 @@ class IngestWorker:
     @contextlib.asynccontextmanager
     async def replaying(self) -> AsyncIterator[DeadLetterStore]:
         """The worker's stores, a sink and the aggregate publisher, without an MQTT session, for
-        :meth:`replay`; yields the dead-letter store. The daily totals the replayed batches owe
-        are published on the way out (best effort: else by the next worker's flush, the keys are
-        durable in the dedup store)."""
+        :meth:`replay`; yields the dead-letter store. The rollups the replayed batches owe are
+        left to the workers (the keys are durable in the dedup store)."""
         self._replaying = True
         # its own client id: a live worker's publisher must not be taken over
         async with self._resources(1, "replay") as res:
             res.consumer = _NoSession()  # type: ignore[assignment]
             yield res.dead_letter
-            if res.publisher is not None and self.cfg.pipeline.publish_daily:
-                try:
-                    await asyncio.wait_for(self.publish_daily(), _FINAL_FLUSH_S)
-                except (TimeoutError, AmigwError) as exc:
-                    log.warning(
-                        "daily totals of the replay left to the workers", extra={"kv": {"error": exc}}
-                    )
 
     async def replay(self, entry: DeadLetter) -> tuple[str, str]:
         """Put one dead-lettered payload back through intake and commit (inside :meth:`replaying`):
@@ -778,54 +767,23 @@ class IngestWorker:
         self._res.dead_letter.remove(entry.id)
         return ("duplicate" if item.result == "duplicate" else "replayed"), ""
 
-    # -- daily totals ------------------------------------------------------------------------
+    # -- rollups -----------------------------------------------------------------------------
 
-    async def _daily_loop(self) -> None:
-        """Publish the pending daily totals every ``daily_publish_s`` (failures retried next time)."""
-        while True:
-            await asyncio.sleep(self.cfg.pipeline.daily_publish_s)
-            try:
-                await self.publish_daily()
-            except (TransportError, SinkError) as exc:
-                # Kept pending either way; a refused query (not retryable) needs an operator.
-                level = logging.ERROR if isinstance(exc, SinkError) and not exc.retryable else logging.WARNING
-                log.log(level, "daily totals not published yet, will retry error=%s", exc)
-
-    async def publish_daily(self) -> int:
-        """Read back and publish the running totals of every pending ``(gateway, day)``, then drop
-        those keys (unless a batch touched one since). Returns the messages published.
-
-        Raises: TransportError (no PUBACK) or SinkError (InfluxDB unavailable)."""
-        res = self._res
-        assert res is not None and res.publisher is not None
-        pending = res.dedup.pending_days()
-        if not pending:
-            return 0
-        keys: dict[str, set[int]] = {}
-        for gw, day, _ in pending:
-            keys.setdefault(gw, set()).add(day)
-        items = []
-        gateways = sorted(keys)
-        for i in range(0, len(gateways), _DAILY_QUERY_GATEWAYS):
-            part = {g: keys[g] for g in gateways[i : i + _DAILY_QUERY_GATEWAYS]}
-            for gw, totals in (await self._daily_totals(part)).items():
-                items.append((topics.agg("daily", gw), encode_daily(gw, totals)))
-        if items:
-            await res.publisher.publish_many(items)
-            self.metrics.published.labels("daily").inc(len(items))
-        res.dedup.done_days(pending)
-        return len(items)
-
-    async def _daily_totals(self, keys: dict[str, set[int]]) -> dict[str, list[DailyTotal]]:
-        """Running totals of every meter of the (gateway, local day) keys, read back in one sink
-        call (the store is the shared state of all workers, so the last reader of a day publishes
-        all of it)."""
-        assert self._res is not None
-        sink = await self._res.sinks.get()
-        try:  # a refusal raises: the keys stay pending
-            return await sink.daily_totals(keys, utc_offset_ms=self.settings.calendar.utc_offset_ms)
-        finally:
-            self._res.sinks.put_nowait(sink)
+    def rollup_job(self) -> RollupJob:
+        """The rollup of this worker's owed periods (see :mod:`ingest.pipeline.rollup`), on its
+        stores, sink connections and publisher (open: inside :meth:`run` or :meth:`replaying`)."""
+        res, p = self._res, self.cfg.pipeline
+        assert res is not None
+        publish = res.publisher.publish_many if res.publisher is not None and p.publish_daily else None
+        return RollupJob(
+            res.dedup,
+            self.settings,
+            res.sinks.get,
+            res.sinks.put_nowait,
+            publish,
+            self.metrics,
+            p.rollup_delay_s,
+        )
 
     async def _outages(self, t_lo: int, t_hi: int) -> None:
         """OUT-02 over every power-down-like event the sink holds near [t_lo, t_hi] (all workers'),

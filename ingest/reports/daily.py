@@ -56,7 +56,7 @@ import numpy.typing as npt
 
 from ingest.config import IngestConfig, LineLossSection, load_calendar, load_registry
 from ingest.model.registry import MeterRegistry
-from ingest.pipeline.transform import DAY_MS
+from ingest.pipeline.rollup import DAY_MS
 from ingest.rules import stages as st
 from ingest.sinks.base import DaySums, Sink, WriteResult
 from protocols.errors import ConfigError, SinkError

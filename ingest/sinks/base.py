@@ -6,20 +6,21 @@ Contract
   report use; an implementation (today :class:`~ingest.sinks.influx.sink.InfluxSink`) owns its
   store's encoding, transport and query language. Nothing outside the implementation's package
   knows that encoding (line protocol, InfluxQL).
-* :meth:`Sink.write` takes :class:`Writes` (columns: numpy arrays of readings, intervals, daily
-  and hourly partials, collapsed-voltage events; edge events; alarms) and returns only when every
-  record is either written or *rejected*: refused by the store for good, reported back in
-  :attr:`WriteResult.rejected` with the store's reason. The sink dead-letters nothing; the caller
-  does. A rewrite of the same :class:`Writes` is an idempotent overwrite (every record is keyed by
-  series and time).
+* :meth:`Sink.write` takes :class:`Writes` (columns: numpy arrays of readings, intervals,
+  collapsed-voltage events; the rolled-up rows of closed periods; edge events; alarms) and
+  returns only when every record is either written or *rejected*: refused by the store for
+  good, reported back in :attr:`WriteResult.rejected` with the store's reason. The sink
+  dead-letters nothing; the caller does. A rewrite of the same :class:`Writes` is an idempotent
+  overwrite (every record is keyed by series and time).
 * A store that refuses *us* (credentials, privileges, a missing database) raises
   :class:`~protocols.errors.SinkRefused` (nothing rejected, the caller keeps the data and
   retries); a store that is unreachable or overloaded raises ``SinkError(retryable=True)`` after
   its own bounded retries.
 * The reads return the pipeline's values (ids unescaped, local days as epoch ms of their start):
-  running daily totals, outage-like events, the open area-outage alarm, one meter-day's
+  outage-like events, the open area-outage alarm, one meter-day's
   completeness, the daily report's per-meter day sums and past area classes, stored energy
-  intervals of a window (a day for VEE-06, the like days of long gaps for VEE-21). Each raises
+  intervals of a window (the periods a rollup computes, a day for VEE-06, the like days of long
+  gaps for VEE-21). Each raises
   ``SinkError`` (retryable when unreachable) like the writes.
 * :meth:`Sink.write_interval_flags` rewrites only the flags of stored intervals (the daily job's
   VEE-06): the energies stay, and a rewrite of the same flags is an idempotent overwrite.
@@ -30,13 +31,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ingest.rules import stages as st
-from protocols.aggregates import DailyTotal
 from protocols.payload import Event
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ __all__ = [
     "OutageEvent",
     "Partials",
     "Rejected",
+    "Rollup",
     "Sink",
     "StoredIntervals",
     "WriteResult",
@@ -62,12 +63,12 @@ I64 = npt.NDArray[np.int64]
 
 @dataclass(frozen=True, slots=True)
 class Partials:
-    """Per (meter, local bucket) partial sums of one batch (``daily_tou``: day, ``hourly``: hour).
+    """Per (meter, local period) totals (``daily_tou``: day, ``hourly``: hour).
 
-    Row r: meter ``meter[r]`` (index into the batch's meter table), bucket ``labels[bucket[r]]``
-    (``YYYY-MM-DD`` or ``YYYY-MM-DDTHH``), stored at ``ts[r]`` (the batch's first interval start
-    in the bucket, so a day's total is the sum of its partials and a replay rewrites the same
-    record), integer fields ``fields`` with values ``values[r]`` (rows x fields)."""
+    Row r: meter ``meter[r]`` (index into a meter table), period ``labels[bucket[r]]``
+    (``YYYY-MM-DD`` or ``YYYY-MM-DDTHH``), stored at ``ts[r]`` (the period's start, so a rollup
+    run again rewrites the same record), integer fields ``fields`` with values ``values[r]``
+    (rows x fields)."""
 
     meter: I64
     bucket: I64
@@ -78,13 +79,24 @@ class Partials:
 
 
 @dataclass(frozen=True, slots=True)
+class Rollup:
+    """The totals of closed periods of one gateway (:mod:`ingest.pipeline.rollup`): ``rows``
+    index ``meter_ids``; ``kind`` ``day`` (``daily_tou``) or ``hour`` (``hourly``)."""
+
+    gateway: str
+    meter_ids: tuple[str, ...]
+    kind: Literal["hour", "day"]
+    rows: Partials
+
+
+@dataclass(frozen=True, slots=True)
 class BatchColumns:
     """What one reading batch stores, as columns indexing ``meter_ids``.
 
     ``readings``: checked readings without the duplicates (flags set), ``order`` their (meter, ts,
     quantity) sort when known; ``duplicates``: the readings flagged DUPLICATE (stored in a series
-    of their own); ``intervals``: validated interval energy; ``daily``/``hourly``: partials of the
-    total register; ``collapsed_meter``/``collapsed_ts``: OUT-01 collapsed-voltage events."""
+    of their own); ``intervals``: validated interval energy; ``collapsed_meter``/``collapsed_ts``:
+    OUT-01 collapsed-voltage events. Totals are not per batch: see :class:`Rollup`."""
 
     gateway: str
     meter_ids: tuple[str, ...]
@@ -92,8 +104,6 @@ class BatchColumns:
     order: I64 | None
     duplicates: st.Readings | None
     intervals: st.Intervals
-    daily: Partials | None
-    hourly: Partials | None
     collapsed_meter: I64
     collapsed_ts: I64
 
@@ -113,6 +123,7 @@ class Writes:
 
     batches: Sequence[BatchColumns] = ()
     events: Sequence[Event] = ()
+    rollups: Sequence[Rollup] = ()
     area_alarms: Sequence[AreaAlarm] = ()
     loss_alarms: Sequence[Alarm] = ()
 
@@ -147,7 +158,7 @@ class OutageEvent:
 
 @dataclass(frozen=True, slots=True)
 class DaySums:
-    """One (meter, gateway)'s sums over a local day of its ``daily`` partials (the report's
+    """One (meter, gateway)'s sums over a local day of its ``daily_tou`` rows (the report's
     input); ``sums`` maps field name to its sum, None when no partial carried the field."""
 
     meter: str
@@ -202,14 +213,6 @@ class Sink(Protocol):
 
     async def write(self, writes: Writes) -> WriteResult: ...
 
-    async def daily_totals(
-        self, keys: Mapping[str, set[int]], *, utc_offset_ms: int
-    ) -> dict[str, list[DailyTotal]]:
-        """Running totals of every meter of the ``{gateway: {local day start ms}}`` keys (local
-        days of the zone ``utc_offset_ms`` east of UTC), per gateway, sorted by (meter, day); a
-        day without data is absent."""
-        ...
-
     async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[OutageEvent]:
         """Every power-down-like event stored in ``[t_lo_ms, t_hi_ms]`` (all workers')."""
         ...
@@ -231,7 +234,7 @@ class Sink(Protocol):
         ...
 
     async def day_sums(self, start_ms: int, end_ms: int, fields: Sequence[str]) -> list[DaySums]:
-        """Per (meter, gateway) the sums of the daily partials' ``fields`` stored in
+        """Per (meter, gateway) the sums of the ``daily_tou`` rows' ``fields`` stored in
         ``[start_ms, end_ms)``."""
         ...
 
@@ -240,12 +243,17 @@ class Sink(Protocol):
         ...
 
     async def day_intervals(
-        self, start_ms: int, end_ms: int, quantities: Sequence[int], meters: Sequence[str] | None = None
+        self,
+        start_ms: int,
+        end_ms: int,
+        quantities: Sequence[int],
+        meters: Sequence[str] | None = None,
+        gateways: Sequence[str] | None = None,
     ) -> StoredIntervals:
         """Every stored interval of the channels ``quantities`` (codes) ending in
-        ``(start_ms, end_ms]`` (intervals are end-labelled: a local day's ``[start, end)`` of
-        interval starts), every gateway, of every meter or only of ``meters`` (the worker's
-        VEE-21 like-day read)."""
+        ``(start_ms, end_ms]`` (intervals are end-labelled: a period's ``[start, end)`` of
+        interval starts), of every meter or only of ``meters`` (the worker's VEE-21 like-day
+        read), under every gateway or only ``gateways`` (a rollup's read)."""
         ...
 
     async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:

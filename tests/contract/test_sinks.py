@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from ingest.config import SAMPLE, parse_config
+from ingest.pipeline.rollup import DAY_QUANTITIES, daily_totals, rollups
 from ingest.pipeline.transform import BatchOutput, Settings, transform
 from ingest.reports.daily import AreaLoss, DailyReport, day_window
-from ingest.sinks.base import AreaAlarm, OutageEvent, Sink, Writes
+from ingest.sinks.base import AreaAlarm, OutageEvent, Rollup, Sink, Writes
 from protocols.aggregates import DailyTotal
 from protocols.errors import SinkRefused
 from protocols.flags import Flag
@@ -94,22 +95,37 @@ async def test_probe_accepts_and_a_missing_store_is_refused(store: Store) -> Non
             await missing.write(Writes([transformed(1, 0, 4).columns]))
 
 
-async def test_written_batches_read_back_as_running_daily_totals_and_rewrites_are_idempotent(
+async def _roll_up_day(store: Store, day_ms: int) -> list[Rollup]:
+    """What the rollup job writes for ``GATEWAY``'s day: its stored intervals read back, its
+    day and hour rows computed and written."""
+    stored = await store.sink.day_intervals(day_ms, day_ms + 86_400_000, DAY_QUANTITIES, gateways=[GATEWAY])
+    hours = {day_ms + h * 3_600_000 for h in range(24)}
+    made = rollups(stored, GATEWAY, {day_ms}, hours, settings())
+    assert (await store.sink.write(Writes(rollups=made))).rejected == ()
+    return made
+
+
+async def test_written_intervals_roll_up_into_one_row_per_day_and_rewrites_are_idempotent(
     store: Store,
 ) -> None:
     first, second = transformed(1, 0, 4), transformed(2, 4, 10)
     for out in (first, second, first):  # a redelivery rewrites, never adds
         result = await store.sink.write(Writes([out.columns]))
         assert result.written > 0 and result.rejected == ()
-    assert first.daily_days == second.daily_days == (T0,)
-    totals = await store.sink.daily_totals({GATEWAY: {T0}}, utc_offset_ms=OFFSET)
+    assert ("day", T0) in first.periods and ("day", T0) in second.periods
+    made = await _roll_up_day(store, T0)
+    await _roll_up_day(store, T0)  # a rollup run again rewrites its rows
     # 10 intervals of 25; the sample calendar puts 00:00-08:00 in valley
-    assert totals == {GATEWAY: [DailyTotal(METER, "2024-03-10", 250, 0, 0, 0, 250, 10, 0)]}
-    assert await store.sink.daily_totals({GATEWAY: {T0 + 86_400_000}}, utc_offset_ms=OFFSET) == {}
-    assert await store.sink.daily_totals({"other": {T0}}, utc_offset_ms=OFFSET) == {}
+    [day] = [daily_totals(r) for r in made if r.kind == "day"]
+    assert day == [DailyTotal(METER, "2024-03-10", 250, 0, 0, 0, 250, 10, 0)]
     [sums] = await store.sink.day_sums(*day_window(DAY, OFFSET), ("total", "intervals", "rev_total"))
     assert (sums.meter, sums.gateway) == (METER, GATEWAY)
     assert dict(sums.sums) == {"total": 250, "intervals": 10, "rev_total": None}
+    assert len(await store.sink.day_intervals(T0, T0 + 86_400_000, DAY_QUANTITIES, gateways=["other"])) == 0
+    await store.sink.write(Writes([transformed(3, 10, 12).columns]))  # late data, rolled up again
+    await _roll_up_day(store, T0)
+    [sums] = await store.sink.day_sums(*day_window(DAY, OFFSET), ("total", "intervals"))
+    assert dict(sums.sums) == {"total": 300, "intervals": 12}  # replaced, not added
 
 
 async def test_completeness_of_a_meter_day(store: Store) -> None:
@@ -147,8 +163,8 @@ async def test_records_the_store_refuses_are_reported_back_and_the_rest_written(
     result = await store.sink.write(Writes([transformed(1, 0, 4).columns], [event]))
     [rejected] = result.rejected
     assert rejected.reason and rejected.detail and rejected.record
-    totals = await store.sink.daily_totals({GATEWAY: {T0}}, utc_offset_ms=OFFSET)
-    assert [t.intervals for t in totals[GATEWAY]] == [4]  # the batch is written all the same
+    stored = await store.sink.day_intervals(T0, T0 + 86_400_000, DAY_QUANTITIES, gateways=[GATEWAY])
+    assert len(stored) == 4  # the batch is written all the same
 
 
 async def test_daily_report_is_written_read_back_and_rewritten(store: Store) -> None:

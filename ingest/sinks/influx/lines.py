@@ -3,9 +3,9 @@
 Contract
 --------
 * :func:`encode_writes` turns :class:`~ingest.sinks.base.Writes` into line protocol (``ms``
-  timestamps, one point per ``\\n``-terminated line). Readings, intervals and the daily/hourly
-  partials are encoded by numba kernels (:mod:`ingest.sinks.influx.kernels`) from the columns:
-  no Python object per reading, interval or partial. The schema (measurements, tags, fields) is
+  timestamps, one point per ``\\n``-terminated line). Readings, intervals and the rolled-up
+  daily/hourly rows are encoded by numba kernels (:mod:`ingest.sinks.influx.kernels`) from the
+  columns: no Python object per reading, interval or row. The schema (measurements, tags, fields) is
   ``docs/ingest-kernels.md``'s and is the stored contract: it must not change byte for byte.
 * Tag values go through :func:`escape_tag` (reversible: :func:`unescape_tag` of what InfluxDB
   returns); :func:`stored_tag` is the value InfluxDB stores, what a query compares with.
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.rules import stages as st
-from ingest.sinks.base import AreaAlarm, BatchColumns, Partials, Writes
+from ingest.sinks.base import AreaAlarm, BatchColumns, Partials, Rollup, Writes
 from ingest.sinks.influx import kernels as k
 from protocols.payload import Event
 from protocols.quantities import QUANTITIES
@@ -40,6 +40,7 @@ __all__ = [
     "escape_tag",
     "event_line",
     "field_str",
+    "rollup_lines",
     "stored_tag",
     "unescape_stored",
     "unescape_tag",
@@ -242,7 +243,7 @@ def _partial_lines(tags: _Tags, measurement: bytes, label: bytes, p: Partials) -
 
 def encode_batch(b: BatchColumns, cache: TagCache, *, wide: bool) -> bytes:
     """The line protocol of one batch: ``meter_reading`` (wide or narrow), ``reading_duplicate``
-    (narrow), ``intervals`` (wide), ``daily_tou``, ``hourly``, ``events`` (voltage_collapsed)."""
+    (narrow), ``intervals`` (wide), ``events`` (voltage_collapsed)."""
     tags = cache.get(b.meter_ids, b.gateway)
     parts = [encode_lines(b.readings, tags.table(b"meter_reading"), wide=wide, order=b.order)]
     if b.duplicates is not None:  # their own series, so they never overwrite the first arrival
@@ -251,10 +252,6 @@ def encode_batch(b: BatchColumns, cache: TagCache, *, wide: bool) -> bytes:
     # wide, like the readings: one point per (meter, interval end), a field per energy channel
     iv_r = st.Readings(iv.meter, iv.end_ts, iv.quantity, iv.energy, iv.flags)
     parts.append(encode_lines(iv_r, tags.table(b"intervals"), wide=True))
-    if b.daily is not None:
-        parts.append(_partial_lines(tags, b"daily_tou", b"day", b.daily))
-    if b.hourly is not None:
-        parts.append(_partial_lines(tags, b"hourly", b"hour", b.hourly))
     for m, t in zip(b.collapsed_meter.tolist(), b.collapsed_ts.tolist(), strict=True):  # per event
         parts.append(
             b'events,gateway=%s,meter=%s,kind=voltage_collapsed id=%s,detail="{}" %d\n'
@@ -278,9 +275,21 @@ def area_alarm_line(a: AreaAlarm) -> bytes:
     return b"alarms,area=%s,kind=area_outage events=%di %d\n" % (escape_tag(a.area), a.events, a.ts_ms)
 
 
+_ROLLUP = {"day": (b"daily_tou", b"day"), "hour": (b"hourly", b"hour")}
+
+
+def rollup_lines(r: Rollup, cache: TagCache) -> bytes:
+    """``daily_tou`` or ``hourly`` points of one rollup: a label field (``day``/``hour``) and the
+    integer totals, one point per (meter, period), stamped with the period's start."""
+    measurement, label = _ROLLUP[r.kind]
+    return _partial_lines(cache.get(r.meter_ids, r.gateway), measurement, label, r.rows)
+
+
 def encode_writes(w: Writes, cache: TagCache, *, wide: bool) -> bytes:
-    """Line protocol of every record of ``w`` (batches, edge events, alarms), in that order."""
+    """Line protocol of every record of ``w`` (batches, rollups, edge events, alarms), in that
+    order."""
     parts = [encode_batch(b, cache, wide=wide) for b in w.batches]
+    parts += [rollup_lines(r, cache) for r in w.rollups]
     parts += [event_line(ev) for ev in w.events]
     parts += [area_alarm_line(a) for a in w.area_alarms]
     parts += [

@@ -37,6 +37,15 @@ class InfluxQuery:
 
     async def rows(self, influxql: str) -> list[dict[str, Any]]:
         """Rows as ``{tag or column: value}``, times as epoch ms."""
+        out = []
+        for series in await self.series(influxql):
+            tags = series.get("tags") or {}
+            out += [{**tags, **dict(zip(series["columns"], v, strict=True))} for v in series["values"]]
+        return out
+
+    async def series(self, influxql: str) -> list[dict[str, Any]]:
+        """The answer's series as InfluxDB gives them (``tags``, ``columns``, ``values``: a list
+        per row), times as epoch ms: for reads of many rows, converted per column, not per row."""
         cfg = self.config
         params = {"db": cfg.bucket or cfg.database, "q": influxql, "epoch": "ms"}
         if cfg.retention_policy:
@@ -57,9 +66,4 @@ class InfluxQuery:
         errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
         if resp.status // 100 != 2 or errors or "error" in doc:
             raise SinkError(f"influxql refused: {errors or doc}", retryable=False, status=resp.status)
-        out = []
-        for result in results:
-            for series in result.get("series", ()):
-                tags = series.get("tags") or {}
-                out += [{**tags, **dict(zip(series["columns"], v, strict=True))} for v in series["values"]]
-        return out
+        return [series for result in results for series in result.get("series", ())]

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from ingest.rules import stages as st
 from ingest.rules.kernels import NOT_BILLABLE
@@ -29,7 +30,6 @@ from ingest.sinks.base import AreaAlarm, DaySums, OutageEvent, StoredIntervals, 
 from ingest.sinks.influx.http import InfluxWriter, SinkConfig
 from ingest.sinks.influx.lines import TagCache, encode_writes, escape_tag, stored_tag, unescape_stored
 from ingest.sinks.influx.query import InfluxQuery, quote_str
-from protocols.aggregates import DailyTotal
 from protocols.errors import SinkError
 from protocols.flags import Flag
 from protocols.quantities import by_code, by_name
@@ -42,8 +42,9 @@ __all__ = ["InfluxSink", "interval_flag_lines", "report_lines"]
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
+F64 = npt.NDArray[np.float64]
+_Columns = tuple[int, int, int, F64, F64, F64]  # meter, gateway, quantity; ends, energies, flags
 _EPOCH = dt.date(1970, 1, 1)
-_DAILY_KEYS = ("total", "sharp", "peak", "flat", "valley", "intervals", "estimated")
 
 
 class InfluxSink:
@@ -90,33 +91,6 @@ class InfluxSink:
         return await self.writer.write(lines) if lines else WriteResult(0)
 
     # -- reads -------------------------------------------------------------------------------
-
-    async def daily_totals(
-        self, keys: Mapping[str, set[int]], *, utc_offset_ms: int
-    ) -> dict[str, list[DailyTotal]]:
-        """One query over the ``daily_tou`` partials of the keys' gateways and days."""
-        days = [d for ds in keys.values() for d in ds]
-        if not days:
-            return {}
-        lo, hi = min(days), max(days) + DAY_MS
-        gws = {stored_tag(g): g for g in keys}
-        cond = " OR ".join(f"gateway = {quote_str(g)}" for g in gws)
-        sums = ", ".join(f'sum("{k}") AS {k}' for k in _DAILY_KEYS)
-        q = (
-            f'SELECT {sums} FROM "daily_tou" WHERE ({cond}) AND time >= {lo}ms AND time < {hi}ms '
-            f"GROUP BY time(1d, {(-utc_offset_ms) % DAY_MS}ms), meter, gateway"
-        )
-        out: dict[str, list[DailyTotal]] = {}
-        for r in await self.query.rows(q):
-            gw = gws.get(r.get("gateway", ""))
-            if gw is None or r["time"] not in keys[gw] or r.get("total") is None:
-                continue
-            day = (_EPOCH + dt.timedelta(days=(r["time"] + utc_offset_ms) // DAY_MS)).isoformat()
-            values = (int(r[k]) for k in _DAILY_KEYS)
-            out.setdefault(gw, []).append(DailyTotal(unescape_stored(r["meter"]), day, *values))
-        for totals in out.values():
-            totals.sort(key=lambda t: (t.meter, t.day))
-        return out
 
     async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[OutageEvent]:
         rows = await self.query.rows(
@@ -168,7 +142,7 @@ class InfluxSink:
         return st.DayCompleteness(meter_id, day, per_day, n_ok, n_est, n_bad, n_dup)
 
     async def day_sums(self, start_ms: int, end_ms: int, fields: Sequence[str]) -> list[DaySums]:
-        """A partial is stamped with its first interval's start, so the day is ``[start, end)``."""
+        """A ``daily_tou`` row is stamped with its day's start, so the day is ``[start, end)``."""
         sums = ", ".join(f'sum("{f}") AS "{f}"' for f in fields)
         rows = await self.query.rows(
             f'SELECT {sums} FROM "daily_tou" WHERE time >= {start_ms}ms AND time < {end_ms}ms '
@@ -196,33 +170,46 @@ class InfluxSink:
         return out
 
     async def day_intervals(
-        self, start_ms: int, end_ms: int, quantities: Sequence[int], meters: Sequence[str] | None = None
+        self,
+        start_ms: int,
+        end_ms: int,
+        quantities: Sequence[int],
+        meters: Sequence[str] | None = None,
+        gateways: Sequence[str] | None = None,
     ) -> StoredIntervals:
         """One query over the wide ``intervals`` points (a field per channel, its flags in
         ``<channel>_flags`` where non-zero); energies come back as decimals of the quantity's
-        fixed point and are scaled back to integers."""
+        fixed point and are scaled back to integers, a column of a series at a time."""
         names = [by_code(q).name for q in quantities]  # known quantity names: safe as identifiers
         cols = ", ".join(f'"{n}", "{n}_flags"' for n in names)
         where = f"time > {start_ms}ms AND time <= {end_ms}ms"
-        if meters is not None:
-            if not meters:
-                return _stored_intervals({}, {}, [])
-            where += " AND (" + " OR ".join(f"meter = {quote_str(stored_tag(m))}" for m in meters) + ")"
-        group = 'GROUP BY "meter", "gateway"'
-        rows = await self.query.rows(f'SELECT {cols} FROM "intervals" WHERE {where} {group}')
-        ids: dict[str, int] = {}
-        gateways: dict[str, int] = {}
-        out: list[tuple[int, int, int, int, int, int]] = []
-        for r in rows:
-            if not r.get("meter") or not r.get("gateway"):
+        for tag, values in (("meter", meters), ("gateway", gateways)):
+            if values is None:
                 continue
-            m = ids.setdefault(unescape_stored(r["meter"]), len(ids))
-            g = gateways.setdefault(unescape_stored(r["gateway"]), len(gateways))
+            if not values:
+                return _stored_intervals({}, {}, [])
+            where += " AND (" + " OR ".join(f"{tag} = {quote_str(stored_tag(v))}" for v in values) + ")"
+        group = 'GROUP BY "meter", "gateway"'
+        ids: dict[str, int] = {}
+        gateway_ids: dict[str, int] = {}
+        parts: list[_Columns] = []
+        for series in await self.query.series(f'SELECT {cols} FROM "intervals" WHERE {where} {group}'):
+            tags = series.get("tags") or {}
+            if not tags.get("meter") or not tags.get("gateway") or not series.get("values"):
+                continue
+            m = ids.setdefault(unescape_stored(tags["meter"]), len(ids))
+            g = gateway_ids.setdefault(unescape_stored(tags["gateway"]), len(gateway_ids))
+            columns = series["columns"]
+            table = np.array(series["values"], dtype=np.float64)  # null -> nan
             for q, n in zip(quantities, names, strict=True):
-                if r.get(n) is not None:
-                    energy = round(float(r[n]) * 10 ** by_code(q).decimals)
-                    out.append((m, g, q, int(r["time"]), energy, int(r.get(f"{n}_flags") or 0)))
-        return _stored_intervals(ids, gateways, out)
+                if n not in columns:
+                    continue
+                e = table[:, columns.index(n)]
+                f = table[:, columns.index(f"{n}_flags")] if f"{n}_flags" in columns else np.zeros_like(e)
+                ok = ~np.isnan(e)
+                if ok.any():
+                    parts.append((m, g, q, table[ok, 0], e[ok] * 10 ** by_code(q).decimals, f[ok]))
+        return _stored_columns(ids, gateway_ids, parts)
 
     async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:
         lines = interval_flag_lines(rows)
@@ -303,4 +290,26 @@ def _stored_intervals(
         tuple(meters), tuple(gateways),
         np.array(cols[0], np.uint32), np.array(cols[1], np.uint32), np.array(cols[2], np.uint16),
         np.array(cols[3], np.int64), np.array(cols[4], np.int64), np.array(cols[5], np.uint32),
+    )  # fmt: skip
+
+
+def _stored_columns(
+    meters: Mapping[str, int],
+    gateways: Mapping[str, int],
+    parts: list[_Columns],
+) -> StoredIntervals:
+    """Per (meter, gateway, quantity) columns of end times, scaled energies and flags (nan: 0),
+    concatenated as :class:`StoredIntervals`."""
+    if not parts:
+        return _stored_intervals(meters, gateways, [])
+    n = [p[3].shape[0] for p in parts]
+    flags = np.concatenate([p[5] for p in parts])
+    return StoredIntervals(
+        tuple(meters), tuple(gateways),
+        np.repeat(np.array([p[0] for p in parts], np.uint32), n),
+        np.repeat(np.array([p[1] for p in parts], np.uint32), n),
+        np.repeat(np.array([p[2] for p in parts], np.uint16), n),
+        np.concatenate([p[3] for p in parts]).astype(np.int64),
+        np.rint(np.concatenate([p[4] for p in parts])).astype(np.int64),
+        np.where(np.isnan(flags), 0, flags).astype(np.uint32),
     )  # fmt: skip

@@ -79,36 +79,84 @@ def test_config_section(tmp_path: Path) -> None:
         assert (store.keep_per_gateway, store.max_age_s, store.prune_every) == (5, None, 1000)
 
 
-def test_pending_days_are_marked_with_the_batch_and_survive_a_reopen(tmp_path: Path) -> None:
-    day, next_day = 1_710_000_000_000, 1_710_086_400_000
-    with DedupStore(tmp_path / "d.sqlite") as store:
-        store.mark("gw-1", 1, b"a", daily_days=[day])
-        store.mark("gw-1", 2, b"b", daily_days=[day, next_day])
-        store.mark("gw-2", 1, b"c", daily_days=[day])
-        store.mark("gw-3", 1, b"d")  # no daily totals changed (e.g. voltages only)
-    with DedupStore(tmp_path / "d.sqlite") as store:
-        assert store.pending_days() == [("gw-1", day, 2), ("gw-2", day, 1), ("gw-1", next_day, 1)]
+DAY = 1_710_000_000_000 // 86_400_000 * 86_400_000
+HOUR = 3_600_000
 
 
-def test_done_days_keeps_a_key_a_batch_touched_after_it_was_read(tmp_path: Path) -> None:
-    day = 1_710_000_000_000
-    with DedupStore(tmp_path / "d.sqlite") as store:
-        store.mark("gw-1", 1, daily_days=[day])
-        store.mark("gw-2", 1, daily_days=[day])
-        read = store.pending_days()
-        store.mark("gw-1", 2, daily_days=[day])  # arrives while the flush publishes
-        assert store.done_days(read) == 1
-        assert store.pending_days() == [("gw-1", day, 2)]  # still owed: its new total is unpublished
-        assert store.done_days(store.pending_days()) == 1 and store.pending_days() == []
+def _owed(store: DedupStore) -> list[tuple[str, str, int, int]]:
+    import sqlite3
+
+    with sqlite3.connect(store.path) as db:
+        rows = db.execute("SELECT gateway, kind, period_ms, version FROM rollup_pending ORDER BY 3, 2, 1")
+        return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
-def test_a_mark_that_fails_leaves_neither_the_batch_nor_its_days(tmp_path: Path) -> None:
+def test_owed_periods_are_marked_with_the_batch_and_survive_a_reopen(tmp_path: Path) -> None:
     with DedupStore(tmp_path / "d.sqlite") as store:
-        with pytest.raises(ValueError):
-            store.mark("gw-1", 1, b"a", daily_days=["not a day"])  # type: ignore[list-item]
-        assert not store.seen("gw-1", 1) and store.pending_days() == []
-        store.mark("gw-1", 1, b"a", daily_days=[5])  # the store is still usable
-        assert store.seen("gw-1", 1, b"a") and store.pending_days() == [("gw-1", 5, 1)]
+        store.mark("gw-1", 1, b"a", periods=[("day", DAY), ("hour", DAY)])
+        store.mark("gw-1", 2, b"b", periods=[("day", DAY), ("hour", DAY + HOUR)])
+        store.mark("gw-2", 1, b"c", periods=[("day", DAY)])
+        store.mark("gw-3", 1, b"d")  # no totals changed (e.g. voltages only)
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        assert _owed(store) == [
+            ("gw-1", "day", DAY, 2), ("gw-2", "day", DAY, 1), ("gw-1", "hour", DAY, 1),
+            ("gw-1", "hour", DAY + HOUR, 1),
+        ]  # fmt: skip
+        assert store.pending_periods() == 4
+
+
+def test_a_period_is_due_once_it_ended_and_nothing_touched_it_for_the_delay(tmp_path: Path) -> None:
+    clock = Clock(DAY / 1000 + 1800)  # half past the first hour of DAY
+    with DedupStore(tmp_path / "d.sqlite", clock=clock) as store:
+        store.mark("gw-1", 1, periods=[("day", DAY), ("hour", DAY)])
+        assert store.claim_due(delay_s=60, lease_s=600) == []  # the hour has not ended
+        clock.now_s = DAY / 1000 + 3600 + 59
+        assert store.claim_due(delay_s=60, lease_s=600) == []  # ended 59 s ago
+        clock.now_s += 1
+        claimed = store.claim_due(delay_s=60, lease_s=600)
+        assert [(p.gateway, p.kind, p.period_ms) for p in claimed] == [("gw-1", "hour", DAY)]
+        assert store.claim_due(delay_s=60, lease_s=600) == []  # claimed: nobody else takes it
+        store.mark("gw-1", 2, periods=[("hour", DAY)])  # late data touches the hour meanwhile
+        assert store.done_periods(claimed) == 0  # still owed: its new data is not rolled up
+        assert store.claim_due(delay_s=60, lease_s=600) == []  # touched just now: not yet due
+        clock.now_s += 60
+        again = store.claim_due(delay_s=60, lease_s=600)
+        assert [(p.kind, p.version) for p in again] == [("hour", 2)]
+        assert store.done_periods(again) == 1
+        assert [k for _, k, _, _ in _owed(store)] == ["day"]
+
+
+def test_a_claim_of_a_worker_that_died_expires_and_a_failed_rollup_is_released(tmp_path: Path) -> None:
+    clock = Clock(DAY / 1000 + 2 * 86_400)
+    with DedupStore(tmp_path / "d.sqlite", clock=clock) as store:
+        store.mark("gw-1", 1, periods=[("day", DAY)])
+        first = store.claim_due(delay_s=0, lease_s=600)
+        assert len(first) == 1 and store.claim_due(delay_s=0, lease_s=600) == []
+        clock.now_s += 600  # the claimer died: its lease ran out
+        second = store.claim_due(delay_s=0, lease_s=600)
+        assert [(p.kind, p.period_ms) for p in second] == [("day", DAY)]
+        store.done_periods((), second)  # its rollup failed: released at once
+        assert len(store.claim_due(delay_s=0, lease_s=600)) == 1
+
+
+def test_days_owed_by_a_store_of_the_earlier_layout_become_day_rollups(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "d.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE daily_pending (gateway TEXT, day_ms INTEGER, version INTEGER)")
+        db.execute("INSERT INTO daily_pending VALUES ('gw-1', ?, 3)", (DAY,))
+    with DedupStore(path) as store:
+        assert _owed(store) == [("gw-1", "day", DAY, 3)]
+
+
+def test_a_mark_that_fails_leaves_neither_the_batch_nor_its_periods(tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite") as store:
+        with pytest.raises(ValueError, match="period kind"):
+            store.mark("gw-1", 1, b"a", periods=[("week", DAY)])
+        assert not store.seen("gw-1", 1) and store.pending_periods() == 0
+        store.mark("gw-1", 1, b"a", periods=[("day", 5)])  # the store is still usable
+        assert store.seen("gw-1", 1, b"a") and _owed(store) == [("gw-1", "day", 5, 1)]
 
 
 def test_a_mark_waits_for_another_workers_write_instead_of_failing(tmp_path: Path) -> None:
@@ -132,7 +180,7 @@ def test_a_mark_waits_for_another_workers_write_instead_of_failing(tmp_path: Pat
 
         committer = threading.Thread(target=commit_later)
         committer.start()
-        store.mark("gw", 2, daily_days=[0])
+        store.mark("gw", 2, periods=[("day", 0)])
         committer.join()
         other.close()
         assert store.seen("gw", 2) and store.seen("other", 1)

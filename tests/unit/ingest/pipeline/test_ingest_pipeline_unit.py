@@ -10,8 +10,17 @@ import pytest
 from ingest.cli import add_arguments
 from ingest.config import SAMPLE, load_config, parse_config
 from ingest.metrics import IngestMetrics
+from ingest.pipeline.rollup import day_rows, hour_rows
 from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform
-from ingest.sinks.influx.lines import TagCache, encode_batch, event_line, stored_tag, unescape_tag
+from ingest.sinks.base import Rollup
+from ingest.sinks.influx.lines import (
+    TagCache,
+    encode_batch,
+    event_line,
+    rollup_lines,
+    stored_tag,
+    unescape_tag,
+)
 from ingest.sinks.influx.query import quote_str
 from protocols.aggregates import decode_intervals
 from protocols.errors import ConfigError, PayloadError
@@ -29,6 +38,17 @@ def settings(**kw: object) -> Settings:
 def stored_lines(out: BatchOutput) -> bytes:
     """What the InfluxDB sink stores of ``out`` (wide readings, the sample's schema)."""
     return encode_batch(out.columns, TagCache(), wide=True)
+
+
+def rolled_lines(out: BatchOutput, s: Settings | None = None) -> bytes:
+    """The ``daily_tou`` and ``hourly`` rows a rollup writes when ``out``'s intervals are all the
+    stored intervals of their periods."""
+    s = s or settings()
+    meters = s.registry.params(out.meter_ids)
+    made = [("day", day_rows(out.iv, meters, s)), ("hour", hour_rows(out.iv, s))]
+    cache = TagCache()
+    gw, ids = out.columns.gateway, out.meter_ids
+    return b"".join(rollup_lines(Rollup(gw, ids, k, p), cache) for k, p in made if p is not None)  # type: ignore[arg-type]
 
 
 def batch(seq: int = 1, k0: int = 0, n: int = 4, gw: str = "gw-1") -> ReadingBatch:
@@ -159,7 +179,8 @@ def test_energy_of_2_62_is_flagged_and_in_no_interval_daily_row_or_published_agg
     out = transform(decode(encode(b.build("gw", 1, sent_ms=T0 + 2 * Q))), settings())
     assert int(out.flags[0]) & Flag.OUT_OF_RANGE
     assert [(r.meter, r.energy) for r in out.interval_records()] == [("M1", 25), ("M1", 25)]
-    daily = [ln for ln in stored_lines(out).split(b"\n") if ln.startswith(b"daily_tou")]
+    assert b"daily_tou" not in stored_lines(out)  # totals are rolled up per closed period
+    daily = [ln for ln in rolled_lines(out).split(b"\n") if ln.startswith(b"daily_tou")]
     assert len(daily) == 1 and b"meter=M1" in daily[0] and b",total=50i," in daily[0]
     assert decode_intervals(out.intervals_payload("gw", 1))[2] == out.interval_records()
 
@@ -236,29 +257,29 @@ def _reference_daily_lines(out_lines: bytes) -> list[bytes]:
     return [ln for ln in out_lines.split(b"\n") if ln.startswith(b"daily_tou")]
 
 
-def test_daily_partials_lines_are_the_documented_points() -> None:
+def test_daily_rows_are_the_documented_points() -> None:
     # Two days (a batch crossing local midnight), estimated rows and the billable split.
     b = BatchBuilder()
     b.set_prev("M 1", 1, 1000, T0 - 2 * Q)
     for k in (-1, 1, 2):  # the gap at k=0 is estimated; (T0 - Q, T0] belongs to the first day
         b.add("M 1", T0 + k * Q, 1, 1000 + 25 * (k + 2))
     out = transform(b.build("g,w", 3, sent_ms=T0 + 2 * Q), settings())
-    lines = _reference_daily_lines(stored_lines(out))
+    lines = _reference_daily_lines(rolled_lines(out))
     assert lines == [
         b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-09",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
         b"intervals=2i,estimated=1i,invalid=0i,reg_sharp=0i,reg_peak=0i,reg_flat=0i,reg_valley=0i,"
-        b"tou_mismatch=0i %d" % (T0 - 2 * Q),
+        b"tou_mismatch=0i %d" % (T0 - 86_400_000),
         b'daily_tou,meter=M\\ 1,gateway=g\\,w day="2024-03-10",total=50i,sharp=0i,peak=0i,flat=0i,valley=50i,'
         b"intervals=2i,estimated=1i,invalid=0i,reg_sharp=0i,reg_peak=0i,reg_flat=0i,reg_valley=0i,"
         b"tou_mismatch=0i %d" % T0,
     ]
-    assert out.daily_days == (T0 - 86_400_000, T0)
+    assert out.periods == (("day", T0 - 86_400_000), ("day", T0), ("hour", T0 - 3_600_000), ("hour", T0))
 
 
-def test_daily_partials_cross_check_the_calendar_split_with_the_tariff_registers() -> None:
+def test_daily_rows_cross_check_the_calendar_split_with_the_tariff_registers() -> None:
     """VEE-15 through transform: the built-in calendar puts 00:00-08:00 in valley. Meter OK's T4
     (valley) register agrees with its total; meter BAD's energy lands on T2 (peak) instead, more
-    than the largest interval away from the calendar's peak of 0, so its partial counts a mismatch."""
+    than the largest interval away from the calendar's peak of 0, so its day counts a mismatch."""
     b = BatchBuilder()
     for m, q_tariff in (("OK", 5), ("BAD", 3)):
         for q in (1, q_tariff):
@@ -268,7 +289,7 @@ def test_daily_partials_cross_check_the_calendar_split_with_the_tariff_registers
     out = transform(b.build("gw", 1, sent_ms=T0 + 4 * Q), settings())
     fields = {
         line.split(b",", 2)[1]: dict(kv.split(b"=") for kv in line.split(b" ")[1].split(b",")[1:])
-        for line in _reference_daily_lines(stored_lines(out))
+        for line in _reference_daily_lines(rolled_lines(out))
     }
     ok, bad = fields[b"meter=OK"], fields[b"meter=BAD"]
     assert (ok[b"valley"], ok[b"reg_valley"], ok[b"reg_peak"], ok[b"tou_mismatch"]) == (
@@ -285,7 +306,7 @@ def test_daily_partials_cross_check_the_calendar_split_with_the_tariff_registers
     )
 
 
-def test_hourly_partials_split_the_batch_at_local_hours() -> None:
+def test_hourly_rows_split_the_intervals_at_local_hours() -> None:
     # prev at 00:30; reads 00:45 .. 01:45 (local): 2 intervals in hour 00, 3 in hour 01, one of
     # them estimated (the 01:15 read is missing: the 01:30 delta is spread over both intervals,
     # VEE-20) and the 01:45 one went backwards (not billable).
@@ -294,9 +315,9 @@ def test_hourly_partials_split_the_batch_at_local_hours() -> None:
     for k, v in ((3, 1025), (4, 1050), (6, 1100), (7, 1090)):
         b.add("M 1", T0 + k * Q, 1, v)
     out = transform(b.build("g", 1, sent_ms=T0 + 7 * Q), settings())
-    assert [ln for ln in stored_lines(out).split(b"\n") if ln.startswith(b"hourly")] == [
+    assert [ln for ln in rolled_lines(out).split(b"\n") if ln.startswith(b"hourly")] == [
         b'hourly,meter=M\\ 1,gateway=g hour="2024-03-10T00",total=50i,intervals=2i,estimated=0i,invalid=0i %d'
-        % (T0 + 2 * Q),
+        % T0,
         b'hourly,meter=M\\ 1,gateway=g hour="2024-03-10T01",total=50i,intervals=2i,estimated=2i,invalid=1i %d'
         % (T0 + 4 * Q),
     ]
@@ -335,7 +356,7 @@ def test_meters_on_a_listed_tariff_get_their_own_tou_calendar(tmp_path: Path) ->
         line.split(b",", 2)[1]: [
             kv for kv in line.split(b" ")[1].split(b",") if kv.split(b"=")[0] in (b"flat", b"valley")
         ]
-        for line in _reference_daily_lines(stored_lines(out))
+        for line in _reference_daily_lines(rolled_lines(out, s))
     }
     assert split == {
         b"meter=A": [b"flat=100i", b"valley=0i"],

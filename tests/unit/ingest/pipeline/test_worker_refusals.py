@@ -20,28 +20,19 @@ from ingest.pipeline.deadletter import DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.worker import IngestWorker, _drain, _Item, _Resources
 from ingest.sinks.base import Rejected, WriteResult, Writes
-from protocols.aggregates import DailyTotal
 from protocols.errors import SinkError, SinkRefused
 
 DAY = 1_710_000_000_000
 
 
 class FakeSink:
-    """The reads the worker makes, answering ``totals`` or raising ``error``; writes recorded,
-    answering ``result``."""
+    """The reads the worker makes, raising ``error`` if given; writes recorded, answering
+    ``result``."""
 
-    def __init__(
-        self, totals: dict[str, list[DailyTotal]] | None = None, error: SinkError | None = None
-    ) -> None:
-        self.totals, self.error, self.asked = totals or {}, error, []
+    def __init__(self, error: SinkError | None = None) -> None:
+        self.error, self.asked = error, []
         self.result = WriteResult(0)
         self.written: list[Writes] = []
-
-    async def daily_totals(self, keys: dict[str, set[int]], *, utc_offset_ms: int) -> dict[str, Any]:
-        self.asked.append(keys)
-        if self.error is not None:
-            raise self.error
-        return {gw: t for gw, t in self.totals.items() if gw in keys}
 
     async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[Any]:
         self.asked.append((t_lo_ms, t_hi_ms))
@@ -72,24 +63,6 @@ def worker(tmp_path: Path) -> Any:
     yield w
     dead.close()
     dedup.close()
-
-
-async def test_a_refused_daily_read_back_keeps_the_days_pending(worker: Any) -> None:
-    worker._res.dedup.mark("gw-1", 1, daily_days=[DAY])
-    worker.use_sink(FakeSink(error=SinkError("influxql refused: database not found", retryable=False)))
-    with pytest.raises(SinkError):
-        await worker.publish_daily()
-    assert worker._res.dedup.pending_days() == [("gw-1", DAY, 1)] and worker._res.publisher.sent == []
-
-
-async def test_a_daily_read_back_publishes_the_running_totals_then_drops_the_days(worker: Any) -> None:
-    worker._res.dedup.mark("gw-1", 1, daily_days=[DAY])
-    total = DailyTotal("M 1", "2024-03-10", 250, 0, 0, 0, 250, 10, 2)
-    worker.use_sink(FakeSink({"gw-1": [total], "gw-2": [total]}))  # gw-2 is not owed
-    assert await worker.publish_daily() == 1
-    [(topic, payload)] = worker._res.publisher.sent
-    assert topic == "ami/v1/agg/daily/gw-1" and b'"meter":"M 1","day":"2024-03-10","total":250' in payload
-    assert worker._res.dedup.pending_days() == []
 
 
 async def test_a_refused_outage_query_does_not_dead_letter_written_batches(worker: Any) -> None:
