@@ -36,7 +36,8 @@ ack, with the time of the touch. The rollup job takes the keys that are due
 their totals, and only then drops them (:meth:`done_periods`), each only if no batch touched it
 since it was claimed (a version counter): a batch that lands during a rollup leaves its key owed,
 and the period is rolled up again. A claim is a lease: a worker that dies holding it leaves the key
-to be claimed again after ``lease``. A crash anywhere therefore loses no period's totals: the next
+to be claimed again after ``lease``, or at once when it starts again under the same name
+(:meth:`release_claims`). A crash anywhere therefore loses no period's totals: the next
 start rolls up what is owed.
 
 Durability: WAL with ``synchronous=NORMAL``. A mark lost to power failure only makes a later
@@ -75,6 +76,7 @@ CREATE TABLE IF NOT EXISTS rollup_pending (
     version    INTEGER NOT NULL,
     touched_ms INTEGER NOT NULL,
     claimed_ms INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT    NOT NULL DEFAULT '',
     PRIMARY KEY (gateway, kind, period_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollup_pending_due ON rollup_pending(end_ms);
@@ -237,10 +239,13 @@ class DedupStore:
                 keys,
             )
 
-    def claim_due(self, delay_s: float, lease_s: float, limit: int = 10_000) -> list[PendingPeriod]:
-        """Claim the keys due for their rollup: the period ended and its last touch are at least
-        ``delay_s`` ago, and no live claim (younger than ``lease_s``) holds it; oldest period
-        first. The claim is one transaction, so two workers never claim the same key at once."""
+    def claim_due(
+        self, delay_s: float, lease_s: float, owner: str = "", limit: int = 10_000
+    ) -> list[PendingPeriod]:
+        """Claim for ``owner`` the keys due for their rollup: the period ended and its last touch
+        are at least ``delay_s`` ago, and no live claim (younger than ``lease_s``) holds it;
+        oldest period first. The claim is one transaction, so two workers never claim the same
+        key at once."""
         now_ms = int(self._clock() * 1000)
         delay_ms, lease_ms = int(delay_s * 1000), int(lease_s * 1000)
         with self._lock:
@@ -253,9 +258,9 @@ class DedupStore:
                     (now_ms - delay_ms, now_ms - lease_ms, limit),
                 ).fetchall()
                 self._db.executemany(
-                    "UPDATE rollup_pending SET claimed_ms = ? "
+                    "UPDATE rollup_pending SET claimed_ms = ?, claimed_by = ? "
                     "WHERE gateway = ? AND kind = ? AND period_ms = ?",
-                    [(now_ms, g, k, p) for g, k, p, _ in rows],
+                    [(now_ms, owner, g, k, p) for g, k, p, _ in rows],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -279,6 +284,16 @@ class DedupStore:
                 [(p.gateway, p.kind, p.period_ms) for p in (*done, *failed)],
             )
             return dropped
+
+    def release_claims(self, owner: str) -> int:
+        """Release every claim of ``owner`` (a worker starting again under its name: the claims
+        of its previous life died with it). Returns how many."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE rollup_pending SET claimed_ms = 0, claimed_by = '' "
+                "WHERE claimed_by = ? AND claimed_ms > 0",
+                (owner,),
+            ).rowcount
 
     def pending_periods(self) -> int:
         """How many keys are owed a rollup (claimed or not)."""

@@ -256,10 +256,13 @@ class RollupJob:
     publish: Publish | None
     metrics: IngestMetrics
     delay_s: float
+    owner: str = ""
     lease_s: float = 600.0
 
     async def run(self, every_s: float) -> None:
-        """Roll up what is due every ``every_s`` seconds, forever (failures: tried next time)."""
+        """Roll up what is due every ``every_s`` seconds, forever (failures: tried next time),
+        first taking back the claims this owner held before a crash."""
+        await asyncio.to_thread(self.dedup.release_claims, self.owner)
         while True:
             await self.run_once()
             await asyncio.sleep(every_s)
@@ -267,7 +270,7 @@ class RollupJob:
     async def run_once(self) -> int:
         """Claim the due periods and roll them up, gateway by gateway; the keys of a gateway
         whose read, write or publish failed stay owed. Returns the periods rolled up."""
-        due = await asyncio.to_thread(self.dedup.claim_due, self.delay_s, self.lease_s)
+        due = await asyncio.to_thread(self.dedup.claim_due, self.delay_s, self.lease_s, self.owner)
         by_gateway: dict[str, list[PendingPeriod]] = {}
         for p in due:
             by_gateway.setdefault(p.gateway, []).append(p)

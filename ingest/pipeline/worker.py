@@ -783,6 +783,7 @@ class IngestWorker:
             publish,
             self.metrics,
             p.rollup_delay_s,
+            owner=self.cfg.mqtt.consumer(self.worker).client_id,
         )
 
     async def _outages(self, t_lo: int, t_hi: int) -> None:

@@ -70,6 +70,7 @@ async def test_readings_of_a_meter_bound_to_another_gateway_are_dead_lettered_an
                 b.add(m, T0 + k * Q, 1, 10_000 * (i + 1) + 25 * k)
         pub.batch(b.build(gw_a, 1, sent_ms=T0 + 2 * Q))
         await wait_for(lambda: written(w) == 1)
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)  # rolled up
     finally:
         pub.close()
     stored = influxd.query("SELECT * FROM meter_reading GROUP BY meter", db=db)
@@ -146,6 +147,7 @@ async def test_readings_stamped_before_min_ts_are_stored_flagged_with_no_1970_da
         b.add("M1", T0 + Q, 1, 5_040)
         pub.batch(b.build(gw, 1, sent_ms=T0 + Q))
         await wait_for(lambda: written(w) == 1)
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)  # rolled up
     finally:
         pub.close()
     rows = influxd.query("SELECT * FROM meter_reading WHERE meter = 'M0'", db=db)
@@ -175,6 +177,7 @@ async def test_an_oversized_payload_is_dead_lettered_from_a_prefix_and_acknowled
         b.add("M1", T0 + Q, 1, 1_000)
         pub.batch(b.build(gw, 1, sent_ms=T0 + Q))
         await wait_for(lambda: written(w) == 1)
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)  # rolled up
     finally:
         pub.close()
     assert dead_lettered(w, "payload too large") == 20

@@ -1,6 +1,6 @@
 """VEE-21 through the real worker (real mosquitto and influxd): three like days stored, then a
-batch closing a long gap lands with the like days' shape and EST_HIST, its hourly partials
-following that shape; a meter of the same batch without stored like days stays EST_FLAT."""
+batch closing a long gap lands with the like days' shape and EST_HIST, the hourly totals
+rolled up from it following that shape; a meter of the same batch without stored like days stays EST_FLAT."""
 
 from __future__ import annotations
 
@@ -83,10 +83,11 @@ async def test_a_long_gap_takes_its_like_days_shape_and_without_like_days_stays_
         assert [e for e, _ in m2] == [30] * 12
         assert all(f & Flag.EST_FLAT and not f & Flag.EST_HIST for _, f in m2)
 
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)  # rolled up
         hourly: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for r in influxd.query(f"SELECT * FROM hourly WHERE gateway = '{gw}' AND time >= {T0}ms", db=db):
             hourly[r["meter"]][r["hour"]] += r["total"]
-        assert sorted(hourly["M1"].values(), reverse=True) == [160, 120, 80]  # the partials follow
+        assert sorted(hourly["M1"].values(), reverse=True) == [160, 120, 80]  # the hours follow
         assert list(hourly["M2"].values()) == [120, 120, 120]
     finally:
         pub.close()

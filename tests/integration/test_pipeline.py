@@ -53,7 +53,8 @@ def ingest_toml(tmp: Path, mosquitto: Any, influxd: Any, db: str, topics: list[s
     pipeline = {
         "retry_initial_s": 0.2,
         "retry_max_s": 1.0,
-        "daily_publish_s": 0.3,
+        "rollup_delay_s": 0.0,
+        "rollup_check_s": 0.2,
         **opts.pop("pipeline", {}),
     }
     lines = [
@@ -236,7 +237,11 @@ async def test_batches_land_with_flags_intervals_daily_and_a_bad_payload_is_dead
         assert [r["energy_fwd_active_total_flags"] for r in iv[:8]] == [None] * 8  # actual: no flags field
         q_m2 = f"SELECT count(energy_fwd_active_total) FROM intervals WHERE meter = 'M2' AND gateway = '{gw}'"
         assert count(influxd, db, q_m2) == 8
-        # daily TOU partials: one per batch, summing to the day's billable total
+        # daily TOU: the day rolled up once its batches are in, one row per meter-day
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)
+        assert (
+            len(influxd.query(f"SELECT * FROM daily_tou WHERE meter = 'M1' AND gateway = '{gw}'", db=db)) == 1
+        )
         daily = influxd.query(
             'SELECT sum("total") AS total, sum("valley") AS valley, sum("intervals") AS n, sum("estimated") AS est '
             "FROM daily_tou WHERE meter = 'M1' GROUP BY meter",
@@ -248,7 +253,7 @@ async def test_batches_land_with_flags_intervals_daily_and_a_bad_payload_is_dead
             and daily[0]["n"] == 10
             and daily[0]["est"] == 2
         )
-        # hourly partials: an interval counts in the hour it starts in (hour 2: 2 estimated + 1 invalid)
+        # hourly rows: an interval counts in the hour it starts in (hour 2: 2 estimated + 1 invalid)
         hourly = influxd.query(
             'SELECT sum("total") AS total, sum("intervals") AS n, sum("estimated") AS est, sum("invalid") AS bad '
             f"FROM hourly WHERE meter = 'M1' AND gateway = '{gw}' AND time >= {T0}ms AND time < {T0 + 16 * Q}ms "
@@ -264,8 +269,8 @@ async def test_batches_land_with_flags_intervals_daily_and_a_bad_payload_is_dead
             report = await sink.completeness("M1", DAY)
         assert str(report) == "M1 2024-03-10: 10 of 96 intervals, 0 duplicates, 2 estimated, 1 invalid"
 
-        # aggregates published: every interval once, daily running totals (one daily message per
-        # flush of the pending days; the running total supersedes, so the last one has it all)
+        # aggregates published: every interval once, the day's totals at each rollup of it (a
+        # rollup after more data supersedes, so the last one has it all)
         def last_daily() -> dict[str, Any]:
             return {d.meter: d for p in rec.snapshot(f"/daily/{gw}") for d in decode_daily(p)[1]}
 
@@ -359,6 +364,7 @@ async def test_worker_sigkilled_mid_stream_and_restarted_leaves_the_clean_run_po
         for b in batches:
             pub.batch(b)
         await wait_for(lambda: written(w) == len(batches))
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)  # every period rolled up
         await stop(w)
         cfg = tmp_path / "crash.toml"
         cfg.write_text(ingest_toml(tmp_path, mosquitto, influxd, crash_db, topics_for(group, [gw]),
@@ -376,7 +382,8 @@ async def test_worker_sigkilled_mid_stream_and_restarted_leaves_the_clean_run_po
         try:
             expected = len(batches) * len(meters) * 4
             await wait_for(lambda: _readings_in(influxd, crash_db, gw) == expected, 60)
-            await asyncio.sleep(1.0)  # the daily/interval points of the last batch
+            with DedupStore(tmp_path / "dedup.sqlite") as owed:  # every period rolled up
+                await wait_for(lambda: owed.pending_periods() == 0, 30)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
@@ -426,11 +433,12 @@ async def _outage(mosquitto: Any, influx_db: Any, tmp_path: Path, outage_s: floa
         proc.wait(15)
 
 
-async def test_daily_totals_owed_at_a_crash_are_published_by_the_next_start(
+async def test_periods_owed_at_a_crash_are_rolled_up_by_the_next_start(
     mosquitto: Any, influx_db: Any, tmp_path: Path
 ) -> None:
-    """The (gateway, day) keys are durable before the ack: a worker SIGKILLed before its daily
-    flush leaves them in the dedup store, and the next start publishes the day's running totals."""
+    """The (gateway, period) keys are durable before the ack: a worker SIGKILLed across a period's
+    close (its rollup not yet done) leaves them in the dedup store, and the next start writes the
+    day's and hours' rows and publishes the day's totals."""
     influxd, db = influx_db
     gw = f"gw-d-{_uid()}"
     rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/agg/daily/{gw}"], client_id=f"rec-{_uid()}")
@@ -438,20 +446,20 @@ async def test_daily_totals_owed_at_a_crash_are_published_by_the_next_start(
     client_id = f"daily-{_uid()}"
     pub = Publisher(mosquitto)
     try:
-        never = tmp_path / "never.toml"  # an hour between flushes: none happens before the kill
+        never = tmp_path / "never.toml"  # periods due an hour after their close: none before the kill
         never.write_text(ingest_toml(tmp_path, mosquitto, influxd, db, topics, client_id=client_id,
-                                     pipeline={"daily_publish_s": 3600}))  # fmt: skip
+                                     pipeline={"rollup_delay_s": 3600}))  # fmt: skip
         proc = _spawn_worker(never)
         await wait_for(lambda: "ingest worker started" in never.with_suffix(".log").read_text(), 30)
         for b in series_batches(gw, ["D1", "D2"], 3):
             pub.batch(b)
         await wait_for(lambda: _readings_in(influxd, db, gw) == 24, 30)
         store = DedupStore(tmp_path / "dedup.sqlite")
-        await wait_for(lambda: store.pending_days() != [], 10)
+        await wait_for(lambda: store.pending_periods() == 4, 10)  # the day and its hours 00 .. 02
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert [(g, d) for g, d, _ in store.pending_days()] == [(gw, T0)]  # T0: local midnight
-        assert rec.snapshot(f"/daily/{gw}") == []
+        assert store.pending_periods() == 4 and rec.snapshot(f"/daily/{gw}") == []
+        assert influxd.query(f"SELECT * FROM daily_tou WHERE gateway = '{gw}'", db=db) == []
 
         soon = tmp_path / "soon.toml"
         soon.write_text(ingest_toml(tmp_path, mosquitto, influxd, db, topics, client_id=client_id))
@@ -461,7 +469,19 @@ async def test_daily_totals_owed_at_a_crash_are_published_by_the_next_start(
             totals = {d.meter: d for p in rec.snapshot(f"/daily/{gw}") for d in decode_daily(p)[1]}
             assert (totals["D1"].total, totals["D1"].intervals) == (300, 12)
             assert (totals["D2"].total, totals["D2"].intervals) == (600, 12)
-            await wait_for(lambda: store.pending_days() == [], 10)
+            await wait_for(lambda: store.pending_periods() == 0, 10)
+            days = influxd.query(
+                f"SELECT total, intervals FROM daily_tou WHERE gateway = '{gw}' GROUP BY meter", db=db
+            )
+            assert sorted((r["meter"], r["time"], r["total"], r["intervals"]) for r in days) == [
+                ("D1", T0, 300, 12), ("D2", T0, 600, 12),
+            ]  # fmt: skip
+            hours = influxd.query(f"SELECT total FROM hourly WHERE gateway = '{gw}' AND meter = 'D1'", db=db)
+            assert [(r["time"], r["total"]) for r in hours] == [
+                (T0, 100),
+                (T0 + 4 * Q, 100),
+                (T0 + 8 * Q, 100),
+            ]
         finally:
             proc.terminate()
             proc.wait(10)
@@ -697,6 +717,7 @@ async def test_tou_split_is_cross_checked_against_the_tariff_registers_in_influx
                     b.add(m, T0 + k * Q, q, 1000 + 25 * k)
         pub.batch(b.build(gw, 1, sent_ms=T0 + 4 * Q))
         await wait_for(lambda: written(w) == 1)
+        await wait_for(lambda: w._res.dedup.pending_periods() == 0)
     finally:
         pub.close()
     rows = influxd.query(

@@ -1,8 +1,8 @@
 """The daily report job (``ingest.reports.daily``, ``amigw ingest --daily-report``) against a real influxd.
 
-The day's ``daily_tou`` partials are made the way the worker makes them: register reads on the
+The day's ``daily_tou`` rows are made the way the worker makes them: register reads on the
 15-min grid in :class:`BatchBuilder` batches, through :func:`ingest.pipeline.transform.transform`, written
-to influxd. The registry has three areas:
+to influxd, then the days rolled up from the stored intervals (:mod:`tests.rollup`). The registry has three areas:
 
 * ``TA-1``: master ``MA`` (CT x40) and customers ``C1``, ``C2`` (two readings missing: 3 estimated
   intervals) and ``C 3,x``; 5.00 % loss, QUALIFIED;
@@ -12,12 +12,13 @@ to influxd. The registry has three areas:
 * ``TA-3``: master ``MC`` sent nothing on the day: NOT_COMPUTABLE, half its meters collected; the
   day before was NOT_COMPUTABLE too but the one before QUALIFIED: two days, no alarm.
 
-A next-day partial of ``MA`` and a previous-day partial of ``C1`` must stay outside the day.
+A next-day row of ``MA`` and a previous-day row of ``C1`` must stay outside the day.
 Every expected value below is worked out by hand from the deltas.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import socket
@@ -35,6 +36,7 @@ from ingest.sinks.influx.lines import TagCache, encode_batch, escape_tag, stored
 from protocols.errors import ConfigError
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder
+from tests.rollup import roll_up_days
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +103,7 @@ def config_toml(tmp: Path, url: str, db: str) -> str:
 
 @pytest.fixture
 def day_loaded(influx_db: Any, tmp_path: Path) -> tuple[Any, str, Path]:
-    """influxd holding the day's partials; returns (influxd, db, config file)."""
+    """influxd holding the day's rows; returns (influxd, db, config file)."""
     influxd, db = influx_db
     (tmp_path / "meters.toml").write_text(registry_toml())
     cfg_file = tmp_path / "ingest.toml"
@@ -118,8 +120,10 @@ def day_loaded(influx_db: Any, tmp_path: Path) -> tuple[Any, str, Path]:
         batch(GW_B, b_meters, 48, 96, 2),
     ]
     influxd.write(b"".join(_stored(transform(b, settings)) for b in batches), db)
+    cfg = parse_config(cfg_file.read_text(), base_dir=tmp_path)
+    roll_up_days(cfg, settings, (GW_A, GW_B), (T0 - 86_400_000, T0, T0 + 86_400_000))
     influxd.write(HISTORY, db)
-    # the partials are what the report will sum: check the fixture made what the test assumes
+    # the day rows are what the report will sum: check the fixture made what the test assumes
     rows = influxd.query(
         f'SELECT sum("intervals") AS n, sum("estimated") AS e FROM daily_tou '
         f"WHERE time >= {T0}ms AND time < {T0 + 96 * Q}ms GROUP BY meter",
@@ -335,6 +339,7 @@ async def test_pv_export_enters_supply_and_the_masters_export_enters_sales(
                     bb.add(m, T0 + k * Q, q, 50_000 + d * k)
         lines.append(_stored(transform(bb.build("gw-pv", seq, sent_ms=T0 + k_hi * Q + 1_000), settings)))
     influxd.write(b"".join(lines), db)
+    await asyncio.to_thread(roll_up_days, cfg, settings, ("gw-pv",), (T0,))
     rev = influxd.query(
         'SELECT sum("rev_total") AS e, sum("rev_intervals") AS n FROM daily_tou GROUP BY meter', db=db
     )

@@ -139,6 +139,17 @@ def test_a_claim_of_a_worker_that_died_expires_and_a_failed_rollup_is_released(t
         assert len(store.claim_due(delay_s=0, lease_s=600)) == 1
 
 
+def test_a_worker_started_again_takes_back_the_claims_of_its_previous_life(tmp_path: Path) -> None:
+    clock = Clock(DAY / 1000 + 2 * 86_400)
+    with DedupStore(tmp_path / "d.sqlite", clock=clock) as store:
+        store.mark("gw-1", 1, periods=[("day", DAY), ("hour", DAY)])
+        assert len(store.claim_due(delay_s=0, lease_s=600, owner="ingest-0")) == 2  # then SIGKILL
+        assert store.claim_due(delay_s=0, lease_s=600, owner="ingest-1") == []  # another worker
+        assert store.release_claims("ingest-1") == 0  # holds none
+        assert store.release_claims("ingest-0") == 2  # the killed worker, started again
+        assert len(store.claim_due(delay_s=0, lease_s=600, owner="ingest-0")) == 2
+
+
 def test_days_owed_by_a_store_of_the_earlier_layout_become_day_rollups(tmp_path: Path) -> None:
     import sqlite3
 
