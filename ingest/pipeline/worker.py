@@ -96,7 +96,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +112,17 @@ from ingest.pipeline.loss import Alarm, LossStore
 from ingest.pipeline.state import RunStateStore
 from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform, warm_up
 from ingest.rules import stages as st
-from ingest.sinks.base import AreaAlarm, Sink, WriteResult, Writes, backoff_delay_s
+from ingest.sinks.base import (
+    AreaAlarm,
+    OnFailure,
+    RetryPolicy,
+    Sink,
+    WriteResult,
+    Writes,
+    backoff_delay_s,
+    retry_until_done,
+    send_until_written,
+)
 from ingest.sinks.influx.sink import InfluxSink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
@@ -391,34 +401,51 @@ class IngestWorker:
             self._slots.release()
 
     async def _durable(self, writes: list[_Item]) -> None:
-        """Write and publish, retried as one (rewrites are idempotent) while the sink or the
-        broker is unavailable or the sink refuses us: an unacknowledged message is not
-        redelivered on a live session, and nothing is dead-lettered for our own misconfiguration.
+        """Shape, write, publish: each step retried on its own while the sink or the broker is
+        unavailable or the sink refuses us (a failing publish does not redo the write): an
+        unacknowledged message is not redelivered on a live session, and nothing is
+        dead-lettered for our own misconfiguration.
 
         Raises (only while replaying, instead of waiting): TransportError, SinkError."""
-        attempt = 0
-        while True:
-            try:
-                await self._shape_long_gaps(writes)
-                batches = [it.out.columns for it in writes if it.out is not None]
-                await self._write(Writes(batches, [it.event for it in writes if it.event is not None]))
-                await self._after_write(writes)
+        once = RetryPolicy(1, 1, attempts=1)  # while replaying: raise, do not wait
+        policy = once if self._replaying else self._retry_policy()
+        failed = self._failure_callback(writes)
+
+        async def retried(step: Callable[[], Awaitable[None]]) -> None:
+            # any sink error: a refused like-day read is retried too, never written flat
+            await retry_until_done(
+                step, policy, retry_on=(TransportError, SinkError), give_up=lambda _exc: False,
+                on_failure=failed, rng=self._rng,
+            )  # fmt: skip
+
+        await retried(lambda: self._shape_long_gaps(writes))
+        batches = [it.out.columns for it in writes if it.out is not None]
+        await self._write(Writes(batches, [it.event for it in writes if it.event is not None]), len(writes))
+        await retried(lambda: self._after_write(writes))
+
+    def _retry_policy(self) -> RetryPolicy:
+        """The commit's retry: forever, ``[pipeline] retry_initial_s``/``retry_max_s``."""
+        p = self.cfg.pipeline
+        cap_s = self.cfg.influx.retry_after_max_s
+        return RetryPolicy(p.retry_initial_s, p.retry_max_s, retry_after_max_s=cap_s)
+
+    def _failure_callback(self, writes: list[_Item] | int) -> OnFailure:
+        """What every failed step of a group does: the refusal alarm, the retries counter, the
+        gauges (so they move while InfluxDB is down), a debug line."""
+        messages = writes if isinstance(writes, int) else len(writes)
+
+        def failed(exc: Exception, attempt: int, delay_s: float | None) -> None:
+            if isinstance(exc, SinkError):
+                self._sink_failed(exc)
+            if delay_s is None:
                 return
-            except (TransportError, SinkError) as exc:
-                if self._replaying:
-                    raise
-                attempt += 1
-                self.metrics.sink_retries.inc()
-                self._update_gauges()
-                delay = self._backoff_s(attempt)
-                log.debug(
-                    "group retry messages=%d attempt=%d delay_s=%.2f error=%s",
-                    len(writes),
-                    attempt,
-                    delay,
-                    exc,
-                )
-                await asyncio.sleep(delay)
+            self.metrics.sink_retries.inc()
+            self._update_gauges()
+            log.debug(
+                "group retry messages=%d attempt=%d delay_s=%.2f error=%s", messages, attempt, delay_s, exc
+            )
+
+        return failed
 
     async def _shape_long_gaps(self, writes: list[_Item]) -> None:
         """VEE-21: transform again, with their like days read from the sink (one read per batch),
@@ -597,30 +624,23 @@ class IngestWorker:
                 alarm.gateway, alarm.missing, alarm.gaps, alarm.first, alarm.last, age_s,
             )  # fmt: skip
 
-    async def _write(self, writes: Writes) -> None:
-        """The sink write on a free connection, retried (same records) while the store is
+    async def _write(self, writes: Writes, messages: int = 0) -> None:
+        """The sink write on a free connection: prepared once (encoded, cut, compressed), sent
+        until written (each retry posts only the bodies not yet accepted) while the store is
         unavailable or refuses us (the alarm is raised while it refuses, see the module contract);
-        then the records it rejected are dead-lettered.
+        then the records it rejected are dead-lettered, once.
 
-        Raises (only while replaying, instead of waiting): SinkError."""
+        Raises (only while replaying, after ``[influx] max_attempts`` tries): SinkError."""
         assert self._res is not None
         sinks = self._res.sinks
         sink = await sinks.get()
         t0 = time.monotonic()
-        attempt = 0
+        policy = self.cfg.influx.one_shot_retry if self._replaying else self._retry_policy()
         try:
-            while True:
-                try:
-                    result = await sink.write(writes)
-                    break
-                except SinkError as exc:
-                    self._sink_failed(exc)
-                    if self._replaying:
-                        raise
-                    attempt += 1
-                    self.metrics.sink_retries.inc()
-                    self._update_gauges()
-                    await asyncio.sleep(self._backoff_s(attempt))
+            prepared = sink.prepare(writes)
+            result = await send_until_written(
+                sink, prepared, policy, on_failure=self._failure_callback(messages), rng=self._rng
+            )
         finally:
             sinks.put_nowait(sink)
         self._sink_accepted()
