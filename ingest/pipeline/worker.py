@@ -18,22 +18,27 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   *window*), so the pipeline's memory is bounded and a stalled sink stops intake (back-pressure,
   never loss).
 * **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
-  ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
-  (its batches' columns and events in one :class:`~ingest.sinks.base.Writes`), retried with
-  back-off for as long as the store is unavailable; the records the sink reports rejected are
-  dead-lettered here (with the store's reason and message), the rest is written. Then the
-  group's intervals are published (one message per batch, PUBACKs awaited), outages correlated,
-  ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose daily totals it changed, in
-  the same transaction), and finally every message of the group is acknowledged. Right before
-  the marks, the run state the group's batches carry out (VEE-08/09/19) is saved in one
-  transaction (:mod:`ingest.pipeline.state`); each batch read its channels' carry at intake. While one group
-  waits for the store the next is transformed and written on a second connection.
+  ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group's write (its batches' columns
+  and events in one :class:`~ingest.sinks.base.Writes`) is prepared once
+  (:meth:`~ingest.sinks.base.Sink.prepare`: encoded, cut, compressed) and sent until written
+  through the one retry layer (:func:`~ingest.sinks.base.send_until_written`: back-off with
+  jitter, ``Retry-After`` honoured) for as long as the store is unavailable; each retry posts only
+  the bodies not yet accepted. The records the sink reports rejected are dead-lettered here, once
+  (with the store's reason and message), the rest is written. Each commit step (VEE-21 shaping,
+  the write, publishing and outage correlation) is retried on its own: a failing publish does not
+  redo the write. Then the group's intervals are published (one message per batch, PUBACKs
+  awaited), outages correlated, ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose
+  daily totals it changed, in the same transaction), and finally every message of the group is
+  acknowledged. Right before the marks, the run state the group's batches carry out (VEE-08/09/19)
+  is saved in one transaction (:mod:`ingest.pipeline.state`); each batch read its channels' carry
+  at intake. While one group waits for the store the next is transformed and written on a second
+  connection.
 * **like days** (VEE-21, rare): a batch whose intervals spread a long gap flat (EST_FLAT) gets,
   at commit before its write, one sink read of the stored intervals of those gaps' meters in the
   like-day window (:func:`~ingest.rules.stages.like_day_window`), then is transformed again from
   its batch and intake carry with those like days, so its intervals *and* its daily and hourly
   partials follow the like-day shape (EST_HIST). A failing read is a sink error like a failing
-  write: the group is retried with back-off (while replaying it raises), never written flat for
+  write: the shaping is retried with back-off (while replaying it raises), never written flat for
   want of the store. A batch without such gaps reads nothing.
 * **daily totals** (one task): every ``daily_publish_s``, the pending ``(gateway, day)`` keys are
   read back from the sink (:meth:`~ingest.sinks.base.Sink.daily_totals`) and published as
@@ -58,7 +63,9 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   retry of a write, so they move while InfluxDB is down.
 * **dead-letter replay** (:meth:`IngestWorker.replaying`, :meth:`IngestWorker.replay`): a
   dead-lettered payload goes through the same intake and commit code (decode, dedup, transform,
-  write, publish, mark), without an MQTT session and giving up instead of waiting forever.
+  write, publish, mark), without an MQTT session and giving up instead of waiting forever: a
+  write is tried ``[influx] max_attempts`` times (a short outage does not stop the replay), any
+  other step once.
 * Intervals are published *before* the ack (acking first would lose them if the worker died in
   between), and the daily obligation is durable before the ack; both are idempotent: interval
   items are keyed by ``(meter, quantity, start_ms)``, daily items are running totals of
