@@ -416,7 +416,7 @@ class IngestWorker:
         Raises (only while replaying, instead of waiting): TransportError, SinkError."""
         once = RetryPolicy(1, 1, attempts=1)  # while replaying: raise, do not wait
         policy = once if self._replaying else self._retry_policy()
-        failed = self._failure_callback(writes)
+        failed = self._failure_callback(len(writes))
 
         async def retried(step: Callable[[], Awaitable[None]]) -> None:
             # any sink error: a refused like-day read is retried too, never written flat
@@ -436,10 +436,9 @@ class IngestWorker:
         cap_s = self.cfg.influx.retry_after_max_s
         return RetryPolicy(p.retry_initial_s, p.retry_max_s, retry_after_max_s=cap_s)
 
-    def _failure_callback(self, writes: list[_Item] | int) -> OnFailure:
-        """What every failed step of a group does: the refusal alarm, the retries counter, the
-        gauges (so they move while InfluxDB is down), a debug line."""
-        messages = writes if isinstance(writes, int) else len(writes)
+    def _failure_callback(self, messages: int) -> OnFailure:
+        """What every failed step of a group of ``messages`` does: the refusal alarm, the retries
+        counter, the gauges (so they move while InfluxDB is down), a debug line."""
 
         def failed(exc: Exception, attempt: int, delay_s: float | None) -> None:
             if isinstance(exc, SinkError):
