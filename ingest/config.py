@@ -500,8 +500,9 @@ gzip_level = 1
 max_batch_lines = 5000
 max_batch_bytes = 4194304
 timeout_s = 10.0
-# Attempts inside one write; the worker then waits and retries the same batch, forever,
-# without acknowledging it (back-pressure, never loss).
+# One-shot commands (--daily-report, --replay-dead-letters) try a write this many times with
+# this back-off; the worker retries forever ([pipeline] retry_initial_s, retry_max_s) without
+# acknowledging (back-pressure, never loss). Retry-After is honoured up to retry_after_max_s.
 max_attempts = 5
 backoff_initial_s = 0.2
 backoff_max_s = 10.0

@@ -142,12 +142,16 @@ class SinkError(AmigwError):
 
     ``retryable`` is true for outages and overload (5xx, 429, connection errors) and for
     :class:`SinkRefused`, false for what the server will never accept (a refused InfluxQL
-    statement).
+    statement). ``retry_after_s``: the server's ``Retry-After``, when it sent one (the retry
+    layer waits at least that long).
     """
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         self.retryable = retryable
         self.status = status
+        self.retry_after_s = retry_after_s
         super().__init__(message)
 
 

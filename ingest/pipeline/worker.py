@@ -18,23 +18,27 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   *window*), so the pipeline's memory is bounded and a stalled sink stops intake (back-pressure,
   never loss).
 * **commit** (up to ``COMMIT_SLOTS`` groups at once): whatever intake has ready, at most
-  ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group is written in one sink call
-  (its batches' columns and events in one :class:`~ingest.sinks.base.Writes`), retried with
-  back-off for as long as the store is unavailable; the records the sink reports rejected are
-  dead-lettered here (with the store's reason and message), the rest is written. Then the
-  group's intervals are published (one message per batch, PUBACKs awaited), outages correlated,
-  ``dedup.mark`` per batch (with the ``(gateway, hour)`` and ``(gateway, day)`` periods whose
-  totals it changed, in the same transaction), and finally every message of the group is
-  acknowledged. Right before the marks, the run state the group's batches carry out
-  (VEE-08/09/19) is saved in one transaction (:mod:`ingest.pipeline.state`); each batch read its
-  channels' carry at intake. While one group waits for the store the next is transformed and
-  written on a second connection.
+  ``queue_max // COMMIT_SLOTS`` messages, becomes one group. A group's write (its batches' columns
+  and events in one :class:`~ingest.sinks.base.Writes`) is prepared once
+  (:meth:`~ingest.sinks.base.Sink.prepare`: encoded, cut, compressed) and sent until written
+  through the one retry layer (:func:`~ingest.sinks.base.send_until_written`: back-off with
+  jitter, ``Retry-After`` honoured) for as long as the store is unavailable; each retry posts only
+  the bodies not yet accepted. The records the sink reports rejected are dead-lettered here, once
+  (with the store's reason and message), the rest is written. Each commit step (VEE-21 shaping,
+  the write, publishing and outage correlation) is retried on its own: a failing publish does not
+  redo the write. Then the group's intervals are published (one message per batch, PUBACKs
+  awaited), outages correlated, ``dedup.mark`` per batch (with the ``(gateway, hour)`` and
+  ``(gateway, day)`` periods whose totals it changed, in the same transaction), and finally every
+  message of the group is acknowledged. Right before the marks, the run state the group's
+  batches carry out (VEE-08/09/19) is saved in one transaction (:mod:`ingest.pipeline.state`);
+  each batch read its channels' carry at intake. While one group waits for the store the next is
+  transformed and written on a second connection.
 * **like days** (VEE-21, rare): a batch whose intervals spread a long gap flat (EST_FLAT) gets,
   at commit before its write, one sink read of the stored intervals of those gaps' meters in the
   like-day window (:func:`~ingest.rules.stages.like_day_window`), then is transformed again from
   its batch and intake carry with those like days, so its intervals (and the totals rolled up
   from them) follow the like-day shape (EST_HIST). A failing read is a sink error like a failing
-  write: the group is retried with back-off (while replaying it raises), never written flat for
+  write: the shaping is retried with back-off (while replaying it raises), never written flat for
   want of the store. A batch without such gaps reads nothing.
 * **rollups** (one task, :class:`~ingest.pipeline.rollup.RollupJob`): every ``rollup_check_s``
   the periods that closed ``rollup_delay_s`` ago and are owed (durable in the dedup store) are
@@ -59,7 +63,9 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   retry of a write, so they move while InfluxDB is down.
 * **dead-letter replay** (:meth:`IngestWorker.replaying`, :meth:`IngestWorker.replay`): a
   dead-lettered payload goes through the same intake and commit code (decode, dedup, transform,
-  write, publish, mark), without an MQTT session and giving up instead of waiting forever.
+  write, publish, mark), without an MQTT session and giving up instead of waiting forever: a
+  write is tried ``[influx] max_attempts`` times (a short outage does not stop the replay), any
+  other step once.
 * Intervals are published *before* the ack (acking first would lose them if the worker died in
   between), and the rollup obligation is durable before the ack; both are idempotent: interval
   items are keyed by ``(meter, quantity, start_ms)``, daily items are the totals of ``(meter,
@@ -97,7 +103,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,7 +120,17 @@ from ingest.pipeline.rollup import RollupJob
 from ingest.pipeline.state import RunStateStore
 from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform, warm_up
 from ingest.rules import stages as st
-from ingest.sinks.base import AreaAlarm, Sink, WriteResult, Writes, backoff_delay_s
+from ingest.sinks.base import (
+    AreaAlarm,
+    OnFailure,
+    RetryPolicy,
+    Sink,
+    WriteResult,
+    Writes,
+    backoff_delay_s,
+    retry_until_done,
+    send_until_written,
+)
 from ingest.sinks.influx.sink import InfluxSink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
@@ -389,34 +405,50 @@ class IngestWorker:
             self._slots.release()
 
     async def _durable(self, writes: list[_Item]) -> None:
-        """Write and publish, retried as one (rewrites are idempotent) while the sink or the
-        broker is unavailable or the sink refuses us: an unacknowledged message is not
-        redelivered on a live session, and nothing is dead-lettered for our own misconfiguration.
+        """Shape, write, publish: each step retried on its own while the sink or the broker is
+        unavailable or the sink refuses us (a failing publish does not redo the write): an
+        unacknowledged message is not redelivered on a live session, and nothing is
+        dead-lettered for our own misconfiguration.
 
         Raises (only while replaying, instead of waiting): TransportError, SinkError."""
-        attempt = 0
-        while True:
-            try:
-                await self._shape_long_gaps(writes)
-                batches = [it.out.columns for it in writes if it.out is not None]
-                await self._write(Writes(batches, [it.event for it in writes if it.event is not None]))
-                await self._after_write(writes)
+        once = RetryPolicy(1, 1, attempts=1)  # while replaying: raise, do not wait
+        policy = once if self._replaying else self._retry_policy()
+        failed = self._failure_callback(len(writes))
+
+        async def retried(step: Callable[[], Awaitable[None]]) -> None:
+            # any sink error: a refused like-day read is retried too, never written flat
+            await retry_until_done(
+                step, policy, retry_on=(TransportError, SinkError), give_up=lambda _exc: False,
+                on_failure=failed, rng=self._rng,
+            )  # fmt: skip
+
+        await retried(lambda: self._shape_long_gaps(writes))
+        batches = [it.out.columns for it in writes if it.out is not None]
+        await self._write(Writes(batches, [it.event for it in writes if it.event is not None]), len(writes))
+        await retried(lambda: self._after_write(writes))
+
+    def _retry_policy(self) -> RetryPolicy:
+        """The commit's retry: forever, ``[pipeline] retry_initial_s``/``retry_max_s``."""
+        p = self.cfg.pipeline
+        cap_s = self.cfg.influx.retry_after_max_s
+        return RetryPolicy(p.retry_initial_s, p.retry_max_s, retry_after_max_s=cap_s)
+
+    def _failure_callback(self, messages: int) -> OnFailure:
+        """What every failed step of a group of ``messages`` does: the refusal alarm, the retries
+        counter, the gauges (so they move while InfluxDB is down), a debug line."""
+
+        def failed(exc: Exception, attempt: int, delay_s: float | None) -> None:
+            if isinstance(exc, SinkError):
+                self._sink_failed(exc)
+            if delay_s is None:
                 return
-            except (TransportError, SinkError) as exc:
-                if self._replaying:
-                    raise
-                attempt += 1
-                self.metrics.sink_retries.inc()
-                self._update_gauges()
-                delay = self._backoff_s(attempt)
-                log.debug(
-                    "group retry messages=%d attempt=%d delay_s=%.2f error=%s",
-                    len(writes),
-                    attempt,
-                    delay,
-                    exc,
-                )
-                await asyncio.sleep(delay)
+            self.metrics.sink_retries.inc()
+            self._update_gauges()
+            log.debug(
+                "group retry messages=%d attempt=%d delay_s=%.2f error=%s", messages, attempt, delay_s, exc
+            )
+
+        return failed
 
     async def _shape_long_gaps(self, writes: list[_Item]) -> None:
         """VEE-21: transform again, with their like days read from the sink (one read per batch),
@@ -594,30 +626,23 @@ class IngestWorker:
                 alarm.gateway, alarm.missing, alarm.gaps, alarm.first, alarm.last, age_s,
             )  # fmt: skip
 
-    async def _write(self, writes: Writes) -> None:
-        """The sink write on a free connection, retried (same records) while the store is
+    async def _write(self, writes: Writes, messages: int = 0) -> None:
+        """The sink write on a free connection: prepared once (encoded, cut, compressed), sent
+        until written (each retry posts only the bodies not yet accepted) while the store is
         unavailable or refuses us (the alarm is raised while it refuses, see the module contract);
-        then the records it rejected are dead-lettered.
+        then the records it rejected are dead-lettered, once.
 
-        Raises (only while replaying, instead of waiting): SinkError."""
+        Raises (only while replaying, after ``[influx] max_attempts`` tries): SinkError."""
         assert self._res is not None
         sinks = self._res.sinks
         sink = await sinks.get()
         t0 = time.monotonic()
-        attempt = 0
+        policy = self.cfg.influx.one_shot_retry if self._replaying else self._retry_policy()
         try:
-            while True:
-                try:
-                    result = await sink.write(writes)
-                    break
-                except SinkError as exc:
-                    self._sink_failed(exc)
-                    if self._replaying:
-                        raise
-                    attempt += 1
-                    self.metrics.sink_retries.inc()
-                    self._update_gauges()
-                    await asyncio.sleep(self._backoff_s(attempt))
+            prepared = sink.prepare(writes)
+            result = await send_until_written(
+                sink, prepared, policy, on_failure=self._failure_callback(messages), rng=self._rng
+            )
         finally:
             sinks.put_nowait(sink)
         self._sink_accepted()

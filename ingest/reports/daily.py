@@ -13,8 +13,11 @@ Contract
   ``line_loss`` alarms stamped with the local day's start; that day's ``line_loss`` alarms of
   areas no longer anomalous are removed). It also runs VEE-06 over the whole day
   (:func:`flag_relative_spikes`). A rerun for the same day rewrites the same records:
-  it overwrites, never adds. Raises :class:`~protocols.errors.SinkError` when the store is
-  unreachable or refuses a read or a report record.
+  it overwrites, never adds. Its writes go through the sink's retry layer
+  (:func:`~ingest.sinks.base.retry_until_done`, bounded by ``retry``: ``[influx] max_attempts``
+  for the CLI), so a short outage does not fail the job. Raises
+  :class:`~protocols.errors.SinkError` when the store stays unreachable or refuses a read or a
+  report record.
 * It never writes ``daily_tou`` and never runs inside the worker: it is a job for once a day,
   after the day is complete (``docs/ingest-report.md`` has the rules, the schema and a timer).
 
@@ -58,7 +61,7 @@ from ingest.config import IngestConfig, LineLossSection, load_calendar, load_reg
 from ingest.model.registry import MeterRegistry
 from ingest.pipeline.rollup import DAY_MS
 from ingest.rules import stages as st
-from ingest.sinks.base import DaySums, Sink, WriteResult
+from ingest.sinks.base import DaySums, RetryPolicy, Sink, WriteResult, retry_until_done
 from protocols.errors import ConfigError, SinkError
 from protocols.flags import Flag
 from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
@@ -363,18 +366,29 @@ def _groups(
     return [Collection(level, name, r, s * per_day, e, b) for name, r, s, e, b in cols_out]
 
 
+_ONE_TRY = RetryPolicy(0.0, 0.0, attempts=1)
+
+
 async def flag_relative_spikes(
-    sink: Sink, start_ms: int, end_ms: int, params: st.ValidationParams, *, utc_offset_ms: int
+    sink: Sink,
+    start_ms: int,
+    end_ms: int,
+    params: st.ValidationParams,
+    *,
+    utc_offset_ms: int,
+    retry: RetryPolicy = _ONE_TRY,
 ) -> int:
     """VEE-06 over the day ``[start_ms, end_ms)`` (see the module contract): the intervals whose
-    SPIKE_REL bit changes get their flags rewritten. Returns the day's SPIKE_REL intervals.
+    SPIKE_REL bit changes get their flags rewritten (retried per ``retry``). Returns the day's
+    SPIKE_REL intervals.
 
     Raises: SinkError (unreachable, the read refused, or a flags record rejected)."""
     stored = await sink.day_intervals(start_ms, end_ms, st.ENERGY_CHANNELS)
     flags = st.relative_spikes(stored.intervals(), params, utc_offset_ms=utc_offset_ms)
     changed = np.flatnonzero(flags != stored.flags)
     if changed.shape[0]:
-        _check("interval flags", await sink.write_interval_flags(stored.take(changed, flags)))
+        rows = stored.take(changed, flags)
+        _check("interval flags", await retry_until_done(lambda: sink.write_interval_flags(rows), retry))
     return int(np.count_nonzero(flags & np.uint32(Flag.SPIKE_REL)))
 
 
@@ -395,14 +409,16 @@ async def run_daily_report(
     interval_ms: int = st.INTERVAL_MS,
     bands: LineLossSection | None = None,
     params: st.ValidationParams | None = None,
+    retry: RetryPolicy = _ONE_TRY,
 ) -> DailyReport:
     """Read, compute, write (see the module contract); ``params`` the VEE-06 thresholds
-    (default: the rules' defaults on the ``interval_ms`` grid).
+    (default: the rules' defaults on the ``interval_ms`` grid); ``retry`` bounds the retries of
+    each write (default: one try).
 
     Raises: SinkError (unreachable, a read refused, or a report or flags record rejected)."""
     start, end = day_window(day, utc_offset_ms)
     params = params or st.ValidationParams(interval_ms=interval_ms)
-    spike_rel = await flag_relative_spikes(sink, start, end, params, utc_offset_ms=utc_offset_ms)
+    spike_rel = await flag_relative_spikes(sink, start, end, params, utc_offset_ms=utc_offset_ms, retry=retry)
     rows = await sink.day_sums(start, end, SUMS)
     before = ANOMALY_DAYS - 1
     by_area = await sink.area_classes(start - before * DAY_MS, start)
@@ -415,7 +431,7 @@ async def run_daily_report(
         bands=bands,
     )  # fmt: skip
     report = dataclasses.replace(report, spike_rel=spike_rel)
-    _check("report", await sink.write_report(report))
+    _check("report", await retry_until_done(lambda: sink.write_report(report), retry))
     return report
 
 
@@ -430,5 +446,5 @@ async def daily_report(cfg: IngestConfig, day: dt.date) -> DailyReport:
     async with InfluxSink(cfg.influx, wide=cfg.pipeline.schema == "wide") as sink:
         return await run_daily_report(
             sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000,
-            bands=cfg.line_loss, params=cfg.validation_params(),
+            bands=cfg.line_loss, params=cfg.validation_params(), retry=cfg.influx.one_shot_retry,
         )  # fmt: skip

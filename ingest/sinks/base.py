@@ -12,10 +12,19 @@ Contract
   good, reported back in :attr:`WriteResult.rejected` with the store's reason. The sink
   dead-letters nothing; the caller does. A rewrite of the same :class:`Writes` is an idempotent
   overwrite (every record is keyed by series and time).
+* A write is prepared once and sent until written: :meth:`Sink.prepare` encodes the
+  :class:`Writes` into the store's request bodies (encoded, cut and compressed here, once);
+  :meth:`Sink.send` posts the bodies not yet accepted, in order, and marks each one accepted in
+  the :class:`PreparedWrite`, so a ``send`` of the same object after a failure resumes at the
+  first body not done and never re-posts an accepted one (the rejected records found so far are
+  kept with it). :meth:`Sink.write` is ``send(prepare(writes))`` for one-shot callers.
 * A store that refuses *us* (credentials, privileges, a missing database) raises
   :class:`~protocols.errors.SinkRefused` (nothing rejected, the caller keeps the data and
-  retries); a store that is unreachable or overloaded raises ``SinkError(retryable=True)`` after
-  its own bounded retries.
+  retries); a store that is unreachable or overloaded raises ``SinkError(retryable=True)`` at
+  once (``retry_after_s`` set when it said ``Retry-After``). The sink never retries: the one
+  retry layer is :func:`retry_until_done` / :func:`send_until_written` (exponential back-off
+  with jitter, ``Retry-After`` honoured, a callback on each failure), forever for the worker,
+  bounded (:class:`RetryPolicy` ``attempts``) for one-shot callers.
 * The reads return the pipeline's values (ids unescaped, local days as epoch ms of their start):
   outage-like events, the open area-outage alarm, one meter-day's
   completeness, the daily report's per-meter day sums and past area classes, stored energy
@@ -28,15 +37,18 @@ Contract
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ingest.rules import stages as st
+from protocols.errors import SinkError
 from protocols.payload import Event
 
 if TYPE_CHECKING:
@@ -47,18 +59,24 @@ __all__ = [
     "AreaAlarm",
     "BatchColumns",
     "DaySums",
+    "OnFailure",
     "OutageEvent",
     "Partials",
+    "PreparedWrite",
     "Rejected",
+    "RetryPolicy",
     "Rollup",
     "Sink",
     "StoredIntervals",
     "WriteResult",
     "Writes",
     "backoff_delay_s",
+    "retry_until_done",
+    "send_until_written",
 ]
 
 I64 = npt.NDArray[np.int64]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +177,7 @@ class OutageEvent:
 @dataclass(frozen=True, slots=True)
 class DaySums:
     """One (meter, gateway)'s sums over a local day of its ``daily_tou`` rows (the report's
-    input); ``sums`` maps field name to its sum, None when no partial carried the field."""
+    input); ``sums`` maps field name to its sum, None when no row carried the field."""
 
     meter: str
     gateway: str
@@ -197,6 +215,27 @@ class StoredIntervals:
         )  # fmt: skip
 
 
+class PreparedWrite(Protocol):
+    """A write encoded for its store, once (:meth:`Sink.prepare`); what a caller may know of it.
+    The sink's :meth:`Sink.send` advances it; only the sink that prepared it may send it."""
+
+    @property
+    def bodies(self) -> int:
+        """Requests the write takes."""
+        ...
+
+    @property
+    def done(self) -> int:
+        """Requests the store has answered for (accepted, their rejected records found), in
+        order: ``send`` resumes at body ``done``."""
+        ...
+
+    @property
+    def lines(self) -> int:
+        """Records in the write."""
+        ...
+
+
 class Sink(Protocol):
     """The store of the ingest pipeline (see the module contract)."""
 
@@ -211,7 +250,19 @@ class Sink(Protocol):
         """Prepare the encoding of ``sample`` (JIT compilation) without writing anything."""
         ...
 
-    async def write(self, writes: Writes) -> WriteResult: ...
+    def prepare(self, writes: Writes) -> PreparedWrite:
+        """Encode ``writes`` into request bodies (cut and compressed): once per write."""
+        ...
+
+    async def send(self, prepared: PreparedWrite) -> WriteResult:
+        """Post the bodies of ``prepared`` not yet done, in order; the result of the whole write
+        once every body is done. Raises SinkError / SinkRefused at the first failing request
+        (the bodies done so far stay done)."""
+        ...
+
+    async def write(self, writes: Writes) -> WriteResult:
+        """``send(prepare(writes))``: one attempt, for one-shot callers."""
+        ...
 
     async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[OutageEvent]:
         """Every power-down-like event stored in ``[t_lo_ms, t_hi_ms]`` (all workers')."""
@@ -274,3 +325,87 @@ def backoff_delay_s(attempt: int, initial_s: float, max_s: float, jitter: float 
     randomness are injected, STYLE H9)."""
     base = min(max_s, initial_s * 2.0 ** max(0, attempt - 1))
     return float(base * (1.0 + jitter))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How :func:`retry_until_done` waits: ``backoff_delay_s(attempt, initial_s, max_s)`` plus up
+    to 20 % jitter, at least the server's ``Retry-After`` (capped at ``retry_after_max_s``);
+    ``attempts``: tries in all before the error is raised, ``None`` for until it succeeds."""
+
+    initial_s: float
+    max_s: float
+    attempts: int | None = None
+    retry_after_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"attempts: expected >= 1 or None, got {self.attempts}")
+
+    def delay_s(self, attempt: int, exc: BaseException, jitter: float) -> float:
+        """The wait after failure number ``attempt`` (1-based) that raised ``exc``."""
+        delay = backoff_delay_s(attempt, self.initial_s, self.max_s, jitter * 0.2)
+        retry_after = exc.retry_after_s if isinstance(exc, SinkError) else None
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_after_max_s))
+        return delay
+
+
+OnFailure = Callable[[Exception, int, float | None], None]
+
+
+def final_sink_error(exc: Exception) -> bool:
+    """The default ``give_up`` of :func:`retry_until_done`: a ``SinkError`` that is not
+    ``retryable`` (the store will never accept it) is raised at once."""
+    return isinstance(exc, SinkError) and not exc.retryable
+
+
+async def retry_until_done(
+    step: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    retry_on: tuple[type[Exception], ...] = (SinkError,),
+    give_up: Callable[[Exception], bool] = final_sink_error,
+    on_failure: OnFailure | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+) -> T:
+    """The one retry loop: await ``step()`` until it returns, waiting per ``policy`` after each
+    failure of ``retry_on``; one that ``give_up`` says is final is raised at once (by default a
+    ``SinkError`` that is not ``retryable``).
+
+    ``on_failure(exc, attempt, delay_s)`` is called on every failure, before the wait
+    (``delay_s`` None: the policy's attempts are spent and ``exc`` is raised next); it may raise
+    to stop. ``sleep`` and ``rng`` are injectable (STYLE H9)."""
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        try:
+            return await step()
+        except retry_on as exc:
+            if give_up(exc):
+                raise
+            attempt += 1
+            last = policy.attempts is not None and attempt >= policy.attempts
+            delay = None if last else policy.delay_s(attempt, exc, rng.random())
+            if on_failure is not None:
+                on_failure(exc, attempt, delay)
+            if delay is None:
+                raise
+            await sleep(delay)
+
+
+async def send_until_written(
+    sink: Sink,
+    prepared: PreparedWrite,
+    policy: RetryPolicy,
+    *,
+    on_failure: OnFailure | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: random.Random | None = None,
+) -> WriteResult:
+    """``sink.send(prepared)`` through :func:`retry_until_done`: each retry posts only the
+    bodies not yet done, the bodies compressed once."""
+    return await retry_until_done(
+        lambda: sink.send(prepared), policy, on_failure=on_failure, sleep=sleep, rng=rng
+    )

@@ -167,6 +167,21 @@ async def test_records_the_store_refuses_are_reported_back_and_the_rest_written(
     assert len(stored) == 4  # the batch is written all the same
 
 
+async def test_a_prepared_write_is_sent_once_and_a_send_of_it_when_done_posts_nothing(store: Store) -> None:
+    """prepare encodes once; send marks every body done, keeping the rejected records, so sending
+    the same prepared write again (what the retry layer does after a failure) adds nothing."""
+    store.poison()
+    event = Event("e-1", GATEWAY, "power_down", T0 + Q, METER, {})
+    prepared = store.sink.prepare(Writes([transformed(1, 0, 4).columns], [event]))
+    assert prepared.bodies >= 1 and prepared.done == 0 and prepared.lines > 4
+    result = await store.sink.send(prepared)
+    assert prepared.done == prepared.bodies and len(result.rejected) == 1
+    assert result.written + len(result.rejected) == prepared.lines
+    assert await store.sink.send(prepared) == result  # all done: the same result, nothing re-sent
+    stored = await store.sink.day_intervals(T0, T0 + 86_400_000, DAY_QUANTITIES, gateways=[GATEWAY])
+    assert len(stored) == 4  # written once
+
+
 async def test_daily_report_is_written_read_back_and_rewritten(store: Store) -> None:
     start, end = day_window(DAY, OFFSET)
 

@@ -1,25 +1,31 @@
-"""InfluxDB writes: awaited, gzip-compressed line-protocol requests, with retry and line-level rejection.
+"""InfluxDB writes: awaited, gzip-compressed line-protocol requests, with line-level rejection.
 
 Contract
 --------
-* :meth:`InfluxWriter.write` takes line protocol (``bytes``, one point per ``\\n``-separated line,
-  ``precision=ms``) and returns a :class:`~ingest.sinks.base.WriteResult` only when every line is
-  either **written** (the server answered 2xx for it) or **rejected** (the server will never
-  accept it: the line, a short reason and the server's message are in ``rejected``; the caller
-  dead-letters them, the writer stores nothing). So the caller may acknowledge the MQTT message
-  once it has dead-lettered the rejected lines (STYLE H8). There is
-  no background batching: the write is awaited, never fire-and-forget (unlike influxdb-client's
-  ``WriteApi``).
-* Input is split into requests bounded by ``max_batch_lines`` and ``max_batch_bytes``
-  (uncompressed), sent one after the other with ``Content-Encoding: gzip``. Well-formed ``bytes``
-  (every line ends in ``\n``; no empty, blank-led or ``\r`` lines: what the pipeline's encoders
-  produce) are cut at newline offsets found vectorised and posted as slices, with no Python object
-  per line; anything else is split into lines first. Either way the same lines reach the server.
-* Outages and overload (connection refused/reset, timeouts, 5xx, 408, 429) are retried with
-  exponential back-off (``Retry-After`` honoured, capped); after ``max_attempts`` the write raises
-  ``SinkError(retryable=True)``. Requests already answered 2xx stay written: a retry of the whole
-  message rewrites them, which is harmless because an InfluxDB point is keyed by series and
-  timestamp, so rewriting the same line is an idempotent overwrite (DESIGN §6).
+* :meth:`InfluxWriter.prepare` takes line protocol (``bytes``, one point per ``\\n``-separated
+  line, ``precision=ms``) and cuts it into request bodies bounded by ``max_batch_lines`` and
+  ``max_batch_bytes`` (uncompressed), each gzip-compressed once (:class:`PreparedLines`).
+  Well-formed ``bytes`` (every line ends in ``\n``; no empty, blank-led or ``\r`` lines: what
+  the pipeline's encoders produce) are cut at newline offsets found vectorised and kept as
+  slices, with no Python object per line; anything else is split into lines first. Either way the
+  same lines reach the server.
+* :meth:`InfluxWriter.send` posts the bodies not yet done, one after the other with
+  ``Content-Encoding: gzip``, and returns a :class:`~ingest.sinks.base.WriteResult` only when every
+  line is either **written** (the server answered 2xx for it) or **rejected** (the server will
+  never accept it: the line, a short reason and the server's message are in ``rejected``; the
+  caller dead-letters them, the writer stores nothing). So the caller may acknowledge the MQTT
+  message once it has dead-lettered the rejected lines (STYLE H8). Each body the server has
+  answered for is marked done in the :class:`PreparedLines` (with the lines it rejected), so a
+  ``send`` of the same object after a failure resumes at the first body not done: no accepted
+  body is posted twice, none is compressed twice. :meth:`InfluxWriter.write` is
+  ``send(prepare(lines))``. There is no background batching: the write is awaited, never
+  fire-and-forget (unlike influxdb-client's ``WriteApi``).
+* The writer does not retry. An outage or overload (connection refused/reset, timeouts, 5xx,
+  408, 429) raises ``SinkError(retryable=True)`` at once, with the server's ``Retry-After`` in
+  ``retry_after_s``; the caller's retry layer (:func:`~ingest.sinks.base.send_until_written`)
+  waits and sends again. A body interrupted while being bisected is posted whole again: points
+  the server kept are rewritten, which is harmless because an InfluxDB point is keyed by series
+  and timestamp, so rewriting the same line is an idempotent overwrite (DESIGN §6).
 * Line rejection (400 naming a partial write, a parse error, a field type conflict or a retention
   policy; 413 too large) is resolved by bisecting the request by lines down to the offending lines,
   which are rejected with the server's message, while every other line is written. One bad
@@ -61,11 +67,10 @@ import email.utils
 import gzip
 import json
 import logging
-import random
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,12 +81,13 @@ try:  # Intel ISA-L: zlib-compatible gzip, several times faster at the low level
 except ImportError:  # pragma: no cover - a platform without an isal wheel
     _isal_gzip = None  # type: ignore[assignment]
 
-from ingest.sinks.base import Rejected, WriteResult, backoff_delay_s
+from ingest.sinks.base import Rejected, RetryPolicy, WriteResult
 from protocols.errors import SinkError, SinkRefused
 
 __all__ = [
     "HttpConnection",
     "InfluxWriter",
+    "PreparedLines",
     "SinkConfig",
     "SinkStats",
     "gzip_body",
@@ -125,7 +131,10 @@ class SinkConfig:
     ``database``/``retention_policy``/``username``/``password`` serve v1; ``org``/``bucket``/``token``
     serve v2 (``bucket`` defaults to ``database``). ``ca_file`` is for ``https://`` URLs.
     ``create_database``: create a missing v1 database (``CREATE DATABASE``, needs an admin user)
-    instead of waiting for an operator to create it.
+    instead of waiting for an operator to create it. ``max_attempts``, ``backoff_initial_s`` and
+    ``backoff_max_s`` bound the retries of one-shot commands (:attr:`one_shot_retry`: the daily
+    report, the dead-letter replay); ``retry_after_max_s`` caps the ``Retry-After`` any retry
+    honours. The writer itself never retries.
     """
 
     url: str = "http://127.0.0.1:8086"
@@ -162,13 +171,19 @@ class SinkConfig:
         if self.timeout_s <= 0 or self.backoff_initial_s < 0 or self.backoff_max_s < 0:
             raise ValueError("timeout_s: timeouts and back-off must be positive")
 
+    @property
+    def one_shot_retry(self) -> RetryPolicy:
+        """The bounded retry of a one-shot command's writes (a short outage does not fail it)."""
+        return RetryPolicy(
+            self.backoff_initial_s, self.backoff_max_s, self.max_attempts, self.retry_after_max_s
+        )
+
 
 @dataclass(slots=True)
 class SinkStats:
     """Counters for the metrics endpoint (STYLE H12); monotonically increasing."""
 
     requests: int = 0
-    retries: int = 0
     lines_written: int = 0
     lines_rejected: int = 0
     bytes_sent: int = 0
@@ -276,7 +291,39 @@ def _reason(status: int, message: str) -> str:
     return next((reason for marker, reason in _REASONS if marker in low), "rejected")
 
 
-_Bodies = list[tuple[bytes, int]] | list[tuple[list[bytes], int]]  # request bodies and their line counts
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """One request: its ``n`` lines (one well-formed slice, or a list) and ``payload``, what is
+    posted (compressed once, when the body was prepared)."""
+
+    lines: bytes | list[bytes]
+    n: int
+    payload: bytes
+
+
+@dataclass(slots=True, eq=False)
+class PreparedLines:
+    """Line protocol cut into request bodies, each compressed once (the
+    :class:`~ingest.sinks.base.PreparedWrite` of the InfluxDB sink). ``done`` bodies (a prefix)
+    have been answered for: ``written`` lines accepted, ``rejected`` the lines refused for good."""
+
+    requests: tuple[_Body, ...]
+    done: int = 0
+    written: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def bodies(self) -> int:
+        return len(self.requests)
+
+    @property
+    def lines(self) -> int:
+        return sum(b.n for b in self.requests)
+
+    def result(self) -> WriteResult:
+        return WriteResult(self.written, tuple(self.rejected))
+
+
 _REFUSALS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 # What to check, per refusal and API generation: the operator's next step, in the message.
 _REFUSAL_HINTS = {
@@ -405,21 +452,13 @@ class HttpConnection:
 class InfluxWriter:
     """Awaited writes to InfluxDB 1.x (``/write``) or 2.x/3.x (``/api/v2/write``).
 
-    ``sleep`` and ``rng`` are injectable for tests (back-off without real waiting).
-    Use as ``async with InfluxWriter(config) as w: await w.write(lines)``.
+    Use as ``async with InfluxWriter(config) as w: await w.write(lines)``, or
+    ``prepared = w.prepare(lines)`` then ``await w.send(prepared)`` until it returns.
     """
 
-    def __init__(
-        self,
-        config: SinkConfig,
-        *,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, config: SinkConfig) -> None:
         self.config = config
         self.stats = SinkStats()
-        self._sleep = sleep
-        self._rng = rng or random.Random()
         self._http = HttpConnection(config.url, config.timeout_s, config.ca_file)
         self._api: Literal["v1", "v2"] | None = None if config.api == "auto" else config.api
         self._failing = False
@@ -442,7 +481,7 @@ class InfluxWriter:
         """``GET /ping`` and read ``X-Influxdb-Version`` (cached once known).
 
         Raises:
-            SinkError: unreachable after retries; SinkRefused (``api_unknown``): no version header.
+            SinkError: unreachable; SinkRefused (``api_unknown``): no version header.
         """
         if self._api is None:
             resp = await self._request("GET", "/ping", {}, b"")
@@ -459,38 +498,47 @@ class InfluxWriter:
             log.info("influxdb api detected url=%s version=%s api=%s", self.config.url, version, self._api)
         return self._api
 
-    async def write(self, lines: bytes | Sequence[bytes]) -> WriteResult:
-        """Write line protocol (``precision=ms``); see the module contract.
+    def prepare(self, lines: bytes | Sequence[bytes]) -> PreparedLines:
+        """Line protocol (``precision=ms``) cut into request bodies, each compressed once."""
+        cfg = self.config
+        cut = _cut(lines, cfg.max_batch_lines, cfg.max_batch_bytes) if isinstance(lines, bytes) else None
+        parts: list[tuple[bytes, int]] | list[tuple[list[bytes], int]]
+        if cut is not None:
+            parts = cut
+        else:
+            chunks = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
+            parts = [(c, len(c)) for c in chunks]
+        return PreparedLines(tuple(_Body(body, n, self._payload(body)) for body, n in parts))
+
+    async def send(self, prepared: PreparedLines) -> WriteResult:
+        """Post the bodies of ``prepared`` not yet done (see the module contract).
 
         Raises:
-            SinkError: the server stayed unreachable or overloaded through ``max_attempts``.
+            SinkError: unreachable or overloaded (``retryable``, ``retry_after_s``); the bodies
+                done so far stay done.
             SinkRefused: a refusal that is not about lines (credentials, privileges, unknown
                 database or bucket); nothing was rejected.
         """
-        cfg = self.config
-        bodies: _Bodies
-        cut = _cut(lines, cfg.max_batch_lines, cfg.max_batch_bytes) if isinstance(lines, bytes) else None
-        if cut is not None:
-            bodies = cut
-        else:
-            chunks = _chunks(split_lines(lines), cfg.max_batch_lines, cfg.max_batch_bytes)
-            bodies = [(c, len(c)) for c in chunks]
-        if not bodies:
-            return WriteResult(0)
-        target, headers = self._write_target(await self.detect_api())
-        try:
-            return await self._write_bodies(bodies, target, headers)
-        except SinkRefused as exc:
-            if not await self._created_missing_database(exc):
-                raise
-            return await self._write_bodies(bodies, target, headers)  # rewrites are idempotent
+        if prepared.done < prepared.bodies:
+            target, headers = self._write_target(await self.detect_api())
+            try:
+                await self._send_bodies(prepared, target, headers)
+            except SinkRefused as exc:
+                if not await self._created_missing_database(exc):
+                    raise
+                await self._send_bodies(prepared, target, headers)
+        return prepared.result()
+
+    async def write(self, lines: bytes | Sequence[bytes]) -> WriteResult:
+        """``send(prepare(lines))``: one attempt (raises like :meth:`send`)."""
+        return await self.send(self.prepare(lines))
 
     async def probe(self, *, create: bool = True) -> str:
         """Would a write be accepted? (see the module contract). Returns a one-line summary.
         ``create=False``: never create the database, whatever ``create_database`` says.
 
         Raises:
-            SinkError: the server stayed unreachable or overloaded through ``max_attempts``.
+            SinkError: the server is unreachable or overloaded.
             SinkRefused: credentials, privileges, database or bucket (the message says which).
         """
         api = await self.detect_api()
@@ -536,16 +584,20 @@ class InfluxWriter:
     def _bucket(self) -> str:
         return self.config.bucket or self.config.database
 
-    async def _write_bodies(self, bodies: _Bodies, target: str, headers: dict[str, str]) -> WriteResult:
-        written = 0
-        rejected: list[Rejected] = []
-        for chunk, n in bodies:
-            ok, bad = await self._write_bisect(chunk, n, target, headers)
-            written += ok
-            rejected += bad
-        self.stats.lines_written += written
-        self.stats.lines_rejected += len(rejected)
-        return WriteResult(written, tuple(rejected))
+    def _payload(self, lines: bytes | list[bytes]) -> bytes:
+        """What is posted for ``lines``: the body, gzip-compressed when configured."""
+        body = lines if isinstance(lines, bytes) else b"\n".join(lines) + b"\n"
+        return gzip_body(body, self.config.gzip_level) if self.config.gzip else body
+
+    async def _send_bodies(self, prepared: PreparedLines, target: str, headers: dict[str, str]) -> None:
+        while prepared.done < prepared.bodies:
+            body = prepared.requests[prepared.done]
+            ok, bad = await self._write_bisect(body.lines, body.n, target, headers, body.payload)
+            prepared.written += ok
+            prepared.rejected += bad
+            prepared.done += 1
+            self.stats.lines_written += ok
+            self.stats.lines_rejected += len(bad)
 
     async def _created_missing_database(self, exc: SinkRefused) -> bool:
         """With ``create_database`` (v1): create the database ``exc`` found missing; True when done."""
@@ -579,13 +631,17 @@ class InfluxWriter:
         return f"{path}?{urllib.parse.urlencode(params)}", headers
 
     async def _write_bisect(
-        self, lines: bytes | list[bytes], n: int, target: str, headers: dict[str, str]
+        self,
+        lines: bytes | list[bytes],
+        n: int,
+        target: str,
+        headers: dict[str, str],
+        payload: bytes | None = None,
     ) -> tuple[int, list[Rejected]]:
         """(lines written, the rejected lines with reason and server message) for the ``n`` lines
-        of ``lines`` (a list, or one well-formed body), bisecting on rejection."""
-        body = lines if isinstance(lines, bytes) else b"\n".join(lines) + b"\n"
-        if self.config.gzip:
-            body = gzip_body(body, self.config.gzip_level)
+        of ``lines`` (a list, or one well-formed body; ``payload`` its prepared request body),
+        bisecting on rejection."""
+        body = self._payload(lines) if payload is None else payload
         resp = await self._request("POST", target, headers, body)
         if resp.status // 100 == 2:
             return n, []
@@ -603,46 +659,34 @@ class InfluxWriter:
         return ok_a + ok_b, bad_a + bad_b
 
     async def _request(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
-        """One request with retries on outages and overload; returns any non-retryable answer."""
-        cfg = self.config
-        for attempt in range(1, cfg.max_attempts + 1):
-            retry_after: float | None = None
-            self.stats.requests += 1
-            self.stats.bytes_sent += len(body)
-            try:
-                resp = await self._http.request(method, target, headers, body)
-            except SinkError as exc:
-                error = exc
-            else:
-                self.stats.last_status = resp.status
-                self.stats.by_status[resp.status] = self.stats.by_status.get(resp.status, 0) + 1
-                if not (resp.status >= 500 or resp.status in (408, 429)):
-                    self._recovered()
-                    return resp
-                error = SinkError(
-                    f"influxdb busy or failing ({resp.status}): {_server_message(resp.body)[:500]}",
-                    retryable=True,
-                    status=resp.status,
-                )
-                retry_after = _retry_after_s(resp.headers.get("retry-after"), time.time())
-            if attempt == cfg.max_attempts:
-                break
-            self.stats.retries += 1
-            delay = backoff_delay_s(
-                attempt, cfg.backoff_initial_s, cfg.backoff_max_s, self._rng.random() * 0.2
-            )
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, cfg.retry_after_max_s))
-            self._failing_now(error)
-            await self._sleep(delay)
-        self.stats.failures += 1
-        self._failing_now(error)
-        raise SinkError(
-            f"{error} (gave up after {cfg.max_attempts} attempts)", retryable=True, status=error.status
-        ) from error
+        """One request, no retry: returns any answer that is not an outage or overload.
 
-    def _failing_now(self, error: SinkError) -> None:
-        """Edge-triggered logging (STYLE H12): ERROR once when writes start failing, then DEBUG."""
+        Raises: SinkError (``retryable``; ``retry_after_s`` from the server's ``Retry-After``)."""
+        self.stats.requests += 1
+        self.stats.bytes_sent += len(body)
+        try:
+            resp = await self._http.request(method, target, headers, body)
+        except SinkError as exc:
+            self._failed(exc)
+            raise
+        self.stats.last_status = resp.status
+        self.stats.by_status[resp.status] = self.stats.by_status.get(resp.status, 0) + 1
+        if not (resp.status >= 500 or resp.status in (408, 429)):
+            self._recovered()
+            return resp
+        error = SinkError(
+            f"influxdb busy or failing ({resp.status}): {_server_message(resp.body)[:500]}",
+            retryable=True,
+            status=resp.status,
+            retry_after_s=_retry_after_s(resp.headers.get("retry-after"), time.time()),
+        )
+        self._failed(error)
+        raise error
+
+    def _failed(self, error: SinkError) -> None:
+        """Count a failed request; edge-triggered logging (STYLE H12): ERROR once when writes
+        start failing, then DEBUG."""
+        self.stats.failures += 1
         if not self._failing:
             self._failing = True
             log.error("influxdb write failing url=%s error=%s", self.config.url, error)

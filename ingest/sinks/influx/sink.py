@@ -2,10 +2,12 @@
 
 Contract
 --------
-* :class:`InfluxSink` is a thin adapter: :meth:`InfluxSink.write` encodes the columns
-  (:func:`~ingest.sinks.influx.lines.encode_writes`, ``wide`` or narrow readings) and hands the
-  lines to :class:`~ingest.sinks.influx.http.InfluxWriter` (retries, bisection of rejected lines,
-  refusals); the rejected lines come back in the result, nothing is dead-lettered here.
+* :class:`InfluxSink` is a thin adapter: :meth:`InfluxSink.prepare` encodes the columns
+  (:func:`~ingest.sinks.influx.lines.encode_writes`, ``wide`` or narrow readings) and has
+  :class:`~ingest.sinks.influx.http.InfluxWriter` cut and compress them into request bodies,
+  once; :meth:`InfluxSink.send` posts the bodies not yet done (bisection of rejected lines,
+  refusals, no retry: an outage raises ``SinkError(retryable=True)`` for the caller's retry
+  layer); the rejected lines come back in the result, nothing is dead-lettered here.
 * Every read is one or two InfluxQL statements (here and nowhere else) on
   :class:`~ingest.sinks.influx.query.InfluxQuery`; tag values are compared as
   :func:`~ingest.sinks.influx.lines.stored_tag` and returned unescaped, times as epoch ms.
@@ -17,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -26,8 +27,16 @@ import numpy.typing as npt
 
 from ingest.rules import stages as st
 from ingest.rules.kernels import NOT_BILLABLE
-from ingest.sinks.base import AreaAlarm, DaySums, OutageEvent, StoredIntervals, WriteResult, Writes
-from ingest.sinks.influx.http import InfluxWriter, SinkConfig
+from ingest.sinks.base import (
+    AreaAlarm,
+    DaySums,
+    OutageEvent,
+    PreparedWrite,
+    StoredIntervals,
+    WriteResult,
+    Writes,
+)
+from ingest.sinks.influx.http import InfluxWriter, PreparedLines, SinkConfig
 from ingest.sinks.influx.lines import TagCache, encode_writes, escape_tag, stored_tag, unescape_stored
 from ingest.sinks.influx.query import InfluxQuery, quote_str
 from protocols.errors import SinkError
@@ -48,20 +57,12 @@ _EPOCH = dt.date(1970, 1, 1)
 
 
 class InfluxSink:
-    """The pipeline's store on InfluxDB 1.x/2.x (see the module contract). ``sleep`` and ``rng``
-    are the writer's back-off, injectable for tests."""
+    """The pipeline's store on InfluxDB 1.x/2.x (see the module contract)."""
 
-    def __init__(
-        self,
-        config: SinkConfig,
-        *,
-        wide: bool = True,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, config: SinkConfig, *, wide: bool = True) -> None:
         self.config = config
         self.wide = wide
-        self.writer = InfluxWriter(config, sleep=sleep, rng=rng)
+        self.writer = InfluxWriter(config)
         self.query = InfluxQuery(config)
         self._tags = TagCache()
 
@@ -86,9 +87,16 @@ class InfluxSink:
         """Encode ``sample`` once, nothing written: numba's cache loads now, not in a write."""
         encode_writes(sample, TagCache(), wide=self.wide)
 
+    def prepare(self, writes: Writes) -> PreparedLines:
+        return self.writer.prepare(encode_writes(writes, self._tags, wide=self.wide))
+
+    async def send(self, prepared: PreparedWrite) -> WriteResult:
+        if not isinstance(prepared, PreparedLines):
+            raise TypeError(f"not prepared by an InfluxSink: {type(prepared).__name__}")
+        return await self.writer.send(prepared)
+
     async def write(self, writes: Writes) -> WriteResult:
-        lines = encode_writes(writes, self._tags, wide=self.wide)
-        return await self.writer.write(lines) if lines else WriteResult(0)
+        return await self.writer.send(self.prepare(writes))
 
     # -- reads -------------------------------------------------------------------------------
 

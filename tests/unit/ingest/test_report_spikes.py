@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
 from ingest.reports.daily import day_window, flag_relative_spikes
 from ingest.rules import stages
-from ingest.sinks.base import StoredIntervals, WriteResult
+from ingest.sinks.base import RetryPolicy, StoredIntervals, WriteResult
+from protocols.errors import SinkError
 from protocols.flags import Flag
 from protocols.quantities import ENERGY_FORWARD
 from tests.unit.ingest.test_report_collection import DAY
@@ -76,3 +78,31 @@ async def test_a_day_without_a_spike_writes_nothing() -> None:
     store = Intervals([100, 95, 90])
     assert await run(store) == 0
     assert store.writes == []
+
+
+async def test_a_short_outage_of_the_flags_write_is_retried_within_the_bound() -> None:
+    """The daily job's writes go through the bounded retry layer: two failures then success
+    land the flags with three attempts; a store still down after them fails the job."""
+
+    class Flaky(Intervals):
+        def __init__(self, energies: Sequence[int], failures: int) -> None:
+            super().__init__(energies)
+            self.failures = failures
+
+        async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:
+            if self.failures:
+                self.failures -= 1
+                raise SinkError("influxd unreachable", retryable=True)
+            return await super().write_interval_flags(rows)
+
+    retry = RetryPolicy(0.001, 0.001, attempts=3)
+    params = stages.ValidationParams()
+    store = Flaky([40, 50, 210, 40], failures=2)
+    assert (
+        await flag_relative_spikes(store, START, END, params, utc_offset_ms=stages.SHANGHAI_MS, retry=retry)
+        == 1
+    )
+    assert store.spiked() == [START + 3 * I]
+    down = Flaky([40, 50, 210, 40], failures=3)
+    with pytest.raises(SinkError, match="unreachable"):
+        await flag_relative_spikes(down, START, END, params, utc_offset_ms=stages.SHANGHAI_MS, retry=retry)

@@ -1,5 +1,5 @@
-"""IngestWorker's reactions to refused sink reads and refused writes (pure logic: fake sink and
-publisher).
+"""IngestWorker's reactions to refused sink reads and refused writes, and which commit step a
+failure retries (pure logic: fake sink and publisher).
 
 The broker and InfluxDB paths are in tests/integration/test_pipeline.py; here only the decision
 matters: a refused read must neither lose an obligation nor turn written data into dead letters.
@@ -8,6 +8,7 @@ matters: a refused read must neither lose an obligation nor turn written data in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,13 +27,16 @@ DAY = 1_710_000_000_000
 
 
 class FakeSink:
-    """The reads the worker makes, raising ``error`` if given; writes recorded, answering
-    ``result``."""
+    """The reads the worker makes, raising ``error`` if given; writes recorded (prepared, then
+    each send of the prepared object), answering ``result``, the first sends raising
+    ``send_errors`` one by one."""
 
     def __init__(self, error: SinkError | None = None) -> None:
         self.error, self.asked = error, []
         self.result = WriteResult(0)
         self.written: list[Writes] = []
+        self.sent: list[object] = []
+        self.send_errors: list[SinkError] = []
 
     async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[Any]:
         self.asked.append((t_lo_ms, t_hi_ms))
@@ -40,9 +44,18 @@ class FakeSink:
             raise self.error
         return []
 
-    async def write(self, writes: Writes) -> WriteResult:
+    def prepare(self, writes: Writes) -> object:
         self.written.append(writes)
+        return SimpleNamespace(writes=writes)
+
+    async def send(self, prepared: object) -> WriteResult:
+        self.sent.append(prepared)
+        if self.send_errors:
+            raise self.send_errors.pop(0)
         return self.result
+
+    async def write(self, writes: Writes) -> WriteResult:
+        return await self.send(self.prepare(writes))
 
 
 class Publisher:
@@ -55,7 +68,9 @@ class Publisher:
 
 @pytest.fixture
 def worker(tmp_path: Path) -> Any:
-    w = IngestWorker(parse_config(SAMPLE))
+    cfg = parse_config(SAMPLE)
+    fast = {"retry_initial_s": 0.001, "retry_max_s": 0.001}  # back-off without waiting
+    w = IngestWorker(dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, **fast)))
     dead, dedup = DeadLetterStore(tmp_path / "dl.sqlite"), DedupStore(tmp_path / "dd.sqlite")
     w._res = _Resources(asyncio.Queue(), dead, dedup, Publisher())  # type: ignore[arg-type]
     w.use_sink = lambda sink: (_drain(w._res.sinks), w._res.sinks.put_nowait(sink))
@@ -110,3 +125,62 @@ async def test_records_the_sink_rejects_are_dead_lettered_by_the_worker_with_the
     assert (entry.kind, entry.reason, entry.payload) == ("line", "field type conflict", b"m x=1 5\n")
     assert entry.detail == "partial write: dropped=1" and len(sink.written) == 1
     assert worker.metrics.sink_lines_dead_lettered._value.get() == 1
+
+
+def _group_item(outage: bool = False) -> _Item:
+    out = SimpleNamespace(flat_gaps=False, columns="columns", outage_events=int(outage), outage_ts=(DAY, DAY))
+    return _Item(SimpleNamespace(), "written", out=out)
+
+
+async def test_a_failed_send_is_retried_with_the_same_prepared_write(worker: Any) -> None:
+    """Prepared once, sent again (the sink resumes it) until written; a refusal raises the alarm
+    while it lasts and the accepted write ends it."""
+    sink = FakeSink()
+    sink.send_errors = [
+        SinkError("influxd unreachable", retryable=True),
+        SinkRefused("database not found", reason="not_found", status=404),
+    ]
+    worker.use_sink(sink)
+    await worker._durable([_group_item()])
+    assert len(sink.written) == 1 and len(sink.sent) == 3
+    assert sink.sent[0] is sink.sent[1] is sink.sent[2]
+    assert worker.metrics.sink_retries._value.get() == 2
+    assert worker.metrics.sink_refusals.labels("not_found")._value.get() == 1
+    assert worker.metrics.sink_refused.labels("not_found")._value.get() == 0  # accepted: cleared
+
+
+async def test_a_failed_outage_correlation_retries_only_that_step_not_the_write(worker: Any) -> None:
+    class FlakyReads(FakeSink):
+        async def outage_events(self, t_lo_ms: int, t_hi_ms: int) -> list[Any]:
+            self.asked.append((t_lo_ms, t_hi_ms))
+            if len(self.asked) == 1:
+                raise SinkError("influxd unreachable", retryable=True)
+            return []
+
+    sink = FlakyReads()
+    worker._res.publisher = None
+    worker.use_sink(sink)
+    await worker._durable([_group_item(outage=True)])
+    assert len(sink.asked) == 2  # the correlation, again
+    assert len(sink.written) == 1 and len(sink.sent) == 1  # the write, once
+    assert worker.metrics.sink_retries._value.get() == 1
+
+
+async def test_a_replay_gives_up_after_the_influx_max_attempts(worker: Any) -> None:
+    """The dead-letter replay retries a failing write a bounded number of times, then raises."""
+    worker.cfg = dataclasses.replace(
+        worker.cfg,
+        influx=dataclasses.replace(
+            worker.cfg.influx, max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.001
+        ),
+    )
+    sink = FakeSink()
+    sink.send_errors = [SinkError("influxd unreachable", retryable=True)] * 5
+    worker.use_sink(sink)
+    worker._replaying = True
+    with pytest.raises(SinkError, match="unreachable"):
+        await worker._durable([_group_item()])
+    assert len(sink.written) == 1 and len(sink.sent) == 3
+    sink.send_errors = [SinkError("influxd unreachable", retryable=True)]  # a short hiccup
+    await worker._durable([_group_item()])
+    assert len(sink.sent) == 3 + 2
