@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ingest.config import SAMPLE, parse_config
 from ingest.pipeline.transform import Settings
 from tests.bench import ingest_runs as runs
@@ -72,6 +74,7 @@ def _us(x: float) -> str:
     return f"{x:.2f} µs"
 
 
+@pytest.mark.timeout(3600)  # the suite's 300 s is for tests; this runs for minutes
 def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     clients = max(2, cores)
