@@ -181,8 +181,9 @@ def _metrics(port: int) -> dict[str, float]:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
+        if line and not line.startswith("#"):  # labelled samples of one metric are summed
+            sample, _, value = line.rpartition(" ")
+            name = sample.partition("{")[0]
             out[name] = out.get(name, 0.0) + float(value)
     return out
 
@@ -285,17 +286,23 @@ def _wait_ingested(
             last = time.monotonic()
             progress(f"{written:,} of {wl.readings:,} readings written, {last - t0:.0f} s")
         time.sleep(0.2)
+    pending: Callable[[], float | None]
     if all("amigw_ingest_rollup_pending" in m for m in metrics):
-        while (pending := sum(_metrics(p)["amigw_ingest_rollup_pending"] for p in ports)) > 0:
-            assert alive() and time.monotonic() < deadline, f"{pending} rollups pending"
-            time.sleep(0.2)
-        return "readings written and rollups done (amigw_ingest_rollup_pending = 0 on every worker)"
-    if _rollup_table_rows(dedup) is not None:
-        while (rows := _rollup_table_rows(dedup)) != 0:
-            assert alive() and time.monotonic() < deadline, f"{rows} rollups pending"
-            time.sleep(0.2)
-        return "readings written and rollups done (dedup table rollup_pending empty)"
-    return "readings written; no rollup stage found (derived lines are written with each batch)"
+        pending = lambda: sum(_metrics(p)["amigw_ingest_rollup_pending"] for p in ports)  # noqa: E731
+        source = "amigw_ingest_rollup_pending = 0 on every worker"
+    elif _rollup_table_rows(dedup) is not None:
+        pending = lambda: _rollup_table_rows(dedup)  # noqa: E731
+        source = "dedup table rollup_pending empty"
+    else:
+        return "readings written; no rollup stage found (derived lines are written with each batch)"
+    progress(f"every reading written after {time.monotonic() - t0:.0f} s; waiting for the rollups")
+    while (left := pending()) != 0:
+        assert alive() and time.monotonic() < deadline, f"{left} rollups pending"
+        if time.monotonic() - last >= PROGRESS_S:
+            last = time.monotonic()
+            progress(f"{left} rollups pending, {last - t0:.0f} s")
+        time.sleep(0.2)
+    return f"readings written and rollups done ({source})"
 
 
 # -- the conventional pipeline -------------------------------------------------------------------

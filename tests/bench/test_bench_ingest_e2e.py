@@ -14,8 +14,9 @@ about 1.6 M readings of 15-minute reads a few days back (periods closed), it mea
 3. the conventional pipeline (paho, JSON, a ``Point`` per reading, POSTs of 5,000 lines on a
    kept-alive connection, uncompressed).
 
-It prints the ratios with their aims; it asserts only sanity (every point arrived, ratios
-positive): timing is not a test.
+It prints the ratios with their aims; it asserts only sanity (the workload flags nothing, every
+point arrived, ratios positive): timing is not a test. A second, quick test checks how a run's
+end is detected (readings counted, then the rollup stage drained) against metrics endpoints.
 
 Run: ``bash .ci/bootstrap bench -k ingest_e2e``. Sizes: ``AMIGW_BENCH_READINGS`` (readings per
 measured run, default 1,600,000), ``AMIGW_BENCH_METERS`` (default 20,000), ``AMIGW_BENCH_SHAPES``
@@ -24,18 +25,23 @@ measured run, default 1,600,000), ``AMIGW_BENCH_METERS`` (default 20,000), ``AMI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from ingest.config import SAMPLE, parse_config
-from ingest.pipeline.transform import Settings
+from ingest.pipeline.transform import Settings, transform
 from tests.bench import ingest_runs as runs
 from tests.bench import ingest_workload as workload
 
@@ -95,6 +101,11 @@ def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
         shape = workload.SHAPES[name]
         wl = workload.build(shape, METERS, READINGS)
         clock.say(wl.describe())
+        for b in (wl.batches[0], wl.batches[-1]):  # a healthy fleet: validation flags nothing
+            flagged = int(np.count_nonzero(transform(b, settings).flags))
+            assert flagged == 0, (
+                f"the workload is not clean: {flagged} readings flagged in {b.gateway} #{b.seq}"
+            )
         binary, as_json = runs.binary_payloads(wl), runs.json_payloads(wl)
         readings_bodies = workload.bodies(workload.readings_lines(wl))
         pipeline_bodies = workload.bodies(workload.pipeline_lines(wl, settings))
@@ -152,3 +163,55 @@ def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
         sep="\n",
         flush=True,
     )
+
+
+def _serve(registry: CollectorRegistry) -> int:
+    port = runs._free_port_block(1)
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    return port
+
+
+def test_ingest_e2e_waits_for_the_rollup_stage(tmp_path: Path) -> None:
+    """The bench's end of a run: every reading counted by the workers' metrics, then, where the
+    pipeline has a rollup stage, nothing pending (the gauge on every worker, else the dedup
+    table); without one it says so. No servers but the metrics endpoints."""
+    wl = workload.build(workload.SHAPES["A"], 2000, 8000)
+    said: list[str] = []
+    registries = [CollectorRegistry() for _ in range(2)]
+    readings = [Counter("amigw_ingest_readings", "", registry=r) for r in registries]
+    readings[0].inc(wl.readings // 2)
+    readings[1].inc(wl.readings - wl.readings // 2)
+    ports = [_serve(r) for r in registries]
+    dedup = tmp_path / "dedup.sqlite"
+
+    def alive() -> bool:
+        return True
+
+    assert "no rollup stage found" in runs._wait_ingested(
+        wl, ports, dedup, time.monotonic(), said.append, alive
+    )
+
+    with contextlib.closing(sqlite3.connect(dedup)) as con, con:
+        con.execute("CREATE TABLE rollup_pending (gateway TEXT, kind TEXT, period_ms INTEGER)")
+        con.execute("INSERT INTO rollup_pending VALUES ('gwb-000', 'daily', 0)")
+    threading.Timer(0.5, _empty_table, (dedup,)).start()
+    note = runs._wait_ingested(wl, ports, dedup, time.monotonic(), said.append, alive)
+    assert "rollup_pending empty" in note and runs._rollup_table_rows(dedup) == 0
+
+    gauges = [Gauge("amigw_ingest_rollup_pending", "", ["kind"], registry=r) for r in registries]
+    gauges[0].labels("daily").set(2)
+    gauges[1].labels("hourly").set(1)
+    threading.Timer(0.5, _zero, (gauges[0].labels("daily"), gauges[1].labels("hourly"))).start()
+    note = runs._wait_ingested(wl, ports, dedup, time.monotonic(), said.append, alive)
+    assert "amigw_ingest_rollup_pending = 0 on every worker" in note
+    assert all(runs._metrics(p)["amigw_ingest_rollup_pending"] == 0 for p in ports)
+
+
+def _zero(*gauges: Gauge) -> None:
+    for g in gauges:
+        g.set(0)
+
+
+def _empty_table(dedup: Path) -> None:
+    with contextlib.closing(sqlite3.connect(dedup)) as con, con:
+        con.execute("DELETE FROM rollup_pending")
