@@ -1,293 +1,217 @@
-"""Benchmark: the ingest pipeline end to end, MQTT -> worker subprocess -> influxd, as ratios of one run.
+"""Benchmark: the ingest pipeline end to end (MQTT -> worker subprocesses -> influxd), as ratios
+of figures measured in one run on one machine.
 
-(a) readings/s from MQTT into influxd against influxd's own ceiling (the same pre-encoded line
-    protocol, same batches, posted straight to it by one sequential gzip client: InfluxWriter);
-(b) CPU seconds per million readings of the worker process (user+sys from /proc/<pid>/stat, sink
-    included) against a conventional pipeline: a paho callback decoding JSON payloads into
-    influxdb-client ``Point`` objects, ``to_line_protocol()``, posted in batches of the same size.
-    Two forms of it: the usual one (a ``Point`` per reading: the target, 10x, is judged
-    on it) and a stricter one with our wide schema (a ``Point`` per meter and time, a field per
-    quantity), which leaves out the schema's share of the gain and writes a quarter of our lines;
-(c) two workers (``--workers 2``) against one (throughput);
-(d) schema: wide vs narrow readings, values/s posted straight into influxd.
+For each meter shape (A: single-phase household, 4 quantities, 2,000 meters per message; B: 10
+quantities, 800 meters per message; :mod:`tests.bench.ingest_workload`), over 20,000 meters and
+about 1.6 M readings of 15-minute reads a few days back (periods closed), it measures
+(:mod:`tests.bench.ingest_runs`):
 
-Run: .venv/bin/python -m pytest tests/bench/test_bench_ingest_e2e.py -s -o addopts=""
-Loopback only, bounded loops (N_BATCHES batches of METERS x len(QUANTITIES) readings per run).
+1. influxd's ceiling for the readings alone (the wide ``meter_reading`` lines) and for the
+   pipeline's own lines (what the sink encodes per batch), posted by one client per core (at
+   least 2), each on a kept-alive connection, gzipped before the clock starts;
+2. ``amigw ingest --workers N`` for N = 1, 2, 4, ... up to the cores present, until every reading
+   is written and every rollup done, with the workers' and influxd's CPU per reading;
+3. the conventional pipeline (paho, JSON, a ``Point`` per reading, POSTs of 5,000 lines on a
+   kept-alive connection, uncompressed).
+
+It prints the ratios with their aims; it asserts only sanity (the workload flags nothing, every
+point arrived, ratios positive): timing is not a test. A second, quick test checks how a run's
+end is detected (readings counted, then the rollup stage drained) against metrics endpoints.
+
+Run: ``bash .ci/bootstrap bench -k ingest_e2e``. Sizes: ``AMIGW_BENCH_READINGS`` (readings per
+measured run, default 1,600,000), ``AMIGW_BENCH_METERS`` (default 20,000), ``AMIGW_BENCH_SHAPES``
+(default ``A,B``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import contextlib
 import os
+import platform
+import sqlite3
 import subprocess
 import sys
-import textwrap
+import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from ingest.config import SAMPLE, parse_config
-from ingest.pipeline.transform import Settings, columns, transform
-from ingest.sinks.influx.http import InfluxWriter, SinkConfig
-from ingest.sinks.influx.lines import LineTables, TagCache, encode_batch, encode_lines
-from protocols.payload import BatchBuilder, ReadingBatch, encode
-from protocols.quantities import by_name
+from ingest.pipeline.transform import Settings, transform
+from tests.bench import ingest_runs as runs
+from tests.bench import ingest_workload as workload
 
-ROOT = Path(__file__).resolve().parents[2]
-N_BATCHES = 80
-METERS = 500
-QUANTITIES = [by_name(n).code for n in (
-    "energy_fwd_active_total", "energy_fwd_active_t1", "energy_fwd_active_t2", "energy_fwd_active_t3",
-    "energy_fwd_active_t4", "voltage_a", "voltage_b", "voltage_c", "current_a", "power_active_total")]  # fmt: skip
-PER_BATCH = METERS * len(QUANTITIES)
-TOTAL = N_BATCHES * PER_BATCH
-Q = 900_000
-T0 = 1_710_000_000_000
-CLK = os.sysconf("SC_CLK_TCK")
+READINGS = int(os.environ.get("AMIGW_BENCH_READINGS", "1600000"))
+METERS = int(os.environ.get("AMIGW_BENCH_METERS", "20000"))
+SHAPES = os.environ.get("AMIGW_BENCH_SHAPES", "A,B").split(",")
 
 
-def make_batches(gw: str) -> list[ReadingBatch]:
-    out = []
-    for b in range(N_BATCHES):
-        bb = BatchBuilder()
-        t = T0 + (b + 1) * Q
-        for m in range(METERS):
-            mid = f"{m:012d}"
-            for q in QUANTITIES[:5]:
-                bb.set_prev(mid, q, 100_000 + m + b * 25, t - Q)
-            for q in QUANTITIES:
-                v = 100_000 + m + (b + 1) * 25 if q < 10 else 2200 + (m % 50)
-                bb.add(mid, t, q, v)
-        out.append(bb.build(gw, b + 1, sent_ms=t))
-    return out
+def _version(argv: list[str]) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return (out.stdout or out.stderr).strip().splitlines()[0]
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
+def _worker_counts(cores: int) -> list[int]:
+    counts = [1]
+    while counts[-1] * 2 <= cores:
+        counts.append(counts[-1] * 2)
+    if counts[-1] != cores and cores > 1:
+        counts.append(cores)
+    return counts
 
 
-def count(influxd: Any, db: str, measurement: str = "meter_reading", field: str = "voltage_a") -> int:
-    rows = influxd.query(f'SELECT count("{field}") FROM "{measurement}"', db=db)
-    return int(rows[0]["count"]) if rows else 0
+class _Clock:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def say(self, text: str) -> None:
+        m, s = divmod(int(time.monotonic() - self.t0), 60)
+        print(f"[bench {m:02d}:{s:02d}] {text}", flush=True)
+
+    def prefixed(self, prefix: str) -> runs.Progress:
+        return lambda text: self.say(f"{prefix}: {text}")
 
 
-def publisher(mosquitto: Any) -> mqtt.Client:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bp-{uuid.uuid4().hex[:6]}")
-    c.max_inflight_messages_set(200)
-    c.connect(mosquitto.host, mosquitto.port)
-    c.loop_start()
-    return c
+def _us(x: float) -> str:
+    return f"{x:.2f} µs"
 
 
-def publish_all(c: mqtt.Client, items: list[tuple[str, bytes]]) -> None:
-    infos = [c.publish(topic, payload, qos=1) for topic, payload in items]
-    for i in infos:
-        i.wait_for_publish(60)
-
-
-def wait_count(influxd: Any, db: str, expected: int, timeout_s: float = 300, **kw: Any) -> float:
-    deadline = time.monotonic() + timeout_s
-    while (n := count(influxd, db, **kw)) < expected:
-        assert time.monotonic() < deadline, f"only {n} of {expected} points"
-        time.sleep(0.1)
-    return time.monotonic()
-
-
-def ingest_run(mosquitto: Any, influxd: Any, tmp: Path, workers: int) -> tuple[float, float]:
-    """(readings/s, worker CPU s per million readings) for one ingest run with N workers."""
-    db = f"bench_{uuid.uuid4().hex[:6]}"
-    influxd.create_database(db)
-    gw = f"gwb-{uuid.uuid4().hex[:6]}"
-    cfg = tmp / f"ingest-{db}.toml"
-    cfg.write_text(
-        f"[mqtt]\nurl = {json.dumps(mosquitto.url)}\nclient_id = 'b-{db}'\nqueue_max = 16\n"
-        f"topics = [{json.dumps(f'$share/{db}/ami/v1/{gw}/up/readings')}]\n"
-        f"[influx]\nurl = {json.dumps(influxd.url)}\napi = 'v1'\ndatabase = {json.dumps(db)}\n"
-        f"[dead_letter]\npath = {json.dumps(str(tmp / f'{db}-dl.sqlite'))}\n"
-        f"[dedup]\npath = {json.dumps(str(tmp / f'{db}-dd.sqlite'))}\n"
+@pytest.mark.timeout(3600)  # the suite's 300 s is for tests; this runs for minutes
+def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    clients = max(2, cores)
+    counts = _worker_counts(cores)
+    clock = _Clock()
+    print(
+        f"\ningest e2e bench: os.cpu_count() = {os.cpu_count()}, usable cores (sched_getaffinity) = {cores}, "
+        f"load average {os.getloadavg()[0]:.2f} at start\n"
+        f"  {_version([influxd.binary, 'version'])}; {_version([mosquitto.binary, '-h'])}; "
+        f"Python {platform.python_version()}\n"
+        f"  {READINGS:,} readings per measured run, {METERS:,} meters, shapes {','.join(SHAPES)}; "
+        f"workers {counts}; ceiling clients {clients}",
+        flush=True,
     )
-    log = tmp / f"{db}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "ingest", "--config", str(cfg), "--workers", str(workers)],
-        cwd=ROOT, stderr=open(log, "wb"),  # noqa: SIM115
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while log.read_text().count("ingest worker started") < workers:
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        pids = [proc.pid] if workers == 1 else _children(proc.pid)
-        items = [(f"ami/v1/{gw}/up/readings", encode(b)) for b in make_batches(gw)]
-        return measure(mosquitto, influxd, db, items, pids, TOTAL // len(QUANTITIES))
-    finally:
-        stop(proc, influxd, db)
-
-
-def measure(
-    mosquitto: Any,
-    influxd: Any,
-    db: str,
-    items: list[tuple[str, bytes]],
-    pids: list[int],
-    points: int,
-    **count_kw: Any,
-) -> tuple[float, float]:
-    """Publish ``items``, wait for ``points`` points in ``db``: (readings/s, CPU seconds per million
-    readings of the processes ``pids``)."""  # fmt: skip
-    pub = publisher(mosquitto)
-    try:
-        cpu0 = sum(cpu_s(p) for p in pids)
-        t0 = time.monotonic()
-        publish_all(pub, items)
-        t1 = wait_count(influxd, db, points, **count_kw)
-        cpu = sum(cpu_s(p) for p in pids) - cpu0
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-    return TOTAL / (t1 - t0), cpu / (TOTAL / 1e6)
-
-
-def stop(proc: subprocess.Popen[bytes], influxd: Any, db: str) -> None:
-    proc.terminate()
-    proc.wait(30)
-    influxd.drop_database(db)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
-    return [int(p) for p in out.split()]
-
-
-CONVENTIONAL = textwrap.dedent(
-    """
-    import gzip, json, sys, threading, urllib.request
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-    from influxdb_client import Point, WritePrecision
-    from protocols.quantities import QUANTITIES
-    host, port, topic, url, db, wide = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "wide"
-    NAMES = {q.code: (q.name, q.decimals) for q in QUANTITIES}
-    def post(lines):
-        body = gzip.compress("\\n".join(lines).encode(), 1)
-        req = urllib.request.Request(f"{url}/write?db={db}&precision=ms", data=body, method="POST",
-                                     headers={"Content-Encoding": "gzip"})
-        urllib.request.urlopen(req, timeout=30).read()
-    def on_message(client, userdata, msg):
-        doc = json.loads(msg.payload)
-        if not wide:
-            points = []
-            for r in doc["readings"]:
-                name, dec = NAMES[r["quantity"]]
-                points.append(Point("meter_reading").tag("meter", doc["meters"][r["meter"]])
-                              .tag("gateway", doc["gateway"]).tag("quantity", name)
-                              .field("value", r["value"] / 10 ** dec).field("flags", r["flags"])
-                              .time(r["ts"], WritePrecision.MS))
-            post([p.to_line_protocol() for p in points])
-            return
-        points = {}
-        for r in doc["readings"]:
-            key = (r["meter"], r["ts"])
-            p = points.get(key)
-            if p is None:
-                p = points[key] = (Point("meter_reading").tag("meter", doc["meters"][r["meter"]])
-                                   .tag("gateway", doc["gateway"]).time(r["ts"], WritePrecision.MS))
-            name, dec = NAMES[r["quantity"]]
-            p.field(name, r["value"] / 10 ** dec)
-            if r["flags"]:
-                p.field(name + "_flags", r["flags"])
-        post([p.to_line_protocol() for p in points.values()])
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="conv-" + db)
-    c.on_message = on_message
-    c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-    c.connect(host, port)
-    print("ready", flush=True)
-    c.loop_forever()
-    """
-)
-
-
-def conventional_run(mosquitto: Any, influxd: Any, tmp: Path, schema: str = "wide") -> tuple[float, float]:
-    db = f"conv_{uuid.uuid4().hex[:6]}"
-    influxd.create_database(db)
-    gw = f"gwc-{uuid.uuid4().hex[:6]}"
-    script = tmp / "conventional.py"
-    script.write_text(CONVENTIONAL)
-    topic = f"ami/v1/{gw}/up/readings"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), mosquitto.host, str(mosquitto.port), topic, influxd.url, db, schema],
-        cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(1.0)  # subscribed
-        items = [(topic, encode(b, "json")) for b in make_batches(gw)]
-        if schema == "wide":
-            return measure(mosquitto, influxd, db, items, [proc.pid], TOTAL // len(QUANTITIES))
-        return measure(mosquitto, influxd, db, items, [proc.pid], TOTAL, field="value")
-    finally:
-        stop(proc, influxd, db)
-
-
-async def _post_all(influxd: Any, db: str, bodies: list[bytes], tmp: Path) -> float:
-    async with InfluxWriter(SinkConfig(url=influxd.url, api="v1", database=db)) as sink:
-        t0 = time.monotonic()
-        for body in bodies:
-            await sink.write(body)
-        elapsed = time.monotonic() - t0
-    return elapsed
-
-
-def direct_run(influxd: Any, tmp: Path, bodies: list[bytes]) -> float:
-    db = f"direct_{uuid.uuid4().hex[:6]}"
-    influxd.create_database(db)
-    try:
-        return asyncio.run(_post_all(influxd, db, bodies, tmp))
-    finally:
-        influxd.drop_database(db)
-
-
-def test_ingest_end_to_end(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
     settings = Settings.from_config(parse_config(SAMPLE))
-    batches = make_batches("gw-ceiling")
-    full = [encode_batch(transform(b, settings).columns, TagCache(), wide=True) for b in batches]
-    wide, narrow = [], []
-    for b in batches:
-        r, _ = columns(b)
-        tables = LineTables.build(b.meters, b.gateway)
-        wide.append(encode_lines(r, tables, wide=True))
-        narrow.append(encode_lines(r, tables, wide=False))
+    summary: list[str] = []
+    for name in SHAPES:
+        shape = workload.SHAPES[name]
+        wl = workload.build(shape, METERS, READINGS)
+        clock.say(wl.describe())
+        for b in (wl.batches[0], wl.batches[-1]):  # a healthy fleet: validation flags nothing
+            flagged = int(np.count_nonzero(transform(b, settings).flags))
+            assert flagged == 0, (
+                f"the workload is not clean: {flagged} readings flagged in {b.gateway} #{b.seq}"
+            )
+        binary, as_json = runs.binary_payloads(wl), runs.json_payloads(wl)
+        readings_bodies = workload.bodies(workload.readings_lines(wl))
+        pipeline_bodies = workload.bodies(workload.pipeline_lines(wl, settings))
 
-    ceiling = TOTAL / direct_run(influxd, tmp_path, full)
-    one, cpu_one = ingest_run(mosquitto, influxd, tmp_path, 1)
-    two, _ = ingest_run(mosquitto, influxd, tmp_path, 2)
-    conv, cpu_conv = conventional_run(mosquitto, influxd, tmp_path)
-    _, cpu_textbook = conventional_run(mosquitto, influxd, tmp_path, "narrow")
-    wide_vps = TOTAL / direct_run(influxd, tmp_path, wide)
-    narrow_vps = TOTAL / direct_run(influxd, tmp_path, narrow)
+        clock.say(f"{name}: influxd ceiling, readings alone ({clients} clients)")
+        ceil_r = runs.ceiling_run(influxd, readings_bodies, wl, clients)
+        clock.say(f"{name}: influxd ceiling, the pipeline's lines ({clients} clients)")
+        ceil_p = runs.ceiling_run(influxd, pipeline_bodies, wl, clients)
+        ingest: dict[int, runs.Run] = {}
+        for n in counts:
+            clock.say(f"{name}: ingest, {n} worker(s)")
+            ingest[n] = runs.ingest_run(
+                mosquitto, influxd, wl, binary, n, tmp_path, clock.prefixed(f"{name}: ingest {n}w")
+            )
+        clock.say(f"{name}: conventional pipeline")
+        conv = runs.conventional_run(
+            mosquitto, influxd, wl, as_json, tmp_path, clock.prefixed(f"{name}: conventional")
+        )
+        one = ingest[1]
+        lines = [
+            "",
+            wl.describe(),
+            f"  influxd ceiling, readings alone ({ceil_r.note}, {clients} clients, gzipped before the clock): "
+            f"{ceil_r.readings_per_s:,.0f} readings/s; influxd {_us(ceil_r.influxd_cpu_us)} CPU per reading",
+            f"  influxd ceiling, the pipeline's lines ({ceil_p.note}: what encode_writes writes per batch; "
+            f"rolled-up period lines, if any, not included): {ceil_p.readings_per_s:,.0f} readings/s "
+            f"= {ceil_p.readings_per_s / ceil_r.readings_per_s:.2f}x the readings alone; influxd "
+            f"{_us(ceil_p.influxd_cpu_us)} CPU per reading",
+        ]
+        for n, r in ingest.items():
+            lines.append(
+                f"  ingest, {n} worker(s) of {cores} cores: {r.readings_per_s:,.0f} readings/s "
+                f"= {r.readings_per_s / one.readings_per_s:.2f}x 1 worker "
+                f"= {r.readings_per_s / ceil_r.readings_per_s:.2f}x the readings-only ceiling (aim >= 0.5x) "
+                f"= {r.readings_per_s / ceil_p.readings_per_s:.2f}x the pipeline-lines ceiling; "
+                f"workers {_us(r.cpu_us)} CPU per reading; influxd {_us(r.influxd_cpu_us)} per reading "
+                f"= {r.influxd_cpu_us / ceil_r.influxd_cpu_us:.2f}x the readings alone (aim <= 2x)"
+            )
+        lines += [
+            f"    ({one.note})",
+            f"  conventional (paho, JSON, a Point per reading, POSTs of 5,000 lines, kept-alive, no gzip): "
+            f"{conv.readings_per_s:,.0f} readings/s, {_us(conv.cpu_us)} CPU per reading, influxd "
+            f"{_us(conv.influxd_cpu_us)} per reading",
+            f"  ingest 1 worker / conventional: {one.readings_per_s / conv.readings_per_s:.2f}x readings/s "
+            f"(aim >= 2x); conventional CPU / ours per reading: {conv.cpu_us / one.cpu_us:.1f}x (aim >= 5x)",
+        ]
+        print("\n".join(lines), flush=True)
+        summary += lines
+        for r in (ceil_r, ceil_p, *ingest.values(), conv):
+            assert r.readings_per_s > 0 and r.influxd_cpu_us > 0
+        assert one.cpu_us > 0 and conv.cpu_us > 0
+    print(
+        f"\n== ingest e2e summary (load average {os.getloadavg()[0]:.2f} at the end, {sys.platform}) ==",
+        *summary,
+        sep="\n",
+        flush=True,
+    )
 
-    print(
-        f"\ningest e2e: {N_BATCHES} batches x {PER_BATCH} readings ({METERS} meters x {len(QUANTITIES)} quantities)"
+
+def _serve(registry: CollectorRegistry) -> int:
+    port = runs._free_port_block(1)
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    return port
+
+
+def test_ingest_e2e_waits_for_the_rollup_stage(tmp_path: Path) -> None:
+    """The bench's end of a run: every reading counted by the workers' metrics, then, where the
+    pipeline has a rollup stage, nothing pending (the gauge on every worker, else the dedup
+    table); without one it says so. No servers but the metrics endpoints."""
+    wl = workload.build(workload.SHAPES["A"], 2000, 8000)
+    said: list[str] = []
+    registries = [CollectorRegistry() for _ in range(2)]
+    readings = [Counter("amigw_ingest_readings", "", registry=r) for r in registries]
+    readings[0].inc(wl.readings // 2)
+    readings[1].inc(wl.readings - wl.readings // 2)
+    ports = [_serve(r) for r in registries]
+    dedup = tmp_path / "dedup.sqlite"
+
+    def alive() -> bool:
+        return True
+
+    assert "no rollup stage found" in runs._wait_ingested(
+        wl, ports, dedup, time.monotonic(), said.append, alive
     )
-    print(f"(a) influxd ceiling (same lines posted directly): {ceiling:,.0f} readings/s")
-    print(
-        f"    ingest, 1 worker, MQTT -> influxd:          {one:,.0f} readings/s  = {one / ceiling:.2f}x ceiling"
-    )
-    print(f"(b) worker CPU:       {cpu_one:.2f} s per million readings (sink, intervals, daily TOU included)")
-    print(
-        f"    conventional CPU (paho + JSON + a Point per reading): {cpu_textbook:.2f} s per million readings"
-    )
-    print(
-        f"    ratio: {cpu_textbook / cpu_one:.1f}x less CPU per reading (the conventional baseline; target 10x)"
-    )
-    print(f"    stricter, same wide schema (a Point per meter and time): {cpu_conv:.2f} s per million "
-          f"readings, {conv:,.0f} readings/s = {cpu_conv / cpu_one:.1f}x ours")  # fmt: skip
-    print(f"(c) 2 workers: {two:,.0f} readings/s = {two / one:.2f}x one worker")
-    print(f"(d) schema into influxd: wide {wide_vps:,.0f} values/s, narrow {narrow_vps:,.0f} values/s "
-          f"= wide {wide_vps / narrow_vps:.2f}x narrow")  # fmt: skip
-    assert one > 0 and cpu_one > 0 and cpu_conv > 0 and cpu_textbook > 0
+
+    with contextlib.closing(sqlite3.connect(dedup)) as con, con:
+        con.execute("CREATE TABLE rollup_pending (gateway TEXT, kind TEXT, period_ms INTEGER)")
+        con.execute("INSERT INTO rollup_pending VALUES ('gwb-000', 'daily', 0)")
+    threading.Timer(0.5, _empty_table, (dedup,)).start()
+    note = runs._wait_ingested(wl, ports, dedup, time.monotonic(), said.append, alive)
+    assert "rollup_pending empty" in note and runs._rollup_table_rows(dedup) == 0
+
+    gauges = [Gauge("amigw_ingest_rollup_pending", "", ["kind"], registry=r) for r in registries]
+    gauges[0].labels("daily").set(2)
+    gauges[1].labels("hourly").set(1)
+    threading.Timer(0.5, _zero, (gauges[0].labels("daily"), gauges[1].labels("hourly"))).start()
+    note = runs._wait_ingested(wl, ports, dedup, time.monotonic(), said.append, alive)
+    assert "amigw_ingest_rollup_pending = 0 on every worker" in note
+    assert all(runs._metrics(p)["amigw_ingest_rollup_pending"] == 0 for p in ports)
+
+
+def _zero(*gauges: Gauge) -> None:
+    for g in gauges:
+        g.set(0)
+
+
+def _empty_table(dedup: Path) -> None:
+    with contextlib.closing(sqlite3.connect(dedup)) as con, con:
+        con.execute("DELETE FROM rollup_pending")
