@@ -40,7 +40,7 @@ import numpy.typing as npt
 from ingest.model.registry import MeterParams
 from ingest.pipeline.dedup import PERIOD_MS, DedupStore, PendingPeriod, Period
 from ingest.rules import stages as st
-from ingest.sinks.base import Partials, Rollup, Sink, StoredIntervals, Writes
+from ingest.sinks.base import PeriodTotals, Rollup, Sink, StoredIntervals, Writes
 from protocols import topics
 from protocols.aggregates import DailyTotal, encode_daily
 from protocols.errors import SinkError, TransportError
@@ -122,7 +122,7 @@ def _totals(iv1: st.Intervals, bucket_ms: int, s: Settings) -> tuple[st.Totals, 
     return tot, row_bucket.astype(np.int64)
 
 
-def day_rows(iv: st.Intervals, meters: MeterParams, s: Settings) -> Partials | None:
+def day_rows(iv: st.Intervals, meters: MeterParams, s: Settings) -> PeriodTotals | None:
     """One ``daily_tou`` row per (meter, local day) of the total-register intervals in ``iv``,
     with the calendar's TOU split, the tariff registers' own deltas and the VEE-15 mismatches
     (from the register intervals T1..T4 in ``iv``), and LL-01's export terms where the meter reads
@@ -156,7 +156,8 @@ def day_rows(iv: st.Intervals, meters: MeterParams, s: Settings) -> Partials | N
         columns += _reverse_columns(reverse, tot, s)
         names = _DAILY_FIELDS + _REVERSE_FIELDS
     values = np.column_stack(columns).astype(np.int64)
-    return Partials(tot.meter.astype(np.int64), row_day, labels, names, values, tot.start_ts.astype(np.int64))
+    ts = tot.start_ts.astype(np.int64)
+    return PeriodTotals(tot.meter.astype(np.int64), row_day, labels, names, values, ts)
 
 
 def _reverse_columns(reverse: st.Intervals, tot: st.Totals, s: Settings) -> list[npt.NDArray[np.int64]]:
@@ -173,7 +174,7 @@ def _reverse_columns(reverse: st.Intervals, tot: st.Totals, s: Settings) -> list
     return [np.where(hit, c[pos], 0) for c in (rev.energy, rev.n_actual + rev.n_estimated, rev.n_invalid)]
 
 
-def hour_rows(iv: st.Intervals, s: Settings) -> Partials | None:
+def hour_rows(iv: st.Intervals, s: Settings) -> PeriodTotals | None:
     """One ``hourly`` row per (meter, local hour) of the total-register intervals in ``iv``:
     billable energy and interval counts, stamped with the hour's start."""
     iv1 = _rows(iv, iv.quantity == ENERGY_FORWARD)
@@ -189,10 +190,10 @@ def hour_rows(iv: st.Intervals, s: Settings) -> Partials | None:
         (tot.energy, tot.n_actual + tot.n_estimated, tot.n_estimated, tot.n_invalid)
     ).astype(np.int64)
     ts = tot.start_ts.astype(np.int64)
-    return Partials(tot.meter.astype(np.int64), row_hour, labels, _HOURLY_FIELDS, values, ts)
+    return PeriodTotals(tot.meter.astype(np.int64), row_hour, labels, _HOURLY_FIELDS, values, ts)
 
 
-def _select(p: Partials | None, starts: set[int]) -> Partials | None:
+def _select(p: PeriodTotals | None, starts: set[int]) -> PeriodTotals | None:
     """The rows of ``p`` whose period starts in ``starts`` (a read window holds more)."""
     if p is None:
         return None
@@ -201,7 +202,7 @@ def _select(p: Partials | None, starts: set[int]) -> Partials | None:
         return p
     if not keep.any():
         return None
-    return Partials(p.meter[keep], p.bucket[keep], p.labels, p.fields, p.values[keep], p.ts[keep])
+    return PeriodTotals(p.meter[keep], p.bucket[keep], p.labels, p.fields, p.values[keep], p.ts[keep])
 
 
 def rollups(

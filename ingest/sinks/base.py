@@ -61,7 +61,7 @@ __all__ = [
     "DaySums",
     "OnFailure",
     "OutageEvent",
-    "Partials",
+    "PeriodTotals",
     "PreparedWrite",
     "Rejected",
     "RetryPolicy",
@@ -80,7 +80,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class Partials:
+class PeriodTotals:
     """Per (meter, local period) totals (``daily_tou``: day, ``hourly``: hour).
 
     Row r: meter ``meter[r]`` (index into a meter table), period ``labels[bucket[r]]``
@@ -104,7 +104,7 @@ class Rollup:
     gateway: str
     meter_ids: tuple[str, ...]
     kind: Literal["hour", "day"]
-    rows: Partials
+    rows: PeriodTotals
 
 
 @dataclass(frozen=True, slots=True)

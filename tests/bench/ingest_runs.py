@@ -218,7 +218,7 @@ def ingest_run(
     run_dir.mkdir()
     port = _free_port_block(workers)
     group = f"bench{uuid.uuid4().hex[:6]}"
-    rollup_key = "rollup_delay_s = 1\n" if "rollup_delay_s" in SAMPLE else ""
+    rollup_key = "rollup_delay_s = 1\nrollup_check_s = 0.5\n" if "rollup_delay_s" in SAMPLE else ""
     dedup = run_dir / "dedup.sqlite"
     cfg = run_dir / "ingest.toml"
     cfg.write_text(

@@ -8,6 +8,7 @@ v1 batches; an ingest worker (in-process) writes them; every register value the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -19,6 +20,7 @@ import pytest
 from gateway.agent import EdgeAgent
 from gateway.config import parse_config as parse_edge
 from ingest.config import parse_config as parse_ingest
+from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.worker import IngestWorker
 from protocols.dlt645 import di_info
 from simulators.dlt645_sim import Dlt645Simulator
@@ -38,6 +40,10 @@ def _stored(influxd: Any, db: str) -> set[tuple[str, int]]:
         for f in FIELDS
         if r[f] is not None
     }
+
+
+def _intervals(influxd: Any, db: str) -> list[dict[str, Any]]:
+    return influxd.query("SELECT energy_fwd_active_total FROM intervals", db=db)  # type: ignore[no-any-return]
 
 
 def _answered(sim: Dlt645Simulator) -> set[tuple[str, int]]:
@@ -106,8 +112,24 @@ async def test_simulator_reads_arrive_in_influxdb(mosquitto: Any, influx_db: Any
         totals = [v for q, v in _answered(sim) if q == "energy_fwd_active_total"]
         energy = [r["energy_fwd_active_total"] for r in rows if r["energy_fwd_active_total"] is not None]
         assert round(sum(energy), 2) <= (max(totals) - min(totals)) / 100 + 1e-9
-        daily = await asyncio.to_thread(influxd.query, 'SELECT sum("total") FROM daily_tou', db=db)
-        assert daily and daily[0]["sum"] > 0
+        # The hours and days those intervals start in are owed a rollup once they have ended: with
+        # the agent stopped and the worker drained, a clock two days on makes them due, and the
+        # worker's rollup writes one daily_tou row per meter-day whose total is the intervals' sum.
+        agent.stop()
+        await asyncio.wait_for(agent_task, 10)
+        n_rows = -1
+        while (rows := await asyncio.to_thread(_intervals, influxd, db)) and len(rows) != n_rows:
+            n_rows = len(rows)
+            await asyncio.sleep(2)
+        assert worker.metrics.unacked._value.get() == 0
+        later = DedupStore(tmp_path / "dd.sqlite", clock=lambda: time.time() + 2 * 86_400)
+        job = dataclasses.replace(worker.rollup_job(), dedup=later, delay_s=0)
+        assert await job.run_once() >= 2  # at least one hour and one day
+        energy = round(100 * sum(r["energy_fwd_active_total"] or 0 for r in rows))
+        daily = await asyncio.to_thread(influxd.query, 'SELECT "total" FROM daily_tou', db=db)
+        hourly = await asyncio.to_thread(influxd.query, 'SELECT "total" FROM hourly', db=db)
+        assert energy > 0 and sum(r["total"] for r in daily) == energy == sum(r["total"] for r in hourly)
+        assert later.pending_periods() == 0
     finally:
         agent.stop()
         await asyncio.wait_for(agent_task, 10)

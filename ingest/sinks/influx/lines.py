@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ingest.rules import stages as st
-from ingest.sinks.base import AreaAlarm, BatchColumns, Partials, Rollup, Writes
+from ingest.sinks.base import AreaAlarm, BatchColumns, PeriodTotals, Rollup, Writes
 from ingest.sinks.influx import kernels as k
 from protocols.payload import Event
 from protocols.quantities import QUANTITIES
@@ -236,7 +236,7 @@ class TagCache:
         return tags
 
 
-def _partial_lines(tags: _Tags, measurement: bytes, label: bytes, p: Partials) -> bytes:
+def _period_lines(tags: _Tags, measurement: bytes, label: bytes, p: PeriodTotals) -> bytes:
     names = [label + b"=", *(f + b"=" for f in p.fields)]
     return encode_int_lines(tags.table(measurement), p.meter, list(p.labels), p.bucket, names, p.values, p.ts)
 
@@ -282,7 +282,7 @@ def rollup_lines(r: Rollup, cache: TagCache) -> bytes:
     """``daily_tou`` or ``hourly`` points of one rollup: a label field (``day``/``hour``) and the
     integer totals, one point per (meter, period), stamped with the period's start."""
     measurement, label = _ROLLUP[r.kind]
-    return _partial_lines(cache.get(r.meter_ids, r.gateway), measurement, label, r.rows)
+    return _period_lines(cache.get(r.meter_ids, r.gateway), measurement, label, r.rows)
 
 
 def encode_writes(w: Writes, cache: TagCache, *, wide: bool) -> bytes:

@@ -2,6 +2,9 @@
 
 Contract: :class:`InfluxQuery` posts InfluxQL to ``/query`` (1.x; 2.x through its
 v1-compatibility endpoint and a DBRP mapping) and returns rows as dicts with epoch-ms times. It
+asks for MessagePack (about a third less of influxd's CPU than JSON for reads of many rows) and
+reads whichever of MessagePack or JSON the server answers. An answer the server cut short
+(``partial``: its ``max-row-limit``) is an error, never a silently short read. It
 raises :class:`~protocols.errors.SinkError` like the writer: retryable when unreachable or 5xx,
 not retryable when the server refuses the statement. The statements themselves are the sink's
 (:mod:`ingest.sinks.influx.sink`).
@@ -12,6 +15,8 @@ from __future__ import annotations
 import json
 import urllib.parse
 from typing import Any
+
+import msgpack
 
 from ingest.sinks.influx.http import HttpConnection, SinkConfig
 from protocols.errors import SinkError
@@ -50,7 +55,10 @@ class InfluxQuery:
         params = {"db": cfg.bucket or cfg.database, "q": influxql, "epoch": "ms"}
         if cfg.retention_policy:
             params["rp"] = cfg.retention_policy
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/x-msgpack, application/json;q=0.9",
+        }
         if cfg.token:
             headers["Authorization"] = f"Token {cfg.token}"
         elif cfg.username is not None:
@@ -58,12 +66,25 @@ class InfluxQuery:
         resp = await self._http.request("POST", "/query", headers, urllib.parse.urlencode(params).encode())
         if resp.status >= 500:
             raise SinkError(f"influxdb query failed ({resp.status})", retryable=True, status=resp.status)
-        try:
-            doc = json.loads(resp.body or b"{}")
-        except ValueError:
-            doc = {}
+        doc = _decoded(resp.headers.get("content-type", ""), resp.body or b"")
         results = doc.get("results", []) if isinstance(doc, dict) else []
         errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
         if resp.status // 100 != 2 or errors or "error" in doc:
             raise SinkError(f"influxql refused: {errors or doc}", retryable=False, status=resp.status)
+        if any(r.get("partial") for r in results):  # a series' own "partial" only marks chunks
+            raise SinkError(
+                "influxql answer cut short by the server (max-row-limit): set it to 0 in influxdb.conf",
+                retryable=False,
+                status=resp.status,
+            )
         return [series for result in results for series in result.get("series", ())]
+
+
+def _decoded(content_type: str, body: bytes) -> Any:
+    """The answer's document (``{}`` when it is neither MessagePack nor JSON)."""
+    try:
+        if content_type.startswith("application/x-msgpack"):
+            return msgpack.unpackb(body, strict_map_key=False)
+        return json.loads(body or b"{}")
+    except (ValueError, msgpack.UnpackException):
+        return {}

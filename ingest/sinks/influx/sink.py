@@ -20,7 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 F64 = npt.NDArray[np.float64]
-_Columns = tuple[int, int, int, F64, F64, F64]  # meter, gateway, quantity; ends, energies, flags
 _EPOCH = dt.date(1970, 1, 1)
 
 
@@ -186,38 +185,39 @@ class InfluxSink:
         gateways: Sequence[str] | None = None,
     ) -> StoredIntervals:
         """One query over the wide ``intervals`` points (a field per channel, its flags in
-        ``<channel>_flags`` where non-zero); energies come back as decimals of the quantity's
-        fixed point and are scaled back to integers, a column of a series at a time."""
-        names = [by_code(q).name for q in quantities]  # known quantity names: safe as identifiers
-        cols = ", ".join(f'"{n}", "{n}_flags"' for n in names)
+        ``<channel>_flags`` where non-zero), of the channels the store has fields for, with the
+        tags as columns and no ``GROUP BY`` (one series: a series per meter costs influxd about
+        twice the CPU); energies come back as decimals of the quantity's fixed point and are
+        scaled back to integers, a column at a time."""
         where = f"time > {start_ms}ms AND time <= {end_ms}ms"
         for tag, values in (("meter", meters), ("gateway", gateways)):
             if values is None:
                 continue
             if not values:
-                return _stored_intervals({}, {}, [])
+                return _no_intervals()
             where += " AND (" + " OR ".join(f"{tag} = {quote_str(stored_tag(v))}" for v in values) + ")"
-        group = 'GROUP BY "meter", "gateway"'
-        ids: dict[str, int] = {}
-        gateway_ids: dict[str, int] = {}
-        parts: list[_Columns] = []
-        for series in await self.query.series(f'SELECT {cols} FROM "intervals" WHERE {where} {group}'):
-            tags = series.get("tags") or {}
-            if not tags.get("meter") or not tags.get("gateway") or not series.get("values"):
-                continue
-            m = ids.setdefault(unescape_stored(tags["meter"]), len(ids))
-            g = gateway_ids.setdefault(unescape_stored(tags["gateway"]), len(gateway_ids))
-            columns = series["columns"]
-            table = np.array(series["values"], dtype=np.float64)  # null -> nan
-            for q, n in zip(quantities, names, strict=True):
-                if n not in columns:
-                    continue
-                e = table[:, columns.index(n)]
-                f = table[:, columns.index(f"{n}_flags")] if f"{n}_flags" in columns else np.zeros_like(e)
-                ok = ~np.isnan(e)
-                if ok.any():
-                    parts.append((m, g, q, table[ok, 0], e[ok] * 10 ** by_code(q).decimals, f[ok]))
-        return _stored_columns(ids, gateway_ids, parts)
+        fields = await self._interval_fields()
+        names = [by_code(q).name for q in quantities]  # known quantity names: safe as identifiers
+        chans = [(q, n) for q, n in zip(quantities, names, strict=True) if fields is None or n in fields]
+        if not chans:
+            return _no_intervals()
+        cols = ", ".join(
+            f'"{n}"' + (f', "{n}_flags"' if fields is None or f"{n}_flags" in fields else "")
+            for _, n in chans
+        )
+        series = await self.query.series(f'SELECT "meter", "gateway", {cols} FROM "intervals" WHERE {where}')
+        return _interval_columns(series, chans)
+
+    async def _interval_fields(self) -> set[str] | None:
+        """The field keys of ``intervals`` (any shard), so a read selects only those; None where
+        the server does not answer ``SHOW FIELD KEYS`` (then every channel is selected)."""
+        try:
+            rows = await self.query.rows('SHOW FIELD KEYS FROM "intervals"')
+        except SinkError as exc:
+            if exc.retryable:
+                raise
+            return None
+        return {str(r["fieldKey"]) for r in rows if r.get("fieldKey")}
 
     async def write_interval_flags(self, rows: StoredIntervals) -> WriteResult:
         lines = interval_flag_lines(rows)
@@ -301,23 +301,53 @@ def _stored_intervals(
     )  # fmt: skip
 
 
-def _stored_columns(
-    meters: Mapping[str, int],
-    gateways: Mapping[str, int],
-    parts: list[_Columns],
-) -> StoredIntervals:
-    """Per (meter, gateway, quantity) columns of end times, scaled energies and flags (nan: 0),
-    concatenated as :class:`StoredIntervals`."""
+def _no_intervals() -> StoredIntervals:
+    return _stored_intervals({}, {}, [])
+
+
+def _interval_columns(series: list[dict[str, Any]], chans: list[tuple[int, str]]) -> StoredIntervals:
+    """The answer of :meth:`InfluxSink.day_intervals` (series of ``time``, ``meter``,
+    ``gateway`` and the channels' columns) as :class:`StoredIntervals`: a row per present
+    channel value, meters and gateways numbered in sorted order, in (meter, quantity, end) order."""
+    parts = [s for s in series if s.get("values")]
     if not parts:
-        return _stored_intervals(meters, gateways, [])
-    n = [p[3].shape[0] for p in parts]
-    flags = np.concatenate([p[5] for p in parts])
-    return StoredIntervals(
-        tuple(meters), tuple(gateways),
-        np.repeat(np.array([p[0] for p in parts], np.uint32), n),
-        np.repeat(np.array([p[1] for p in parts], np.uint32), n),
-        np.repeat(np.array([p[2] for p in parts], np.uint16), n),
-        np.concatenate([p[3] for p in parts]).astype(np.int64),
-        np.rint(np.concatenate([p[4] for p in parts])).astype(np.int64),
-        np.where(np.isnan(flags), 0, flags).astype(np.uint32),
+        return _no_intervals()
+    columns: list[str] = list(parts[0]["columns"])
+    if any(list(s["columns"]) != columns for s in parts):
+        raise SinkError(
+            f"influxdb answered series of other columns: {[s['columns'] for s in parts]}", retryable=False
+        )
+    table: npt.NDArray[Any] = np.array([row for s in parts for row in s["values"]], dtype=object)
+    tagged = (table[:, 1] != None) & (table[:, 2] != None)  # noqa: E711 (elementwise)
+    table = table[tagged]
+    table = table[(table[:, 1] != "") & (table[:, 2] != "")]
+    meters, meter = np.unique(table[:, 1].astype(str), return_inverse=True)
+    gateways, gateway = np.unique(table[:, 2].astype(str), return_inverse=True)
+    ends = table[:, 0].astype(np.int64)
+    take: list[npt.NDArray[np.intp]] = []
+    quantity: list[npt.NDArray[np.uint16]] = []
+    energy: list[npt.NDArray[np.int64]] = []
+    flags: list[npt.NDArray[np.uint32]] = []
+    for q, n in chans:
+        if n not in columns:
+            continue
+        e = table[:, columns.index(n)].astype(np.float64)  # null -> nan
+        has = ~np.isnan(e)
+        f = table[:, columns.index(f"{n}_flags")].astype(np.float64) if f"{n}_flags" in columns else None
+        rows = np.flatnonzero(has)
+        take.append(rows)
+        quantity.append(np.full(rows.shape[0], q, np.uint16))
+        energy.append(np.rint(e[rows] * 10 ** by_code(q).decimals).astype(np.int64))
+        flags.append(
+            np.zeros(rows.shape[0], np.uint32) if f is None else np.nan_to_num(f[rows]).astype(np.uint32)
+        )
+    if not take:
+        return _no_intervals()
+    row = np.concatenate(take)
+    out = StoredIntervals(
+        tuple(unescape_stored(m) for m in meters.tolist()),
+        tuple(unescape_stored(g) for g in gateways.tolist()),
+        meter[row].astype(np.uint32), gateway[row].astype(np.uint32), np.concatenate(quantity),
+        ends[row], np.concatenate(energy), np.concatenate(flags),
     )  # fmt: skip
+    return out.take(np.lexsort((out.end_ts, out.quantity, out.gateway, out.meter)).astype(np.int64))

@@ -21,7 +21,7 @@ from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.rollup import RollupJob, day_rows, hour_rows, periods_of
 from ingest.pipeline.transform import Settings
 from ingest.rules import stages as st
-from ingest.sinks.base import Partials, StoredIntervals, WriteResult, Writes
+from ingest.sinks.base import PeriodTotals, StoredIntervals, WriteResult, Writes
 from protocols.errors import SinkError
 from protocols.flags import Flag
 
@@ -41,7 +41,9 @@ def _iv(rows: Sequence[tuple[int, int, int, int, int]]) -> st.Intervals:
     )  # fmt: skip
 
 
-def _by_key(p: Partials | None, skip: tuple[bytes, ...] = ()) -> dict[tuple[int, bytes], dict[bytes, int]]:
+def _by_key(
+    p: PeriodTotals | None, skip: tuple[bytes, ...] = ()
+) -> dict[tuple[int, bytes], dict[bytes, int]]:
     if p is None:
         return {}
     return {
@@ -51,7 +53,7 @@ def _by_key(p: Partials | None, skip: tuple[bytes, ...] = ()) -> dict[tuple[int,
 
 
 def _summed(
-    parts: list[Partials | None], skip: tuple[bytes, ...]
+    parts: list[PeriodTotals | None], skip: tuple[bytes, ...]
 ) -> dict[tuple[int, bytes], dict[bytes, int]]:
     out: dict[tuple[int, bytes], dict[bytes, int]] = {}
     for p in parts:
