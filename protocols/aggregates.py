@@ -36,7 +36,7 @@ import functools
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgpack
@@ -63,6 +63,7 @@ __all__ = [
     "decode_daily",
     "decode_intervals",
     "encode_daily",
+    "encode_daily_columns",
     "encode_interval_columns",
     "encode_intervals",
 ]
@@ -171,8 +172,27 @@ def encode_intervals(
     return encode_interval_columns(gateway, batch_seq, list(index), cols, encoding)
 
 
+_DAILY_INT_FIELDS = tuple(f for f in DailyTotal.__dataclass_fields__ if f not in ("meter", "day"))
+_DAILY_ITEM = '{"meter":%s,"day":%s,' + ",".join(f'"{f}":%d' for f in _DAILY_INT_FIELDS) + "}"
+
+
 def encode_daily(gateway: str, items: Sequence[DailyTotal]) -> bytes:
-    return _dump({"v": VERSION, "type": "daily", "gateway": gateway, "days": [asdict(i) for i in items]})
+    """The daily message of ``items``: :func:`encode_daily_columns` of their fields."""
+    values = [[getattr(i, f) for f in _DAILY_INT_FIELDS] for i in items]
+    return encode_daily_columns(gateway, [i.meter for i in items], [i.day for i in items], values)
+
+
+def encode_daily_columns(
+    gateway: str, meters: Sequence[str], days: Sequence[str], values: Sequence[Sequence[int]]
+) -> bytes:
+    """The daily message of items given as columns: item r is meter ``meters[r]``, day
+    ``days[r]`` and the integer fields of :class:`DailyTotal` after those two, in their order,
+    ``values[r]``. One ``%`` format per item, no object per item."""
+    rows = [
+        _DAILY_ITEM % (_json_str(m), _json_str(d), *v) for m, d, v in zip(meters, days, values, strict=True)
+    ]
+    head = _dump({"v": VERSION, "type": "daily", "gateway": gateway, "days": []})
+    return head[:-2] + ",".join(rows).encode() + b"]}"
 
 
 def _load(data: bytes, kind: str, key: str) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:

@@ -42,7 +42,7 @@ from ingest.pipeline.dedup import PERIOD_MS, DedupStore, PendingPeriod, Period
 from ingest.rules import stages as st
 from ingest.sinks.base import PeriodTotals, Rollup, Sink, StoredIntervals, Writes
 from protocols import topics
-from protocols.aggregates import DailyTotal, encode_daily
+from protocols.aggregates import DailyTotal, encode_daily_columns
 from protocols.errors import SinkError, TransportError
 from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
@@ -54,6 +54,7 @@ __all__ = [
     "DAY_QUANTITIES",
     "HOUR_QUANTITIES",
     "RollupJob",
+    "daily_message",
     "daily_totals",
     "day_rows",
     "hour_rows",
@@ -227,16 +228,31 @@ def rollups(
     return out
 
 
+_PUBLISHED = (b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated")
+"""The ``daily_tou`` fields a :class:`DailyTotal` carries, in its field order after meter and day."""
+
+
+def _published(r: Rollup) -> tuple[list[str], list[str], list[list[int]]]:
+    """A day rollup's rows as :class:`DailyTotal` columns (meters, days, integer fields), sorted
+    by (meter, day)."""
+    p = r.rows
+    rank = np.argsort(np.argsort(np.array(r.meter_ids, dtype=str)))
+    order = np.lexsort((p.bucket, rank[p.meter])) if p.meter.shape[0] else p.meter
+    meters = [r.meter_ids[m] for m in p.meter[order].tolist()]
+    days = [p.labels[b].decode() for b in p.bucket[order].tolist()]
+    values = p.values[order][:, [p.fields.index(n) for n in _PUBLISHED]].tolist()
+    return meters, days, values
+
+
 def daily_totals(r: Rollup) -> list[DailyTotal]:
     """The published form of a day rollup's rows, sorted by (meter, day)."""
-    p = r.rows
-    names = (b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated")
-    values = p.values[:, [p.fields.index(n) for n in names]].tolist()
-    items = [
-        DailyTotal(r.meter_ids[m], p.labels[b].decode(), *v)
-        for m, b, v in zip(p.meter.tolist(), p.bucket.tolist(), values, strict=True)
-    ]
-    return sorted(items, key=lambda t: (t.meter, t.day))
+    return [DailyTotal(m, d, *v) for m, d, v in zip(*_published(r), strict=True)]
+
+
+def daily_message(r: Rollup) -> bytes:
+    """The ``ami/v1/agg/daily`` message of a day rollup: :func:`daily_totals` encoded from
+    columns (no object per meter)."""
+    return encode_daily_columns(r.gateway, *_published(r))
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -319,11 +335,7 @@ class RollupJob:
         finally:
             self.release(sink)
         if self.publish is not None:
-            items = [
-                (topics.agg("daily", gateway), encode_daily(gateway, daily_totals(r)))
-                for r in made
-                if r.kind == "day"
-            ]
+            items = [(topics.agg("daily", gateway), daily_message(r)) for r in made if r.kind == "day"]
             if items:
                 await self.publish(items)
                 self.metrics.published.labels("daily").inc(len(items))

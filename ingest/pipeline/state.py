@@ -7,12 +7,14 @@ Contract
   batch's meter table with numpy (Python work per meter, none per channel or reading): a
   :class:`~ingest.rules.stages.RunCarry` for :func:`~ingest.pipeline.transform.transform`.
   Channels of meters not in the batch are dropped.
-* :meth:`RunStateStore.save` merges the carry out of a whole group of batches into their
-  gateways' rows in **one** transaction (vectorised; one row written per gateway). The worker
-  calls it after the group is durable and right before the batches' ``dedup.mark``: a
-  redelivered batch is dedup'd before transform and never advances a run twice; a crash between
-  the two costs a missed flag, never a false one (the redelivered batch does not link to a carry
-  that already ends where it ends).
+* :meth:`RunStateStore.save` merges the carry out of a whole group of batches into the store's
+  state at once (vectorised; what :meth:`RunStateStore.carry` answers next) and writes it to the
+  file at most every ``write_every_s`` (default 1 s; :meth:`RunStateStore.flush`, also at close
+  and from the worker's timer): one transaction, one row per gateway, each merged onto the row as
+  stored then, so another worker's later states are kept. The worker saves after the group is
+  durable and right before the batches' ``dedup.mark``: a redelivered batch is dedup'd before
+  transform and never advances a run twice; a crash before the write costs missed flags, never a
+  false one (the next batch does not link to a carry that ends earlier than it starts).
 * A channel's state is only ever replaced by one whose last step is later (``kernels.C_LAST``): a replayed
   old batch, or one of two workers that read the same carry at once, never winds a run back.
   Two workers handling consecutive batches of one gateway at once may read a stale carry: the
@@ -21,7 +23,12 @@ Contract
   a gateway not saved for that long every ``prune_every`` saves. A carry only applies to the
   batch that continues it, so an old one is useless anyway.
 
-WAL with ``synchronous=NORMAL``; a save lost to power failure restarts those runs.
+WAL with ``synchronous=NORMAL``; a write lost to power failure restarts those runs. Each store
+keeps the last row it read or wrote per gateway in memory with the row's ``version`` (stored
+before the blobs, in a rowid table, so reading it does not read them): a batch whose gateway no
+other worker wrote since reads one integer, not the row. Writing a gateway's row costs about 100
+bytes per channel, so writing it per batch cost the worker more CPU per reading than validating
+it.
 """
 
 from __future__ import annotations
@@ -44,13 +51,14 @@ __all__ = ["RunStateStore"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run_state (
     gateway  TEXT    PRIMARY KEY,
+    version  INTEGER NOT NULL DEFAULT 0,  -- one more at every write: a reader's cached copy is current
     saved_ms INTEGER NOT NULL,
     channels INTEGER NOT NULL,
     meters   TEXT    NOT NULL,   -- JSON list: the gateway's meter table
     meter    BLOB    NOT NULL,   -- uint32 per channel: index into meters
     quantity BLOB    NOT NULL,   -- uint16 per channel
     state    BLOB    NOT NULL    -- int64 per channel: kernels.NCARRY columns, then the save time (ms)
-) WITHOUT ROWID;
+);  -- a rowid table: reading the version stops before the blobs (WITHOUT ROWID reads the record)
 CREATE INDEX IF NOT EXISTS run_state_saved ON run_state(saved_ms);
 """
 _WIDTH = k.NCARRY + 1  # the carry row, then when it was saved
@@ -94,6 +102,7 @@ class RunStateStore:
         max_age_s: float = 7 * 86_400.0,
         prune_every: int = 1000,
         clock: Callable[[], float] = time.time,
+        write_every_s: float = 1.0,
     ) -> None:
         if max_age_s <= 0 or prune_every < 1:
             raise ValueError("max_age_s and prune_every must be positive")
@@ -105,10 +114,32 @@ class RunStateStore:
         self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._adopt_unversioned()
         self._db.executescript(_SCHEMA)
+        self.write_every_s = write_every_s
         self._saves = 0
+        self._written_s = clock()
+        self._cache: dict[str, tuple[int, _Rows]] = {}  # as stored, at that version
+        self._unsaved: dict[str, list[tuple[list[tuple[Sequence[str], RunCarry]], int]]] = {}
+        self._merged: dict[str, tuple[int, _Rows]] = {}  # stored at that version + unsaved
+
+    def _adopt_unversioned(self) -> None:
+        """A file from before rows had a version: its rows moved into the current layout."""
+        columns = [r[1] for r in self._db.execute("PRAGMA table_info(run_state)")]
+        if not columns or "version" in columns:
+            return
+        self._db.executescript(
+            "BEGIN IMMEDIATE; DROP INDEX IF EXISTS run_state_saved; "
+            "ALTER TABLE run_state RENAME TO run_state_old;"
+            + _SCHEMA
+            + "INSERT INTO run_state(gateway, version, saved_ms, channels, meters, meter, quantity, state) "
+            "SELECT gateway, 0, saved_ms, channels, meters, meter, quantity, state FROM run_state_old; "
+            "DROP TABLE run_state_old; COMMIT;"
+        )
 
     def close(self) -> None:
+        """Write what is unsaved, then close."""
+        self.flush()
         with self._lock:
             self._db.close()
 
@@ -118,17 +149,30 @@ class RunStateStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _load(self, gateway: str) -> _Rows:
-        row = self._db.execute(
-            "SELECT meters, meter, quantity, state FROM run_state WHERE gateway = ?", (gateway,)
+    def _load(self, gateway: str) -> tuple[int, _Rows]:
+        """The gateway's row and its version (0 and no channels where there is none): the cached
+        copy while the stored version is the cached one's."""
+        row = self._db.execute("SELECT version FROM run_state WHERE gateway = ?", (gateway,)).fetchone()
+        if row is None:
+            self._cache.pop(gateway, None)
+            return 0, _Rows.empty()
+        cached = self._cache.get(gateway)
+        if cached is not None and cached[0] == row[0]:
+            return cached
+        full = self._db.execute(
+            "SELECT version, meters, meter, quantity, state FROM run_state WHERE gateway = ?", (gateway,)
         ).fetchone()
-        return _Rows.decode(row) if row else _Rows.empty()
+        if full is None:
+            return 0, _Rows.empty()
+        loaded = int(full[0]), _Rows.decode(full[1:])
+        self._cache[gateway] = loaded
+        return loaded
 
     def carry(self, gateway: str, meter_ids: Sequence[str]) -> RunCarry:
         """The carried state of ``gateway``'s channels whose meter is in ``meter_ids`` (a batch's
         meter table; ``RunCarry.meter`` indexes it)."""
         with self._lock:
-            rows = self._load(gateway)
+            rows = self._current(gateway)
         if rows.meter.shape[0] == 0:
             return RunCarry.empty()
         index = {m: i for i, m in enumerate(meter_ids)}
@@ -140,9 +184,28 @@ class RunStateStore:
             np.ascontiguousarray(rows.state[keep, : k.NCARRY]),
         )  # fmt: skip
 
+    def _current(self, gateway: str) -> _Rows:
+        """The gateway's state: as stored, with this store's unsaved carries merged in (merged
+        again onto the stored row when another store wrote it since). Under the lock."""
+        version, stored = self._load(gateway)
+        unsaved = self._unsaved.get(gateway)
+        if not unsaved:
+            return stored
+        merged = self._merged.get(gateway)
+        if merged is not None and merged[0] == version:
+            return merged[1]
+        rows = stored
+        for items, now_ms in unsaved:
+            rows = self._merge(rows, items, now_ms)
+        self._merged[gateway] = (version, rows)
+        return rows
+
     def save(self, carries: Sequence[tuple[str, Sequence[str], RunCarry]]) -> None:
-        """Merge ``(gateway, meter_ids, carry out)`` of a group's batches in one transaction; a
-        channel's state only replaces one with an earlier last step."""
+        """Merge ``(gateway, meter_ids, carry out)`` of a group's batches into this store's state
+        (what :meth:`carry` answers at once); a channel's state only replaces one with an earlier
+        last step. Written to the file (:meth:`flush`) when ``write_every_s`` passed since the
+        last write: a crash loses at most that much run progress, which restarts those runs
+        (missed flags, never false ones)."""
         by_gateway: dict[str, list[tuple[Sequence[str], RunCarry]]] = {}
         for gateway, meter_ids, carry in carries:
             if len(carry):
@@ -151,22 +214,45 @@ class RunStateStore:
             return
         now_ms = int(self._clock() * 1000)
         with self._lock:
+            for gateway, items in by_gateway.items():
+                rows = self._current(gateway)
+                version = self._cache[gateway][0] if gateway in self._cache else 0
+                self._unsaved.setdefault(gateway, []).append((items, now_ms))
+                self._merged[gateway] = (version, self._merge(rows, items, now_ms))
+            due = self._clock() - self._written_s >= self.write_every_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every gateway with unsaved carries, in one transaction (each merged onto the row
+        as stored now, so another store's later states are kept)."""
+        written: dict[str, tuple[int, _Rows]] = {}
+        with self._lock:
+            self._written_s = self._clock()
+            if not self._unsaved:
+                return
+            now_ms = int(self._written_s * 1000)
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for gateway, items in by_gateway.items():
-                    rows = self._merge(self._load(gateway), items, now_ms)
+                for gateway in self._unsaved:
+                    rows = self._current(gateway)
+                    version = (self._cache[gateway][0] if gateway in self._cache else 0) + 1
                     self._db.execute(
-                        "INSERT OR REPLACE INTO run_state(gateway, saved_ms, channels, meters, meter, "
-                        "quantity, state) VALUES (?,?,?,?,?,?,?)",
+                        "INSERT OR REPLACE INTO run_state(gateway, version, saved_ms, channels, meters, "
+                        "meter, quantity, state) VALUES (?,?,?,?,?,?,?,?)",
                         (
-                            gateway, now_ms, int(rows.meter.shape[0]), json.dumps(rows.meters),
+                            gateway, version, now_ms, int(rows.meter.shape[0]), json.dumps(rows.meters),
                             rows.meter.tobytes(), rows.quantity.tobytes(), rows.state.tobytes(),
                         ),
                     )  # fmt: skip
+                    written[gateway] = (version, rows)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._cache.update(written)
+            self._unsaved.clear()
+            self._merged.clear()
             self._saves += 1
             due = self._saves >= self.prune_every
         if due:
@@ -209,6 +295,7 @@ class RunStateStore:
         cutoff = int((self._clock() - self.max_age_s) * 1000)
         with self._lock:
             self._saves = 0
+            self._cache.clear()
             gone = self._db.execute(
                 "SELECT COALESCE(SUM(channels), 0) FROM run_state WHERE saved_ms < ?", (cutoff,)
             ).fetchone()[0]
@@ -216,6 +303,7 @@ class RunStateStore:
             return int(gone)
 
     def __len__(self) -> int:
-        """Channels stored, all gateways."""
+        """Channels stored, all gateways (after writing what is unsaved)."""
+        self.flush()
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(SUM(channels), 0) FROM run_state").fetchone()[0])

@@ -228,6 +228,7 @@ class IngestWorker:
                         tg.create_task(self._intake(consumer), name=f"ingest-intake-{self.worker}")
                         tg.create_task(self._commit_loop(), name=f"ingest-commit-{self.worker}")
                         tg.create_task(self._loss_loop(), name=f"ingest-loss-{self.worker}")
+                        tg.create_task(self._state_loop(), name=f"ingest-state-{self.worker}")
                         job = self.rollup_job()
                         tg.create_task(
                             job.run(cfg.pipeline.rollup_check_s), name=f"ingest-rollup-{self.worker}"
@@ -311,7 +312,8 @@ class IngestWorker:
                 self._dead_letter_foreign(msg, foreign)
                 if not len(own) and not len(own.prev):
                     return _Item(msg, "dead_lettered", batch=batch)
-            carry = self._res.state.carry(own.gateway, own.meters) if self._res.state else None
+            state = self._res.state
+            carry = state.carry(own.gateway, own.meters) if state is not None else None
             out = transform(own, self.settings, carry)
         except PayloadError as exc:
             return self._dead_letter(msg, _reason(str(exc)), str(exc))
@@ -488,7 +490,7 @@ class IngestWorker:
         assert res is not None and res.consumer is not None
         m = self.metrics
         reused: set[tuple[str, int]] = set()  # marks that replaced another digest: seq resets
-        if res.state is not None:  # before the marks: a marked batch's runs are always saved
+        if res.state is not None:  # before the marks (written within state.write_every_s)
             res.state.save(
                 [
                     (it.out.columns.gateway, it.out.columns.meter_ids, it.out.carry)
@@ -567,6 +569,15 @@ class IngestWorker:
         return True
 
     # -- loss accounting ---------------------------------------------------------------------
+
+    async def _state_loop(self) -> None:
+        """Write the run state's unsaved carries every ``write_every_s``, also when no batch
+        comes (a save writes them only when it finds them due)."""
+        assert self._res is not None
+        state = self._res.state
+        while state is not None:
+            await asyncio.sleep(state.write_every_s)
+            state.flush()
 
     async def _loss_loop(self) -> None:
         """Every ``check_s``: the missing-batches gauge, then the due alarms (each claimed by one

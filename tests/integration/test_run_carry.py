@@ -55,6 +55,7 @@ async def test_one_interval_batches_are_stopped_on_the_fourth_and_a_redelivery_c
             await wait_for(lambda j=j: written(w) == j)
         pub.batch(one_interval(gw, 3))  # a redelivery: dedup'd, the run stays at 3
         await wait_for(lambda: w.metrics.batches.labels("duplicate")._value.get() == 1)
+        w._res.state.flush()  # written at most every write_every_s; now, to look at the file
         with RunStateStore(tmp_path / "runstate.sqlite") as state:  # beside the dedup database
             row = state.carry(gw, ["M1"]).state[0]
         assert (row[k.C_STOP_LEN], row[k.C_STOP_END]) == (3, T0 + 3 * Q)

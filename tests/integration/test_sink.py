@@ -240,3 +240,32 @@ async def test_v2_influxql_read_back_uses_the_v1_compatibility_endpoint() -> Non
     assert (req.method, req.path, req.headers["authorization"]) == ("POST", "/query", "Token s3cr3t")
     form = dict(urllib.parse.parse_qsl(req.body.decode()))
     assert form == {"db": "meters", "q": 'SELECT "v" FROM "m" GROUP BY meter', "epoch": "ms"}
+
+
+async def test_interval_reads_come_back_from_influxd_as_messagepack(influx_db) -> None:
+    """The rollup's read of many intervals asks for MessagePack, which influxd 1.x answers only to
+    an Accept header of exactly that type (a list with q-values gets JSON, at more of its CPU)."""
+    from ingest.sinks.influx.sink import InfluxSink
+    from protocols.quantities import ENERGY_FORWARD
+
+    influxd, db = influx_db
+    t0 = 1_710_000_000_000
+    influxd.write(
+        b"intervals,meter=M\\ 1,gateway=g energy_fwd_active_total=0.25 %d\n"
+        b"intervals,meter=M2,gateway=g energy_fwd_active_total=0.5,energy_fwd_active_total_flags=8i %d\n"
+        % (t0 + 900_000, t0 + 1_800_000),
+        db,
+    )
+    async with InfluxSink(SinkConfig(url=influxd.url, api="v1", database=db)) as sink:
+        got = await sink.day_intervals(t0, t0 + 86_400_000, (ENERGY_FORWARD, 2))
+        assert sink.query.answered == "application/x-msgpack"
+    rows = sorted(
+        zip(
+            [got.meters[m] for m in got.meter],
+            got.end_ts.tolist(),
+            got.energy.tolist(),
+            got.flags.tolist(),
+            strict=True,
+        )
+    )
+    assert rows == [("M 1", t0 + 900_000, 25, 0), ("M2", t0 + 1_800_000, 50, 8)]

@@ -36,6 +36,8 @@ class InfluxQuery:
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
         self._http = HttpConnection(config.url, config.timeout_s, config.ca_file)
+        self.answered = ""
+        """The media type of the last answer (``application/x-msgpack`` from InfluxDB 1.x)."""
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -57,7 +59,7 @@ class InfluxQuery:
             params["rp"] = cfg.retention_policy
         headers = {
             "Content-Type": "application/x-www-form-urlencoded",
-            "Accept": "application/x-msgpack, application/json;q=0.9",
+            "Accept": "application/x-msgpack",  # 1.x matches the header whole; others answer JSON
         }
         if cfg.token:
             headers["Authorization"] = f"Token {cfg.token}"
@@ -66,7 +68,8 @@ class InfluxQuery:
         resp = await self._http.request("POST", "/query", headers, urllib.parse.urlencode(params).encode())
         if resp.status >= 500:
             raise SinkError(f"influxdb query failed ({resp.status})", retryable=True, status=resp.status)
-        doc = _decoded(resp.headers.get("content-type", ""), resp.body or b"")
+        self.answered = resp.headers.get("content-type", "")
+        doc = _decoded(self.answered, resp.body or b"")
         results = doc.get("results", []) if isinstance(doc, dict) else []
         errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
         if resp.status // 100 != 2 or errors or "error" in doc:

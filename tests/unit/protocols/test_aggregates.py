@@ -115,8 +115,12 @@ def test_binary_intervals_v2_carry_32_flag_bits_and_v1_is_still_read() -> None:
 
 
 def test_daily_round_trip() -> None:
-    items = [DailyTotal("m1", "2026-11-22", 1000, 100, 300, 400, 200, 96, 2)]
-    assert decode_daily(encode_daily("gw-1", items)) == ("gw-1", items)
+    items = [
+        DailyTotal("m1", "2026-11-22", 1000, 100, 300, 400, 200, 96, 2),
+        DailyTotal('m "2",\\电表', "2026-11-23", 2**40, 0, 0, 0, 0, 0, 0),
+    ]
+    assert decode_daily(encode_daily('gw "1"', items)) == ('gw "1"', items)
+    assert decode_daily(encode_daily("gw-1", [])) == ("gw-1", [])
 
 
 @pytest.mark.parametrize(

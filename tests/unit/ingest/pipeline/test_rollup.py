@@ -18,10 +18,11 @@ from hypothesis import strategies as hs
 from ingest.config import SAMPLE, parse_config
 from ingest.metrics import IngestMetrics
 from ingest.pipeline.dedup import DedupStore
-from ingest.pipeline.rollup import RollupJob, day_rows, hour_rows, periods_of
+from ingest.pipeline.rollup import RollupJob, daily_totals, day_rows, hour_rows, periods_of
 from ingest.pipeline.transform import Settings
 from ingest.rules import stages as st
 from ingest.sinks.base import PeriodTotals, StoredIntervals, WriteResult, Writes
+from protocols.aggregates import decode_daily
 from protocols.errors import SinkError
 from protocols.flags import Flag
 
@@ -195,6 +196,7 @@ async def test_the_job_writes_each_period_once_publishes_the_day_and_drops_the_k
     assert [(d["meter"], d["total"], d["intervals"], d["estimated_intervals"]) for d in doc["days"]] == [
         ("M 1", 2400, 96, 0), ("M,2", 40, 1, 1),
     ]  # fmt: skip
+    assert decode_daily(payload) == ("gw-1", daily_totals(next(r for r in writes.rollups if r.kind == "day")))
     assert store.pending_periods() == 0
     assert await _job(store, sink, sent).run_once() == 0 and len(sink.written) == 1  # nothing owed
 

@@ -3,6 +3,7 @@ only later carries replace earlier ones, old channels are forgotten."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,14 @@ def test_channels_not_saved_for_max_age_are_forgotten(tmp_path: Path) -> None:
         assert len(store.carry("gw", ["A", "B"])) == 1
 
 
+def _shared(tmp_path: Path, write_every_s: float = 0.0) -> tuple[RunStateStore, RunStateStore]:
+    path = tmp_path / "s.sqlite"
+    return RunStateStore(path, write_every_s=write_every_s), RunStateStore(path, write_every_s=write_every_s)
+
+
 def test_the_store_is_shared_by_connections(tmp_path: Path) -> None:
-    with RunStateStore(tmp_path / "s.sqlite") as one, RunStateStore(tmp_path / "s.sqlite") as two:
+    one, two = _shared(tmp_path)
+    with one, two:
         one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
         assert two.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2
 
@@ -89,3 +96,79 @@ def test_merging_agrees_with_a_dictionary_of_channels(tmp_path: Path) -> None:
         }
         assert have == want
         assert len(store) == len(want)
+
+
+def test_a_cached_row_is_read_again_once_another_store_saved_the_gateway(tmp_path: Path) -> None:
+    """Each store keeps the rows it read; a save by another worker's store bumps the row's
+    version, so the next carry reads the new state, and the next merge keeps the other's channels."""
+    one, two = _shared(tmp_path)
+    with one, two:
+        one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
+        assert two.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2  # two caches version 1
+        one.save([("gw", ["A", "B"], carry([(0, 1, 3, 200), (1, 1, 7, 200)]))])
+        assert two.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 3
+        two.save([("gw", ["C"], carry([(0, 1, 1, 300)]))])
+        got = one.carry("gw", ["A", "B", "C"])
+        assert sorted(zip(got.meter.tolist(), got.state[:, k.C_STOP_LEN].tolist(), strict=True)) == [
+            (0, 3), (1, 7), (2, 1),
+        ]  # fmt: skip
+
+
+def test_a_state_file_without_versions_is_taken_over(tmp_path: Path) -> None:
+    """A file written before rows carried a version keeps its channels."""
+    with RunStateStore(tmp_path / "s.sqlite") as store:
+        store.save([("gw", ["A"], carry([(0, 1, 4, 100)]))])
+    db = sqlite3.connect(tmp_path / "s.sqlite")
+    rows = db.execute(
+        "SELECT gateway, saved_ms, channels, meters, meter, quantity, state FROM run_state"
+    ).fetchall()
+    db.executescript(
+        "DROP TABLE run_state; CREATE TABLE run_state (gateway TEXT PRIMARY KEY, saved_ms INTEGER NOT NULL, "
+        "channels INTEGER NOT NULL, meters TEXT NOT NULL, meter BLOB NOT NULL, quantity BLOB NOT NULL, "
+        "state BLOB NOT NULL) WITHOUT ROWID;"
+    )
+    db.executemany("INSERT INTO run_state VALUES (?,?,?,?,?,?,?)", rows)
+    db.commit()
+    db.close()
+    with RunStateStore(tmp_path / "s.sqlite") as store:
+        assert store.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 4
+        store.save([("gw", ["A"], carry([(0, 1, 5, 200)]))])
+        assert store.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 5
+
+
+def test_saves_are_written_at_most_every_write_every_s_and_at_close(tmp_path: Path) -> None:
+    """A save is in the store's own carries at once and in the file once ``write_every_s`` has
+    passed (or at close): a crash loses at most that much run progress."""
+    now = [1_000.0]
+    path = tmp_path / "s.sqlite"
+    one = RunStateStore(path, clock=lambda: now[0], write_every_s=1.0)
+    with RunStateStore(path) as other:
+        one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
+        assert one.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2  # its own: at once
+        assert len(other.carry("gw", ["A"])) == 0  # not written yet
+        now[0] += 1.0
+        one.save([("gw", ["A"], carry([(0, 1, 3, 200)]))])  # due: written
+        assert other.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 3
+        one.save([("gw", ["A"], carry([(0, 1, 4, 300)]))])
+        assert other.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 3
+        one.close()
+        assert other.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 4
+
+
+def test_unsaved_carries_are_merged_onto_what_another_store_wrote_meanwhile(tmp_path: Path) -> None:
+    """Two workers' stores: one holds unsaved carries while the other writes a later state of
+    the same channel and a new one; one's write keeps the later state and both channels."""
+    one, two = _shared(tmp_path, write_every_s=3600)
+    with one, two:
+        one.save([("gw", ["A", "B"], carry([(0, 1, 2, 100), (1, 1, 5, 100)]))])
+        two.save([("gw", ["A", "C"], carry([(0, 1, 9, 200), (1, 1, 1, 200)]))])
+        two.flush()
+        got = one.carry("gw", ["A", "B", "C"])  # the stored row changed: merged again
+        assert sorted(zip(got.meter.tolist(), got.state[:, k.C_STOP_LEN].tolist(), strict=True)) == [
+            (0, 9), (1, 5), (2, 1),
+        ]  # fmt: skip
+        one.flush()
+        got = two.carry("gw", ["A", "B", "C"])
+        assert sorted(zip(got.meter.tolist(), got.state[:, k.C_STOP_LEN].tolist(), strict=True)) == [
+            (0, 9), (1, 5), (2, 1),
+        ]  # fmt: skip
