@@ -14,8 +14,10 @@
   (influxdb-client's default); done when it reports every reading written.
 
 Every run returns a :class:`Run`: readings/s, CPU seconds per million readings of the pipeline's
-processes and of influxd (user + sys from ``/proc/<pid>/stat`` over the measured window), and
-checks afterwards that influxd holds every point.
+processes (user + sys from ``/proc/<pid>/stat`` over the measured window) and of influxd (the
+same, until influxd has gone idle after the window: its cache snapshots and compactions of the
+run's writes count with the run, whichever run they would otherwise fall into), and checks
+afterwards that influxd holds every point.
 """
 
 from __future__ import annotations
@@ -36,14 +38,13 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest.config import SAMPLE
 from protocols import topics
 from protocols.payload import encode
 from tests.bench.ingest_workload import Workload
@@ -69,8 +70,46 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
+def settled_cpu_s(pid: int, idle_share: float = 0.05, step_s: float = 0.5, max_s: float = 30.0) -> float:
+    """The process's CPU seconds once it has gone idle (under ``idle_share`` of a core over
+    ``step_s``, at most ``max_s`` of waiting): influxd's work that a run's writes cause after the
+    run (cache snapshots, compactions) is counted with the run."""
+    deadline = time.monotonic() + max_s
+    before = cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(step_s)
+        now = cpu_s(pid)
+        if now - before < idle_share * step_s:
+            return now
+        before = now
+    return before
+
+
 def _per_reading_us(cpu: float, readings: int) -> float:
     return cpu / readings * 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Warm:
+    """What a run is given before its clock starts (see
+    :func:`~tests.bench.ingest_workload.warm_up`): ``lines`` written to its database, or
+    ``payloads`` (of ``readings`` readings) through the pipeline itself, rollups and all; and how
+    many points of the field the run counts afterwards they add."""
+
+    lines: list[bytes]
+    points: int
+    payloads: list[tuple[str, bytes]] = field(default_factory=list)
+    readings: int = 0
+
+
+def _database(influxd: Any, prefix: str, warm: Warm) -> str:
+    """A fresh database holding the warm-up lines, influxd idle again afterwards."""
+    db = f"{prefix}_{uuid.uuid4().hex[:6]}"
+    influxd.create_database(db)
+    for data in warm.lines:
+        influxd.write(data, db)
+    settled_cpu_s(influxd.pid)
+    return db
 
 
 def count_points(influxd: Any, db: str, field: str = "voltage_a") -> int:
@@ -81,10 +120,9 @@ def count_points(influxd: Any, db: str, field: str = "voltage_a") -> int:
 # -- influxd's ceiling ---------------------------------------------------------------------------
 
 
-def ceiling_run(influxd: Any, bodies: list[tuple[bytes, int]], wl: Workload, clients: int) -> Run:
+def ceiling_run(influxd: Any, bodies: list[tuple[bytes, int]], wl: Workload, clients: int, warm: Warm) -> Run:
     """Post ``bodies`` (gzipped, ``(body, lines)``) of ``wl`` with ``clients`` concurrent connections."""
-    db = f"ceil_{uuid.uuid4().hex[:6]}"
-    influxd.create_database(db)
+    db = _database(influxd, "ceil", warm)
     url = urllib.parse.urlsplit(influxd.url)
     target = f"/write?{urllib.parse.urlencode({'db': db, 'precision': 'ms'})}"
     headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
@@ -112,9 +150,9 @@ def ceiling_run(influxd: Any, bodies: list[tuple[bytes, int]], wl: Workload, cli
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
-        influx_cpu = cpu_s(influxd.pid) - cpu0
+        influx_cpu = settled_cpu_s(influxd.pid) - cpu0
         assert not errors, errors
-        stored = count_points(influxd, db)
+        stored = count_points(influxd, db) - warm.points
         assert stored == wl.points, f"{stored} of {wl.points} points in influxd"
         lines = sum(n for _, n in bodies)
         return Run(wl.readings / elapsed, 0.0, _per_reading_us(influx_cpu, wl.readings), f"{lines:,} lines")
@@ -211,14 +249,16 @@ def ingest_run(
     workers: int,
     tmp: Path,
     progress: Progress,
+    warm: Warm,
+    rollups: bool = True,
 ) -> Run:
-    db = f"ingest_{uuid.uuid4().hex[:6]}"
-    influxd.create_database(db)
+    db = _database(influxd, "ingest", warm)
     run_dir = tmp / db
     run_dir.mkdir()
     port = _free_port_block(workers)
     group = f"bench{uuid.uuid4().hex[:6]}"
-    rollup_key = "rollup_delay_s = 1\nrollup_check_s = 0.5\n" if "rollup_delay_s" in SAMPLE else ""
+    # rollups=False: the write path alone, every period left owed (a diagnostic of the split)
+    rollup_key = "rollup_delay_s = 1\nrollup_check_s = 0.5\n" if rollups else "rollup_delay_s = 604800\n"
     dedup = run_dir / "dedup.sqlite"
     cfg = run_dir / "ingest.toml"
     cfg.write_text(
@@ -244,18 +284,25 @@ def ingest_run(
             time.sleep(0.1)
         pids = [proc.pid] if workers == 1 else [proc.pid, *_children(proc.pid)]
         ports = [port + i for i in range(workers)]
+        alive = lambda: proc.poll() is None  # noqa: E731
+        if warm.payloads:  # the series of every measurement exist, as on a running head-end
+            pub = Publisher(mosquitto, warm.payloads)
+            pub.start()
+            _wait_ingested(warm.readings, ports, dedup, time.monotonic(), lambda _m: None, alive)
+            pub.close()
+            settled_cpu_s(influxd.pid)
         items = [(topics.readings(b.gateway), p) for b, p in zip(wl.batches, payloads, strict=True)]
         pub = Publisher(mosquitto, items)
         cpu0 = sum(cpu_s(p) for p in pids)
         icpu0 = cpu_s(influxd.pid)
         t0 = time.monotonic()
         pub.start()
-        note = _wait_ingested(wl, ports, dedup, t0, progress, lambda: proc.poll() is None)
+        note = _wait_ingested(warm.readings + wl.readings, ports, dedup, t0, progress, alive, rollups)
         elapsed = time.monotonic() - t0
         cpu = sum(cpu_s(p) for p in pids) - cpu0
-        influx_cpu = cpu_s(influxd.pid) - icpu0
+        influx_cpu = settled_cpu_s(influxd.pid) - icpu0
         pub.close()
-        stored = count_points(influxd, db)
+        stored = count_points(influxd, db) - warm.points
         assert stored == wl.points, f"{stored} of {wl.points} points in influxd"
         return Run(
             wl.readings / elapsed,
@@ -270,22 +317,30 @@ def ingest_run(
 
 
 def _wait_ingested(
-    wl: Workload, ports: list[int], dedup: Path, t0: float, progress: Progress, alive: Callable[[], bool]
+    readings: int,
+    ports: list[int],
+    dedup: Path,
+    t0: float,
+    progress: Progress,
+    alive: Callable[[], bool],
+    rollups: bool = True,
 ) -> str:
-    """Poll the workers' metrics until every reading is written, then until no rollup is
-    pending (where there is a rollup stage); returns what was waited for."""
+    """Poll the workers' metrics until they count ``readings`` written, then (``rollups``) until
+    no rollup is pending (where there is a rollup stage); returns what was waited for."""
     deadline = t0 + TIMEOUT_S
     last = t0
     while True:
         metrics = [_metrics(p) for p in ports]
         written = int(sum(m.get("amigw_ingest_readings_total", 0.0) for m in metrics))
-        if written >= wl.readings:
+        if written >= readings:
             break
-        assert alive() and time.monotonic() < deadline, f"{written:,} of {wl.readings:,} readings written"
+        assert alive() and time.monotonic() < deadline, f"{written:,} of {readings:,} readings written"
         if time.monotonic() - last >= PROGRESS_S:
             last = time.monotonic()
-            progress(f"{written:,} of {wl.readings:,} readings written, {last - t0:.0f} s")
+            progress(f"{written:,} of {readings:,} readings written, {last - t0:.0f} s")
         time.sleep(0.2)
+    if not rollups:
+        return "readings written; rollups left owed (the write path alone)"
     pending: Callable[[], float | None]
     if all("amigw_ingest_rollup_pending" in m for m in metrics):
         pending = lambda: sum(_metrics(p)["amigw_ingest_rollup_pending"] for p in ports)  # noqa: E731
@@ -352,10 +407,15 @@ CONVENTIONAL = textwrap.dedent(
 
 
 def conventional_run(
-    mosquitto: Any, influxd: Any, wl: Workload, payloads: list[bytes], tmp: Path, progress: Progress
+    mosquitto: Any,
+    influxd: Any,
+    wl: Workload,
+    payloads: list[bytes],
+    tmp: Path,
+    progress: Progress,
+    warm: Warm,
 ) -> Run:
-    db = f"conv_{uuid.uuid4().hex[:6]}"
-    influxd.create_database(db)
+    db = _database(influxd, "conv", warm)
     script = tmp / "conventional.py"
     script.write_text(CONVENTIONAL)
     proc = subprocess.Popen(
@@ -382,9 +442,9 @@ def conventional_run(
                 progress(f"{written:,} of {wl.readings:,} readings written, {last - t0:.0f} s")
         elapsed = time.monotonic() - t0
         cpu = cpu_s(proc.pid) - cpu0
-        influx_cpu = cpu_s(influxd.pid) - icpu0
+        influx_cpu = settled_cpu_s(influxd.pid) - icpu0
         pub.close()
-        stored = count_points(influxd, db, "value")
+        stored = count_points(influxd, db, "value") - warm.points
         assert stored == wl.readings, f"{stored} of {wl.readings} points in influxd"
         return Run(
             wl.readings / elapsed, _per_reading_us(cpu, wl.readings), _per_reading_us(influx_cpu, wl.readings)

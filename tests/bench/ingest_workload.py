@@ -91,14 +91,22 @@ class Workload:
         )
 
 
-def build(shape: Shape, meters: int, readings: int, gw_prefix: str = "gwb") -> Workload:
+def build(
+    shape: Shape,
+    meters: int,
+    readings: int,
+    gw_prefix: str = "gwb",
+    days_back: int = DAYS_BACK,
+    first_seq: int = 2,
+) -> Workload:
     """``meters`` meters (a multiple of the shape's meters per message) and enough timestamps for
-    about ``readings`` readings (at least one), starting :data:`DAYS_BACK` days before now."""
+    about ``readings`` readings (at least one), starting ``days_back`` days before now; each
+    gateway's batches numbered from ``first_seq`` (1 is left for :func:`warm_up`)."""
     per_msg = shape.meters_per_message
     assert meters % per_msg == 0, f"meters must be a multiple of {per_msg}"
     nq = len(shape.quantities)
     n_ts = max(1, round(readings / (meters * nq)))
-    start = (time.time_ns() // 1_000_000 - DAYS_BACK * 86_400_000) // INTERVAL_MS * INTERVAL_MS
+    start = (time.time_ns() // 1_000_000 - days_back * 86_400_000) // INTERVAL_MS * INTERVAL_MS
     codes = np.array([by_name(n).code for n in shape.quantities], dtype=np.uint16)
     cumulative = np.array([by_name(n).kind == "cumulative" for n in shape.quantities])
     values = _values(shape, meters, n_ts)  # (n_ts + 1, meters, nq); row 0 is the read before
@@ -123,7 +131,7 @@ def build(shape: Shape, meters: int, readings: int, gw_prefix: str = "gwb") -> W
             batches.append(
                 ReadingBatch(
                     f"{gw_prefix}-{g:03d}",
-                    k + 1,
+                    first_seq + k,
                     tuple(f"{m:012d}" for m in range(lo, hi)),
                     _col(meter_col),
                     _col(np.full(per_msg * nq, t, dtype=np.int64)),
@@ -178,6 +186,32 @@ def readings_lines(wl: Workload) -> list[bytes]:
     for b in wl.batches:
         r, _ = columns(b)
         out.append(encode_lines(r, LineTables.build(b.meters, b.gateway), wide=True))
+    return out
+
+
+def warm_up(wl: Workload) -> Workload:
+    """One timestamp of the same meters and gateways a day before ``wl``: written to a run's
+    database before its clock starts, so every run writes into existing series, as a head-end
+    with a standing fleet does (creating a series costs influxd far more than a point in it)."""
+    first = wl.batches[0]
+    days_back = round((time.time_ns() // 1_000_000 - int(first.ts[0])) / 86_400_000) + 1
+    return build(wl.shape, wl.meters, 1, first.gateway.rsplit("-", 1)[0], days_back, first.seq - 1)
+
+
+def conventional_lines(wl: Workload) -> list[bytes]:
+    """Per batch, the narrow lines the conventional pipeline writes for it (a float ``value``
+    and an integer ``flags`` per reading, tagged meter, gateway and quantity)."""
+    names = {q.code: q for q in map(by_name, wl.shape.quantities)}
+    out = []
+    for b in wl.batches:
+        rows = zip(b.meter, b.ts, b.quantity, b.value, b.flags, strict=True)
+        out.append(
+            "".join(
+                f"meter_reading,gateway={b.gateway},meter={b.meters[m]},quantity={names[q].name} "
+                f"value={v / 10 ** names[q].decimals!r},flags={f}i {t}\n"
+                for m, t, q, v, f in rows
+            ).encode()
+        )
     return out
 
 

@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from ingest.config import SAMPLE, parse_config
 from ingest.pipeline.transform import Settings, transform
+from protocols import topics
 from tests.bench import ingest_runs as runs
 from tests.bench import ingest_workload as workload
 
@@ -97,6 +98,7 @@ def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
     )
     settings = Settings.from_config(parse_config(SAMPLE))
     summary: list[str] = []
+    first = True
     for name in SHAPES:
         shape = workload.SHAPES[name]
         wl = workload.build(shape, METERS, READINGS)
@@ -109,20 +111,60 @@ def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
         binary, as_json = runs.binary_payloads(wl), runs.json_payloads(wl)
         readings_bodies = workload.bodies(workload.readings_lines(wl))
         pipeline_bodies = workload.bodies(workload.pipeline_lines(wl, settings))
+        before = workload.warm_up(wl)  # every run writes into existing series
+        warm_readings = runs.Warm(workload.readings_lines(before), before.points)
+        warm_pipeline = runs.Warm(workload.pipeline_lines(before, settings), before.points)
+        warm_payloads = runs.binary_payloads(before)
+        warm_ingest = runs.Warm(
+            [],
+            before.points,
+            [(topics.readings(b.gateway), p) for b, p in zip(before.batches, warm_payloads, strict=True)],
+            before.readings,
+        )
+        warm_conventional = runs.Warm(workload.conventional_lines(before), before.readings)
+        if first:  # a fresh influxd's first run is slower than any later one: not measured
+            clock.say(f"{name}: influxd warm-up (not measured)")
+            runs.ceiling_run(influxd, readings_bodies, wl, clients, warm_readings)
+            first = False
 
         clock.say(f"{name}: influxd ceiling, readings alone ({clients} clients)")
-        ceil_r = runs.ceiling_run(influxd, readings_bodies, wl, clients)
+        ceil_r = runs.ceiling_run(influxd, readings_bodies, wl, clients, warm_readings)
         clock.say(f"{name}: influxd ceiling, the pipeline's lines ({clients} clients)")
-        ceil_p = runs.ceiling_run(influxd, pipeline_bodies, wl, clients)
+        ceil_p = runs.ceiling_run(influxd, pipeline_bodies, wl, clients, warm_pipeline)
         ingest: dict[int, runs.Run] = {}
         for n in counts:
             clock.say(f"{name}: ingest, {n} worker(s)")
             ingest[n] = runs.ingest_run(
-                mosquitto, influxd, wl, binary, n, tmp_path, clock.prefixed(f"{name}: ingest {n}w")
+                mosquitto,
+                influxd,
+                wl,
+                binary,
+                n,
+                tmp_path,
+                clock.prefixed(f"{name}: ingest {n}w"),
+                warm_ingest,
             )
+        clock.say(f"{name}: ingest, 1 worker, write path alone (rollups left owed)")
+        bare = runs.ingest_run(
+            mosquitto,
+            influxd,
+            wl,
+            binary,
+            1,
+            tmp_path,
+            clock.prefixed(f"{name}: write path"),
+            warm_ingest,
+            False,
+        )
         clock.say(f"{name}: conventional pipeline")
         conv = runs.conventional_run(
-            mosquitto, influxd, wl, as_json, tmp_path, clock.prefixed(f"{name}: conventional")
+            mosquitto,
+            influxd,
+            wl,
+            as_json,
+            tmp_path,
+            clock.prefixed(f"{name}: conventional"),
+            warm_conventional,
         )
         one = ingest[1]
         lines = [
@@ -146,6 +188,11 @@ def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
             )
         lines += [
             f"    ({one.note})",
+            f"  ingest, 1 worker, the write path alone (every period left owed, not rolled up): "
+            f"{bare.readings_per_s:,.0f} readings/s = {bare.readings_per_s / ceil_r.readings_per_s:.2f}x the "
+            f"readings-only ceiling; workers {_us(bare.cpu_us)} CPU per reading; influxd "
+            f"{_us(bare.influxd_cpu_us)} per reading = {bare.influxd_cpu_us / ceil_r.influxd_cpu_us:.2f}x the "
+            f"readings alone: the rest of the figures above is the rollups' cost",
             f"  conventional (paho, JSON, a Point per reading, POSTs of 5,000 lines, kept-alive, no gzip): "
             f"{conv.readings_per_s:,.0f} readings/s, {_us(conv.cpu_us)} CPU per reading, influxd "
             f"{_us(conv.influxd_cpu_us)} per reading",
@@ -154,7 +201,7 @@ def test_ingest_e2e(mosquitto: Any, influxd: Any, tmp_path: Path) -> None:
         ]
         print("\n".join(lines), flush=True)
         summary += lines
-        for r in (ceil_r, ceil_p, *ingest.values(), conv):
+        for r in (ceil_r, ceil_p, *ingest.values(), bare, conv):
             assert r.readings_per_s > 0 and r.influxd_cpu_us > 0
         assert one.cpu_us > 0 and conv.cpu_us > 0
     print(
@@ -188,21 +235,21 @@ def test_ingest_e2e_waits_for_the_rollup_stage(tmp_path: Path) -> None:
         return True
 
     assert "no rollup stage found" in runs._wait_ingested(
-        wl, ports, dedup, time.monotonic(), said.append, alive
+        wl.readings, ports, dedup, time.monotonic(), said.append, alive
     )
 
     with contextlib.closing(sqlite3.connect(dedup)) as con, con:
         con.execute("CREATE TABLE rollup_pending (gateway TEXT, kind TEXT, period_ms INTEGER)")
         con.execute("INSERT INTO rollup_pending VALUES ('gwb-000', 'daily', 0)")
     threading.Timer(0.5, _empty_table, (dedup,)).start()
-    note = runs._wait_ingested(wl, ports, dedup, time.monotonic(), said.append, alive)
+    note = runs._wait_ingested(wl.readings, ports, dedup, time.monotonic(), said.append, alive)
     assert "rollup_pending empty" in note and runs._rollup_table_rows(dedup) == 0
 
     gauges = [Gauge("amigw_ingest_rollup_pending", "", ["kind"], registry=r) for r in registries]
     gauges[0].labels("daily").set(2)
     gauges[1].labels("hourly").set(1)
     threading.Timer(0.5, _zero, (gauges[0].labels("daily"), gauges[1].labels("hourly"))).start()
-    note = runs._wait_ingested(wl, ports, dedup, time.monotonic(), said.append, alive)
+    note = runs._wait_ingested(wl.readings, ports, dedup, time.monotonic(), said.append, alive)
     assert "amigw_ingest_rollup_pending = 0 on every worker" in note
     assert all(runs._metrics(p)["amigw_ingest_rollup_pending"] == 0 for p in ports)
 
