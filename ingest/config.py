@@ -559,10 +559,11 @@ publish_daily = true
 # Encoding of the intervals messages: "binary" (columnar, like the readings payload; a third of
 # the bytes) or "json" (for consumers that cannot read msgpack). protocols.aggregates reads both.
 aggregates_encoding = "binary"
-# Hourly and daily totals are written once per closed period, computed from the stored intervals:
-# a period is rolled up when it has ended and no batch touched it for rollup_delay_s seconds
-# (data arriving later rolls it up again, rewriting its rows). Each worker looks for due periods
-# every rollup_check_s. The periods still owed survive a crash in the dedup database.
+# Daily and hourly totals are written once per closed day, computed from the stored intervals:
+# a day (with its hours) is rolled up when it has ended and no batch touched it for
+# rollup_delay_s seconds (data arriving later rolls it up again, rewriting its rows). Each worker
+# looks for due days every rollup_check_s. The days still owed survive a crash in the dedup
+# database.
 rollup_delay_s = 300.0
 rollup_check_s = 10.0
 # While InfluxDB is down: wait this long before retrying a batch, doubling up to the maximum.

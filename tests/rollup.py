@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Iterable
 
 from ingest.config import IngestConfig
-from ingest.pipeline.rollup import DAY_MS, DAY_QUANTITIES, HOUR_MS, rollups
+from ingest.pipeline.rollup import DAY_MS, DAY_QUANTITIES, rollups
 from ingest.pipeline.transform import Settings
 from ingest.sinks.base import Rollup, Sink, Writes
 from ingest.sinks.influx.sink import InfluxSink
@@ -16,7 +16,7 @@ from ingest.sinks.influx.sink import InfluxSink
 async def roll_up(sink: Sink, s: Settings, gateway: str, day_ms: int) -> list[Rollup]:
     """The day and hour rows of ``gateway``'s local day starting at ``day_ms``, written."""
     stored = await sink.day_intervals(day_ms, day_ms + DAY_MS, DAY_QUANTITIES, gateways=[gateway])
-    made = rollups(stored, gateway, {day_ms}, {day_ms + h * HOUR_MS for h in range(24)}, s)
+    made = rollups(stored, gateway, {day_ms}, s)
     result = await sink.write(Writes(rollups=made))
     assert result.rejected == (), result.rejected
     return made

@@ -1,21 +1,24 @@
-"""Derived totals written once per closed period: hourly and daily time-of-use rollups.
+"""Derived totals written once per closed day: daily time-of-use and hourly rollups.
 
 Contract
 --------
 * A batch writes its readings and its validated **intervals**; it writes no totals. It owes the
-  rollup of every local hour and day its intervals start in (:func:`periods_of`), recorded with
-  its dedup mark in one transaction before its MQTT ack (:meth:`DedupStore.mark`).
-* :class:`RollupJob` (one per worker, every ``[pipeline] rollup_check_s``) claims the periods that
-  are due (:meth:`DedupStore.claim_due`: the period ended and no batch touched it for
-  ``rollup_delay_s``), reads their **stored intervals** back per gateway in one query
-  (:meth:`Sink.day_intervals`; a day read also gives that day's hours), computes the totals with
-  the pure :func:`day_rows` / :func:`hour_rows`, writes **one** ``daily_tou`` row per (meter,
-  gateway, day) and one ``hourly`` row per (meter, gateway, hour), stamped with the period's
-  start, publishes each day's :class:`~protocols.aggregates.DailyTotal` items on
+  rollup of every local day its intervals start in (:func:`periods_of`), recorded with its dedup
+  mark in one transaction before its MQTT ack (:meth:`DedupStore.mark`).
+* :class:`RollupJob` (one per worker, every ``[pipeline] rollup_check_s``) claims the days that
+  are due (:meth:`DedupStore.claim_due`: the day ended and no batch touched it for
+  ``rollup_delay_s``), reads each one's **stored intervals** back per gateway in one query
+  (:meth:`Sink.day_intervals`), computes the totals with the pure :func:`day_rows` /
+  :func:`hour_rows`, writes **one** ``daily_tou`` row per (meter, gateway, day) and one
+  ``hourly`` row per (meter, gateway, hour of that day), stamped with the period's start,
+  publishes each day's :class:`~protocols.aggregates.DailyTotal` items on
   ``ami/v1/agg/daily/{gateway}``, and only then drops the keys (each only if no batch touched it
-  meanwhile). Data that arrives after a period was rolled up touches its key again, and the
-  period is rolled up again: the rows are rewritten in place (same series and time).
-* The stored intervals are the shared state: whichever worker (or machine) rolls a period up
+  meanwhile). Data that arrives after a day was rolled up touches its key again, and the day is
+  rolled up again: the rows are rewritten in place (same series and time).
+* Hours are rolled up with their day, not as each hour ends: influxd answers a read of a day's
+  intervals for a fraction of what 24 reads of an hour each cost it (a series' overhead per
+  query, paid per meter), so an hourly row appears once its day is rolled up.
+* The stored intervals are the shared state: whichever worker (or machine) rolls a day up
   reads every batch's intervals of it, however the shared subscription spread the batches. A
   crash before the keys are dropped only repeats the rollup: the same rows, the same messages.
 * Totals are the rule stages' (:mod:`ingest.rules.stages`): billable energy, the calendar's TOU
@@ -52,7 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DAY_QUANTITIES",
-    "HOUR_QUANTITIES",
     "RollupJob",
     "daily_message",
     "daily_totals",
@@ -70,7 +72,6 @@ _EPOCH = dt.date(1970, 1, 1)
 Q_TARIFF_LAST = 5  # energy_fwd_active_t1 .. _t4 are codes 2..5, right after the total
 DAY_QUANTITIES = (ENERGY_FORWARD, 2, 3, 4, Q_TARIFF_LAST, ENERGY_REVERSE)
 """The channels a day's totals are computed from: the total register, T1..T4, reverse."""
-HOUR_QUANTITIES = (ENERGY_FORWARD,)
 _DAILY_FIELDS = (
     b"total", b"sharp", b"peak", b"flat", b"valley", b"intervals", b"estimated", b"invalid",
     b"reg_sharp", b"reg_peak", b"reg_flat", b"reg_valley", b"tou_mismatch",
@@ -83,15 +84,14 @@ _HOURLY_FIELDS = (b"total", b"intervals", b"estimated", b"invalid")
 
 
 def periods_of(iv: st.Intervals, interval_ms: int, utc_offset_ms: int) -> tuple[Period, ...]:
-    """The local hours and days (``(kind, start ms)``) the energy intervals ``iv`` start in:
-    the periods whose totals a batch of them changes."""
+    """The local days (``("day", start ms)``) the energy intervals ``iv`` start in: the days
+    whose totals (and hours) a batch of them changes."""
     channels = (iv.quantity >= ENERGY_FORWARD) & (iv.quantity <= ENERGY_REVERSE)
     if not channels.any():
         return ()
     local = np.unique(iv.end_ts[channels] - interval_ms) + utc_offset_ms
-    hours = np.unique(local - local % HOUR_MS) - utc_offset_ms
     days = np.unique(local - local % DAY_MS) - utc_offset_ms
-    return (*(("day", int(d)) for d in days.tolist()), *(("hour", int(h)) for h in hours.tolist()))
+    return tuple(("day", int(d)) for d in days.tolist())
 
 
 def _rows(iv: st.Intervals, take: npt.NDArray[np.bool_]) -> st.Intervals:
@@ -206,25 +206,22 @@ def _select(p: PeriodTotals | None, starts: set[int]) -> PeriodTotals | None:
     return PeriodTotals(p.meter[keep], p.bucket[keep], p.labels, p.fields, p.values[keep], p.ts[keep])
 
 
-def rollups(
-    stored: StoredIntervals, gateway: str, days: set[int], hours: set[int], s: Settings
-) -> list[Rollup]:
-    """The ``daily_tou`` rows of ``days`` and the ``hourly`` rows of ``hours`` (local period
-    starts) of ``gateway`` from its stored intervals (rows of other gateways are ignored)."""
-    if len(stored) == 0 or gateway not in stored.gateways:
+def rollups(stored: StoredIntervals, gateway: str, days: set[int], s: Settings) -> list[Rollup]:
+    """The ``daily_tou`` rows of ``days`` (local day starts) and the ``hourly`` rows of every
+    hour in them, of ``gateway``, from its stored intervals (other gateways' rows and other
+    days' are ignored)."""
+    if len(stored) == 0 or gateway not in stored.gateways or not days:
         return []
     mine = stored.gateway == stored.gateways.index(gateway)
     iv = stored.take(np.flatnonzero(mine)).intervals()
     out = []
-    if days:
-        meters = s.registry.params(stored.meters)
-        p = _select(day_rows(iv, meters, s), days)
-        if p is not None:
-            out.append(Rollup(gateway, stored.meters, "day", p))
-    if hours:
-        p = _select(hour_rows(iv, s), hours)
-        if p is not None:
-            out.append(Rollup(gateway, stored.meters, "hour", p))
+    p = _select(day_rows(iv, s.registry.params(stored.meters), s), days)
+    if p is not None:
+        out.append(Rollup(gateway, stored.meters, "day", p))
+    hours = {day + h * HOUR_MS for day in days for h in range(DAY_MS // HOUR_MS)}
+    p = _select(hour_rows(iv, s), hours)
+    if p is not None:
+        out.append(Rollup(gateway, stored.meters, "hour", p))
     return out
 
 
@@ -294,7 +291,7 @@ class RollupJob:
         done = 0
         for gateway, keys in by_gateway.items():
             try:
-                await self._gateway(gateway, keys)
+                made = await self._gateway(gateway, keys)
             except (SinkError, TransportError) as exc:
                 self.metrics.rollup_failures.inc()
                 await asyncio.to_thread(self.dedup.done_periods, (), keys)
@@ -308,26 +305,25 @@ class RollupJob:
                 )
                 continue
             await asyncio.to_thread(self.dedup.done_periods, keys)
-            for k in keys:
-                self.metrics.rollups.labels(k.kind).inc()
+            for r in made:  # periods written: days, and the hours in them
+                self.metrics.rollups.labels(r.kind).inc(int(np.unique(r.rows.ts).shape[0]))
             done += len(keys)
         self.metrics.rollup_pending.set(await asyncio.to_thread(self.dedup.pending_periods))
         return done
 
-    async def _gateway(self, gateway: str, keys: list[PendingPeriod]) -> None:
-        days = {k.period_ms for k in keys if k.kind == "day"}
-        hours = {k.period_ms for k in keys if k.kind == "hour"}
+    async def _gateway(self, gateway: str, keys: list[PendingPeriod]) -> list[Rollup]:
+        """Roll up the days of ``keys`` (an hour key, which no batch makes now, stands for its day):
+        one read per day gives the day's totals and its hours'."""
+        off = self.settings.calendar.utc_offset_ms
+        days = {
+            k.period_ms if k.kind == "day" else (k.period_ms + off) // DAY_MS * DAY_MS - off for k in keys
+        }
         sink = await self.sink()
         try:
             made: list[Rollup] = []
-            for day in sorted(days):  # a day read gives the day's hours too
-                in_day = {h for h in hours if day <= h < day + DAY_MS}
-                hours -= in_day
+            for day in sorted(days):
                 stored = await sink.day_intervals(day, day + DAY_MS, DAY_QUANTITIES, gateways=[gateway])
-                made += rollups(stored, gateway, {day}, in_day, self.settings)
-            for lo, hi in _windows(sorted(hours)):
-                stored = await sink.day_intervals(lo, hi, HOUR_QUANTITIES, gateways=[gateway])
-                made += rollups(stored, gateway, set(), {h for h in hours if lo <= h < hi}, self.settings)
+                made += rollups(stored, gateway, {day}, self.settings)
             if made:
                 result = await sink.write(Writes(rollups=made))
                 if result.rejected:  # our own rows: a schema conflict an operator must see
@@ -339,14 +335,4 @@ class RollupJob:
             if items:
                 await self.publish(items)
                 self.metrics.published.labels("daily").inc(len(items))
-
-
-def _windows(hours: list[int]) -> list[tuple[int, int]]:
-    """Sorted hour starts as read windows ``[lo, hi)`` of at most a day each."""
-    out: list[tuple[int, int]] = []
-    for h in hours:
-        if out and h + HOUR_MS - out[-1][0] <= DAY_MS:
-            out[-1] = (out[-1][0], h + HOUR_MS)
-        else:
-            out.append((h, h + HOUR_MS))
-    return out
+        return made

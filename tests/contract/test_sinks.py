@@ -99,8 +99,7 @@ async def _roll_up_day(store: Store, day_ms: int) -> list[Rollup]:
     """What the rollup job writes for ``GATEWAY``'s day: its stored intervals read back, its
     day and hour rows computed and written."""
     stored = await store.sink.day_intervals(day_ms, day_ms + 86_400_000, DAY_QUANTITIES, gateways=[GATEWAY])
-    hours = {day_ms + h * 3_600_000 for h in range(24)}
-    made = rollups(stored, GATEWAY, {day_ms}, hours, settings())
+    made = rollups(stored, GATEWAY, {day_ms}, settings())
     assert (await store.sink.write(Writes(rollups=made))).rejected == ()
     return made
 

@@ -124,7 +124,7 @@ async def test_simulator_reads_arrive_in_influxdb(mosquitto: Any, influx_db: Any
         assert worker.metrics.unacked._value.get() == 0
         later = DedupStore(tmp_path / "dd.sqlite", clock=lambda: time.time() + 2 * 86_400)
         job = dataclasses.replace(worker.rollup_job(), dedup=later, delay_s=0)
-        assert await job.run_once() >= 2  # at least one hour and one day
+        assert await job.run_once() >= 1  # the day (and its hours)
         energy = round(100 * sum(r["energy_fwd_active_total"] or 0 for r in rows))
         daily = await asyncio.to_thread(influxd.query, 'SELECT "total" FROM daily_tou', db=db)
         hourly = await asyncio.to_thread(influxd.query, 'SELECT "total" FROM hourly', db=db)

@@ -436,9 +436,9 @@ async def _outage(mosquitto: Any, influx_db: Any, tmp_path: Path, outage_s: floa
 async def test_periods_owed_at_a_crash_are_rolled_up_by_the_next_start(
     mosquitto: Any, influx_db: Any, tmp_path: Path
 ) -> None:
-    """The (gateway, period) keys are durable before the ack: a worker SIGKILLed across a period's
-    close (its rollup not yet done) leaves them in the dedup store, and the next start writes the
-    day's and hours' rows and publishes the day's totals."""
+    """The (gateway, day) keys are durable before the ack: a worker SIGKILLed across a day's close
+    (its rollup not yet done) leaves them in the dedup store, and the next start writes the day's
+    and its hours' rows and publishes the day's totals."""
     influxd, db = influx_db
     gw = f"gw-d-{_uid()}"
     rec = MqttRecorder(mosquitto.host, mosquitto.port, [f"ami/v1/agg/daily/{gw}"], client_id=f"rec-{_uid()}")
@@ -455,10 +455,10 @@ async def test_periods_owed_at_a_crash_are_rolled_up_by_the_next_start(
             pub.batch(b)
         await wait_for(lambda: _readings_in(influxd, db, gw) == 24, 30)
         store = DedupStore(tmp_path / "dedup.sqlite")
-        await wait_for(lambda: store.pending_periods() == 4, 10)  # the day and its hours 00 .. 02
+        await wait_for(lambda: store.pending_periods() == 1, 10)  # the day (its hours go with it)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert store.pending_periods() == 4 and rec.snapshot(f"/daily/{gw}") == []
+        assert store.pending_periods() == 1 and rec.snapshot(f"/daily/{gw}") == []
         assert influxd.query(f"SELECT * FROM daily_tou WHERE gateway = '{gw}'", db=db) == []
 
         soon = tmp_path / "soon.toml"

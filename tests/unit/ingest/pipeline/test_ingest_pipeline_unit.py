@@ -273,7 +273,7 @@ def test_daily_rows_are_the_documented_points() -> None:
         b"intervals=2i,estimated=1i,invalid=0i,reg_sharp=0i,reg_peak=0i,reg_flat=0i,reg_valley=0i,"
         b"tou_mismatch=0i %d" % T0,
     ]
-    assert out.periods == (("day", T0 - 86_400_000), ("day", T0), ("hour", T0 - 3_600_000), ("hour", T0))
+    assert out.periods == (("day", T0 - 86_400_000), ("day", T0))
 
 
 def test_daily_rows_cross_check_the_calendar_split_with_the_tariff_registers() -> None:

@@ -118,11 +118,9 @@ def test_rows_are_stamped_with_the_start_of_their_local_period() -> None:
     assert day is not None and hour is not None
     assert day.ts.tolist() == [T0] and day.labels == (b"2024-03-10",)
     assert hour.ts.tolist() == [T0, T0 + 3_600_000] and hour.labels == (b"2024-03-10T00", b"2024-03-10T01")
-    assert periods_of(iv, Q, S.calendar.utc_offset_ms) == (
-        ("day", T0),
-        ("hour", T0),
-        ("hour", T0 + 3_600_000),
-    )
+    assert periods_of(iv, Q, S.calendar.utc_offset_ms) == (("day", T0),)  # hours go with their day
+    late = _iv([(0, 1, T0 + 86_400_000 + Q, 25, 0)])  # 00:00-00:15 of the next day
+    assert periods_of(late, Q, S.calendar.utc_offset_ms) == (("day", T0 + 86_400_000),)
 
 
 class FakeSink:
@@ -181,15 +179,22 @@ def _job(store: DedupStore, sink: FakeSink, sent: list[tuple[str, bytes]]) -> Ro
 async def test_the_job_writes_each_period_once_publishes_the_day_and_drops_the_keys(store: Any) -> None:
     rows = [(0, 1, T0 + k * Q, 25, 0) for k in range(1, 97)] + [(1, 1, T0 + 4 * Q, 40, int(Flag.ESTIMATED))]
     sink, sent = FakeSink("gw-1", rows), []
-    store.mark("gw-1", 1, periods=[("day", T0), ("hour", T0), ("hour", T0 + 3_600_000)])
+    store.mark("gw-1", 1, periods=[("day", T0)])
+    store.mark(
+        "gw-1", 2, periods=[("hour", T0 + 3_600_000)]
+    )  # an hour key (none is made now) stands for its day
     store.clock.now_s += 60  # nothing touched them for the delay
-    assert await _job(store, sink, sent).run_once() == 3
+    job = _job(store, sink, sent)
+    assert await job.run_once() == 2
     assert sink.reads == [(T0, T0 + 86_400_000)]  # one read: the day's gives its hours too
     [writes] = sink.written
     day = next(r for r in writes.rollups if r.kind == "day").rows
     hours = next(r for r in writes.rollups if r.kind == "hour").rows
     assert day.ts.tolist() == [T0, T0] and day.values[:, 0].tolist() == [2400, 40]  # M 1, M,2
-    assert sorted(hours.ts.tolist()) == [T0, T0, T0 + 3_600_000]  # only the owed hours
+    assert sorted(set(hours.ts.tolist())) == [T0 + h * 3_600_000 for h in range(24)]  # every hour of the day
+    assert hours.values[:, 0].sum() == 2440 and len(hours.ts) == 25  # M 1: 24 hours, M,2: one
+    assert job.metrics.rollups.labels("day")._value.get() == 1
+    assert job.metrics.rollups.labels("hour")._value.get() == 24
     [(topic, payload)] = sent
     doc = json.loads(payload)
     assert topic == "ami/v1/agg/daily/gw-1"
