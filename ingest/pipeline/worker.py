@@ -27,10 +27,11 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   (with the store's reason and message), the rest is written. Each commit step (VEE-21 shaping,
   the write, publishing and outage correlation) is retried on its own: a failing publish does not
   redo the write. Then the group's intervals are published (one message per batch, PUBACKs
-  awaited), outages correlated, ``dedup.mark`` per batch (with the ``(gateway, hour)`` and
-  ``(gateway, day)`` periods whose totals it changed, in the same transaction), and finally every
-  message of the group is acknowledged. Right before the marks, the run state the group's
-  batches carry out (VEE-08/09/19) is saved in one transaction (:mod:`ingest.pipeline.state`);
+  awaited), outages correlated, ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose
+  totals it changed, in the same transaction), and finally every message of the group is
+  acknowledged. Right before the marks, the run state the group's batches carry out
+  (VEE-08/09/19) is saved (:mod:`ingest.pipeline.state`: at once in the worker's copy, in the
+  file at most once a second);
   each batch read its channels' carry at intake. While one group waits for the store the next is
   transformed and written on a second connection.
 * **like days** (VEE-21, rare): a batch whose intervals spread a long gap flat (EST_FLAT) gets,
@@ -41,9 +42,10 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   write: the shaping is retried with back-off (while replaying it raises), never written flat for
   want of the store. A batch without such gaps reads nothing.
 * **rollups** (one task, :class:`~ingest.pipeline.rollup.RollupJob`): every ``rollup_check_s``
-  the periods that closed ``rollup_delay_s`` ago and are owed (durable in the dedup store) are
-  rolled up from the stored intervals: one ``hourly``/``daily_tou`` row per meter and period,
-  the daily totals published; what a crash interrupts is done by the next start.
+  the days that closed ``rollup_delay_s`` ago and are owed (durable in the dedup store) are
+  rolled up from the stored intervals: one ``daily_tou`` row per meter and day and one
+  ``hourly`` row per meter and hour of it, the daily totals published; what a crash interrupts
+  is done by the next start.
 * **acks in arrival order**: a group acknowledges only after the group before it did (MQTT
   3.1.1 and 5 §4.6 both require PUBACKs in the order the PUBLISHes arrived). A group that fails or
   is cancelled never releases the next one, so no ack ever overtakes an unacknowledged message.

@@ -2,7 +2,7 @@
 
 Contract
 --------
-* :func:`compute_report` is pure: one local day's sums of the daily partials (one
+* :func:`compute_report` is pure: one local day's ``daily_tou`` rows (one
   :class:`~ingest.sinks.base.DaySums` per meter and gateway, fields ``SUMS``), the meter registry
   and the day in, a
   :class:`DailyReport` out. Data problems (a registry meter with no data, a meter the registry

@@ -560,8 +560,7 @@ def interval_totals(
 def bucket_partials(
     iv: Intervals, *, bucket_ms: int, interval_ms: int = INTERVAL_MS, utc_offset_ms: int = SHANGHAI_MS
 ) -> tuple[Totals, I64]:
-    """:func:`interval_totals` and, per total, the start of its earliest interval (the time of a
-    partial point: batches cover disjoint intervals, so partials of one bucket never collide)."""
+    """:func:`interval_totals` and, per total, the start of its earliest interval."""
     start = _bucket_start(iv.end_ts, interval_ms, bucket_ms, utc_offset_ms)
     labels, ng, first = group_labels(iv.meter.astype(np.int64), iv.quantity.astype(np.int64), start)
     tot, n_act, n_est, n_bad = k.group_totals(labels, ng, iv.energy, iv.flags)
