@@ -33,6 +33,7 @@ from protocols.payload import PrevRegisters, ReadingBatch
 from protocols.quantities import by_name
 
 INTERVAL_MS = 900_000
+UTC_OFFSET_MS = 8 * 3_600_000  # the sample tariff calendar's zone
 DAYS_BACK = 4
 POST_LINES = 5000  # the sink's max_batch_lines
 
@@ -100,13 +101,16 @@ def build(
     first_seq: int = 2,
 ) -> Workload:
     """``meters`` meters (a multiple of the shape's meters per message) and enough timestamps for
-    about ``readings`` readings (at least one), starting ``days_back`` days before now; each
+    about ``readings`` readings (at least one), from local midnight ``days_back`` days ago; each
     gateway's batches numbered from ``first_seq`` (1 is left for :func:`warm_up`)."""
     per_msg = shape.meters_per_message
     assert meters % per_msg == 0, f"meters must be a multiple of {per_msg}"
     nq = len(shape.quantities)
     n_ts = max(1, round(readings / (meters * nq)))
-    start = (time.time_ns() // 1_000_000 - days_back * 86_400_000) // INTERVAL_MS * INTERVAL_MS
+    # from local midnight (the sample calendar's UTC+8), so a run's days and hours do not depend on
+    # the time of day the bench runs at
+    today = (time.time_ns() // 1_000_000 + UTC_OFFSET_MS) // 86_400_000
+    start = (today - days_back) * 86_400_000 - UTC_OFFSET_MS
     codes = np.array([by_name(n).code for n in shape.quantities], dtype=np.uint16)
     cumulative = np.array([by_name(n).kind == "cumulative" for n in shape.quantities])
     values = _values(shape, meters, n_ts)  # (n_ts + 1, meters, nq); row 0 is the read before
@@ -194,7 +198,8 @@ def warm_up(wl: Workload) -> Workload:
     database before its clock starts, so every run writes into existing series, as a head-end
     with a standing fleet does (creating a series costs influxd far more than a point in it)."""
     first = wl.batches[0]
-    days_back = round((time.time_ns() // 1_000_000 - int(first.ts[0])) / 86_400_000) + 1
+    day = (int(first.ts[0]) - INTERVAL_MS + UTC_OFFSET_MS) // 86_400_000  # wl's first local day
+    days_back = (time.time_ns() // 1_000_000 + UTC_OFFSET_MS) // 86_400_000 - (day - 1)
     return build(wl.shape, wl.meters, 1, first.gateway.rsplit("-", 1)[0], days_back, first.seq - 1)
 
 
