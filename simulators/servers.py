@@ -514,18 +514,25 @@ class Influxd(_ChildServer):
     ``admin=(user, password)`` enables authentication (``auth-enabled = true``): the first start
     creates that admin user (influxd allows it while no user exists), and the helpers above
     authenticate as it. ``create_user`` adds users with privileges, for tests of refusals.
+    ``data`` adds settings to the ``[data]`` section (values as TOML, e.g. ``'"1s"'``).
     """
 
     name = "influxd"
 
     def __init__(
-        self, workdir: str | os.PathLike[str], *, host: str = LOOPBACK, admin: tuple[str, str] | None = None
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        host: str = LOOPBACK,
+        admin: tuple[str, str] | None = None,
+        data: dict[str, str] | None = None,
     ) -> None:
         self.binary = find_binary("influxd", "/usr/bin/influxd", "/usr/local/bin/influxd")
         super().__init__(workdir, host)
         self.config_file = self.workdir / "influxdb.conf"
         self.port, self.rpc_port = free_ports(2, host)
         self.admin = admin
+        self.data = dict(data or {})
 
     def start(self) -> None:
         first = not self._started_once
@@ -568,7 +575,8 @@ class Influxd(_ChildServer):
             f'[meta]\n  dir = "{w / "meta"}"\n'
             f'[data]\n  dir = "{w / "data"}"\n  wal-dir = "{w / "wal"}"\n'
             '  query-log-enabled = false\n  wal-fsync-delay = "0s"\n'
-            "[monitor]\n  store-enabled = false\n"
+            + "".join(f"  {k} = {v}\n" for k, v in self.data.items())
+            + "[monitor]\n  store-enabled = false\n"
             "[subscriber]\n  enabled = false\n"
             "[shard-precreation]\n  enabled = false\n"
             f'[http]\n  enabled = true\n  bind-address = "{self.host}:{self.port}"\n'

@@ -70,17 +70,20 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
-def settled_cpu_s(pid: int, idle_share: float = 0.05, step_s: float = 0.5, max_s: float = 30.0) -> float:
-    """The process's CPU seconds once it has gone idle (under ``idle_share`` of a core over
-    ``step_s``, at most ``max_s`` of waiting): influxd's work that a run's writes cause after the
-    run (cache snapshots, compactions) is counted with the run."""
+def settled_cpu_s(
+    pid: int, idle_share: float = 0.05, quiet_s: float = 2.0, step_s: float = 0.5, max_s: float = 60.0
+) -> float:
+    """The process's CPU seconds once it has been idle (under ``idle_share`` of a core) for
+    ``quiet_s`` in a row, at most ``max_s`` of waiting: influxd's work that a run's writes cause
+    after the run (the cache snapshot the bench's influxd takes 1 s after the last write, the
+    compactions that follow) is counted with the run."""
     deadline = time.monotonic() + max_s
     before = cpu_s(pid)
-    while time.monotonic() < deadline:
+    quiet = 0.0
+    while time.monotonic() < deadline and quiet < quiet_s:
         time.sleep(step_s)
         now = cpu_s(pid)
-        if now - before < idle_share * step_s:
-            return now
+        quiet = quiet + step_s if now - before < idle_share * step_s else 0.0
         before = now
     return before
 
