@@ -216,20 +216,6 @@ class DedupStore:
             self.prune(gateway)
         return old is not None and old[0] is not None and digest is not None and bytes(old[0]) != digest
 
-    def touch(self, gateway: str, periods: Sequence[Period]) -> None:
-        """Owe the rollup of ``periods`` of ``gateway`` again without a batch (their stored
-        intervals changed otherwise, e.g. the daily job's flags)."""
-        now_ms = int(self._clock() * 1000)
-        keys = [_key(gateway, kind, start, now_ms) for kind, start in periods]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._touch(keys)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
     def _touch(self, keys: list[tuple[str, str, int, int, int]]) -> None:
         if keys:
             self._db.executemany(

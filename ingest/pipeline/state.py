@@ -172,7 +172,7 @@ class RunStateStore:
         """The carried state of ``gateway``'s channels whose meter is in ``meter_ids`` (a batch's
         meter table; ``RunCarry.meter`` indexes it)."""
         with self._lock:
-            rows = self._current(gateway)
+            _, rows = self._current(gateway)
         if rows.meter.shape[0] == 0:
             return RunCarry.empty()
         index = {m: i for i, m in enumerate(meter_ids)}
@@ -184,21 +184,22 @@ class RunStateStore:
             np.ascontiguousarray(rows.state[keep, : k.NCARRY]),
         )  # fmt: skip
 
-    def _current(self, gateway: str) -> _Rows:
-        """The gateway's state: as stored, with this store's unsaved carries merged in (merged
-        again onto the stored row when another store wrote it since). Under the lock."""
+    def _current(self, gateway: str) -> tuple[int, _Rows]:
+        """The gateway's stored version, and its state: as stored, with this store's unsaved
+        carries merged in (merged again onto the stored row when another store wrote it since).
+        Under the lock."""
         version, stored = self._load(gateway)
         unsaved = self._unsaved.get(gateway)
         if not unsaved:
-            return stored
+            return version, stored
         merged = self._merged.get(gateway)
         if merged is not None and merged[0] == version:
-            return merged[1]
+            return merged
         rows = stored
         for items, now_ms in unsaved:
             rows = self._merge(rows, items, now_ms)
         self._merged[gateway] = (version, rows)
-        return rows
+        return version, rows
 
     def save(self, carries: Sequence[tuple[str, Sequence[str], RunCarry]]) -> None:
         """Merge ``(gateway, meter_ids, carry out)`` of a group's batches into this store's state
@@ -215,8 +216,7 @@ class RunStateStore:
         now_ms = int(self._clock() * 1000)
         with self._lock:
             for gateway, items in by_gateway.items():
-                rows = self._current(gateway)
-                version = self._cache[gateway][0] if gateway in self._cache else 0
+                version, rows = self._current(gateway)
                 self._unsaved.setdefault(gateway, []).append((items, now_ms))
                 self._merged[gateway] = (version, self._merge(rows, items, now_ms))
             due = self._clock() - self._written_s >= self.write_every_s
@@ -235,8 +235,8 @@ class RunStateStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for gateway in self._unsaved:
-                    rows = self._current(gateway)
-                    version = (self._cache[gateway][0] if gateway in self._cache else 0) + 1
+                    stored_version, rows = self._current(gateway)
+                    version = stored_version + 1
                     self._db.execute(
                         "INSERT OR REPLACE INTO run_state(gateway, version, saved_ms, channels, meters, "
                         "meter, quantity, state) VALUES (?,?,?,?,?,?,?,?)",

@@ -100,7 +100,7 @@ class BatchOutput:
     columns: BatchColumns
     readings: int
     flags: npt.NDArray[np.uint32]
-    periods: tuple[Period, ...]  # the local hours and days whose totals this batch changed
+    periods: tuple[Period, ...]  # the local days whose totals (and hours) this batch changed
     outage_events: int  # collapsed-voltage events (they feed the area-outage check)
     outage_ts: tuple[int, int] = (0, 0)
     interval_ms: int = 900_000

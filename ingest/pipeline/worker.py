@@ -129,7 +129,6 @@ from ingest.sinks.base import (
     Sink,
     WriteResult,
     Writes,
-    backoff_delay_s,
     retry_until_done,
     send_until_written,
 )
@@ -572,15 +571,6 @@ class IngestWorker:
 
     # -- loss accounting ---------------------------------------------------------------------
 
-    async def _state_loop(self) -> None:
-        """Write the run state's unsaved carries every ``write_every_s``, also when no batch
-        comes (a save writes them only when it finds them due)."""
-        assert self._res is not None
-        state = self._res.state
-        while state is not None:
-            await asyncio.sleep(state.write_every_s)
-            state.flush()
-
     async def _loss_loop(self) -> None:
         """Every ``check_s``: the missing-batches gauge, then the due alarms (each claimed by one
         worker of the machine), written by a task of their own so that the gauge keeps moving
@@ -677,10 +667,6 @@ class IngestWorker:
                 "record dead-lettered reason=%r store=%r record=%r", r.reason, r.detail[:300], r.record[:300]
             )
 
-    def _backoff_s(self, attempt: int) -> float:
-        p = self.cfg.pipeline
-        return backoff_delay_s(attempt, p.retry_initial_s, p.retry_max_s, self._rng.random() * 0.2)
-
     def _update_gauges(self) -> None:
         """Queue depth and unacknowledged messages, as the consumer sees them now."""
         consumer = self._res.consumer if self._res is not None else None
@@ -719,22 +705,25 @@ class IngestWorker:
 
     async def _probe_sink(self) -> None:
         """Probe InfluxDB at start until it accepts the worker (see the module contract)."""
-        assert self._res is not None
-        attempt = 0
-        while True:
-            sink = await self._res.sinks.get()
+        sinks = self._res.sinks if self._res is not None else None
+        assert sinks is not None
+
+        async def probe() -> str:
+            sink = await sinks.get()
             try:
-                summary = await sink.probe()
-            except SinkError as exc:  # unreachable: the sink logs it; refused: the alarm
-                self._sink_failed(exc)
-            else:
-                self._sink_accepted()
-                log.info("influxdb probe ok", extra={"kv": {"worker": self.worker, "sink": summary}})
-                return
+                return await sink.probe()
             finally:
-                self._res.sinks.put_nowait(sink)
-            attempt += 1
-            await asyncio.sleep(self._backoff_s(attempt))
+                sinks.put_nowait(sink)
+
+        def failed(exc: Exception, _attempt: int, _delay_s: float | None) -> None:
+            if isinstance(exc, SinkError):  # unreachable: the sink logs it; refused: the alarm
+                self._sink_failed(exc)
+
+        summary = await retry_until_done(
+            probe, self._retry_policy(), give_up=lambda _exc: False, on_failure=failed, rng=self._rng
+        )
+        self._sink_accepted()
+        log.info("influxdb probe ok", extra={"kv": {"worker": self.worker, "sink": summary}})
 
     async def _after_write(self, writes: list[_Item]) -> None:
         await self._publish(writes)
@@ -805,7 +794,16 @@ class IngestWorker:
         self._res.dead_letter.remove(entry.id)
         return ("duplicate" if item.result == "duplicate" else "replayed"), ""
 
-    # -- rollups -----------------------------------------------------------------------------
+    # -- run state and rollups ---------------------------------------------------------------
+
+    async def _state_loop(self) -> None:
+        """Write the run state's unsaved carries every ``write_every_s``, also when no batch
+        comes (a save writes them only when it finds them due)."""
+        assert self._res is not None
+        state = self._res.state
+        while state is not None:
+            await asyncio.sleep(state.write_every_s)
+            state.flush()
 
     def rollup_job(self) -> RollupJob:
         """The rollup of this worker's owed periods (see :mod:`ingest.pipeline.rollup`), on its

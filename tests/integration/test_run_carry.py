@@ -73,3 +73,30 @@ async def test_one_interval_batches_are_stopped_on_the_fourth_and_a_redelivery_c
         assert last["energy_fwd_active_total_flags"] & Flag.STOPPED
     finally:
         pub.close()
+
+
+async def test_the_run_state_reaches_the_file_within_a_second_without_more_batches(
+    mosquitto: Any,
+    influx_db: Any,
+    tmp_path: Path,
+    run_worker: Any,  # noqa: F811
+) -> None:
+    """A save only writes the file when a second has passed since the last write; the worker's
+    timer writes what the last batches left in memory, so a crash after a quiet spell loses no run."""
+    influxd, db = influx_db
+    gw = f"gw-run-{_uid()}"
+    w = await run_worker(ingest_toml(tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw])))
+    pub = Publisher(mosquitto)
+
+    def stored_run() -> int:
+        with RunStateStore(tmp_path / "runstate.sqlite") as state:
+            got = state.carry(gw, ["M1"])
+        return int(got.state[0, k.C_STOP_LEN]) if len(got) else 0
+
+    try:
+        for j in (1, 2, 3):  # back to back: the later saves find no write due
+            pub.batch(one_interval(gw, j))
+            await wait_for(lambda j=j: written(w) == j)
+        await wait_for(lambda: stored_run() == 3, 5)  # written by the timer, no flush asked
+    finally:
+        pub.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -51,7 +51,6 @@ __all__ = ["InfluxSink", "interval_flag_lines", "report_lines"]
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
-F64 = npt.NDArray[np.float64]
 _EPOCH = dt.date(1970, 1, 1)
 
 
@@ -289,20 +288,10 @@ def interval_flag_lines(rows: StoredIntervals) -> bytes:
     )  # fmt: skip
 
 
-def _stored_intervals(
-    meters: Mapping[str, int], gateways: Mapping[str, int], rows: list[tuple[int, int, int, int, int, int]]
-) -> StoredIntervals:
-    """Rows (meter, gateway, quantity, end, energy, flags) as :class:`StoredIntervals` columns."""
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 6
-    return StoredIntervals(
-        tuple(meters), tuple(gateways),
-        np.array(cols[0], np.uint32), np.array(cols[1], np.uint32), np.array(cols[2], np.uint16),
-        np.array(cols[3], np.int64), np.array(cols[4], np.int64), np.array(cols[5], np.uint32),
-    )  # fmt: skip
-
-
 def _no_intervals() -> StoredIntervals:
-    return _stored_intervals({}, {}, [])
+    u32 = np.empty(0, np.uint32)
+    i64 = np.empty(0, np.int64)
+    return StoredIntervals((), (), u32, u32, np.empty(0, np.uint16), i64, i64, u32)
 
 
 def _interval_columns(series: list[dict[str, Any]], chans: list[tuple[int, str]]) -> StoredIntervals:
