@@ -11,6 +11,7 @@ Laid out by what things are (``docs/architecture.md`` says where new code goes):
 * :mod:`ingest.sinks` -- where the results are stored (InfluxDB: line protocol, HTTP, queries);
 * :mod:`ingest.reports` -- jobs over stored data (the daily line-loss and collection report);
 * :mod:`ingest.feectl` -- the prepaid fee-control service;
+* :mod:`ingest.ops` -- the ops HTTP API (aiohttp.web), hosted by the fee-control service;
 * :mod:`ingest.broker` -- the shipped mosquitto configuration and ACL;
 * :mod:`ingest.cli`, :mod:`ingest.config`, :mod:`ingest.metrics` -- ``amigw ingest``, its one
   configuration loader, its Prometheus metrics.
