@@ -2,10 +2,15 @@
 
 It starts, each as its own process, exactly what a deployment runs: a real mosquitto and a
 real influxd (from the Debian packages, on free loopback ports, data in a working directory),
-simulated DL/T 645 meters on a pseudo-terminal (``amigw sim``), the edge agent (``amigw
-edge``) and the head-end ingest pipeline (``amigw ingest``). It prints what arrives in InfluxDB
-as it happens, sends a signed relay trip and then a close-allowed to one meter through the same
-path a fee-control decision takes, and ends with a per-meter summary.
+the head-end ingest pipeline (``amigw ingest``), and only once ingest has subscribed, simulated
+DL/T 645 meters on a pseudo-terminal (``amigw sim``) and the edge agent (``amigw edge``), so
+no reading is published before anything listens. It prints what arrives in InfluxDB as it
+happens, sends a signed relay trip and then a close-allowed to one meter through the same path
+a fee-control decision takes, and ends with a per-meter summary and ingest's loss account.
+
+It checks first that the head-end and edge packages are installed (an edge-only install is
+told which extra is missing), watches its child processes, and stops with the reason and the
+tail of its log when one of them exits.
 
 To make a demo of minutes out of a system built for 15-minute intervals, reads and intervals
 are every ``--interval-s`` seconds (default 5) and the meters carry a factory's load.
@@ -17,6 +22,8 @@ head-end run as the programs they are, and meet only on MQTT.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -27,13 +34,13 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from protocols import topics
 from protocols.commands import Action, Command, decode_result
 from protocols.errors import AmigwError
-from simulators.servers import Influxd, Mosquitto
+from simulators.servers import Influxd, Mosquitto, free_port
 
 GATEWAY = "gw-demo"
 DATABASE = "amigw"
@@ -44,6 +51,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration-s", type=float, default=60.0, help="how long to run (default 60 s)")
     parser.add_argument("--interval-s", type=int, default=5, help="read and interval length (default 5 s)")
     parser.add_argument("--workdir", help="where servers and programs keep data (default: a new temp dir)")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the summary, keep everything running (and print commands to explore it) until Ctrl-C",
+    )
+
+
+# What each side needs, by import name, and the extra that installs it.
+_NEEDS = (
+    ("serial", "edge"),
+    ("paho", "edge"),
+    ("pymodbus", "edge"),
+    ("numpy", "ingest"),
+    ("numba", "ingest"),
+    ("influxdb_client", "ingest"),
+    ("aiohttp", "ingest"),
+)
+_READY_LINE = b"ingest worker started"
+_READY_TIMEOUT_S = 600.0
+_UTC_OFFSET_S = 8 * 3600  # ingest's default calendar: local days are UTC+8
+
+
+class DemoError(AmigwError):
+    """The demo cannot go on: a missing package, or one of its programs stopped."""
+
+
+def missing_extras() -> list[str]:
+    """``"<package> (amigw[<extra>])"`` for each package the demo needs that is not installed."""
+    return [f"{name} (amigw[{extra}])" for name, extra in _NEEDS if importlib.util.find_spec(name) is None]
 
 
 def _say(text: str) -> None:
@@ -89,8 +125,9 @@ kind = "instant"
 '''
 
 
-def _ingest_toml(work: Path, broker: Mosquitto, influx: Influxd, interval_s: int) -> str:
-    return f'''[mqtt]
+def _ingest_toml(work: Path, broker: Mosquitto, influx: Influxd, interval_s: int, metrics_port: int) -> str:
+    return f'''metrics_listen = "127.0.0.1:{metrics_port}"
+[mqtt]
 url = "{broker.url}"
 client_id = "amigw-ingest-demo"
 [influx]
@@ -164,6 +201,70 @@ def _energy(influx: Influxd, meter: str, since_ms: int = 0) -> tuple[float, floa
     return (float(rows[0]["first"]), float(rows[0]["last"])) if rows else None
 
 
+class _Children:
+    """The demo's programs, by name, with their logs: watched while the demo runs."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.stack = stack
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def add(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.procs[name] = (proc, log)
+        self.stack.callback(_stop, proc)
+
+    def check(self) -> None:
+        """Raise :class:`DemoError` naming the first program that has exited, with its log's tail."""
+        for name, (proc, log) in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                tail = _tail(log)
+                raise DemoError(f"{name} exited with code {code}; the end of {log}:\n{tail}")
+
+
+def _tail(log: Path, lines: int = 12) -> str:
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
+
+
+def _wait_ingest_ready(children: _Children, log: Path) -> float:
+    """Wait until ingest logs that its worker has subscribed; progress every 5 s. Returns seconds."""
+    started = time.monotonic()
+    next_note = started + 5.0
+    while time.monotonic() - started < _READY_TIMEOUT_S:
+        children.check()
+        with contextlib.suppress(OSError):
+            if _READY_LINE in log.read_bytes():
+                return time.monotonic() - started
+        if time.monotonic() >= next_note:
+            _say(
+                f"    ... ingest starting for {time.monotonic() - started:.0f} s (the first start compiles "
+                "the numba kernels; they are cached for the next)"
+            )
+            next_note += 5.0
+        time.sleep(0.2)
+    raise DemoError(f"ingest did not subscribe within {_READY_TIMEOUT_S:.0f} s; see {log}")
+
+
+def _missing_batches(metrics_port: int) -> int | None:
+    """ingest's loss account (``amigw_ingest_missing_batches``, summed), or None when unreadable."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("amigw_ingest_missing_batches")
+    ]
+    return int(sum(values))
+
+
 def _progress(influx: Influxd, started: float) -> None:
     readings = _count(influx, "SELECT count(energy_fwd_active_total) FROM meter_reading")
     voltages = _count(influx, "SELECT count(voltage_a) FROM meter_reading")
@@ -193,7 +294,18 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
     influx.create_database(DATABASE)
     _say(f"    mosquitto at {broker.url}, influxd at {influx.url}")
 
-    _say(f"2/5 {len(meters)} simulated DL/T 645-2007 meters on one pseudo-terminal (amigw sim dlt645) ...")
+    children = _Children(stack)
+    metrics_port = free_port()
+    (work / "ingest.toml").write_text(_ingest_toml(work, broker, influx, args.interval_s, metrics_port))
+    _say("2/5 head-end ingest (amigw ingest): MQTT -> numba validation and intervals -> InfluxDB ...")
+    ingest_log = logs / "ingest.log"
+    ingest = _amigw("ingest", "--config", str(work / "ingest.toml"), log=ingest_log)
+    children.add("ingest", ingest, ingest_log)
+    took = _wait_ingest_ready(children, ingest_log)
+    _say(f"    ingest subscribed after {took:.1f} s: nothing the edge publishes from now on can be missed")
+
+    _say(f"3/5 {len(meters)} simulated DL/T 645-2007 meters on one pseudo-terminal (amigw sim dlt645) ...")
+    sim_log = logs / "sim.log"
     sim = subprocess.Popen(
         [
             sys.executable,
@@ -208,22 +320,22 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
             "36",
         ],
         stdout=subprocess.PIPE,
-        stderr=(logs / "sim.log").open("ab"),
+        stderr=sim_log.open("ab"),
     )
-    stack.callback(_stop, sim)
+    children.add("the meter simulator", sim, sim_log)
     assert sim.stdout is not None
     first = sim.stdout.readline().decode().strip()
-    pty = first.split()[-1]
+    pty = first.split()[-1] if first else ""
     if not pty.startswith("/dev/"):
-        raise AmigwError(f"the simulator did not report a pty: {first!r}")
+        children.check()
+        raise DemoError(f"the simulator did not report a pty: {first!r}")
     _say(f"    meters on {pty}: {', '.join(meters)}")
 
-    (work / "ingest.toml").write_text(_ingest_toml(work, broker, influx, args.interval_s))
     (work / "edge.toml").write_text(_edge_toml(work, key.hex(), broker, pty, meters, args.interval_s))
-    _say("3/5 head-end ingest (amigw ingest): MQTT -> numba validation and intervals -> InfluxDB ...")
-    stack.callback(_stop, _amigw("ingest", "--config", str(work / "ingest.toml"), log=logs / "ingest.log"))
     _say(f"4/5 edge agent (amigw edge): polling every {args.interval_s} s, outbox, MQTT ...")
-    stack.callback(_stop, _amigw("edge", "--config", str(work / "edge.toml"), log=logs / "edge.log"))
+    edge_log = logs / "edge.log"
+    edge = _amigw("edge", "--config", str(work / "edge.toml"), log=edge_log)
+    children.add("the edge agent", edge, edge_log)
 
     commander = _Commander(broker, key)
     stack.callback(commander.close)
@@ -234,6 +346,7 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
     trip_ms = 0
     while (elapsed := time.monotonic() - started) < args.duration_s:
         time.sleep(min(5.0, args.duration_s - elapsed))
+        children.check()
         _progress(influx, started)
         if not tripped and time.monotonic() - started >= trip_at:
             _say(f"5/5 head-end sends a signed TRIP to meter {target} on {topics.command(GATEWAY)} ...")
@@ -259,9 +372,30 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
         iv = _count(influx, f"SELECT count(energy_fwd_active_total) FROM intervals WHERE meter = '{m}'")
         span = _energy(influx, m)
         print(f"    {m:<14}{span[1] if span else 0:>12.2f}{n:>10}{iv:>11}", flush=True)
-    today = datetime.now(UTC).strftime("%Y-%m-%d")
-    _say(f"try: amigw ingest --config {work}/ingest.toml --completeness {meters[0]} {today}")
-    return 0 if _count(influx, "SELECT count(energy_fwd_active_total) FROM meter_reading") > 0 else 1
+    missing = _missing_batches(metrics_port)
+    if missing is None:
+        _say("ingest's loss account: unreadable (metrics endpoint did not answer)")
+    else:
+        _say(f"ingest's loss account: {missing} batches missing (amigw_ingest_missing_batches)")
+    today = (datetime.now(UTC) + timedelta(seconds=_UTC_OFFSET_S)).strftime("%Y-%m-%d")
+    follow_up = [
+        f"amigw ingest --config {work}/ingest.toml --completeness {meters[0]} {today}",
+        f"amigw ingest --config {work}/ingest.toml --loss",
+        f"curl -sG {influx.url}/query --data-urlencode db={DATABASE} "
+        "--data-urlencode 'q=SELECT * FROM intervals ORDER BY time DESC LIMIT 5'",
+    ]
+    stored = _count(influx, "SELECT count(energy_fwd_active_total) FROM meter_reading")
+    if args.keep_running:
+        _say("still running (Ctrl-C stops everything); meanwhile, try:")
+        for cmd in follow_up:
+            print(f"    {cmd}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(1.0)
+                children.check()
+    else:
+        _say(f"everything stops now; its data stays in {work}. To explore it live, use --keep-running")
+    return 0 if stored > 0 and missing == 0 else 1
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -275,7 +409,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    missing = missing_extras()
+    if missing:
+        print(
+            "amigw demo: runs the edge and the head-end, and needs "
+            + ", ".join(missing)
+            + "; install amigw[all]",
+            file=sys.stderr,
+        )
+        return 2
     with ExitStack() as stack:
-        code = _run(args, stack)
+        try:
+            code = _run(args, stack)
+        except DemoError as exc:
+            _say(f"stopped: {exc}")
+            code = 1
         _say("stopping: edge, ingest, simulator, influxd, mosquitto")
     return code

@@ -44,3 +44,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert all(int(intervals) >= 3 for _, _, _, intervals in rows), (
         rows
     )  # validated intervals reached InfluxDB
+    assert "ingest's loss account: 0 batches missing" in text, text
+    # ingest subscribed before the meters and the edge started: nothing published is missed
+    assert text.index("ingest subscribed after") < text.index("simulated DL/T 645-2007 meters"), text
