@@ -315,7 +315,10 @@ async def run_fleet_subscriber(
     """Feed ``tracker`` from the broker until ``stop_event`` is set. A connection that cannot be
     made, or that ends with an error, is counted (``tracker.subscriber_errors``) and retried
     after 1 s, 2 s, 4 s ... up to ``retry_max_s``; the retained statuses arrive again on every
-    subscribe. Returns when ``stop_event`` is set; raises nothing but ``CancelledError``."""
+    subscribe. Returns when ``stop_event`` is set.
+
+    Raises: ConfigError when the settings cannot make a client (a CA file that does not load);
+    nothing else but ``CancelledError``."""
     cfg = fleet_consumer_config(mqtt_settings, client_id)
     delay = 1.0
     while not stop_event.is_set():
