@@ -8,13 +8,14 @@ connection and is never called from another thread).
 
 Every request passes, outermost first:
 
-1. :func:`~.audit.audit_middleware`: reads the body of a state-changing call (413 over
-   ``max_body_bytes``) and records the call and its final answer in the ``audit`` table;
+1. :func:`~.audit.audit_middleware`: records every state-changing call and its final answer in
+   the ``audit`` table;
 2. :func:`~.errors.error_middleware`: every refusal or failure becomes ``{"error", "detail"}``;
 3. :func:`route_middleware`: exactly one ``Authorization`` header (two: 400 ``bad_header``); a
    valid bearer token names the caller; a protected route needs a token (401 ``unauthorized``)
    whose role admits it (403 ``forbidden``); a query parameter the route does not declare is 400
-   ``bad_query``.
+   ``bad_query``; then the body of a ``POST``/``PUT``/``PATCH``/``DELETE`` is read whole (413
+   ``body_too_large`` over ``max_body_bytes``) before the handler runs.
 
 The server closes the connection after each answer (``Connection: close``) and writes no access
 log. Service routes here: ``GET /healthz`` and ``GET /metrics`` (Prometheus text of the service's
@@ -34,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ingest.feectl.sqlite_store import SqliteLedgerStore
 
 from . import routes_payments
-from .audit import AUDIT, WHO, AuditLog, audit_middleware
+from .audit import AUDIT, AUDITED_METHODS, BODY_REFUSED, WHO, AuditLog, audit_middleware
 from .auth import ApiToken, TokenTable, admits
 from .errors import Handler, OpsError, error_middleware
 from .openapi import openapi_document
@@ -151,6 +152,12 @@ async def route_middleware(request: web.Request, handler: Handler) -> web.Stream
     unknown = sorted(set(request.query) - route.query)
     if unknown:
         raise OpsError(400, "bad_query", f"unknown query parameters {unknown}")
+    if request.method in AUDITED_METHODS:
+        try:
+            await request.read()  # the whole body, bounded, once: the handler and the audit share it
+        except web.HTTPRequestEntityTooLarge:
+            request[BODY_REFUSED] = True
+            raise
     if route.body_schema is not None:
         request[BODY_SCHEMA] = route.body_schema
     return await handler(request)

@@ -31,9 +31,9 @@ from aiohttp import web
 
 from ingest.feectl.sqlite_store import SqliteLedgerStore
 
-from .errors import ERROR_CODE, Handler, error_response
+from .errors import ERROR_CODE, Handler
 
-__all__ = ["AUDIT", "AUDITED_METHODS", "WHO", "AuditEntry", "AuditLog", "audit_middleware"]
+__all__ = ["AUDIT", "AUDITED_METHODS", "BODY_REFUSED", "WHO", "AuditEntry", "AuditLog", "audit_middleware"]
 
 log = logging.getLogger("amigw.ops")
 
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS audit (
     body_excerpt TEXT, status INTEGER NOT NULL, error TEXT
 );
 """
-WHO = web.RequestKey("amigw.who", str)  # set by the auth middleware for a valid token
+WHO = web.RequestKey("amigw.who", str)  # set by the route middleware for a valid token
+BODY_REFUSED = web.RequestKey("amigw.body_refused", bool)  # the body was over max_body_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,30 +114,33 @@ class AuditLog:
 AUDIT: web.AppKey[AuditLog] = web.AppKey("amigw.audit")
 
 
+async def _body(request: web.Request) -> bytes | None:
+    """The body as read for the handler (aiohttp keeps it), or read now for a call refused before
+    its body was read; None when it is over ``max_body_bytes`` (then it is never re-read: a second
+    read would return the unread tail as if it were the body)."""
+    if request.get(BODY_REFUSED):
+        return None
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return None
+
+
 @web.middleware
 async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Records every state-changing call (see the module docstring). It runs outside the error
-    middleware, so it sees the final status of every answer. It reads the body first, once: a
-    body over ``max_body_bytes`` is answered 413 ``body_too_large`` here, before any handler."""
-    if request.method not in AUDITED_METHODS:
-        return await handler(request)
-    body: bytes | None
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        body = None
-        request[ERROR_CODE] = "body_too_large"
-        response: web.StreamResponse = error_response(413, "body_too_large", exc.text or "")
-    else:
-        response = await handler(request)
-    try:
-        request.app[AUDIT].record(
-            request.get(WHO, "-"), request.method, request.path_qs, body, response.status,
-            request.get(ERROR_CODE),
-        )  # fmt: skip
-    except sqlite3.Error as exc:
-        log.error(
-            "ops audit write failed",
-            extra={"kv": {"method": request.method, "path": request.path, "reason": exc}},
-        )
+    middleware, so it sees the final status of every answer."""
+    response = await handler(request)
+    if request.method in AUDITED_METHODS:
+        body = await _body(request)
+        try:
+            request.app[AUDIT].record(
+                request.get(WHO, "-"), request.method, request.path_qs, body, response.status,
+                request.get(ERROR_CODE),
+            )  # fmt: skip
+        except sqlite3.Error as exc:
+            log.error(
+                "ops audit write failed",
+                extra={"kv": {"method": request.method, "path": request.path, "reason": exc}},
+            )
     return response
