@@ -183,3 +183,19 @@ async def test_legacy_token_is_named_token_file(api: Api) -> None:
     assert LEGACY not in TOKENS.values()
     status, _, _ = await call(api.port, "POST", "/v1/payments", pay(), auth=f"bearer   {LEGACY}  ")
     assert status == 201 and api.audit_rows()[0][0] == "token_file"
+
+
+async def test_an_audit_write_failure_is_logged_and_the_answer_stands(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    from ingest.ops.audit import AuditLog
+
+    def fail(*_: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(AuditLog, "record", fail)
+    status, _, doc = await call(api.port, "POST", "/v1/payments", pay())
+    assert status == 201 and doc["recorded"] is True
+    assert [r.getMessage() for r in caplog.records if r.name == "amigw.ops"] == ["ops audit write failed"]
