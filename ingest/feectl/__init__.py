@@ -11,6 +11,6 @@ Modules: :mod:`~.model` (accounts, balances, decisions' vocabulary), :mod:`~.lif
 orders and their states), :mod:`~.engine` (:class:`~.engine.FeeController`: charging, payments,
 results), :mod:`~.decide` (the pure decision), :mod:`~.store` and :mod:`~.sqlite_store` (the
 ledger), :mod:`~.config`. The running service around the core (``amigw feectl``: MQTT, signing,
-the payments HTTP API) is :class:`~.service.FeeControlService` and :class:`~.api.PaymentsApi`;
+hosting the ops HTTP API of :mod:`ingest.ops`) is :class:`~.service.FeeControlService`;
 importing the core never imports paho-mqtt. Names are imported from the module that defines them.
 """

@@ -24,6 +24,7 @@ from typing import Literal
 
 from ingest.model.tariff import Tariff, parse_hhmm
 from ingest.mqtt.settings import MqttSettings
+from ingest.ops.auth import ApiToken, TokenTable, load_tokens_file, token_from_secret
 from protocols.commands import MAX_VALIDITY_MS
 from protocols.config import loads_toml
 from protocols.errors import ConfigError
@@ -205,20 +206,23 @@ class MqttLink(MqttSettings):
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """``[service.http]``: the payments API. Loopback by default; the bearer token is read from
-    ``token_file`` (at least 16 characters)."""
+    """``[service.http]``: the ops API (:mod:`ingest.ops`, ``docs/ops-api.md``). Loopback by
+    default. Its bearer tokens come from ``tokens_file`` (named tokens with roles, stored as
+    SHA-256 digests) and/or ``token_file`` (one token in clear, at least 16 characters, named
+    ``token_file`` with role ``payments``); at least one is required when enabled."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8480  # 0: any free port (tests)
+    tokens_file: str | None = None
     token_file: str | None = None
     max_body_bytes: int = 65_536
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65_535:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
-        if self.enabled and self.token_file is None:
-            raise ValueError("token_file: required when the HTTP API is enabled")
+        if self.enabled and self.tokens_file is None and self.token_file is None:
+            raise ValueError("tokens_file: required when the HTTP API is enabled (or token_file)")
         if self.max_body_bytes < 256:
             raise ValueError("max_body_bytes: must be >= 256")
 
@@ -355,7 +359,7 @@ class ServiceConfig:
     command_keys: Mapping[str, bytes]
     tariffs: Mapping[str, Tariff]
     accounts: tuple[Account, ...]
-    api_token: str | None
+    api_tokens: TokenTable  # [service.http]'s tokens (empty when the API is disabled)
     mqtt: MqttSettings  # [service.mqtt] with its files read: the password, the CA file's full path
     meter_max_power_w: Mapping[str, int] = field(default_factory=dict)  # enrolled ratings
 
@@ -393,11 +397,7 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
         gw: _key_file(base / p, f"service.command_key_files.{gw}") for gw, p in svc.command_key_files.items()
     }
     accounts = tuple(_account(a, i, tariffs, keys) for i, a in enumerate(svc.accounts))
-    token = None
-    if svc.http.enabled and svc.http.token_file is not None:
-        token = _secret_file(base / svc.http.token_file, "service.http.token_file")
-        if len(token) < 16:
-            raise ConfigError("service.http.token_file", "the API token must be at least 16 characters")
+    tokens = _api_tokens(svc.http, base) if svc.http.enabled else TokenTable()
     password = svc.mqtt.password
     if svc.mqtt.password_file is not None:
         password = _secret_file(base / svc.mqtt.password_file, "service.mqtt.password_file")
@@ -407,7 +407,7 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
     mqtt = MqttSettings(**{f.name: getattr(svc.mqtt, f.name) for f in dataclasses.fields(MqttSettings)})
     mqtt = dataclasses.replace(mqtt, password=password, ca_file=None if ca is None else str(ca))
     ratings = {m.meter: m.max_power_w for a in svc.accounts for m in a.meters if m.max_power_w is not None}
-    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, token, mqtt, ratings)
+    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, tokens, mqtt, ratings)
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -420,6 +420,23 @@ def load_config(path: str | Path) -> ServiceConfig:
     except OSError as exc:
         raise ConfigError("", f"cannot read {p}: {exc.strerror}") from None
     return load_service_config(text, p.resolve().parent)
+
+
+def _api_tokens(http: HttpSettings, base: Path) -> TokenTable:
+    """``tokens_file``'s entries and the ``token_file`` token (role ``payments``)."""
+    tokens: list[ApiToken] = []
+    if http.tokens_file is not None:
+        tokens += load_tokens_file(base / http.tokens_file, "service.http.tokens_file")
+    if http.token_file is not None:
+        secret = _secret_file(base / http.token_file, "service.http.token_file")
+        try:
+            tokens.append(token_from_secret("token_file", "payments", secret))
+        except ValueError as exc:
+            raise ConfigError("service.http.token_file", str(exc)) from None
+    try:
+        return TokenTable(tuple(tokens))
+    except ValueError as exc:  # tokens_file repeats token_file's name or token
+        raise ConfigError("service.http.tokens_file", str(exc)) from None
 
 
 def _secret_file(path: Path, key_path: str) -> str:
@@ -543,11 +560,18 @@ connect_timeout_s = 10.0
 publish_timeout_s = 10.0
 
 [service.http]
-# The payments API; when enabled it needs token_file (a bearer token of >= 16 characters).
+# The ops API (docs/ops-api.md): payments, accounts, audit. When enabled it needs tokens_file,
+# token_file, or both.
 enabled = false
 host = "127.0.0.1"
 port = 8480
+# Named tokens with roles: [tokens.<name>] role = "read" | "operate" | "payments" | "enrol" |
+# "admin" and token_sha256 = "<hex sha256 of the token>" ("python -m ingest.ops.auth NAME ROLE"
+# prints a new token and its entry).
+# tokens_file = "/etc/amigw/feectl.tokens.toml"
+# One token in clear (>= 16 characters), named "token_file", with the role "payments".
 # token_file = "/etc/amigw/feectl.token"
+# Request bodies larger than this are refused (413).
 max_body_bytes = 65536
 
 [service.limits]

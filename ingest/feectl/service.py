@@ -211,7 +211,7 @@ def notification(d: Decision, ts_ms: int) -> dict[str, Any] | None:
 
 class FeeControlService:
     """The running service. ``await run()`` until :meth:`stop`; the handlers below are also the
-    seams the HTTP API (:mod:`.api`) and the tests use."""
+    seams the ops API (:mod:`ingest.ops`) and the tests use."""
 
     def __init__(
         self,
@@ -613,7 +613,7 @@ class FeeControlService:
     async def run(self, *, ready: Callable[[FeeControlService], None] | None = None) -> None:
         """Enrol accounts, start the API, the publisher and the subscriber, and run until
         :meth:`stop`. ``ready`` is called once everything is listening."""
-        from .api import PaymentsApi
+        from ingest.ops.app import OpsSettings, build_app, serving
 
         self.enroll()
         async with contextlib.AsyncExitStack() as stack:
@@ -626,14 +626,10 @@ class FeeControlService:
                 log.info("metrics listening", extra=kv(host=host, port=port))
             if self.publisher is None:
                 self.publisher = await stack.enter_async_context(publisher(self.cfg))
-            server = None
-            if self.cfg.service.http.enabled and self.cfg.api_token is not None:
-                api = PaymentsApi(
-                    self, self.cfg.api_token, max_body_bytes=self.cfg.service.http.max_body_bytes
-                )
-                server = await api.start(self.cfg.service.http.host, self.cfg.service.http.port)
-                stack.push_async_callback(_close_server, server)
-                self.api_address = server.sockets[0].getsockname()[:2]
+            http = self.cfg.service.http
+            if http.enabled:
+                app = build_app(self, OpsSettings(self.cfg.api_tokens, http.max_body_bytes))
+                self.api_address = await stack.enter_async_context(serving(app, http.host, http.port))
                 log.info("http api listening", extra=kv(host=self.api_address[0], port=self.api_address[1]))
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -695,11 +691,6 @@ class FeeControlService:
                 log.error("ledger write failed", extra=kv(topic=_cut(topic), reason=exc, retry_s=delay))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
-
-
-async def _close_server(server: asyncio.Server) -> None:
-    server.close()
-    await server.wait_closed()
 
 
 def install_signal_handlers(service: FeeControlService) -> None:

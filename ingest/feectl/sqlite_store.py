@@ -146,6 +146,12 @@ class SqliteLedgerStore(LedgerStore):
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The one connection, for tables other modules keep beside the ledger (the ops API's
+        audit trail); use it inside :meth:`transaction`."""
+        return self._db
+
     def _one(self, sql: str, *args: object) -> tuple | None:  # type: ignore[type-arg]
         return self._db.execute(sql, args).fetchone()  # type: ignore[no-any-return]
 

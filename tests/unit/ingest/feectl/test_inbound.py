@@ -19,8 +19,8 @@ from protocols.aggregates import IntervalRecord, encode_intervals
 from protocols.commands import CommandResult
 from protocols.errors import ConfigError
 
+from ..ops.conftest import KEY, NOW, config_text, write_files
 from .conftest import QUARTER, make_controller, ms
-from .test_api import KEY, NOW, config_text, write_files
 
 TOPIC = "ami/v1/agg/intervals/gw-1"
 START = NOW - QUARTER  # 09:45-10:00 local, ended at NOW
