@@ -16,8 +16,10 @@ caller can catch one base class at the edge of a loop and know what it got::
      │   └─ TransportTimeout   also a builtin TimeoutError
      ├─ CommandRejected        .reason: bad_signature | expired | not_yet_valid | replayed |
      │                         unknown_meter | malformed
-     └─ SinkError              InfluxDB refused or was unreachable; .retryable
-         └─ SinkRefused        InfluxDB refused *us* (credentials, database, API): .reason
+     ├─ SinkError              InfluxDB refused or was unreachable; .retryable
+     │   └─ SinkRefused        InfluxDB refused *us* (credentials, database, API): .reason
+     └─ RequestRefused         a call to our HTTP API refused: .status, .code, .detail
+         └─ BadArgument        an argument out of what is answered: .param, .reason (400)
 
 "We did something wrong" (a programming error) stays a plain ``ValueError``/``TypeError``;
 these classes say the *outside world* (a config file, a meter, a broker payload, a server) did.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "AmigwError",
+    "BadArgument",
     "ChecksumError",
     "CommandRejected",
     "ConfigError",
@@ -37,6 +40,7 @@ __all__ = [
     "MeterErrorReply",
     "PayloadError",
     "ProtocolError",
+    "RequestRefused",
     "SinkError",
     "SinkRefused",
     "TransportError",
@@ -173,3 +177,24 @@ class SinkRefused(SinkError):
             raise ValueError(f"unknown refusal reason {reason!r}")
         self.reason = reason
         super().__init__(message, retryable=True, status=status)
+
+
+class RequestRefused(AmigwError):
+    """A call to one of our HTTP APIs refused: the HTTP ``status``, a stable ``code`` and a
+    human ``detail`` (the API answers ``{"error": code, "detail": detail}``)."""
+
+    def __init__(self, status: int, code: str, detail: str = "") -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class BadArgument(RequestRefused, ValueError):
+    """An argument outside what is answered (a range too long, an unknown grouping): ``param``
+    names it, ``reason`` says why; 400 ``bad_argument``."""
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(400, "bad_argument", f"{param}: {reason}")
+        self.param = param
+        self.reason = reason

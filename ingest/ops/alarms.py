@@ -25,7 +25,7 @@ Contract
 * :class:`AlarmAcks` stores acknowledgements by alarm id. :meth:`AlarmAcks.ack` is idempotent:
   the first acknowledgement is kept, a repeat returns it with ``created`` false. It does not
   check that the alarm exists (alarms live in InfluxDB; the caller may).
-* Raises :class:`~ingest.ops.views.ViewRequestError` for bad arguments (before any query) and
+* Raises :class:`~ingest.ops.views.BadArgument` for bad arguments (before any query) and
   :class:`~protocols.errors.SinkError` when InfluxDB is unreachable or refuses a query.
 """
 
@@ -38,9 +38,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ingest.ops.views import ViewRequestError, check_range
+from ingest.ops.views import check_range
 from ingest.sinks.influx.lines import unescape_stored
 from ingest.sinks.influx.query import InfluxQuery, quote_str
+from protocols.errors import BadArgument
 
 __all__ = [
     "ALARM_KINDS",
@@ -104,13 +105,13 @@ async def alarms(
     acknowledgement in ``acks``; and ``acked`` keeps only acknowledged (True) or
     unacknowledged (False) ones. ``command_failed`` needs ``failed_commands``.
 
-    Raises: ViewRequestError (range, kinds, limit), SinkError."""
+    Raises: BadArgument (range, kinds, limit), SinkError."""
     check_range(start_ms, end_ms)
     wanted = _kinds(kinds)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise ViewRequestError("limit", f"expected 1..{MAX_LIMIT}")
+        raise BadArgument("limit", f"expected 1..{MAX_LIMIT}")
     if acked is not None and acks is None:
-        raise ViewRequestError("acked", "no acknowledgement store")
+        raise BadArgument("acked", "no acknowledgement store")
     found: list[dict[str, Any]] = []
     stored = [k for k in STORED_KINDS if k in wanted]
     if stored:
@@ -142,7 +143,7 @@ def _kinds(kinds: Iterable[str] | None) -> set[str]:
     wanted = set(kinds)
     unknown = sorted(wanted - set(ALARM_KINDS))
     if unknown or not wanted:
-        raise ViewRequestError("kinds", f"expected some of {list(ALARM_KINDS)}, got {unknown or 'none'}")
+        raise BadArgument("kinds", f"expected some of {list(ALARM_KINDS)}, got {unknown or 'none'}")
     return wanted
 
 
@@ -258,7 +259,7 @@ class AlarmAcks:
         """Acknowledge ``alarm_id``; returns the stored acknowledgement (``created``: this call
         made it; a repeat keeps the first one's ``by``, ``note`` and time).
 
-        Raises: ViewRequestError for an empty or over-long id or ``by``, an over-long note."""
+        Raises: BadArgument for an empty or over-long id or ``by``, an over-long note."""
         _check_text("alarm_id", alarm_id, MAX_ID_CHARS, empty=False)
         _check_text("by", by, MAX_BY_CHARS, empty=False)
         _check_text("note", note, MAX_NOTE_CHARS, empty=True)
@@ -295,8 +296,8 @@ class AlarmAcks:
 
 def _check_text(param: str, value: str, max_chars: int, *, empty: bool) -> None:
     if not isinstance(value, str):
-        raise ViewRequestError(param, "expected a string")
+        raise BadArgument(param, "expected a string")
     if not value and not empty:
-        raise ViewRequestError(param, "must not be empty")
+        raise BadArgument(param, "must not be empty")
     if len(value) > max_chars:
-        raise ViewRequestError(param, f"at most {max_chars} characters")
+        raise BadArgument(param, f"at most {max_chars} characters")

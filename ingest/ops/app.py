@@ -33,11 +33,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.feectl.sqlite_store import SqliteLedgerStore
+from protocols.errors import RequestRefused
 
 from . import routes_payments
 from .audit import AUDIT, AUDITED_METHODS, BODY_REFUSED, WHO, AuditLog, audit_middleware
 from .auth import ApiToken, TokenTable, admits
-from .errors import Handler, OpsError, error_middleware
+from .errors import Handler, error_middleware
 from .openapi import openapi_document
 from .routing import BODY_SCHEMA, SERVICE, Operation, RouteTable, Schema, query_int, query_parameter
 
@@ -125,7 +126,7 @@ DEFAULT_TABLES: tuple[RouteTable, ...] = (routes, routes_payments.routes)
 def _caller(request: web.Request, tokens: TokenTable) -> ApiToken | None:
     values = request.headers.getall("Authorization", [])
     if len(values) > 1:
-        raise OpsError(400, "bad_header", "Authorization: given more than once")
+        raise RequestRefused(400, "bad_header", "Authorization: given more than once")
     if not values:
         return None
     scheme, _, secret = values[0].strip().partition(" ")
@@ -146,12 +147,12 @@ async def route_middleware(request: web.Request, handler: Handler) -> web.Stream
     roles = route.operation.roles
     if roles is not None:
         if token is None:
-            raise OpsError(401, "unauthorized", "Authorization: Bearer <token> required")
+            raise RequestRefused(401, "unauthorized", "Authorization: Bearer <token> required")
         if not admits(token.role, roles):
-            raise OpsError(403, "forbidden", f"role {token.role!r} may not call this route")
+            raise RequestRefused(403, "forbidden", f"role {token.role!r} may not call this route")
     unknown = sorted(set(request.query) - route.query)
     if unknown:
-        raise OpsError(400, "bad_query", f"unknown query parameters {unknown}")
+        raise RequestRefused(400, "bad_query", f"unknown query parameters {unknown}")
     if request.method in AUDITED_METHODS:
         try:
             await request.read()  # the whole body, bounded, once: the handler and the audit share it

@@ -1,6 +1,6 @@
 """Error answers of the ops API: always JSON ``{"error": <code>, "detail": <text>}``.
 
-:class:`OpsError` is what a handler raises to refuse a request. :func:`error_middleware` turns
+:class:`RequestRefused` is what a handler raises to refuse a request. :func:`error_middleware` turns
 it, aiohttp's own :class:`~aiohttp.web.HTTPException` (404, 405, 413, ...), the fee-control
 core's :class:`~ingest.feectl.model.FeeControlError` and anything unexpected into that body:
 
@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from ingest.feectl.model import FeeControlError
+from protocols.errors import RequestRefused
 
-__all__ = ["ERROR_CODE", "WWW_AUTHENTICATE", "OpsError", "error_middleware", "error_response"]
+__all__ = ["ERROR_CODE", "WWW_AUTHENTICATE", "error_middleware", "error_response"]
 
 log = logging.getLogger("amigw.ops")
 
@@ -39,16 +40,6 @@ _HTTP_CODES = {
     413: "body_too_large",
     415: "unsupported_media_type",
 }
-
-
-class OpsError(Exception):
-    """A refusal: HTTP ``status``, a stable ``code`` and a human ``detail``."""
-
-    def __init__(self, status: int, code: str, detail: str = "") -> None:
-        super().__init__(f"{status} {code}: {detail}")
-        self.status = status
-        self.code = code
-        self.detail = detail
 
 
 def error_response(
@@ -71,7 +62,7 @@ def _http_code(exc: web.HTTPException) -> str:
 
 
 def _as_error(request: web.Request, exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
-    if isinstance(exc, OpsError):
+    if isinstance(exc, RequestRefused):
         return exc.status, exc.code, exc.detail, {}
     if isinstance(exc, web.HTTPException):
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}

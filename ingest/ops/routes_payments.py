@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ingest.feectl.model import FeeControlError
+from protocols.errors import RequestRefused
 
-from .errors import OpsError
 from .routing import SERVICE, BodyError, RouteTable, Schema, json_body, query_int, query_parameter
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ async def post_payment(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     try:
         res, paid_ms = service.record_payment(*await _payment_fields(request, service))
-    except OpsError as exc:
+    except RequestRefused as exc:
         service.metrics.payments.labels(exc.code).inc()
         raise
     except FeeControlError as exc:
@@ -169,7 +169,7 @@ async def _payment_fields(request: web.Request, service: FeeControlService) -> t
         if exc.field == "amount_fen" and exc.keyword == "maximum":
             top = service.cfg.service.limits.max_payment_fen
             detail = f"amount_fen: at most {top} fen in one payment"
-            raise OpsError(400, "amount_out_of_range", detail) from None
+            raise RequestRefused(400, "amount_out_of_range", detail) from None
         raise
     return doc["account"], doc["payment_id"], doc["amount_fen"]
 
@@ -177,7 +177,7 @@ async def _payment_fields(request: web.Request, service: FeeControlService) -> t
 def _account(request: web.Request) -> str:
     account = request.match_info["account"]
     if len(account) > MAX_ID:
-        raise OpsError(400, "bad_fields", f"account: at most {MAX_ID} characters")
+        raise RequestRefused(400, "bad_fields", f"account: at most {MAX_ID} characters")
     return account
 
 

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 
+from protocols.errors import RequestRefused
+
 from .auth import ROLES, Role
-from .errors import OpsError
 
 if TYPE_CHECKING:
     from ingest.feectl.service import FeeControlService
@@ -162,7 +163,7 @@ def check_schema(schema: Schema) -> None:
         raise ValueError("body schema: required names a key that is not a property")
 
 
-class BodyError(OpsError):
+class BodyError(RequestRefused):
     """A body that breaks its schema: 400 ``bad_fields``; ``field`` and ``keyword`` say where."""
 
     def __init__(self, field: str, keyword: str, detail: str) -> None:
@@ -195,7 +196,7 @@ def _check_property(name: str, value: object, prop: Schema) -> None:
 def validate(doc: object, schema: Schema) -> dict[str, Any]:
     """``doc`` checked against a body schema (:func:`check_schema`'s subset). Raises: BodyError."""
     if not isinstance(doc, dict):
-        raise OpsError(400, "bad_json", "expected a JSON object")
+        raise RequestRefused(400, "bad_json", "expected a JSON object")
     props: Schema = schema.get("properties", {})
     missing = sorted(set(schema.get("required", ())) - set(doc))
     unknown = sorted(set(doc) - set(props))
@@ -211,13 +212,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:
-            raise OpsError(400, "bad_json", f"duplicate key {key!r}")
+            raise RequestRefused(400, "bad_json", f"duplicate key {key!r}")
         seen.add(key)
     return dict(pairs)
 
 
 def _no_constant(name: str) -> Any:
-    raise OpsError(400, "bad_json", f"{name} is not JSON")
+    raise RequestRefused(400, "bad_json", f"{name} is not JSON")
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -228,33 +229,33 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     app's ``client_max_size`` (413 above it).
 
     Raises:
-        OpsError: 400 ``bad_content_type``, 400 ``bad_json``, 400 ``bad_fields``.
+        RequestRefused: 400 ``bad_content_type``, 400 ``bad_json``, 400 ``bad_fields``.
         web.HTTPRequestEntityTooLarge: the body is over ``max_body_bytes``.
     """
     schema = request.get(BODY_SCHEMA)
     if schema is None:
         raise TypeError(f"{request.method} {request.path}: the route declares no body schema")
     if hdrs.CONTENT_TYPE in request.headers and request.content_type != "application/json":
-        raise OpsError(400, "bad_content_type", "Content-Type: expected application/json")
+        raise RequestRefused(400, "bad_content_type", "Content-Type: expected application/json")
     raw = await request.read()
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise OpsError(400, "bad_json", str(exc)) from None
+        raise RequestRefused(400, "bad_json", str(exc)) from None
     return validate(doc, schema)
 
 
 def query_int(request: web.Request, name: str, *, default: int, lo: int, hi: int, code: str) -> int:
     """An integer query parameter in ``lo..hi`` (``default`` when absent).
 
-    Raises: OpsError 400 ``code`` (given twice, not an integer, or out of range)."""
+    Raises: RequestRefused 400 ``code`` (given twice, not an integer, or out of range)."""
     values = request.query.getall(name, [])
     if not values:
         return default
     if len(values) > 1:
-        raise OpsError(400, code, f"{name}: given more than once")
+        raise RequestRefused(400, code, f"{name}: given more than once")
     if not _DECIMAL.fullmatch(values[0]) or not lo <= int(values[0]) <= hi:
-        raise OpsError(400, code, f"{name}: expected an integer {lo}..{hi}")
+        raise RequestRefused(400, code, f"{name}: expected an integer {lo}..{hi}")
     return int(values[0])
 
 

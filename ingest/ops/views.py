@@ -7,7 +7,7 @@ Contract
 * Reads only, through :class:`~ingest.sinks.influx.query.InfluxQuery` (InfluxQL, MessagePack),
   over the schema of ``docs/ingest.md`` ("InfluxDB schema"). Tag values are queried as stored
   (:func:`~ingest.sinks.influx.lines.stored_tag`) and returned unescaped.
-* Every range is bounded: at most :data:`MAX_RANGE_DAYS` days, else :class:`ViewRequestError`
+* Every range is bounded: at most :data:`MAX_RANGE_DAYS` days, else :class:`BadArgument`
   (also for an empty or reversed range, an unknown grouping or channel). Nothing is queried
   before the arguments are checked.
 * :func:`collection` is KPI-01 as the daily report computes it
@@ -32,14 +32,13 @@ from ingest.rules.kernels import NOT_BILLABLE
 from ingest.sinks.base import DaySums
 from ingest.sinks.influx.lines import stored_tag, unescape_stored
 from ingest.sinks.influx.query import InfluxQuery, quote_str
-from protocols.errors import AmigwError, SinkError
+from protocols.errors import BadArgument, SinkError
 from protocols.flags import Flag, describe
 from protocols.quantities import ENERGY_FORWARD, QUANTITIES, by_code, by_name
 
 __all__ = [
     "MAX_RANGE_DAYS",
     "MAX_RANGE_MS",
-    "ViewRequestError",
     "check_range",
     "collection",
     "flags_doc",
@@ -53,31 +52,18 @@ _COLLECTION_FIELDS = ("intervals", "estimated", "invalid")
 _COLLECTION_SELECT = ", ".join(f'"{f}"' for f in ("meter", "gateway", *_COLLECTION_FIELDS))
 
 
-class ViewRequestError(AmigwError, ValueError):
-    """The caller asked for something a view does not answer: ``param`` names the argument,
-    ``reason`` says why (an HTTP layer answers 400 with both).
-
-    It lives here rather than in :mod:`protocols.errors` only because this module was written
-    beside the ops app; it belongs in that tree."""
-
-    def __init__(self, param: str, reason: str) -> None:
-        self.param = param
-        self.reason = reason
-        super().__init__(f"{param}: {reason}")
-
-
 def check_range(start_ms: int, end_ms: int, *, max_ms: int = MAX_RANGE_MS) -> None:
-    """Raises: ViewRequestError unless ``start_ms < end_ms <= start_ms + max_ms``."""
+    """Raises: BadArgument unless ``start_ms < end_ms <= start_ms + max_ms``."""
     if isinstance(start_ms, bool) or not isinstance(start_ms, int):
-        raise ViewRequestError("start_ms", "expected an integer epoch ms")
+        raise BadArgument("start_ms", "expected an integer epoch ms")
     if isinstance(end_ms, bool) or not isinstance(end_ms, int):
-        raise ViewRequestError("end_ms", "expected an integer epoch ms")
+        raise BadArgument("end_ms", "expected an integer epoch ms")
     if start_ms < 0:
-        raise ViewRequestError("start_ms", "must be >= 0")
+        raise BadArgument("start_ms", "must be >= 0")
     if end_ms <= start_ms:
-        raise ViewRequestError("end_ms", "must be after start_ms")
+        raise BadArgument("end_ms", "must be after start_ms")
     if end_ms - start_ms > max_ms:
-        raise ViewRequestError("end_ms", f"the range is limited to {max_ms // DAY_MS} days")
+        raise BadArgument("end_ms", f"the range is limited to {max_ms // DAY_MS} days")
 
 
 def flags_doc(flags: int) -> dict[str, Any]:
@@ -102,13 +88,13 @@ async def collection(
     to ``end_day`` inclusive (at most :data:`MAX_RANGE_DAYS` days), from one ``daily_tou``
     query; each group also has the range's totals.
 
-    Raises: ViewRequestError (range, ``group_by``), SinkError."""
+    Raises: BadArgument (range, ``group_by``), SinkError."""
     level = _group_level(group_by)
     days = (end_day - start_day).days + 1
     if days < 1:
-        raise ViewRequestError("end_day", "must not be before start_day")
+        raise BadArgument("end_day", "must not be before start_day")
     if days > MAX_RANGE_DAYS:
-        raise ViewRequestError("end_day", f"the range is limited to {MAX_RANGE_DAYS} days")
+        raise BadArgument("end_day", f"the range is limited to {MAX_RANGE_DAYS} days")
     start, _ = day_window(start_day, utc_offset_ms)
     end = start + days * DAY_MS
     rows = await query.rows(
@@ -139,7 +125,7 @@ def _group_level(group_by: str) -> Literal["gateway", "area"]:
         return "gateway"
     if group_by == "area":
         return "area"
-    raise ViewRequestError("group_by", "expected 'gateway' or 'area'")
+    raise BadArgument("group_by", "expected 'gateway' or 'area'")
 
 
 def _day_rows(rows: Iterable[dict[str, Any]], start: int, days: int) -> list[list[DaySums]]:
@@ -179,9 +165,9 @@ async def meter_latest(query: InfluxQuery, meter: str, *, wide: bool = True) -> 
     its own time: quantities are read on different schedules), with its flags. ``wide``: the
     pipeline's ``[pipeline] schema`` (a field per quantity, or a ``quantity`` tag).
 
-    Raises: ViewRequestError (empty meter id), SinkError."""
+    Raises: BadArgument (empty meter id), SinkError."""
     if not meter:
-        raise ViewRequestError("meter", "must not be empty")
+        raise BadArgument("meter", "must not be empty")
     where = f'"meter" = {quote_str(stored_tag(meter))}'
     if wide:
         latest = await _latest_wide(query, where)
@@ -263,13 +249,13 @@ async def load_curve(
     ``(start_ms, end_ms]`` (intervals are end-labelled), oldest first: kWh (CT x PT applied),
     flags with names, and whether each is estimated or not billable.
 
-    Raises: ViewRequestError (range over :data:`MAX_RANGE_DAYS` days, empty meter, a channel
+    Raises: BadArgument (range over :data:`MAX_RANGE_DAYS` days, empty meter, a channel
     that is not an interval channel), SinkError."""
     check_range(start_ms, end_ms)
     if not meter:
-        raise ViewRequestError("meter", "must not be empty")
+        raise BadArgument("meter", "must not be empty")
     if channel not in _ENERGY_CHANNELS:
-        raise ViewRequestError("channel", f"expected one of {sorted(_ENERGY_CHANNELS)}")
+        raise BadArgument("channel", f"expected one of {sorted(_ENERGY_CHANNELS)}")
     where = f'"meter" = {quote_str(stored_tag(meter))} AND time > {start_ms}ms AND time <= {end_ms}ms'
     rows = await query.rows(f'SELECT "{channel}", "{channel}_flags" FROM "intervals" WHERE {where}')
     points = []

@@ -14,7 +14,6 @@ from ingest.model.registry import MeterRegistry
 from ingest.ops.alarms import ALARM_KINDS, AlarmAcks, alarm_id, alarms
 from ingest.ops.views import (
     MAX_RANGE_MS,
-    ViewRequestError,
     check_range,
     collection,
     flags_doc,
@@ -22,7 +21,7 @@ from ingest.ops.views import (
     meter_latest,
 )
 from ingest.sinks.influx.query import InfluxQuery
-from protocols.errors import AmigwError
+from protocols.errors import AmigwError, BadArgument
 from protocols.flags import Flag
 
 T0 = 1_710_000_000_000
@@ -58,23 +57,23 @@ def test_range_checks() -> None:
         (True, T0, "start_ms"),
         (T0, 1.5, "end_ms"),
     ]:
-        with pytest.raises(ViewRequestError) as exc:
+        with pytest.raises(BadArgument) as exc:
             check_range(start, end)  # type: ignore[arg-type]
         assert exc.value.param == param
         assert isinstance(exc.value, AmigwError)
 
 
 async def test_load_curve_refuses_before_querying() -> None:
-    with pytest.raises(ViewRequestError, match="limited to 31 days") as exc:
+    with pytest.raises(BadArgument, match="limited to 31 days") as exc:
         await load_curve(Q, "M1", T0, T0 + 32 * 86_400_000)
     assert exc.value.param == "end_ms"
-    with pytest.raises(ViewRequestError) as exc:
+    with pytest.raises(BadArgument) as exc:
         await load_curve(Q, "M1", T0, T0 + 1, channel="voltage_a")
     assert exc.value.param == "channel"
-    with pytest.raises(ViewRequestError) as exc:
+    with pytest.raises(BadArgument) as exc:
         await load_curve(Q, "", T0, T0 + 1)
     assert exc.value.param == "meter"
-    with pytest.raises(ViewRequestError) as exc:
+    with pytest.raises(BadArgument) as exc:
         await meter_latest(Q, "")
     assert exc.value.param == "meter"
 
@@ -89,7 +88,7 @@ async def test_collection_refuses_before_querying(tmp_path: Path) -> None:
         (d, d, "meter", "group_by"),
     ]
     for start, end, group_by, param in cases:
-        with pytest.raises(ViewRequestError) as exc:
+        with pytest.raises(BadArgument) as exc:
             await collection(Q, reg, start, end, group_by)
         assert exc.value.param == param
 
@@ -102,10 +101,10 @@ async def test_alarms_refuse_bad_arguments_before_querying(tmp_path: Path) -> No
         ({"limit": 5001}, "limit"),
         ({"acked": True}, "acked"),
     ]:
-        with pytest.raises(ViewRequestError) as exc:
+        with pytest.raises(BadArgument) as exc:
             await alarms(Q, T0, T0 + 1000, **kwargs)  # type: ignore[arg-type]
         assert exc.value.param == param
-    with pytest.raises(ViewRequestError) as exc:
+    with pytest.raises(BadArgument) as exc:
         await alarms(Q, T0, T0 + MAX_RANGE_MS + 1)
     assert exc.value.param == "end_ms"
 
@@ -145,7 +144,7 @@ def test_acks_are_idempotent_and_persist(tmp_path: Path) -> None:
             (("x", "", ""), "by"),
             (("x", "a", "n" * 2001), "note"),
         ]:
-            with pytest.raises(ViewRequestError) as exc:
+            with pytest.raises(BadArgument) as exc:
                 acks.ack(*args, T0)
             assert exc.value.param == param
 
