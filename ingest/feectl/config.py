@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ingest.config import IngestConfig
+from ingest.config import load_config as load_ingest_config
 from ingest.model.tariff import Tariff, parse_hhmm
 from ingest.mqtt.settings import MqttSettings
 from ingest.ops.auth import ApiToken, TokenTable, load_tokens_file, token_from_secret
@@ -227,6 +229,24 @@ class HttpSettings:
             raise ValueError("max_body_bytes: must be >= 256")
 
 
+@dataclass(frozen=True, slots=True)
+class ViewsSettings:
+    """``[service.views]``: the ops API's read views over the head-end's data (fleet health,
+    collection success, a meter's readings and load curve, alarms; ``docs/ops-views.md``).
+    ``ingest_config`` names ingest's own configuration file, read for its InfluxDB, meter
+    registry, loss account and interval grid; empty (the default) leaves the views off."""
+
+    ingest_config: str = ""
+    acks_path: str = "alarm-acks.sqlite"  # alarm acknowledgements (SQLite)
+    stale_after_s: float = 180.0  # a gateway with no status for this long is "stale"
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.stale_after_s <= 86_400.0:
+            raise ValueError(f"stale_after_s: expected 1..86400, got {self.stale_after_s}")
+        if not self.acks_path:
+            raise ValueError("acks_path: must not be empty")
+
+
 CENTI_KWH_WMS = 36_000_000  # W x ms in 0.01 kWh
 
 
@@ -324,6 +344,7 @@ class ServiceSettings:
     rejects_keep: int = 100_000  # rows kept in the ledger's rejects table (oldest pruned)
     mqtt: MqttLink = field(default_factory=MqttLink)
     http: HttpSettings = field(default_factory=lambda: HttpSettings(enabled=False))
+    views: ViewsSettings = field(default_factory=ViewsSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     command_key_files: dict[str, str] = field(default_factory=dict)  # gateway -> hex key file
     tariff_files: dict[str, str] = field(default_factory=dict)  # tariff id -> tariff TOML file
@@ -362,6 +383,8 @@ class ServiceConfig:
     api_tokens: TokenTable  # [service.http]'s tokens (empty when the API is disabled)
     mqtt: MqttSettings  # [service.mqtt] with its files read: the password, the CA file's full path
     meter_max_power_w: Mapping[str, int] = field(default_factory=dict)  # enrolled ratings
+    views_ingest: IngestConfig | None = None  # [service.views] ingest_config, read and validated
+    acks_path: Path | None = None  # [service.views] acks_path, resolved
 
     def max_power_w(self, meter: str) -> int:
         """The rating that bounds ``meter``'s intervals (``service.limits``)."""
@@ -407,7 +430,17 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
     mqtt = MqttSettings(**{f.name: getattr(svc.mqtt, f.name) for f in dataclasses.fields(MqttSettings)})
     mqtt = dataclasses.replace(mqtt, password=password, ca_file=None if ca is None else str(ca))
     ratings = {m.meter: m.max_power_w for a in svc.accounts for m in a.meters if m.max_power_w is not None}
-    return ServiceConfig(core, svc, base / svc.db_path, keys, tariffs, accounts, tokens, mqtt, ratings)
+    views_ingest = None
+    if svc.views.ingest_config:
+        ingest_path = base / svc.views.ingest_config
+        try:
+            views_ingest = load_ingest_config(ingest_path)
+        except ConfigError as exc:
+            raise ConfigError("service.views.ingest_config", f"{ingest_path}: {exc}") from None
+    return ServiceConfig(
+        core, svc, base / svc.db_path, keys, tariffs, accounts, tokens, mqtt, ratings,
+        views_ingest, base / svc.views.acks_path,
+    )  # fmt: skip
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -573,6 +606,17 @@ port = 8480
 # token_file = "/etc/amigw/feectl.token"
 # Request bodies larger than this are refused (413).
 max_body_bytes = 65536
+
+[service.views]
+# The ops API's read views and console (docs/ops-views.md): fleet health, collection success,
+# a meter's readings and load curve, alarms. They read ingest's own configuration file for
+# InfluxDB, the meter registry, the loss account and the interval grid; "" leaves them off.
+ingest_config = ""
+# ingest_config = "/etc/amigw/ingest.toml"   (example)
+# Alarm acknowledgements (SQLite).
+acks_path = "alarm-acks.sqlite"
+# A gateway with no status message for this long shows as "stale".
+stale_after_s = 180.0
 
 [service.limits]
 # Bounds on values entering the service; anything outside is rejected with its reason.

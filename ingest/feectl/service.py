@@ -614,6 +614,7 @@ class FeeControlService:
         """Enrol accounts, start the API, the publisher and the subscriber, and run until
         :meth:`stop`. ``ready`` is called once everything is listening."""
         from ingest.ops.app import OpsSettings, build_app, serving
+        from ingest.ops.routes_views import VIEWS, open_views
 
         self.enroll()
         async with contextlib.AsyncExitStack() as stack:
@@ -629,6 +630,7 @@ class FeeControlService:
             http = self.cfg.service.http
             if http.enabled:
                 app = build_app(self, OpsSettings(self.cfg.api_tokens, http.max_body_bytes))
+                app[VIEWS] = await stack.enter_async_context(open_views(self.cfg, self.cfg.mqtt.client_id))
                 self.api_address = await stack.enter_async_context(serving(app, http.host, http.port))
                 log.info("http api listening", extra=kv(host=self.api_address[0], port=self.api_address[1]))
             async with asyncio.TaskGroup() as tg:

@@ -35,12 +35,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ingest.feectl.sqlite_store import SqliteLedgerStore
 from protocols.errors import RequestRefused
 
-from . import routes_payments
+from . import routes_payments, routes_views
 from .audit import AUDIT, AUDITED_METHODS, BODY_REFUSED, WHO, AuditLog, audit_middleware
 from .auth import ApiToken, TokenTable, admits
 from .errors import Handler, error_middleware
 from .openapi import openapi_document
-from .routing import BODY_SCHEMA, SERVICE, Operation, RouteTable, Schema, query_int, query_parameter
+from .routing import BODY_SCHEMA, CALLER, SERVICE, Operation, RouteTable, Schema, query_int, query_parameter
 
 if TYPE_CHECKING:
     from ingest.feectl.service import FeeControlService
@@ -120,7 +120,7 @@ async def audit(request: web.Request) -> web.Response:
     return web.json_response({"entries": [r.as_json() for r in rows]})
 
 
-DEFAULT_TABLES: tuple[RouteTable, ...] = (routes, routes_payments.routes)
+DEFAULT_TABLES: tuple[RouteTable, ...] = (routes, routes_payments.routes, routes_views.routes)
 
 
 def _caller(request: web.Request, tokens: TokenTable) -> ApiToken | None:
@@ -141,6 +141,7 @@ async def route_middleware(request: web.Request, handler: Handler) -> web.Stream
     token = _caller(request, request.app[_TOKENS])
     if token is not None:
         request[WHO] = token.name
+        request[CALLER] = token
     route = request.app[_ROUTES].get(request.match_info.route)
     if route is None:  # no such route: aiohttp's 404 or 405
         return await handler(request)
@@ -190,6 +191,7 @@ def build_app(
         middlewares=[audit_middleware, error_middleware, route_middleware],
     )
     app[SERVICE] = service
+    app[routes_views.VIEWS] = None  # the service sets its views when [service.views] configures them
     app[_TOKENS] = settings.tokens
     app[AUDIT] = AuditLog(store, service.clock)
     table: dict[web.AbstractRoute, _Route] = {}

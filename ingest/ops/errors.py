@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from ingest.feectl.model import FeeControlError
-from protocols.errors import RequestRefused
+from protocols.errors import RequestRefused, SinkError
 
 __all__ = ["ERROR_CODE", "WWW_AUTHENTICATE", "error_middleware", "error_response"]
 
@@ -70,6 +70,9 @@ def _as_error(request: web.Request, exc: BaseException) -> tuple[int, str, str, 
         return exc.status, _http_code(exc), detail, headers
     if isinstance(exc, FeeControlError):
         return _FEECTL_STATUS.get(exc.reason, 400), exc.reason, exc.detail or exc.subject, {}
+    if isinstance(exc, SinkError):
+        log.error("ops store error", extra=_kv(method=request.method, path=request.path, reason=exc))
+        return 503, "store_unavailable", str(exc), {}
     if isinstance(exc, sqlite3.Error):
         log.error("ops ledger error", extra=_kv(method=request.method, path=request.path, reason=exc))
         return 503, "ledger_unavailable", str(exc), {}

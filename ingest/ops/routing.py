@@ -35,13 +35,14 @@ from aiohttp import hdrs, web
 
 from protocols.errors import RequestRefused
 
-from .auth import ROLES, Role
+from .auth import ROLES, ApiToken, Role
 
 if TYPE_CHECKING:
     from ingest.feectl.service import FeeControlService
 
 __all__ = [
     "BODY_SCHEMA",
+    "CALLER",
     "SERVICE",
     "BodyError",
     "Handler",
@@ -59,6 +60,7 @@ Schema = Mapping[str, Any]
 SchemaSource = Schema | Callable[["FeeControlService"], Schema]
 SERVICE: web.AppKey[FeeControlService] = web.AppKey("amigw.service")
 BODY_SCHEMA: web.RequestKey[Schema] = web.RequestKey("amigw.body_schema")  # the matched route's
+CALLER: web.RequestKey[ApiToken] = web.RequestKey("amigw.caller")  # the valid token presented
 _DECIMAL = re.compile(r"-?[0-9]{1,12}")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _OBJECT_KEYS = frozenset({"type", "properties", "required", "additionalProperties", "description"})

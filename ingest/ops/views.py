@@ -52,14 +52,21 @@ _COLLECTION_FIELDS = ("intervals", "estimated", "invalid")
 _COLLECTION_SELECT = ", ".join(f'"{f}"' for f in ("meter", "gateway", *_COLLECTION_FIELDS))
 
 
+EARLIEST_MS = 946_684_800_000  # 2000-01-01 UTC: the pipeline's earliest reading time by default
+LATEST_MS = 4_102_444_800_000  # 2100-01-01 UTC: no meter reads later, InfluxQL takes it
+
+
 def check_range(start_ms: int, end_ms: int, *, max_ms: int = MAX_RANGE_MS) -> None:
-    """Raises: BadArgument unless ``start_ms < end_ms <= start_ms + max_ms``."""
+    """Raises: BadArgument unless ``EARLIEST_MS <= start_ms < end_ms <= start_ms + max_ms``
+    and ``end_ms <= LATEST_MS``."""
     if isinstance(start_ms, bool) or not isinstance(start_ms, int):
         raise BadArgument("start_ms", "expected an integer epoch ms")
     if isinstance(end_ms, bool) or not isinstance(end_ms, int):
         raise BadArgument("end_ms", "expected an integer epoch ms")
-    if start_ms < 0:
-        raise BadArgument("start_ms", "must be >= 0")
+    if not EARLIEST_MS <= start_ms <= LATEST_MS:
+        raise BadArgument("start_ms", f"expected {EARLIEST_MS} (2000-01-01) .. {LATEST_MS} (2100-01-01)")
+    if end_ms > LATEST_MS:
+        raise BadArgument("end_ms", f"expected at most {LATEST_MS} (2100-01-01)")
     if end_ms <= start_ms:
         raise BadArgument("end_ms", "must be after start_ms")
     if end_ms - start_ms > max_ms:
@@ -97,6 +104,8 @@ async def collection(
         raise BadArgument("end_day", f"the range is limited to {MAX_RANGE_DAYS} days")
     start, _ = day_window(start_day, utc_offset_ms)
     end = start + days * DAY_MS
+    if not (start >= EARLIEST_MS and end <= LATEST_MS):
+        raise BadArgument("start_day", "expected days from 2000-01-01 to 2099-12-31")
     rows = await query.rows(
         f'SELECT {_COLLECTION_SELECT} FROM "daily_tou" WHERE time >= {start}ms AND time < {end}ms'
     )

@@ -1,0 +1,336 @@
+"""The read views of the ops API over the head-end's data, and the console page.
+
+Routes (``docs/ops-api.md``; the views' sources and shapes: ``docs/ops-views.md``):
+
+* ``GET /v1/whoami`` (any token): the caller's token name and role (the console shows the
+  actions of that role only).
+* ``GET /v1/fleet`` (``read``): gateway health from their status messages, with the loss
+  account's gaps.
+* ``GET /v1/collection?from=DAY&to=DAY&by=gateway|area`` (``read``): collection success per
+  group and local day.
+* ``GET /v1/meters/{meter}/latest`` and ``GET /v1/meters/{meter}/load-curve?start_ms&end_ms``
+  (``read``): a meter's latest readings with their flags; its intervals with flagged and
+  estimated ones marked.
+* ``GET /v1/alarms?start_ms&end_ms&kind&limit&acked`` (``read``) and
+  ``POST /v1/alarms/{alarm}/ack`` ``{"note"}`` (``operate``).
+* ``GET /console/`` (public: a static page; it asks for a token and calls the routes above).
+
+The views need ``[service.views] ingest_config``; without it they answer 503
+``views_not_configured``. InfluxDB unreachable or refusing is 503 ``store_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ingest.model.registry import MeterRegistry
+from ingest.ops import console
+from ingest.ops.alarms import ALARM_KINDS, MAX_LIMIT, AlarmAcks, alarms
+from ingest.ops.fleet import FleetTracker, read_loss_account, run_fleet_subscriber
+from ingest.ops.views import collection, load_curve, meter_latest
+from ingest.sinks.influx.query import InfluxQuery
+from protocols.errors import BadArgument, RequestRefused
+
+from .audit import WHO
+from .auth import ROLES, Role
+from .routing import CALLER, RouteTable, Schema, json_body
+
+if TYPE_CHECKING:
+    from ingest.feectl.config import ServiceConfig
+
+__all__ = ["VIEWS", "Views", "open_views", "routes"]
+
+log = logging.getLogger("amigw.ops")
+routes = RouteTable("views")
+_ANY: Sequence[Role] = ROLES
+_READ: Sequence[Role] = ("read",)
+_OPERATE: Sequence[Role] = ("operate",)
+_ALARM_ID = re.compile(r"[a-z_]{1,32}-[0-9a-f]{16}")
+_METER = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+
+
+@dataclass(slots=True)
+class Views:
+    """What the views read: ingest's InfluxDB and registry, the fleet tracker fed from MQTT,
+    the loss account's file and the acknowledgements."""
+
+    query: InfluxQuery
+    registry: MeterRegistry
+    tracker: FleetTracker
+    acks: AlarmAcks
+    loss_path: Path
+    utc_offset_ms: int
+    interval_ms: int
+    wide: bool
+
+
+VIEWS: web.AppKey[Views | None] = web.AppKey("amigw.views")
+
+
+@contextlib.asynccontextmanager
+async def open_views(cfg: ServiceConfig, mqtt_client_id: str) -> AsyncIterator[Views | None]:
+    """The views of ``cfg`` (None when ``[service.views] ingest_config`` is empty), with the
+    fleet subscriber running until the block exits.
+
+    Raises: ConfigError (the registry or calendar of ingest's configuration)."""
+    ing = cfg.views_ingest
+    if ing is None or cfg.acks_path is None:
+        yield None
+        return
+    from ingest.config import load_calendar, load_registry
+
+    registry = load_registry(ing)
+    calendar = load_calendar(ing)
+    query = InfluxQuery(ing.influx)
+    acks = AlarmAcks(cfg.acks_path)
+    tracker = FleetTracker(stale_after_s=cfg.service.views.stale_after_s)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_fleet_subscriber(tracker, cfg.mqtt, stop, client_id=f"{mqtt_client_id}-fleet"), name="ops-fleet"
+    )
+    try:
+        yield Views(
+            query,
+            registry,
+            tracker,
+            acks,
+            Path(ing.loss.path),
+            int(calendar.utc_offset_ms),
+            ing.pipeline.interval_s * 1000,
+            ing.pipeline.schema == "wide",
+        )
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 10)
+        await query.aclose()
+        acks.close()
+
+
+def _views(request: web.Request) -> Views:
+    views = request.app.get(VIEWS)
+    if views is None:
+        raise RequestRefused(503, "views_not_configured", "set [service.views] ingest_config")
+    return views
+
+
+def _param(name: str, schema: Schema, description: str, *, required: bool = False) -> Schema:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def _path(name: str, description: str) -> Schema:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+def _int_query(request: web.Request, name: str, default: int | None = None) -> int:
+    text = request.query.get(name)
+    if text is None:
+        if default is None:
+            raise BadArgument(name, "required")
+        return default
+    if not re.fullmatch(r"-?[0-9]{1,16}", text):
+        raise BadArgument(name, "expected an integer")
+    return int(text)
+
+
+def _day(request: web.Request, name: str) -> dt.date:
+    text = request.query.get(name)
+    if text is None:
+        raise BadArgument(name, "required (YYYY-MM-DD)")
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise BadArgument(name, "expected YYYY-MM-DD") from None
+
+
+def _meter(request: web.Request) -> str:
+    meter = request.match_info["meter"]
+    if not _METER.fullmatch(meter):
+        raise BadArgument("meter", "expected 1..128 characters, no control characters")
+    return meter
+
+
+_ANSWER: Schema = {"type": "object"}
+_MS = {"type": "integer", "minimum": 0, "maximum": 2**53}
+
+
+@routes.route(
+    "GET", "/v1/whoami", roles=_ANY, summary="The caller's token name and role",
+    responses={200: ("The caller", {"type": "object", "required": ["name", "role"]})},
+)  # fmt: skip
+async def whoami(request: web.Request) -> web.Response:
+    caller = request[CALLER]
+    return web.json_response({"name": caller.name, "role": caller.role})
+
+
+@routes.route(
+    "GET", "/v1/fleet", roles=_READ, summary="Gateway health: online, last seen, outbox, buses, loss gaps",
+    responses={200: ("Every gateway heard from", _ANSWER)},
+)  # fmt: skip
+async def fleet(request: web.Request) -> web.Response:
+    views = _views(request)
+    try:
+        loss = await asyncio.to_thread(read_loss_account, views.loss_path)
+    except Exception as exc:  # sqlite3.Error, OSError: the health view still answers
+        log.warning("loss account unreadable", extra={"kv": {"path": str(views.loss_path), "reason": exc}})
+        loss = None
+    return web.json_response(views.tracker.snapshot(int(time.time() * 1000), loss=loss))
+
+
+@routes.route(
+    "GET", "/v1/collection", roles=_READ, summary="Collection success per gateway or area and local day",
+    parameters=[
+        _param("from", {"type": "string", "format": "date"}, "first local day", required=True),
+        _param("to", {"type": "string", "format": "date"}, "last local day (at most 31 days)", required=True),
+        _param("by", {"type": "string", "enum": ["gateway", "area"], "default": "gateway"}, "grouping"),
+    ],
+    responses={200: ("Received, expected and estimated intervals per group and day", _ANSWER)},
+)  # fmt: skip
+async def collection_view(request: web.Request) -> web.Response:
+    views = _views(request)
+    start, end = _day(request, "from"), _day(request, "to")
+    by = request.query.get("by", "gateway")
+    answer = await collection(
+        views.query, views.registry, start, end, by,
+        utc_offset_ms=views.utc_offset_ms, interval_ms=views.interval_ms,
+    )  # fmt: skip
+    return web.json_response(answer)
+
+
+@routes.route(
+    "GET", "/v1/meters/{meter}/latest", roles=_READ, summary="A meter's latest readings with their flags",
+    parameters=[_path("meter", "meter id")],
+    responses={200: ("Each quantity's latest value", _ANSWER)},
+)  # fmt: skip
+async def latest(request: web.Request) -> web.Response:
+    views = _views(request)
+    return web.json_response(await meter_latest(views.query, _meter(request), wide=views.wide))
+
+
+@routes.route(
+    "GET", "/v1/meters/{meter}/load-curve", roles=_READ,
+    summary="A meter's intervals with flagged and estimated ones marked (at most 31 days)",
+    parameters=[
+        _path("meter", "meter id"),
+        _param("start_ms", _MS, "from (epoch ms, inclusive)", required=True),
+        _param("end_ms", _MS, "to (epoch ms, exclusive)", required=True),
+    ],
+    responses={200: ("The intervals", _ANSWER)},
+)  # fmt: skip
+async def load_curve_view(request: web.Request) -> web.Response:
+    views = _views(request)
+    meter = _meter(request)
+    start, end = _int_query(request, "start_ms"), _int_query(request, "end_ms")
+    return web.json_response(await load_curve(views.query, meter, start, end))
+
+
+@routes.route(
+    "GET", "/v1/alarms", roles=_READ, summary="Alarms in a range, newest first, with acknowledgements",
+    parameters=[
+        _param("start_ms", _MS, "from (epoch ms, inclusive)", required=True),
+        _param("end_ms", _MS, "to (epoch ms, exclusive; at most 31 days)", required=True),
+        _param("kind", {"type": "string", "enum": list(ALARM_KINDS)}, "only this kind"),
+        _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 200}, "at most"),
+        _param("acked", {"type": "string", "enum": ["true", "false"]}, "only acknowledged / open ones"),
+    ],
+    responses={200: ("The alarms", _ANSWER)},
+)  # fmt: skip
+async def alarms_view(request: web.Request) -> web.Response:
+    views = _views(request)
+    start, end = _int_query(request, "start_ms"), _int_query(request, "end_ms")
+    kind = request.query.get("kind")
+    acked_text = request.query.get("acked")
+    if acked_text not in (None, "true", "false"):
+        raise BadArgument("acked", "expected true or false")
+    answer = await alarms(
+        views.query, start, end, None if kind is None else [kind], _int_query(request, "limit", 200),
+        acks=views.acks, acked=None if acked_text is None else acked_text == "true",
+        failed_commands=_failed_commands(request),
+    )  # fmt: skip
+    return web.json_response(answer)
+
+
+def _failed_commands(request: web.Request) -> Any:
+    """Fee control's failed relay commands, as alarms (none until the core lists them)."""
+    return None
+
+
+_ACK_BODY: Schema = {
+    "type": "object",
+    "properties": {"note": {"type": "string", "minLength": 0, "maxLength": 500}},
+    "additionalProperties": False,
+}
+
+
+@routes.route(
+    "POST", "/v1/alarms/{alarm}/ack", roles=_OPERATE, summary="Acknowledge an alarm (idempotent)",
+    parameters=[_path("alarm", "alarm id, as listed")], body=_ACK_BODY,
+    responses={200: ("The acknowledgement (created false: it was acknowledged before)", _ANSWER)},
+)  # fmt: skip
+async def ack(request: web.Request) -> web.Response:
+    views = _views(request)
+    alarm = request.match_info["alarm"]
+    if not _ALARM_ID.fullmatch(alarm):
+        raise BadArgument("alarm", "expected an alarm id as listed (<kind>-<16 hex digits>)")
+    doc = await json_body(request)
+    now = int(time.time() * 1000)
+    answer = await asyncio.to_thread(views.acks.ack, alarm, request[WHO], str(doc.get("note", "")), now)
+    return web.json_response(answer)
+
+
+# -- the console --------------------------------------------------------------------------------
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+@routes.route(
+    "GET", "/console/", roles=None, summary="The ops console (a web page)",
+    responses={200: ("The page", {"type": "string"})}, content_type="text/html",
+)  # fmt: skip
+async def console_page(request: web.Request) -> web.StreamResponse:
+    return _static("index.html")
+
+
+@routes.route(
+    "GET", "/console/{name}", roles=None, summary="The console's scripts and styles",
+    parameters=[_path("name", "file name")], responses={200: ("The file", {"type": "string"})},
+    content_type="text/plain",
+)  # fmt: skip
+async def console_file(request: web.Request) -> web.StreamResponse:
+    return _static(request.match_info["name"])
+
+
+@routes.route(
+    "GET", "/console/vendor/{name}", roles=None, summary="The console's chart library (built from npm)",
+    parameters=[_path("name", "file name")], responses={200: ("The file", {"type": "string"})},
+    content_type="text/plain",
+)  # fmt: skip
+async def console_vendor(request: web.Request) -> web.StreamResponse:
+    missing = console.missing_assets()
+    if missing:
+        raise RequestRefused(503, "console_not_built", f"missing {missing}: run bash .ci/bootstrap setup")
+    return _static("vendor/" + request.match_info["name"])
+
+
+def _static(name: str) -> web.StreamResponse:
+    path = (console.STATIC / name).resolve()
+    if console.STATIC.resolve() not in path.parents or not path.is_file():
+        raise RequestRefused(404, "not_found", name)
+    content_type = _TYPES.get(path.suffix, "application/octet-stream")
+    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
