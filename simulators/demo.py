@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -217,6 +218,10 @@ client_id = "amigw-feectl-demo"
 enabled = true
 port = {http_port}
 token_file = "payments.token"
+tokens_file = "tokens.toml"
+[service.views]
+ingest_config = "../ingest.toml"
+stale_after_s = 60
 [[service.accounts]]
 account_id = "{ACCOUNT}"
 tariff = "flat"
@@ -623,6 +628,9 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
     fc = work / "feectl"
     (fc / "gw.key").write_text(key.hex())
     (fc / "payments.token").write_text(token)
+    operator = secrets.token_hex(16)
+    digest = hashlib.sha256(operator.encode()).hexdigest()
+    (fc / "tokens.toml").write_text(f'[tokens.operator]\nrole = "operate"\ntoken_sha256 = "{digest}"\n')
     (fc / "flat.toml").write_text(_TARIFF)
     (fc / "feectl.toml").write_text(_feectl_toml(broker, prepaid, args.interval_s, http_port, opening_fen))
     _say(f"3/6 fee control (amigw feectl): prepaid account {ACCOUNT} on meter {prepaid}, 2 yuan/kWh ...")
@@ -638,6 +646,8 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
         f"{res['balance_fen']} fen, {opening_fen} fen of overdraft allowed (the meter draws "
         f"{LOAD_KW:.0f} kW: about {FEN_PER_S:.0f} fen a second)"
     )
+    console_url = f"{api.base}/console/?meter={faulty}&account={ACCOUNT}#token={operator}"
+    _say(f"    ops console (as an operator): {console_url}")
     _say("    ingest and fee control are subscribed: nothing the edge publishes from now on can be missed")
 
     _say(f"4/6 meters: {len(meters)} DL/T 645-2007 on a pseudo-terminal, one Modbus SDM630 on TCP ...")
@@ -678,7 +688,7 @@ def _run(args: argparse.Namespace, stack: ExitStack) -> int:
             )
         time.sleep(0.2)
     time.sleep(args.interval_s)  # the last batches land
-    return _summary(args, work, influx, api, story, meters, metrics_port, children)
+    return _summary(args, work, influx, api, story, meters, metrics_port, children, console_url)
 
 
 def _stuck(story: _Story) -> str:
@@ -698,6 +708,7 @@ def _summary(
     meters: list[str],
     metrics_port: int,
     children: _Children,
+    console_url: str,
 ) -> int:
     _say("summary (from InfluxDB):")
     print(
@@ -739,7 +750,8 @@ def _summary(
     ]
     stored = _count(influx, "SELECT count(energy_fwd_active_total) FROM meter_reading")
     if args.keep_running:
-        _say("still running (Ctrl-C stops everything); meanwhile, try:")
+        _say(f"still running (Ctrl-C stops everything); the ops console: {console_url}")
+        _say("meanwhile, try:")
         for cmd in follow_up:
             print(f"    {cmd}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

@@ -2,13 +2,14 @@
 :meth:`~ingest.feectl.service.FeeControlService.record_payment`, ``account_view``,
 ``journal_view``), called on the event loop's thread like every other use of the core.
 
-* ``POST /v1/payments`` (role ``payments``) ``{"account", "payment_id", "amount_fen"}``: exactly
-  these keys; ids strings of 1..128 characters; ``amount_fen`` an integer of
-  1..``[service.limits] max_payment_fen`` (above it: 400 ``amount_out_of_range``, any other
-  breach 400 ``bad_fields``). 201 recorded, 200 the same payment again (idempotent by
-  ``payment_id``; ``paid_ms`` is the original's), 409 ``payment_conflict`` (the id with another
-  account or amount), 404 ``unknown_account``. Every answer past authentication is counted in
-  ``amigw_feectl_payments_total{result}`` (``recorded``, ``repeated`` or the error code).
+* ``POST /v1/payments`` (roles ``payments``, ``operate``: a payment taken at a counter)
+  ``{"account", "payment_id", "amount_fen"}``: exactly these keys; ids strings of 1..128
+  characters; ``amount_fen`` an integer of 1..``[service.limits] max_payment_fen`` (above it:
+  400 ``amount_out_of_range``, any other breach 400 ``bad_fields``). 201 recorded, 200 the same
+  payment again (idempotent by ``payment_id``; ``paid_ms`` is the original's), 409
+  ``payment_conflict`` (the id with another account or amount), 404 ``unknown_account``. Every
+  answer past authentication is counted in ``amigw_feectl_payments_total{result}``
+  (``recorded``, ``repeated`` or the error code).
 * ``GET /v1/accounts/{account}`` (``read``, ``payments``): balance and state.
 * ``GET /v1/accounts/{account}/journal?limit=N`` (``read``, ``payments``): the newest N journal
   rows (1..1000, default 100), oldest first.
@@ -122,7 +123,7 @@ def payment_schema(service: FeeControlService) -> Schema:
 @routes.route(
     "POST",
     "/v1/payments",
-    roles={"payments"},
+    roles={"payments", "operate"},
     summary="Record a payment (idempotent by payment_id)",
     body=payment_schema,
     responses={

@@ -301,6 +301,10 @@ _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 @routes.route(
     "GET", "/console/", roles=None, summary="The ops console (a web page)",
+    parameters=[
+        _param("meter", {"type": "string"}, "a meter to show (read by the page, not the server)"),
+        _param("account", {"type": "string"}, "an account to show (read by the page, not the server)"),
+    ],
     responses={200: ("The page", {"type": "string"})}, content_type="text/html",
 )  # fmt: skip
 async def console_page(request: web.Request) -> web.StreamResponse:

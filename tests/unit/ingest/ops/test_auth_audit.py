@@ -114,7 +114,7 @@ REQUESTS = {
 }
 ALLOWED = {  # role -> the requests above it may make (others: 403 forbidden)
     "read": {"account", "journal"},
-    "operate": {"account", "journal"},
+    "operate": {"account", "journal", "pay"},  # a payment taken at a counter
     "payments": {"account", "journal", "pay"},
     "enrol": set(),
     "admin": {"account", "journal", "audit", "pay"},
