@@ -1,6 +1,8 @@
 """``amigw ingest --config ingest.toml [--workers N] [--check-config] [--completeness METER DAY]
 [--daily-report DAY [--json]] [--loss [--json]]
-[--replay-dead-letters [--since T] [--until T] [--reason R]]``.
+[--replay-dead-letters [--since T] [--until T] [--reason R]]
+[--billing-export --from DAY --to DAY [--by meter|account] [--format csv|json|ndjson] [--output FILE]
+[--accounts-db FILE]]``.
 
 Loads the whole configuration once (registry and tariff calendar included), so a bad file is a
 :class:`~protocols.errors.ConfigError` at start (exit 2 from ``amigw``). ``--workers N`` starts N
@@ -19,7 +21,10 @@ ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (e
 (:mod:`ingest.pipeline.replay`; exit 1 when one is still failing or the replay stopped). ``--loss``
 prints the loss account of ``[loss] path`` (:mod:`ingest.pipeline.loss`): each gateway with open gaps
 or batches lost at a sequence reset, the gaps with their age, and a total line (``--json``:
-every gateway, one JSON document); it exits 0 whatever the account says.
+every gateway, one JSON document); it exits 0 whatever the account says. ``--billing-export``
+writes the validated daily and TOU totals of the local days ``--from`` .. ``--to`` per meter or
+per account to stdout or ``--output`` (:mod:`ingest.reports.billing`, ``docs/billing.md``), a
+progress line per day on stderr.
 """
 
 from __future__ import annotations
@@ -88,6 +93,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reason", metavar="R", help="with --replay-dead-letters: only entries of this reason"
     )
+    parser.add_argument(
+        "--billing-export",
+        action="store_true",
+        help="write the validated daily and TOU totals of the local days --from .. --to (both included) "
+        "and exit",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_day",
+        metavar="DAY",
+        help="with --billing-export: the first local day (YYYY-MM-DD)",
+    )
+    parser.add_argument(
+        "--to", dest="to_day", metavar="DAY", help="with --billing-export: the last local day (YYYY-MM-DD); "
+        "366 days at most in all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--by", metavar="meter|account", help="with --billing-export: one row per meter-day (default) "
+        "or per account-day",
+    )  # fmt: skip
+    parser.add_argument(
+        "--format", dest="fmt", metavar="csv|json|ndjson", help="with --billing-export: the output "
+        "format (default csv)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", metavar="FILE", type=Path, help="with --billing-export: write FILE (default stdout)"
+    )
+    parser.add_argument(
+        "--accounts-db", metavar="FILE", type=Path, help="with --billing-export: meter -> account from "
+        "this fee-control ledger (default: the registry's account keys)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.json and not (args.daily_report or args.loss):
         raise ConfigError("--json", "only with --daily-report or --loss")
+    for key, option in _EXPORT_OPTIONS.items():
+        if getattr(args, key) is not None and not args.billing_export:
+            raise ConfigError(f"--{option}", "only with --billing-export")
     if args.loss:
         return _loss(cfg, as_json=args.json)
     for option in ("since", "until", "reason"):
@@ -110,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{option}", "only with --replay-dead-letters")
     if args.replay_dead_letters:
         return _replay(cfg, args)
+    if args.billing_export:
+        return _billing_export(cfg, args)
     if args.completeness:
         return _completeness(cfg, *args.completeness)
     if args.daily_report:
@@ -161,6 +202,53 @@ def _daily_report(cfg: IngestConfig, day_text: str, *, as_json: bool) -> int:
         msg = f"daily report {day}: InfluxDB {cfg.influx.url}: {exc}"
         raise SinkError(msg, retryable=exc.retryable, status=exc.status) from None
     print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.summary())
+    return 0
+
+
+_EXPORT_OPTIONS = {
+    "from_day": "from", "to_day": "to", "by": "by", "fmt": "format", "output": "output",
+    "accounts_db": "accounts-db",
+}  # fmt: skip
+
+
+def _billing_export(cfg: IngestConfig, args: argparse.Namespace) -> int:
+    """The export to ``--output`` (written beside it and renamed once complete, so a failed
+    export leaves no file that looks whole) or stdout; a progress line per day on stderr."""
+    from ingest.reports.billing import billing_export
+    from protocols.errors import ExportError, SinkError
+
+    for option in ("from_day", "to_day"):
+        if getattr(args, option) is None:
+            raise ConfigError(f"--{_EXPORT_OPTIONS[option]}", "required with --billing-export")
+    start, end = _day("--from", args.from_day), _day("--to", args.to_day)
+
+    def progress(done: int, days: int) -> None:
+        print(f"billing export: {done}/{days} days ({start + dt.timedelta(days=done - 1)})", file=sys.stderr)
+
+    part = None if args.output is None else args.output.with_name(args.output.name + ".part")
+    out = sys.stdout.buffer if part is None else part.open("wb")
+    done = False
+    try:
+        asyncio.run(
+            billing_export(
+                cfg, out.write, start_day=start, end_day=end, by=args.by or "meter", fmt=args.fmt or "csv",
+                accounts_db=args.accounts_db, progress=progress,
+            )
+        )  # fmt: skip
+        done = True
+    except ExportError as exc:
+        raise ConfigError(f"--{exc.key_path}", exc.reason) from None
+    except SinkError as exc:
+        msg = f"billing export {start}..{end}: InfluxDB {cfg.influx.url}: {exc}"
+        raise SinkError(msg, retryable=exc.retryable, status=exc.status) from None
+    finally:
+        out.flush()
+        if part is not None:
+            out.close()
+            if done:
+                part.replace(args.output)
+            else:
+                part.unlink(missing_ok=True)
     return 0
 
 

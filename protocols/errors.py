@@ -5,6 +5,7 @@ caller can catch one base class at the edge of a loop and know what it got::
 
     AmigwError
      ├─ ConfigError            .key_path + reason: "buses[1].baud: expected int, got 'fast'"
+     │   └─ ExportError        a bad export request (range, grouping, format): .key_path names the argument
      ├─ ProtocolError          the peer's bytes were wrong
      │   ├─ FrameError         .raw: the offending bytes
      │   │   ├─ ChecksumError
@@ -34,6 +35,7 @@ __all__ = [
     "ChecksumError",
     "CommandRejected",
     "ConfigError",
+    "ExportError",
     "FrameError",
     "FrameTooLong",
     "FramingError",
@@ -62,6 +64,12 @@ class ConfigError(AmigwError):
         self.key_path = key_path
         self.reason = reason
         super().__init__(f"{key_path}: {reason}" if key_path else reason)
+
+
+class ExportError(ConfigError):
+    """An export was asked for with a bad argument (a range ending before it starts or longer than
+    the maximum, an unknown grouping or format). ``key_path`` names the argument as the caller
+    gave it (``"to"``, ``"by"``, ``"format"``), ``reason`` says why."""
 
 
 class ProtocolError(AmigwError):
