@@ -12,7 +12,10 @@ Routes (``docs/ops-api.md``; the views' sources and shapes: ``docs/ops-views.md`
   (``read``): a meter's latest readings with their flags; its intervals with flagged and
   estimated ones marked.
 * ``GET /v1/alarms?start_ms&end_ms&kind&limit&acked`` (``read``) and
-  ``POST /v1/alarms/{alarm}/ack`` ``{"note"}`` (``operate``).
+  ``POST /v1/alarms/{alarm_id}/ack`` ``{"note"}`` (``operate``).
+* ``GET /v1/export/daily?from=DAY&to=DAY&by=meter|account&format=csv|json|ndjson`` (``read``,
+  ``payments``): the billing export (:mod:`ingest.reports.billing`), streamed day by day; by
+  account through the fee-control ledger's meters.
 * ``GET /console/`` (public: a static page; it asks for a token and calls the routes above).
 
 The views need ``[service.views] ingest_config``; without it they answer 503
@@ -39,12 +42,14 @@ from ingest.ops import console
 from ingest.ops.alarms import ALARM_KINDS, MAX_LIMIT, AlarmAcks, alarms
 from ingest.ops.fleet import FleetTracker, read_loss_account, run_fleet_subscriber
 from ingest.ops.views import collection, load_curve, meter_latest
+from ingest.reports.billing import FORMATS, export_daily, ledger_accounts
 from ingest.sinks.influx.query import InfluxQuery
-from protocols.errors import BadArgument, RequestRefused
+from ingest.sinks.influx.sink import InfluxSink
+from protocols.errors import BadArgument, ExportError, RequestRefused, SinkError
 
 from .audit import WHO
 from .auth import ROLES, Role
-from .routing import CALLER, RouteTable, Schema, json_body
+from .routing import CALLER, SERVICE, RouteTable, Schema, json_body
 
 if TYPE_CHECKING:
     from ingest.feectl.config import ServiceConfig
@@ -62,10 +67,10 @@ _METER = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 
 @dataclass(slots=True)
 class Views:
-    """What the views read: ingest's InfluxDB and registry, the fleet tracker fed from MQTT,
-    the loss account's file and the acknowledgements."""
+    """What the views read: ingest's InfluxDB (its sink's reads) and registry, the fleet
+    tracker fed from MQTT, the loss account's file and the acknowledgements."""
 
-    query: InfluxQuery
+    sink: InfluxSink
     registry: MeterRegistry
     tracker: FleetTracker
     acks: AlarmAcks
@@ -73,6 +78,10 @@ class Views:
     utc_offset_ms: int
     interval_ms: int
     wide: bool
+
+    @property
+    def query(self) -> InfluxQuery:
+        return self.sink.query
 
 
 VIEWS: web.AppKey[Views | None] = web.AppKey("amigw.views")
@@ -92,7 +101,7 @@ async def open_views(cfg: ServiceConfig, mqtt_client_id: str) -> AsyncIterator[V
 
     registry = load_registry(ing)
     calendar = load_calendar(ing)
-    query = InfluxQuery(ing.influx)
+    sink = InfluxSink(ing.influx, wide=ing.pipeline.schema == "wide")
     acks = AlarmAcks(cfg.acks_path)
     tracker = FleetTracker(stale_after_s=cfg.service.views.stale_after_s)
     stop = asyncio.Event()
@@ -101,7 +110,7 @@ async def open_views(cfg: ServiceConfig, mqtt_client_id: str) -> AsyncIterator[V
     )
     try:
         yield Views(
-            query,
+            sink,
             registry,
             tracker,
             acks,
@@ -114,7 +123,7 @@ async def open_views(cfg: ServiceConfig, mqtt_client_id: str) -> AsyncIterator[V
         stop.set()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, 10)
-        await query.aclose()
+        await sink.aclose()
         acks.close()
 
 
@@ -280,19 +289,65 @@ _ACK_BODY: Schema = {
 
 
 @routes.route(
-    "POST", "/v1/alarms/{alarm}/ack", roles=_OPERATE, summary="Acknowledge an alarm (idempotent)",
-    parameters=[_path("alarm", "alarm id, as listed")], body=_ACK_BODY,
+    "POST", "/v1/alarms/{alarm_id}/ack", roles=_OPERATE, summary="Acknowledge an alarm (idempotent)",
+    parameters=[_path("alarm_id", "alarm id, as listed")], body=_ACK_BODY,
     responses={200: ("The acknowledgement (created false: it was acknowledged before)", _ANSWER)},
 )  # fmt: skip
 async def ack(request: web.Request) -> web.Response:
     views = _views(request)
-    alarm = request.match_info["alarm"]
+    alarm = request.match_info["alarm_id"]
     if not _ALARM_ID.fullmatch(alarm):
-        raise BadArgument("alarm", "expected an alarm id as listed (<kind>-<16 hex digits>)")
+        raise BadArgument("alarm_id", "expected an alarm id as listed (<kind>-<16 hex digits>)")
     doc = await json_body(request)
     now = int(time.time() * 1000)
     answer = await asyncio.to_thread(views.acks.ack, alarm, request[WHO], str(doc.get("note", "")), now)
     return web.json_response(answer)
+
+
+@routes.route(
+    "GET", "/v1/export/daily", roles=("read", "payments"),
+    summary="Billing export: daily and TOU totals per meter or account, streamed",
+    description="Columns, units, quality marks and completeness: docs/billing.md.",
+    parameters=[
+        _param("from", {"type": "string", "format": "date"}, "first local day", required=True),
+        _param("to", {"type": "string", "format": "date"}, "last local day (<= 366 days)", required=True),
+        _param("by", {"type": "string", "enum": ["meter", "account"], "default": "meter"}, "rows per"),
+        _param("format", {"type": "string", "enum": list(FORMATS), "default": "csv"}, "output format"),
+    ],
+    responses={200: ("The rows (CSV, a JSON array or NDJSON)", {"type": "string"})}, content_type="text/csv",
+)  # fmt: skip
+async def export(request: web.Request) -> web.StreamResponse:
+    views = _views(request)
+    start, end = _day(request, "from"), _day(request, "to")
+    fmt = request.query.get("format", "csv")
+    by = request.query.get("by", "meter")
+    service = request.app[SERVICE]
+    accounts = await asyncio.to_thread(ledger_accounts, service.cfg.db_path) if by == "account" else None
+    try:
+        chunks = export_daily(
+            views.sink, start_day=start, end_day=end, by=by, fmt=fmt, accounts=accounts,
+            registry=views.registry, interval_s=views.interval_ms // 1000, utc_offset_ms=views.utc_offset_ms,
+        ).__aiter__()  # fmt: skip
+        first = await anext(chunks)  # a refusal or an unreachable store is still a clean error here
+    except ExportError as exc:
+        raise BadArgument(exc.key_path, exc.reason) from None
+    except StopAsyncIteration:
+        first = b""
+    response = web.StreamResponse(headers={"Content-Type": FORMATS[fmt]})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    await response.write(first)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except SinkError as exc:  # mid-stream: the client must see a broken transfer, not a short file
+        log.error("billing export stopped", extra={"kv": {"from": str(start), "to": str(end), "reason": exc}})
+        response.force_close()
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
 
 
 # -- the console --------------------------------------------------------------------------------

@@ -198,3 +198,27 @@ async def test_without_views_configured_the_views_say_so(tmp_path: Path) -> None
         assert status == 503 and body["error"] == "views_not_configured"
         status, body = await a.call("GET", "/v1/accounts/acc-1")  # the rest of the API works
         assert status == 200 and body["account"] == "acc-1"
+
+
+async def test_the_billing_export_is_streamed_per_meter_and_per_account(
+    api: Api, influx_db: tuple[Influxd, str]
+) -> None:
+    influxd, db = influx_db
+    influxd.write(
+        f'daily_tou,meter=m-1,gateway=gw-1 day="2024-03-10",total=1234i,sharp=0i,peak=234i,flat=1000i,'
+        f"valley=0i,intervals=96i,estimated=2i,invalid=0i,tou_mismatch=0i {T0}",
+        db=db,
+    )
+    status, csv = await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-10", role="payments")
+    assert status == 200, csv
+    lines = csv.strip().splitlines()
+    assert lines[0].startswith("day,meter,gateway,account,total_kwh")
+    (row,) = [line for line in lines[1:] if ",m-1," in line]
+    assert row.startswith("2024-03-10,m-1,gw-1,,12.34,") and row.endswith("estimated"), row
+    status, doc = await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-10&by=account&format=json")
+    assert status == 200, doc
+    (acc,) = [r for r in doc if r["account"] == "acc-1"]  # m-1 is acc-1's meter in the ledger
+    assert acc["total_kwh"] == 12.34 and acc["intervals"] == 96
+    status, body = await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-01")
+    assert status == 400 and body["error"] == "bad_argument" and body["detail"].startswith("to:"), body
+    assert (await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-10", role="enrol"))[0] == 403
