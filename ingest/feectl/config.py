@@ -460,7 +460,7 @@ def _account(a: AccountSettings, i: int, tariffs: Mapping[str, Tariff], keys: Ma
         if m.gateway not in keys:
             raise ConfigError(f"{path}.meters[{j}].gateway", f"no command key for gateway {m.gateway!r}")
     try:
-        meters = tuple(MeterRef(m.meter, m.gateway, m.remote) for m in a.meters)
+        meters = tuple(MeterRef(m.meter, m.gateway, m.remote, m.max_power_w) for m in a.meters)
         return Account(a.account_id, meters, a.tariff, a.customer_class, a.protected)
     except ValueError as exc:
         name, _, reason = str(exc).partition(": ")
