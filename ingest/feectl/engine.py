@@ -658,7 +658,7 @@ class FeeController:
             command = self._issue(account_id, snap, action, now_ms)
             manual_by = by if action is Action.TRIP else None
             cur = next(s for s in self.store.meter_snapshots(account_id) if s.ref.meter == meter)
-            self.store.put_meter_snapshot(dataclasses.replace(cur, manual_by=manual_by, last_sig=""))
+            self.store.put_meter_snapshot(dataclasses.replace(cur, manual_by=manual_by))
             b = self.store.balance(account_id)
             kind = DecisionKind.TRIP_ISSUED if action is Action.TRIP else DecisionKind.RESTORE_ISSUED
             d = Decision(
