@@ -300,7 +300,8 @@ class MeterSettings:
 
 @dataclass(frozen=True, slots=True)
 class AccountSettings:
-    """One ``[[service.accounts]]`` entry, enrolled (or updated) at every start."""
+    """One ``[[service.accounts]]`` entry, applied at start when new or edited since it was last
+    applied (:meth:`~.service.FeeControlService.enroll`)."""
 
     account_id: str
     tariff: str
@@ -563,8 +564,10 @@ future_tolerance_s = 300
 # The largest single payment accepted by POST /v1/payments (400 amount_out_of_range above it).
 max_payment_fen = 10000000
 
-# Accounts enrolled (or updated) at every start. Each meter names the one gateway whose
-# intervals are charged to it (required; intervals from any other gateway are rejected).
+# Accounts enrolled at start: an entry is applied when it is new or was edited since it was last
+# applied, so changes made through the operations (enrol_account) survive a restart. Each meter
+# names the one gateway whose intervals are charged to it (required; intervals from any other
+# gateway are rejected).
 # [[service.accounts]]                           (example)
 # account_id = "acc-1"
 # tariff = "ln-res"

@@ -311,7 +311,7 @@ def commands(
         if meter is not None:
             meter = _id(meter, "meter")
         rows = store.command_history(account, meter, wanted, n)
-        if meter is not None and not rows:
+        if meter is not None and not rows and not store.command_history(None, meter, None, 1):
             store.account_of_meter(meter)
     return {"commands": [_command(c) for c in rows]}
 
