@@ -370,6 +370,21 @@ def test_a_manual_trip_holds_the_relay_until_a_manual_restore(service: FeeContro
     assert (snap.relay, snap.manual_by) == (RelayState.OPEN, None)
 
 
+def test_fee_controls_own_trip_replaces_a_failed_manual_trip(service: FeeControlService) -> None:
+    cid = ops.manual_command(service, "m-1", "trip", "op", "x", NOW)["command"]["command_id"]
+    failed = CommandResult(cid, "gw-1", "m-1", "trip", "failed", NOW, detail="no answer").signed(KEY)
+    assert service.handle_message("ami/v1/gw-1/up/cmd-result", failed)  # the relay stays closed
+    charge(service, "m-1", 300)  # b = -150 <= -100: trip due, after the retry spacing
+    (trip,) = service.controller.tick(NOW + 301_000).commands
+    with service.controller.store.transaction():
+        (snap,) = service.controller.store.meter_snapshots("acc-1")
+    assert (trip.action.value, snap.manual_by) == ("trip", None)
+    done = CommandResult(trip.command_id, "gw-1", "m-1", "trip", "done", NOW, relay_state=1).signed(KEY)
+    assert service.handle_message("ami/v1/gw-1/up/cmd-result", done)
+    res, _ = service.record_payment("acc-1", "pay-1", 1000)
+    assert [d.kind.value for d in res.decisions][-1] == "RESTORE_ISSUED"  # a balance trip: FC-08 applies
+
+
 def test_a_protected_account_is_tripped_manually_only_with_force(tmp_path: Path) -> None:
     edit = (FILE_ACCOUNT, "protected = true\n" + FILE_ACCOUNT)
     service = make_service(tmp_path, edit=edit)
