@@ -59,7 +59,8 @@ ID_MAX = 128  # ids, names and codes: non-empty printable strings up to this len
 TEXT_MAX = 500  # free text (a manual command's reason)
 LIMIT_MAX = 1000  # the most rows one list returns
 STATEMENT_DAYS_MAX = 366  # the most days one statement returns (statement_days streams any range)
-MANUAL_ACTIONS: Mapping[str, Action] = {"trip": Action.TRIP, "restore": Action.CLOSE_ALLOWED}
+# The API names a manual trip by its action and a restore by what it does (close-allowed, FC-08).
+MANUAL_ACTIONS: Mapping[str, Action] = {Action.TRIP.value: Action.TRIP, "restore": Action.CLOSE_ALLOWED}
 _ACCOUNT_KEYS = ("account_id", "tariff", "protected", "customer_class", "meters")
 _METER_KEYS = ("meter", "gateway", "remote")
 
