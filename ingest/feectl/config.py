@@ -324,7 +324,8 @@ class MeterSettings:
 
 @dataclass(frozen=True, slots=True)
 class AccountSettings:
-    """One ``[[service.accounts]]`` entry, enrolled (or updated) at every start."""
+    """One ``[[service.accounts]]`` entry, applied at start when new or edited since it was last
+    applied (:meth:`~.service.FeeControlService.enroll`)."""
 
     account_id: str
     tariff: str
@@ -510,7 +511,7 @@ def _account(a: AccountSettings, i: int, tariffs: Mapping[str, Tariff], keys: Ma
         if m.gateway not in keys:
             raise ConfigError(f"{path}.meters[{j}].gateway", f"no command key for gateway {m.gateway!r}")
     try:
-        meters = tuple(MeterRef(m.meter, m.gateway, m.remote) for m in a.meters)
+        meters = tuple(MeterRef(m.meter, m.gateway, m.remote, m.max_power_w) for m in a.meters)
         return Account(a.account_id, meters, a.tariff, a.customer_class, a.protected)
     except ValueError as exc:
         name, _, reason = str(exc).partition(": ")
@@ -631,8 +632,10 @@ future_tolerance_s = 300
 # The largest single payment accepted by POST /v1/payments (400 amount_out_of_range above it).
 max_payment_fen = 10000000
 
-# Accounts enrolled (or updated) at every start. Each meter names the one gateway whose
-# intervals are charged to it (required; intervals from any other gateway are rejected).
+# Accounts enrolled at start: an entry is applied when it is new or was edited since it was last
+# applied, so changes made through the operations (enrol_account) survive a restart. Each meter
+# names the one gateway whose intervals are charged to it (required; intervals from any other
+# gateway are rejected).
 # [[service.accounts]]                           (example)
 # account_id = "acc-1"
 # tariff = "ln-res"

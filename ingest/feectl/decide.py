@@ -39,6 +39,7 @@ class MeterSnapshot:
     last_failed_ms: int | None = None
     blocked_reason: str | None = None  # "COMMAND_FAILED" (escalated) | "METER_IN_PROTECT" (FC-07)
     last_sig: str = ""  # signature of the last deferral journaled, so it is not repeated
+    manual_by: str | None = None  # an operator's manual trip holds the relay open (no FC-08 restore)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,9 @@ def _meter(
     if m.relay in (RelayState.CLOSED, RelayState.ARMED) and b <= -cfg.overdraft_limit_fen:
         return _trip(snap, m, cfg, now_ms, notice_ms)
     if m.relay is RelayState.OPEN:
+        if m.manual_by is not None and b > cfg.restore_threshold_fen:
+            # Opened by an operator, not for balance: only a manual restore closes it.
+            return _deferral(snap, m, DecisionKind.RESTORE_DEFERRED, ["MANUAL_TRIP"], None)
         if b > cfg.restore_threshold_fen:
             return _restore(snap, m, cfg, now_ms)
         if trigger in _CREDIT_TRIGGERS:  # FC-08: "balance still negative", once per payment

@@ -31,6 +31,7 @@ from .config import FeeControlConfig
 from .decide import AccountSnapshot, MeterSnapshot, decide
 from .lifecycle import TRANSITIONS, CommandEvent, CommandState, RelayOrder, RelayOrderResult, next_state
 from .model import (
+    ORDER_ACTIONS,
     Account,
     Balance,
     ChargeResult,
@@ -45,7 +46,10 @@ from .model import (
 )
 from .store import ConsistencyReport, Hold, IntervalRow, JournalEntry, JournalKind, LedgerStore
 
-__all__ = ["AuditResult", "Evaluated", "FeeController", "ResultOutcome"]
+__all__ = ["OPENING_REF_PREFIX", "AuditResult", "Enrolment", "Evaluated", "FeeController", "ResultOutcome"]
+
+OPENING_REF_PREFIX = "opening:"  # the adjustment id of an account's opening balance: opening:<account>
+_FILE_CODES = ("PUT", "FILE")  # ACCOUNT journal codes of enrolments from the configuration file
 
 _RESULT_EVENTS = {
     "done": CommandEvent.RESULT_DONE,
@@ -60,6 +64,20 @@ class Evaluated:
     decisions: tuple[Decision, ...]
     commands: tuple[RelayOrder, ...]  # created by these decisions, to send now
     next_check_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """What :meth:`FeeController.enrol` did: ``created`` a new account, ``changed`` its definition,
+    posted an opening balance (``opening_fen``, None: none posted by this call)."""
+
+    account_id: str
+    created: bool
+    changed: bool
+    opening_fen: int | None
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    decisions: tuple[Decision, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,26 +128,110 @@ class FeeController:
 
     # accounts -------------------------------------------------------------------------------------
     def open_account(self, account: Account, now_ms: int) -> bool:
-        """Create or update an account (meters, protected flag, tariff); journals the change.
+        """Create or update an account (meters, protected flag, tariff); journals the change
+        (code ``PUT``). Does not re-evaluate: the next tick does. True when anything changed.
 
         Raises:
-            FeeControlError: ``unknown_tariff``, or ``meter_taken`` by another account.
+            FeeControlError: as :meth:`enrol`.
+        """
+        return self.enrol(account, now_ms, by="", code="PUT", evaluate=False).changed
+
+    def enrol(
+        self,
+        account: Account,
+        now_ms: int,
+        *,
+        by: str,
+        code: str = "API",
+        opening_balance_fen: int | None = None,
+        evaluate: bool = True,
+        record: bool = False,
+    ) -> Enrolment:
+        """Create or update an account in one transaction, then re-evaluate it (FC-07 protection,
+        a new tariff or new meters take effect at once). A change is journaled as an ``account``
+        row with ``code`` (``API``, ``FILE``, ``PUT``), the definition and ``by``; ``record``
+        journals it even when nothing changed. Meters left out are removed from the account.
+        ``opening_balance_fen`` is posted only when the account is created (adjustment id
+        ``opening:<account>``); for an existing account it must equal what was posted then
+        (0 when nothing was).
+
+        Raises:
+            FeeControlError: ``unknown_tariff``; ``meter_conflict`` (a meter belongs to another
+                account); ``command_conflict`` / ``relay_conflict`` (a removed meter has a relay
+                command outstanding / is not closed); ``opening_balance_conflict``.
         """
         if account.tariff_id not in self.tariffs:
             raise FeeControlError("unknown_tariff", account.tariff_id)
+        account_id = account.account_id
         with self.store.transaction():
-            if not self.store.put_account(account):
-                return False
-            detail = {
-                "tariff": account.tariff_id,
-                "protected": account.protected,
-                "class": account.customer_class,
-                "meters": [[m.meter, m.gateway, m.remote] for m in account.meters],
-            }
-            self.store.append(
-                JournalEntry(now_ms, account.account_id, JournalKind.ACCOUNT, "PUT", detail=_j(detail))
-            )
+            try:
+                before: Account | None = self.store.account(account_id)
+            except FeeControlError:
+                before = None
+            old = () if before is None else tuple(m.meter for m in before.meters)
+            new = tuple(m.meter for m in account.meters)
+            removed = tuple(m for m in old if m not in new)
+            self._check_removable(account_id, removed)
+            ref = OPENING_REF_PREFIX + account_id
+            if before is not None and opening_balance_fen is not None:
+                prev = self.store.find_ref(JournalKind.ADJUSTMENT, ref)
+                had = 0 if prev is None else prev.amount_fen
+                if had != opening_balance_fen:
+                    raise FeeControlError(
+                        "opening_balance_conflict",
+                        account_id,
+                        f"opened with {had} fen, not {opening_balance_fen}",
+                    )
+            changed = self.store.put_account(account)
+            if changed or record:
+                detail = {**_definition(account), "by": by, "removed": list(removed)}
+                self.store.append(
+                    JournalEntry(now_ms, account_id, JournalKind.ACCOUNT, code, detail=_j(detail))
+                )
+            opening = None
+            if before is None and opening_balance_fen:
+                self.store.append(
+                    JournalEntry(
+                        now_ms,
+                        account_id,
+                        JournalKind.ADJUSTMENT,
+                        "OPENING",
+                        amount_fen=opening_balance_fen,
+                        ref=ref,
+                        detail=_j({"by": by}),
+                    )
+                )
+                opening = opening_balance_fen
+            decisions: tuple[Decision, ...] = ()
+            if evaluate and (changed or opening is not None):
+                decisions = self._evaluate(account_id, now_ms, "account").decisions
+            added = tuple(m for m in new if m not in old)
+            return Enrolment(account_id, before is None, changed, opening, added, removed, decisions)
+
+    def _check_removable(self, account_id: str, removed: tuple[str, ...]) -> None:
+        """A meter leaves fee control only at rest: no command in flight (FC-11) and its relay
+        closed (nothing would restore a tripped meter that fee control no longer knows)."""
+        if not removed:
+            return
+        snaps = {s.ref.meter: s for s in self.store.meter_snapshots(account_id)}
+        for meter in removed:
+            s = snaps[meter]
+            if s.outstanding is not None:
+                raise FeeControlError("command_conflict", meter, f"{s.outstanding.value} command outstanding")
+            if s.relay is not RelayState.CLOSED:
+                raise FeeControlError("relay_conflict", meter, f"relay {s.relay.value}: restore it first")
+
+    def file_enrolment_due(self, account: Account) -> bool:
+        """True when the configuration file's ``account`` differs from what the file said when
+        it was last applied (journal ``account`` rows ``FILE``/``PUT``), or was never applied:
+        only then does a start apply it, so changes made since through the operations survive
+        a restart with an unchanged file."""
+        with self.store.transaction():
+            last = self.store.last_entry(account.account_id, JournalKind.ACCOUNT, _FILE_CODES)
+        if last is None:
             return True
+        said = json.loads(last.detail)
+        return {k: said.get(k) for k in _definition(account)} != _definition(account)
 
     def balance(self, account_id: str) -> Balance:
         with self.store.transaction():
@@ -376,20 +478,32 @@ class FeeController:
         return self._credit(JournalKind.PAYMENT, account_id, payment_id, amount_fen, "PAYMENT", now_ms)
 
     def record_adjustment(
-        self, account_id: str, adjustment_id: str, amount_fen: int, reason: str, now_ms: int
+        self, account_id: str, adjustment_id: str, amount_fen: int, reason: str, now_ms: int, *, by: str = ""
     ) -> PaymentResult:
-        """Post a signed manual adjustment once per ``adjustment_id`` (FC-02), with its reason.
+        """Post a signed manual adjustment once per ``adjustment_id`` (FC-02), with its reason
+        (the row's code) and who made it (``by``, in the row's detail).
 
         Raises:
-            FeeControlError: as :meth:`record_payment`.
+            FeeControlError: ``unknown_account``; ``adjustment_conflict`` when the id was used
+                with another account or amount.
             ValueError: ``amount_fen == 0`` or an empty reason.
         """
         if amount_fen == 0 or not reason:
             raise ValueError("amount_fen/reason: an adjustment needs a non-zero amount and a reason")
-        return self._credit(JournalKind.ADJUSTMENT, account_id, adjustment_id, amount_fen, reason, now_ms)
+        return self._credit(
+            JournalKind.ADJUSTMENT, account_id, adjustment_id, amount_fen, reason, now_ms, by=by
+        )
 
     def _credit(
-        self, kind: JournalKind, account_id: str, ref: str, amount_fen: int, code: str, now_ms: int
+        self,
+        kind: JournalKind,
+        account_id: str,
+        ref: str,
+        amount_fen: int,
+        code: str,
+        now_ms: int,
+        *,
+        by: str = "",
     ) -> PaymentResult:
         with self.store.transaction():
             self.store.account(account_id)
@@ -397,11 +511,14 @@ class FeeController:
             if prev is not None:
                 if prev.account_id != account_id or prev.amount_fen != amount_fen:
                     raise FeeControlError(
-                        "payment_conflict", ref, f"seen for {prev.account_id}, {prev.amount_fen}"
+                        f"{kind.value}_conflict", ref, f"seen for {prev.account_id}, {prev.amount_fen}"
                     )
                 bal = self.store.balance(account_id).balance_fen
                 return PaymentResult(False, account_id, ref, amount_fen, bal)
-            self.store.append(JournalEntry(now_ms, account_id, kind, code, amount_fen=amount_fen, ref=ref))
+            detail = _j({"by": by}) if by else "{}"
+            self.store.append(
+                JournalEntry(now_ms, account_id, kind, code, amount_fen=amount_fen, ref=ref, detail=detail)
+            )
             trigger = "payment" if kind is JournalKind.PAYMENT else "adjustment"
             decisions = self._evaluate(account_id, now_ms, trigger).decisions
             bal = self.store.balance(account_id).balance_fen
@@ -463,31 +580,94 @@ class FeeController:
         *,
         meter: str | None = None,
         day: dt.date | None = None,
+        until_ms: int | None = None,
+        by: str = "",
     ) -> bool:
         """Set an FC-14 hold from another data-quality flag (REG_DECREASE, FAST_RUNNING,
         METER_CHANGE_SUSPECT, CLOCK_SKEW) or an FC-09 operator hold; False if already held.
+        ``until_ms``: the hold ends by itself then (:meth:`tick` releases it).
+
+        Raises:
+            FeeControlError: ``unknown_account``; ``unknown_meter`` (``meter`` not of the account).
+        """
+        with self.store.transaction():
+            account = self.store.account(account_id)
+            if meter is not None and meter not in {m.meter for m in account.meters}:
+                raise FeeControlError("unknown_meter", meter, f"not a meter of {account_id}")
+            if not self.store.add_hold(Hold(account_id, meter, day, reason, now_ms, until_ms)):
+                return False
+            detail: dict[str, object] = {"day": None if day is None else day.isoformat()}
+            if until_ms is not None or by:
+                detail |= {"until_ms": until_ms, "by": by}
+            self._log(account_id, meter, DecisionKind.AUDIT_HOLD, (reason,), detail, now_ms)
+            return True
+
+    def release_holds(self, account_id: str, by: str, now_ms: int) -> int:
+        """Operator release of every hold on the account (FC-14); returns how many were active."""
+        return self.release_account_holds(account_id, by, now_ms)[0]
+
+    def release_account_holds(
+        self, account_id: str, by: str, now_ms: int, *, meter: str | None = None
+    ) -> tuple[int, tuple[Decision, ...]]:
+        """Operator release of the account's holds (of ``meter`` only, when given), then
+        re-evaluate; returns how many were active and the decisions taken.
 
         Raises:
             FeeControlError: ``unknown_account``.
         """
         with self.store.transaction():
             self.store.account(account_id)
-            if not self.store.add_hold(Hold(account_id, meter, day, reason, now_ms)):
-                return False
-            detail = {"day": None if day is None else day.isoformat()}
-            self._log(account_id, meter, DecisionKind.AUDIT_HOLD, (reason,), detail, now_ms)
-            return True
+            n = self.store.release_holds(account_id, meter, None, now_ms)
+            if not n:
+                return 0, ()
+            reasons = (f"OPERATOR:{by}",)
+            d = self._log(account_id, meter, DecisionKind.HOLD_RELEASED, reasons, {"count": n}, now_ms)
+            return n, (d, *self._evaluate(account_id, now_ms, "audit").decisions)
 
-    def release_holds(self, account_id: str, by: str, now_ms: int) -> int:
-        """Operator release of every hold on the account (FC-14); returns how many were active."""
+    # manual relay commands --------------------------------------------------------------------------
+    def manual_command(
+        self, meter: str, action: Action, by: str, reason: str, now_ms: int, *, force: bool = False
+    ) -> Evaluated:
+        """An operator's trip or restore, issued like fee control's own (FC-11: ISSUED row in
+        this transaction, id chosen now) and journaled as ``TRIP_ISSUED`` / ``RESTORE_ISSUED``
+        with reasons ``MANUAL``, ``OPERATOR:<by>`` and the detail ``{by, reason, force}``.
+        A manual trip holds the relay open against FC-08 automatic restores until a manual
+        restore (or a trip of fee control's own) replaces it. Then the account is re-evaluated.
+
+        Raises:
+            FeeControlError: ``unknown_meter``; ``command_conflict`` (a command is outstanding,
+                FC-11); ``protected_conflict`` (a trip of a protected account without ``force``,
+                FC-07).
+            ValueError: ``action`` is not one fee control issues (``ORDER_ACTIONS``).
+        """
+        if action not in ORDER_ACTIONS:
+            raise ValueError(f"action: expected one of {sorted(a.value for a in ORDER_ACTIONS)}")
         with self.store.transaction():
-            n = self.store.release_holds(account_id, None, None, now_ms)
-            if n:
-                self._log(
-                    account_id, None, DecisionKind.HOLD_RELEASED, (f"OPERATOR:{by}",), {"count": n}, now_ms
+            account_id = self.store.account_of_meter(meter)
+            account = self.store.account(account_id)
+            snap = next(s for s in self.store.meter_snapshots(account_id) if s.ref.meter == meter)
+            if snap.outstanding is not None:
+                raise FeeControlError(
+                    "command_conflict", meter, f"{snap.outstanding.value} command outstanding"
                 )
-                self._evaluate(account_id, now_ms, "audit")
-            return n
+            reasons = ["MANUAL", f"OPERATOR:{by}"]
+            if action is Action.TRIP and account.protected:
+                if not force:
+                    raise FeeControlError("protected_conflict", account_id, "protected account (FC-07)")
+                reasons.append("PROTECTION_OVERRIDDEN")
+            command = self._issue(account_id, snap, action, now_ms)
+            manual_by = by if action is Action.TRIP else None
+            cur = next(s for s in self.store.meter_snapshots(account_id) if s.ref.meter == meter)
+            self.store.put_meter_snapshot(dataclasses.replace(cur, manual_by=manual_by))
+            b = self.store.balance(account_id)
+            kind = DecisionKind.TRIP_ISSUED if action is Action.TRIP else DecisionKind.RESTORE_ISSUED
+            d = Decision(
+                kind, account_id, meter, tuple(reasons), b.balance_fen, b.actual_balance_fen, action,
+                command.command_id,
+            )  # fmt: skip
+            self._journal_decision(d, {"by": by, "reason": reason, "force": force}, now_ms)
+            ev = self._evaluate(account_id, now_ms, "command")
+            return Evaluated((d, *ev.decisions), (command, *ev.commands), ev.next_check_ms)
 
     # decisions ------------------------------------------------------------------------------------
     def evaluate(self, account_id: str, now_ms: int) -> Evaluated:
@@ -509,6 +689,11 @@ class FeeController:
             for c in self.store.commands([CommandState.ACKED]):
                 if now_ms > c.state_ms + verify:
                     decisions += self._transition(c, CommandEvent.VERIFY_TIMEOUT, now_ms, ())
+            for h in self.store.expire_holds(now_ms):
+                detail = {"reason": h.reason, "until_ms": h.until_ms}
+                decisions.append(
+                    self._log(h.account_id, h.meter, DecisionKind.HOLD_RELEASED, ("EXPIRED",), detail, now_ms)
+                )
             for account_id in self.store.account_ids():
                 ev = self._evaluate(account_id, now_ms, "tick")
                 decisions += ev.decisions
@@ -521,7 +706,8 @@ class FeeController:
         account = self.store.account(account_id)
         balance = self.store.balance(account_id)
         level, notice_ms = self.store.notification_state(account_id)
-        holds = tuple(f"{h.reason}@{h.meter or '*'}:{h.day or '-'}" for h in self.store.holds(account_id))
+        live = [h for h in self.store.holds(account_id) if h.until_ms is None or now_ms < h.until_ms]
+        holds = tuple(f"{h.reason}@{h.meter or '*'}:{h.day or '-'}" for h in live)
         meters = {m.ref.meter: m for m in self.store.meter_snapshots(account_id)}
         snap = AccountSnapshot(account, balance, level, notice_ms, holds, tuple(meters.values()))
         ev = decide(snap, self.config, now_ms, trigger)
@@ -540,7 +726,8 @@ class FeeController:
             extra = {"notice_ms": ev.notice_ms, "holds": list(holds), "level": ev.notified_level.name}
             self._journal_decision(d, extra, now_ms)
             out.append(d)
-        return Evaluated(tuple(out), tuple(commands), ev.next_check_ms)
+        wakes = [t for t in [ev.next_check_ms, *(h.until_ms for h in live)] if t is not None]
+        return Evaluated(tuple(out), tuple(commands), min(wakes, default=None))
 
     def _issue(self, account_id: str, m: MeterSnapshot, action: Action, now_ms: int) -> RelayOrder:
         """FC-11: id chosen before sending, row written in the decision's transaction."""
@@ -558,6 +745,9 @@ class FeeController:
             now_ms,
         )
         self.store.insert_command(command)
+        if m.manual_by is not None:  # fee control's own command replaces an operator's trip
+            cur = next(s for s in self.store.meter_snapshots(account_id) if s.ref.meter == m.ref.meter)
+            self.store.put_meter_snapshot(dataclasses.replace(cur, manual_by=None))
         return command
 
     def _journal_decision(self, d: Decision, extra: Mapping[str, object], now_ms: int) -> None:
@@ -840,6 +1030,16 @@ def _clear_failures(m: MeterSnapshot) -> MeterSnapshot:
 
 def _local_midnight_ms(day: dt.date, zone: dt.tzinfo) -> int:
     return int(dt.datetime.combine(day, dt.time(), tzinfo=zone).timestamp() * 1000)
+
+
+def _definition(account: Account) -> dict[str, object]:
+    """An account's enrolment as journaled (and compared, :meth:`FeeController.file_enrolment_due`)."""
+    return {
+        "tariff": account.tariff_id,
+        "protected": account.protected,
+        "class": account.customer_class,
+        "meters": [[m.meter, m.gateway, m.remote, m.max_power_w] for m in account.meters],
+    }
 
 
 def _j(value: object) -> str:

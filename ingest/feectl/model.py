@@ -43,9 +43,13 @@ def round_half_up(micro: int) -> int:
 class FeeControlError(AmigwError):
     """The outside world referred to something the ledger does not have, or contradicted it.
 
-    ``reason`` is one of ``unknown_meter``, ``unknown_account``, ``payment_conflict``,
-    ``unknown_tariff``, ``gateway_mismatch``; ``subject`` is the id concerned. Defined here (not in
-    ``protocols/errors.py``) because only the fee-control core raises it.
+    ``reason`` is a code: the core raises ``unknown_meter``, ``unknown_account``,
+    ``unknown_tariff``, ``gateway_mismatch``, ``payment_conflict``, ``adjustment_conflict``,
+    ``meter_conflict``, ``command_conflict``, ``relay_conflict``, ``protected_conflict`` and
+    ``opening_balance_conflict``; the operations (:mod:`.operations`) add their argument checks
+    (``bad_fields``, ``amount_out_of_range``, ``unknown_gateway``, ``unknown_command``).
+    ``subject`` is the id or field concerned. Defined here (not in ``protocols/errors.py``) because
+    only fee control raises it.
     """
 
     def __init__(self, reason: str, subject: str, detail: str = "") -> None:
@@ -129,17 +133,22 @@ class MeterRef:
     """A meter of an account: its address, the gateway that reaches it, and its control mode.
 
     ``remote=False`` means the meter runs local fee control (FC-01): monitored, never tripped.
+    ``max_power_w`` is its rated maximum power (bounds its intervals' energy; None: the service's
+    default rating).
     """
 
     meter: str
     gateway: str
     remote: bool = True
+    max_power_w: int | None = None
 
     def __post_init__(self) -> None:
         if not self.meter:
             raise ValueError("meter: must not be empty")
         if not self.gateway:
             raise ValueError("gateway: must not be empty")
+        if self.max_power_w is not None and self.max_power_w <= 0:
+            raise ValueError("max_power_w: must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

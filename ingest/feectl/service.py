@@ -230,6 +230,7 @@ class FeeControlService:
         self.metrics = FeeControlMetrics()
         self.metrics_address: tuple[str, int] | None = None
         self._enrolled: dict[str, str] | None = None
+        self._ratings: dict[str, int] = {}  # meter -> max_power_w enrolled with it
         self.publisher = publisher
         self.api_address: tuple[str, int] | None = None
         self.consumer: MqttConsumer | None = None
@@ -242,20 +243,37 @@ class FeeControlService:
 
     # -- enrolment ----------------------------------------------------------------------------
     def enroll(self) -> int:
-        """Open or update the configured accounts; returns how many changed."""
+        """Apply the configuration file's accounts (``[[service.accounts]]``), each only when it
+        is new or was edited since the file was last applied
+        (:meth:`FeeController.file_enrolment_due`): an unchanged entry leaves the account as the
+        operations (:mod:`.operations`) left it. Returns how many accounts changed.
+
+        Raises:
+            ConfigError: an entry the ledger refuses (a meter of another account, a removed meter
+                with a command outstanding or its relay not closed), naming ``service.accounts[i]``.
+        """
         now = self.clock()
-        changed = sum(self.controller.open_account(a, now) for a in self.cfg.accounts)
+        changed = 0
+        for i, a in enumerate(self.cfg.accounts):
+            if not self.controller.file_enrolment_due(a):
+                continue
+            try:
+                res = self.controller.enrol(a, now, by="config", code="FILE", evaluate=False, record=True)
+            except FeeControlError as exc:
+                raise ConfigError(f"service.accounts[{i}]", str(exc)) from None
+            changed += res.changed
         self._enrolled = None
         return changed
 
     def _enrolled_meters(self) -> dict[str, str]:
-        """Meter -> enrolled gateway, for every meter in the ledger (read once per enrolment)."""
+        """Meter -> enrolled gateway, for every meter in the ledger (read again after every
+        enrolment, :meth:`accounts_changed`), with the meters' ratings."""
         if self._enrolled is None:
             store = self.controller.store
             with store.transaction():
-                self._enrolled = {
-                    m.meter: m.gateway for a in store.account_ids() for m in store.account(a).meters
-                }
+                refs = [m for a in store.account_ids() for m in store.account(a).meters]
+            self._ratings = {m.meter: m.max_power_w for m in refs if m.max_power_w is not None}
+            self._enrolled = {m.meter: m.gateway for m in refs}
         return self._enrolled
 
     # -- inbound MQTT -------------------------------------------------------------------------
@@ -367,7 +385,7 @@ class FeeControlService:
             return "skipped"
         limits = self.cfg.service.limits
         refusal = limits.interval_refusal(
-            r.start_ms, r.end_ms, r.energy, self.cfg.max_power_w(r.meter), msg.now_ms
+            r.start_ms, r.end_ms, r.energy, self._ratings.get(r.meter, limits.max_power_w), msg.now_ms
         )
         if refusal is not None:
             return self._reject(msg, *refusal, meter=r.meter, start_ms=r.start_ms)
@@ -693,6 +711,16 @@ class FeeControlService:
                 log.error("ledger write failed", extra=kv(topic=_cut(topic), reason=exc, retry_s=delay))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    # -- hooks for the operations (ingest/feectl/operations.py) --------------------------------
+    def accounts_changed(self) -> None:
+        """An enrolment changed: the next interval reads the meters and ratings from the ledger."""
+        self._enrolled = None
+
+    def apply_decisions(self, decisions: Iterable[Decision]) -> None:
+        """Decisions an operation took: logged, counted, notified, and their commands sent now."""
+        self._decided(decisions)
+        self.kick()
 
 
 def install_signal_handlers(service: FeeControlService) -> None:

@@ -43,7 +43,7 @@ from .store import (
 
 __all__ = ["SqliteLedgerStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS meters (
     meter TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(account_id),
     gateway TEXT NOT NULL, remote INTEGER NOT NULL, position INTEGER NOT NULL,
     relay TEXT NOT NULL DEFAULT 'closed', failed_action TEXT, failed_attempts INTEGER NOT NULL DEFAULT 0,
-    last_failed_ms INTEGER, blocked_reason TEXT, last_sig TEXT NOT NULL DEFAULT ''
+    last_failed_ms INTEGER, blocked_reason TEXT, last_sig TEXT NOT NULL DEFAULT '',
+    max_power_w INTEGER, manual_by TEXT
 );
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, account_id TEXT NOT NULL,
@@ -72,6 +73,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS journal_revision_once
 CREATE UNIQUE INDEX IF NOT EXISTS journal_ref_once
     ON journal(kind, ref) WHERE kind IN ('payment', 'adjustment');
 CREATE INDEX IF NOT EXISTS journal_account ON journal(account_id, seq);
+CREATE INDEX IF NOT EXISTS journal_account_time ON journal(account_id, ts_ms);
 -- FC-13: the journal is append-only.
 CREATE TRIGGER IF NOT EXISTS journal_no_update BEFORE UPDATE ON journal
     BEGIN SELECT RAISE(ABORT, 'journal is append-only'); END;
@@ -91,7 +93,7 @@ CREATE TABLE IF NOT EXISTS intervals (
 CREATE INDEX IF NOT EXISTS intervals_account ON intervals(account_id, interval_start_ms, meter);
 CREATE TABLE IF NOT EXISTS holds (
     id INTEGER PRIMARY KEY AUTOINCREMENT, account_id TEXT NOT NULL, meter TEXT, day TEXT,
-    reason TEXT NOT NULL, set_ms INTEGER NOT NULL, released_ms INTEGER
+    reason TEXT NOT NULL, set_ms INTEGER NOT NULL, released_ms INTEGER, until_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS commands (
     command_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, gateway TEXT NOT NULL, meter TEXT NOT NULL,
@@ -101,6 +103,8 @@ CREATE TABLE IF NOT EXISTS commands (
 -- FC-11: at most one outstanding relay command per meter.
 CREATE UNIQUE INDEX IF NOT EXISTS commands_one_outstanding
     ON commands(meter) WHERE state IN ('issued', 'acked');
+CREATE INDEX IF NOT EXISTS commands_meter ON commands(meter, issued_ms);
+CREATE INDEX IF NOT EXISTS commands_account ON commands(account_id, issued_ms);
 -- Rejected input (not part of the ledger): pruned to the newest rows.
 CREATE TABLE IF NOT EXISTS rejects (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, topic TEXT NOT NULL,
@@ -108,6 +112,13 @@ CREATE TABLE IF NOT EXISTS rejects (
     payload_bytes INTEGER NOT NULL, gateway TEXT, meter TEXT, interval_start_ms INTEGER
 );
 """
+
+# Columns added after schema version 1: a version-1 ledger gets them at open (NULL = unset).
+_ADDED_COLUMNS = (
+    ("meters", "max_power_w", "INTEGER"),
+    ("meters", "manual_by", "TEXT"),
+    ("holds", "until_ms", "INTEGER"),
+)
 
 
 class SqliteLedgerStore(LedgerStore):
@@ -119,6 +130,10 @@ class SqliteLedgerStore(LedgerStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._depth = 0
 
@@ -166,7 +181,7 @@ class SqliteLedgerStore(LedgerStore):
         for ref in account.meters:
             owner = self._one("SELECT account_id FROM meters WHERE meter = ?", ref.meter)
             if owner is not None and owner[0] != account.account_id:
-                raise FeeControlError("meter_taken", ref.meter, f"belongs to {owner[0]}")
+                raise FeeControlError("meter_conflict", ref.meter, f"belongs to {owner[0]}")
         self._db.execute(
             "INSERT INTO accounts(account_id, tariff_id, customer_class, protected) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(account_id) DO UPDATE SET tariff_id = excluded.tariff_id, "
@@ -177,12 +192,18 @@ class SqliteLedgerStore(LedgerStore):
             "INSERT OR IGNORE INTO balances VALUES (?, 0, 0, 0)",
             (account.account_id,),
         )
+        keep = [ref.meter for ref in account.meters]
+        self._db.execute(
+            f"DELETE FROM meters WHERE account_id = ? AND meter NOT IN ({', '.join('?' for _ in keep)})",
+            (account.account_id, *keep),
+        )
         for pos, ref in enumerate(account.meters):
             self._db.execute(
-                "INSERT INTO meters(meter, account_id, gateway, remote, position) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO meters(meter, account_id, gateway, remote, position, max_power_w) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(meter) DO UPDATE SET gateway = excluded.gateway, remote = excluded.remote, "
-                "position = excluded.position",
-                (ref.meter, account.account_id, ref.gateway, int(ref.remote), pos),
+                "position = excluded.position, max_power_w = excluded.max_power_w",
+                (ref.meter, account.account_id, ref.gateway, int(ref.remote), pos, ref.max_power_w),
             )
         return True
 
@@ -193,9 +214,10 @@ class SqliteLedgerStore(LedgerStore):
         if row is None:
             raise FeeControlError("unknown_account", account_id)
         meters = self._db.execute(
-            "SELECT meter, gateway, remote FROM meters WHERE account_id = ? ORDER BY position", (account_id,)
+            "SELECT meter, gateway, remote, max_power_w FROM meters WHERE account_id = ? ORDER BY position",
+            (account_id,),
         ).fetchall()
-        refs = tuple(MeterRef(m, g, bool(r)) for m, g, r in meters)
+        refs = tuple(MeterRef(m, g, bool(r), p) for m, g, r, p in meters)
         return Account(account_id, refs, row[0], row[1], bool(row[2]))
 
     def account_of_meter(self, meter: str) -> str:
@@ -343,6 +365,42 @@ class SqliteLedgerStore(LedgerStore):
         r = self._one(f"SELECT {self._JCOLS} FROM journal WHERE kind = ? AND ref = ?", kind.value, ref)
         return None if r is None else self._jrow(r)
 
+    def last_entry(self, account_id: str, kind: JournalKind, codes: Sequence[str]) -> JournalEntry | None:
+        marks = ", ".join("?" for _ in codes)
+        r = self._one(
+            f"SELECT {self._JCOLS} FROM journal WHERE account_id = ? AND kind = ? AND code IN ({marks}) "
+            "ORDER BY seq DESC LIMIT 1",
+            account_id,
+            kind.value,
+            *codes,
+        )
+        return None if r is None else self._jrow(r)
+
+    def journal_tail(self, account_id: str, kinds: Sequence[JournalKind], limit: int) -> list[JournalEntry]:
+        marks = ", ".join("?" for _ in kinds)
+        rows = self._db.execute(
+            f"SELECT {self._JCOLS} FROM journal WHERE account_id = ? AND kind IN ({marks}) "
+            "ORDER BY seq DESC LIMIT ?",
+            (account_id, *(k.value for k in kinds), limit),
+        ).fetchall()
+        return [self._jrow(r) for r in reversed(rows)]
+
+    def journal_range(self, account_id: str, lo_ms: int, hi_ms: int) -> Iterator[JournalEntry]:
+        cur = self._db.execute(
+            f"SELECT {self._JCOLS} FROM journal WHERE account_id = ? AND ts_ms >= ? AND ts_ms < ? "
+            "ORDER BY seq",
+            (account_id, lo_ms, hi_ms),
+        )
+        return (self._jrow(r) for r in cur)
+
+    def money_before(self, account_id: str, ts_ms: int) -> int:
+        r = self._one(
+            "SELECT COALESCE(SUM(amount_fen), 0) FROM journal WHERE account_id = ? AND ts_ms < ?",
+            account_id,
+            ts_ms,
+        )
+        return int(r[0]) if r else 0
+
     def journal(self, account_id: str | None = None) -> Iterator[JournalEntry]:
         if account_id is None:
             rows = self._db.execute(f"SELECT {self._JCOLS} FROM journal ORDER BY seq").fetchall()
@@ -386,14 +444,15 @@ class SqliteLedgerStore(LedgerStore):
     def meter_snapshots(self, account_id: str) -> list[MeterSnapshot]:
         rows = self._db.execute(
             "SELECT m.meter, m.gateway, m.remote, m.relay, c.action, m.failed_action, m.failed_attempts, "
-            "m.last_failed_ms, m.blocked_reason, m.last_sig FROM meters m LEFT JOIN commands c "
+            "m.last_failed_ms, m.blocked_reason, m.last_sig, m.max_power_w, m.manual_by "
+            "FROM meters m LEFT JOIN commands c "
             "ON c.meter = m.meter AND c.state IN ('issued', 'acked') "
             "WHERE m.account_id = ? ORDER BY m.position",
             (account_id,),
         ).fetchall()
         return [
             MeterSnapshot(
-                MeterRef(r[0], r[1], bool(r[2])),
+                MeterRef(r[0], r[1], bool(r[2]), r[10]),
                 RelayState(r[3]),
                 None if r[4] is None else Action(r[4]),
                 None if r[5] is None else Action(r[5]),
@@ -401,6 +460,7 @@ class SqliteLedgerStore(LedgerStore):
                 r[7],
                 r[8],
                 r[9],
+                r[11],
             )
             for r in rows
         ]
@@ -408,7 +468,7 @@ class SqliteLedgerStore(LedgerStore):
     def put_meter_snapshot(self, snap: MeterSnapshot) -> None:
         self._db.execute(
             "UPDATE meters SET relay = ?, failed_action = ?, failed_attempts = ?, last_failed_ms = ?, "
-            "blocked_reason = ?, last_sig = ? WHERE meter = ?",
+            "blocked_reason = ?, last_sig = ?, manual_by = ? WHERE meter = ?",
             (
                 snap.relay.value,
                 None if snap.failed_action is None else snap.failed_action.value,
@@ -416,17 +476,33 @@ class SqliteLedgerStore(LedgerStore):
                 snap.last_failed_ms,
                 snap.blocked_reason,
                 snap.last_sig,
+                snap.manual_by,
                 snap.ref.meter,
             ),
         )
 
     def holds(self, account_id: str) -> list[Hold]:
         rows = self._db.execute(
-            "SELECT account_id, meter, day, reason, set_ms FROM holds "
-            "WHERE account_id = ? AND released_ms IS NULL ORDER BY id",
+            f"SELECT {self._HCOLS} FROM holds WHERE account_id = ? AND released_ms IS NULL ORDER BY id",
             (account_id,),
         )
-        return [Hold(a, m, None if d is None else dt.date.fromisoformat(d), r, s) for a, m, d, r, s in rows]
+        return [self._hrow(r) for r in rows]
+
+    _HCOLS = "account_id, meter, day, reason, set_ms, until_ms"
+
+    @staticmethod
+    def _hrow(r: tuple) -> Hold:  # type: ignore[type-arg]
+        a, m, d, reason, set_ms, until_ms = r
+        return Hold(a, m, None if d is None else dt.date.fromisoformat(d), reason, set_ms, until_ms)
+
+    def expire_holds(self, now_ms: int) -> list[Hold]:
+        rows = self._db.execute(
+            f"SELECT id, {self._HCOLS} FROM holds WHERE released_ms IS NULL AND until_ms <= ? ORDER BY id",
+            (now_ms,),
+        ).fetchall()
+        for r in rows:
+            self._db.execute("UPDATE holds SET released_ms = until_ms WHERE id = ?", (r[0],))
+        return [self._hrow(r[1:]) for r in rows]
 
     def add_hold(self, hold: Hold) -> bool:
         day = None if hold.day is None else hold.day.isoformat()
@@ -441,8 +517,8 @@ class SqliteLedgerStore(LedgerStore):
         if dup:
             return False
         self._db.execute(
-            "INSERT INTO holds(account_id, meter, day, reason, set_ms) VALUES (?, ?, ?, ?, ?)",
-            (hold.account_id, hold.meter, day, hold.reason, hold.set_ms),
+            "INSERT INTO holds(account_id, meter, day, reason, set_ms, until_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            (hold.account_id, hold.meter, day, hold.reason, hold.set_ms, hold.until_ms),
         )
         return True
 
@@ -497,6 +573,30 @@ class SqliteLedgerStore(LedgerStore):
             f"SELECT {self._CCOLS} FROM commands WHERE state IN ({marks}) ORDER BY issued_ms, command_id",
             [s.value for s in states],
         )
+        return [self._crow(r) for r in rows]
+
+    def command_history(
+        self,
+        account_id: str | None,
+        meter: str | None,
+        states: Sequence[CommandState] | None,
+        limit: int,
+    ) -> list[RelayOrder]:
+        where: list[str] = []
+        args: list[object] = []
+        if account_id is not None:
+            where.append("account_id = ?")
+            args.append(account_id)
+        if meter is not None:
+            where.append("meter = ?")
+            args.append(meter)
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            args += [s.value for s in states]
+        sql = f"SELECT {self._CCOLS} FROM commands"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY issued_ms DESC, command_id DESC LIMIT ?", (*args, limit))
         return [self._crow(r) for r in rows]
 
     # rejected input -------------------------------------------------------------------------------

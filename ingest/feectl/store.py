@@ -105,13 +105,16 @@ class IntervalRow:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """An FC-14 audit hold (or an operator hold, ``meter`` None) on an account."""
+    """An FC-14 audit hold, or an FC-09 operator hold, on an account (any hold defers every
+    automatic trip of the account; ``meter`` says which meter's data or operator set it).
+    ``until_ms``: the hold ends by itself then (None: until released)."""
 
     account_id: str
     meter: str | None
     day: dt.date | None
     reason: str
     set_ms: int
+    until_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +158,11 @@ class LedgerStore(abc.ABC):
     # accounts -------------------------------------------------------------------------------------
     @abc.abstractmethod
     def put_account(self, account: Account) -> bool:
-        """Insert or update an account and its meters; True when anything changed.
+        """Insert or update an account and its meters (meters no longer listed are removed from
+        it, their history stays); True when anything changed.
 
         Raises:
-            FeeControlError: ``meter_taken`` when a meter already belongs to another account.
+            FeeControlError: ``meter_conflict`` when a meter already belongs to another account.
         """
 
     @abc.abstractmethod
@@ -206,6 +210,22 @@ class LedgerStore(abc.ABC):
     def find_ref(self, kind: JournalKind, ref: str) -> JournalEntry | None: ...
 
     @abc.abstractmethod
+    def last_entry(self, account_id: str, kind: JournalKind, codes: Sequence[str]) -> JournalEntry | None:
+        """The newest row of the account with this kind and one of ``codes``."""
+
+    @abc.abstractmethod
+    def journal_tail(self, account_id: str, kinds: Sequence[JournalKind], limit: int) -> list[JournalEntry]:
+        """The newest ``limit`` rows of the account of these kinds, oldest first."""
+
+    @abc.abstractmethod
+    def journal_range(self, account_id: str, lo_ms: int, hi_ms: int) -> Iterator[JournalEntry]:
+        """The account's rows with ``lo_ms <= ts_ms < hi_ms``, in journal order, read lazily."""
+
+    @abc.abstractmethod
+    def money_before(self, account_id: str, ts_ms: int) -> int:
+        """Σ ``amount_fen`` of the account's rows with ``ts_ms`` before this: its balance then."""
+
+    @abc.abstractmethod
     def journal(self, account_id: str | None = None) -> Iterator[JournalEntry]: ...
 
     @abc.abstractmethod
@@ -226,7 +246,12 @@ class LedgerStore(abc.ABC):
         """Store relay, retry and signature state (``outstanding`` is derived from commands)."""
 
     @abc.abstractmethod
-    def holds(self, account_id: str) -> list[Hold]: ...
+    def holds(self, account_id: str) -> list[Hold]:
+        """Active (not released) holds, expired ones (``until_ms`` past) included."""
+
+    @abc.abstractmethod
+    def expire_holds(self, now_ms: int) -> list[Hold]:
+        """Release the holds whose ``until_ms`` is at or before ``now_ms``; return them."""
 
     @abc.abstractmethod
     def add_hold(self, hold: Hold) -> bool:
@@ -250,6 +275,16 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def commands(self, states: Sequence[CommandState]) -> list[RelayOrder]: ...
+
+    @abc.abstractmethod
+    def command_history(
+        self,
+        account_id: str | None,
+        meter: str | None,
+        states: Sequence[CommandState] | None,
+        limit: int,
+    ) -> list[RelayOrder]:
+        """The newest ``limit`` commands matching every filter given, newest first."""
 
     # rejected input -------------------------------------------------------------------------------
     @abc.abstractmethod
