@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ingest.feectl.sqlite_store import SqliteLedgerStore
 from protocols.errors import RequestRefused
 
-from . import routes_payments, routes_views
+from . import routes_feectl, routes_payments, routes_views
 from .audit import AUDIT, AUDITED_METHODS, BODY_REFUSED, WHO, AuditLog, audit_middleware
 from .auth import ApiToken, TokenTable, admits
 from .errors import Handler, error_middleware
@@ -120,7 +120,9 @@ async def audit(request: web.Request) -> web.Response:
     return web.json_response({"entries": [r.as_json() for r in rows]})
 
 
-DEFAULT_TABLES: tuple[RouteTable, ...] = (routes, routes_payments.routes, routes_views.routes)
+DEFAULT_TABLES: tuple[RouteTable, ...] = (
+    routes, routes_payments.routes, routes_feectl.routes, routes_views.routes,
+)  # fmt: skip
 
 
 def _caller(request: web.Request, tokens: TokenTable) -> ApiToken | None:

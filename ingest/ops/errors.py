@@ -32,7 +32,7 @@ log = logging.getLogger("amigw.ops")
 
 WWW_AUTHENTICATE = 'Bearer realm="amigw"'
 ERROR_CODE = web.RequestKey("amigw.error_code", str)
-_FEECTL_STATUS = {"unknown_account": 404, "payment_conflict": 409}
+_FEECTL_STATUS = {"unknown_account": 404, "unknown_meter": 404, "unknown_command": 404}
 # aiohttp's exceptions, by status, as our codes (others: the reason phrase in snake case).
 _HTTP_CODES = {
     404: "not_found",
@@ -69,7 +69,8 @@ def _as_error(request: web.Request, exc: BaseException) -> tuple[int, str, str, 
         detail = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else request.path
         return exc.status, _http_code(exc), detail, headers
     if isinstance(exc, FeeControlError):
-        return _FEECTL_STATUS.get(exc.reason, 400), exc.reason, exc.detail or exc.subject, {}
+        status = 409 if exc.reason.endswith("_conflict") else _FEECTL_STATUS.get(exc.reason, 400)
+        return status, exc.reason, exc.detail or exc.subject, {}
     if isinstance(exc, SinkError):
         log.error("ops store error", extra=_kv(method=request.method, path=request.path, reason=exc))
         return 503, "store_unavailable", str(exc), {}

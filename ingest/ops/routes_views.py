@@ -299,7 +299,7 @@ async def ack(request: web.Request) -> web.Response:
     if not _ALARM_ID.fullmatch(alarm):
         raise BadArgument("alarm_id", "expected an alarm id as listed (<kind>-<16 hex digits>)")
     doc = await json_body(request)
-    now = int(time.time() * 1000)
+    now = int(request.app[SERVICE].clock())
     answer = await asyncio.to_thread(views.acks.ack, alarm, request[WHO], str(doc.get("note", "")), now)
     return web.json_response(answer)
 

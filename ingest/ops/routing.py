@@ -68,6 +68,7 @@ _PROPERTY_KEYS = {
     "string": frozenset({"type", "minLength", "maxLength", "description", "example"}),
     "integer": frozenset({"type", "minimum", "maximum", "description", "example"}),
     "boolean": frozenset({"type", "description", "example"}),
+    "array": frozenset({"type", "items", "minItems", "maxItems", "description"}),
 }
 
 
@@ -161,6 +162,8 @@ def check_schema(schema: Schema) -> None:
         allowed = _PROPERTY_KEYS.get(prop.get("type"))
         if allowed is None or set(prop) - allowed:
             raise ValueError(f"body schema: {name}: unsupported property schema {dict(prop)}")
+        if prop["type"] == "array":
+            check_schema(prop["items"])  # arrays hold objects of the same subset
     if not set(schema.get("required", ())) <= set(props):
         raise ValueError("body schema: required names a key that is not a property")
 
@@ -191,22 +194,35 @@ def _check_property(name: str, value: object, prop: Schema) -> None:
             raise BodyError(name, "minimum", f"{name}: expected an integer >= {lo}")
         if hi is not None and value > hi:
             raise BodyError(name, "maximum", f"{name}: expected an integer <= {hi}")
+    elif kind == "array":
+        if not isinstance(value, list):
+            raise BodyError(name, "type", f"{name}: expected an array")
+        lo, hi = prop.get("minItems", 0), prop.get("maxItems")
+        if len(value) < lo or (hi is not None and len(value) > hi):
+            keyword = "minItems" if len(value) < lo else "maxItems"
+            raise BodyError(name, keyword, f"{name}: expected {lo}..{hi} items")
+        for i, item in enumerate(value):
+            validate(item, prop["items"], f"{name}[{i}].")
     elif not isinstance(value, bool):
         raise BodyError(name, "type", f"{name}: expected true or false")
 
 
-def validate(doc: object, schema: Schema) -> dict[str, Any]:
-    """``doc`` checked against a body schema (:func:`check_schema`'s subset). Raises: BodyError."""
+def validate(doc: object, schema: Schema, prefix: str = "") -> dict[str, Any]:
+    """``doc`` checked against a body schema (:func:`check_schema`'s subset; ``prefix`` names
+    where an object inside an array sits). Raises: BodyError."""
     if not isinstance(doc, dict):
+        if prefix:
+            raise BodyError(prefix.rstrip("."), "type", f"{prefix.rstrip('.')}: expected an object")
         raise RequestRefused(400, "bad_json", "expected a JSON object")
     props: Schema = schema.get("properties", {})
     missing = sorted(set(schema.get("required", ())) - set(doc))
     unknown = sorted(set(doc) - set(props))
     if missing or unknown:
-        raise BodyError((missing + unknown)[0], "required" if missing else "additionalProperties",
-                        f"missing {missing}, unknown {unknown}")  # fmt: skip
+        raise BodyError(prefix + (missing + unknown)[0], "required" if missing else "additionalProperties",
+                        f"{prefix.rstrip('.')}: missing {missing}, unknown {unknown}" if prefix
+                        else f"missing {missing}, unknown {unknown}")  # fmt: skip
     for name, value in doc.items():
-        _check_property(name, value, props[name])
+        _check_property(prefix + name, value, props[name])
     return doc
 
 

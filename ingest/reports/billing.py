@@ -67,6 +67,7 @@ __all__ = [
 
 I64 = npt.NDArray[np.int64]
 MAX_DAYS = 366
+FIRST_DAY, LAST_DAY = dt.date(2000, 1, 1), dt.date(2099, 12, 31)  # what readings' times can be
 """The longest range one export covers, in days (both ends included)."""
 BY = ("meter", "account")
 FORMATS = {"csv": "text/csv; charset=utf-8", "json": "application/json", "ndjson": "application/x-ndjson"}
@@ -310,6 +311,10 @@ def _check(
     start_day: dt.date, end_day: dt.date, by: str, fmt: str, accounts: Mapping[str, str] | None
 ) -> int:
     """The number of days; raises ExportError for a bad request."""
+    if start_day < FIRST_DAY:
+        raise ExportError("from", f"{start_day} is before {FIRST_DAY}")
+    if end_day > LAST_DAY:
+        raise ExportError("to", f"{end_day} is after {LAST_DAY}")
     if end_day < start_day:
         raise ExportError("to", f"{end_day} is before from={start_day}")
     days = (end_day - start_day).days + 1

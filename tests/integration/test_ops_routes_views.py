@@ -215,7 +215,9 @@ async def test_the_billing_export_is_streamed_per_meter_and_per_account(
     assert lines[0].startswith("day,meter,gateway,account,total_kwh")
     (row,) = [line for line in lines[1:] if ",m-1," in line]
     assert row.startswith("2024-03-10,m-1,gw-1,,12.34,") and row.endswith("estimated"), row
-    status, doc = await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-10&by=account&format=json")
+    status, doc = await api.call(
+        "GET", "/v1/export/daily?from=2024-03-10&to=2024-03-10&by=account&format=json"
+    )
     assert status == 200, doc
     (acc,) = [r for r in doc if r["account"] == "acc-1"]  # m-1 is acc-1's meter in the ledger
     assert acc["total_kwh"] == 12.34 and acc["intervals"] == 96

@@ -30,9 +30,9 @@ from ingest.feectl.store import CHARGE_KINDS, Hold, JournalKind
 from protocols.aggregates import IntervalRecord, encode_intervals
 from protocols.commands import CommandResult, verify_command
 from protocols.errors import ConfigError
+from tests.unit.ingest.ops.conftest import KEY, NOW, Recorder, config_text, write_files
 
 from .conftest import FLAT_TOML, QUARTER, ms
-from .test_api import KEY, NOW, Recorder, config_text, write_files
 
 START = NOW - QUARTER  # 09:45-10:00 local on Tuesday 2024-03-05, inside the FC-09 trip hours
 HOUR = 3_600_000
