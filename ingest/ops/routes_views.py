@@ -30,13 +30,14 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ingest.feectl import operations as ops
 from ingest.model.registry import MeterRegistry
 from ingest.ops import console
 from ingest.ops.alarms import ALARM_KINDS, MAX_LIMIT, AlarmAcks, alarms
@@ -277,8 +278,19 @@ async def alarms_view(request: web.Request) -> web.Response:
 
 
 def _failed_commands(request: web.Request) -> Any:
-    """Fee control's failed relay commands, as alarms (none until the core lists them)."""
-    return None
+    """Fee control's relay commands that failed or expired in the range, as alarm records."""
+    service = request.app[SERVICE]
+
+    async def failed(start_ms: int, end_ms: int, limit: int) -> Sequence[Mapping[str, Any]]:
+        listed = ops.commands(service, states=["failed", "expired"], limit=1000)["commands"]
+        return [
+            {"id": c["command_id"], "ts_ms": c["state_ms"], "gateway": c["gateway"], "meter": c["meter"],
+             "action": c["action"], "state": c["state"], "attempt": c["attempt"], "account": c["account"]}
+            for c in listed
+            if start_ms <= c["state_ms"] < end_ms
+        ][:limit]  # fmt: skip
+
+    return failed
 
 
 _ACK_BODY: Schema = {

@@ -224,3 +224,18 @@ async def test_the_billing_export_is_streamed_per_meter_and_per_account(
     status, body = await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-01")
     assert status == 400 and body["error"] == "bad_argument" and body["detail"].startswith("to:"), body
     assert (await api.call("GET", "/v1/export/daily?from=2024-03-10&to=2024-03-10", role="enrol"))[0] == 403
+
+
+async def test_a_failed_relay_command_is_an_alarm(api: Api) -> None:
+    from ingest.feectl import operations as ops
+    from ingest.feectl.lifecycle import CommandState
+
+    issued = ops.manual_command(api.service, "m-1", "trip", "operator", "test", NOW)["command"]
+    store = api.service.controller.store
+    with store.transaction():
+        store.set_command_state(issued["command_id"], CommandState.FAILED, NOW + 1000)
+    status, body = await api.call("GET", f"/v1/alarms?start_ms={NOW - 3_600_000}&end_ms={NOW + 3_600_000}")
+    assert status == 200, body
+    (alarm,) = [a for a in body["alarms"] if a["kind"] == "command_failed"]
+    assert (alarm["meter"], alarm["gateway"], alarm["ts_ms"]) == ("m-1", "gw-1", NOW + 1000)
+    assert alarm["detail"]["state"] == "failed" and alarm["detail"]["action"] == "trip"
