@@ -124,7 +124,9 @@ class FeeController:
                 "tariff": account.tariff_id,
                 "protected": account.protected,
                 "class": account.customer_class,
-                "meters": [[m.meter, m.gateway, m.remote] for m in account.meters],
+                "meters": [
+                    [m.meter, m.gateway, m.remote, *([m.area] if m.area else [])] for m in account.meters
+                ],
             }
             self.store.append(
                 JournalEntry(now_ms, account.account_id, JournalKind.ACCOUNT, "PUT", detail=_j(detail))

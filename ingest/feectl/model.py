@@ -9,6 +9,7 @@ in fen (0.01 yuan), exact charges in micro-yuan (10⁻⁶ yuan = energy in 0.01 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from protocols.commands import Action
@@ -29,10 +30,20 @@ __all__ = [
     "MeterRef",
     "PaymentResult",
     "RelayState",
+    "check_area",
     "round_half_up",
 ]
 
 MICRO_PER_FEN = 10_000
+_AREA = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+
+
+def check_area(area: str) -> str | None:
+    """Why ``area`` cannot be a transformer-area name, or None if it can: 1-128 characters, no
+    whitespace or control characters (the names of ingest's meter registry, e.g. ``TA-0042``)."""
+    if not _AREA.fullmatch(area):
+        return "expected 1-128 characters without whitespace or control characters"
+    return None
 
 
 def round_half_up(micro: int) -> int:
@@ -129,17 +140,24 @@ class MeterRef:
     """A meter of an account: its address, the gateway that reaches it, and its control mode.
 
     ``remote=False`` means the meter runs local fee control (FC-01): monitored, never tripped.
+    ``area`` is the transformer area (台区) the meter is supplied from, if known: an area outage
+    is announced to the accounts of its meters.
     """
 
     meter: str
     gateway: str
     remote: bool = True
+    area: str | None = None
 
     def __post_init__(self) -> None:
         if not self.meter:
             raise ValueError("meter: must not be empty")
         if not self.gateway:
             raise ValueError("gateway: must not be empty")
+        if self.area is not None:
+            why = check_area(self.area)
+            if why is not None:
+                raise ValueError(f"area: {why}")
 
 
 @dataclass(frozen=True, slots=True)
