@@ -7,7 +7,7 @@ free one) and returns the server, so that the service can read its address and s
 Counters (all ``_total``):
 
 * ``amigw_feectl_messages_total{topic, result}``: MQTT messages by topic kind (``intervals``,
-  ``cmd_result``, ``other``) and result (``applied``, ``rejected``, ``ignored``, ``unpriced``);
+  ``cmd_result``, ``alarms``, ``other``) and result (``applied``, ``rejected``, ``ignored``, ``unpriced``);
 * ``amigw_feectl_charges_total{status}``: intervals by charge status (``charged``,
   ``duplicate``, ``held``, ``trued_up``, ``superseded``, ``conflict``) and ``skipped`` (another
   quantity, or a meter not under fee control);

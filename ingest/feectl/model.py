@@ -9,9 +9,9 @@ in fen (0.01 yuan), exact charges in micro-yuan (10⁻⁶ yuan = energy in 0.01 
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 
+from protocols.alarms import check_area
 from protocols.commands import Action
 from protocols.errors import AmigwError
 
@@ -35,15 +35,6 @@ __all__ = [
 ]
 
 MICRO_PER_FEN = 10_000
-_AREA = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
-
-
-def check_area(area: str) -> str | None:
-    """Why ``area`` cannot be a transformer-area name, or None if it can: 1-128 characters, no
-    whitespace or control characters (the names of ingest's meter registry, e.g. ``TA-0042``)."""
-    if not _AREA.fullmatch(area):
-        return "expected 1-128 characters without whitespace or control characters"
-    return None
 
 
 def round_half_up(micro: int) -> int:

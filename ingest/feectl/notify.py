@@ -1,7 +1,8 @@
 """Customer notifications: a durable outbox in the ledger, delivered by pluggable notifiers.
 
 Accepts the ledger's journal: every ``decision`` row whose kind is notified (:data:`SEVERITY`)
-and every ``notice`` row (a planned area outage, :data:`OUTAGE_PLANNED`) becomes one notification,
+and every ``notice`` row (an area outage, planned :data:`OUTAGE_PLANNED` or detected
+:data:`OUTAGE_DETECTED`) becomes one notification,
 a JSON object (:func:`note_payload`) with a stable id ``<ledger id>-<journal seq>``. The outbox is
 *derived* from the journal by a cursor (:meth:`Outbox.collect`): the notification rows, one
 delivery row per notifier, and the cursor's move commit in one transaction. A decision and its
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .metrics import FeeControlMetrics
 
 __all__ = [
+    "OUTAGE_DETECTED",
     "OUTAGE_PLANNED",
     "SEVERITY",
     "MqttNotifier",
@@ -67,6 +69,7 @@ log = logging.getLogger("amigw.feectl.notify")
 
 NOTIFICATION_TYPE = "feectl-notification"
 OUTAGE_PLANNED = "OUTAGE_PLANNED"  # the journal code of a planned-outage notice
+OUTAGE_DETECTED = "OUTAGE_DETECTED"  # the journal code of a detected (OUT-02) area-outage notice
 SIGNATURE_HEADER = "X-Amigw-Signature"
 ID_HEADER = "X-Amigw-Notification-Id"
 _COLLECT_BATCH = 500
@@ -88,6 +91,7 @@ SEVERITY: dict[str, tuple[str, str]] = {
     DecisionKind.COMMAND_FAILED: ("command", "critical"),
     DecisionKind.METER_IN_PROTECT: ("command", "critical"),
     OUTAGE_PLANNED: ("outage", "warning"),
+    OUTAGE_DETECTED: ("outage", "critical"),
 }
 
 
@@ -142,7 +146,8 @@ def note_payload(entry: JournalEntry, note_id: str) -> dict[str, Any] | None:
     Every notification has ``v, type, id, ts_ms, kind, category, severity, account, meter,
     reasons, balance_fen, actual_balance_fen, action, command_id``. ``ZERO_NOTICE`` adds
     ``trip_not_before_ms`` (the notice time plus the grace, FC-06) and ``overdraft_limit_fen``;
-    ``OUTAGE_PLANNED`` adds ``outage: {area, start_ms, end_ms, reason}``.
+    ``OUTAGE_PLANNED`` adds ``outage: {area, start_ms, end_ms, reason}``; ``OUTAGE_DETECTED`` adds
+    ``outage: {area, start_ms, end_ms: null, reason: "power_down_events", events}``.
     """
     if entry.kind not in (JournalKind.DECISION, JournalKind.NOTICE):
         return None
@@ -175,6 +180,8 @@ def note_payload(entry: JournalEntry, note_id: str) -> dict[str, Any] | None:
         body["overdraft_limit_fen"] = detail.get("L")
     if entry.code == OUTAGE_PLANNED:
         body["outage"] = {k: detail.get(k) for k in ("area", "start_ms", "end_ms", "reason")}
+    elif entry.code == OUTAGE_DETECTED:
+        body["outage"] = {k: detail.get(k) for k in ("area", "start_ms", "end_ms", "reason", "events")}
     return body
 
 

@@ -9,6 +9,8 @@ Accepts, over MQTT (through :mod:`.mqtt`):
   (:meth:`~.config.LimitSettings.interval_refusal`) and charged, in its own transaction, with
   :meth:`FeeController.charge_interval` (``gateway=``: only the meter's enrolled gateway may
   charge it), estimated when its flags carry ``Flag.ESTIMATED``. Other meters are skipped.
+* ``ami/v1/agg/alarms`` -- ingest's alarms (:mod:`protocols.alarms`): an area outage is
+  journaled as one ``OUTAGE_DETECTED`` notice per account with a meter in that area, and notified.
 * ``ami/v1/{gateway}/up/cmd-result`` -- results signed by the edge. They are decoded with that
   gateway's key; a result that does not verify, or names another gateway, is rejected, never
   matched. A verified one goes to :meth:`FeeController.on_result`, and a ``done`` relay result's
@@ -59,6 +61,7 @@ from typing import Any, Protocol
 from ingest.mqtt.consumer import MqttConsumer
 from protocols import topics
 from protocols.aggregates import INTERVALS_MAGIC, MAX_MESSAGE_BYTES, IntervalRecord, decode_intervals
+from protocols.alarms import MAX_ALARM_BYTES, decode_alarm
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
@@ -72,7 +75,7 @@ from .lifecycle import RelayOrderResult
 from .metrics import FeeControlMetrics, serve
 from .model import ORDER_ACTIONS, ChargeStatus, Decision, FeeControlError, PaymentResult, check_area
 from .mqtt import consumer_config, publisher
-from .notify import OUTAGE_PLANNED, MqttNotifier, Notifier, Outbox, WebhookNotifier
+from .notify import OUTAGE_DETECTED, OUTAGE_PLANNED, MqttNotifier, Notifier, Outbox, WebhookNotifier
 from .sqlite_store import SqliteLedgerStore
 from .store import JournalEntry, JournalKind, Reject
 
@@ -269,6 +272,9 @@ class FeeControlService:
             elif (gateway := topics.cmd_result_gateway_of(topic)) is not None:
                 kind = "cmd_result"
                 result = self._on_result(msg, gateway)
+            elif topic == topics.ALARMS:
+                kind = "alarms"
+                result = self._on_alarm(msg)
             else:
                 result = self._reject(msg, "bad_topic", "not a topic fee control consumes")
         except sqlite3.OperationalError:
@@ -382,6 +388,31 @@ class FeeControlService:
         self.metrics.charges.labels(res.status.value).inc()
         self._decided(res.decisions)
         return "charged"
+
+    def _on_alarm(self, msg: _Inbound) -> str:
+        """An OUT-02 area-outage alarm from ingest: one ``OUTAGE_DETECTED`` notice per account of
+        the area (``ref`` ``detected:<area>:<ts_ms>``: a redelivered alarm notifies nobody again).
+        An area with no enrolled meter is ignored."""
+        try:
+            alarm = decode_alarm(msg.payload)
+        except PayloadError as exc:
+            self.stats.payloads_invalid += 1
+            reason = "too_large" if len(msg.payload) > MAX_ALARM_BYTES else "undecodable"
+            return self._reject(msg, reason, str(exc))
+        detail = {
+            "area": alarm.area,
+            "start_ms": alarm.ts_ms,
+            "end_ms": None,
+            "reason": "power_down_events",
+            "events": alarm.events,
+        }
+        ref = f"detected:{alarm.area}:{alarm.ts_ms}"
+        accounts, new = self._area_notice(OUTAGE_DETECTED, alarm.area, ref, detail)
+        if new:
+            log.info(
+                "area outage notified", extra=kv(area=alarm.area, ts_ms=alarm.ts_ms, accounts=len(accounts))
+            )
+        return "applied" if accounts else "ignored"
 
     def _on_result(self, msg: _Inbound, gateway: str) -> str:
         msg.gateway = _cut(gateway)
@@ -563,30 +594,35 @@ class FeeControlService:
             raise ValueError("end_ms: must be after start_ms")
         if not reason.strip() or not by.strip():
             raise ValueError("reason: reason and by must not be empty")
-        now = self.clock()
         ref = f"outage:{area}:{start_ms}:{end_ms}"
+        detail = {"area": area, "start_ms": start_ms, "end_ms": end_ms, "reason": reason, "by": by}
+        accounts, announced = self._area_notice(OUTAGE_PLANNED, area, ref, detail)
+        if not accounts:
+            raise FeeControlError("unknown_area", area, "no enrolled meter is in this area")
+        if announced:
+            log.info(
+                "outage announced",
+                extra=kv(area=area, start_ms=start_ms, end_ms=end_ms, accounts=len(accounts), by=by),
+            )
+        return OutageNotice(area, start_ms, end_ms, accounts, announced)
+
+    def _area_notice(
+        self, code: str, area: str, ref: str, detail: dict[str, Any]
+    ) -> tuple[tuple[str, ...], bool]:
+        """Journal one ``code`` notice per account of ``area`` (none if ``ref`` is already there)
+        and put them in the outbox, in one transaction. Returns the area's accounts and whether
+        anything was journaled."""
         store = self.controller.store
         with store.transaction():
             accounts = tuple(store.accounts_in_area(area))
-            if not accounts:
-                raise FeeControlError("unknown_area", area, "no enrolled meter is in this area")
-            if store.find_ref(JournalKind.NOTICE, ref) is not None:
-                return OutageNotice(area, start_ms, end_ms, accounts, False)
-            detail = json.dumps(
-                {"area": area, "start_ms": start_ms, "end_ms": end_ms, "reason": reason, "by": by},
-                separators=(",", ":"),
-            )
+            if not accounts or store.find_ref(JournalKind.NOTICE, ref) is not None:
+                return accounts, False
+            now, text = self.clock(), json.dumps(detail, separators=(",", ":"))
             for account_id in accounts:
-                store.append(
-                    JournalEntry(now, account_id, JournalKind.NOTICE, OUTAGE_PLANNED, ref=ref, detail=detail)
-                )
+                store.append(JournalEntry(now, account_id, JournalKind.NOTICE, code, ref=ref, detail=text))
             self.outbox.collect()  # joins this transaction: the notices and their outbox rows commit together
-        log.info(
-            "outage announced",
-            extra=kv(area=area, start_ms=start_ms, end_ms=end_ms, accounts=len(accounts), by=by),
-        )
         self.kick_notifiers()
-        return OutageNotice(area, start_ms, end_ms, accounts, True)
+        return accounts, True
 
     async def flush(self, *, notes: bool = True) -> None:
         """Send ``ISSUED`` commands not yet sent (or due for a resend), stopping at the first

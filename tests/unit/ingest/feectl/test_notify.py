@@ -1,7 +1,7 @@
 """Notification rules and the outbox over a real SQLite ledger, with notifiers replaced at their
 seam by scripted ones (a list-recording ``send`` that fails as told): ids are stable across
 processes, the back-off schedule, transient versus permanent failures, per-notifier independence,
-pruning, planned-outage notices and the ``[service.notify]`` config."""
+pruning, planned and detected area-outage notices and the ``[service.notify]`` config."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from ingest.feectl.notify import (
 from ingest.feectl.service import FeeControlService
 from ingest.feectl.sqlite_store import SqliteLedgerStore
 from ingest.model.tariff import Tariff
+from protocols import topics
+from protocols.alarms import AreaOutage
 from protocols.errors import ConfigError
 
 from .conftest import FLAT_TOML, make_controller, ms
@@ -368,3 +370,36 @@ def test_meter_area_is_kept_in_the_ledger(flat: Tariff, tmp_path: Path) -> None:
     assert service.enroll() == 0  # unchanged on the next start
     detail: Any = json.loads(next(e for e in service.controller.journal("acc-2") if e.code == "PUT").detail)
     assert detail["meters"] == [["m-2", "gw-1", True, "TA-0042"], ["m-3", "gw-1", True]]
+
+
+async def test_detected_area_outage_from_ingest_is_notified_once(tmp_path: Path) -> None:
+    write_files(tmp_path)
+    cfg = load_service_config(config_text(AREA_ACCOUNTS), tmp_path)
+    n = Scripted("mqtt")
+    service = FeeControlService(cfg, clock=lambda: T, notifiers=[n])
+    service.enroll()
+    alarm = AreaOutage("TA-0042", T - 60_000, 12).to_json()
+    assert service.handle_message(topics.ALARMS, alarm)
+    assert service.handle_message(topics.ALARMS, alarm)  # redelivered: the same outage
+    assert service.handle_message(topics.ALARMS, AreaOutage("TA-0001", T, 3).to_json())  # nobody there
+    assert service.handle_message(topics.ALARMS, b'{"v":1,"type":"area_outage"}')
+    await service.flush()
+    outages = [json.loads(x.payload) for x in n.sent if json.loads(x.payload)["category"] == "outage"]
+    assert [(o["kind"], o["account"], o["severity"]) for o in outages] == [
+        ("OUTAGE_DETECTED", "acc-2", "critical"),
+        ("OUTAGE_DETECTED", "acc-3", "critical"),
+    ]
+    assert outages[0]["outage"] == {
+        "area": "TA-0042",
+        "start_ms": T - 60_000,
+        "end_ms": None,
+        "reason": "power_down_events",
+        "events": 12,
+    }
+    m = service.metrics.registry
+    assert m.get_sample_value("amigw_feectl_messages_total", {"topic": "alarms", "result": "applied"}) == 2
+    assert m.get_sample_value("amigw_feectl_messages_total", {"topic": "alarms", "result": "ignored"}) == 1
+    assert m.get_sample_value("amigw_feectl_messages_total", {"topic": "alarms", "result": "rejected"}) == 1
+    store = service.controller.store
+    with store.transaction():
+        assert [r.reason for r in store.rejects(10)] == ["undecodable"]
