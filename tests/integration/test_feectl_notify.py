@@ -3,7 +3,8 @@ mosquitto (its MQTT notifier publishes there, a subscriber reads them back) and 
 webhook receiver on a free loopback port. Shown: a receiver that fails with 503 gets each
 notification accepted exactly once, in order, signed; a receiver that is down for a while gets
 everything once it is up, while MQTT delivery goes on and the metrics show the outage; a service
-discarded right after deciding loses nothing: the next one on the same ledger delivers it all.
+discarded right after deciding loses nothing: the next one on the same ledger delivers it all;
+an area outage raised by ingest (a real worker and influxd) reaches the area's customers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ import pytest
 
 from ingest.feectl.cli import load
 from ingest.feectl.service import FeeControlService
+from protocols.payload import Event
 from simulators.servers import Mosquitto
 
 from .test_feectl_service import FLAT, GW, KEY, T0, intervals, until
+from .test_ingest_bounds import registry
+from .test_pipeline import T0 as PIPE_T0
+from .test_pipeline import Publisher, ingest_toml, run_worker, topics_for
 
 pytestmark = pytest.mark.integration
+__all__ = ["run_worker"]  # the fixture, shared with test_pipeline
 
 SECRET = "webhook-secret-0123456789"
 
@@ -303,5 +309,47 @@ async def test_decisions_of_a_discarded_service_are_delivered_by_the_next(
         assert [n["id"] for n in receiver.accepted] == want_ids
         assert kinds_of(receiver.accepted, ids["a"]) == [*A_KINDS, "RECOVERED"]
     finally:
+        await stopped(service, task)
+        await receiver.stop()
+
+
+async def test_area_outage_raised_by_ingest_reaches_the_customers_of_the_area(
+    tmp_path: Path, mosquitto: Mosquitto, influx_db: Any, run_worker: Any
+) -> None:
+    influxd, db = influx_db
+    port = free_port()
+    receiver = Receiver()
+    await receiver.start(port)
+    path, ids = write_config(tmp_path, mosquitto, port)
+    edge_gw = f"gw-o-{uuid.uuid4().hex[:8]}"
+    area = ids["area"]
+    reg = registry(tmp_path, {m: (edge_gw, area) for m in (ids["ma"], ids["mb"], "o-3", "o-4")})
+    group = f"g{uuid.uuid4().hex[:8]}"
+    await run_worker(
+        ingest_toml(tmp_path, mosquitto, influxd, db, topics_for(group, [edge_gw], events=True), registry=reg)
+    )
+    service, task = await started(path)
+    await until(lambda: service.consumer is not None, what="fee control subscribed")
+    await asyncio.sleep(0.3)
+    pub = Publisher(mosquitto)
+    try:
+        for i, meter in enumerate((ids["ma"], ids["mb"], "o-3")):  # 3 of the area's 4 meters
+            down = Event(f"pd-{i}-{group}", edge_gw, "power_down", PIPE_T0 + i * 1_000, meter)
+            pub.send(f"ami/v1/{edge_gw}/up/events", down.to_json())
+        await until(
+            lambda: len([n for n in receiver.accepted if n["kind"] == "OUTAGE_DETECTED"]) == 2,
+            timeout_s=20,
+            what="outage notices",
+        )
+        await asyncio.sleep(0.5)  # a repeated alarm would notify again now
+        outages = [n for n in receiver.accepted if n["kind"] == "OUTAGE_DETECTED"]
+        assert sorted(n["account"] for n in outages) == sorted((ids["a"], ids["b"]))
+        o = outages[0]["outage"]
+        assert (o["area"], o["events"], o["end_ms"]) == (area, 3, None)
+        assert PIPE_T0 <= o["start_ms"] <= PIPE_T0 + 2_000
+        [alarm] = influxd.query("SELECT * FROM alarms", db=db)
+        assert alarm["area"] == area
+    finally:
+        pub.close()
         await stopped(service, task)
         await receiver.stop()
