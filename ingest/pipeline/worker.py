@@ -27,7 +27,8 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   (with the store's reason and message), the rest is written. Each commit step (VEE-21 shaping,
   the write, publishing and outage correlation) is retried on its own: a failing publish does not
   redo the write. Then the group's intervals are published (one message per batch, PUBACKs
-  awaited), outages correlated, ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose
+  awaited), outages correlated (a new area-outage alarm is published on ``ami/v1/agg/alarms``,
+  then written), ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose
   totals it changed, in the same transaction), and finally every message of the group is
   acknowledged. Right before the marks, the run state the group's batches carry out
   (VEE-08/09/19) is saved (:mod:`ingest.pipeline.state`: at once in the worker's copy, in the
