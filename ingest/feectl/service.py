@@ -554,8 +554,13 @@ class FeeControlService:
             )
             if d.command_id is not None:
                 self._kick.set()
-        if decisions and self.outbox.collect():
-            self.kick_notifiers()
+        if not decisions:
+            return
+        try:
+            if self.outbox.collect():
+                self.kick_notifiers()
+        except sqlite3.OperationalError as exc:  # the journal has them: the control loop collects later
+            log.error("notifications not collected yet", extra=kv(reason=exc))
 
     def kick(self) -> None:
         """Wake the control loop now (new commands or notifications to send)."""
