@@ -103,6 +103,7 @@ class PipelineSection:
     confirm: bool = True
     publish_intervals: bool = True
     publish_daily: bool = True
+    publish_alarms: bool = True
     aggregates_encoding: Literal["binary", "json"] = "binary"
     rollup_delay_s: float = 300.0
     rollup_check_s: float = 10.0
@@ -556,6 +557,9 @@ confirm = true
 # rolled up (again after late data).
 publish_intervals = true
 publish_daily = true
+# Publish each new area-outage alarm (OUT-02, below) to ami/v1/agg/alarms (QoS 1), where fee
+# control notifies the area's customers.
+publish_alarms = true
 # Encoding of the intervals messages: "binary" (columnar, like the readings payload; a third of
 # the bytes) or "json" (for consumers that cannot read msgpack). protocols.aggregates reads both.
 aggregates_encoding = "binary"

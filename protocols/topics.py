@@ -10,6 +10,7 @@
     ami/v1/{gateway}/down/ack        head-end -> edge   end-to-end confirmations (protocols.acks)
     ami/v1/agg/{kind}/{gateway}      ingest -> billing, fee control: aggregates
     ami/v1/agg/notifications         fee control -> customer channels: notifications
+    ami/v1/agg/alarms                ingest -> fee control: alarms (protocols.alarms)
 
 A gateway id is one topic level: it must be a valid id (:func:`check_gateway_id`) and may not be
 a level the tree reserves (``agg``, where the aggregates live), or a gateway could publish into
@@ -23,6 +24,7 @@ import re
 from protocols.errors import PayloadError
 
 __all__ = [
+    "ALARMS",
     "CMD_RESULTS_ALL",
     "EVENTS_SHARED",
     "NOTIFICATIONS",
@@ -51,6 +53,7 @@ READINGS_SHARED = f"$share/ingest/{PREFIX}/+/up/readings"
 EVENTS_SHARED = f"$share/ingest/{PREFIX}/+/up/events"
 CMD_RESULTS_ALL = f"{PREFIX}/+/up/cmd-result"
 NOTIFICATIONS = f"{PREFIX}/agg/notifications"
+ALARMS = f"{PREFIX}/agg/alarms"
 
 
 def check_gateway_id(gateway: str) -> str | None:

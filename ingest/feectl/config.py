@@ -32,7 +32,7 @@ from protocols.config import loads_toml
 from protocols.errors import ConfigError
 from protocols.topics import check_gateway_id
 
-from .model import Account, EstimatePolicy, MeterRef
+from .model import Account, EstimatePolicy, MeterRef, check_area
 
 __all__ = [
     "SAMPLE",
@@ -44,8 +44,10 @@ __all__ = [
     "MeterSettings",
     "MqttLink",
     "NoTripWindows",
+    "NotifySettings",
     "ServiceConfig",
     "ServiceSettings",
+    "WebhookSettings",
     "load_config",
     "load_feectl_config",
     "load_service_config",
@@ -305,16 +307,20 @@ class LimitSettings:
 @dataclass(frozen=True, slots=True)
 class MeterSettings:
     """One meter of an enrolled account. ``gateway`` (required) is the only gateway whose intervals
-    are charged to it; ``max_power_w`` its rating (default ``service.limits.max_power_w``)."""
+    are charged to it; ``max_power_w`` its rating (default ``service.limits.max_power_w``); ``area``
+    its transformer area, if known."""
 
     meter: str
     gateway: str
     remote: bool = True  # False: local fee-control mode (FC-01), monitored, never tripped
     max_power_w: int | None = None
+    area: str | None = None  # the transformer area supplying it (planned-outage notices)
 
     def __post_init__(self) -> None:
         if not self.meter:
             raise ValueError("meter: must not be empty")
+        if self.area is not None and (why := check_area(self.area)) is not None:
+            raise ValueError(f"area: {why}")
         why = check_gateway_id(self.gateway)
         if why is not None:
             raise ValueError(f"gateway: {why}")
@@ -335,6 +341,46 @@ class AccountSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """One ``[[service.notify.webhook]]``: notifications are POSTed to ``url`` (http or https).
+    With ``secret_file`` each request carries ``X-Amigw-Signature: sha256=<hex HMAC-SHA256 of the
+    body>``. ``name`` labels its outbox rows and metrics; keep it when the URL changes."""
+
+    url: str
+    name: str = "webhook"
+    secret_file: str | None = None
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+            raise ValueError(f"url: expected http://host[:port]/path or https://..., got {self.url!r}")
+        if self.name == "mqtt" or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.name):
+            raise ValueError(f"name: expected 1-64 of a-z 0-9 _ - (not 'mqtt'), got {self.name!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s: must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NotifySettings:
+    """``[service.notify]``: where notifications go, and how failed deliveries are retried."""
+
+    mqtt: bool = True  # publish on ami/v1/agg/notifications
+    webhook: list[WebhookSettings] = field(default_factory=list)
+    retry_initial_s: float = 1.0  # the first wait after a failed delivery; doubled each time
+    retry_max_s: float = 300.0  # the longest wait between tries (tries never stop)
+    keep_days: float = 30.0  # delivered (or dead) notifications are pruned after this
+
+    def __post_init__(self) -> None:
+        if self.retry_initial_s <= 0:
+            raise ValueError("retry_initial_s: must be > 0")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s: must be >= retry_initial_s")
+        if self.keep_days <= 0:
+            raise ValueError("keep_days: must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSettings:
     """``[service]``: the fee-control process around the core."""
 
@@ -347,6 +393,7 @@ class ServiceSettings:
     http: HttpSettings = field(default_factory=lambda: HttpSettings(enabled=False))
     views: ViewsSettings = field(default_factory=ViewsSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     command_key_files: dict[str, str] = field(default_factory=dict)  # gateway -> hex key file
     tariff_files: dict[str, str] = field(default_factory=dict)  # tariff id -> tariff TOML file
     accounts: list[AccountSettings] = field(default_factory=list)
@@ -386,6 +433,7 @@ class ServiceConfig:
     meter_max_power_w: Mapping[str, int] = field(default_factory=dict)  # enrolled ratings
     views_ingest: IngestConfig | None = None  # [service.views] ingest_config, read and validated
     acks_path: Path | None = None  # [service.views] acks_path, resolved
+    webhook_secrets: Mapping[str, bytes] = field(default_factory=dict)  # webhook name -> secret
 
     def max_power_w(self, meter: str) -> int:
         """The rating that bounds ``meter``'s intervals (``service.limits``)."""
@@ -438,10 +486,30 @@ def load_service_config(text: str, base_dir: str | Path = ".") -> ServiceConfig:
             views_ingest = load_ingest_config(ingest_path)
         except ConfigError as exc:
             raise ConfigError("service.views.ingest_config", f"{ingest_path}: {exc}") from None
+    secrets = _webhook_secrets(base, svc.notify)
     return ServiceConfig(
         core, svc, base / svc.db_path, keys, tariffs, accounts, tokens, mqtt, ratings,
-        views_ingest, base / svc.views.acks_path,
+        views_ingest, base / svc.views.acks_path, secrets,
     )  # fmt: skip
+
+
+def _webhook_secrets(base: Path, notify: NotifySettings) -> dict[str, bytes]:
+    """Each webhook's secret (read once, here), and the check that webhook names are distinct."""
+    secrets: dict[str, bytes] = {}
+    seen: set[str] = set()
+    for i, w in enumerate(notify.webhook):
+        if w.name in seen:
+            raise ConfigError(
+                f"service.notify.webhook[{i}].name", f"{w.name!r} is taken: give each webhook its own name"
+            )
+        seen.add(w.name)
+        if w.secret_file is not None:
+            key_path = f"service.notify.webhook[{i}].secret_file"
+            secret = _secret_file(base / w.secret_file, key_path)
+            if len(secret) < 16:
+                raise ConfigError(key_path, "the secret must be at least 16 characters")
+            secrets[w.name] = secret.encode()
+    return secrets
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -511,7 +579,9 @@ def _account(a: AccountSettings, i: int, tariffs: Mapping[str, Tariff], keys: Ma
         if m.gateway not in keys:
             raise ConfigError(f"{path}.meters[{j}].gateway", f"no command key for gateway {m.gateway!r}")
     try:
-        meters = tuple(MeterRef(m.meter, m.gateway, m.remote, m.max_power_w) for m in a.meters)
+        meters = tuple(
+            MeterRef(m.meter, m.gateway, m.remote, max_power_w=m.max_power_w, area=m.area) for m in a.meters
+        )
         return Account(a.account_id, meters, a.tariff, a.customer_class, a.protected)
     except ValueError as exc:
         name, _, reason = str(exc).partition(": ")
@@ -632,6 +702,26 @@ future_tolerance_s = 300
 # The largest single payment accepted by POST /v1/payments (400 amount_out_of_range above it).
 max_payment_fen = 10000000
 
+[service.notify]
+# Customer notifications (docs/feectl.md, Notifications). Each one is kept in the ledger's
+# outbox until every notifier below has delivered it (or refused it for good).
+# Publish them on ami/v1/agg/notifications (QoS 1).
+mqtt = true
+# After a failed delivery, wait retry_initial_s, then twice as long each time, at most
+# retry_max_s; a notifier retries until it delivers (later notifications wait behind it).
+retry_initial_s = 1.0
+retry_max_s = 300.0
+# Delivered (or refused) notifications are pruned after this many days.
+keep_days = 30.0
+
+# Webhooks, each delivering every notification on its own (none by default). 2xx delivers;
+# 408, 429, 5xx, a timeout or no connection are retried; another 4xx is refused for good.
+# [[service.notify.webhook]]                     (example)
+# name = "webhook"             # labels its outbox rows and metrics; distinct per webhook
+# url = "https://notify.example.net/amigw"
+# secret_file = "/etc/amigw/webhook.secret"   # >= 16 characters: signs each body (HMAC-SHA256)
+# timeout_s = 10.0
+
 # Accounts enrolled at start: an entry is applied when it is new or was edited since it was last
 # applied, so changes made through the operations (enrol_account) survive a restart. Each meter
 # names the one gateway whose intervals are charged to it (required; intervals from any other
@@ -641,5 +731,6 @@ max_payment_fen = 10000000
 # tariff = "ln-res"
 # protected = false            # FC-07
 # customer_class = "residential"
-# meters = [{ meter = "000012345678", gateway = "gw-1", remote = true, max_power_w = 13200 }]
+# meters = [{ meter = "000012345678", gateway = "gw-1", remote = true, max_power_w = 13200,
+#             area = "TA-0042" }]     # area: the transformer area, for planned-outage notices
 """

@@ -1038,7 +1038,10 @@ def _definition(account: Account) -> dict[str, object]:
         "tariff": account.tariff_id,
         "protected": account.protected,
         "class": account.customer_class,
-        "meters": [[m.meter, m.gateway, m.remote, m.max_power_w] for m in account.meters],
+        "meters": [
+            [m.meter, m.gateway, m.remote, m.max_power_w, *([m.area] if m.area else [])]
+            for m in account.meters
+        ],
     }
 
 

@@ -7,7 +7,7 @@ free one) and returns the server, so that the service can read its address and s
 Counters (all ``_total``):
 
 * ``amigw_feectl_messages_total{topic, result}``: MQTT messages by topic kind (``intervals``,
-  ``cmd_result``, ``other``) and result (``applied``, ``rejected``, ``ignored``, ``unpriced``);
+  ``cmd_result``, ``alarms``, ``other``) and result (``applied``, ``rejected``, ``ignored``, ``unpriced``);
 * ``amigw_feectl_charges_total{status}``: intervals by charge status (``charged``,
   ``duplicate``, ``held``, ``trued_up``, ``superseded``, ``conflict``) and ``skipped`` (another
   quantity, or a meter not under fee control);
@@ -18,15 +18,22 @@ Counters (all ``_total``):
   (``attempt``: ``first`` or ``resend``);
 * ``amigw_feectl_payments_total{result}``: ``recorded``, ``repeated`` (same id again), or the
   API's error code for a refused payment;
-* ``amigw_feectl_notifications_total{result}``: ``sent`` or ``dropped`` (queue full);
+* ``amigw_feectl_notifications_total{notifier, result}``: deliveries by notifier (``mqtt``, or
+  a webhook's name) and result (``sent``; ``retry``: a transient failure, tried again later;
+  ``dead``: refused for good, kept with its reason);
 * ``amigw_feectl_publish_failures_total``.
+
+Gauges:
+
+* ``amigw_feectl_notifications_pending{notifier}``: notifications in the outbox that the notifier
+  has not delivered yet.
 """
 
 from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 __all__ = ["FeeControlMetrics", "serve"]
 
@@ -65,7 +72,16 @@ class FeeControlMetrics:
             registry=r,
         )
         self.notifications = Counter(
-            "amigw_feectl_notifications_total", "Notifications sent or dropped", ["result"], registry=r
+            "amigw_feectl_notifications_total",
+            "Notification deliveries by notifier and result (sent, retry, dead)",
+            ["notifier", "result"],
+            registry=r,
+        )
+        self.notifications_pending = Gauge(
+            "amigw_feectl_notifications_pending",
+            "Notifications in the outbox not yet delivered, by notifier",
+            ["notifier"],
+            registry=r,
         )
         self.publish_failures = Counter(
             "amigw_feectl_publish_failures_total", "Publishes that failed (retried later)", registry=r

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from protocols.alarms import check_area
 from protocols.commands import Action
 from protocols.errors import AmigwError
 
@@ -29,6 +30,7 @@ __all__ = [
     "MeterRef",
     "PaymentResult",
     "RelayState",
+    "check_area",
     "round_half_up",
 ]
 
@@ -135,12 +137,15 @@ class MeterRef:
     ``remote=False`` means the meter runs local fee control (FC-01): monitored, never tripped.
     ``max_power_w`` is its rated maximum power (bounds its intervals' energy; None: the service's
     default rating).
+    ``area`` is the transformer area (台区) the meter is supplied from, if known: an area outage
+    is announced to the accounts of its meters.
     """
 
     meter: str
     gateway: str
     remote: bool = True
     max_power_w: int | None = None
+    area: str | None = None
 
     def __post_init__(self) -> None:
         if not self.meter:
@@ -149,6 +154,10 @@ class MeterRef:
             raise ValueError("gateway: must not be empty")
         if self.max_power_w is not None and self.max_power_w <= 0:
             raise ValueError("max_power_w: must be > 0")
+        if self.area is not None:
+            why = check_area(self.area)
+            if why is not None:
+                raise ValueError(f"area: {why}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,9 @@ __all__ = ["consumer_config", "publisher"]
 
 
 def consumer_config(cfg: ServiceConfig) -> ConsumerConfig:
-    """The subscribing session: the intervals of every gateway and every gateway's command
-    results, QoS 1, persistent, manual acknowledgement."""
-    filters = (topics.agg_all("intervals"), topics.CMD_RESULTS_ALL)
+    """The subscribing session: the intervals of every gateway, every gateway's command results
+    and ingest's alarms, QoS 1, persistent, manual acknowledgement."""
+    filters = (topics.agg_all("intervals"), topics.CMD_RESULTS_ALL, topics.ALARMS)
     return cfg.mqtt.consumer_config(cfg.mqtt.client_id, filters, MAX_MESSAGE_BYTES)
 
 

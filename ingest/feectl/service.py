@@ -9,6 +9,8 @@ Accepts, over MQTT (through :mod:`.mqtt`):
   (:meth:`~.config.LimitSettings.interval_refusal`) and charged, in its own transaction, with
   :meth:`FeeController.charge_interval` (``gateway=``: only the meter's enrolled gateway may
   charge it), estimated when its flags carry ``Flag.ESTIMATED``. Other meters are skipped.
+* ``ami/v1/agg/alarms`` -- ingest's alarms (:mod:`protocols.alarms`): an area outage is
+  journaled as one ``OUTAGE_DETECTED`` notice per account with a meter in that area, and notified.
 * ``ami/v1/{gateway}/up/cmd-result`` -- results signed by the edge. They are decoded with that
   gateway's key; a result that does not verify, or names another gateway, is rejected, never
   matched. A verified one goes to :meth:`FeeController.on_result`, and a ``done`` relay result's
@@ -33,8 +35,9 @@ Publishes:
   every ``ISSUED`` command that this process has not sent yet, and resends it, with the same id,
   every ``resend_interval_s`` until a result arrives or it expires. After a crash the restarted
   process therefore resends exactly the commands decided before it, never new ones (FC-11).
-* notifications (:func:`notification`) on ``ami/v1/agg/notifications``, QoS 1, best effort: the
-  journal is the record; a notification decided just before a crash may be lost.
+* notifications (:mod:`.notify`): derived from the journal into the ledger's outbox and
+  delivered by each configured notifier (``ami/v1/agg/notifications`` QoS 1, webhooks) on its
+  own, retried with back-off; nothing decided before a crash is lost.
 
 Every ``tick_interval_s`` the core's :meth:`FeeController.tick` expires overdue commands and
 re-evaluates every account. The core runs on the event loop's thread (one SQLite connection;
@@ -44,7 +47,6 @@ each call is one short transaction), so calls never interleave.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import json
@@ -52,13 +54,14 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ingest.mqtt.consumer import MqttConsumer
 from protocols import topics
 from protocols.aggregates import INTERVALS_MAGIC, MAX_MESSAGE_BYTES, IntervalRecord, decode_intervals
+from protocols.alarms import MAX_ALARM_BYTES, decode_alarm
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
@@ -70,40 +73,27 @@ from .config import ServiceConfig
 from .engine import FeeController
 from .lifecycle import RelayOrderResult
 from .metrics import FeeControlMetrics, serve
-from .model import ORDER_ACTIONS, ChargeStatus, Decision, DecisionKind, FeeControlError, PaymentResult
+from .model import ORDER_ACTIONS, ChargeStatus, Decision, FeeControlError, PaymentResult, check_area
 from .mqtt import consumer_config, publisher
+from .notify import OUTAGE_DETECTED, OUTAGE_PLANNED, MqttNotifier, Notifier, Outbox, WebhookNotifier
 from .sqlite_store import SqliteLedgerStore
-from .store import JournalKind, Reject
+from .store import JournalEntry, JournalKind, Reject
 
 __all__ = [
     "FeeControlService",
+    "OutageNotice",
     "Publisher",
     "ServiceStats",
     "install_signal_handlers",
-    "notification",
     "wall_ms",
 ]
 
 log = logging.getLogger("amigw.feectl")
 
-NOTIFICATION_QUEUE_MAX = 10_000
+_PRUNE_EVERY_MS = 3_600_000  # delivered notifications older than keep_days are pruned hourly
+_NOTIFY_IDLE_S = 60.0  # a notifier loop with nothing to do looks at the outbox again after this
 REJECT_PAYLOAD_BYTES = 1024  # the first bytes of a rejected message kept in the rejects table
 _DETAIL_CHARS = 300  # a reject's detail, and ids taken from the payload, are cut to this
-_SEVERITY: dict[DecisionKind, tuple[str, str]] = {
-    DecisionKind.ALARM1: ("balance", "warning"),
-    DecisionKind.ALARM2: ("balance", "warning"),
-    DecisionKind.ZERO_NOTICE: ("balance", "critical"),
-    DecisionKind.RECOVERED: ("balance", "info"),
-    DecisionKind.RESTORE_DEFERRED: ("balance", "warning"),
-    DecisionKind.TRIP_ISSUED: ("supply", "critical"),
-    DecisionKind.RESTORE_ISSUED: ("supply", "info"),
-    DecisionKind.RESTORE_CONFIRMED: ("supply", "info"),
-    DecisionKind.FAILED: ("command", "warning"),
-    DecisionKind.EXPIRED: ("command", "warning"),
-    DecisionKind.UNCONFIRMED: ("command", "warning"),
-    DecisionKind.COMMAND_FAILED: ("command", "critical"),
-    DecisionKind.METER_IN_PROTECT: ("command", "critical"),
-}
 
 
 def wall_ms() -> int:
@@ -174,39 +164,21 @@ class ServiceStats:
     results_unverified: int = 0
     commands_sent: int = 0
     commands_resent: int = 0
-    notifications_sent: int = 0
-    notifications_dropped: int = 0
     publish_failures: int = 0
     payments: int = 0
     ticks: int = 0
 
 
-def notification(d: Decision, ts_ms: int) -> dict[str, Any] | None:
-    """The JSON object published for a decision, or None when the decision is not notified.
+@dataclass(frozen=True, slots=True)
+class OutageNotice:
+    """What :meth:`FeeControlService.announce_outage` did: the accounts of the area, and whether
+    this call announced it (False: the same outage was announced before; nothing is sent again)."""
 
-    ``{"v": 1, "type": "feectl-notification", "ts_ms", "kind", "category", "severity",
-    "account", "meter", "reasons", "balance_fen", "actual_balance_fen", "action", "command_id"}``.
-    """
-    cs = _SEVERITY.get(d.kind)
-    if cs is None:
-        return None
-    if d.kind is DecisionKind.RESTORE_DEFERRED and "BALANCE_NOT_ABOVE_RESTORE" not in d.reasons:
-        return None  # waiting for a command in flight or a retry is not news to the customer
-    return {
-        "v": 1,
-        "type": "feectl-notification",
-        "ts_ms": ts_ms,
-        "kind": d.kind.value,
-        "category": cs[0],
-        "severity": cs[1],
-        "account": d.account_id,
-        "meter": d.meter,
-        "reasons": list(d.reasons),
-        "balance_fen": d.balance_fen,
-        "actual_balance_fen": d.actual_balance_fen,
-        "action": None if d.action is None else d.action.value,
-        "command_id": d.command_id,
-    }
+    area: str
+    start_ms: int
+    end_ms: int
+    accounts: tuple[str, ...]
+    announced: bool
 
 
 class FeeControlService:
@@ -220,7 +192,9 @@ class FeeControlService:
         *,
         clock: Callable[[], int] = wall_ms,
         publisher: Publisher | None = None,
+        notifiers: Sequence[Notifier] | None = None,
     ) -> None:
+        """``notifiers`` replaces the ones ``[service.notify]`` configures (tests)."""
         self.cfg = cfg
         if controller is None:
             controller = FeeController(SqliteLedgerStore(cfg.db_path), cfg.feectl, cfg.tariffs)
@@ -236,10 +210,24 @@ class FeeControlService:
         self.consumer: MqttConsumer | None = None
         self._keys = dict(cfg.command_keys)
         self._sent: dict[str, int] = {}  # command id -> when this process last sent it
-        self._notes: collections.deque[bytes] = collections.deque()
+        if notifiers is None:
+            notifiers = self._configured_notifiers()
+        self.outbox = Outbox(controller.store, notifiers, cfg.service.notify, self.metrics, clock)
+        self._note_kicks = {n.name: asyncio.Event() for n in self.outbox.notifiers}
+        self._pruned_ms = 0
         self._kick = asyncio.Event()
         self._stop = asyncio.Event()
         self._link_down = False
+
+    def _configured_notifiers(self) -> list[Notifier]:
+        out: list[Notifier] = []
+        notify = self.cfg.service.notify
+        if notify.mqtt:
+            out.append(MqttNotifier(lambda: self.publisher))
+        for w in notify.webhook:
+            secret = self.cfg.webhook_secrets.get(w.name)
+            out.append(WebhookNotifier(w.name, w.url, secret=secret, timeout_s=w.timeout_s))
+        return out
 
     # -- enrolment ----------------------------------------------------------------------------
     def enroll(self) -> int:
@@ -302,6 +290,9 @@ class FeeControlService:
             elif (gateway := topics.cmd_result_gateway_of(topic)) is not None:
                 kind = "cmd_result"
                 result = self._on_result(msg, gateway)
+            elif topic == topics.ALARMS:
+                kind = "alarms"
+                result = self._on_alarm(msg)
             else:
                 result = self._reject(msg, "bad_topic", "not a topic fee control consumes")
         except sqlite3.OperationalError:
@@ -416,6 +407,31 @@ class FeeControlService:
         self._decided(res.decisions)
         return "charged"
 
+    def _on_alarm(self, msg: _Inbound) -> str:
+        """An OUT-02 area-outage alarm from ingest: one ``OUTAGE_DETECTED`` notice per account of
+        the area (``ref`` ``detected:<area>:<ts_ms>``: a redelivered alarm notifies nobody again).
+        An area with no enrolled meter is ignored."""
+        try:
+            alarm = decode_alarm(msg.payload)
+        except PayloadError as exc:
+            self.stats.payloads_invalid += 1
+            reason = "too_large" if len(msg.payload) > MAX_ALARM_BYTES else "undecodable"
+            return self._reject(msg, reason, str(exc))
+        detail = {
+            "area": alarm.area,
+            "start_ms": alarm.ts_ms,
+            "end_ms": None,
+            "reason": "power_down_events",
+            "events": alarm.events,
+        }
+        ref = f"detected:{alarm.area}:{alarm.ts_ms}"
+        accounts, new = self._area_notice(OUTAGE_DETECTED, alarm.area, ref, detail)
+        if new:
+            log.info(
+                "area outage notified", extra=kv(area=alarm.area, ts_ms=alarm.ts_ms, accounts=len(accounts))
+            )
+        return "applied" if accounts else "ignored"
+
     def _on_result(self, msg: _Inbound, gateway: str) -> str:
         msg.gateway = _cut(gateway)
         key = self._keys.get(gateway)
@@ -526,17 +542,20 @@ class FeeControlService:
         return out
 
     def health(self) -> dict[str, Any]:
+        pending, per = self.outbox.pending()
         return {
             "status": "ok",
             "mqtt_publisher": getattr(self.publisher, "connected", None),
-            "pending_notifications": len(self._notes),
+            "pending_notifications": pending,
+            "notifications": {
+                name: {"pending": per.get(name, 0), **counts} for name, counts in self.outbox.counts.items()
+            },
             "commands_awaiting_result": len(self._sent),
             "stats": asdict(self.stats),
         }
 
     # -- outbound -----------------------------------------------------------------------------
-    def _decided(self, decisions: Iterable[Decision]) -> None:
-        now = self.clock()
+    def _decided(self, decisions: Sequence[Decision]) -> None:
         for d in decisions:
             self.metrics.decisions.labels(d.kind.value).inc()
             log.info(
@@ -551,30 +570,93 @@ class FeeControlService:
                     command_id=d.command_id,
                 ),
             )
-            note = notification(d, now)
-            if note is not None:
-                if len(self._notes) >= NOTIFICATION_QUEUE_MAX:
-                    self._notes.popleft()
-                    self.stats.notifications_dropped += 1
-                    self.metrics.notifications.labels("dropped").inc()
-                self._notes.append(json.dumps(note, separators=(",", ":")).encode())
             if d.command_id is not None:
                 self._kick.set()
-        if self._notes:
-            self._kick.set()
+        if not decisions:
+            return
+        try:
+            if self.outbox.collect():
+                self.kick_notifiers()
+        except sqlite3.OperationalError as exc:  # the journal has them: the control loop collects later
+            log.error("notifications not collected yet", extra=kv(reason=exc))
 
     def kick(self) -> None:
         """Wake the control loop now (new commands or notifications to send)."""
         self._kick.set()
+        self.kick_notifiers()
+
+    def kick_notifiers(self) -> None:
+        """Wake every notifier's delivery loop (new notifications in the outbox)."""
+        for ev in self._note_kicks.values():
+            ev.set()
 
     def tick(self) -> None:
-        ev = self.controller.tick(self.clock())
+        now = self.clock()
+        ev = self.controller.tick(now)
         self.stats.ticks += 1
         self._decided(ev.decisions)
+        if now - self._pruned_ms >= _PRUNE_EVERY_MS:
+            self._pruned_ms = now
+            self.outbox.prune()
 
-    async def flush(self) -> None:
-        """Send ``ISSUED`` commands not yet sent (or due for a resend), then notifications.
-        Stops at the first transport failure; the next flush carries on."""
+    # -- notices ------------------------------------------------------------------------------
+    def announce_outage(self, area: str, start_ms: int, end_ms: int, reason: str, by: str) -> OutageNotice:
+        """Announce a planned outage of transformer area ``area`` from ``start_ms`` to ``end_ms``:
+        one ``OUTAGE_PLANNED`` notice per account with a meter in the area, journaled (kind
+        ``notice``, ``ref`` ``outage:<area>:<start_ms>:<end_ms>``) and put in the outbox in one
+        transaction. Announcing the same area and times again changes nothing.
+
+        Raises:
+            FeeControlError: ``unknown_area`` when no enrolled meter is in ``area``.
+            ValueError: a bad area name, ``end_ms <= start_ms``, an empty ``reason`` or ``by``.
+        """
+        why = check_area(area)
+        if why is not None:
+            raise ValueError(f"area: {why}")
+        if end_ms <= start_ms:
+            raise ValueError("end_ms: must be after start_ms")
+        if not reason.strip() or not by.strip():
+            raise ValueError("reason: reason and by must not be empty")
+        ref = f"outage:{area}:{start_ms}:{end_ms}"
+        detail = {"area": area, "start_ms": start_ms, "end_ms": end_ms, "reason": reason, "by": by}
+        accounts, announced = self._area_notice(OUTAGE_PLANNED, area, ref, detail)
+        if not accounts:
+            raise FeeControlError("unknown_area", area, "no enrolled meter is in this area")
+        if announced:
+            log.info(
+                "outage announced",
+                extra=kv(area=area, start_ms=start_ms, end_ms=end_ms, accounts=len(accounts), by=by),
+            )
+        return OutageNotice(area, start_ms, end_ms, accounts, announced)
+
+    def _area_notice(
+        self, code: str, area: str, ref: str, detail: dict[str, Any]
+    ) -> tuple[tuple[str, ...], bool]:
+        """Journal one ``code`` notice per account of ``area`` (none if ``ref`` is already there)
+        and put them in the outbox, in one transaction. Returns the area's accounts and whether
+        anything was journaled."""
+        store = self.controller.store
+        with store.transaction():
+            accounts = tuple(store.accounts_in_area(area))
+            if not accounts or store.find_ref(JournalKind.NOTICE, ref) is not None:
+                return accounts, False
+            now, text = self.clock(), json.dumps(detail, separators=(",", ":"))
+            for account_id in accounts:
+                store.append(JournalEntry(now, account_id, JournalKind.NOTICE, code, ref=ref, detail=text))
+            self.outbox.collect()  # joins this transaction: the notices and their outbox rows commit together
+        self.kick_notifiers()
+        return accounts, True
+
+    async def flush(self, *, notes: bool = True) -> None:
+        """Send ``ISSUED`` commands not yet sent (or due for a resend), stopping at the first
+        transport failure (the next flush carries on); then, unless ``notes`` is False, collect
+        and deliver notifications (every notifier until its queue is empty or must wait)."""
+        await self._send_commands()
+        if notes:
+            self.outbox.collect()
+            await self.outbox.deliver_all()
+
+    async def _send_commands(self) -> None:
         if self.publisher is None:
             return
         now = self.clock()
@@ -608,11 +690,6 @@ class FeeControlService:
                     log.info("command sent", extra=fields)
                 else:
                     self.stats.commands_resent += 1
-            while self._notes:
-                await self.publisher.publish(topics.NOTIFICATIONS, self._notes[0])
-                self._notes.popleft()
-                self.stats.notifications_sent += 1
-                self.metrics.notifications.labels("sent").inc()
         except TransportError as exc:
             self.stats.publish_failures += 1
             self.metrics.publish_failures.inc()
@@ -651,10 +728,15 @@ class FeeControlService:
                 app[VIEWS] = await stack.enter_async_context(open_views(self.cfg, self.cfg.mqtt.client_id))
                 self.api_address = await stack.enter_async_context(serving(app, http.host, http.port))
                 log.info("http api listening", extra=kv(host=self.api_address[0], port=self.api_address[1]))
+            stack.push_async_callback(self.outbox.aclose)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._consume_loop(), name="feectl-consume"),
                     tg.create_task(self._control_loop(), name="feectl-control"),
+                ]
+                tasks += [
+                    tg.create_task(self._notify_loop(n), name=f"feectl-notify-{n.name}")
+                    for n in self.outbox.notifiers
                 ]
                 if ready is not None:
                     ready(self)
@@ -674,13 +756,34 @@ class FeeControlService:
                     log.error("tick failed", exc_info=True, extra=kv(reason=exc))
                 next_tick = self.clock() + tick_ms
             try:
-                await self.flush()
+                await self.flush(notes=False)  # each notifier has its own loop (_notify_loop)
+                if self.outbox.collect():
+                    self.kick_notifiers()
             except Exception as exc:
                 log.error("flush failed", exc_info=True, extra=kv(reason=exc))
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0, next_tick - self.clock()) / 1000):
                     await self._kick.wait()
+
+    async def _notify_loop(self, notifier: Notifier) -> None:
+        """Deliver ``notifier``'s outbox until stopped: woken by new notifications, or at the time
+        its head may be retried. A notifier's failure or slowness holds back no other loop."""
+        kick = self._note_kicks[notifier.name]
+        while True:
+            kick.clear()
+            wait_s: float = _NOTIFY_IDLE_S
+            try:
+                due = await self.outbox.deliver(notifier)
+                if due is not None:
+                    wait_s = max(0.0, (due - self.clock()) / 1000)
+            except Exception as exc:  # the ledger, or a bug: try again after a pause
+                fields = kv(notifier=notifier.name, reason=exc)
+                log.error("notification delivery failed", exc_info=True, extra=fields)
+                wait_s = 1.0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await kick.wait()
 
     async def _consume_loop(self) -> None:
         """Connect (retrying), then apply and acknowledge each message in order. A ledger error
@@ -717,7 +820,7 @@ class FeeControlService:
         """An enrolment changed: the next interval reads the meters and ratings from the ledger."""
         self._enrolled = None
 
-    def apply_decisions(self, decisions: Iterable[Decision]) -> None:
+    def apply_decisions(self, decisions: Sequence[Decision]) -> None:
         """Decisions an operation took: logged, counted, notified, and their commands sent now."""
         self._decided(decisions)
         self.kick()

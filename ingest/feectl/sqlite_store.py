@@ -38,6 +38,7 @@ from .store import (
     JournalEntry,
     JournalKind,
     LedgerStore,
+    OutboxRow,
     Reject,
 )
 
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS meters (
     gateway TEXT NOT NULL, remote INTEGER NOT NULL, position INTEGER NOT NULL,
     relay TEXT NOT NULL DEFAULT 'closed', failed_action TEXT, failed_attempts INTEGER NOT NULL DEFAULT 0,
     last_failed_ms INTEGER, blocked_reason TEXT, last_sig TEXT NOT NULL DEFAULT '',
-    max_power_w INTEGER, manual_by TEXT
+    max_power_w INTEGER, manual_by TEXT, area TEXT
 );
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, account_id TEXT NOT NULL,
@@ -111,6 +112,24 @@ CREATE TABLE IF NOT EXISTS rejects (
     reason TEXT NOT NULL, detail TEXT NOT NULL, digest TEXT NOT NULL, payload BLOB NOT NULL,
     payload_bytes INTEGER NOT NULL, gateway TEXT, meter TEXT, interval_start_ms INTEGER
 );
+-- The notifications outbox: one row per notification, one delivery row per notifier. Derived
+-- from the journal's decision and notice rows up to notify_cursor (docs/feectl.md#notifications).
+CREATE TABLE IF NOT EXISTS notifications (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, ts_ms INTEGER NOT NULL,
+    account_id TEXT NOT NULL, payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notifications_ts ON notifications(ts_ms);
+CREATE TABLE IF NOT EXISTS notification_deliveries (
+    seq INTEGER NOT NULL REFERENCES notifications(seq) ON DELETE CASCADE, notifier TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')), attempts INTEGER NOT NULL,
+    next_ms INTEGER NOT NULL, done_ms INTEGER, reason TEXT,
+    PRIMARY KEY (notifier, seq)
+);
+CREATE INDEX IF NOT EXISTS notification_deliveries_pending
+    ON notification_deliveries(notifier, seq) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS notify_cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, ledger TEXT NOT NULL
+);
 """
 
 # Columns added after schema version 1: a version-1 ledger gets them at open (NULL = unset).
@@ -118,6 +137,7 @@ _ADDED_COLUMNS = (
     ("meters", "max_power_w", "INTEGER"),
     ("meters", "manual_by", "TEXT"),
     ("holds", "until_ms", "INTEGER"),
+    ("meters", "area", "TEXT"),
 )
 
 
@@ -134,6 +154,11 @@ class SqliteLedgerStore(LedgerStore):
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        # A ledger from before the outbox starts its cursor at its end: history is not re-notified.
+        self._db.execute(
+            "INSERT OR IGNORE INTO notify_cursor VALUES "
+            "(1, (SELECT COALESCE(MAX(seq), 0) FROM journal), lower(hex(randomblob(4))))"
+        )
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._depth = 0
 
@@ -199,11 +224,11 @@ class SqliteLedgerStore(LedgerStore):
         )
         for pos, ref in enumerate(account.meters):
             self._db.execute(
-                "INSERT INTO meters(meter, account_id, gateway, remote, position, max_power_w) "
-                "VALUES (?, ?, ?, ?, ?, ?) "
+                "INSERT INTO meters(meter, account_id, gateway, remote, position, max_power_w, area) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(meter) DO UPDATE SET gateway = excluded.gateway, remote = excluded.remote, "
-                "position = excluded.position, max_power_w = excluded.max_power_w",
-                (ref.meter, account.account_id, ref.gateway, int(ref.remote), pos, ref.max_power_w),
+                "position = excluded.position, max_power_w = excluded.max_power_w, area = excluded.area",
+                (ref.meter, account.account_id, ref.gateway, int(ref.remote), pos, ref.max_power_w, ref.area),
             )
         return True
 
@@ -214,10 +239,11 @@ class SqliteLedgerStore(LedgerStore):
         if row is None:
             raise FeeControlError("unknown_account", account_id)
         meters = self._db.execute(
-            "SELECT meter, gateway, remote, max_power_w FROM meters WHERE account_id = ? ORDER BY position",
+            "SELECT meter, gateway, remote, max_power_w, area FROM meters WHERE account_id = ? "
+            "ORDER BY position",
             (account_id,),
         ).fetchall()
-        refs = tuple(MeterRef(m, g, bool(r), p) for m, g, r, p in meters)
+        refs = tuple(MeterRef(m, g, bool(r), p, a) for m, g, r, p, a in meters)
         return Account(account_id, refs, row[0], row[1], bool(row[2]))
 
     def account_of_meter(self, meter: str) -> str:
@@ -444,7 +470,7 @@ class SqliteLedgerStore(LedgerStore):
     def meter_snapshots(self, account_id: str) -> list[MeterSnapshot]:
         rows = self._db.execute(
             "SELECT m.meter, m.gateway, m.remote, m.relay, c.action, m.failed_action, m.failed_attempts, "
-            "m.last_failed_ms, m.blocked_reason, m.last_sig, m.max_power_w, m.manual_by "
+            "m.last_failed_ms, m.blocked_reason, m.last_sig, m.max_power_w, m.manual_by, m.area "
             "FROM meters m LEFT JOIN commands c "
             "ON c.meter = m.meter AND c.state IN ('issued', 'acked') "
             "WHERE m.account_id = ? ORDER BY m.position",
@@ -452,7 +478,7 @@ class SqliteLedgerStore(LedgerStore):
         ).fetchall()
         return [
             MeterSnapshot(
-                MeterRef(r[0], r[1], bool(r[2]), r[10]),
+                MeterRef(r[0], r[1], bool(r[2]), r[10], r[12]),
                 RelayState(r[3]),
                 None if r[4] is None else Action(r[4]),
                 None if r[5] is None else Action(r[5]),
@@ -619,6 +645,104 @@ class SqliteLedgerStore(LedgerStore):
             (limit,),
         )
         return [Reject(*r) for r in rows]
+
+    # notifications outbox -------------------------------------------------------------------------
+    def accounts_in_area(self, area: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT DISTINCT account_id FROM meters WHERE area = ? ORDER BY account_id", (area,)
+        )
+        return [r[0] for r in rows]
+
+    def notify_cursor(self) -> int:
+        r = self._one("SELECT seq FROM notify_cursor WHERE id = 1")
+        return int(r[0]) if r else 0
+
+    def ledger_id(self) -> str:
+        r = self._one("SELECT ledger FROM notify_cursor WHERE id = 1")
+        return str(r[0]) if r else ""
+
+    def set_notify_cursor(self, seq: int) -> None:
+        self._db.execute("UPDATE notify_cursor SET seq = ? WHERE id = 1", (seq,))
+
+    def notice_rows_after(self, seq: int, limit: int) -> list[JournalEntry]:
+        rows = self._db.execute(
+            f"SELECT {self._JCOLS} FROM journal WHERE seq > ? AND kind IN ('decision', 'notice') "
+            "ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [self._jrow(r) for r in rows]
+
+    def add_notification(
+        self, seq: int, note_id: str, ts_ms: int, account_id: str, payload: bytes, notifiers: Sequence[str]
+    ) -> None:
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO notifications(seq, id, ts_ms, account_id, payload) VALUES (?, ?, ?, ?, ?)",
+            (seq, note_id, ts_ms, account_id, payload),
+        )
+        if cur.rowcount:
+            self._db.executemany(
+                "INSERT INTO notification_deliveries(seq, notifier, state, attempts, next_ms) "
+                "VALUES (?, ?, 'pending', 0, 0)",
+                [(seq, n) for n in notifiers],
+            )
+
+    def next_delivery(self, notifier: str) -> OutboxRow | None:
+        r = self._one(
+            "SELECT d.seq, n.id, n.account_id, n.payload, d.attempts, d.next_ms "
+            "FROM notification_deliveries d JOIN notifications n ON n.seq = d.seq "
+            "WHERE d.notifier = ? AND d.state = 'pending' ORDER BY d.seq LIMIT 1",
+            notifier,
+        )
+        return None if r is None else OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], r[5])
+
+    def finish_delivery(self, notifier: str, seq: int, state: str, now_ms: int, reason: str | None) -> None:
+        self._db.execute(
+            "UPDATE notification_deliveries SET state = ?, done_ms = ?, reason = ? "
+            "WHERE notifier = ? AND seq = ?",
+            (state, now_ms, reason, notifier, seq),
+        )
+
+    def retry_delivery(self, notifier: str, seq: int, attempts: int, next_ms: int, reason: str) -> None:
+        self._db.execute(
+            "UPDATE notification_deliveries SET attempts = ?, next_ms = ?, reason = ? "
+            "WHERE notifier = ? AND seq = ?",
+            (attempts, next_ms, reason, notifier, seq),
+        )
+
+    def pending_deliveries(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT notifier, COUNT(*) FROM notification_deliveries WHERE state = 'pending' GROUP BY notifier"
+        )
+        return {n: int(c) for n, c in rows}
+
+    def pending_notifications(self) -> int:
+        r = self._one("SELECT COUNT(DISTINCT seq) FROM notification_deliveries WHERE state = 'pending'")
+        return int(r[0]) if r else 0
+
+    def retire_notifiers(self, keep: Sequence[str], now_ms: int) -> int:
+        marks = ", ".join("?" * len(keep))
+        cur = self._db.execute(
+            "UPDATE notification_deliveries SET state = 'dead', done_ms = ?, reason = 'notifier_removed' "
+            f"WHERE state = 'pending' AND notifier NOT IN ({marks})",
+            (now_ms, *keep),
+        )
+        return cur.rowcount
+
+    def deliveries(self, notifier: str) -> list[tuple[str, str, int, str | None]]:
+        rows = self._db.execute(
+            "SELECT n.id, d.state, d.attempts, d.reason FROM notification_deliveries d "
+            "JOIN notifications n ON n.seq = d.seq WHERE d.notifier = ? ORDER BY d.seq",
+            (notifier,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def prune_notifications(self, before_ms: int) -> int:
+        cur = self._db.execute(
+            "DELETE FROM notifications WHERE ts_ms < ? AND NOT EXISTS (SELECT 1 FROM "
+            "notification_deliveries d WHERE d.seq = notifications.seq AND d.state = 'pending')",
+            (before_ms,),
+        )
+        return cur.rowcount
 
     # checks ---------------------------------------------------------------------------------------
     def check_consistency(self) -> ConsistencyReport:

@@ -38,6 +38,7 @@ __all__ = [
     "JournalEntry",
     "JournalKind",
     "LedgerStore",
+    "OutboxRow",
     "Reject",
 ]
 
@@ -52,6 +53,7 @@ class JournalKind(enum.StrEnum):
     DECISION = "decision"
     COMMAND = "command"
     ACCOUNT = "account"  # account opened or changed (protected flag, tariff)
+    NOTICE = "notice"  # a notice to the customer that no decision caused (a planned area outage)
 
 
 CHARGE_KINDS = frozenset({JournalKind.CHARGE, JournalKind.TRUEUP, JournalKind.REPRICE})
@@ -134,6 +136,18 @@ class Reject:
     gateway: str | None = None
     meter: str | None = None
     interval_start_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One notification waiting for one notifier: the head of that notifier's queue."""
+
+    seq: int  # the outbox's own order (the journal's order of the rows it came from)
+    note_id: str
+    account_id: str
+    payload: bytes
+    attempts: int  # failed attempts so far
+    next_ms: int  # not to be tried before this
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +308,65 @@ class LedgerStore(abc.ABC):
     @abc.abstractmethod
     def rejects(self, limit: int) -> list[Reject]:
         """The newest ``limit`` rejects, oldest first."""
+
+    # notifications outbox -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def accounts_in_area(self, area: str) -> list[str]:
+        """Accounts with at least one meter in ``area``, sorted."""
+
+    @abc.abstractmethod
+    def notify_cursor(self) -> int:
+        """The last journal ``seq`` whose notification (if any) is in the outbox."""
+
+    @abc.abstractmethod
+    def notice_rows_after(self, seq: int, limit: int) -> list[JournalEntry]:
+        """Journal ``decision`` and ``notice`` rows after ``seq``, in journal order."""
+
+    @abc.abstractmethod
+    def add_notification(
+        self, seq: int, note_id: str, ts_ms: int, account_id: str, payload: bytes, notifiers: Sequence[str]
+    ) -> None:
+        """Put one notification in the outbox, pending for each notifier (``seq`` orders it). A
+        ``note_id`` already there is left as it is: it is never queued twice."""
+
+    @abc.abstractmethod
+    def set_notify_cursor(self, seq: int) -> None: ...
+
+    @abc.abstractmethod
+    def ledger_id(self) -> str:
+        """A random id chosen when the ledger was created: notification ids are unique across
+        ledgers, and stable for one."""
+
+    @abc.abstractmethod
+    def next_delivery(self, notifier: str) -> OutboxRow | None:
+        """The oldest notification still pending for ``notifier``."""
+
+    @abc.abstractmethod
+    def finish_delivery(self, notifier: str, seq: int, state: str, now_ms: int, reason: str | None) -> None:
+        """Mark one delivery ``sent`` or ``dead`` (``reason`` kept)."""
+
+    @abc.abstractmethod
+    def retry_delivery(self, notifier: str, seq: int, attempts: int, next_ms: int, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    def pending_deliveries(self) -> dict[str, int]:
+        """Pending deliveries per notifier."""
+
+    @abc.abstractmethod
+    def pending_notifications(self) -> int:
+        """Notifications with a delivery still pending for any notifier."""
+
+    @abc.abstractmethod
+    def retire_notifiers(self, keep: Sequence[str], now_ms: int) -> int:
+        """Mark deliveries pending for notifiers not in ``keep`` dead (``notifier_removed``)."""
+
+    @abc.abstractmethod
+    def deliveries(self, notifier: str) -> list[tuple[str, str, int, str | None]]:
+        """``(note_id, state, attempts, reason)`` of every delivery to ``notifier``, in order."""
+
+    @abc.abstractmethod
+    def prune_notifications(self, before_ms: int) -> int:
+        """Remove notifications older than ``before_ms`` with no delivery pending; returns how many."""
 
     # checks ---------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -27,7 +27,8 @@ knows the store only through :class:`~ingest.sinks.base.Sink` (today
   (with the store's reason and message), the rest is written. Each commit step (VEE-21 shaping,
   the write, publishing and outage correlation) is retried on its own: a failing publish does not
   redo the write. Then the group's intervals are published (one message per batch, PUBACKs
-  awaited), outages correlated, ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose
+  awaited), outages correlated (a new area-outage alarm is published on ``ami/v1/agg/alarms``,
+  then written), ``dedup.mark`` per batch (with the ``(gateway, day)`` keys whose
   totals it changed, in the same transaction), and finally every message of the group is
   acknowledged. Right before the marks, the run state the group's batches carry out
   (VEE-08/09/19) is saved (:mod:`ingest.pipeline.state`: at once in the worker's copy, in the
@@ -135,6 +136,7 @@ from ingest.sinks.base import (
 from ingest.sinks.influx.sink import InfluxSink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
+from protocols.alarms import AreaOutage, check_area
 from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
 from protocols.flags import Flag
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
@@ -255,7 +257,7 @@ class IngestWorker:
         for _ in range(slots):
             sinks.put_nowait(InfluxSink(cfg.influx, wide=p.schema == "wide"))
         publisher = None
-        if p.publish_intervals or p.publish_daily or p.confirm:
+        if p.publish_intervals or p.publish_daily or p.publish_alarms or p.confirm:
             publisher = MqttPublisher(cfg.mqtt, f"{cfg.mqtt.client_id}-{publisher_id}-pub")
         res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss, state=state)
         try:
@@ -869,7 +871,24 @@ class IngestWorker:
         else:
             self.metrics.alarms.inc()
             log.warning("area outage alarm area=%s ts_ms=%d events=%d", area, ts, events)
+            # Published before it is written: a failed publish retries the step, and the written
+            # alarm is what stops a second publish (a repeat is harmless: (area, ts_ms) names it).
+            await self._publish_alarm(area, ts, events)
         self._dead_letter_rejected(await sink.write(Writes(area_alarms=[AreaAlarm(area, ts, events)])))
+
+    async def _publish_alarm(self, area: str, ts: int, events: int) -> None:
+        """The new area-outage alarm on ``ami/v1/agg/alarms`` (``[pipeline] publish_alarms``),
+        PUBACK awaited, for fee control to notify the area's customers.
+
+        Raises: TransportError (the caller's step is retried)."""
+        res = self._res
+        if res is None or res.publisher is None or not self.cfg.pipeline.publish_alarms:
+            return
+        if check_area(area) is not None:  # a registry name the alarm format cannot carry
+            log.error("area outage alarm not published: area name not allowed area=%r", area)
+            return
+        await res.publisher.publish(topics.ALARMS, AreaOutage(area, ts, events).to_json())
+        self.metrics.published.labels("alarms").inc()
 
 
 class _NoSession:
