@@ -32,7 +32,7 @@ log = logging.getLogger("amigw.ops")
 
 WWW_AUTHENTICATE = 'Bearer realm="amigw"'
 ERROR_CODE = web.RequestKey("amigw.error_code", str)
-_FEECTL_STATUS = {"unknown_account": 404, "unknown_meter": 404, "unknown_command": 404}
+_FEECTL_STATUS = {"unknown_account": 404, "unknown_meter": 404, "unknown_command": 404, "unknown_area": 404}
 # aiohttp's exceptions, by status, as our codes (others: the reason phrase in snake case).
 _HTTP_CODES = {
     404: "not_found",

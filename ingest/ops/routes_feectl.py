@@ -272,3 +272,30 @@ async def statement(request: web.Request) -> web.Response:
 )  # fmt: skip
 async def reject_list(request: web.Request) -> web.Response:
     return _json(ops.rejects(request.app[SERVICE], _limit(request)))
+
+
+_OUTAGE: Schema = {
+    "type": "object",
+    "properties": {"area": _ID, "start_ms": _MS, "end_ms": _MS, "reason": _TEXT},
+    "required": ["area", "start_ms", "end_ms", "reason"],
+    "additionalProperties": False,
+}
+
+
+@routes.route(
+    "POST", "/v1/outages", roles=_OPERATE, body=_OUTAGE,
+    summary="Announce a planned outage of a transformer area to the customers supplied from it",
+    responses={201: ("Announced", _ANSWER), 200: ("Announced before: nothing sent again", _ANSWER)},
+)  # fmt: skip
+async def outage(request: web.Request) -> web.Response:
+    doc = await json_body(request)
+    try:
+        notice = request.app[SERVICE].announce_outage(
+            doc["area"], doc["start_ms"], doc["end_ms"], doc["reason"], request[WHO]
+        )
+    except ValueError as exc:
+        param, _, reason = str(exc).partition(": ")
+        raise BadArgument(param, reason) from None
+    answer = {"area": notice.area, "start_ms": notice.start_ms, "end_ms": notice.end_ms,
+              "accounts": list(notice.accounts), "announced": notice.announced}  # fmt: skip
+    return _json(answer, 201 if notice.announced else 200)

@@ -4,12 +4,16 @@ statements, lists; roles and malformed requests refused with nothing changed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from ingest.feectl.config import load_service_config
+from ingest.feectl.service import FeeControlService
+from ingest.ops.app import OpsSettings, build_app, serving
 from protocols import topics
 from protocols.commands import Action, verify_command
 
-from .conftest import KEY, NOW, Api, bearer, call, pay
+from .conftest import KEY, NOW, Api, Recorder, bearer, call, config_text, pay, write_files
 
 ENROL = bearer("enrol")
 OPERATE = bearer("operate")
@@ -124,3 +128,29 @@ async def test_holds_adjustments_statement_and_lists(api: Api) -> None:
     assert status == 200 and any(d["code"] == "HOLD_RELEASED" for d in decisions["decisions"]), decisions
     assert (await call(api.port, "GET", "/v1/rejects?limit=5", auth=bearer("read")))[0] == 200
     assert (await call(api.port, "GET", "/v1/rejects?limit=0", auth=bearer("read")))[0] == 400
+
+
+async def test_an_operator_announces_a_planned_outage_once(tmp_path: Path) -> None:
+    write_files(tmp_path)
+    extra = (
+        '[[service.accounts]]\naccount_id = "acc-3"\ntariff = "flat"\n'
+        'meters = [{ meter = "m-3", gateway = "gw-1", area = "TA-7" }]\n'
+    )
+    cfg = load_service_config(config_text(extra), tmp_path)
+    service = FeeControlService(cfg, clock=lambda: NOW, publisher=Recorder(), notifiers=[])
+    service.enroll()
+    app = build_app(service, OpsSettings(cfg.api_tokens, cfg.service.http.max_body_bytes))
+    body = {"area": "TA-7", "start_ms": NOW + 3_600_000, "end_ms": NOW + 7_200_000, "reason": "maintenance"}
+    async with serving(app, "127.0.0.1", 0) as (_, port):
+        assert (await call(port, "POST", "/v1/outages", body, auth=bearer("read")))[0] == 403
+        status, _, first = await call(port, "POST", "/v1/outages", body, auth=OPERATE)
+        assert status == 201 and first["accounts"] == ["acc-3"] and first["announced"] is True, first
+        status, _, again = await call(port, "POST", "/v1/outages", body, auth=OPERATE)
+        assert status == 200 and again["announced"] is False
+        status, _, none = await call(port, "POST", "/v1/outages", dict(body, area="TA-0"), auth=OPERATE)
+        assert (status, none["error"]) == (404, "unknown_area")
+        backwards = dict(body, end_ms=body["start_ms"])
+        assert (await call(port, "POST", "/v1/outages", backwards, auth=OPERATE))[0] == 400
+    notes = [e for e in service.controller.journal("acc-3") if e.code == "OUTAGE_PLANNED"]
+    assert len(notes) == 1
+    service.controller.store.close()
