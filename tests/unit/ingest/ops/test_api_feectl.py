@@ -154,3 +154,13 @@ async def test_an_operator_announces_a_planned_outage_once(tmp_path: Path) -> No
     notes = [e for e in service.controller.journal("acc-3") if e.code == "OUTAGE_PLANNED"]
     assert len(notes) == 1
     service.controller.store.close()
+
+
+async def test_a_meter_reset_is_an_operators_and_names_them(api: Api) -> None:
+    assert (await call(api.port, "POST", "/v1/meters/m-1/reset", auth=bearer("read")))[0] == 403
+    assert (await call(api.port, "POST", "/v1/meters/nope/reset", auth=OPERATE))[0] == 404
+    status, _, body = await call(api.port, "POST", "/v1/meters/m-1/reset", auth=OPERATE)
+    assert status == 200 and body["meter"] == "m-1" and body["account"] == "acc-1", body
+    journal = api.service.controller.journal("acc-1")
+    resets = [e for e in journal if e.meter == "m-1" and "OPERATOR:operate-1" in e.reasons]
+    assert resets, [(e.code, e.meter, e.reasons) for e in journal][-3:]
