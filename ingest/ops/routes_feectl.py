@@ -19,7 +19,7 @@ from protocols.errors import BadArgument
 
 from .audit import WHO
 from .auth import Role
-from .routing import SERVICE, RouteTable, Schema, json_body
+from .routing import SERVICE, RouteTable, Schema, json_body, parameter
 
 __all__ = ["routes"]
 
@@ -38,15 +38,6 @@ def _now(request: web.Request) -> int:
     return int(request.app[SERVICE].clock())
 
 
-def _path(name: str, description: str) -> Schema:
-    schema = {"type": "string", "minLength": 1, "maxLength": ID_MAX}
-    return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
-
-
-def _query(name: str, schema: Schema, description: str, *, required: bool = False) -> Schema:
-    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
-
-
 def _limit(request: web.Request) -> int:
     text = request.query.get("limit", "100")
     if not text.isdigit() or not 1 <= int(text) <= LIMIT_MAX:
@@ -54,7 +45,12 @@ def _limit(request: web.Request) -> int:
     return int(text)
 
 
-_LIMIT = _query("limit", {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX, "default": 100}, "at most")
+_LIMIT = parameter(
+    "limit", {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX, "default": 100}, "at most"
+)
+_STATE: Schema = {"type": "string", "minLength": 1, "maxLength": 16}
+_ACCOUNT = parameter("account_id", _ID, "account id", where="path")
+_COMMAND = parameter("command_id", _ID, "command id", where="path")
 
 
 def _json(answer: dict[str, Any], status: int = 200) -> web.Response:
@@ -116,7 +112,7 @@ _RELAY: Schema = {
 @routes.route(
     "POST", "/v1/meters/{meter}/relay", roles=_OPERATE, body=_RELAY,
     summary="A manual trip or restore, signed and sent through the same path as fee control's",
-    parameters=[_path("meter", "meter id")],
+    parameters=[parameter("meter", _ID, "meter id", where="path")],
     responses={201: ("The command, issued", _ANSWER)},
 )  # fmt: skip
 async def relay(request: web.Request) -> web.Response:
@@ -131,7 +127,7 @@ async def relay(request: web.Request) -> web.Response:
 @routes.route(
     "POST", "/v1/meters/{meter}/reset", roles=_OPERATE,
     summary="Forget a meter's relay failures after a site visit (FC-12)",
-    parameters=[_path("meter", "meter id")], responses={200: ("Reset", _ANSWER)},
+    parameters=[parameter("meter", _ID, "meter id", where="path")], responses={200: ("Reset", _ANSWER)},
 )  # fmt: skip
 async def reset(request: web.Request) -> web.Response:
     return _json(
@@ -142,9 +138,9 @@ async def reset(request: web.Request) -> web.Response:
 @routes.route(
     "GET", "/v1/commands", roles=_READ, summary="Relay command history, newest first",
     parameters=[
-        _query("account", _ID, "only this account's"),
-        _query("meter", _ID, "only this meter's"),
-        _query("state", {"type": "string", "minLength": 1, "maxLength": 16}, "only commands in this state"),
+        parameter("account", _ID, "only this account's"),
+        parameter("meter", _ID, "only this meter's"),
+        parameter("state", _STATE, "only commands in this state"),
         _LIMIT,
     ],
     responses={200: ("The commands", _ANSWER)},
@@ -158,7 +154,7 @@ async def command_list(request: web.Request) -> web.Response:
 
 @routes.route(
     "GET", "/v1/commands/{command_id}", roles=_READ, summary="One relay command",
-    parameters=[_path("command_id", "command id")], responses={200: ("The command", _ANSWER)},
+    parameters=[_COMMAND], responses={200: ("The command", _ANSWER)},
 )  # fmt: skip
 async def command_one(request: web.Request) -> web.Response:
     return _json(ops.command(request.app[SERVICE], request.match_info["command_id"]))
@@ -176,7 +172,7 @@ _RELEASE: Schema = {"type": "object", "properties": {"meter": _ID}, "additionalP
 
 @routes.route(
     "GET", "/v1/accounts/{account_id}/holds", roles=_READ, summary="An account's holds on trips",
-    parameters=[_path("account_id", "account id")], responses={200: ("The holds", _ANSWER)},
+    parameters=[_ACCOUNT], responses={200: ("The holds", _ANSWER)},
 )  # fmt: skip
 async def hold_list(request: web.Request) -> web.Response:
     return _json(ops.holds(request.app[SERVICE], request.match_info["account_id"]))
@@ -185,7 +181,7 @@ async def hold_list(request: web.Request) -> web.Response:
 @routes.route(
     "POST", "/v1/accounts/{account_id}/holds", roles=_OPERATE, body=_HOLD,
     summary="Hold an account's (or one meter's) trips, until a time or until released",
-    parameters=[_path("account_id", "account id")], responses={200: ("The holds", _ANSWER)},
+    parameters=[_ACCOUNT], responses={200: ("The holds", _ANSWER)},
 )  # fmt: skip
 async def hold_add(request: web.Request) -> web.Response:
     doc = await json_body(request)
@@ -199,7 +195,7 @@ async def hold_add(request: web.Request) -> web.Response:
 @routes.route(
     "POST", "/v1/accounts/{account_id}/holds/release", roles=_OPERATE, body=_RELEASE,
     summary="Release an account's holds (or one meter's)",
-    parameters=[_path("account_id", "account id")], responses={200: ("Released", _ANSWER)},
+    parameters=[_ACCOUNT], responses={200: ("Released", _ANSWER)},
 )  # fmt: skip
 async def hold_release(request: web.Request) -> web.Response:
     doc = await json_body(request)
@@ -216,7 +212,7 @@ async def hold_release(request: web.Request) -> web.Response:
 @routes.route(
     "GET", "/v1/accounts/{account_id}/decisions", roles=_READ,
     summary="An account's decisions (notices, trips, restores, deferrals), oldest first",
-    parameters=[_path("account_id", "account id"), _LIMIT], responses={200: ("The decisions", _ANSWER)},
+    parameters=[_ACCOUNT, _LIMIT], responses={200: ("The decisions", _ANSWER)},
 )  # fmt: skip
 async def decision_list(request: web.Request) -> web.Response:
     return _json(ops.decisions(request.app[SERVICE], request.match_info["account_id"], _limit(request)))
@@ -237,7 +233,7 @@ _ADJUSTMENT: Schema = {
 @routes.route(
     "POST", "/v1/accounts/{account_id}/adjustments", roles=("payments",), body=_ADJUSTMENT,
     summary="A signed adjustment of the balance (idempotent by adjustment_id)",
-    parameters=[_path("account_id", "account id")],
+    parameters=[_ACCOUNT],
     responses={201: ("Recorded", _ANSWER), 200: ("The same adjustment again", _ANSWER)},
 )  # fmt: skip
 async def adjustment(request: web.Request) -> web.Response:
@@ -253,9 +249,9 @@ async def adjustment(request: web.Request) -> web.Response:
     "GET", "/v1/accounts/{account_id}/statement", roles=_BILLING,
     summary="An account's statement per local day: charges, payments, adjustments, balances",
     parameters=[
-        _path("account_id", "account id"),
-        _query("from", {"type": "string", "format": "date"}, "first local day", required=True),
-        _query("to", {"type": "string", "format": "date"}, "last local day (<= 366 days)", required=True),
+        _ACCOUNT,
+        parameter("from", {"type": "string", "format": "date"}, "first local day", required=True),
+        parameter("to", {"type": "string", "format": "date"}, "last local day (<= 366 days)", required=True),
     ],
     responses={200: ("The statement", _ANSWER)},
 )  # fmt: skip

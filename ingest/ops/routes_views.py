@@ -50,7 +50,7 @@ from protocols.errors import BadArgument, ExportError, RequestRefused, SinkError
 
 from .audit import WHO
 from .auth import ROLES, Role
-from .routing import CALLER, SERVICE, RouteTable, Schema, json_body
+from .routing import CALLER, SERVICE, RouteTable, Schema, json_body, parameter
 
 if TYPE_CHECKING:
     from ingest.feectl.config import ServiceConfig
@@ -135,20 +135,6 @@ def _views(request: web.Request) -> Views:
     return views
 
 
-def _param(name: str, schema: Schema, description: str, *, required: bool = False) -> Schema:
-    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
-
-
-def _path(name: str, description: str) -> Schema:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-        "description": description,
-    }
-
-
 def _int_query(request: web.Request, name: str, default: int | None = None) -> int:
     text = request.query.get(name)
     if text is None:
@@ -179,6 +165,10 @@ def _meter(request: web.Request) -> str:
 
 _ANSWER: Schema = {"type": "object"}
 _MS = {"type": "integer", "minimum": 0, "maximum": 2**53}
+_STRING: Schema = {"type": "string"}
+_DATE: Schema = {"type": "string", "format": "date"}
+_ALARM_LIMIT: Schema = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 200}
+_FILE = parameter("name", _STRING, "file name", where="path")
 
 
 @routes.route(
@@ -207,9 +197,9 @@ async def fleet(request: web.Request) -> web.Response:
 @routes.route(
     "GET", "/v1/collection", roles=_READ, summary="Collection success per gateway or area and local day",
     parameters=[
-        _param("from", {"type": "string", "format": "date"}, "first local day", required=True),
-        _param("to", {"type": "string", "format": "date"}, "last local day (at most 31 days)", required=True),
-        _param("by", {"type": "string", "enum": ["gateway", "area"], "default": "gateway"}, "grouping"),
+        parameter("from", _DATE, "first local day", required=True),
+        parameter("to", _DATE, "last local day (at most 31 days)", required=True),
+        parameter("by", {"type": "string", "enum": ["gateway", "area"], "default": "gateway"}, "grouping"),
     ],
     responses={200: ("Received, expected and estimated intervals per group and day", _ANSWER)},
 )  # fmt: skip
@@ -226,7 +216,7 @@ async def collection_view(request: web.Request) -> web.Response:
 
 @routes.route(
     "GET", "/v1/meters/{meter}/latest", roles=_READ, summary="A meter's latest readings with their flags",
-    parameters=[_path("meter", "meter id")],
+    parameters=[parameter("meter", _STRING, "meter id", where="path")],
     responses={200: ("Each quantity's latest value", _ANSWER)},
 )  # fmt: skip
 async def latest(request: web.Request) -> web.Response:
@@ -238,9 +228,9 @@ async def latest(request: web.Request) -> web.Response:
     "GET", "/v1/meters/{meter}/load-curve", roles=_READ,
     summary="A meter's intervals with flagged and estimated ones marked (at most 31 days)",
     parameters=[
-        _path("meter", "meter id"),
-        _param("start_ms", _MS, "from (epoch ms, inclusive)", required=True),
-        _param("end_ms", _MS, "to (epoch ms, exclusive)", required=True),
+        parameter("meter", _STRING, "meter id", where="path"),
+        parameter("start_ms", _MS, "from (epoch ms, inclusive)", required=True),
+        parameter("end_ms", _MS, "to (epoch ms, exclusive)", required=True),
     ],
     responses={200: ("The intervals", _ANSWER)},
 )  # fmt: skip
@@ -254,11 +244,11 @@ async def load_curve_view(request: web.Request) -> web.Response:
 @routes.route(
     "GET", "/v1/alarms", roles=_READ, summary="Alarms in a range, newest first, with acknowledgements",
     parameters=[
-        _param("start_ms", _MS, "from (epoch ms, inclusive)", required=True),
-        _param("end_ms", _MS, "to (epoch ms, exclusive; at most 31 days)", required=True),
-        _param("kind", {"type": "string", "enum": list(ALARM_KINDS)}, "only this kind"),
-        _param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 200}, "at most"),
-        _param("acked", {"type": "string", "enum": ["true", "false"]}, "only acknowledged / open ones"),
+        parameter("start_ms", _MS, "from (epoch ms, inclusive)", required=True),
+        parameter("end_ms", _MS, "to (epoch ms, exclusive; at most 31 days)", required=True),
+        parameter("kind", {"type": "string", "enum": list(ALARM_KINDS)}, "only this kind"),
+        parameter("limit", _ALARM_LIMIT, "at most"),
+        parameter("acked", {"type": "string", "enum": ["true", "false"]}, "only acknowledged / open ones"),
     ],
     responses={200: ("The alarms", _ANSWER)},
 )  # fmt: skip
@@ -302,7 +292,7 @@ _ACK_BODY: Schema = {
 
 @routes.route(
     "POST", "/v1/alarms/{alarm_id}/ack", roles=_OPERATE, summary="Acknowledge an alarm (idempotent)",
-    parameters=[_path("alarm_id", "alarm id, as listed")], body=_ACK_BODY,
+    parameters=[parameter("alarm_id", _STRING, "alarm id, as listed", where="path")], body=_ACK_BODY,
     responses={200: ("The acknowledgement (created false: it was acknowledged before)", _ANSWER)},
 )  # fmt: skip
 async def ack(request: web.Request) -> web.Response:
@@ -321,10 +311,10 @@ async def ack(request: web.Request) -> web.Response:
     summary="Billing export: daily and TOU totals per meter or account, streamed",
     description="Columns, units, quality marks and completeness: docs/billing.md.",
     parameters=[
-        _param("from", {"type": "string", "format": "date"}, "first local day", required=True),
-        _param("to", {"type": "string", "format": "date"}, "last local day (<= 366 days)", required=True),
-        _param("by", {"type": "string", "enum": ["meter", "account"], "default": "meter"}, "rows per"),
-        _param("format", {"type": "string", "enum": list(FORMATS), "default": "csv"}, "output format"),
+        parameter("from", _DATE, "first local day", required=True),
+        parameter("to", _DATE, "last local day (<= 366 days)", required=True),
+        parameter("by", {"type": "string", "enum": ["meter", "account"], "default": "meter"}, "rows per"),
+        parameter("format", {"type": "string", "enum": list(FORMATS), "default": "csv"}, "output format"),
     ],
     responses={200: ("The rows (CSV, a JSON array or NDJSON)", {"type": "string"})}, content_type="text/csv",
 )  # fmt: skip
@@ -369,8 +359,8 @@ _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 @routes.route(
     "GET", "/console/", roles=None, summary="The ops console (a web page)",
     parameters=[
-        _param("meter", {"type": "string"}, "a meter to show (read by the page, not the server)"),
-        _param("account", {"type": "string"}, "an account to show (read by the page, not the server)"),
+        parameter("meter", {"type": "string"}, "a meter to show (read by the page, not the server)"),
+        parameter("account", {"type": "string"}, "an account to show (read by the page, not the server)"),
     ],
     responses={200: ("The page", {"type": "string"})}, content_type="text/html",
 )  # fmt: skip
@@ -380,7 +370,7 @@ async def console_page(request: web.Request) -> web.StreamResponse:
 
 @routes.route(
     "GET", "/console/{name}", roles=None, summary="The console's scripts and styles",
-    parameters=[_path("name", "file name")], responses={200: ("The file", {"type": "string"})},
+    parameters=[_FILE], responses={200: ("The file", {"type": "string"})},
     content_type="text/plain",
 )  # fmt: skip
 async def console_file(request: web.Request) -> web.StreamResponse:
@@ -389,7 +379,7 @@ async def console_file(request: web.Request) -> web.StreamResponse:
 
 @routes.route(
     "GET", "/console/vendor/{name}", roles=None, summary="The console's chart library (built from npm)",
-    parameters=[_path("name", "file name")], responses={200: ("The file", {"type": "string"})},
+    parameters=[_FILE], responses={200: ("The file", {"type": "string"})},
     content_type="text/plain",
 )  # fmt: skip
 async def console_vendor(request: web.Request) -> web.StreamResponse:

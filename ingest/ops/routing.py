@@ -50,6 +50,7 @@ __all__ = [
     "RouteTable",
     "check_schema",
     "json_body",
+    "parameter",
     "query_int",
     "query_parameter",
     "validate",
@@ -277,7 +278,15 @@ def query_int(request: web.Request, name: str, *, default: int, lo: int, hi: int
     return int(values[0])
 
 
+def parameter(
+    name: str, schema: Schema, description: str, *, where: str = "query", required: bool = False
+) -> Schema:
+    """The OpenAPI declaration of a query (or ``where="path"``: always required) parameter."""
+    required = required or where == "path"
+    return {"name": name, "in": where, "required": required, "schema": schema, "description": description}
+
+
 def query_parameter(name: str, *, default: int, lo: int, hi: int, description: str) -> Schema:
     """The OpenAPI declaration of a :func:`query_int` parameter."""
     schema = {"type": "integer", "minimum": lo, "maximum": hi, "default": default}
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+    return parameter(name, schema, description)
