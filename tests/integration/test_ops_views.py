@@ -349,10 +349,17 @@ def publisher(mosquitto: Mosquitto) -> Iterator[Callable[[str, bytes], None]]:
             retained.append(topic)
 
     yield publish  # type: ignore[misc]
-    for topic in retained:  # leave no retained status to other tests
-        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(TIMEOUT_S)
     client.disconnect()
     client.loop_stop()
+    # Leave no retained status to other tests, on a fresh connection: a test may have restarted
+    # the broker, and the publishing client may not have reconnected yet.
+    cleaner = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"clean-{_uid()}", protocol=mqtt.MQTTv5)
+    cleaner.connect(mosquitto.host, mosquitto.port)
+    cleaner.loop_start()
+    for topic in retained:
+        cleaner.publish(topic, b"", qos=1, retain=True).wait_for_publish(TIMEOUT_S)
+    cleaner.disconnect()
+    cleaner.loop_stop()
 
 
 WILL_CLIENT = """
