@@ -745,8 +745,8 @@ class Postgres(_ChildServer):
         self._as_root = os.geteuid() == 0
         self.os_user = os_user if self._as_root else None
         if self._as_root:
-            import pwd  # noqa: PLC0415  (POSIX only, and only needed under root)
-            import tempfile  # noqa: PLC0415
+            import pwd  # POSIX only, and only needed under root
+            import tempfile
 
             try:
                 account = pwd.getpwnam(os_user)

@@ -130,7 +130,8 @@ _INSERT = (
 )
 _USE = (
     "INSERT INTO reason_usage VALUES (?, ?, ?) ON CONFLICT(reason) "
-    "DO UPDATE SET entries = reason_usage.entries + excluded.entries, bytes = reason_usage.bytes + excluded.bytes"
+    "DO UPDATE SET entries = reason_usage.entries + excluded.entries, "
+    "bytes = reason_usage.bytes + excluded.bytes"
 )
 
 Entry = tuple[str, str, bytes, str | None, int | None, str]

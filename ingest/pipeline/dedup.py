@@ -235,7 +235,8 @@ class DedupStore:
                 ).fetchone()
                 db.execute(
                     "INSERT INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?) "
-                    "ON CONFLICT(gateway, seq) DO UPDATE SET digest = excluded.digest, ts_ms = excluded.ts_ms",
+                    "ON CONFLICT(gateway, seq) "
+                    "DO UPDATE SET digest = excluded.digest, ts_ms = excluded.ts_ms",
                     (gateway, seq, digest, now_ms),
                 )
                 self._touch(keys)

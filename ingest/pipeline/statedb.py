@@ -56,7 +56,8 @@ _SCHEMES = ("postgresql", "postgres")
 class Rows(Protocol):
     """What a statement returns, on either engine (a DB-API cursor)."""
 
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
 
@@ -168,7 +169,8 @@ class StateDb:
         with self._pg_errors():
             cur = self._connect_pg().cursor()
             cur.execute(_pg_sql(sql), params if params else None)
-            return cur  # type: ignore[no-any-return]
+            rows: Rows = cur
+            return rows
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         """Run one statement per row; returns the rows changed in all. Raises: StateUnavailable."""
@@ -199,7 +201,10 @@ class StateDb:
         if self._sqlite is not None:
             sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
         else:
-            sql = "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = ?"
+            sql = (
+                "SELECT 1 FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_name = ?"
+            )
         return self.execute(sql, (name,)).fetchone() is not None
 
     @contextmanager
