@@ -16,10 +16,13 @@ transformer area and collection success per meter, gateway and area from ``daily
 them to InfluxDB (idempotent), prints a summary (``--json``: one JSON document) and exits
 (:mod:`ingest.reports.daily`, ``docs/ingest-report.md``). ``--check-config`` also probes InfluxDB
 (:meth:`~ingest.sinks.base.Sink.probe`, nothing written or created): a refusal is a
-ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (exit 1).
+ConfigError naming the key to fix (exit 2), an unreachable server a SinkError (exit 1); with
+``[state] url`` it first connects to that database (a ConfigError naming ``state.url`` when it
+cannot).
 ``--replay-dead-letters`` puts dead-lettered payloads back through the pipeline
 (:mod:`ingest.pipeline.replay`; exit 1 when one is still failing or the replay stopped). ``--loss``
-prints the loss account of ``[loss] path`` (:mod:`ingest.pipeline.loss`): each gateway with open gaps
+prints the loss account of ``[loss] path`` (or of ``[state] url``, shared by every machine;
+:mod:`ingest.pipeline.loss`): each gateway with open gaps
 or batches lost at a sequence reset, the gaps with their age, and a total line (``--json``:
 every gateway, one JSON document); it exits 0 whatever the account says. ``--billing-export``
 writes the validated daily and TOU totals of the local days ``--from`` .. ``--to`` per meter or
@@ -129,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.check_config:
+        _check_state(cfg)
         sink = asyncio.run(_check_sink(cfg))
         print(
             f"{args.config}: ok: mqtt={cfg.mqtt.url} topics={','.join(cfg.mqtt.topics)} "
@@ -252,6 +256,21 @@ def _billing_export(cfg: IngestConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_state(cfg: IngestConfig) -> None:
+    """With ``[state] url``: connect to the shared state database once (nothing is created).
+
+    Raises: ConfigError naming ``state.url`` when it cannot be reached or refuses the login."""
+    if not cfg.state.url:
+        return
+    from ingest.pipeline.statedb import StateDb
+    from protocols.errors import StateUnavailable
+
+    try:
+        StateDb("", url=cfg.state.url, connect_timeout_s=cfg.state.connect_timeout_s).close()
+    except StateUnavailable as exc:
+        raise ConfigError("state.url", str(exc)) from None
+
+
 async def _check_sink(cfg: IngestConfig) -> str:
     """Probe InfluxDB without writing or creating anything; the summary line, else raise.
 
@@ -305,11 +324,13 @@ def _replay(cfg: IngestConfig, args: argparse.Namespace) -> int:
 
 def _loss(cfg: IngestConfig, *, as_json: bool) -> int:
     from ingest.pipeline.loss import Gap, LossStore
+    from ingest.pipeline.statedb import redact
 
     path = Path(cfg.loss.path)
+    where = redact(cfg.state.url) if cfg.state.url else str(path)
     accounts = []
-    if path.exists():  # a machine whose workers never ran has nothing to report (and no file)
-        with LossStore(path) as store:
+    if cfg.state.url or path.exists():  # a machine whose workers never ran has no file
+        with LossStore.from_config(cfg.loss, cfg.state.url) as store:
             accounts = store.report()
     now_ms = int(time.time() * 1000)
     missing = sum(a.missing for a in accounts)
@@ -331,7 +352,7 @@ def _loss(cfg: IngestConfig, *, as_json: bool) -> int:
             for a in accounts
         ]  # fmt: skip
         doc = {
-            "path": str(path),
+            "path": where,
             "missing": missing,
             "lost": sum(a.lost for a in accounts),
             "gateways": gateways,
@@ -353,7 +374,7 @@ def _loss(cfg: IngestConfig, *, as_json: bool) -> int:
             line += f"; {a.lost} lost at {a.resets} sequence reset(s)"
         print(line)
     gaps_total = sum(len(a.gaps) for a in accounts)
-    print(f"missing {missing} batch(es) in {gaps_total} gap(s) across {len(accounts)} gateway(s) ({path})")
+    print(f"missing {missing} batch(es) in {gaps_total} gap(s) across {len(accounts)} gateway(s) ({where})")
     return 0
 
 

@@ -8,7 +8,8 @@ test loads it, so it cannot rot. The commented values are the defaults.
 Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sinks.influx.http.SinkConfig`),
 ``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages,
 confirmations), ``[loss]`` (:class:`~ingest.pipeline.loss.LossConfig`: loss accounting),
-``[line_loss]`` (LL-02 bands of the daily report, per area type), ``[validation]`` (the
+``[line_loss]`` (LL-02 bands of the daily report, per area type), ``[state]``
+(:class:`~ingest.pipeline.statedb.StateConfig`: the shared state database), ``[validation]`` (the
 thresholds of the validation rules, :class:`ValidationSection`), plus
 top-level ``registry``, ``tariff_calendar`` and ``metrics_listen``.
 """
@@ -27,6 +28,7 @@ from ingest.mqtt.settings import MqttSettings
 from ingest.pipeline.deadletter import DeadLetterConfig
 from ingest.pipeline.dedup import DedupConfig
 from ingest.pipeline.loss import LossConfig
+from ingest.pipeline.statedb import StateConfig
 from ingest.sinks.influx.http import SinkConfig
 from protocols import topics
 from protocols.config import loads_toml
@@ -307,6 +309,7 @@ class IngestConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     line_loss: LineLossSection = field(default_factory=LineLossSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def __post_init__(self) -> None:
         if self.metrics_listen:
@@ -515,7 +518,7 @@ retry_after_max_s = 60.0
 create_database = false
 
 [dead_letter]
-# Undecodable payloads and lines InfluxDB refused, with the reason (SQLite); replay them with
+# Undecodable payloads and lines InfluxDB refused, with the reason (SQLite, or [state] url); replay them with
 # amigw ingest --replay-dead-letters once the cause is fixed.
 path = "deadletter.sqlite"
 # Bounds: over either one, the oldest entry of the reason holding the most goes first.
@@ -527,7 +530,8 @@ max_bytes = 268435456
 max_entry_bytes = 16777216
 
 [dedup]
-# Processed (gateway, seq) batches, so redeliveries are skipped (SQLite, shared by the workers).
+# Processed (gateway, seq) batches, so redeliveries are skipped (SQLite, shared by the workers of
+# this machine, or the [state] url database, shared by every machine).
 path = "dedup.sqlite"
 keep_per_gateway = 10000
 max_age_s = 604800.0
@@ -567,7 +571,7 @@ aggregates_encoding = "binary"
 # a day (with its hours) is rolled up when it has ended and no batch touched it for
 # rollup_delay_s seconds (data arriving later rolls it up again, rewriting its rows). Each worker
 # looks for due days every rollup_check_s. The days still owed survive a crash in the dedup
-# database.
+# database (with [state] url: shared, so a day owed by one machine is rolled up by any).
 rollup_delay_s = 300.0
 rollup_check_s = 10.0
 # While InfluxDB is down: wait this long before retrying a batch, doubling up to the maximum.
@@ -582,17 +586,29 @@ outage_pct = 30
 outage_hold_s = 1800
 # Run state of the run rules (VEE-08 stopped meter, VEE-09 long zero consumption, VEE-19 stuck
 # value) carried from one batch to the next, per channel (SQLite, shared by the workers of this
-# machine; "" = runstate.sqlite beside the dedup database). Channels not seen for
+# machine, or the [state] url database; "" = runstate.sqlite beside the dedup database). Channels not seen for
 # state_max_age_s are forgotten (their runs restart).
 state_path = ""
 state_max_age_s = 604800.0
 
 [loss]
-# Loss accounting (SQLite, shared by the workers of this machine): per gateway, the durable seq
+# Loss accounting (SQLite, shared by the workers of this machine, or the [state] url database,
+# shared by every machine): per gateway, the durable seq
 # ranges and the holes between them (amigw ingest --loss; gauge amigw_ingest_missing_batches).
 path = "loss.sqlite"
 # A hole open longer than this raises a seq_gap alarm (log line, counter, InfluxDB "alarms").
 gap_alarm_s = 600.0
+
+[state]
+# Where the head-end's state lives: the dedup marks and the periods owed a rollup ([dedup]), the
+# loss account ([loss]), the run state ([pipeline] state_path) and the dead letters
+# ([dead_letter]). "" keeps each in its SQLite file, shared by the workers of this machine. With
+# ingest on several machines every worker must see the same state: set a PostgreSQL database
+# (example: url = "postgresql://amigw:secret@db.example:5432/amigw"), the same for every machine;
+# the path keys are then unused. See docs/shared-state.md.
+url = ""
+# How long a connection attempt to that database may take before it counts as unreachable.
+connect_timeout_s = 5.0
 
 [line_loss]
 # LL-02 classes of the daily report (amigw ingest --daily-report): a loss rate above high_pct is

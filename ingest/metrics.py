@@ -116,6 +116,11 @@ class IngestMetrics:
             "Periods owed a rollup on this machine (touched by a batch since their last rollup)",
             registry=r,
         )
+        self.state_retries = Counter(
+            "amigw_ingest_state_retries_total",
+            "Steps retried while the shared state database ([state] url) was unavailable",
+            registry=r,
+        )
         self.seq_resets = Counter(
             "amigw_ingest_seq_resets_total",
             "Gateways seen starting their sequence again (outbox wiped); their open gaps count as lost",

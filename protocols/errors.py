@@ -19,6 +19,7 @@ caller can catch one base class at the edge of a loop and know what it got::
      │                         unknown_meter | malformed
      ├─ SinkError              InfluxDB refused or was unreachable; .retryable
      │   └─ SinkRefused        InfluxDB refused *us* (credentials, database, API): .reason
+     ├─ StateUnavailable       the shared state database (PostgreSQL) unreachable or gone; retried
      └─ RequestRefused         a call to our HTTP API refused: .status, .code, .detail
          └─ BadArgument        an argument out of what is answered: .param, .reason (400)
 
@@ -45,6 +46,7 @@ __all__ = [
     "RequestRefused",
     "SinkError",
     "SinkRefused",
+    "StateUnavailable",
     "TransportError",
     "TransportTimeout",
 ]
@@ -185,6 +187,12 @@ class SinkRefused(SinkError):
             raise ValueError(f"unknown refusal reason {reason!r}")
         self.reason = reason
         super().__init__(message, retryable=True, status=status)
+
+
+class StateUnavailable(AmigwError):
+    """The head-end's shared state database (``[state] url``) could not be reached, dropped the
+    connection or aborted a transaction (deadlock, shutdown). Nothing was changed by the failed
+    call; the caller retries it (the worker does not acknowledge what it could not record)."""
 
 
 class RequestRefused(AmigwError):

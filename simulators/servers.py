@@ -1,4 +1,4 @@
-"""Real mosquitto and influxd servers as child processes, for tests and the demo (DESIGN §8).
+"""Real mosquitto, influxd and PostgreSQL servers as child processes, for tests and the demo (DESIGN §8).
 
 Each class starts one server on free 127.0.0.1 ports (bound to port 0 and read back, STYLE H11)
 with its configuration, data and log in a working directory the caller owns:
@@ -6,6 +6,7 @@ with its configuration, data and log in a working directory the caller owns:
     broker = Mosquitto(tmp / "mqtt")             # or Mosquitto(tmp / "mqtts", secure=True)
     broker.start(); ...; broker.stop(); broker.start()   # a restart keeps the port and the data
     db = Influxd(tmp / "influx"); db.start(); db.create_database("x"); db.query("SELECT ...", db="x")
+    pg = Postgres(tmp / "pg"); pg.start(); url = pg.create_database("state")   # postgresql://...
 
 Contract:
 - The ports are chosen once, in the constructor, and never change: ``stop()``/``kill()`` then
@@ -57,6 +58,7 @@ __all__ = [
     "InfluxError",
     "Influxd",
     "Mosquitto",
+    "Postgres",
     "ServiceError",
     "ServiceNotInstalledError",
     "TlsFiles",
@@ -197,6 +199,11 @@ class _ChildServer:
     def _env(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def _process_options(self) -> dict[str, Any]:
+        """Further ``subprocess.Popen`` arguments (a server that must not run as root sets
+        ``user``, ``group`` and a ``cwd`` that user can enter)."""
+        return {"cwd": self.workdir}
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -255,10 +262,10 @@ class _ChildServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self.workdir,
                 env=self._env(),
                 start_new_session=True,  # a Ctrl-C on the test run must not kill servers mid-test
                 preexec_fn=_die_with_parent_preexec(),
+                **self._process_options(),
             )
         self._proc = proc
         with _LIVE_LOCK:
@@ -691,3 +698,141 @@ def quote_ident(name: str) -> str:
 def _quote_str(text: str) -> str:
     """An InfluxQL single-quoted string literal."""
     return "'" + re.sub(r"(['\\])", r"\\\1", text) + "'"
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+PG_BIN_DIRS = tuple(f"/usr/lib/postgresql/{v}/bin" for v in (17, 16, 15, 14, 13))
+
+
+class Postgres(_ChildServer):
+    """A PostgreSQL server on 127.0.0.1:<free port> (TCP only, no Unix socket), a cluster made by
+    ``initdb`` at the first start, with one superuser ``user`` who logs in with ``password``
+    (scram-sha-256). ``url`` names the ``postgres`` database; :meth:`create_database` makes
+    another and returns its URL.
+
+    PostgreSQL refuses to run as root: under root the cluster belongs to the ``os_user`` system
+    account (the Debian package's ``postgres``), in a directory of its own under the system's
+    temporary directory (removed at exit), and initdb and the server run as that account. Not
+    under root they run as the caller, with the cluster in ``workdir``. The log is ``workdir``'s.
+
+    ``stop()`` is a fast shutdown (SIGINT: open sessions are ended, no wait for clients);
+    ``kill()`` is SIGKILL, after which ``start()`` recovers the cluster from its WAL. For tests
+    the cluster runs with ``fsync = off`` (a server process crash loses nothing; a machine crash
+    would).
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        host: str = LOOPBACK,
+        user: str = "amigw",
+        password: str | None = None,
+        os_user: str = "postgres",
+    ) -> None:
+        # the versioned directory holds the server and its tools (PATH often has only a wrapper)
+        found = find_binary("initdb", *(f"{d}/initdb" for d in PG_BIN_DIRS))
+        self.bin_dir = str(Path(os.path.realpath(found)).parent)
+        super().__init__(workdir, host)
+        self.user = user
+        self.password = password or secrets.token_urlsafe(12)
+        self.port = free_port(host)
+        self._as_root = os.geteuid() == 0
+        self.os_user = os_user if self._as_root else None
+        if self._as_root:
+            import pwd  # POSIX only, and only needed under root
+            import tempfile
+
+            try:
+                account = pwd.getpwnam(os_user)
+            except KeyError:
+                raise ServiceNotInstalledError(
+                    f"no {os_user!r} system user (postgresql): {SETUP_HINT}"
+                ) from None
+            self.base = Path(tempfile.mkdtemp(prefix="amigw-pg-"))
+            os.chown(self.base, account.pw_uid, account.pw_gid)
+            atexit.register(shutil.rmtree, self.base, True)
+        else:
+            self.base = self.workdir
+        self.data_dir = self.base / "data"
+
+    @property
+    def url(self) -> str:
+        return self.database_url("postgres")
+
+    def database_url(self, database: str) -> str:
+        user, password = urllib.parse.quote(self.user), urllib.parse.quote(self.password)
+        return f"postgresql://{user}:{password}@{self.host}:{self.port}/{database}"
+
+    def __repr__(self) -> str:
+        return f"Postgres({self.host}:{self.port}, pid={self.pid})"
+
+    def create_database(self, name: str) -> str:
+        """``CREATE DATABASE name``; returns its URL. Raises: ServiceError (with the tool's message)."""
+        self._client("createdb", name)
+        return self.database_url(name)
+
+    def drop_database(self, name: str) -> None:
+        """``DROP DATABASE name`` (ending its sessions). Raises: ServiceError."""
+        self._client("dropdb", "--force", name)
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Fast shutdown (SIGINT), then SIGKILL if still alive after ``timeout_s``."""
+        self._end(signal.SIGINT, self.stop_timeout_s if timeout_s is None else timeout_s)
+
+    def _client(self, tool: str, *args: str) -> None:
+        argv = [f"{self.bin_dir}/{tool}", "-h", self.host, "-p", str(self.port), "-U", self.user, *args]
+        env = {**self._env(), "PGPASSWORD": self.password}
+        proc = subprocess.run(argv, capture_output=True, env=env, check=False, timeout=60)
+        if proc.returncode != 0:
+            raise ServiceError(f"{tool} {' '.join(args)} failed: {proc.stderr.decode(errors='replace')}")
+
+    def _process_options(self) -> dict[str, Any]:
+        if self.os_user is None:
+            return {"cwd": self.base}
+        return {"cwd": self.base, "user": self.os_user, "group": self.os_user, "extra_groups": []}
+
+    def _env(self) -> dict[str, str]:
+        # PG* variables steer the client tools and the server; never let the caller's leak in.
+        return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+    def _argv(self) -> list[str]:
+        return [
+            f"{self.bin_dir}/postgres", "-D", str(self.data_dir), "-h", self.host, "-p", str(self.port),
+            "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "max_connections=200",
+            "-c", "listen_addresses=" + self.host,
+        ]  # fmt: skip
+
+    def _pick_new_ports(self) -> None:
+        self.port = free_port(self.host)
+
+    def _write_config(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        pwfile = self.base / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        try:
+            if self.os_user is not None:
+                shutil.chown(pwfile, self.os_user, self.os_user)
+            options = self._process_options()
+            with self.log_file.open("ab") as log:
+                proc = subprocess.run(
+                    [f"{self.bin_dir}/initdb", "-D", str(self.data_dir), "-U", self.user,
+                     f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=trust",
+                     "-E", "UTF8", "--no-sync", "--no-instructions"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self._env(), check=False, timeout=120, **options,
+                )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            raise self._error(f"initdb exited with status {proc.returncode}")
+
+    def _answers(self) -> bool:
+        argv = [f"{self.bin_dir}/pg_isready", "-h", self.host, "-p", str(self.port), "-t", "1"]
+        return subprocess.run(argv, capture_output=True, env=self._env(), check=False).returncode == 0

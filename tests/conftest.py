@@ -8,6 +8,10 @@
 - ``influxd``: InfluxDB 1.x (session); ``influx_db``: ``(influxd, fresh database name)`` per test.
 - ``influxd_auth``: InfluxDB 1.x with ``auth-enabled = true`` and the admin ``INFLUX_ADMIN``
   (session), for refused credentials and privileges.
+- ``postgres``: PostgreSQL (session, ``services.Postgres``); ``postgres_url``: the URL of a fresh
+  schema of its ``postgres`` database per test (``options=-csearch_path=...``), for the head-end's
+  shared state; ``state_url``: the state stores' tests run once on SQLite (``""``) and once on
+  that fresh PostgreSQL schema.
 
 The servers are shared by the session, so tests use their own client ids, topics and databases.
 A test may stop or kill a server (to test outages); after that test it is started again, on the
@@ -26,11 +30,11 @@ from typing import TypeVar
 import pytest
 
 from ingest.broker import ACL, limits
-from simulators.servers import Influxd, Mosquitto, ServiceNotInstalledError
+from simulators.servers import Influxd, Mosquitto, Postgres, ServiceNotInstalledError
 
-SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth")
+SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth", "postgres")
 INFLUX_ADMIN = ("admin", "admin-secret")
-S = TypeVar("S", Mosquitto, Influxd)
+S = TypeVar("S", Mosquitto, Influxd, Postgres)
 
 
 def _started(service_factory: Callable[[Path], S], workdir: Path) -> S:
@@ -93,3 +97,27 @@ def _restart_stopped_services(request: pytest.FixtureRequest) -> Iterator[None]:
     for service in used:
         if not service.running:
             service.start()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    server = _started(Postgres, tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: Postgres) -> str:
+    """A fresh, empty schema of the server's ``postgres`` database, as a URL that selects it."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{postgres.url}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def state_url(request: pytest.FixtureRequest) -> str:
+    """``[state] url`` for a store test: "" (SQLite files) or a fresh PostgreSQL schema."""
+    return "" if request.param == "sqlite" else str(request.getfixturevalue("postgres_url"))

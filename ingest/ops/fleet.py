@@ -263,12 +263,20 @@ def loss_doc(loss: GatewayLoss, now_ms: int | None) -> dict[str, Any]:
     }
 
 
-def read_loss_account(path: str | Path) -> dict[str, GatewayLoss]:
+def read_loss_account(path: str | Path, url: str = "") -> dict[str, GatewayLoss]:
     """The loss account of ``path`` per gateway, read-only (nothing is created or changed; a
     missing file is an empty account, as for ``amigw ingest --loss``). The tables are
-    :mod:`ingest.pipeline.loss`'s (a test checks this agrees with ``LossStore.report``).
+    :mod:`ingest.pipeline.loss`'s (a test checks this agrees with ``LossStore.report``). With
+    ``url`` (``[state] url``) the account is the one every machine shares, read through
+    :class:`~ingest.pipeline.loss.LossStore` (whose tables it creates when there are none yet).
 
-    Raises: sqlite3.Error when the file is not a loss account."""
+    Raises: sqlite3.Error when the file is not a loss account; StateUnavailable when the
+    database at ``url`` cannot be reached."""
+    if url:
+        from ingest.pipeline.loss import LossStore
+
+        with LossStore(path, url=url) as store:
+            return {a.gateway: a for a in store.report()}
     p = Path(path)
     if not p.exists():
         return {}

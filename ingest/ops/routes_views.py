@@ -79,6 +79,7 @@ class Views:
     utc_offset_ms: int
     interval_ms: int
     wide: bool
+    state_url: str = ""  # [state] url: the loss account every machine shares
 
     @property
     def query(self) -> InfluxQuery:
@@ -119,6 +120,7 @@ async def open_views(cfg: ServiceConfig, mqtt_client_id: str) -> AsyncIterator[V
             int(calendar.utc_offset_ms),
             ing.pipeline.interval_s * 1000,
             ing.pipeline.schema == "wide",
+            ing.state.url,
         )
     finally:
         stop.set()
@@ -187,7 +189,7 @@ async def whoami(request: web.Request) -> web.Response:
 async def fleet(request: web.Request) -> web.Response:
     views = _views(request)
     try:
-        loss = await asyncio.to_thread(read_loss_account, views.loss_path)
+        loss = await asyncio.to_thread(read_loss_account, views.loss_path, views.state_url)
     except Exception as exc:  # sqlite3.Error, OSError: the health view still answers
         log.warning("loss account unreadable", extra={"kv": {"path": str(views.loss_path), "reason": exc}})
         loss = None

@@ -40,20 +40,28 @@ to be claimed again after ``lease``, or at once when it starts again under the s
 (:meth:`release_claims`). A crash anywhere therefore loses no period's totals: the next
 start rolls up what is owed.
 
-Durability: WAL with ``synchronous=NORMAL``. A mark lost to power failure only makes a later
-redelivery look new, which, as above, costs a rewrite and never loses data.
-Synchronous and thread-safe; each call is one small indexed statement.
+Storage (:mod:`ingest.pipeline.statedb`): a SQLite file (``[dedup] path``, WAL with
+``synchronous=NORMAL``), shared by the workers of one machine, or, with ``[state] url``, PostgreSQL,
+shared by the workers of every machine. A mark lost to power failure only makes a later
+redelivery look new, which, as above, costs a rewrite and never loses data. On PostgreSQL the
+marks of one gateway are serialised by its advisory lock (the read of the old digest and the
+write are one step for every machine), every writer touches owed periods in one order, and
+:meth:`DedupStore.claim_due` skips the rows another worker holds (``FOR UPDATE SKIP LOCKED``).
+Synchronous and thread-safe; each call is one small indexed statement or one transaction.
+Raises :class:`~protocols.errors.StateUnavailable` when PostgreSQL is unreachable (nothing was
+changed; the caller retries).
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ingest.pipeline.statedb import StateDb
 
 __all__ = ["PERIOD_MS", "DedupConfig", "DedupStats", "DedupStore", "PendingPeriod", "Period"]
 
@@ -79,6 +87,28 @@ CREATE TABLE IF NOT EXISTS rollup_pending (
     claimed_by TEXT    NOT NULL DEFAULT '',
     PRIMARY KEY (gateway, kind, period_ms)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_pending_due ON rollup_pending(end_ms);
+"""
+_SCHEMA_PG = """
+CREATE TABLE IF NOT EXISTS processed (
+    gateway TEXT   NOT NULL,
+    seq     BIGINT NOT NULL,
+    digest  BYTEA,
+    ts_ms   BIGINT NOT NULL,
+    PRIMARY KEY (gateway, seq)
+);
+CREATE INDEX IF NOT EXISTS processed_ts ON processed(ts_ms);
+CREATE TABLE IF NOT EXISTS rollup_pending (
+    gateway    TEXT   NOT NULL,
+    kind       TEXT   NOT NULL,
+    period_ms  BIGINT NOT NULL,
+    end_ms     BIGINT NOT NULL,
+    version    BIGINT NOT NULL,
+    touched_ms BIGINT NOT NULL,
+    claimed_ms BIGINT NOT NULL DEFAULT 0,
+    claimed_by TEXT   NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway, kind, period_ms)
+);
 CREATE INDEX IF NOT EXISTS rollup_pending_due ON rollup_pending(end_ms);
 """
 PERIOD_MS = {"hour": 3_600_000, "day": 86_400_000}
@@ -131,6 +161,7 @@ class DedupStore:
         max_age_s: float | None = 7 * 86_400.0,
         prune_every: int = 1000,
         clock: Callable[[], float] = time.time,
+        url: str = "",
     ) -> None:
         if keep_per_gateway < 1 or prune_every < 1:
             raise ValueError("keep_per_gateway and prune_every must be positive")
@@ -140,22 +171,22 @@ class DedupStore:
         self.prune_every = prune_every
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = StateDb(self.path, url=url)
+        self._db.script(_SCHEMA, _SCHEMA_PG)
         self._adopt_daily_pending()
         self._marks_since_prune: dict[str, int] = {}
         self._pruned = 0
         self._seq_reuse = 0
 
     @classmethod
-    def from_config(cls, config: DedupConfig) -> DedupStore:
+    def from_config(cls, config: DedupConfig, url: str = "") -> DedupStore:
+        """The ``[dedup]`` store, in ``url``'s database (``[state] url``) when given."""
         return cls(
             config.path,
             keep_per_gateway=config.keep_per_gateway,
             max_age_s=config.max_age_s,
             prune_every=config.prune_every,
+            url=url,
         )
 
     def close(self) -> None:
@@ -194,22 +225,21 @@ class DedupStore:
         now_ms = int(self._clock() * 1000)
         keys = [_key(gateway, kind, start, now_ms) for kind, start in periods]
         with self._lock:
-            # IMMEDIATE: take the write lock before reading, so a write of another worker waits
-            # in the busy handler instead of invalidating this transaction's snapshot
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                old = self._db.execute(
+            # SQLite: IMMEDIATE takes the write lock before reading, so a write of another worker
+            # waits in the busy handler instead of invalidating this transaction's snapshot;
+            # PostgreSQL: the gateway's lock orders the marks of all machines
+            with self._db.transaction() as db:
+                db.lock("dedup", gateway)
+                old = db.execute(
                     "SELECT digest FROM processed WHERE gateway = ? AND seq = ?", (gateway, seq)
                 ).fetchone()
-                self._db.execute(
-                    "INSERT OR REPLACE INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?)",
+                db.execute(
+                    "INSERT INTO processed(gateway, seq, digest, ts_ms) VALUES (?,?,?,?) "
+                    "ON CONFLICT(gateway, seq) "
+                    "DO UPDATE SET digest = excluded.digest, ts_ms = excluded.ts_ms",
                     (gateway, seq, digest, now_ms),
                 )
                 self._touch(keys)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             count = self._marks_since_prune.get(gateway, 0) + 1
             self._marks_since_prune[gateway] = count
         if count >= self.prune_every:
@@ -221,8 +251,8 @@ class DedupStore:
             self._db.executemany(
                 "INSERT INTO rollup_pending(gateway, kind, period_ms, end_ms, version, touched_ms) "
                 "VALUES (?,?,?,?,1,?) ON CONFLICT(gateway, kind, period_ms) "
-                "DO UPDATE SET version = version + 1, touched_ms = excluded.touched_ms",
-                keys,
+                "DO UPDATE SET version = rollup_pending.version + 1, touched_ms = excluded.touched_ms",
+                sorted(keys),  # one order for every writer (no deadlock on PostgreSQL)
             )
 
     def claim_due(
@@ -231,27 +261,23 @@ class DedupStore:
         """Claim for ``owner`` the keys due for their rollup: the period ended and its last touch
         are at least ``delay_s`` ago, and no live claim (younger than ``lease_s``) holds it;
         oldest period first. The claim is one transaction, so two workers never claim the same
-        key at once."""
+        key at once (PostgreSQL: the rows are locked as they are read, and a worker skips the rows
+        another worker is claiming or a batch is touching)."""
         now_ms = int(self._clock() * 1000)
         delay_ms, lease_ms = int(delay_s * 1000), int(lease_s * 1000)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT gateway, kind, period_ms, version FROM rollup_pending "
-                    "WHERE end_ms <= ?1 AND touched_ms <= ?1 AND claimed_ms <= ?2 "
-                    "ORDER BY period_ms, kind DESC, gateway LIMIT ?3",
-                    (now_ms - delay_ms, now_ms - lease_ms, limit),
-                ).fetchall()
-                self._db.executemany(
-                    "UPDATE rollup_pending SET claimed_ms = ?, claimed_by = ? "
-                    "WHERE gateway = ? AND kind = ? AND period_ms = ?",
-                    [(now_ms, owner, g, k, p) for g, k, p, _ in rows],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        due_ms = now_ms - delay_ms
+        with self._lock, self._db.transaction() as db:
+            rows = db.execute(
+                "SELECT gateway, kind, period_ms, version FROM rollup_pending "
+                "WHERE end_ms <= ? AND touched_ms <= ? AND claimed_ms <= ? "
+                "ORDER BY period_ms, kind DESC, gateway LIMIT ?" + db.skip_locked,
+                (due_ms, due_ms, now_ms - lease_ms, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE rollup_pending SET claimed_ms = ?, claimed_by = ? "
+                "WHERE gateway = ? AND kind = ? AND period_ms = ?",
+                [(now_ms, owner, g, k, p) for g, k, p, _ in rows],
+            )
         return [PendingPeriod(str(g), str(k), int(p), int(v)) for g, k, p, v in rows]
 
     def done_periods(self, done: Sequence[PendingPeriod], failed: Sequence[PendingPeriod] = ()) -> int:
@@ -259,12 +285,10 @@ class DedupStore:
         (same version; else it stays owed); release the claims of ``failed``. Returns how many
         were dropped."""
         with self._lock:
-            before = self._db.total_changes
-            self._db.executemany(
+            dropped = self._db.executemany(
                 "DELETE FROM rollup_pending WHERE gateway = ? AND kind = ? AND period_ms = ? AND version = ?",
                 [(p.gateway, p.kind, p.period_ms, p.version) for p in done],
             )
-            dropped = self._db.total_changes - before
             self._db.executemany(
                 "UPDATE rollup_pending SET claimed_ms = 0 WHERE gateway = ? AND kind = ? AND period_ms = ?",
                 [(p.gateway, p.kind, p.period_ms) for p in (*done, *failed)],
@@ -289,27 +313,20 @@ class DedupStore:
     def _adopt_daily_pending(self) -> None:
         """Keys owed by a store of the earlier layout (``daily_pending``: days whose totals were
         still to be published) become day rollups, so an upgrade loses none."""
+        if self._db.dialect != "sqlite":
+            return  # the earlier layout was a SQLite file only
         with self._lock:
-            if (
-                self._db.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daily_pending'"
-                ).fetchone()
-                is None
-            ):
+            if not self._db.table_exists("daily_pending"):
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO rollup_pending"
+            with self._db.transaction() as db:
+                db.execute(
+                    "INSERT INTO rollup_pending"
                     "(gateway, kind, period_ms, end_ms, version, touched_ms) "
-                    "SELECT gateway, 'day', day_ms, day_ms + ?, version, 0 FROM daily_pending",
+                    "SELECT gateway, 'day', day_ms, day_ms + ?, version, 0 FROM daily_pending WHERE true "
+                    "ON CONFLICT DO NOTHING",
                     (PERIOD_MS["day"],),
                 )
-                self._db.execute("DROP TABLE daily_pending")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                db.execute("DROP TABLE daily_pending")
 
     def prune(self, gateway: str | None = None) -> int:
         """Apply the bounds now (one gateway, or all); returns how many entries were dropped."""

@@ -30,15 +30,20 @@ Contract
 * Bounded: a gateway costs one row per durable range and one per open hole; ranges merge, so a
   gateway whose holes close is one row again.
 
-Storage: SQLite (WAL) in ``[loss] path``, shared by the worker processes of one machine (each
-change is one ``BEGIN IMMEDIATE`` transaction; concurrent workers wait on SQLite's lock). With
-ingest on several machines each machine sees only the seqs it processed: loss accounting, like the
-dedup store, assumes one ingest machine.
+Storage (:mod:`ingest.pipeline.statedb`): SQLite (WAL) in ``[loss] path``, shared by the worker
+processes of one machine (each change is one ``BEGIN IMMEDIATE`` transaction; concurrent workers
+wait on SQLite's lock), or, with ``[state] url``, PostgreSQL, shared by the workers of every
+machine. With ingest on several machines the account must be the shared one: a machine's own file
+sees only the seqs that machine processed, and reports the others' as holes. On PostgreSQL each
+:meth:`LossStore.record` holds its gateway's advisory lock (the merge reads the ranges and
+rewrites them: two machines recording one gateway at once would otherwise lose a range), and
+:meth:`LossStore.claim_alarms` one lock of its own (so each alarm is claimed by one worker).
+Raises :class:`~protocols.errors.StateUnavailable` when PostgreSQL is unreachable (the batches are
+then not confirmed, and recorded when the edge re-sends them).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.pipeline.statedb import StateDb
 from protocols.acks import seq_ranges
 
 __all__ = ["Alarm", "Gap", "GatewayLoss", "LossConfig", "LossStore", "Reset"]
@@ -77,6 +83,32 @@ CREATE TABLE IF NOT EXISTS resets (
     last_gaps INTEGER NOT NULL,
     alarmed   INTEGER NOT NULL
 ) WITHOUT ROWID;
+"""
+_SCHEMA_PG = """
+CREATE TABLE IF NOT EXISTS durable (
+    gateway TEXT   NOT NULL,
+    lo      BIGINT NOT NULL,
+    hi      BIGINT NOT NULL,
+    PRIMARY KEY (gateway, lo)
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    gateway    TEXT   NOT NULL,
+    lo         BIGINT NOT NULL,
+    hi         BIGINT NOT NULL,
+    opened_ms  BIGINT NOT NULL,
+    alarmed_ms BIGINT,
+    PRIMARY KEY (gateway, lo)
+);
+CREATE INDEX IF NOT EXISTS gaps_opened ON gaps(opened_ms);
+CREATE TABLE IF NOT EXISTS resets (
+    gateway   TEXT   NOT NULL PRIMARY KEY,
+    resets    BIGINT NOT NULL,
+    lost      BIGINT NOT NULL,
+    last_ms   BIGINT NOT NULL,
+    last_lost BIGINT NOT NULL,
+    last_gaps BIGINT NOT NULL,
+    alarmed   INTEGER NOT NULL
+);
 """
 
 
@@ -161,18 +193,17 @@ class GatewayLoss:
 class LossStore:
     """SQLite (WAL) account of durable seq ranges and open holes per gateway (module contract)."""
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time, url: str = "") -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = StateDb(self.path, url=url)
+        self._db.script(_SCHEMA, _SCHEMA_PG)
 
     @classmethod
-    def from_config(cls, config: LossConfig) -> LossStore:
-        return cls(config.path)
+    def from_config(cls, config: LossConfig, url: str = "") -> LossStore:
+        """The ``[loss]`` account, in ``url``'s database (``[state] url``) when given."""
+        return cls(config.path, url=url)
 
     def close(self) -> None:
         with self._lock:
@@ -193,7 +224,7 @@ class LossStore:
         if not ranges:
             return None
         now = self._now_ms()
-        with self._tx() as db:
+        with self._tx("loss", gateway) as db:
             reset = None
             if any(self._covered(db, gateway, s) for s in set(reused)):
                 reset = self._reset(db, gateway, now)
@@ -201,7 +232,7 @@ class LossStore:
                 self._add(db, gateway, lo, hi, now)
         return reset
 
-    def _add(self, db: sqlite3.Connection, gw: str, a: int, b: int, now: int) -> None:
+    def _add(self, db: StateDb, gw: str, a: int, b: int, now: int) -> None:
         first = db.execute("SELECT MIN(lo) FROM durable WHERE gateway = ?", (gw,)).fetchone()[0]
         top = db.execute(
             "SELECT hi FROM durable WHERE gateway = ? ORDER BY lo DESC LIMIT 1", (gw,)
@@ -226,22 +257,20 @@ class LossStore:
             self._open(db, gw, b + 1, first - 1, now)
 
     @staticmethod
-    def _open(
-        db: sqlite3.Connection, gw: str, lo: int, hi: int, opened: int, alarmed: int | None = None
-    ) -> None:
+    def _open(db: StateDb, gw: str, lo: int, hi: int, opened: int, alarmed: int | None = None) -> None:
         db.execute(
             "INSERT INTO gaps(gateway, lo, hi, opened_ms, alarmed_ms) VALUES (?,?,?,?,?)",
             (gw, lo, hi, opened, alarmed),
         )
 
     @staticmethod
-    def _covered(db: sqlite3.Connection, gw: str, seq: int) -> bool:
+    def _covered(db: StateDb, gw: str, seq: int) -> bool:
         row = db.execute(
             "SELECT hi FROM durable WHERE gateway = ? AND lo <= ? ORDER BY lo DESC LIMIT 1", (gw, seq)
         ).fetchone()
         return row is not None and row[0] >= seq
 
-    def _reset(self, db: sqlite3.Connection, gw: str, now: int) -> Reset:
+    def _reset(self, db: StateDb, gw: str, now: int) -> Reset:
         gaps = tuple(
             Gap(gw, lo, hi, opened, alarmed)
             for lo, hi, opened, alarmed in db.execute(
@@ -253,8 +282,8 @@ class LossStore:
         db.execute("DELETE FROM gaps WHERE gateway = ?", (gw,))
         db.execute(
             "INSERT INTO resets(gateway, resets, lost, last_ms, last_lost, last_gaps, alarmed) "
-            "VALUES (?, 1, ?, ?, ?, ?, 0) ON CONFLICT(gateway) DO UPDATE SET resets = resets + 1, "
-            "lost = lost + excluded.lost, last_ms = excluded.last_ms, last_lost = excluded.last_lost, "
+            "VALUES (?, 1, ?, ?, ?, ?, 0) ON CONFLICT(gateway) DO UPDATE SET resets = resets.resets + 1, "
+            "lost = resets.lost + excluded.lost, last_ms = excluded.last_ms, last_lost = excluded.last_lost, "
             "last_gaps = excluded.last_gaps, alarmed = 0",
             (gw, reset.lost, now, reset.lost, len(gaps)),
         )
@@ -267,7 +296,7 @@ class LossStore:
         alarmed yet (one :class:`Alarm` per gateway) and every reset not announced yet."""
         now = self._now_ms()
         due_ms = now - int(gap_alarm_s * 1000)
-        with self._tx() as db:
+        with self._tx("loss-alarms") as db:
             rows = db.execute(
                 "SELECT gateway, lo, hi, opened_ms FROM gaps WHERE alarmed_ms IS NULL AND opened_ms <= ? "
                 "ORDER BY gateway, lo",
@@ -293,7 +322,7 @@ class LossStore:
 
     def release(self, alarm: Alarm) -> None:
         """Give a claimed alarm back (it could not be written): it is claimed again next time."""
-        with self._tx() as db:
+        with self._tx("loss-alarms") as db:
             if alarm.kind == "seq_reset":
                 db.execute(
                     "UPDATE resets SET alarmed = 0 WHERE gateway = ? AND last_ms = ?",
@@ -310,7 +339,7 @@ class LossStore:
     def missing(self) -> int:
         """Batches missing over all gateways (the sum of the open holes)."""
         with self._lock:
-            total = self._db.execute("SELECT TOTAL(hi - lo + 1) FROM gaps").fetchone()[0]
+            total = self._db.execute("SELECT COALESCE(SUM(hi - lo + 1), 0) FROM gaps").fetchone()[0]
         return int(total)
 
     def report(self) -> list[GatewayLoss]:
@@ -339,21 +368,15 @@ class LossStore:
         return int(self._clock() * 1000)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, holding SQLite's write lock from the start (other workers wait)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self, *lock: str) -> Iterator[StateDb]:
+        """One write transaction, holding SQLite's write lock from the start (other workers wait),
+        or on PostgreSQL the advisory lock ``lock``."""
+        with self._lock, self._db.transaction() as db:
+            db.lock(*lock)
+            yield db
 
 
-def _overlapping(
-    db: sqlite3.Connection, table: str, cols: str, gw: str, a: int, b: int
-) -> list[tuple[int, ...]]:
+def _overlapping(db: StateDb, table: str, cols: str, gw: str, a: int, b: int) -> list[tuple[int, ...]]:
     """Rows of ``table`` (non-overlapping ranges keyed by ``lo``) that intersect ``[a, b]``: the
     one starting before ``a`` if it reaches ``a``, and those starting within; two index seeks."""
     before = db.execute(

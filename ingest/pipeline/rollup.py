@@ -46,7 +46,7 @@ from ingest.rules import stages as st
 from ingest.sinks.base import PeriodTotals, Rollup, Sink, StoredIntervals, Writes
 from protocols import topics
 from protocols.aggregates import DailyTotal, encode_daily_columns
-from protocols.errors import SinkError, TransportError
+from protocols.errors import SinkError, StateUnavailable, TransportError
 from protocols.quantities import ENERGY_FORWARD, ENERGY_REVERSE
 
 if TYPE_CHECKING:
@@ -274,11 +274,19 @@ class RollupJob:
     lease_s: float = 600.0
 
     async def run(self, every_s: float) -> None:
-        """Roll up what is due every ``every_s`` seconds, forever (failures: tried next time),
-        first taking back the claims this owner held before a crash."""
-        await asyncio.to_thread(self.dedup.release_claims, self.owner)
+        """Roll up what is due every ``every_s`` seconds, forever (failures: tried next time,
+        the shared state database unavailable included), first taking back the claims this owner
+        held before a crash (when that fails, they expire after ``lease_s``)."""
+        try:
+            await asyncio.to_thread(self.dedup.release_claims, self.owner)
+        except StateUnavailable as exc:
+            log.warning("rollup claims not released, they expire error=%s", exc)
         while True:
-            await self.run_once()
+            try:
+                await self.run_once()
+            except StateUnavailable as exc:  # owed keys stay owed; claims expire
+                self.metrics.rollup_failures.inc()
+                log.warning("rollup not done yet, state database unavailable error=%s", exc)
             await asyncio.sleep(every_s)
 
     async def run_once(self) -> int:

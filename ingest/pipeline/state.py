@@ -1,5 +1,7 @@
-"""Run state carried across batches, per channel (VEE-08/09/19): a SQLite table shared by the
-workers of a machine, one row per gateway holding the state of all its channels as arrays.
+"""Run state carried across batches, per channel (VEE-08/09/19): a table shared by the workers
+(:mod:`ingest.pipeline.statedb`: a SQLite file for the workers of one machine, or with
+``[state] url`` PostgreSQL for the workers of every machine), one row per gateway holding the
+state of all its channels as arrays.
 
 Contract
 --------
@@ -23,7 +25,12 @@ Contract
   a gateway not saved for that long every ``prune_every`` saves. A carry only applies to the
   batch that continues it, so an old one is useless anyway.
 
-WAL with ``synchronous=NORMAL``; a write lost to power failure restarts those runs. Each store
+SQLite: WAL with ``synchronous=NORMAL``; a write lost to power failure restarts those runs.
+PostgreSQL: :meth:`RunStateStore.flush` takes each gateway's advisory lock (in gateway order)
+before it reads the row it merges onto, so two machines writing one gateway at once keep both
+their states (on SQLite the write lock does this). Raises
+:class:`~protocols.errors.StateUnavailable` when PostgreSQL is unreachable; unsaved carries stay
+in memory and are written by the next flush. Each store
 keeps the last row it read or wrote per gateway in memory with the row's ``version`` (stored
 before the blobs, in a rowid table, so reading it does not read them): a batch whose gateway no
 other worker wrote since reads one integer, not the row. Writing a gateway's row costs about 100
@@ -34,7 +41,6 @@ it.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from ingest.pipeline.statedb import StateDb
 from ingest.rules import kernels as k
 from ingest.rules.stages import RunCarry
 
@@ -61,6 +68,25 @@ CREATE TABLE IF NOT EXISTS run_state (
 );  -- a rowid table: reading the version stops before the blobs (WITHOUT ROWID reads the record)
 CREATE INDEX IF NOT EXISTS run_state_saved ON run_state(saved_ms);
 """
+_SCHEMA_PG = """
+CREATE TABLE IF NOT EXISTS run_state (
+    gateway  TEXT   PRIMARY KEY,
+    version  BIGINT NOT NULL DEFAULT 0,
+    saved_ms BIGINT NOT NULL,
+    channels BIGINT NOT NULL,
+    meters   TEXT   NOT NULL,
+    meter    BYTEA  NOT NULL,
+    quantity BYTEA  NOT NULL,
+    state    BYTEA  NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_state_saved ON run_state(saved_ms);
+"""
+_UPSERT = (
+    "INSERT INTO run_state(gateway, version, saved_ms, channels, meters, meter, quantity, state) "
+    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(gateway) DO UPDATE SET version = excluded.version, "
+    "saved_ms = excluded.saved_ms, channels = excluded.channels, meters = excluded.meters, "
+    "meter = excluded.meter, quantity = excluded.quantity, state = excluded.state"
+)
 _WIDTH = k.NCARRY + 1  # the carry row, then when it was saved
 
 
@@ -103,6 +129,7 @@ class RunStateStore:
         prune_every: int = 1000,
         clock: Callable[[], float] = time.time,
         write_every_s: float = 1.0,
+        url: str = "",
     ) -> None:
         if max_age_s <= 0 or prune_every < 1:
             raise ValueError("max_age_s and prune_every must be positive")
@@ -111,11 +138,10 @@ class RunStateStore:
         self.prune_every = prune_every
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._adopt_unversioned()
-        self._db.executescript(_SCHEMA)
+        self._db = StateDb(self.path, url=url)
+        if self._db.dialect == "sqlite":
+            self._adopt_unversioned()
+        self._db.script(_SCHEMA, _SCHEMA_PG)
         self.write_every_s = write_every_s
         self._saves = 0
         self._written_s = clock()
@@ -128,13 +154,14 @@ class RunStateStore:
         columns = [r[1] for r in self._db.execute("PRAGMA table_info(run_state)")]
         if not columns or "version" in columns:
             return
-        self._db.executescript(
+        self._db.script(
             "BEGIN IMMEDIATE; DROP INDEX IF EXISTS run_state_saved; "
             "ALTER TABLE run_state RENAME TO run_state_old;"
             + _SCHEMA
             + "INSERT INTO run_state(gateway, version, saved_ms, channels, meters, meter, quantity, state) "
             "SELECT gateway, 0, saved_ms, channels, meters, meter, quantity, state FROM run_state_old; "
-            "DROP TABLE run_state_old; COMMIT;"
+            "DROP TABLE run_state_old; COMMIT;",
+            "",
         )
 
     def close(self) -> None:
@@ -232,24 +259,16 @@ class RunStateStore:
             if not self._unsaved:
                 return
             now_ms = int(self._written_s * 1000)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for gateway in self._unsaved:
+            with self._db.transaction() as db:
+                for gateway in sorted(self._unsaved):  # one lock order for every machine
+                    db.lock("run_state", gateway)
                     stored_version, rows = self._current(gateway)
                     version = stored_version + 1
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO run_state(gateway, version, saved_ms, channels, meters, "
-                        "meter, quantity, state) VALUES (?,?,?,?,?,?,?,?)",
-                        (
-                            gateway, version, now_ms, int(rows.meter.shape[0]), json.dumps(rows.meters),
-                            rows.meter.tobytes(), rows.quantity.tobytes(), rows.state.tobytes(),
-                        ),
-                    )  # fmt: skip
+                    db.execute(_UPSERT, (
+                        gateway, version, now_ms, int(rows.meter.shape[0]), json.dumps(rows.meters),
+                        rows.meter.tobytes(), rows.quantity.tobytes(), rows.state.tobytes(),
+                    ))  # fmt: skip
                     written[gateway] = (version, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._cache.update(written)
             self._unsaved.clear()
             self._merged.clear()

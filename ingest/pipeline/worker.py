@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -108,6 +109,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -137,7 +139,14 @@ from ingest.sinks.influx.sink import InfluxSink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
 from protocols.alarms import AreaOutage, check_area
-from protocols.errors import AmigwError, PayloadError, SinkError, SinkRefused, TransportError
+from protocols.errors import (
+    AmigwError,
+    PayloadError,
+    SinkError,
+    SinkRefused,
+    StateUnavailable,
+    TransportError,
+)
 from protocols.flags import Flag
 from protocols.payload import Event, ReadingBatch, decode, decode_event, encode
 
@@ -145,7 +154,9 @@ __all__ = ["COMMIT_SLOTS", "IngestWorker", "run_worker"]
 
 log = logging.getLogger("amigw.ingest")
 
+T = TypeVar("T")
 COMMIT_SLOTS = 2  # groups in flight at once, each on its own sink connection
+_STATE_ERRORS = (sqlite3.Error, StateUnavailable)  # a state store could not record or answer
 _NOT_BOUND = "meter not bound to gateway"
 _FINAL = frozenset({"written", "duplicate", "dead_lettered", "event"})  # outcomes a gateway is told
 _ACK_EVENT_BYTES = 64 * 1024  # event ids per confirmation (with MAX_RANGES ranges: < MAX_ACK_BYTES)
@@ -249,10 +260,16 @@ class IngestWorker:
         ``<client_id>-<publisher_id>-pub``), opened for :meth:`run` and :meth:`replaying`, closed
         on the way out."""
         cfg, p = self.cfg, self.cfg.pipeline
-        dead = DeadLetterStore.from_config(cfg.dead_letter)
-        dedup = DedupStore.from_config(cfg.dedup)
-        loss = LossStore.from_config(cfg.loss)
-        state = RunStateStore(cfg.run_state_path, max_age_s=p.state_max_age_s)
+        url = cfg.state.url
+        dead, dedup, loss, state = await self._state(
+            "open",
+            lambda: (
+                DeadLetterStore.from_config(cfg.dead_letter, url),
+                DedupStore.from_config(cfg.dedup, url),
+                LossStore.from_config(cfg.loss, url),
+                RunStateStore(cfg.run_state_path, max_age_s=p.state_max_age_s, url=url),
+            ),
+        )
         sinks: asyncio.Queue[Sink] = asyncio.Queue()
         for _ in range(slots):
             sinks.put_nowait(InfluxSink(cfg.influx, wide=p.schema == "wide"))
@@ -290,7 +307,8 @@ class IngestWorker:
                 self._items.put_nowait(None)
                 return
             self._update_gauges()
-            self._items.put_nowait(self._prepare(msg))
+            prepare = functools.partial(self._prepare, msg)
+            self._items.put_nowait(await self._state("intake", prepare))
             await asyncio.sleep(0)  # let the committer start on it while the next is transformed
 
     def _prepare(self, msg: Message) -> _Item:
@@ -492,21 +510,10 @@ class IngestWorker:
         res = self._res
         assert res is not None and res.consumer is not None
         m = self.metrics
-        reused: set[tuple[str, int]] = set()  # marks that replaced another digest: seq resets
-        if res.state is not None:  # before the marks (written within state.write_every_s)
-            res.state.save(
-                [
-                    (it.out.columns.gateway, it.out.columns.meter_ids, it.out.carry)
-                    for it in group
-                    if it.result == "written" and it.out is not None and len(it.out.carry)
-                ]
-            )
+        reused = await self._state("mark", self._marker(group))
         for it in group:
             if it.key is not None:
                 if it.result == "written":
-                    periods = it.out.periods if it.out is not None else ()
-                    if res.dedup.mark(*it.key, periods=periods):
-                        reused.add(it.key[:2])
                     m.readings.inc(it.out.readings if it.out else 0)
                     m.intervals.inc(it.out.n_intervals if it.out else 0)
                     if it.out is not None:
@@ -522,6 +529,64 @@ class IngestWorker:
             self._window.release()
         self._update_gauges()
         self._confirm(group, reused)
+
+    def _marker(self, group: list[_Item]) -> Callable[[], set[tuple[str, int]]]:
+        """The group's run state save and dedup marks, as one step that can be called again
+        after a failure (a batch already marked is not marked twice); returns the marks that
+        replaced another digest (sequence resets)."""
+        res = self._res
+        assert res is not None
+        reused: set[tuple[str, int]] = set()
+        marked: set[int] = set()
+        saved = False
+
+        def mark() -> set[tuple[str, int]]:
+            nonlocal saved
+            if res.state is not None and not saved:  # before the marks (written within write_every_s)
+                res.state.save(
+                    [
+                        (it.out.columns.gateway, it.out.columns.meter_ids, it.out.carry)
+                        for it in group
+                        if it.result == "written" and it.out is not None and len(it.out.carry)
+                    ]
+                )
+                saved = True
+            for i, it in enumerate(group):
+                if it.key is not None and it.result == "written" and i not in marked:
+                    periods = it.out.periods if it.out is not None else ()
+                    if res.dedup.mark(*it.key, periods=periods):
+                        reused.add(it.key[:2])
+                    marked.add(i)
+            return reused
+
+        return mark
+
+    async def _state(self, what: str, step: Callable[[], T]) -> T:
+        """``step()`` (a call into the state stores), retried with the commit's back-off while
+        the shared state database is unavailable (:class:`~protocols.errors.StateUnavailable`:
+        nothing is acknowledged meanwhile; logged when it starts failing and when it recovers).
+        While replaying it raises instead."""
+        failing = False
+
+        async def attempt() -> T:
+            return step()
+
+        def failed(exc: Exception, attempt_no: int, delay_s: float | None) -> None:
+            nonlocal failing
+            self.metrics.state_retries.inc()
+            if not failing:
+                failing = True
+                log.error("state database unavailable, retrying; nothing is acknowledged meanwhile "
+                          "worker=%d step=%s error=%s", self.worker, what, exc)  # fmt: skip
+
+        policy = RetryPolicy(1, 1, attempts=1) if self._replaying else self._retry_policy()
+        result = await retry_until_done(
+            attempt, policy, retry_on=(StateUnavailable,), give_up=lambda _exc: False,
+            on_failure=failed, rng=self._rng,
+        )  # fmt: skip
+        if failing:
+            log.info("state database available again worker=%d step=%s", self.worker, what)
+        return result
 
     def _confirm(self, group: list[_Item], reused: set[tuple[str, int]]) -> None:
         """Record the group's final batches in the loss account, then confirm them and its events
@@ -560,7 +625,7 @@ class IngestWorker:
             return True
         try:
             reset = self._res.loss.record(gw, seqs, reused=reused)
-        except sqlite3.Error as exc:
+        except _STATE_ERRORS as exc:
             log.error("loss accounting failed, batches not confirmed gateway=%s error=%s", gw, exc)
             return False
         if reset is not None:
@@ -588,7 +653,7 @@ class IngestWorker:
                         due = res.loss.claim_alarms(lc.gap_alarm_s)
                         if due:
                             writing = asyncio.create_task(self._raise_loss_alarms(due))
-                except sqlite3.Error as exc:
+                except _STATE_ERRORS as exc:
                     log.error("loss accounting unavailable, retrying error=%s", exc)
                 await asyncio.sleep(lc.check_s)
         finally:
@@ -607,9 +672,9 @@ class IngestWorker:
                 alarm = pending[0]
                 sink = await res.sinks.get()
                 try:
-                    self._dead_letter_rejected(await sink.write(Writes(loss_alarms=[alarm])))
+                    await self._dead_letter_rejected(await sink.write(Writes(loss_alarms=[alarm])))
                 except SinkError as exc:
-                    res.loss.release(alarm)
+                    self._release(alarm)
                     log.warning("loss alarm not written yet, retried kind=%s gateway=%s error=%s",
                                 alarm.kind, alarm.gateway, exc)  # fmt: skip
                 else:
@@ -619,7 +684,16 @@ class IngestWorker:
                 pending.pop(0)
         finally:
             for alarm in pending:
-                res.loss.release(alarm)
+                self._release(alarm)
+
+    def _release(self, alarm: Alarm) -> None:
+        """Give a claimed alarm back; one the store cannot take back now stays claimed (it was
+        logged as due; the next gap of the gateway raises a new one)."""
+        assert self._res is not None and self._res.loss is not None
+        try:
+            self._res.loss.release(alarm)
+        except _STATE_ERRORS as exc:
+            log.error("loss alarm not given back kind=%s gateway=%s error=%s", alarm.kind, alarm.gateway, exc)
 
     def _announce(self, alarm: Alarm) -> None:
         """Count and log a raised gap alarm (a reset was logged when it was recognised)."""
@@ -652,17 +726,18 @@ class IngestWorker:
             sinks.put_nowait(sink)
         self._sink_accepted()
         self.metrics.sink_latency.observe(time.monotonic() - t0)
-        self._dead_letter_rejected(result)
+        await self._dead_letter_rejected(result)
 
-    def _dead_letter_rejected(self, result: WriteResult) -> None:
-        """Commit the records the store refused for good, with its reason and message."""
+    async def _dead_letter_rejected(self, result: WriteResult) -> None:
+        """Commit the records the store refused for good, with its reason and message (retried
+        while the state database is unavailable)."""
         if not result.rejected:
             return
         assert self._res is not None
         now_ms = time.time_ns() // 1_000_000
-        self._res.dead_letter.put_many(
-            [(r.kind, r.reason, r.record, None, now_ms, r.detail) for r in result.rejected]
-        )
+        entries = [(r.kind, r.reason, r.record, None, now_ms, r.detail) for r in result.rejected]
+        dead_letter = self._res.dead_letter
+        await self._state("dead-letter", lambda: dead_letter.put_many(entries))
         self.metrics.sink_lines_dead_lettered.inc(len(result.rejected))
         for r in result.rejected[:10]:
             log.warning(
@@ -805,7 +880,10 @@ class IngestWorker:
         state = self._res.state
         while state is not None:
             await asyncio.sleep(state.write_every_s)
-            state.flush()
+            try:
+                state.flush()
+            except _STATE_ERRORS as exc:  # kept in memory, written by the next flush
+                log.warning("run state not written yet, retried error=%s", exc)
 
     def rollup_job(self) -> RollupJob:
         """The rollup of this worker's owed periods (see :mod:`ingest.pipeline.rollup`), on its
@@ -874,7 +952,7 @@ class IngestWorker:
             # Published before it is written: a failed publish retries the step, and the written
             # alarm is what stops a second publish (a repeat is harmless: (area, ts_ms) names it).
             await self._publish_alarm(area, ts, events)
-        self._dead_letter_rejected(await sink.write(Writes(area_alarms=[AreaAlarm(area, ts, events)])))
+        await self._dead_letter_rejected(await sink.write(Writes(area_alarms=[AreaAlarm(area, ts, events)])))
 
     async def _publish_alarm(self, area: str, ts: int, events: int) -> None:
         """The new area-outage alarm on ``ami/v1/agg/alarms`` (``[pipeline] publish_alarms``),

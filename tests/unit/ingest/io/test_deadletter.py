@@ -13,8 +13,8 @@ from ingest.pipeline.deadletter import DeadLetterConfig, DeadLetterStore
 from protocols.config import load
 
 
-def test_put_list_and_count_by_reason(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite") as store:
+def test_put_list_and_count_by_reason(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url) as store:
         store.put("payload", "bad magic", b"\x00\x01", "ami/v1/gw-1/up/readings", 1000)
         store.put("line", "unable to parse", b"m v= 1", None, 2000, detail="unable to parse 'm v= 1'")
         store.put("line", "unable to parse", b"m,x v=", None, 3000)
@@ -32,22 +32,25 @@ def test_put_list_and_count_by_reason(tmp_path: Path) -> None:
         assert len(store.list(1)) == 1
 
 
-def test_entries_survive_reopen(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite") as store:
+def test_entries_survive_reopen(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url) as store:
         store.put("payload", "truncated", b"AMI\x01", "t", 5)
-    with DeadLetterStore(tmp_path / "dl.sqlite") as store:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url) as store:
         assert [e.payload for e in store.list()] == [b"AMI\x01"]
         assert store.stats().entries == 1
+    if state_url:  # PostgreSQL: no file at all
+        assert not (tmp_path / "dl.sqlite").exists()
+        return
     mode = sqlite3.connect(tmp_path / "dl.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
 
 def test_entry_bound_evicts_oldest_first_and_counts_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    state_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
         caplog.at_level(logging.WARNING, logger="ingest.pipeline.deadletter"),
-        DeadLetterStore(tmp_path / "dl.sqlite", max_entries=3) as store,
+        DeadLetterStore(tmp_path / "dl.sqlite", url=state_url, max_entries=3) as store,
     ):
         evicted = [store.put("line", "r", f"{i}".encode(), None, i) for i in range(5)]
         assert evicted == [0, 0, 0, 1, 1]
@@ -57,8 +60,8 @@ def test_entry_bound_evicts_oldest_first_and_counts_it(
     assert sum("evicting oldest" in r.message for r in caplog.records) == 1  # edge-triggered, not per put
 
 
-def test_byte_bound_evicts_and_never_the_newest(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite", max_bytes=100) as store:
+def test_byte_bound_evicts_and_never_the_newest(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url, max_bytes=100) as store:
         store.put_many([("line", "r", b"a" * 40, None, 1, ""), ("line", "r", b"b" * 40, None, 2, "")])
         assert store.put("line", "r", b"c" * 40, None, 3) == 1  # 120 bytes > 100: the oldest goes
         assert [e.payload[:1] for e in store.list()] == [b"c", b"b"]
@@ -68,16 +71,16 @@ def test_byte_bound_evicts_and_never_the_newest(tmp_path: Path) -> None:
         assert (stats.entries, stats.payload_bytes, stats.evicted) == (1, 500, 3)
 
 
-def test_eviction_count_survives_reopen(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite", max_entries=1) as store:
+def test_eviction_count_survives_reopen(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url, max_entries=1) as store:
         store.put("line", "r", b"1")
         store.put("line", "r", b"2")
-    with DeadLetterStore(tmp_path / "dl.sqlite", max_entries=1) as store:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url, max_entries=1) as store:
         assert store.stats().evicted == 1
 
 
-def test_rejects_unknown_kind_and_empty_reason(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite") as store:
+def test_rejects_unknown_kind_and_empty_reason(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url) as store:
         with pytest.raises(ValueError, match="kind"):
             store.put("frame", "r", b"")
         with pytest.raises(ValueError, match="reason"):
@@ -91,9 +94,9 @@ def test_config_section(tmp_path: Path) -> None:
         assert (store.max_entries, store.max_bytes) == (10, 256 * 1024 * 1024)
 
 
-def test_an_oversized_payload_keeps_a_prefix_its_size_and_digest(tmp_path: Path) -> None:
+def test_an_oversized_payload_keeps_a_prefix_its_size_and_digest(state_url: str, tmp_path: Path) -> None:
     big = bytes(range(256)) * 40  # 10,240 bytes
-    with DeadLetterStore(tmp_path / "dl.sqlite", max_entry_bytes=1000) as store:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url, max_entry_bytes=1000) as store:
         store.put("payload", "too large", big, "ami/v1/gw-1/up/readings", 1)
         store.put("payload", "undecodable", b"x" * 1000, "ami/v1/gw-1/up/readings", 2)
         small, cut = store.list(2)
@@ -103,10 +106,14 @@ def test_an_oversized_payload_keeps_a_prefix_its_size_and_digest(tmp_path: Path)
         assert store.stats().payload_bytes == 2000  # bounded by what is stored, not what arrived
 
 
-def test_a_flood_of_huge_payloads_evicts_its_own_entries_not_the_others(tmp_path: Path) -> None:
+def test_a_flood_of_huge_payloads_evicts_its_own_entries_not_the_others(
+    state_url: str, tmp_path: Path
+) -> None:
     """20 huge payloads after 448 small entries of other reasons: the flood evicts its own older
     entries (fair eviction by reason); before, the oldest entries of every reason went first."""
-    with DeadLetterStore(tmp_path / "dl.sqlite", max_bytes=1_000_000, max_entry_bytes=200_000) as store:
+    with DeadLetterStore(
+        tmp_path / "dl.sqlite", url=state_url, max_bytes=1_000_000, max_entry_bytes=200_000
+    ) as store:
         for i in range(448):
             store.put("payload", ("undecodable", "empty meter id")[i % 2], b"s" * 500, "t", i)
         for i in range(20):
@@ -117,8 +124,8 @@ def test_a_flood_of_huge_payloads_evicts_its_own_entries_not_the_others(tmp_path
         assert stats.payload_bytes <= 1_000_000 and stats.evicted == 17
 
 
-def test_eviction_by_entries_takes_the_reason_holding_the_most(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite", max_entries=10) as store:
+def test_eviction_by_entries_takes_the_reason_holding_the_most(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url, max_entries=10) as store:
         for i in range(3):
             store.put("line", "rare", b"r", None, i)
         for i in range(20):
@@ -127,8 +134,8 @@ def test_eviction_by_entries_takes_the_reason_holding_the_most(tmp_path: Path) -
         assert [e.ts_ms for e in store.list(10) if e.reason == "flood"] == list(range(119, 112, -1))
 
 
-def test_select_remove_and_set_reason_for_replay(tmp_path: Path) -> None:
-    with DeadLetterStore(tmp_path / "dl.sqlite") as store:
+def test_select_remove_and_set_reason_for_replay(state_url: str, tmp_path: Path) -> None:
+    with DeadLetterStore(tmp_path / "dl.sqlite", url=state_url) as store:
         for i in range(6):
             store.put("payload" if i % 3 else "line", ("a", "b")[i % 2], f"{i}".encode(), "t", 1000 * i)
         payloads = store.select(kind="payload")

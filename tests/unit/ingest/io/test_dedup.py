@@ -1,4 +1,5 @@
-"""DedupStore: (gateway, seq) marks, persistence, per-gateway and age bounds, seq reuse."""
+"""DedupStore: (gateway, seq) marks, persistence, per-gateway and age bounds, seq reuse; each
+test taking ``state_url`` runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ class Clock:
         return self.now_s
 
 
-def test_seen_only_after_mark_and_after_reopen(tmp_path: Path) -> None:
-    with DedupStore(tmp_path / "d.sqlite") as store:
+def test_seen_only_after_mark_and_after_reopen(state_url: str, tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url) as store:
         assert not store.seen("gw-1", 7)
         store.mark("gw-1", 7)
         assert store.seen("gw-1", 7)
         assert not store.seen("gw-2", 7) and not store.seen("gw-1", 8)
-    with DedupStore(tmp_path / "d.sqlite") as store:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url) as store:
         assert store.seen("gw-1", 7)
 
 
-def test_keeps_the_newest_seqs_per_gateway(tmp_path: Path) -> None:
-    with DedupStore(tmp_path / "d.sqlite", keep_per_gateway=10, prune_every=5, max_age_s=None) as store:
+def test_keeps_the_newest_seqs_per_gateway(state_url: str, tmp_path: Path) -> None:
+    with DedupStore(
+        tmp_path / "d.sqlite", url=state_url, keep_per_gateway=10, prune_every=5, max_age_s=None
+    ) as store:
         for seq in range(1, 101):
             store.mark("gw-1", seq)
         store.mark("gw-2", 1)
@@ -42,17 +45,19 @@ def test_keeps_the_newest_seqs_per_gateway(tmp_path: Path) -> None:
         assert store.stats().entries == 11 and store.stats().pruned == 90
 
 
-def test_out_of_order_marks_keep_the_highest_seqs(tmp_path: Path) -> None:
-    with DedupStore(tmp_path / "d.sqlite", keep_per_gateway=3, prune_every=1000, max_age_s=None) as store:
+def test_out_of_order_marks_keep_the_highest_seqs(state_url: str, tmp_path: Path) -> None:
+    with DedupStore(
+        tmp_path / "d.sqlite", url=state_url, keep_per_gateway=3, prune_every=1000, max_age_s=None
+    ) as store:
         for seq in (5, 1, 9, 3, 7):
             store.mark("gw", seq)
         assert store.prune("gw") == 2
         assert [s for s in range(10) if store.seen("gw", s)] == [5, 7, 9]
 
 
-def test_age_bound(tmp_path: Path) -> None:
+def test_age_bound(state_url: str, tmp_path: Path) -> None:
     clock = Clock()
-    with DedupStore(tmp_path / "d.sqlite", max_age_s=3600, clock=clock) as store:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url, max_age_s=3600, clock=clock) as store:
         store.mark("gw", 1)
         clock.now_s += 1800
         store.mark("gw", 2)
@@ -61,8 +66,8 @@ def test_age_bound(tmp_path: Path) -> None:
         assert not store.seen("gw", 1) and store.seen("gw", 2)
 
 
-def test_a_reused_seq_with_other_content_is_not_seen(tmp_path: Path) -> None:
-    with DedupStore(tmp_path / "d.sqlite") as store:
+def test_a_reused_seq_with_other_content_is_not_seen(state_url: str, tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url) as store:
         assert store.mark("gw", 1, digest=b"aaaa") is False  # new
         assert store.seen("gw", 1, digest=b"aaaa")
         assert store.seen("gw", 1)  # no digest given: the key alone decides
@@ -84,20 +89,17 @@ HOUR = 3_600_000
 
 
 def _owed(store: DedupStore) -> list[tuple[str, str, int, int]]:
-    import sqlite3
-
-    with sqlite3.connect(store.path) as db:
-        rows = db.execute("SELECT gateway, kind, period_ms, version FROM rollup_pending ORDER BY 3, 2, 1")
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+    rows = store._db.execute("SELECT gateway, kind, period_ms, version FROM rollup_pending ORDER BY 3, 2, 1")
+    return [tuple(r) for r in rows]
 
 
-def test_owed_periods_are_marked_with_the_batch_and_survive_a_reopen(tmp_path: Path) -> None:
-    with DedupStore(tmp_path / "d.sqlite") as store:
+def test_owed_periods_are_marked_with_the_batch_and_survive_a_reopen(state_url: str, tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url) as store:
         store.mark("gw-1", 1, b"a", periods=[("day", DAY), ("hour", DAY)])
         store.mark("gw-1", 2, b"b", periods=[("day", DAY), ("hour", DAY + HOUR)])
         store.mark("gw-2", 1, b"c", periods=[("day", DAY)])
         store.mark("gw-3", 1, b"d")  # no totals changed (e.g. voltages only)
-    with DedupStore(tmp_path / "d.sqlite") as store:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url) as store:
         assert _owed(store) == [
             ("gw-1", "day", DAY, 2), ("gw-2", "day", DAY, 1), ("gw-1", "hour", DAY, 1),
             ("gw-1", "hour", DAY + HOUR, 1),
@@ -105,9 +107,11 @@ def test_owed_periods_are_marked_with_the_batch_and_survive_a_reopen(tmp_path: P
         assert store.pending_periods() == 4
 
 
-def test_a_period_is_due_once_it_ended_and_nothing_touched_it_for_the_delay(tmp_path: Path) -> None:
+def test_a_period_is_due_once_it_ended_and_nothing_touched_it_for_the_delay(
+    state_url: str, tmp_path: Path
+) -> None:
     clock = Clock(DAY / 1000 + 1800)  # half past the first hour of DAY
-    with DedupStore(tmp_path / "d.sqlite", clock=clock) as store:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url, clock=clock) as store:
         store.mark("gw-1", 1, periods=[("day", DAY), ("hour", DAY)])
         assert store.claim_due(delay_s=60, lease_s=600) == []  # the hour has not ended
         clock.now_s = DAY / 1000 + 3600 + 59
@@ -126,9 +130,11 @@ def test_a_period_is_due_once_it_ended_and_nothing_touched_it_for_the_delay(tmp_
         assert [k for _, k, _, _ in _owed(store)] == ["day"]
 
 
-def test_a_claim_of_a_worker_that_died_expires_and_a_failed_rollup_is_released(tmp_path: Path) -> None:
+def test_a_claim_of_a_worker_that_died_expires_and_a_failed_rollup_is_released(
+    state_url: str, tmp_path: Path
+) -> None:
     clock = Clock(DAY / 1000 + 2 * 86_400)
-    with DedupStore(tmp_path / "d.sqlite", clock=clock) as store:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url, clock=clock) as store:
         store.mark("gw-1", 1, periods=[("day", DAY)])
         first = store.claim_due(delay_s=0, lease_s=600)
         assert len(first) == 1 and store.claim_due(delay_s=0, lease_s=600) == []
@@ -139,9 +145,11 @@ def test_a_claim_of_a_worker_that_died_expires_and_a_failed_rollup_is_released(t
         assert len(store.claim_due(delay_s=0, lease_s=600)) == 1
 
 
-def test_a_worker_started_again_takes_back_the_claims_of_its_previous_life(tmp_path: Path) -> None:
+def test_a_worker_started_again_takes_back_the_claims_of_its_previous_life(
+    state_url: str, tmp_path: Path
+) -> None:
     clock = Clock(DAY / 1000 + 2 * 86_400)
-    with DedupStore(tmp_path / "d.sqlite", clock=clock) as store:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url, clock=clock) as store:
         store.mark("gw-1", 1, periods=[("day", DAY), ("hour", DAY)])
         assert len(store.claim_due(delay_s=0, lease_s=600, owner="ingest-0")) == 2  # then SIGKILL
         assert store.claim_due(delay_s=0, lease_s=600, owner="ingest-1") == []  # another worker
@@ -161,8 +169,8 @@ def test_days_owed_by_a_store_of_the_earlier_layout_become_day_rollups(tmp_path:
         assert _owed(store) == [("gw-1", "day", DAY, 3)]
 
 
-def test_a_mark_that_fails_leaves_neither_the_batch_nor_its_periods(tmp_path: Path) -> None:
-    with DedupStore(tmp_path / "d.sqlite") as store:
+def test_a_mark_that_fails_leaves_neither_the_batch_nor_its_periods(state_url: str, tmp_path: Path) -> None:
+    with DedupStore(tmp_path / "d.sqlite", url=state_url) as store:
         with pytest.raises(ValueError, match="period kind"):
             store.mark("gw-1", 1, b"a", periods=[("week", DAY)])
         assert not store.seen("gw-1", 1) and store.pending_periods() == 0

@@ -1,5 +1,6 @@
 """LossStore: durable ranges merge, holes open, split and close, resets count what they lose,
-alarms are claimed once, and the store is shared by two connections (two workers)."""
+alarms are claimed once, and the store is shared by two connections (two workers); on SQLite
+and on PostgreSQL (``state_url``)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> LossStore:
-    return LossStore(tmp_path / "loss.sqlite", clock=clock)
+def store(tmp_path: Path, clock: Clock, state_url: str) -> LossStore:
+    """On SQLite and on PostgreSQL (``state_url``)."""
+    return LossStore(tmp_path / "loss.sqlite", clock=clock, url=state_url)
 
 
 def gaps(store: LossStore, gw: str = "gw-1") -> list[tuple[int, int]]:
@@ -133,9 +135,9 @@ def test_a_reused_seq_outside_the_ranges_is_no_reset(store: LossStore) -> None:
     assert store.report()[0].resets == 0
 
 
-def test_two_workers_share_one_file(tmp_path: Path, clock: Clock) -> None:
-    a = LossStore(tmp_path / "loss.sqlite", clock=clock)
-    b = LossStore(tmp_path / "loss.sqlite", clock=clock)
+def test_two_workers_share_one_file(tmp_path: Path, clock: Clock, state_url: str) -> None:
+    a = LossStore(tmp_path / "loss.sqlite", clock=clock, url=state_url)
+    b = LossStore(tmp_path / "loss.sqlite", clock=clock, url=state_url)
     a.record("gw-1", [1, 2])
     b.record("gw-1", [4])
     assert a.missing() == b.missing() == 1

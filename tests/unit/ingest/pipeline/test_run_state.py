@@ -24,8 +24,8 @@ def carry(rows: list[tuple[int, int, int, int]]) -> stages.RunCarry:
     )
 
 
-def test_carry_is_mapped_onto_the_batch_meter_table(tmp_path: Path) -> None:
-    with RunStateStore(tmp_path / "s.sqlite") as store:
+def test_carry_is_mapped_onto_the_batch_meter_table(state_url: str, tmp_path: Path) -> None:
+    with RunStateStore(tmp_path / "s.sqlite", url=state_url) as store:
         store.save([("gw", ["A", "B"], carry([(0, 1, 2, 100), (1, 1, 3, 100), (1, 40, 1, 100)]))])
         store.save([("other", ["A"], carry([(0, 1, 9, 100)]))])
         got = store.carry("gw", ["X", "B"])  # A is not in this batch; B is index 1
@@ -36,8 +36,8 @@ def test_carry_is_mapped_onto_the_batch_meter_table(tmp_path: Path) -> None:
         assert len(store.carry("nobody", ["A"])) == 0
 
 
-def test_only_a_later_last_step_replaces_a_row(tmp_path: Path) -> None:
-    with RunStateStore(tmp_path / "s.sqlite") as store:
+def test_only_a_later_last_step_replaces_a_row(state_url: str, tmp_path: Path) -> None:
+    with RunStateStore(tmp_path / "s.sqlite", url=state_url) as store:
         store.save([("gw", ["A"], carry([(0, 1, 4, 200)]))])
         store.save([("gw", ["A"], carry([(0, 1, 1, 200)]))])  # a replay of the same batch
         store.save([("gw", ["A"], carry([(0, 1, 1, 100)]))])  # a stale, older batch
@@ -46,9 +46,11 @@ def test_only_a_later_last_step_replaces_a_row(tmp_path: Path) -> None:
         assert store.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 5
 
 
-def test_channels_not_saved_for_max_age_are_forgotten(tmp_path: Path) -> None:
+def test_channels_not_saved_for_max_age_are_forgotten(state_url: str, tmp_path: Path) -> None:
     now = [1_000.0]
-    with RunStateStore(tmp_path / "s.sqlite", max_age_s=60, prune_every=2, clock=lambda: now[0]) as store:
+    with RunStateStore(
+        tmp_path / "s.sqlite", url=state_url, max_age_s=60, prune_every=2, clock=lambda: now[0]
+    ) as store:
         store.save([("gw", ["A"], carry([(0, 1, 1, 100)]))])
         now[0] += 61
         store.save([("gw", ["B"], carry([(0, 1, 1, 100)]))])  # the second save prunes
@@ -56,25 +58,28 @@ def test_channels_not_saved_for_max_age_are_forgotten(tmp_path: Path) -> None:
         assert len(store.carry("gw", ["A", "B"])) == 1
 
 
-def _shared(tmp_path: Path, write_every_s: float = 0.0) -> tuple[RunStateStore, RunStateStore]:
+def _shared(tmp_path: Path, url: str, write_every_s: float = 0.0) -> tuple[RunStateStore, RunStateStore]:
     path = tmp_path / "s.sqlite"
-    return RunStateStore(path, write_every_s=write_every_s), RunStateStore(path, write_every_s=write_every_s)
+    return (
+        RunStateStore(path, write_every_s=write_every_s, url=url),
+        RunStateStore(path, write_every_s=write_every_s, url=url),
+    )
 
 
-def test_the_store_is_shared_by_connections(tmp_path: Path) -> None:
-    one, two = _shared(tmp_path)
+def test_the_store_is_shared_by_connections(state_url: str, tmp_path: Path) -> None:
+    one, two = _shared(tmp_path, state_url)
     with one, two:
         one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
         assert two.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2
 
 
-def test_merging_agrees_with_a_dictionary_of_channels(tmp_path: Path) -> None:
+def test_merging_agrees_with_a_dictionary_of_channels(state_url: str, tmp_path: Path) -> None:
     """Many saves of overlapping meter tables: the store holds, per (meter, quantity), the state
     with the latest last step (the first saved one on a tie), whatever the batch's meter order."""
     rng = np.random.default_rng(7)
     names = [f"M{i}" for i in range(40)]
     want: dict[tuple[str, int], tuple[int, int]] = {}  # (meter, q) -> (last, stop length)
-    with RunStateStore(tmp_path / "s.sqlite") as store:
+    with RunStateStore(tmp_path / "s.sqlite", url=state_url) as store:
         for save in range(60):
             table = list(rng.choice(names, size=int(rng.integers(1, 12)), replace=False))
             rows, seen = [], set()
@@ -98,10 +103,12 @@ def test_merging_agrees_with_a_dictionary_of_channels(tmp_path: Path) -> None:
         assert len(store) == len(want)
 
 
-def test_a_cached_row_is_read_again_once_another_store_saved_the_gateway(tmp_path: Path) -> None:
+def test_a_cached_row_is_read_again_once_another_store_saved_the_gateway(
+    state_url: str, tmp_path: Path
+) -> None:
     """Each store keeps the rows it read; a save by another worker's store bumps the row's
     version, so the next carry reads the new state, and the next merge keeps the other's channels."""
-    one, two = _shared(tmp_path)
+    one, two = _shared(tmp_path, state_url)
     with one, two:
         one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
         assert two.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2  # two caches version 1
@@ -136,13 +143,13 @@ def test_a_state_file_without_versions_is_taken_over(tmp_path: Path) -> None:
         assert store.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 5
 
 
-def test_saves_are_written_at_most_every_write_every_s_and_at_close(tmp_path: Path) -> None:
+def test_saves_are_written_at_most_every_write_every_s_and_at_close(state_url: str, tmp_path: Path) -> None:
     """A save is in the store's own carries at once and in the file once ``write_every_s`` has
     passed (or at close): a crash loses at most that much run progress."""
     now = [1_000.0]
     path = tmp_path / "s.sqlite"
-    one = RunStateStore(path, clock=lambda: now[0], write_every_s=1.0)
-    with RunStateStore(path) as other:
+    one = RunStateStore(path, url=state_url, clock=lambda: now[0], write_every_s=1.0)
+    with RunStateStore(path, url=state_url) as other:
         one.save([("gw", ["A"], carry([(0, 1, 2, 100)]))])
         assert one.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 2  # its own: at once
         assert len(other.carry("gw", ["A"])) == 0  # not written yet
@@ -155,10 +162,12 @@ def test_saves_are_written_at_most_every_write_every_s_and_at_close(tmp_path: Pa
         assert other.carry("gw", ["A"]).state[0, k.C_STOP_LEN] == 4
 
 
-def test_unsaved_carries_are_merged_onto_what_another_store_wrote_meanwhile(tmp_path: Path) -> None:
+def test_unsaved_carries_are_merged_onto_what_another_store_wrote_meanwhile(
+    state_url: str, tmp_path: Path
+) -> None:
     """Two workers' stores: one holds unsaved carries while the other writes a later state of
     the same channel and a new one; one's write keeps the later state and both channels."""
-    one, two = _shared(tmp_path, write_every_s=3600)
+    one, two = _shared(tmp_path, state_url, write_every_s=3600)
     with one, two:
         one.save([("gw", ["A", "B"], carry([(0, 1, 2, 100), (1, 1, 5, 100)]))])
         two.save([("gw", ["A", "C"], carry([(0, 1, 9, 200), (1, 1, 1, 200)]))])
