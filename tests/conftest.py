@@ -26,7 +26,7 @@ from typing import TypeVar
 import pytest
 
 from ingest.broker import ACL, limits
-from simulators.servers import Influxd, Mosquitto, ServiceNotInstalledError
+from simulators.servers import Influxd, Mosquitto, ServiceNotInstalledError, VictoriaMetrics
 
 SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth")
 INFLUX_ADMIN = ("admin", "admin-secret")
@@ -93,3 +93,29 @@ def _restart_stopped_services(request: pytest.FixtureRequest) -> Iterator[None]:
     for service in used:
         if not service.running:
             service.start()
+
+
+@pytest.fixture(scope="session")
+def victoria_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    """A single-node VictoriaMetrics (session), started with the sink's flags."""
+    try:
+        server = VictoriaMetrics(tmp_path_factory.mktemp("victoria-metrics"))
+    except ServiceNotInstalledError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def victoria_db(
+    victoria_metrics: VictoriaMetrics, request: pytest.FixtureRequest
+) -> tuple[VictoriaMetrics, str]:
+    """The server and a ``db`` label value no other test writes (VictoriaMetrics has no
+    databases: the label separates the tests' data)."""
+    if not victoria_metrics.running:
+        victoria_metrics.start()
+    return (
+        victoria_metrics,
+        f"t_{re.sub(r'[^A-Za-z0-9]+', '_', request.node.name)[:40]}_{uuid.uuid4().hex[:8]}",
+    )
