@@ -15,8 +15,11 @@ Contract
 * :meth:`VictoriaSink.prepare` splits a :class:`~ingest.sinks.base.Writes` in two prepared
   writes, once; :meth:`VictoriaSink.send` posts VictoriaMetrics' bodies first, then the
   records', each resuming at its first body not done. VictoriaMetrics answers 204 and skips a
-  line it cannot parse (it logs it): only the encoder's numeric lines are sent to it, so it has
-  nothing to reject; the records' rejections come back as InfluxDB's do.
+  line it cannot parse (it logs it): only the encoder's numeric lines are sent to it. It also
+  answers 204 and drops samples more than two days ahead of its clock: the readings, duplicates
+  and intervals stamped over ``FUTURE_BOUND_MS`` ahead of this machine's clock are not sent but
+  come back rejected (reason ``beyond victoriametrics time bound``), for the caller to
+  dead-letter; the records' rejections come back as InfluxDB's do.
 * Reads: :meth:`day_intervals` and :meth:`completeness` come from VictoriaMetrics'
   ``/api/v1/export`` (raw samples, :mod:`.export`), with the daily job's flag rewrites (kept in
   the records store) applied over the worker's flags; every other read is the records store's.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -45,14 +49,16 @@ from ingest.rules import stages as st
 from ingest.rules.kernels import NOT_BILLABLE
 from ingest.sinks.base import (
     AreaAlarm,
+    BatchColumns,
     DaySums,
     OutageEvent,
     PreparedWrite,
+    Rejected,
     StoredIntervals,
     WriteResult,
     Writes,
 )
-from ingest.sinks.influx.http import InfluxWriter, PreparedLines
+from ingest.sinks.influx.http import InfluxWriter, PreparedLines, split_lines
 from ingest.sinks.influx.lines import (
     LineTables,
     TagCache,
@@ -71,9 +77,11 @@ from protocols.quantities import by_code, by_name
 if TYPE_CHECKING:
     from ingest.reports.daily import DailyReport
 
-__all__ = ["PreparedSplit", "VictoriaSink", "split_writes"]
+__all__ = ["FUTURE_BOUND_MS", "PreparedSplit", "VictoriaSink", "split_ahead", "split_writes"]
 
 DAY_MS = 86_400_000
+# VictoriaMetrics (lib/storage) drops rows more than 2 days ahead of its clock; an hour of margin
+FUTURE_BOUND_MS = 2 * DAY_MS - 3_600_000
 _EPOCH = dt.date(1970, 1, 1)
 _NO_I64 = np.empty(0, np.int64)
 _NO_READINGS = st.Readings(
@@ -82,6 +90,44 @@ _NO_READINGS = st.Readings(
 _NO_INTERVALS = st.Intervals(
     np.empty(0, np.uint32), np.empty(0, np.uint16), _NO_I64, _NO_I64, np.empty(0, np.uint32)
 )
+
+
+def split_ahead(numeric: Writes, bound_ms: int) -> tuple[Writes, Writes]:
+    """``numeric`` (of :func:`split_writes`) without the readings, duplicates and intervals
+    stamped after ``bound_ms``, and those (VictoriaMetrics stores no sample more than two days
+    ahead of its clock)."""
+    if not any(_after(b, bound_ms) for b in numeric.batches):
+        return numeric, Writes()
+    keep, ahead = [], []
+    for b in numeric.batches:
+        if not _after(b, bound_ms):
+            keep.append(b)
+            continue
+        parts = []
+        for late in (False, True):
+            r, iv, d = b.readings, b.intervals, b.duplicates
+            sel_r, sel_i = (r.ts > bound_ms) == late, (iv.end_ts > bound_ms) == late
+            dup = None if d is None else _readings(d, (d.ts > bound_ms) == late)
+            intervals = st.Intervals(
+                iv.meter[sel_i], iv.quantity[sel_i], iv.end_ts[sel_i], iv.energy[sel_i], iv.flags[sel_i]
+            )
+            parts.append(
+                dataclasses.replace(
+                    b, readings=_readings(r, sel_r), order=None, duplicates=dup, intervals=intervals
+                )
+            )
+        keep.append(parts[0])
+        ahead.append(parts[1])
+    return Writes(keep), Writes(ahead)
+
+
+def _after(b: BatchColumns, bound_ms: int) -> bool:
+    late = bool((b.readings.ts > bound_ms).any()) or bool((b.intervals.end_ts > bound_ms).any())
+    return late or (b.duplicates is not None and bool((b.duplicates.ts > bound_ms).any()))
+
+
+def _readings(r: st.Readings, sel: np.ndarray) -> st.Readings:
+    return st.Readings(r.meter[sel], r.ts[sel], r.quantity[sel], r.value[sel], r.flags[sel])
 
 
 def split_writes(writes: Writes) -> tuple[Writes, Writes]:
@@ -176,7 +222,7 @@ class VictoriaSink:
             await self.writer.probe(create=False)
         except SinkRefused as exc:
             raise self._refused(exc, "the probe write", self.config.writes_to, "write_url") from None
-        await self.export.series(selector(["amigw_probe"], {"db": self.config.database}, {}), 0, 0)
+        await self._export(selector(["amigw_probe"], {"db": self.config.database}, {}), 0, 0)
 
     def warm_up(self, sample: Writes) -> None:
         encode_writes(sample, TagCache(), wide=self.wide)
@@ -184,8 +230,17 @@ class VictoriaSink:
 
     def prepare(self, writes: Writes) -> PreparedSplit:
         numeric, records = split_writes(writes)
+        bound_ms = int(time.time() * 1000) + FUTURE_BOUND_MS
+        numeric, ahead = split_ahead(numeric, bound_ms)
         lines = encode_writes(numeric, self._tags, wide=self.wide)
-        return PreparedSplit(self.writer.prepare(lines), self.records.prepare(records))
+        prepared = PreparedSplit(self.writer.prepare(lines), self.records.prepare(records))
+        if ahead.batches:  # VictoriaMetrics would answer 204 and drop them: rejected, dead-lettered
+            detail = f"timestamp after {bound_ms} ms: victoriametrics drops samples over 2 days ahead"
+            prepared.victoria.rejected += [
+                Rejected(line, "beyond victoriametrics time bound", detail)
+                for line in split_lines(encode_writes(ahead, TagCache(), wide=self.wide))
+            ]
+        return prepared
 
     async def send(self, prepared: PreparedWrite) -> WriteResult:
         if not isinstance(prepared, PreparedSplit):
