@@ -49,6 +49,7 @@ from protocols.errors import ConfigError
 
 if TYPE_CHECKING:
     from ingest.sinks.influx.sink import InfluxSink
+    from ingest.sinks.victoria.sink import VictoriaSink
 
 __all__ = ["add_arguments", "run"]
 
@@ -272,15 +273,27 @@ def _check_state(cfg: IngestConfig) -> None:
 
 
 async def _check_sink(cfg: IngestConfig) -> str:
-    """Probe InfluxDB without writing or creating anything; the summary line, else raise.
+    """Probe the store(s) without writing or creating anything; the summary line, else raise.
 
     Raises: ConfigError naming the key for a refusal, SinkError when unreachable."""
+    from ingest.sinks.victoria.sink import VictoriaSink
     from protocols.errors import SinkError, SinkRefused
 
     influx = cfg.influx
     async with _sink(cfg) as sink:
+        vm = ""
+        if isinstance(sink, VictoriaSink):  # VictoriaMetrics first: its refusals name its keys
+            try:
+                await sink.probe_victoria()
+            except SinkRefused as exc:
+                key = "read_url" if "[victoriametrics] read_url" in str(exc) else "write_url"
+                raise ConfigError(f"victoriametrics.{key}", str(exc)) from None
+            except SinkError as exc:
+                raise SinkError(f"victoriametrics: {exc}", retryable=True, status=exc.status) from None
+            vm = f"victoriametrics {cfg.victoriametrics.writes_to} accepts writes; records: "
+            sink = sink.records
         try:
-            return await sink.probe(create=False)
+            return vm + await sink.probe(create=False)
         except SinkRefused as exc:
             if exc.reason == "not_found" and influx.create_database and sink.api == "v1":
                 return (
@@ -291,11 +304,11 @@ async def _check_sink(cfg: IngestConfig) -> str:
             raise SinkError(f"influxdb {influx.url}: {exc}", retryable=True, status=exc.status) from None
 
 
-def _sink(cfg: IngestConfig) -> InfluxSink:
-    """The configured sink (the one place the CLI names its implementation)."""
-    from ingest.sinks.influx.sink import InfluxSink
+def _sink(cfg: IngestConfig) -> InfluxSink | VictoriaSink:
+    """The configured sink (:func:`~ingest.sinks.configured.configured_sink`)."""
+    from ingest.sinks.configured import configured_sink
 
-    return InfluxSink(cfg.influx, wide=cfg.pipeline.schema == "wide")
+    return configured_sink(cfg)
 
 
 def _refused_key(reason: str, api: str | None, username: str | None) -> str:

@@ -6,6 +6,8 @@ tariff calendar). :data:`SAMPLE` is the commented sample (``amigw config sample 
 test loads it, so it cannot rot. The commented values are the defaults.
 
 Sections: ``[mqtt]`` (the consumer), ``[influx]`` (:class:`~ingest.sinks.influx.http.SinkConfig`),
+``[victoriametrics]`` (:class:`~ingest.sinks.victoria.config.VictoriaConfig`: readings and
+intervals in VictoriaMetrics when enabled),
 ``[dead_letter]``, ``[dedup]``, ``[pipeline]`` (schema, grid, retries, aggregates, outages,
 confirmations), ``[loss]`` (:class:`~ingest.pipeline.loss.LossConfig`: loss accounting),
 ``[line_loss]`` (LL-02 bands of the daily report, per area type), ``[state]``
@@ -30,6 +32,7 @@ from ingest.pipeline.dedup import DedupConfig
 from ingest.pipeline.loss import LossConfig
 from ingest.pipeline.statedb import StateConfig
 from ingest.sinks.influx.http import SinkConfig
+from ingest.sinks.victoria.config import VictoriaConfig
 from protocols import topics
 from protocols.config import loads_toml
 from protocols.errors import ConfigError
@@ -303,6 +306,7 @@ class IngestConfig:
     metrics_listen: str = ""
     mqtt: MqttSection = field(default_factory=MqttSection)
     influx: SinkConfig = field(default_factory=SinkConfig)
+    victoriametrics: VictoriaConfig = field(default_factory=VictoriaConfig)
     dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
@@ -516,6 +520,25 @@ retry_after_max_s = 60.0
 # until it is fixed. --check-config probes the server. With create_database = true a missing v1
 # database is created (CREATE DATABASE; the user must be an admin) instead of waiting for it.
 create_database = false
+
+[victoriametrics]
+# true: readings and intervals go to VictoriaMetrics (a single node at url, or a cluster's vminsert
+# at write_url and vmselect at read_url); the records it cannot hold (events, alarms, rollups, the
+# daily report, rewritten flags) still go to [influx]. See docs/victoriametrics.md.
+enabled = false
+url = "http://127.0.0.1:8428"
+# Cluster: write_url = "http://vminsert:8480/insert/0/influx" (example) and
+# read_url = "http://vmselect:8481/select/0/prometheus" (example); "" means url.
+write_url = ""
+read_url = ""
+# The value of the db label every sample carries, so several pipelines can share a server.
+database = "amigw"
+# ca_file = "/etc/amigw/ca.pem"
+gzip = true
+gzip_level = 1
+max_batch_lines = 5000
+max_batch_bytes = 4194304
+timeout_s = 30.0
 
 [dead_letter]
 # Undecodable payloads and lines InfluxDB refused, with the reason (SQLite, or [state] url); replay them with

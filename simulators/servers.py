@@ -62,6 +62,7 @@ __all__ = [
     "ServiceError",
     "ServiceNotInstalledError",
     "TlsFiles",
+    "VictoriaMetrics",
     "free_port",
     "free_ports",
     "make_tls_files",
@@ -836,3 +837,70 @@ class Postgres(_ChildServer):
     def _answers(self) -> bool:
         argv = [f"{self.bin_dir}/pg_isready", "-h", self.host, "-p", str(self.port), "-t", "1"]
         return subprocess.run(argv, capture_output=True, env=self._env(), check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# VictoriaMetrics, the store beyond one machine
+
+
+class VictoriaMetrics(_ChildServer):
+    """A single-node VictoriaMetrics: HTTP on 127.0.0.1:<free port>, data in ``workdir``.
+
+    Started with the flags the VictoriaMetrics sink needs (docs/victoriametrics.md): a retention
+    of ``retention`` (billing data is kept for years, and samples days old must be accepted),
+    ``-search.latencyOffset=0s`` and ``-search.disableCache`` (a query sees what was written,
+    not a cached answer). ``force_flush()`` makes everything written so far searchable at once
+    (VictoriaMetrics otherwise needs about a second, and up to ~10 s for a new series).
+    """
+
+    name = "victoria-metrics"
+
+    def __init__(
+        self, workdir: str | os.PathLike[str], *, host: str = LOOPBACK, retention: str = "100y"
+    ) -> None:
+        self.binary = find_binary("victoria-metrics", "/usr/bin/victoria-metrics")
+        super().__init__(workdir, host)
+        self.port = free_port(host)
+        self.retention = retention
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"VictoriaMetrics({self.url}, pid={self.pid})"
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            f"-httpListenAddr={self.host}:{self.port}",
+            f"-storageDataPath={self.workdir / 'data'}",
+            f"-retentionPeriod={self.retention}",
+            "-search.latencyOffset=0s",
+            "-search.disableCache",
+            "-loggerLevel=WARN",
+        ]
+
+    def _pick_new_ports(self) -> None:
+        self.port = free_port(self.host)
+
+    def _write_config(self) -> None:
+        pass  # flags only
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as resp:
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def force_flush(self) -> None:
+        """``/internal/force_flush``: what was written is searchable when this returns."""
+        with urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=30.0) as resp:
+            resp.read()
+
+    def export(self, match: str) -> list[dict[str, Any]]:
+        """``/api/v1/export`` of ``match`` (all time): one dict per exported line."""
+        form = urllib.parse.urlencode({"match[]": match}).encode()
+        with urllib.request.urlopen(f"{self.url}/api/v1/export", data=form, timeout=30.0) as resp:
+            return [json.loads(line) for line in resp.read().splitlines() if line.strip()]

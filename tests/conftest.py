@@ -30,11 +30,24 @@ from typing import TypeVar
 import pytest
 
 from ingest.broker import ACL, limits
-from simulators.servers import Influxd, Mosquitto, Postgres, ServiceNotInstalledError
+from simulators.servers import (
+    Influxd,
+    Mosquitto,
+    Postgres,
+    ServiceNotInstalledError,
+    VictoriaMetrics,
+)
 
-SERVICE_FIXTURES = ("mosquitto", "mosquitto_secure", "influxd", "influxd_auth", "postgres")
+SERVICE_FIXTURES = (
+    "mosquitto",
+    "mosquitto_secure",
+    "influxd",
+    "influxd_auth",
+    "postgres",
+    "victoria_metrics",
+)
 INFLUX_ADMIN = ("admin", "admin-secret")
-S = TypeVar("S", Mosquitto, Influxd, Postgres)
+S = TypeVar("S", Mosquitto, Influxd, Postgres, VictoriaMetrics)
 
 
 def _started(service_factory: Callable[[Path], S], workdir: Path) -> S:
@@ -121,3 +134,23 @@ def postgres_url(postgres: Postgres) -> str:
 def state_url(request: pytest.FixtureRequest) -> str:
     """``[state] url`` for a store test: "" (SQLite files) or a fresh PostgreSQL schema."""
     return "" if request.param == "sqlite" else str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(scope="session")
+def victoria_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    """A single-node VictoriaMetrics (session), started with the sink's flags."""
+    server = _started(VictoriaMetrics, tmp_path_factory.mktemp("victoria-metrics"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def victoria_db(
+    victoria_metrics: VictoriaMetrics, request: pytest.FixtureRequest
+) -> tuple[VictoriaMetrics, str]:
+    """The server and a ``db`` label value no other test writes (VictoriaMetrics has no
+    databases: the label separates the tests' data)."""
+    return (
+        victoria_metrics,
+        f"t_{re.sub(r'[^A-Za-z0-9]+', '_', request.node.name)[:40]}_{uuid.uuid4().hex[:8]}",
+    )

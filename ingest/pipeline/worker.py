@@ -135,7 +135,7 @@ from ingest.sinks.base import (
     retry_until_done,
     send_until_written,
 )
-from ingest.sinks.influx.sink import InfluxSink
+from ingest.sinks.configured import configured_sink
 from protocols import topics
 from protocols.acks import MAX_EVENTS, MAX_RANGES, Ack, seq_ranges
 from protocols.alarms import AreaOutage, check_area
@@ -272,7 +272,7 @@ class IngestWorker:
         )
         sinks: asyncio.Queue[Sink] = asyncio.Queue()
         for _ in range(slots):
-            sinks.put_nowait(InfluxSink(cfg.influx, wide=p.schema == "wide"))
+            sinks.put_nowait(configured_sink(cfg))
         publisher = None
         if p.publish_intervals or p.publish_daily or p.publish_alarms or p.confirm:
             publisher = MqttPublisher(cfg.mqtt, f"{cfg.mqtt.client_id}-{publisher_id}-pub")

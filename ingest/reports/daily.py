@@ -439,11 +439,11 @@ async def daily_report(cfg: IngestConfig, day: dt.date) -> DailyReport:
     """:func:`run_daily_report` with the registry, calendar and sink of ``cfg``.
 
     Raises: ConfigError (registry, calendar), SinkError (see :func:`run_daily_report`)."""
-    from ingest.sinks.influx.sink import InfluxSink
+    from ingest.sinks.configured import configured_sink
 
     registry = load_registry(cfg)
     offset = load_calendar(cfg).utc_offset_ms
-    async with InfluxSink(cfg.influx, wide=cfg.pipeline.schema == "wide") as sink:
+    async with configured_sink(cfg) as sink:
         return await run_daily_report(
             sink, registry, day, utc_offset_ms=offset, interval_ms=cfg.pipeline.interval_s * 1000,
             bands=cfg.line_loss, params=cfg.validation_params(), retry=cfg.influx.one_shot_retry,

@@ -8,10 +8,12 @@ line-level rejection looks like) and ``missing`` a sink on a store that does not
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -63,7 +65,59 @@ async def influxdb(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         yield Store(sink, poison, missing)
 
 
-STORES = {"influxdb": influxdb}
+class _Flushed:
+    """A VictoriaSink whose every write is searchable when it returns: the test asks the server
+    (``/internal/force_flush``) instead of waiting out VictoriaMetrics' ~1-10 s, which the
+    pipeline waits out with ``[pipeline] rollup_delay_s`` (docs/victoriametrics.md)."""
+
+    def __init__(self, sink: Any, flush: Callable[[], None]) -> None:
+        self._sink, self._flush = sink, flush
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._sink, name)
+        if name not in ("send", "write", "write_interval_flags", "write_report"):
+            return attr
+
+        async def flushed(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attr(*args, **kwargs)
+            finally:
+                await asyncio.to_thread(self._flush)
+
+        return flushed
+
+
+@asynccontextmanager
+async def victoriametrics(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Readings and intervals in VictoriaMetrics (a fresh ``db`` label), the records in a fresh
+    InfluxDB database (the split of docs/victoriametrics.md)."""
+    from ingest.sinks.influx.http import SinkConfig
+    from ingest.sinks.influx.sink import InfluxSink
+    from ingest.sinks.victoria.config import VictoriaConfig
+    from ingest.sinks.victoria.sink import VictoriaSink
+
+    vm, label = request.getfixturevalue("victoria_db")
+    influxd, db = request.getfixturevalue("influx_db")
+    records = SinkConfig(url=influxd.url, api="v1", database=db)
+
+    def poison() -> None:  # edge events are the records store's: poisoned as InfluxDB's
+        influxd.write(b'events,gateway=x,kind=power_down id=1i,detail="{}" %d\n' % T0, db)
+
+    @asynccontextmanager
+    async def missing() -> AsyncIterator[Sink]:  # a cluster's paths, which a single node does not serve
+        cfg = VictoriaConfig(
+            enabled=True, write_url=f"{vm.url}/insert/0/influx", read_url=f"{vm.url}/select/0/prometheus",
+            database=label,
+        )  # fmt: skip
+        async with VictoriaSink(cfg, InfluxSink(records)) as s:
+            yield s
+
+    cfg = VictoriaConfig(enabled=True, url=vm.url, database=label)
+    async with VictoriaSink(cfg, InfluxSink(records)) as sink:
+        yield Store(cast(Sink, _Flushed(sink, vm.force_flush)), poison, missing)
+
+
+STORES = {"influxdb": influxdb, "victoriametrics": victoriametrics}
 
 
 @pytest.fixture(params=sorted(STORES))
