@@ -38,8 +38,8 @@ from typing import Any, Protocol
 
 from protocols.errors import ConfigError
 from simulators.fleet_faults import FAULTS, Check, FaultContext, FaultResult, inject
-from simulators.fleet_headend import DATABASE, HarnessError, HeadEnd, HeadEndSettings, rss_kib
-from simulators.fleet_publish import EdgeFleet, UploadLike
+from simulators.fleet_headend import DATABASE, FeectlSetup, HarnessError, HeadEnd, HeadEndSettings, rss_kib
+from simulators.fleet_publish import EdgeFleet, RawClient, UploadLike
 
 __all__ = ["BenchOptions", "BenchReport", "add_arguments", "parse_faults", "run", "run_bench"]
 
@@ -60,6 +60,7 @@ class BenchOptions:
     meters: int = 64
     hours: float = 24.0
     seed: int = 1
+    min_each: int = 0  # each anomaly kind at least this often (small fleets)
     workers: int = 2
     speed: float = 0.0  # simulated seconds per real second; 0: as fast as the pipeline takes them
     lead: int = 2  # boundaries in flight at most (speed 0)
@@ -179,6 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--meters", type=int, default=d.meters, help=f"meters per gateway (default {d.meters})")
     p.add_argument("--hours", type=float, default=d.hours, help=f"simulated hours of 15-min data (default {d.hours:g})")
     p.add_argument("--seed", type=int, default=d.seed, help="the generator's seed (default 1)")
+    p.add_argument("--min-each", type=int, default=d.min_each,
+                   help="inject each anomaly kind at least this often, whatever its rate (default 0)")
     p.add_argument("--workers", type=int, default=d.workers, help=f"ingest worker processes (default {d.workers})")
     p.add_argument("--speed", type=float, default=d.speed,
                    help="simulated seconds per real second; 0 (default): as fast as the pipeline takes them")
@@ -218,7 +221,8 @@ def _options(args: argparse.Namespace) -> BenchOptions:
     if any(n == "worker-stop" for n, _ in faults) and args.workers < 2:
         raise ConfigError("--workers", "worker-stop needs at least 2 workers")
     return BenchOptions(
-        gateways=args.gateways, meters=args.meters, hours=args.hours, seed=args.seed, workers=args.workers,
+        gateways=args.gateways, meters=args.meters, hours=args.hours, seed=args.seed, min_each=args.min_each,
+        workers=args.workers,
         speed=args.speed, lead=args.lead, faults=faults, influx_outage_s=args.influx_outage_s,
         flood_count=args.flood_count, replay_s=args.replay_s, clock_jump_s=args.clock_jump_s,
         ack_timeout_s=args.ack_timeout_s, resend_cap_s=args.resend_cap_s, progress_s=args.progress_s,
@@ -292,14 +296,14 @@ async def run_bench(opts: BenchOptions, *, say: Say = _say, source: Source | Non
     run_dir.mkdir(parents=True, exist_ok=True)
     report = BenchReport({k: str(v) for k, v in _opts_dict(opts).items()}, str(run_dir))
     fleet = source if source is not None else _make_fleet(opts)
-    he = HeadEnd(run_dir, _headend_settings(opts, fleet, run_dir))
+    he = HeadEnd(run_dir, _headend_settings(opts, fleet))
     say(f"run directory {run_dir}; starting mosquitto, influxd, {opts.workers} ingest worker(s)"
         f"{', fee control' if opts.feectl else ''} ...")  # fmt: skip
     try:
         await asyncio.to_thread(he.start)
         edges = EdgeFleet(
             he.broker.url, tuple(fleet.gateways), run_dir / "edges", ack_timeout_s=opts.ack_timeout_s,
-            resend_cap_s=opts.resend_cap_s, keep_s=max(opts.replay_s, 900),
+            resend_cap_s=opts.resend_cap_s,
         )  # fmt: skip
         say(f"head-end up (broker {he.broker.url}, influxd {he.influx.url}); connecting "
             f"{len(fleet.gateways)} gateways ...")  # fmt: skip
@@ -322,20 +326,46 @@ def _opts_dict(opts: BenchOptions) -> dict[str, Any]:
 
 
 def _make_fleet(opts: BenchOptions) -> Any:
-    from simulators.fleet import Fleet, FleetSpec
+    from simulators.fleet import AnomalyRates, Fleet, FleetSpec
 
+    rates = AnomalyRates(min_each=opts.min_each)
     return Fleet(FleetSpec(gateways=opts.gateways, meters_per_gateway=opts.meters,
-                           intervals=opts.intervals, seed=opts.seed))  # fmt: skip
+                           intervals=opts.intervals, seed=opts.seed, rates=rates))  # fmt: skip
 
 
-def _headend_settings(opts: BenchOptions, fleet: Any, run_dir: Path) -> HeadEndSettings:
-    registry = fleet.registry_toml() if hasattr(fleet, "registry_toml") else ""
-    feectl = None
-    if opts.feectl and hasattr(fleet, "feectl_setup"):
-        feectl = fleet.feectl_setup()
+def feectl_setup(fleet: Any) -> FeectlSetup:
+    """Fee control for the fleet: one prepaid account per prepaid meter of the registry
+    (``account = ...``) on the fleet's tariff, every gateway's command key. Nobody is tripped
+    (every day a no-trip day, a vast overdraft allowance): the bench checks charges, and the
+    virtual gateways execute no commands."""
+    import secrets
+    import tomllib
+
+    registry = tomllib.loads(fleet.registry_toml())["meters"]
+    accounts = [
+        f'[[service.accounts]]\naccount_id = "{m["account"]}"\ntariff = "fleet-tou"\n'
+        f'meters = [{{ meter = "{meter}", gateway = "{m["gateway"]}" }}]\n'
+        for meter, m in registry.items()
+        if "account" in m
+    ]
+    keys = ", ".join(f'"{gw}" = "gateway.key"' for gw in fleet.gateways)
+    toml = (
+        "[feectl]\noverdraft_limit_fen = 1000000000000\nalarm1_fen = 2\nalarm2_fen = 1\ngrace_s = 0\n"
+        f"interval_s = {fleet.spec.interval_s}\n"
+        '[feectl.windows]\nallowed_hours = ["00:00", "00:01"]\n'
+        'weekend_days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]\n'
+        '[service]\ndb_path = "ledger.sqlite"\ntick_interval_s = 5.0\nresend_interval_s = 600\n'
+        f'command_key_files = {{ {keys} }}\ntariff_files = {{ "fleet-tou" = "tariff.toml" }}\n'
+        + "".join(accounts)
+    )
+    return FeectlSetup(toml, {"tariff.toml": fleet.tariff_toml(), "gateway.key": secrets.token_hex(32)})
+
+
+def _headend_settings(opts: BenchOptions, fleet: Any) -> HeadEndSettings:
     return HeadEndSettings(
-        workers=opts.workers, interval_s=int(getattr(fleet, "interval_s", 900)),
-        session_expiry_s=opts.session_expiry_s, registry_toml=registry, feectl=feectl,
+        workers=opts.workers, interval_s=int(fleet.spec.interval_s), session_expiry_s=opts.session_expiry_s,
+        registry_toml=fleet.registry_toml(), tariff_toml=fleet.tariff_toml(),
+        feectl=feectl_setup(fleet) if opts.feectl else None,
     )  # fmt: skip
 
 
@@ -343,13 +373,12 @@ async def _drive(
     opts: BenchOptions, fleet: Any, he: HeadEnd, edges: EdgeFleet, report: BenchReport, say: Say
 ) -> None:
     """Publish every boundary, inject the faults on schedule, wait for the last confirmation."""
-    intervals = int(getattr(fleet, "intervals", opts.intervals))
-    interval_ms = int(getattr(fleet, "interval_s", 900)) * 1000
-    start_ms = int(fleet.start_ms)
+    spec = fleet.spec
+    intervals = int(spec.intervals)
     plan = schedule(opts.faults, intervals)
-    sim_now = [start_ms]
+    sim_now = [int(spec.point_ms(0))]
     ctx = FaultContext(
-        he, edges, tuple(fleet.gateways), lambda: sim_now[0], getattr(fleet, "jump_clock", None),
+        he, edges, tuple(fleet.gateways), lambda: sim_now[0], fleet.replay_payloads, fleet.jump_clock,
         influx_outage_s=opts.influx_outage_s, flood_count=opts.flood_count, replay_s=opts.replay_s,
         clock_jump_s=opts.clock_jump_s, settle_timeout_s=opts.settle_timeout_s, seed=opts.seed,
     )  # fmt: skip
@@ -361,20 +390,25 @@ async def _drive(
     last_batches = 0
     try:
         for k in range(intervals):
-            boundary_ms = start_ms + k * interval_ms
+            boundary_ms = int(spec.point_ms(k))
             sim_now[0] = boundary_ms
-            for at, name in [p for p in plan if p[0] == k]:
+            for _at, name in [p for p in plan if p[0] == k]:
+                if fault_tasks:  # faults are phases: one at a time, each after the one before
+                    await _until_done(he, fault_tasks[-1])
                 say(f"fault {name} at boundary {k} ({_sim_text(boundary_ms)})")
                 fault_tasks.append(asyncio.create_task(inject(name, ctx, k, t0), name=f"fault-{name}"))
                 await asyncio.sleep(0)  # let it start (a stop happens before this boundary's uploads)
             uploads = sorted(fleet.uploads(k), key=lambda u: u.offset_s)
             if opts.speed > 0:
-                await _paced(opts, edges, uploads, boundary_ms, t0 + k * interval_ms / 1000 / opts.speed)
+                await _paced(opts, edges, uploads, t0 + k * spec.interval_s / opts.speed)
             else:
                 await _until_backlog(he, edges, (opts.lead - 1) * last_batches, fault_tasks)
                 for u in uploads:
-                    edges.add(u, boundary_ms + int(u.offset_s * 1000), _readings(u))
+                    edges.add(u)
             last_batches = len(uploads)
+            replays = [(topic, data) for _gw, topic, data in fleet.replays(k)]
+            if replays:  # the generator's own replay anomalies: old batches, raw, as they were
+                fault_tasks.append(asyncio.create_task(_publish_raw(he, replays, k, t0), name=f"replay-{k}"))
             done[0] = k + 1
             await asyncio.sleep(0)
         say(f"every boundary published; waiting for the last confirmations (backlog {edges.stats().backlog})")
@@ -412,21 +446,26 @@ async def _drive(
     report.checks.append(Check("no outbox dropped anything", stats.dropped == 0, f"{stats.dropped} dropped"))
 
 
-def _readings(upload: UploadLike) -> int:
-    n = getattr(upload, "readings", None)
-    if isinstance(n, int):
-        return n
-    from protocols.payload import decode
+async def _publish_raw(he: HeadEnd, items: list[tuple[str, bytes]], k: int, t0: float) -> FaultResult:
+    res = FaultResult("generator-replay", k, time.monotonic() - t0, evidence={"published": len(items)})
+    async with RawClient(he.broker.url, f"bench-gen-replay-{k}") as raw:
+        await raw.publish_all(items)
+    res.duration_s = time.monotonic() - t0 - res.started_s
+    return res
 
-    return len(decode(upload.make_payload(0)))
 
-
-async def _paced(opts: BenchOptions, edges: EdgeFleet, uploads: Sequence[Any], boundary_ms: int, at: float) -> None:
+async def _paced(opts: BenchOptions, edges: EdgeFleet, uploads: Sequence[UploadLike], at: float) -> None:
     for u in uploads:
         delay = at + u.offset_s / opts.speed - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        edges.add(u, boundary_ms + int(u.offset_s * 1000), _readings(u))
+        edges.add(u)
+
+
+async def _until_done(he: HeadEnd, task: asyncio.Task[FaultResult]) -> None:
+    while not task.done():
+        he.check()
+        await asyncio.sleep(0.05)
 
 
 async def _until_backlog(
@@ -487,7 +526,11 @@ async def _final_checks(opts: BenchOptions, fleet: Any, he: HeadEnd, report: Ben
 
 
 def _store_check(fleet: Any, he: HeadEnd, report: BenchReport) -> None:
-    from simulators import fleet_check
+    try:
+        from simulators import fleet_check
+    except ImportError as exc:
+        report.checks.append(Check("stores match the ground truth (fleet_check)", False, f"not available: {exc}"))
+        return
 
     result = fleet_check.check(fleet.truth, influx_url=he.influx.url, database=DATABASE, ledger_path=he.ledger_path)
     report.store_check = result.to_dict()

@@ -87,7 +87,8 @@ class HeadEndSettings:
     autosave_interval_s: int = 5  # mosquitto: what a SIGKILL can lose (re-sent by the edges)
     rollup_delay_s: float = 3.0
     rollup_check_s: float = 1.0
-    registry_toml: str = ""  # the fleet's meter registry ("" : none)
+    registry_toml: str = ""  # the fleet's meter registry ("": none)
+    tariff_toml: str = ""  # a tariff document whose calendar is ingest's tariff_calendar ("": built-in)
     ingest_extra: str = ""  # TOML appended to [pipeline] (e.g. validation thresholds of the fleet)
     feectl: FeectlSetup | None = None
 
@@ -344,6 +345,9 @@ class HeadEnd:
         if s.registry_toml:
             (d / "registry.toml").write_text(s.registry_toml)
             registry = f'registry = "{d / "registry.toml"}"\n'
+        if s.tariff_toml:
+            (d / "tariff.toml").write_text(s.tariff_toml)
+            registry += f'tariff_calendar = "{d / "tariff.toml"}"\n'
         self.ingest_config.write_text(
             f"{registry}metrics_listen = '127.0.0.1:{self.metrics_port}'\n"
             f"[mqtt]\nurl = {json.dumps(self.broker.url)}\nclient_id = '{INGEST_CLIENT_ID}'\n"

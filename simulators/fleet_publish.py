@@ -16,8 +16,6 @@ What it adds for the bench, beside the edge's code:
   allocated and the payload built in one transaction) and notes when; a confirmation naming the
   seq closes it, and the time between is the batch's *publish-to-durable* latency (the head-end
   confirms only once InfluxDB answered 2xx for the batch, so its readings are queryable then).
-* the payloads of confirmed batches are kept per gateway for ``keep_s`` of simulated time, so a
-  fault can re-publish them byte-identical (:meth:`EdgeFleet.confirmed_payloads`).
 * :class:`RawClient`: one extra MQTT connection for what no edge sends (replays outside the
   outbox, garbage).
 
@@ -31,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +50,8 @@ class UploadLike(Protocol):
     def topic(self) -> str: ...
     @property
     def prev(self) -> Mapping[tuple[str, int], tuple[int, int]] | None: ...
+    @property
+    def readings(self) -> int: ...
     def make_payload(self, seq: int) -> bytes: ...
 
 
@@ -63,8 +62,6 @@ class _Gateway:
     publisher: Publisher
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     added_at: dict[int, float] = field(default_factory=dict)  # seq -> monotonic time added
-    kept: deque[tuple[int, int, bytes, str]] = field(default_factory=deque)  # (sim_ms, seq, payload, topic)
-    payloads: dict[int, tuple[int, bytes, str]] = field(default_factory=dict)  # unconfirmed: seq -> ...
     readings: dict[int, int] = field(default_factory=dict)  # unconfirmed: seq -> readings
 
 
@@ -91,7 +88,6 @@ class EdgeFleet:
         ack_timeout_s: float = 10.0,
         resend_cap_s: float = 30.0,
         window: int = 100,
-        keep_s: int = 3600,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker_url = broker_url
@@ -100,7 +96,6 @@ class EdgeFleet:
         self.ack_timeout_s = ack_timeout_s
         self.resend_cap_s = resend_cap_s
         self.window = window
-        self.keep_ms = keep_s * 1000
         self.clock = clock
         self.latencies_s: list[float] = []
         self.readings_confirmed = 0
@@ -144,22 +139,15 @@ class EdgeFleet:
             gw.outbox.close()
 
     # -- publishing --------------------------------------------------------------------------
-    def add(self, upload: UploadLike, sim_ms: int, readings: int) -> int:
-        """Store ``upload`` in its gateway's outbox (seq allocated there) and wake its publisher;
-        the seq. ``sim_ms`` (simulated time of the upload) dates the payload for replays."""
+    def add(self, upload: UploadLike) -> int:
+        """Store ``upload`` in its gateway's outbox (seq allocated there, as on an edge) and wake
+        its publisher; the seq."""
         gw = self._gws[upload.gateway]
-        built: list[bytes] = []
-
-        def make(seq: int) -> bytes:
-            built.append(upload.make_payload(seq))
-            return built[-1]
-
-        added = gw.outbox.add_batch(upload.topic, make, prev=upload.prev)
+        added = gw.outbox.add_batch(upload.topic, upload.make_payload, prev=upload.prev)
         if added.dropped:
             raise RuntimeError(f"{upload.gateway}: outbox dropped {added.dropped} batch(es)")
         gw.added_at[added.seq] = self.clock()
-        gw.payloads[added.seq] = (sim_ms, built[-1], upload.topic)
-        gw.readings[added.seq] = readings
+        gw.readings[added.seq] = upload.readings
         gw.wakeup.set()
         self._added += 1
         return added.seq
@@ -176,11 +164,10 @@ class EdgeFleet:
             self._added, self._confirmed, backlog, resent, self.readings_confirmed, connected, dropped
         )
 
-    def confirmed_payloads(self, gateway: str, since_ms: int, until_ms: int) -> list[tuple[str, bytes]]:
-        """``(topic, payload)`` of ``gateway``'s confirmed batches of simulated time
-        ``[since_ms, until_ms)``, byte-identical, oldest first (kept for ``keep_s``)."""
+    def confirmed(self, gateway: str, seq: int) -> bool:
+        """Whether ``gateway``'s batch ``seq`` was added and the head-end has confirmed it."""
         gw = self._gws[gateway]
-        return [(topic, p) for sim_ms, _, p, topic in gw.kept if since_ms <= sim_ms < until_ms]
+        return seq < gw.outbox.next_seq and seq not in gw.added_at
 
     def publisher(self, gateway: str) -> Publisher:
         return self._gws[gateway].publisher
@@ -204,10 +191,6 @@ class EdgeFleet:
                 self.latencies_s.append(now - added)
                 self._confirmed += 1
                 self.readings_confirmed += gw.readings.pop(seq, 0)
-                sim_ms, payload, topic = gw.payloads.pop(seq)
-                gw.kept.append((sim_ms, seq, payload, topic))
-        while gw.kept and gw.kept[-1][0] - gw.kept[0][0] > self.keep_ms:
-            gw.kept.popleft()
 
 
 class RawClient:
