@@ -90,3 +90,35 @@ async def test_a_small_fleet_lands_as_its_truth_says(mosquitto: Any, influx_db: 
     )
     assert report.ok, report.summary()
     assert broken.lost == 1 and broken.missed_flags["spike"] == 1 and not broken.ok
+
+
+async def test_fleet_run_publishes_through_edge_outboxes_until_every_batch_is_confirmed(
+    mosquitto: Any, influx_db: Any, tmp_path: Path
+) -> None:
+    from simulators.fleet_run import run_fleet
+
+    influxd, db = influx_db
+    spec = FleetSpec(
+        gateways=2, meters_per_gateway=6, intervals=8, seed=3, start_ms=default_start_ms(3),
+        rates=AnomalyRates(min_each=1, replay=0.1), burst_s=30,
+    )  # fmt: skip
+    fleet = Fleet(spec)
+    (tmp_path / "registry.toml").write_text(fleet.registry_toml())
+    text = ingest_toml(
+        tmp_path, mosquitto, influxd, db, topics_for("fleetrun", list(fleet.gateways)),
+        registry=str(tmp_path / "registry.toml"), queue_max=16, pipeline={"rollup_delay_s": 3600},
+    )  # fmt: skip
+    worker = IngestWorker(parse_config(text))
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 15)
+    try:
+        run = await run_fleet(fleet, mosquitto.url, tmp_path / "outboxes", confirm_timeout_s=30)
+        report = await asyncio.to_thread(
+            fleet_check.check, fleet.truth, influx_url=influxd.url, database=db, totals=False
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+    assert run.confirmed == run.batches == sum(fleet.truth.batches.values()) == 2 * 8
+    assert run.replays >= 1
+    assert report.ok, report.summary()
