@@ -856,6 +856,10 @@ class Fleet:
             expect[m] |= np.uint32(Flag.CLOCK_SKEW)
             kind_col[m] = K["clock_skew"]
             note("clock_skew", m, t, e.param, int(Flag.CLOCK_SKEW))
+        skewed = np.abs(jump) > 300_000  # VEE-12: a gateway clock jump puts every meter clock off
+        if skewed.any():
+            expect[skewed] |= np.uint32(Flag.CLOCK_SKEW)
+            kind_col[skewed] = K["clock_jump"]
         if down.any():  # VEE-23: every reading of a power-down point
             expect[down] |= np.uint32(Flag.OUTAGE)
             kind_col[down] = K["area_outage"]
@@ -1159,6 +1163,16 @@ class Fleet:
         g = self._gw_ids.index(gateway)
         self._clock_jump_ms[g] += seconds * 1000
         self.jumped_from.setdefault(g, self._next_k)
+        t = s.point_ms(self._next_k)
+        self.truth.anomalies_cols.add(
+            kind=K["clock_jump"],
+            meter=-1,
+            gateway=g,
+            area=-1,
+            ts=t,
+            param=seconds * 1000,
+            expect=int(Flag.CLOCK_SKEW),
+        )
 
     # --- configuration text for ingest and fee control ---------------------------------------------
 
