@@ -814,16 +814,8 @@ class Fleet:
             note("replacement", m, t, int(self._fwd[m] // _FINE), int(Flag.METER_REPLACED))
         for e in kinds.get(K["spike"], []):  # VEE-05: a jump beyond E_max, which stays
             m = e.meter
-            emax = (
-                UN_V
-                * int(self._imax[m])
-                * int(self._phases[m])
-                * s.interval_s
-                * 11
-                // (36_000 * 1000)
-                * 100
-                // 100
-            )
+            # E_max = U_n * I_max * phases * interval * 1.1, in 0.01 kWh (W s * 1.1 / 36,000)
+            emax = UN_V * int(self._imax[m]) * int(self._phases[m]) * s.interval_s * 11 // 360_000
             jump = 3 * emax + int(rng.integers(1, 100))
             self._fwd[m] += jump * _FINE
             if self._fwd[m] >= REGISTER_SPAN * _FINE:
@@ -864,14 +856,19 @@ class Fleet:
             expect[m] |= np.uint32(Flag.CLOCK_SKEW)
             kind_col[m] = K["clock_skew"]
             note("clock_skew", m, t, e.param, int(Flag.CLOCK_SKEW))
+        skewed = np.abs(jump) > 300_000  # VEE-12: a gateway clock jump puts every meter clock off
+        if skewed.any():
+            expect[skewed] |= np.uint32(Flag.CLOCK_SKEW)
+            kind_col[skewed] = K["clock_jump"]
         if down.any():  # VEE-23: every reading of a power-down point
             expect[down] |= np.uint32(Flag.OUTAGE)
             kind_col[down] = K["area_outage"]
-        # the closing reading after an outage: its interval starts at a power-down point
+        # The closing reading after an outage starts its interval at a power-down point, but
+        # that point was in an earlier batch: a batch sees only its own readings, so it is not
+        # flagged OUTAGE (docs/rules.md, VEE-23 and "What a batch sees"). Left out of the
+        # false-flag count either way.
         after = (self._down_until == k - 1) & (k > 0) & ~down
-        expect[after, C_FWD] |= np.uint32(Flag.OUTAGE)
-        expect[after, C_REV] |= np.uint32(Flag.OUTAGE)
-        iv_expect[after | down] |= np.uint32(Flag.OUTAGE)
+        iv_expect[down] |= np.uint32(Flag.OUTAGE)
         kind_col[after] = K["area_outage"]
         for e in kinds.get(K["area_outage"], []):
             members = np.flatnonzero(self.area_of == e.meter)
@@ -924,8 +921,8 @@ class Fleet:
             g = m // s.meters_per_gateway
             if not sending[m]:
                 continue
-            if e.param == 0:  # the whole point again, in the same batch
-                cs = np.flatnonzero(self._present[m])
+            if e.param == 0:  # the whole point again, in the same batch (not the clock: see docs)
+                cs = np.flatnonzero(self._present[m] & (CHANNELS != Q_CLOCK))
                 rep_val, rep_ts = (
                     vals[m, cs],
                     np.full(cs.shape[0], t + self._clock_jump_ms[g], dtype=np.int64),
@@ -1166,6 +1163,16 @@ class Fleet:
         g = self._gw_ids.index(gateway)
         self._clock_jump_ms[g] += seconds * 1000
         self.jumped_from.setdefault(g, self._next_k)
+        t = s.point_ms(self._next_k)
+        self.truth.anomalies_cols.add(
+            kind=K["clock_jump"],
+            meter=-1,
+            gateway=g,
+            area=-1,
+            ts=t,
+            param=seconds * 1000,
+            expect=int(Flag.CLOCK_SKEW),
+        )
 
     # --- configuration text for ingest and fee control ---------------------------------------------
 
@@ -1192,11 +1199,12 @@ class Fleet:
         segs = ",\n  ".join(f'["{a}", "{b}", "{p}"]' for a, b, p in TOU_SEGMENTS)
         prices = ", ".join(f"{p} = {v}" for p, v in TARIFF_PRICES.items())
         return (
-            'name = "fleet-tou"\nutc_offset_minutes = 480\n\n'
+            'id = "fleet-tou"\nutc_offset_minutes = 480\n\n'
             "[seasons.all]\nmonths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]\n"
-            'workday = "standard"\nweekend = "standard"\nholiday = "standard"\n\n'
+            'workday = "standard"\n\n'
             f"[profiles.standard]\nsegments = [\n  {segs},\n]\n\n"
-            f'[[versions]]\neffective_from = "2000-01-01T00:00:00+08:00"\nprices = {{ {prices} }}\n'
+            '[[versions]]\nversion = "fleet-1"\neffective_from = 2000-01-01T00:00:00+08:00\n'
+            f"prices = {{ {prices} }}\n"
         )
 
 

@@ -126,3 +126,15 @@ def test_spec_errors_name_the_field() -> None:
         FleetSpec(start_ms=START + 1)
     with pytest.raises(ValueError, match=r"rates\.gap"):
         AnomalyRates(gap=2)
+
+
+def test_a_gateway_clock_jump_shifts_its_stamps_and_expects_clock_skew() -> None:
+    fleet = Fleet(_spec(gateways=2, intervals=4, rates=AnomalyRates.none()))
+    fleet.uploads(0)
+    fleet.jump_clock("fgw-00001", 3600)
+    fleet.uploads(1)
+    r = fleet.truth.readings
+    late = r["ts"] == fleet.spec.point_ms(1) + 3_600_000
+    assert late.any() and (r["expect"][late] & Flag.CLOCK_SKEW).all()
+    assert not (r["expect"][~late] & Flag.CLOCK_SKEW).any()
+    assert fleet.truth.anomaly_counts()["clock_jump"] == 1
