@@ -38,7 +38,15 @@ from typing import Any, Protocol
 
 from protocols.errors import ConfigError
 from simulators.fleet_faults import FAULTS, Check, FaultContext, FaultResult, inject
-from simulators.fleet_headend import DATABASE, FeectlSetup, HarnessError, HeadEnd, HeadEndSettings, rss_kib
+from simulators.fleet_headend import (
+    DATABASE,
+    FeectlSetup,
+    HarnessError,
+    HeadEnd,
+    HeadEndSettings,
+    ledger_charges,
+    rss_kib,
+)
 from simulators.fleet_publish import EdgeFleet, RawClient, UploadLike
 
 __all__ = ["BenchOptions", "BenchReport", "add_arguments", "parse_faults", "run", "run_bench"]
@@ -76,6 +84,7 @@ class BenchOptions:
     settle_timeout_s: float = 600.0
     run_dir: Path | None = None
     feectl: bool = True
+    max_false_flag_rate: float = 0.0
 
     @property
     def intervals(self) -> int:
@@ -115,10 +124,10 @@ class BenchReport:
             f"  throughput: {t.get('readings', 0):,} readings in {t.get('batches', 0):,} batches, "
             f"{t.get('wall_s', 0):.1f} s: {t.get('readings_per_s', 0):,.0f} readings/s sustained "
             f"(best {self_window(t)}: {t.get('peak_readings_per_s', 0):,.0f}/s)",
-            f"  latency (outbox -> head-end confirmation, i.e. stored in InfluxDB): p50 {lat.get('p50', 0):.2f} s,"
+            "  latency (outbox -> head-end confirmation, i.e. stored in InfluxDB): "
+            f"p50 {lat.get('p50', 0):.2f} s,"
             f" p95 {lat.get('p95', 0):.2f} s, p99 {lat.get('p99', 0):.2f} s, max {lat.get('max', 0):.2f} s",
-            "  memory (max RSS, MiB): "
-            + ", ".join(f"{k} {v / 1024:.0f}" for k, v in mem.items()),
+            "  memory (max RSS, MiB): " + ", ".join(f"{k} {v / 1024:.0f}" for k, v in mem.items()),
             "  counts: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()),
         ]
         for f in self.faults:
@@ -176,38 +185,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = BenchOptions()
-    p.add_argument("--gateways", type=int, default=d.gateways, help=f"virtual gateways (default {d.gateways})")
+    p.add_argument(
+        "--gateways", type=int, default=d.gateways, help=f"virtual gateways (default {d.gateways})"
+    )
     p.add_argument("--meters", type=int, default=d.meters, help=f"meters per gateway (default {d.meters})")
-    p.add_argument("--hours", type=float, default=d.hours, help=f"simulated hours of 15-min data (default {d.hours:g})")
+    p.add_argument(
+        "--hours", type=float, default=d.hours, help=f"simulated hours of 15-min data (default {d.hours:g})"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="the generator's seed (default 1)")
-    p.add_argument("--min-each", type=int, default=d.min_each,
-                   help="inject each anomaly kind at least this often, whatever its rate (default 0)")
-    p.add_argument("--workers", type=int, default=d.workers, help=f"ingest worker processes (default {d.workers})")
-    p.add_argument("--speed", type=float, default=d.speed,
-                   help="simulated seconds per real second; 0 (default): as fast as the pipeline takes them")
-    p.add_argument("--lead", type=int, default=d.lead,
-                   help=f"with --speed 0: boundaries unconfirmed at most before the next starts (default {d.lead})")
-    p.add_argument("--fault", action="append", default=[], metavar="NAME[@BOUNDARY]",
-                   help=f"inject a fault (repeatable; 'all' for every one): {', '.join(FAULTS)}")
+    p.add_argument(
+        "--min-each",
+        type=int,
+        default=d.min_each,
+        help="inject each anomaly kind at least this often, whatever its rate (default 0)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=d.workers, help=f"ingest worker processes (default {d.workers})"
+    )
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=d.speed,
+        help="simulated seconds per real second; 0 (default): as fast as the pipeline takes them",
+    )
+    p.add_argument(
+        "--lead",
+        type=int,
+        default=d.lead,
+        help=f"with --speed 0: boundaries unconfirmed at most before the next starts (default {d.lead})",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME[@BOUNDARY]",
+        help=f"inject a fault (repeatable; 'all' for every one): {', '.join(FAULTS)}",
+    )
     p.add_argument("--faults", default="", metavar="A,B,...", help="faults, comma-separated")
-    p.add_argument("--influx-outage-s", type=float, default=d.influx_outage_s,
-                   help=f"how long influx-outage keeps influxd down (default {d.influx_outage_s:g} s)")
-    p.add_argument("--flood-count", type=int, default=d.flood_count,
-                   help=f"malformed payloads of the flood (default {d.flood_count})")
-    p.add_argument("--replay-s", type=int, default=d.replay_s,
-                   help=f"simulated seconds of confirmed batches the replay re-publishes (default {d.replay_s})")
-    p.add_argument("--clock-jump-s", type=int, default=d.clock_jump_s,
-                   help=f"how far clock-jump moves a gateway's clock (default {d.clock_jump_s} s)")
-    p.add_argument("--ack-timeout-s", type=float, default=d.ack_timeout_s,
-                   help=f"the edges' [outbox] ack_timeout_s (default {d.ack_timeout_s:g})")
-    p.add_argument("--resend-cap-s", type=float, default=d.resend_cap_s,
-                   help=f"the edges' [outbox] resend_max_s (default {d.resend_cap_s:g})")
+    p.add_argument(
+        "--influx-outage-s",
+        type=float,
+        default=d.influx_outage_s,
+        help=f"how long influx-outage keeps influxd down (default {d.influx_outage_s:g} s)",
+    )
+    p.add_argument(
+        "--flood-count",
+        type=int,
+        default=d.flood_count,
+        help=f"malformed payloads of the flood (default {d.flood_count})",
+    )
+    p.add_argument(
+        "--replay-s",
+        type=int,
+        default=d.replay_s,
+        help=f"simulated seconds of confirmed batches the replay re-publishes (default {d.replay_s})",
+    )
+    p.add_argument(
+        "--clock-jump-s",
+        type=int,
+        default=d.clock_jump_s,
+        help=f"how far clock-jump moves a gateway's clock (default {d.clock_jump_s} s)",
+    )
+    p.add_argument(
+        "--ack-timeout-s",
+        type=float,
+        default=d.ack_timeout_s,
+        help=f"the edges' [outbox] ack_timeout_s (default {d.ack_timeout_s:g})",
+    )
+    p.add_argument(
+        "--resend-cap-s",
+        type=float,
+        default=d.resend_cap_s,
+        help=f"the edges' [outbox] resend_max_s (default {d.resend_cap_s:g})",
+    )
     p.add_argument("--progress-s", type=float, default=d.progress_s, help="seconds between progress lines")
-    p.add_argument("--settle-timeout-s", type=float, default=d.settle_timeout_s,
-                   help="how long the end of the run may wait for the last confirmations and rollups")
+    p.add_argument(
+        "--settle-timeout-s",
+        type=float,
+        default=d.settle_timeout_s,
+        help="how long the end of the run may wait for the last confirmations and rollups",
+    )
     p.add_argument("--run-dir", type=Path, help="servers' data, outboxes, logs (default: a new temp dir)")
+    p.add_argument(
+        "--max-false-flag-rate",
+        type=float,
+        default=d.max_false_flag_rate,
+        help="flags allowed on clean readings and intervals, as a share (default 0)",
+    )
     p.add_argument("--no-feectl", action="store_true", help="run without fee control (no charges checked)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")  # fmt: skip
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
 
 
 def _options(args: argparse.Namespace) -> BenchOptions:
@@ -227,6 +293,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         flood_count=args.flood_count, replay_s=args.replay_s, clock_jump_s=args.clock_jump_s,
         ack_timeout_s=args.ack_timeout_s, resend_cap_s=args.resend_cap_s, progress_s=args.progress_s,
         settle_timeout_s=args.settle_timeout_s, run_dir=args.run_dir, feectl=not args.no_feectl,
+        max_false_flag_rate=args.max_false_flag_rate,
     )  # fmt: skip
 
 
@@ -329,8 +396,15 @@ def _make_fleet(opts: BenchOptions) -> Any:
     from simulators.fleet import AnomalyRates, Fleet, FleetSpec
 
     rates = AnomalyRates(min_each=opts.min_each)
-    return Fleet(FleetSpec(gateways=opts.gateways, meters_per_gateway=opts.meters,
-                           intervals=opts.intervals, seed=opts.seed, rates=rates))  # fmt: skip
+    return Fleet(
+        FleetSpec(
+            gateways=opts.gateways,
+            meters_per_gateway=opts.meters,
+            intervals=opts.intervals,
+            seed=opts.seed,
+            rates=rates,
+        )
+    )
 
 
 def feectl_setup(fleet: Any) -> FeectlSetup:
@@ -441,8 +515,13 @@ async def _drive(
     report.memory_kib = dict(meter.max)
     report.counts.update(batches_added=stats.added, batches_confirmed=stats.confirmed, resent=stats.resent,
                          outbox_dropped=stats.dropped, backlog_at_end=stats.backlog)  # fmt: skip
-    report.checks.append(Check("every batch confirmed by the head-end", stats.backlog == 0 and stats.confirmed == stats.added,
-                               f"{stats.confirmed} of {stats.added} confirmed, {stats.backlog} still stored"))  # fmt: skip
+    report.checks.append(
+        Check(
+            "every batch confirmed by the head-end",
+            stats.backlog == 0 and stats.confirmed == stats.added,
+            f"{stats.confirmed} of {stats.added} confirmed, {stats.backlog} still stored",
+        )
+    )
     report.checks.append(Check("no outbox dropped anything", stats.dropped == 0, f"{stats.dropped} dropped"))
 
 
@@ -516,31 +595,52 @@ async def _final_checks(opts: BenchOptions, fleet: Any, he: HeadEnd, report: Ben
     missing, lost = int(loss.get("missing", -1)), int(loss.get("lost", -1))  # type: ignore[call-overload]
     dead = he.dead_letters()
     report.counts.update(missing_batches=missing, lost_batches=lost, dead_letters=dead)
-    report.checks.append(Check("ingest's loss account at 0", missing == 0 and lost == 0,
-                               f"missing {missing}, lost at sequence resets {lost}"))  # fmt: skip
+    report.checks.append(
+        Check(
+            "ingest's loss account at 0",
+            missing == 0 and lost == 0,
+            f"missing {missing}, lost at sequence resets {lost}",
+        )
+    )
     flood = sum(f.evidence.get("dead_lettered", 0) for f in report.faults if f.name == "flood")  # type: ignore[misc]
-    report.checks.append(Check("nothing dead-lettered but the flood", sum(dead.values()) == flood,
-                               f"{sum(dead.values())} dead letters, {flood} from the flood: {dead}"))  # fmt: skip
+    report.checks.append(
+        Check(
+            "nothing dead-lettered but the flood",
+            sum(dead.values()) == flood,
+            f"{sum(dead.values())} dead letters, {flood} from the flood: {dead}",
+        )
+    )
     say("checking the stores against the ground truth ...")
-    await asyncio.to_thread(_store_check, fleet, he, report)
+    await asyncio.to_thread(_store_check, fleet, he, report, opts.max_false_flag_rate)
 
 
-def _store_check(fleet: Any, he: HeadEnd, report: BenchReport) -> None:
+def _store_check(fleet: Any, he: HeadEnd, report: BenchReport, max_false_flag_rate: float) -> None:
     try:
         from simulators import fleet_check
     except ImportError as exc:
-        report.checks.append(Check("stores match the ground truth (fleet_check)", False, f"not available: {exc}"))
+        report.checks.append(
+            Check("stores match the ground truth (fleet_check)", False, f"not available: {exc}")
+        )
         return
 
-    result = fleet_check.check(fleet.truth, influx_url=he.influx.url, database=DATABASE, ledger_path=he.ledger_path)
+    ledger = None if he.ledger_path is None else str(he.ledger_path)
+    result = fleet_check.check(
+        fleet.truth, influx_url=he.influx.url, database=DATABASE, ledger_path=ledger,
+        ledger_reader=lambda path: ledger_charges(Path(path)), max_false_flag_rate=max_false_flag_rate,
+    )  # fmt: skip
     report.store_check = result.to_dict()
     report.store_summary = result.summary() if hasattr(result, "summary") else str(result)
     d = report.store_check
     for key in ("lost", "duplicated"):
         if key in d:
             report.counts[key] = d[key]
-    report.checks.append(Check("stores match the ground truth (fleet_check)", bool(result.ok),
-                               report.store_summary.splitlines()[0] if report.store_summary else ""))  # fmt: skip
+    report.checks.append(
+        Check(
+            "stores match the ground truth (fleet_check)",
+            bool(result.ok),
+            report.store_summary.splitlines()[0] if report.store_summary else "",
+        )
+    )
 
 
 async def _settle_rollups(he: HeadEnd, timeout_s: float) -> None:

@@ -104,8 +104,11 @@ async def _broker(ctx: FaultContext, res: FaultResult, *, kill: bool) -> None:
     await asyncio.to_thread(broker.start)
     after = broker.pid
     res.evidence.update(pid_before=before, pid_after=after)
-    res.checks.append(Check("broker restarted", before is not None and after not in (None, before),
-                            f"pid {before} -> {after}"))  # fmt: skip
+    res.checks.append(
+        Check(
+            "broker restarted", before is not None and after not in (None, before), f"pid {before} -> {after}"
+        )
+    )
     await _wait_reconnected(ctx, res)
 
 
@@ -122,8 +125,11 @@ async def _wait_reconnected(ctx: FaultContext, res: FaultResult) -> None:
     while ctx.edges.stats().connected < len(ctx.gateways) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     connected = ctx.edges.stats().connected
-    res.checks.append(Check("every gateway reconnected", connected == len(ctx.gateways),
-                            f"{connected} of {len(ctx.gateways)}"))  # fmt: skip
+    res.checks.append(
+        Check(
+            "every gateway reconnected", connected == len(ctx.gateways), f"{connected} of {len(ctx.gateways)}"
+        )
+    )
 
 
 async def influx_outage(ctx: FaultContext, res: FaultResult) -> None:
@@ -139,10 +145,20 @@ async def influx_outage(ctx: FaultContext, res: FaultResult) -> None:
     after = influx.pid
     res.evidence.update(pid_before=before, pid_after=after, down_s=round(down_s, 1),
                         backlog_at_stop=backlog_before, backlog_at_restart=backlog_during)  # fmt: skip
-    res.checks.append(Check("influxd down and back", after not in (None, before) and down_s >= ctx.influx_outage_s,
-                            f"pid {before} -> {after}, down {down_s:.1f} s"))  # fmt: skip
-    res.checks.append(Check("nothing confirmed while influxd was down", backlog_during > 0,
-                            f"{backlog_during} batches unconfirmed at its restart"))  # fmt: skip
+    res.checks.append(
+        Check(
+            "influxd down and back",
+            after not in (None, before) and down_s >= ctx.influx_outage_s,
+            f"pid {before} -> {after}, down {down_s:.1f} s",
+        )
+    )
+    res.checks.append(
+        Check(
+            "nothing confirmed while influxd was down",
+            backlog_during > 0,
+            f"{backlog_during} batches unconfirmed at its restart",
+        )
+    )
 
 
 async def worker_kill(ctx: FaultContext, res: FaultResult) -> None:
@@ -150,8 +166,13 @@ async def worker_kill(ctx: FaultContext, res: FaultResult) -> None:
     before = he.kill_worker(0)
     after = await asyncio.to_thread(he.start_worker, 0)
     res.evidence.update(worker=0, pid_before=before, pid_after=after)
-    res.checks.append(Check("worker 0 SIGKILLed and restarted", after != before and he.worker_pid(0) == after,
-                            f"pid {before} -> {after}"))  # fmt: skip
+    res.checks.append(
+        Check(
+            "worker 0 SIGKILLed and restarted",
+            after != before and he.worker_pid(0) == after,
+            f"pid {before} -> {after}",
+        )
+    )
 
 
 async def worker_stop(ctx: FaultContext, res: FaultResult) -> None:
@@ -163,13 +184,22 @@ async def worker_stop(ctx: FaultContext, res: FaultResult) -> None:
     pid = await asyncio.to_thread(he.stop_worker, i)
     live = he.live_workers()
     res.evidence.update(worker=i, pid=pid, live_workers=live)
-    res.checks.append(Check(f"worker {i} stopped for good", i not in live and len(live) == len(he.workers) - 1,
-                            f"pid {pid} gone, live workers {live}"))  # fmt: skip
+    res.checks.append(
+        Check(
+            f"worker {i} stopped for good",
+            i not in live and len(live) == len(he.workers) - 1,
+            f"pid {pid} gone, live workers {live}",
+        )
+    )
 
 
 def _duplicates(he: HeadEnd) -> int:
-    return int(sum(he.labelled_metric(i, "amigw_ingest_batches_total").get('result="duplicate"', 0.0)
-                   for i in he.live_workers()))  # fmt: skip
+    return int(
+        sum(
+            he.labelled_metric(i, "amigw_ingest_batches_total").get('result="duplicate"', 0.0)
+            for i in he.live_workers()
+        )
+    )
 
 
 async def replay(ctx: FaultContext, res: FaultResult) -> None:
@@ -192,8 +222,13 @@ async def replay(ctx: FaultContext, res: FaultResult) -> None:
         await raw.publish_all(items)
     seen = await _until(ctx, lambda: _duplicates(ctx.headend) - before >= len(items))
     res.evidence["duplicates_counted"] = _duplicates(ctx.headend) - before
-    res.checks.append(Check("every replayed batch recognised as a duplicate", seen,
-                            f"{res.evidence['duplicates_counted']} of {len(items)}"))  # fmt: skip
+    res.checks.append(
+        Check(
+            "every replayed batch recognised as a duplicate",
+            seen,
+            f"{res.evidence['duplicates_counted']} of {len(items)}",
+        )
+    )
 
 
 def garbage_payloads(count: int, seed: int) -> list[bytes]:
@@ -223,8 +258,13 @@ async def flood(ctx: FaultContext, res: FaultResult) -> None:
     added = sum(he.dead_letters().values()) - before
     after = {i: he.worker_pid(i) for i in pids}
     res.evidence.update(gateway=gw, published=len(items), dead_lettered=added, by_reason=he.dead_letters())
-    res.checks.append(Check("every malformed payload dead-lettered once", added == len(items),
-                            f"{added} dead letters for {len(items)} payloads"))  # fmt: skip
+    res.checks.append(
+        Check(
+            "every malformed payload dead-lettered once",
+            added == len(items),
+            f"{added} dead letters for {len(items)} payloads",
+        )
+    )
     res.checks.append(Check("no worker crashed", after == pids, f"worker pids {pids} -> {after}"))
 
 
@@ -235,7 +275,9 @@ async def clock_jump(ctx: FaultContext, res: FaultResult) -> None:
         res.checks.append(Check("gateway clock jumped", False, "the generator has no jump_clock"))
         return
     ctx.jump_clock(gw, ctx.clock_jump_s)
-    res.checks.append(Check("gateway clock jumped", True, f"{gw} by {ctx.clock_jump_s} s from the next upload"))
+    res.checks.append(
+        Check("gateway clock jumped", True, f"{gw} by {ctx.clock_jump_s} s from the next upload")
+    )
 
 
 async def _until(ctx: FaultContext, cond: Callable[[], bool]) -> bool:

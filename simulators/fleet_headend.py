@@ -54,6 +54,7 @@ __all__ = [
     "HarnessError",
     "HeadEnd",
     "HeadEndSettings",
+    "ledger_charges",
     "rss_kib",
 ]
 
@@ -116,6 +117,21 @@ def rss_kib(pid: int | None) -> int:
     return 0
 
 
+def ledger_charges(path: Path) -> dict[str, int]:
+    """Fen charged per meter by fee control's charge-type journal rows (``charge``, ``trueup``,
+    ``reprice``; docs/feectl.md, TOU-06; the journal posts them as debits, negative), read-only
+    from its SQLite ledger."""
+    if not path.exists():
+        return {}
+    uri = f"file:{path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+        rows = db.execute(
+            "SELECT meter, -sum(amount_fen) FROM journal"
+            " WHERE kind IN ('charge', 'trueup', 'reprice') GROUP BY meter"
+        ).fetchall()
+    return {str(meter): int(fen) for meter, fen in rows}
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -169,7 +185,9 @@ class HeadEnd:
         self.influx.start()
         self.influx.create_database(DATABASE)
         self._write_ingest_config()
-        self.workers = [self._program(f"ingest-{i}", self._worker_argv(i)) for i in range(self.settings.workers)]
+        self.workers = [
+            self._program(f"ingest-{i}", self._worker_argv(i)) for i in range(self.settings.workers)
+        ]
         for i in range(len(self.workers)):
             self.start_worker(i, wait=False)
         for i in range(len(self.workers)):
@@ -214,8 +232,8 @@ class HeadEnd:
     def start_worker(self, i: int, *, wait: bool = True) -> int:
         """(Re)start worker ``i``; with ``wait``, return once it has subscribed. Its pid."""
         prog = self.workers[i]
+        proc = self._spawn(prog)  # replaces the dead process first: check() must not see it unstopped
         prog.stopped = False
-        proc = self._spawn(prog)
         if wait:
             self.wait_worker(i)
         return proc.pid
@@ -225,6 +243,8 @@ class HeadEnd:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while _log_count(prog.log, _READY_LINE) < prog.starts:
             self.check()
+            if prog.stopped:  # the run is closing (or the worker was stopped meanwhile)
+                raise HarnessError(f"{prog.name} stopped while starting")
             if time.monotonic() > deadline:
                 raise HarnessError(f"{prog.name} did not subscribe within {_START_TIMEOUT_S:.0f} s")
             time.sleep(0.1)
