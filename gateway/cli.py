@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "feectl": ("ingest.feectl.cli", "run remote prepaid fee control", "ingest"),
     "config": ("gateway.config_cli", "print sample configuration, check a config file", "edge"),
     "demo": ("simulators.demo", "end-to-end demo on simulated meters", "all"),
+    "bench": ("simulators.bench_e2e", "fleet bench: generator -> head-end with faults, checked (e2e)", "all"),
 }
 
 

@@ -1,0 +1,140 @@
+"""The fleet generator: determinism, what the payloads carry, and the truth it records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.outbox import Outbox
+from protocols import payload
+from protocols.flags import Flag
+from simulators.fleet import AnomalyRates, Fleet, FleetSpec, GroundTruth
+
+START = 1_700_006_400_000 - 1_700_006_400_000 % 86_400_000 - 8 * 3_600_000  # a local midnight
+
+
+def _spec(**kw: object) -> FleetSpec:
+    base: dict[str, object] = {"gateways": 3, "meters_per_gateway": 12, "intervals": 16, "start_ms": START}
+    base.update(kw)
+    return FleetSpec(**base)  # type: ignore[arg-type]
+
+
+def _run(fleet: Fleet) -> list[bytes]:
+    out = []
+    for k in range(fleet.spec.intervals):
+        for i, up in enumerate(fleet.uploads(k)):
+            out.append(up.make_payload(k * 100 + i + 1))
+    return out
+
+
+def test_same_spec_same_bytes_and_truth() -> None:
+    spec = _spec(rates=AnomalyRates(min_each=1))
+    a, b = Fleet(spec), Fleet(spec)
+    assert _run(a) == _run(b)
+    for name in ("readings", "intervals", "anomalies"):
+        for col, values in getattr(a.truth, name).items():
+            assert np.array_equal(values, getattr(b.truth, name)[col]), (name, col)
+
+
+def test_clean_fleet_payloads_carry_exactly_the_truths_readings() -> None:
+    fleet = Fleet(_spec(rates=AnomalyRates.none()))
+    rows = []
+    for data in _run(fleet):
+        batch = payload.decode(data)
+        ids = fleet.truth.meter_ids()
+        for m, t, q, v, f in zip(
+            batch.meter, batch.ts, batch.quantity, batch.value, batch.flags, strict=True
+        ):
+            rows.append((ids.index(batch.meters[m]), t, q, v))
+            assert f == 0
+    r = fleet.truth.readings
+    truth_rows = list(
+        zip(r["meter"].tolist(), r["ts"].tolist(), r["quantity"].tolist(), r["value"].tolist(), strict=True)
+    )
+    assert sorted(rows) == sorted(truth_rows)
+    assert not r["expect"].any() and not r["kind"].any()
+    assert all(t % 900_000 == 0 for t in r["ts"].tolist())
+
+
+def test_interval_energies_are_the_register_deltas() -> None:
+    fleet = Fleet(_spec(rates=AnomalyRates.none()))
+    _run(fleet)
+    r, iv = fleet.truth.readings, fleet.truth.intervals
+    fwd = r["quantity"] == 1
+    for m in range(fleet.spec.meters):
+        values = r["value"][fwd & (r["meter"] == m)]
+        energies = iv["energy"][(iv["quantity"] == 1) & (iv["meter"] == m)]
+        assert np.array_equal(np.diff(values), energies[1:])
+
+
+def test_uploads_go_through_the_edge_outbox(tmp_path: object) -> None:
+    fleet = Fleet(_spec(gateways=1, intervals=3, rates=AnomalyRates.none()))
+    with Outbox(f"{tmp_path}/o.sqlite", max_bytes=1 << 30) as box:
+        for k in range(3):
+            for up in fleet.uploads(k):
+                added = box.add_batch(up.topic, up.make_payload, prev=up.prev)
+                assert added.seq == k + 1
+        assert box.stats().pending == 3
+
+
+def test_every_anomaly_kind_is_recorded_with_its_expectation() -> None:
+    fleet = Fleet(
+        _spec(gateways=4, meters_per_gateway=20, intervals=32, rates=AnomalyRates(min_each=1, replay=0.01))
+    )
+    replayed = []
+    for k in range(fleet.spec.intervals):
+        for i, up in enumerate(fleet.uploads(k)):
+            up.make_payload(k * 100 + i + 1)
+        replayed += fleet.replays(k)
+    counts = fleet.truth.anomaly_counts()
+    for kind in (
+        "rollover",
+        "replacement",
+        "spike",
+        "gap",
+        "duplicate",
+        "clock_skew",
+        "phase_loss",
+        "area_outage",
+    ):
+        assert counts[kind] >= 1, kind
+    assert counts["replay"] >= 1 and fleet.truth.replayed == len(replayed) >= 1
+    first = {data for _, _, data in replayed}
+    assert all(payload.decode(data).seq % 100 >= 1 for data in first)  # original seqs, original bytes
+    r = fleet.truth.readings
+    assert (r["expect"] & Flag.ROLLOVER).any() and (r["expect"] & Flag.SPIKE).any()
+    assert (r["copy"] == 1).sum() >= 1
+    assert len(fleet.truth.alarms["area"]) >= 1
+
+
+def test_truth_round_trips_through_a_file(tmp_path: object) -> None:
+    fleet = Fleet(_spec(rates=AnomalyRates(min_each=1)))
+    _run(fleet)
+    path = f"{tmp_path}/truth.npz"
+    fleet.truth.save(path)
+    back = GroundTruth.load(path)
+    assert back.spec == fleet.spec
+    for col, values in fleet.truth.readings.items():
+        assert np.array_equal(values, back.readings[col])
+    assert back.summary() == fleet.truth.summary()
+
+
+def test_spec_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="meters_per_gateway"):
+        FleetSpec(meters_per_gateway=2000)
+    with pytest.raises(ValueError, match="start_ms"):
+        FleetSpec(start_ms=START + 1)
+    with pytest.raises(ValueError, match=r"rates\.gap"):
+        AnomalyRates(gap=2)
+
+
+def test_a_gateway_clock_jump_shifts_its_stamps_and_expects_clock_skew() -> None:
+    fleet = Fleet(_spec(gateways=2, intervals=4, rates=AnomalyRates.none()))
+    fleet.uploads(0)
+    fleet.jump_clock("fgw-00001", 3600)
+    fleet.uploads(1)
+    r = fleet.truth.readings
+    late = r["ts"] == fleet.spec.point_ms(1) + 3_600_000
+    assert late.any() and (r["expect"][late] & Flag.CLOCK_SKEW).all()
+    assert not (r["expect"][~late] & Flag.CLOCK_SKEW).any()
+    assert fleet.truth.anomaly_counts()["clock_jump"] == 1
