@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Flag", "describe"]
+__all__ = ["NOT_BILLABLE", "Flag", "describe"]
 
 
 class Flag(enum.IntFlag):
@@ -72,6 +72,11 @@ class Flag(enum.IntFlag):
     EST_FLAT = 1 << 22
     PROLONGED_EST = 1 << 23
     EST_HIST = 1 << 24
+
+
+# An interval carrying one of these bits has no billable consumption (VEE-03/04/05/07/08): it is
+# in no billable total and fee control charges nothing for it.
+NOT_BILLABLE = Flag.WENT_BACKWARDS | Flag.METER_REPLACED | Flag.SPIKE | Flag.FAST_RUNNING | Flag.STOPPED
 
 
 def describe(flags: int) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from protocols import topics
 from protocols.payload import decode
 from simulators.fleet_headend import HeadEnd
 from simulators.fleet_publish import EdgeFleet, RawClient
@@ -247,7 +248,7 @@ def garbage_payloads(count: int, seed: int) -> list[bytes]:
 async def flood(ctx: FaultContext, res: FaultResult) -> None:
     he = ctx.headend
     gw = ctx.gateways[-1]
-    topic = f"ami/v1/{gw}/up/readings"
+    topic = topics.readings(gw)
     pids = {i: he.worker_pid(i) for i in he.live_workers()}
     before = sum(he.dead_letters().values())
     items = [(topic, p) for p in garbage_payloads(ctx.flood_count, ctx.seed)]

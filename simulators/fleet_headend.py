@@ -188,12 +188,9 @@ class HeadEnd:
         self.workers = [
             self._program(f"ingest-{i}", self._worker_argv(i)) for i in range(self.settings.workers)
         ]
-        # Worker 0 first: it creates the shared SQLite stores; workers creating them at the same
-        # moment can fail to switch a new file to WAL ("database is locked").
-        self.start_worker(0)
-        for i in range(1, len(self.workers)):
+        for i in range(len(self.workers)):
             self.start_worker(i, wait=False)
-        for i in range(1, len(self.workers)):
+        for i in range(len(self.workers)):
             self.wait_worker(i)
         if self.settings.feectl is not None:
             self._start_feectl(self.settings.feectl)

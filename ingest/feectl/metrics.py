@@ -9,8 +9,9 @@ Counters (all ``_total``):
 * ``amigw_feectl_messages_total{topic, result}``: MQTT messages by topic kind (``intervals``,
   ``cmd_result``, ``alarms``, ``other``) and result (``applied``, ``rejected``, ``ignored``, ``unpriced``);
 * ``amigw_feectl_charges_total{status}``: intervals by charge status (``charged``,
-  ``duplicate``, ``held``, ``trued_up``, ``superseded``, ``conflict``) and ``skipped`` (another
-  quantity, or a meter not under fee control);
+  ``duplicate``, ``held``, ``trued_up``, ``superseded``, ``conflict``), ``not_billable`` (flagged
+  with a ``NOT_BILLABLE`` bit: nothing charged) and ``skipped`` (another quantity, or a meter not
+  under fee control);
 * ``amigw_feectl_rejected_total{reason}``: messages and intervals rejected, by reason;
 * ``amigw_feectl_decisions_total{kind}``: decisions taken (``TRIP_ISSUED``, ``RESTORE_ISSUED``,
   ``VERIFIED``, ...);

@@ -8,7 +8,9 @@ Accepts, over MQTT (through :mod:`.mqtt`):
   (``energy_fwd_active_total``) of an enrolled meter is checked against ``[service.limits]``
   (:meth:`~.config.LimitSettings.interval_refusal`) and charged, in its own transaction, with
   :meth:`FeeController.charge_interval` (``gateway=``: only the meter's enrolled gateway may
-  charge it), estimated when its flags carry ``Flag.ESTIMATED``. Other meters are skipped.
+  charge it), estimated when its flags carry ``Flag.ESTIMATED``. An interval flagged with a
+  ``protocols.flags.NOT_BILLABLE`` bit (spike, went backwards, meter replaced, fast running,
+  stopped) has no billable consumption and is not charged. Other meters are skipped.
 * ``ami/v1/agg/alarms`` -- ingest's alarms (:mod:`protocols.alarms`): an area outage is
   journaled as one ``OUTAGE_DETECTED`` notice per account with a meter in that area, and notified.
 * ``ami/v1/{gateway}/up/cmd-result`` -- results signed by the edge. They are decoded with that
@@ -65,7 +67,7 @@ from protocols.alarms import MAX_ALARM_BYTES, decode_alarm
 from protocols.commands import Command as SignedCommand
 from protocols.commands import decode_result
 from protocols.errors import ConfigError, PayloadError, TransportError
-from protocols.flags import Flag
+from protocols.flags import NOT_BILLABLE, Flag
 from protocols.quantities import ENERGY_FORWARD
 
 from ._log import kv
@@ -156,6 +158,7 @@ class ServiceStats:
     intervals_charged: int = 0
     intervals_duplicate: int = 0
     intervals_skipped: int = 0  # other quantities, meters not under fee control
+    intervals_not_billable: int = 0  # flagged with a NOT_BILLABLE bit: charged nothing
     intervals_unpriced: int = 0  # no tariff in force: message left unacknowledged
     payloads_invalid: int = 0
     rejected: int = 0  # messages and intervals rejected (the rejects table has each reason)
@@ -380,6 +383,10 @@ class FeeControlService:
         )
         if refusal is not None:
             return self._reject(msg, *refusal, meter=r.meter, start_ms=r.start_ms)
+        if r.flags & NOT_BILLABLE:  # no billable consumption (docs/rules.md): nothing to charge
+            self.stats.intervals_not_billable += 1
+            self.metrics.charges.labels("not_billable").inc()
+            return "skipped"
         estimated = bool(r.flags & Flag.ESTIMATED)
         try:
             res = self.controller.charge_interval(

@@ -201,12 +201,12 @@ class DeadLetterStore:
         self._lock = threading.Lock()
         self._db = StateDb(self.path, url=url, synchronous="FULL")
         self._db.script(_SCHEMA, _SCHEMA_PG)
-        if self._db.dialect == "sqlite":
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(dead_letter)")}
-            for name, decl in _ADDED_COLUMNS:
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE dead_letter ADD COLUMN {name} {decl}")
         with self._transaction() as cur:
+            if self._db.dialect == "sqlite":  # under the write lock: one worker adds a column
+                have = {row[1] for row in cur.execute("PRAGMA table_info(dead_letter)")}
+                for name, decl in _ADDED_COLUMNS:
+                    if name not in have:
+                        cur.execute(f"ALTER TABLE dead_letter ADD COLUMN {name} {decl}")
             for statement in _REBUILD_USAGE:
                 cur.execute(statement)
         self._evicting = False

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -118,6 +119,28 @@ def _pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+SQLITE_OPEN_TIMEOUT_S = 30.0
+
+
+def _open_sqlite(path: Path, synchronous: str) -> sqlite3.Connection:
+    """The SQLite file in WAL mode. Switching a new file to WAL takes an exclusive lock that the
+    busy handler does not wait for: workers opening a new file at the same moment get "database
+    is locked", so the switch is retried (for up to the connection's busy timeout)."""
+    deadline = time.monotonic() + SQLITE_OPEN_TIMEOUT_S
+    db = sqlite3.connect(path, timeout=SQLITE_OPEN_TIMEOUT_S, check_same_thread=False, isolation_level=None)
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                db.close()
+                raise
+            time.sleep(0.02)
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
 class StateDb:
     """One connection to the state database: the SQLite file ``path`` when ``url`` is empty,
     else the PostgreSQL database ``url`` (see the module contract)."""
@@ -143,10 +166,7 @@ class StateDb:
             check_url(url)
             self._connect_pg()
         else:
-            db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={synchronous}")
-            self._sqlite = db
+            self._sqlite = _open_sqlite(self.path, synchronous)
 
     @property
     def where(self) -> str:

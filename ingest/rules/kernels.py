@@ -15,6 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from protocols.flags import NOT_BILLABLE as FLAGS_NOT_BILLABLE
 from protocols.flags import Flag
 from protocols.quantities import ENERGY_FORWARD, VALUE_BOUND, by_name
 
@@ -49,8 +50,8 @@ F_EST_HIST = int(Flag.EST_HIST)
 # its time is not believable, or it was estimated upstream: VEE-22, estimates never anchor an
 # estimate), so it closes no interval and is in no total.
 NOT_ANCHOR = F_METER_ERROR | F_OUT_OF_RANGE | F_FUTURE_TIME | F_BEFORE_MIN_TIME | F_DUPLICATE | F_ESTIMATED
-# An interval carrying one of these bits has no billable consumption (VEE-03/04/05/07/08).
-NOT_BILLABLE = F_WENT_BACKWARDS | F_METER_REPLACED | F_SPIKE | F_FAST_RUNNING | F_STOPPED
+# An interval carrying one of these bits has no billable consumption (protocols.flags.NOT_BILLABLE).
+NOT_BILLABLE = int(FLAGS_NOT_BILLABLE)
 # Reading bits an interval row inherits from the reading that closes it.
 INTERVAL_CARRY = (
     F_ROLLOVER

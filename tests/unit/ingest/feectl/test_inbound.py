@@ -18,6 +18,7 @@ from ingest.feectl.service import REJECT_PAYLOAD_BYTES, FeeControlService
 from protocols.aggregates import IntervalRecord, encode_intervals
 from protocols.commands import CommandResult
 from protocols.errors import ConfigError
+from protocols.flags import NOT_BILLABLE, Flag
 
 from ..ops.conftest import KEY, NOW, config_text, write_files
 from .conftest import QUARTER, make_controller, ms
@@ -75,6 +76,23 @@ def test_an_energy_of_2_pow_62_is_rejected_and_the_interval_beside_it_charged(
     assert counter(service, 'amigw_feectl_charges_total{status="charged"}') == 1
     assert counter(service, 'amigw_feectl_messages_total{result="applied",topic="intervals"}') == 2
     assert service.controller.check_consistency().ok
+
+
+@pytest.mark.parametrize("flag", list(NOT_BILLABLE), ids=lambda f: f.name)
+def test_a_not_billable_interval_is_not_charged_and_the_billable_beside_it_is(
+    service: FeeControlService, flag: Flag
+) -> None:
+    """docs/rules.md: an interval flagged SPIKE, WENT_BACKWARDS, METER_REPLACED, FAST_RUNNING or
+    STOPPED has no billable consumption; a ROLLOVER interval (a warning) stays billable."""
+    flagged = IntervalRecord("m-1", 1, START, START + QUARTER, 900, int(flag))
+    warned = IntervalRecord("m-1", 1, START - QUARTER, START, 100, int(Flag.ROLLOVER))
+    payload = encode_intervals("gw-1", 7, [flagged, warned])
+    for _ in range(2):  # a redelivery changes nothing either
+        assert service.handle_message(TOPIC, payload) is True
+    assert balance(service) == -50  # only the 1 kWh at 0.5000 yuan/kWh
+    assert counter(service, 'amigw_feectl_charges_total{status="not_billable"}') == 2
+    assert counter(service, 'amigw_feectl_charges_total{status="charged"}') == 1
+    assert service.stats.intervals_not_billable == 2 and rejects(service) == []
 
 
 LIMITS = LimitSettings()  # 100 kW: at most 2500 x 0.01 kWh in 15 minutes
