@@ -7,6 +7,10 @@
   JSON payloads into influxdb-client ``Point`` objects, one per reading, ``to_line_protocol()``,
   POSTs of 5,000 lines on one kept-alive ``http.client`` connection, uncompressed
   (influxdb-client's default); done when it reports every reading written.
+* :func:`readings_lines`, :func:`pipeline_lines`, :func:`conventional_lines`, :func:`bodies`:
+  what each side writes for a list of batches (the readings alone as the wide ``meter_reading``
+  points; what the sink encodes per batch; the conventional pipeline's narrow lines), cut into
+  requests of at most 5,000 lines and gzipped as the sink does.
 * :class:`Publisher`: publishes ``(topic, payload)`` messages QoS 1 from a background thread while
   a pipeline consumes them.
 
@@ -40,7 +44,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from ingest.pipeline.transform import Settings, columns, transform
+from ingest.sinks.base import Writes
+from ingest.sinks.influx.http import gzip_body
+from ingest.sinks.influx.lines import LineTables, TagCache, encode_lines, encode_writes
 from protocols import topics
+from protocols.payload import ReadingBatch
+from protocols.quantities import QUANTITIES
 
 __all__ = [
     "CONVENTIONAL",
@@ -48,11 +58,15 @@ __all__ = [
     "Publisher",
     "Run",
     "Warm",
+    "bodies",
     "ceiling_run",
+    "conventional_lines",
     "conventional_run",
     "count_points",
     "cpu_s",
     "fresh_database",
+    "pipeline_lines",
+    "readings_lines",
     "rss_bytes",
     "settled_cpu_s",
 ]
@@ -149,14 +163,74 @@ def count_points(influxd: Any, db: str, field: str = "voltage_a") -> int:
     return int(rows[0]["count"]) if rows else 0
 
 
+# -- what each side writes ----------------------------------------------------------------------
+
+POST_LINES = 5000  # the sink's max_batch_lines
+
+
+def readings_lines(batches: Sequence[ReadingBatch]) -> list[bytes]:
+    """Per batch, the wide ``meter_reading`` lines of its readings (what they alone cost influxd)."""
+    out = []
+    for b in batches:
+        r, _ = columns(b)
+        out.append(encode_lines(r, LineTables.build(b.meters, b.gateway), wide=True))
+    return out
+
+
+def pipeline_lines(batches: Sequence[ReadingBatch], settings: Settings) -> list[bytes]:
+    """Per batch, what the sink writes for it: ``encode_writes`` of the batch's transform."""
+    cache = TagCache()
+    return [
+        encode_writes(Writes(batches=[transform(b, settings).columns]), cache, wide=True) for b in batches
+    ]
+
+
+_NAMES = {q.code: (q.name, q.decimals) for q in QUANTITIES}
+
+
+def conventional_lines(batches: Sequence[ReadingBatch]) -> list[bytes]:
+    """Per batch, the narrow lines the conventional pipeline writes for it (a float ``value``
+    and an integer ``flags`` per reading, tagged meter, gateway and quantity)."""
+    out = []
+    for b in batches:
+        rows = zip(b.meter, b.ts, b.quantity, b.value, b.flags, strict=True)
+        out.append(
+            "".join(
+                f"meter_reading,gateway={b.gateway},meter={b.meters[m]},quantity={_NAMES[q][0]} "
+                f"value={v / 10 ** _NAMES[q][1]!r},flags={f}i {t}\n"
+                for m, t, q, v, f in rows
+            ).encode()
+        )
+    return out
+
+
+def bodies(per_batch: Sequence[bytes], level: int = 1) -> list[tuple[bytes, int]]:
+    """Requests of at most :data:`POST_LINES` lines cut from each batch's lines, gzipped at
+    ``level`` as the sink does: ``(body, lines)``."""
+    out = []
+    for data in per_batch:
+        lines = data.split(b"\n")[:-1]
+        for i in range(0, len(lines), POST_LINES):
+            part = lines[i : i + POST_LINES]
+            out.append((gzip_body(b"\n".join(part) + b"\n", level), len(part)))
+    return out
+
+
 # -- influxd's ceiling ---------------------------------------------------------------------------
 
 
 def ceiling_run(
-    influxd: Any, bodies: list[tuple[bytes, int]], readings: int, points: int, clients: int, warm: Warm
+    influxd: Any,
+    bodies: list[tuple[bytes, int]],
+    readings: int,
+    points: int,
+    clients: int,
+    warm: Warm,
+    field: str = "voltage_a",
 ) -> Run:
     """Post ``bodies`` (gzipped, ``(body, lines)``: ``readings`` readings in ``points`` wide
-    ``meter_reading`` points) with ``clients`` concurrent connections."""
+    ``meter_reading`` points, each with the field ``field``) with ``clients`` concurrent
+    connections."""
     db = fresh_database(influxd, "ceil", warm)
     url = urllib.parse.urlsplit(influxd.url)
     target = f"/write?{urllib.parse.urlencode({'db': db, 'precision': 'ms'})}"
@@ -187,7 +261,7 @@ def ceiling_run(
         elapsed = time.monotonic() - t0
         influx_cpu = settled_cpu_s(influxd.pid) - cpu0
         _check(not errors, errors)
-        stored = count_points(influxd, db) - warm.points
+        stored = count_points(influxd, db, field) - warm.points
         _check(stored == points, f"{stored} of {points} points in influxd")
         lines = sum(n for _, n in bodies)
         return Run(readings / elapsed, 0.0, _per_reading_us(influx_cpu, readings), f"{lines:,} lines")

@@ -17,6 +17,14 @@ they are spread evenly over the run in the order given) and run beside the publi
 of progress every ``--progress-s``; at the end a report (human, and ``--json FILE``) with the
 throughput, latency percentiles, memory, counts and every check. Exit 0 when every check holds,
 1 otherwise, 2 for bad options.
+
+``--anchors`` adds, after the checks and on the same mosquitto and influxd (the ingest workers
+and fee control stopped first), the figures the run's throughput is read against
+(:mod:`simulators.bench_anchors`), over ``--anchor-hours`` of the same fleet without anomalies:
+influxd's ceiling for those readings alone and for the lines the pipeline writes for them
+(max(2, cores) concurrent writers, bodies gzipped before the clock starts), and the conventional
+pipeline (paho, JSON, an influxdb-client ``Point`` per reading, POSTs of 5,000 lines on one
+kept-alive connection) on the same payloads in JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from protocols import topics
 from protocols.errors import ConfigError
 from simulators.fleet_faults import FAULTS, Check, FaultContext, FaultResult, inject
 from simulators.fleet_headend import (
@@ -85,6 +94,8 @@ class BenchOptions:
     run_dir: Path | None = None
     feectl: bool = True
     max_false_flag_rate: float = 0.0
+    anchors: bool = False
+    anchor_hours: float = 1.0
 
     @property
     def intervals(self) -> int:
@@ -102,6 +113,7 @@ class BenchReport:
     faults: list[FaultResult] = field(default_factory=list)
     store_check: dict[str, Any] = field(default_factory=dict)
     store_summary: str = ""
+    anchors: dict[str, Any] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -113,7 +125,7 @@ class BenchReport:
             "ok": self.ok, "options": self.options, "run_dir": self.run_dir, "cores": os.cpu_count(),
             "throughput": self.throughput, "latency_s": self.latency_s, "memory_kib": self.memory_kib,
             "counts": self.counts, "faults": [f.to_dict() for f in self.faults],
-            "store_check": self.store_check,
+            "store_check": self.store_check, "anchors": self.anchors,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
         }  # fmt: skip
 
@@ -138,8 +150,31 @@ class BenchReport:
             lines += [f"      [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in f.checks]
         if self.store_summary:
             lines += ["  store check:", *("    " + s for s in self.store_summary.splitlines())]
+        if self.anchors:
+            lines += ["  anchors (same machine, after the run):", *anchor_lines(self.anchors, t)]
         lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
         return "\n".join(lines)
+
+
+def anchor_lines(a: dict[str, Any], t: dict[str, Any]) -> list[str]:
+    """The anchors and the run's sustained readings/s read against them."""
+    if "error" in a:
+        return [f"    not measured: {a['error']}"]
+    ours = float(t.get("readings_per_s", 0.0))
+    ceil_r, ceil_p, conv = a["ceiling_readings"], a["ceiling_pipeline"], a["conventional"]
+    return [
+        f"    sample: {a['sample']}; {a['cores']} cores; ceiling clients {a['clients']}",
+        f"    influxd ceiling, the readings alone: {ceil_r['readings_per_s']:,.0f} readings/s "
+        f"(influxd {ceil_r['influxd_cpu_us']:.2f} µs CPU per reading)",
+        f"    influxd ceiling, the pipeline's lines for them: {ceil_p['readings_per_s']:,.0f} readings/s "
+        f"= {ceil_p['readings_per_s'] / ceil_r['readings_per_s']:.2f}x the readings alone "
+        f"(influxd {ceil_p['influxd_cpu_us']:.2f} µs)",
+        f"    conventional pipeline: {conv['readings_per_s']:,.0f} readings/s, {conv['cpu_us']:.2f} µs "
+        f"CPU per reading (influxd {conv['influxd_cpu_us']:.2f} µs)",
+        f"    this run, sustained ({ours:,.0f} readings/s, with the generator, the edges, fee control "
+        f"and the faults on the same machine): {ours / ceil_r['readings_per_s']:.2f}x the readings-only "
+        f"ceiling, {ours / conv['readings_per_s']:.2f}x the conventional pipeline",
+    ]
 
 
 def self_window(t: dict[str, Any]) -> str:
@@ -273,6 +308,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="flags allowed on clean readings and intervals, as a share (default 0)",
     )
     p.add_argument("--no-feectl", action="store_true", help="run without fee control (no charges checked)")
+    p.add_argument(
+        "--anchors",
+        action="store_true",
+        help="after the run, measure influxd's ceiling (readings alone, the pipeline's lines) and the "
+        "conventional pipeline on the same servers and fleet",
+    )
+    p.add_argument(
+        "--anchor-hours",
+        type=float,
+        default=d.anchor_hours,
+        help=f"simulated hours of the fleet the anchors write (default {d.anchor_hours:g})",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
 
 
@@ -282,6 +329,8 @@ def _options(args: argparse.Namespace) -> BenchOptions:
                             ("--workers", args.workers, 1), ("--lead", args.lead, 1)):  # fmt: skip
         if value < low:
             raise ConfigError(key, f"expected >= {low}, got {value}")
+    if args.anchor_hours <= 0:
+        raise ConfigError("--anchor-hours", "must be positive")
     if args.hours <= 0 or args.speed < 0:
         raise ConfigError("--hours" if args.hours <= 0 else "--speed", "must be positive")
     if any(n == "worker-stop" for n, _ in faults) and args.workers < 2:
@@ -293,7 +342,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         flood_count=args.flood_count, replay_s=args.replay_s, clock_jump_s=args.clock_jump_s,
         ack_timeout_s=args.ack_timeout_s, resend_cap_s=args.resend_cap_s, progress_s=args.progress_s,
         settle_timeout_s=args.settle_timeout_s, run_dir=args.run_dir, feectl=not args.no_feectl,
-        max_false_flag_rate=args.max_false_flag_rate,
+        max_false_flag_rate=args.max_false_flag_rate, anchors=args.anchors, anchor_hours=args.anchor_hours,
     )  # fmt: skip
 
 
@@ -380,6 +429,8 @@ async def run_bench(opts: BenchOptions, *, say: Say = _say, source: Source | Non
         finally:
             await edges.close()
         await _final_checks(opts, fleet, he, report, say)
+        if opts.anchors:
+            await asyncio.to_thread(_anchors, opts, fleet, he, report, say)
     except (HarnessError, RuntimeError, OSError) as exc:  # ServiceError is a RuntimeError
         report.checks.append(Check("the run completed", False, f"{type(exc).__name__}: {exc}"))
         say(f"run stopped: {exc}")
@@ -684,3 +735,74 @@ async def _settle_ledger(he: HeadEnd, timeout_s: float) -> None:
 def command_line(argv: Sequence[str]) -> str:
     """The exact command, for the report."""
     return "amigw bench " + shlex.join(argv)
+
+
+# -- the anchors -------------------------------------------------------------------------------
+def _anchors(opts: BenchOptions, fleet: Any, he: HeadEnd, report: BenchReport, say: Say) -> None:
+    """influxd's ceilings and the conventional pipeline over ``--anchor-hours`` of the same fleet
+    (clean), on the run's servers, once the run's own programs are stopped (see the module doc)."""
+    import dataclasses
+
+    from ingest.config import load_config
+    from ingest.pipeline.transform import Settings
+    from protocols.payload import ReadingBatch, decode, encode
+    from simulators import bench_anchors as ba
+    from simulators.fleet import AnomalyRates, Fleet
+
+    try:
+        for i in he.live_workers():
+            he.stop_worker(i)
+        he.stop_feectl()
+        spec = dataclasses.replace(
+            fleet.spec, intervals=max(1, round(opts.anchor_hours * 3600 / fleet.spec.interval_s)) + 1,
+            rates=AnomalyRates.none(), history_intervals=0,
+        )  # fmt: skip
+        sample = Fleet(spec)
+        say(f"anchors: building {opts.anchor_hours:g} simulated hour(s) of the fleet ...")
+        warm_batches: list[ReadingBatch] = []
+        batches: list[ReadingBatch] = []
+        for k in range(spec.intervals):  # the first boundary warms the series up, unmeasured
+            for i, up in enumerate(sample.uploads(k)):
+                (warm_batches if k == 0 else batches).append(decode(up.make_payload(k * 10_000 + i + 1)))
+        readings = _readings(batches)
+        points, warm_points = _points(batches), _points(warm_batches)
+        cores = len(os.sched_getaffinity(0))
+        clients = max(2, cores)
+        settings = Settings.from_config(load_config(he.ingest_config))
+        field_name = "energy_fwd_active_total"  # every meter of the fleet has it
+        warm_r = ba.Warm(ba.readings_lines(warm_batches), warm_points)
+        warm_p = ba.Warm(ba.pipeline_lines(warm_batches, settings), warm_points)
+        say(f"anchors: influxd ceiling, {readings:,} readings alone ({clients} clients) ...")
+        ceil_r = ba.ceiling_run(
+            he.influx, ba.bodies(ba.readings_lines(batches)), readings, points, clients, warm_r, field_name
+        )
+        say("anchors: influxd ceiling, the pipeline's lines for them ...")
+        ceil_p = ba.ceiling_run(
+            he.influx, ba.bodies(ba.pipeline_lines(batches, settings)), readings, points, clients, warm_p,
+            field_name,
+        )  # fmt: skip
+        say("anchors: the conventional pipeline ...")
+        warm_c = ba.Warm(ba.conventional_lines(warm_batches), _readings(warm_batches))
+        items = [(topics.readings(b.gateway), encode(b, "json")) for b in batches]
+        conv = ba.conventional_run(
+            he.broker, he.influx, items, readings, he.dir, lambda text: say(f"anchors: {text}"), warm_c
+        )
+    except (ba.BenchError, OSError, RuntimeError) as exc:
+        report.anchors = {"error": f"{type(exc).__name__}: {exc}"}
+        say(f"anchors not measured: {exc}")
+        return
+    report.anchors = {
+        "sample": f"{opts.anchor_hours:g} simulated hour(s), {len(batches):,} batches, {readings:,} readings",
+        "cores": cores, "clients": clients,
+        "ceiling_readings": dataclasses.asdict(ceil_r), "ceiling_pipeline": dataclasses.asdict(ceil_p),
+        "conventional": dataclasses.asdict(conv),
+    }  # fmt: skip
+
+
+def _readings(batches: Sequence[Any]) -> int:
+    return sum(len(b.meter) for b in batches)
+
+
+def _points(batches: Sequence[Any]) -> int:
+    """Wide ``meter_reading`` points: distinct (meter, ts) per batch."""
+    return sum(len(set(zip(list(b.meter), list(b.ts), strict=True))) for b in batches)

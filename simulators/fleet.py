@@ -787,6 +787,9 @@ class Fleet:
         e_rev = self._rev // _FINE - old_rev
         billable = np.ones(n, dtype=bool)
         iv_expect = np.zeros(n, dtype=np.uint32)
+        # the export register's interval: a rollover or spike of the forward register is not its
+        billable_rev = np.ones(n, dtype=bool)
+        iv_expect_rev = np.zeros(n, dtype=np.uint32)
         anomaly_rows: list[tuple[int, int, int, int, int, int, int]] = []
 
         def note(kind: str, meter: int, ts: int, param: int, flags: int) -> None:
@@ -809,7 +812,8 @@ class Fleet:
                 expect[m, C_REV] |= np.uint32(Flag.METER_REPLACED)
             expect[m, C_FWD] |= np.uint32(Flag.METER_REPLACED)
             iv_expect[m] |= np.uint32(Flag.METER_REPLACED)
-            billable[m] = False
+            iv_expect_rev[m] |= np.uint32(Flag.METER_REPLACED)
+            billable[m] = billable_rev[m] = False
             kind_col[m] = K["replacement"]
             note("replacement", m, t, int(self._fwd[m] // _FINE), int(Flag.METER_REPLACED))
         for e in kinds.get(K["spike"], []):  # VEE-05: a jump beyond E_max, which stays
@@ -869,6 +873,7 @@ class Fleet:
         # false-flag count either way.
         after = (self._down_until == k - 1) & (k > 0) & ~down
         iv_expect[down] |= np.uint32(Flag.OUTAGE)
+        iv_expect_rev[down] |= np.uint32(Flag.OUTAGE)
         kind_col[after] = K["area_outage"]
         for e in kinds.get(K["area_outage"], []):
             members = np.flatnonzero(self.area_of == e.meter)
@@ -899,7 +904,10 @@ class Fleet:
                 gap_close[m] = first
                 del self._gap[m]
         # record the expected interval rows (estimation across gaps, VEE-20)
-        self._record_intervals(k, t, e_fwd, e_rev, billable, iv_expect, kind_col, sending, gap_close)
+        self._record_intervals(
+            k, t, (e_fwd, e_rev), (billable, billable_rev), (iv_expect, iv_expect_rev), kind_col, sending,
+            gap_close,
+        )  # fmt: skip
         for m in gap_close:
             expect[m, C_FWD] |= np.uint32(Flag.GAP_BEFORE)
             expect[m, C_REV] |= np.uint32(Flag.GAP_BEFORE)
@@ -985,10 +993,9 @@ class Fleet:
         self,
         k: int,
         t: int,
-        e_fwd: I64,
-        e_rev: I64,
-        billable: B,
-        iv_expect: U32,
+        energy: tuple[I64, I64],
+        billable: tuple[B, B],
+        iv_expect: tuple[U32, U32],
         kind_col: npt.NDArray[np.uint8],
         sending: B,
         gap_close: Mapping[int, int],
@@ -998,24 +1005,22 @@ class Fleet:
         the remainder on the last), ESTIMATED and GAP_BEFORE."""
         s = self.spec
         pend = self._pending
+        e_fwd, e_rev = energy
         for m in np.flatnonzero(~sending):
             f, r = pend.get(int(m), (0, 0))
             pend[int(m)] = (f + int(e_fwd[m]), r + int(e_rev[m]))
         plain = sending.copy()
         for m in gap_close:
             plain[m] = False
-        for q, energy, has in (
-            (Q_FWD, e_fwd, np.ones(s.meters, dtype=bool)),
-            (Q_REV, e_rev, self.profile == 2),
-        ):
+        for c, q, has in ((0, Q_FWD, np.ones(s.meters, dtype=bool)), (1, Q_REV, self.profile == 2)):
             sel = np.flatnonzero(plain & has)
             self.truth.intervals_cols.add(
                 meter=sel,
                 quantity=q,
                 end=t,
-                energy=energy[sel],
-                expect=iv_expect[sel],
-                billable=billable[sel],
+                energy=energy[c][sel],
+                expect=iv_expect[c][sel],
+                billable=billable[c][sel],
                 kind=kind_col[sel],
             )
         for m, first_k in gap_close.items():
@@ -1066,12 +1071,25 @@ class Fleet:
         topic = topics.readings(gw)
         base = g * s.meters_per_gateway
         sent_ms = t + int(offset_s * 1000) + int(self._clock_jump_ms[g])
-        step = s.max_readings_per_batch
-        for lo in range(0, meter.shape[0], step):
-            part = slice(lo, lo + step)
+        # A meter's rows (its repeats with them) stay in one batch, as an edge reads a meter into
+        # one batch: a repeat is a duplicate within its batch (VEE-10), which a split would hide.
+        order = np.argsort(meter, kind="stable")
+        meter, ts, quantity, value = meter[order], ts[order], quantity[order], value[order]
+        starts = np.flatnonzero(np.r_[True, meter[1:] != meter[:-1]])
+        lo, end = 0, meter.shape[0]
+        while lo < end:
+            hi = lo + s.max_readings_per_batch
+            if hi < end:  # cut at the last meter start within the limit (past lo)
+                hi = int(starts[np.searchsorted(starts, hi, side="right") - 1])
+                if hi <= lo:  # one meter over the limit: a batch of its own
+                    nxt = int(np.searchsorted(starts, lo, side="right"))
+                    hi = int(starts[nxt]) if nxt < starts.shape[0] else end
+            hi = min(hi, end)
+            part = slice(lo, hi)
             yield self._upload(
                 gw, g, k, offset_s, topic, sent_ms, base, meter[part], ts[part], quantity[part], value[part]
             )
+            lo = hi
 
     def _upload(
         self, gw: str, g: int, k: int, offset_s: float, topic: str, sent_ms: int, base: int,

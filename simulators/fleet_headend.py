@@ -262,6 +262,11 @@ class HeadEnd:
         _end_session(self.broker, f"{INGEST_CLIENT_ID}-{i}")
         return pid
 
+    def stop_feectl(self) -> None:
+        """Stop fee control (SIGTERM), if it runs."""
+        if self.feectl is not None and self.feectl_pid is not None:
+            self._end(self.feectl, signal.SIGTERM)
+
     def worker_metrics(self, i: int) -> dict[str, float]:
         """Worker ``i``'s Prometheus samples, summed per metric name ({} when it does not answer)."""
         try:

@@ -25,17 +25,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ingest.pipeline.transform import Settings, columns, transform
-from ingest.sinks.base import Writes
-from ingest.sinks.influx.http import gzip_body
-from ingest.sinks.influx.lines import LineTables, TagCache, encode_lines, encode_writes
+from ingest.pipeline.transform import Settings
 from protocols.payload import PrevRegisters, ReadingBatch
 from protocols.quantities import by_name
+from simulators import bench_anchors as anchors
 
 INTERVAL_MS = 900_000
 UTC_OFFSET_MS = 8 * 3_600_000  # the sample tariff calendar's zone
 DAYS_BACK = 4
-POST_LINES = 5000  # the sink's max_batch_lines
 
 I64 = npt.NDArray[np.int64]
 
@@ -186,11 +183,7 @@ def _values(shape: Shape, meters: int, n_ts: int) -> npt.NDArray[np.int64]:
 
 def readings_lines(wl: Workload) -> list[bytes]:
     """Per batch, the wide ``meter_reading`` lines of its readings (what they alone cost influxd)."""
-    out = []
-    for b in wl.batches:
-        r, _ = columns(b)
-        out.append(encode_lines(r, LineTables.build(b.meters, b.gateway), wide=True))
-    return out
+    return anchors.readings_lines(wl.batches)
 
 
 def warm_up(wl: Workload) -> Workload:
@@ -204,37 +197,13 @@ def warm_up(wl: Workload) -> Workload:
 
 
 def conventional_lines(wl: Workload) -> list[bytes]:
-    """Per batch, the narrow lines the conventional pipeline writes for it (a float ``value``
-    and an integer ``flags`` per reading, tagged meter, gateway and quantity)."""
-    names = {q.code: q for q in map(by_name, wl.shape.quantities)}
-    out = []
-    for b in wl.batches:
-        rows = zip(b.meter, b.ts, b.quantity, b.value, b.flags, strict=True)
-        out.append(
-            "".join(
-                f"meter_reading,gateway={b.gateway},meter={b.meters[m]},quantity={names[q].name} "
-                f"value={v / 10 ** names[q].decimals!r},flags={f}i {t}\n"
-                for m, t, q, v, f in rows
-            ).encode()
-        )
-    return out
+    """Per batch, the narrow lines the conventional pipeline writes for it."""
+    return anchors.conventional_lines(wl.batches)
 
 
 def pipeline_lines(wl: Workload, settings: Settings) -> list[bytes]:
     """Per batch, what the sink writes for it: ``encode_writes`` of the batch's transform."""
-    cache = TagCache()
-    return [
-        encode_writes(Writes(batches=[transform(b, settings).columns]), cache, wide=True) for b in wl.batches
-    ]
+    return anchors.pipeline_lines(wl.batches, settings)
 
 
-def bodies(per_batch: list[bytes], level: int = 1) -> list[tuple[bytes, int]]:
-    """Requests of at most :data:`POST_LINES` lines cut from each batch's lines, gzipped at
-    ``level`` as the sink does: ``(body, lines)``."""
-    out = []
-    for data in per_batch:
-        lines = data.split(b"\n")[:-1]
-        for i in range(0, len(lines), POST_LINES):
-            part = lines[i : i + POST_LINES]
-            out.append((gzip_body(b"\n".join(part) + b"\n", level), len(part)))
-    return out
+bodies = anchors.bodies

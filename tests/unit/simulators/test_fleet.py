@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,43 @@ def test_a_gateway_clock_jump_shifts_its_stamps_and_expects_clock_skew() -> None
     assert late.any() and (r["expect"][late] & Flag.CLOCK_SKEW).all()
     assert not (r["expect"][~late] & Flag.CLOCK_SKEW).any()
     assert fleet.truth.anomaly_counts()["clock_jump"] == 1
+
+
+def test_a_split_boundary_keeps_each_meters_rows_and_repeats_in_one_batch() -> None:
+    """Over max_readings_per_batch a gateway's boundary is several batches, cut between meters:
+    a repeat (VEE-10) is in its original's batch (where the head-end can see it), every batch
+    within the limit."""
+    spec = _spec(
+        gateways=2, meters_per_gateway=40, intervals=8, max_readings_per_batch=100,
+        rates=AnomalyRates(min_each=3, duplicate=0.02),
+    )  # fmt: skip
+    fleet = Fleet(spec)
+    batches = [payload.decode(data) for data in _run(fleet)]
+    assert any(b.gateway == batches[0].gateway and b.seq != batches[0].seq for b in batches[:4])  # split
+    where: dict[tuple[str, int], set[int]] = {}  # (meter, boundary ts) -> batches holding its rows
+    repeats = 0
+    for i, b in enumerate(batches):
+        assert len(b.meter) <= 100
+        seen: set[tuple[int, int, int]] = set()
+        for m, t, q in zip(b.meter.tolist(), b.ts.tolist(), b.quantity.tolist(), strict=True):
+            where.setdefault((b.meters[m], b.sent_ms // 900_000), set()).add(i)
+            repeats += (m, t, q) in seen
+            seen.add((m, t, q))
+    assert all(len(held) == 1 for held in where.values())
+    same_point = int((fleet.truth.readings["copy"] == 1).sum())
+    assert repeats > 0 and same_point >= repeats
+
+
+def test_a_forward_spike_of_a_pv_meter_leaves_its_export_interval_billable() -> None:
+    """A spike (VEE-05) is of the forward register: the export interval of the same PV meter and
+    point expects no SPIKE and stays billable."""
+    fleet = Fleet(_spec(profile_mix=(0, 0, 1), rates=dataclasses.replace(AnomalyRates.none(), spike=0.05)))
+    _run(fleet)
+    iv = fleet.truth.intervals
+    fwd_spiked = (iv["quantity"] == 1) & ((iv["expect"] & Flag.SPIKE) != 0)
+    assert fwd_spiked.any() and not iv["billable"][fwd_spiked].any()
+    rev = iv["quantity"] == 6
+    key = iv["meter"].astype(np.int64) * 10**14 + iv["end"]
+    same = rev & np.isin(key, key[fwd_spiked])
+    assert same.sum() == fwd_spiked.sum()
+    assert not (iv["expect"][rev] & Flag.SPIKE).any() and iv["billable"][same].all()
