@@ -16,7 +16,7 @@ Faults (:mod:`simulators.fleet_faults`) are scheduled at boundaries (``NAME@K``;
 they are spread evenly over the run in the order given) and run beside the publishing. A line
 of progress every ``--progress-s``; at the end a report (human, and ``--json FILE``) with the
 throughput, latency percentiles, memory, counts and every check. Exit 0 when every check holds,
-1 otherwise, 2 for bad options.
+1 otherwise, 2 for bad options. SIGTERM or SIGINT stops the run and closes its head-end (exit 1).
 
 ``--anchors`` adds, after the checks and on the same mosquitto and influxd (the ingest workers
 and fee control stopped first), the figures the run's throughput is read against
@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -415,8 +416,9 @@ async def run_bench(opts: BenchOptions, *, say: Say = _say, source: Source | Non
     he = HeadEnd(run_dir, _headend_settings(opts, fleet))
     say(f"run directory {run_dir}; starting mosquitto, influxd, {opts.workers} ingest worker(s)"
         f"{', fee control' if opts.feectl else ''} ...")  # fmt: skip
+    stopped = _stop_on_signals(asyncio.current_task())
     try:
-        await asyncio.to_thread(he.start)
+        await _start_headend(he)
         edges = EdgeFleet(
             he.broker.url, tuple(fleet.gateways), run_dir / "edges", ack_timeout_s=opts.ack_timeout_s,
             resend_cap_s=opts.resend_cap_s,
@@ -434,9 +436,55 @@ async def run_bench(opts: BenchOptions, *, say: Say = _say, source: Source | Non
     except (HarnessError, RuntimeError, OSError) as exc:  # ServiceError is a RuntimeError
         report.checks.append(Check("the run completed", False, f"{type(exc).__name__}: {exc}"))
         say(f"run stopped: {exc}")
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        report.checks.append(Check("the run completed", False, f"stopped by {stopped[0]}"))
+        say(f"run stopped by {stopped[0]}; closing the head-end ...")
     finally:
+        _restore_signals()
         await asyncio.to_thread(he.close)
     return report
+
+
+async def _start_headend(he: HeadEnd) -> None:
+    """``he.start()`` in a thread; cancelled, it still waits for the start to return, so that
+    ``he.close()`` afterwards finds every program the start spawned."""
+    started = asyncio.ensure_future(asyncio.to_thread(he.start))
+    try:
+        await asyncio.shield(started)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await started
+        raise
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _stop_on_signals(task: asyncio.Task[Any] | None) -> list[str]:
+    """SIGTERM and SIGINT cancel the run's task, so that its head-end (servers, workers, fee
+    control) is closed rather than left running; returns the list the signal's name goes into.
+    Only in the main thread (elsewhere the signals stay as they are)."""
+    stopped: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        if not stopped and task is not None:
+            stopped.append(sig.name)
+            task.cancel()
+
+    for sig in _SIGNALS:
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(sig, stop, sig)
+    return stopped
+
+
+def _restore_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.remove_signal_handler(sig)
 
 
 def _opts_dict(opts: BenchOptions) -> dict[str, Any]:
