@@ -97,6 +97,7 @@ class BenchOptions:
     max_false_flag_rate: float = 0.0
     anchors: bool = False
     anchor_hours: float = 1.0
+    state_url: str = ""  # ingest [state] url: each worker a machine of its own
 
     @property
     def intervals(self) -> int:
@@ -310,6 +311,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-feectl", action="store_true", help="run without fee control (no charges checked)")
     p.add_argument(
+        "--state-url",
+        default=d.state_url,
+        metavar="URL",
+        help="each ingest worker a machine of its own (its own directory and config file), their "
+        "shared state in this PostgreSQL database (ingest [state] url; it should be empty)",
+    )
+    p.add_argument(
         "--anchors",
         action="store_true",
         help="after the run, measure influxd's ceiling (readings alone, the pipeline's lines) and the "
@@ -336,6 +344,13 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         raise ConfigError("--hours" if args.hours <= 0 else "--speed", "must be positive")
     if any(n == "worker-stop" for n, _ in faults) and args.workers < 2:
         raise ConfigError("--workers", "worker-stop needs at least 2 workers")
+    if args.state_url:
+        from ingest.pipeline.statedb import check_url
+
+        try:
+            check_url(args.state_url)
+        except ValueError as exc:
+            raise ConfigError("--state-url", str(exc).removeprefix("url: ")) from None
     return BenchOptions(
         gateways=args.gateways, meters=args.meters, hours=args.hours, seed=args.seed, min_each=args.min_each,
         workers=args.workers,
@@ -344,6 +359,7 @@ def _options(args: argparse.Namespace) -> BenchOptions:
         ack_timeout_s=args.ack_timeout_s, resend_cap_s=args.resend_cap_s, progress_s=args.progress_s,
         settle_timeout_s=args.settle_timeout_s, run_dir=args.run_dir, feectl=not args.no_feectl,
         max_false_flag_rate=args.max_false_flag_rate, anchors=args.anchors, anchor_hours=args.anchor_hours,
+        state_url=args.state_url,
     )  # fmt: skip
 
 
@@ -371,7 +387,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class _Meter:
-    """Memory maxima and readings/s windows, sampled on every progress tick."""
+    """Memory maxima, readings/s windows and the batches each worker wrote, sampled on every
+    progress tick."""
 
     def __init__(self, he: HeadEnd) -> None:
         self.he = he
@@ -380,6 +397,7 @@ class _Meter:
 
     def sample(self, readings: int) -> None:
         he = self.he
+        he.note_written()
         workers = [rss_kib(he.worker_pid(i)) for i in range(len(he.workers))]
         now = {
             "ingest_worker_max": max(workers, default=0),
@@ -538,7 +556,7 @@ def _headend_settings(opts: BenchOptions, fleet: Any) -> HeadEndSettings:
     return HeadEndSettings(
         workers=opts.workers, interval_s=int(fleet.spec.interval_s), session_expiry_s=opts.session_expiry_s,
         registry_toml=fleet.registry_toml(), tariff_toml=fleet.tariff_toml(),
-        feectl=feectl_setup(fleet) if opts.feectl else None,
+        feectl=feectl_setup(fleet) if opts.feectl else None, state_url=opts.state_url,
     )  # fmt: skip
 
 
@@ -613,7 +631,8 @@ async def _drive(
     }  # fmt: skip
     report.memory_kib = dict(meter.max)
     report.counts.update(batches_added=stats.added, batches_confirmed=stats.confirmed, resent=stats.resent,
-                         outbox_dropped=stats.dropped, backlog_at_end=stats.backlog)  # fmt: skip
+                         outbox_dropped=stats.dropped, backlog_at_end=stats.backlog,
+                         batches_written_by_worker=he.written_by_worker())  # fmt: skip
     report.checks.append(
         Check(
             "every batch confirmed by the head-end",
@@ -710,10 +729,12 @@ async def _final_checks(opts: BenchOptions, fleet: Any, he: HeadEnd, report: Ben
         )
     )
     say("checking the stores against the ground truth ...")
-    await asyncio.to_thread(_store_check, fleet, he, report, opts.max_false_flag_rate)
+    await asyncio.to_thread(_store_check, fleet, he, report, opts.max_false_flag_rate, say, opts.progress_s)
 
 
-def _store_check(fleet: Any, he: HeadEnd, report: BenchReport, max_false_flag_rate: float) -> None:
+def _store_check(
+    fleet: Any, he: HeadEnd, report: BenchReport, max_false_flag_rate: float, say: Say, progress_s: float
+) -> None:
     try:
         from simulators import fleet_check
     except ImportError as exc:
@@ -726,6 +747,7 @@ def _store_check(fleet: Any, he: HeadEnd, report: BenchReport, max_false_flag_ra
     result = fleet_check.check(
         fleet.truth, influx_url=he.influx.url, database=DATABASE, ledger_path=ledger,
         ledger_reader=lambda path: ledger_charges(Path(path)), max_false_flag_rate=max_false_flag_rate,
+        progress=say, progress_s=progress_s,
     )  # fmt: skip
     report.store_check = result.to_dict()
     report.store_summary = result.summary() if hasattr(result, "summary") else str(result)
@@ -756,25 +778,27 @@ async def _settle_rollups(he: HeadEnd, timeout_s: float) -> None:
 
 
 async def _settle_ledger(he: HeadEnd, timeout_s: float) -> None:
-    """Until fee control's journal has not grown for 3 s (it charges the intervals ingest published)."""
+    """Until fee control has handled no message and journaled nothing for 5 s (it charges the
+    intervals ingest published, one message after another)."""
     path = he.ledger_path
     if path is None:
         return
     import sqlite3
 
-    def entries() -> int:
+    def progress() -> tuple[float, int]:
+        handled = he.feectl_metrics().get("amigw_feectl_messages_total", -1.0)
         if not path.exists():
-            return 0
+            return handled, 0
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
-            return int(db.execute("SELECT count(*) FROM journal").fetchone()[0])
+            return handled, int(db.execute("SELECT max(seq) FROM journal").fetchone()[0] or 0)
 
     deadline = time.monotonic() + timeout_s
-    last, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 3.0:
+    last, stable_since = (-2.0, -1), time.monotonic()
+    while time.monotonic() - stable_since < 5.0:
         he.check()
-        n = entries()
-        if n != last:
-            last, stable_since = n, time.monotonic()
+        now = await asyncio.to_thread(progress)
+        if now != last:
+            last, stable_since = now, time.monotonic()
         if time.monotonic() > deadline:
             raise HarnessError(f"fee control still charging after {timeout_s:.0f} s")
         await asyncio.sleep(0.5)
@@ -816,7 +840,7 @@ def _anchors(opts: BenchOptions, fleet: Any, he: HeadEnd, report: BenchReport, s
         points, warm_points = _points(batches), _points(warm_batches)
         cores = len(os.sched_getaffinity(0))
         clients = max(2, cores)
-        settings = Settings.from_config(load_config(he.ingest_config))
+        settings = Settings.from_config(load_config(he.worker_config(0)))
         field_name = "energy_fwd_active_total"  # every meter of the fleet has it
         warm_r = ba.Warm(ba.readings_lines(warm_batches), warm_points)
         warm_p = ba.Warm(ba.pipeline_lines(warm_batches, settings), warm_points)

@@ -30,6 +30,7 @@ be read (a check that cannot read is no pass).
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -151,10 +152,15 @@ def check(
     totals: bool = True,
     max_false_flag_rate: float = 0.0,
     gateways: Iterable[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_s: float = 30.0,
 ) -> CheckReport:
     """Compare the stores with ``truth`` (see the module docstring); ``gateways`` limits the
     check to some gateways (default all). ``ledger_reader(ledger_path)`` returns fee control's
-    charged fen per meter id (:func:`check_charges`)."""
+    charged fen per meter id (:func:`check_charges`). ``progress`` is told how far the check
+    got, at most every ``progress_s`` seconds, and when each part starts."""
+    say = progress or (lambda _text: None)
+    last = time.monotonic()
     rep = CheckReport(max_false_flag_rate=max_false_flag_rate)
     spec = truth.spec
     ids = truth.meter_ids()
@@ -178,6 +184,9 @@ def check(
     for g, gw in enumerate(gw_ids):
         if gw not in wanted:
             continue
+        if time.monotonic() - last >= progress_s:
+            last = time.monotonic()
+            say(f"store check: readings and intervals of gateway {g + 1:,} of {len(gw_ids):,} ...")
         sel = r_gw == g
         _check_readings(rep, influx_url, database, gw, index, lo, hi, {k: v[sel] for k, v in r.items()})
         if g not in jumped:
@@ -186,9 +195,11 @@ def check(
                 rep, influx_url, database, gw, index, lo, hi, {k: v[sel_i] for k, v in iv.items()}
             )
     if totals:
+        say("store check: hourly and daily totals ...")
         _check_totals(rep, truth, influx_url, database, wanted, jumped)
     _check_alarms(rep, truth, influx_url, database, wanted)
     if ledger_path is not None and ledger_reader is not None:
+        say("store check: charges ...")
         check_charges(rep, truth, ledger_reader(ledger_path))
     return rep
 

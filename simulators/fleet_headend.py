@@ -11,7 +11,10 @@
   own process (not ``--workers N``, whose supervisor would restart a worker the harness means to
   stop for good): worker ``i`` is MQTT session ``bench-ingest-<i>`` in the shared subscription,
   metrics on ``metrics_port + i``; they share the run's dedup, loss, run-state and dead-letter
-  SQLite files (one "machine");
+  SQLite files (one "machine"). With ``state_url`` (a PostgreSQL database, ``[state] url``,
+  docs/shared-state.md) each worker is a "machine" of its own instead: a working directory and a
+  config file of its own (``ingest-<i>/ingest.toml``, no file shared with another worker), the
+  state in that one database;
 * fee control (``amigw feectl``) when :class:`FeectlSetup` is given, its ledger in the run dir.
 
 Each program's output goes to ``logs/<name>.log``. :meth:`HeadEnd.check` raises
@@ -92,6 +95,7 @@ class HeadEndSettings:
     tariff_toml: str = ""  # a tariff document whose calendar is ingest's tariff_calendar ("": built-in)
     ingest_extra: str = ""  # TOML appended to [pipeline] (e.g. validation thresholds of the fleet)
     feectl: FeectlSetup | None = None
+    state_url: str = ""  # ingest [state] url: each worker a machine of its own ("": one machine)
 
 
 @dataclass(slots=True)
@@ -102,6 +106,7 @@ class _Program:
     proc: subprocess.Popen[bytes] | None = None
     stopped: bool = False  # told to stop (or killed on purpose): its exit is not a failure
     starts: int = 0
+    cwd: Path | None = None  # its working directory (default: the logs')
 
 
 def rss_kib(pid: int | None) -> int:
@@ -162,6 +167,7 @@ class HeadEnd:
         self.feectl_port = free_port()
         self.feectl_token = "bench-e2e-token-" + os.urandom(8).hex()
         self.workers: list[_Program] = []
+        self._written: dict[tuple[int, int], int] = {}  # (worker, pid): batches it wrote, last seen
         self.feectl: _Program | None = None
         self.ingest_config = self.dir / "ingest" / "ingest.toml"
 
@@ -169,6 +175,12 @@ class HeadEnd:
     @property
     def dead_letter_path(self) -> Path:
         return self.dir / "ingest" / "deadletter.sqlite"
+
+    def worker_config(self, i: int) -> Path:
+        """Worker ``i``'s config file: the one shared file, or its machine's own (``state_url``)."""
+        if self.settings.state_url:
+            return self.dir / f"ingest-{i}" / "ingest.toml"
+        return self.ingest_config
 
     @property
     def ledger_path(self) -> Path | None:
@@ -186,9 +198,15 @@ class HeadEnd:
         self.broker.start()
         self.influx.start()
         self.influx.create_database(DATABASE)
-        self._write_ingest_config()
+        self._write_ingest_configs()
         self.workers = [
-            self._program(f"ingest-{i}", self._worker_argv(i)) for i in range(self.settings.workers)
+            _Program(
+                f"ingest-{i}",
+                self._worker_argv(i),
+                self.logs / f"ingest-{i}.log",
+                cwd=self.worker_config(i).parent,
+            )
+            for i in range(self.settings.workers)
         ]
         for i in range(len(self.workers)):
             self.start_worker(i, wait=False)
@@ -253,6 +271,7 @@ class HeadEnd:
 
     def kill_worker(self, i: int) -> int:
         """SIGKILL worker ``i`` (its unacknowledged messages wait at the broker); its old pid."""
+        self.note_written()
         return self._end(self.workers[i], signal.SIGKILL)
 
     def stop_worker(self, i: int) -> int:
@@ -260,6 +279,7 @@ class HeadEnd:
         operator removes a worker at once (MQTT 5 clean start + session expiry 0, docs/broker.md).
         What its session still held is dropped by the broker; the edges re-send what the head-end
         has not confirmed, to the live workers. Its old pid."""
+        self.note_written()
         pid = self._end(self.workers[i], signal.SIGTERM)
         _end_session(self.broker, f"{INGEST_CLIENT_ID}-{i}")
         return pid
@@ -271,20 +291,30 @@ class HeadEnd:
 
     def worker_metrics(self, i: int) -> dict[str, float]:
         """Worker ``i``'s Prometheus samples, summed per metric name ({} when it does not answer)."""
-        try:
-            url = f"http://127.0.0.1:{self.metrics_port + i}/metrics"
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                text = resp.read().decode()
-        except (OSError, ValueError):
-            return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                sample, _, value = line.rpartition(" ")
-                name = sample.partition("{")[0]
-                with contextlib.suppress(ValueError):
-                    out[name] = out.get(name, 0.0) + float(value)
+        return _summed(f"http://127.0.0.1:{self.metrics_port + i}/metrics")
+
+    def note_written(self) -> None:
+        """Read the batches each live worker has written (``amigw_ingest_batches_total``), for
+        :meth:`written_by_worker`; the harness calls it on every progress tick, and it is called
+        before a worker is stopped or killed."""
+        for i in self.live_workers():
+            pid = self.worker_pid(i)
+            n = self.labelled_metric(i, "amigw_ingest_batches_total").get('result="written"')
+            if pid is not None and n is not None:
+                self._written[(i, pid)] = max(self._written.get((i, pid), 0), int(n))
+
+    def written_by_worker(self) -> list[int]:
+        """Batches each worker wrote, summed over its processes, as last read by
+        :meth:`note_written` (a lower bound: a killed process's last writes may not be seen)."""
+        out = [0] * len(self.workers)
+        for (i, _pid), n in self._written.items():
+            out[i] += n
         return out
+
+    def feectl_metrics(self) -> dict[str, float]:
+        """Fee control's Prometheus samples (its HTTP API's ``/metrics``), summed per metric name
+        ({} when it does not answer)."""
+        return _summed(f"http://127.0.0.1:{self.feectl_port}/metrics")
 
     def labelled_metric(self, i: int, name: str) -> dict[str, float]:
         """Worker ``i``'s samples of ``name`` by their label text (e.g. ``result="duplicate"``)."""
@@ -303,6 +333,11 @@ class HeadEnd:
 
     def dead_letters(self) -> dict[str, int]:
         """Entries in the dead-letter store, by reason (durable, shared by the workers)."""
+        if self.settings.state_url:
+            from ingest.pipeline.deadletter import DeadLetterStore
+
+            with DeadLetterStore(self.dead_letter_path, url=self.settings.state_url) as store:
+                return store.count_by_reason()
         if not self.dead_letter_path.exists():
             return {}
         uri = f"file:{self.dead_letter_path}?mode=ro"
@@ -317,8 +352,8 @@ class HeadEnd:
             HarnessError: the command failed.
         """
         proc = subprocess.run(
-            [*_amigw(), "ingest", "--config", str(self.ingest_config), "--loss", "--json"],
-            capture_output=True, env=_env(), cwd=self.ingest_config.parent, timeout=120, check=False,
+            [*_amigw(), "ingest", "--config", str(self.worker_config(0)), "--loss", "--json"],
+            capture_output=True, env=_env(), cwd=self.worker_config(0).parent, timeout=120, check=False,
         )  # fmt: skip
         if proc.returncode != 0:
             raise HarnessError(f"amigw ingest --loss failed: {proc.stderr.decode(errors='replace')[-2000:]}")
@@ -364,9 +399,14 @@ class HeadEnd:
             return False
 
     # -- internals ---------------------------------------------------------------------------
-    def _write_ingest_config(self) -> None:
+    def _write_ingest_configs(self) -> None:
+        configs = {self.worker_config(i) for i in range(self.settings.workers)}
+        for path in sorted(configs):
+            self._write_ingest_config(path)
+
+    def _write_ingest_config(self, config: Path) -> None:
         s = self.settings
-        d = self.ingest_config.parent
+        d = config.parent
         d.mkdir(parents=True, exist_ok=True)
         registry = ""
         if s.registry_toml:
@@ -375,12 +415,13 @@ class HeadEnd:
         if s.tariff_toml:
             (d / "tariff.toml").write_text(s.tariff_toml)
             registry += f'tariff_calendar = "{d / "tariff.toml"}"\n'
-        self.ingest_config.write_text(
+        state = f"[state]\nurl = {json.dumps(s.state_url)}\n" if s.state_url else ""
+        config.write_text(
             f"{registry}metrics_listen = '127.0.0.1:{self.metrics_port}'\n"
             f"[mqtt]\nurl = {json.dumps(self.broker.url)}\nclient_id = '{INGEST_CLIENT_ID}'\n"
             f"session_expiry_s = {s.session_expiry_s}\nqueue_max = {s.queue_max}\n"
             f"[influx]\nurl = {json.dumps(self.influx.url)}\napi = 'v1'\ndatabase = '{DATABASE}'\n"
-            f"[dead_letter]\npath = {json.dumps(str(self.dead_letter_path))}\n"
+            f"{state}[dead_letter]\npath = {json.dumps(str(d / 'deadletter.sqlite'))}\n"
             f"[dedup]\npath = {json.dumps(str(d / 'dedup.sqlite'))}\n"
             f"[loss]\npath = {json.dumps(str(d / 'loss.sqlite'))}\n"
             f"[pipeline]\ninterval_s = {s.interval_s}\nrollup_delay_s = {s.rollup_delay_s}\n"
@@ -388,7 +429,7 @@ class HeadEnd:
         )
 
     def _worker_argv(self, i: int) -> list[str]:
-        return [*_amigw(), "ingest", "--config", str(self.ingest_config), "--worker-index", str(i)]
+        return [*_amigw(), "ingest", "--config", str(self.worker_config(i)), "--worker-index", str(i)]
 
     def _program(self, name: str, argv: list[str]) -> _Program:
         return _Program(name, argv, self.logs / f"{name}.log")
@@ -397,7 +438,7 @@ class HeadEnd:
         with prog.log.open("ab") as out:
             prog.proc = subprocess.Popen(
                 prog.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(),
-                cwd=prog.log.parent, start_new_session=True,
+                cwd=prog.cwd or prog.log.parent, start_new_session=True,
             )  # fmt: skip
         prog.starts += 1
         return prog.proc
@@ -415,6 +456,23 @@ class HeadEnd:
             proc.kill()
             proc.wait(10)
         return proc.pid
+
+
+def _summed(url: str) -> dict[str, float]:
+    """The Prometheus samples at ``url``, summed per metric name ({} when it does not answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            sample, _, value = line.rpartition(" ")
+            name = sample.partition("{")[0]
+            with contextlib.suppress(ValueError):
+                out[name] = out.get(name, 0.0) + float(value)
+    return out
 
 
 def _amigw() -> list[str]:

@@ -362,7 +362,8 @@ class FeeControlService:
         msg.gateway = _cut(topic_gateway)
         if gateway != topic_gateway:
             return self._reject(msg, "gateway_mismatch", f"payload names gateway {_cut(gateway)!r}")
-        outcomes = [self._charge(msg, r, seq) for r in records]
+        with self.controller.store.transaction():  # one commit per message, a savepoint per interval
+            outcomes = [self._charge(msg, r, seq) for r in records]
         if "unpriced" in outcomes:
             return "unpriced"
         if outcomes and all(o == "rejected" for o in outcomes):
@@ -371,7 +372,8 @@ class FeeControlService:
 
     def _charge(self, msg: _Inbound, r: IntervalRecord, seq: int) -> str:
         """One interval: skipped, charged, rejected (bounds, gateway binding, anything unforeseen)
-        or unpriced. Its own transaction: the intervals beside it are not lost with it."""
+        or unpriced. Its own savepoint of the message's transaction: an interval that fails
+        leaves no trace, and the intervals beside it are not lost with it."""
         enrolled = self._enrolled_meters()
         if r.quantity != ENERGY_FORWARD or r.meter not in enrolled:  # most meters are not prepaid
             self.stats.intervals_skipped += 1

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS meters (
     last_failed_ms INTEGER, blocked_reason TEXT, last_sig TEXT NOT NULL DEFAULT '',
     max_power_w INTEGER, manual_by TEXT, area TEXT
 );
+-- an account's meters, read with every charge: without it each read scans every meter
+CREATE INDEX IF NOT EXISTS meters_account ON meters(account_id, position);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts_ms INTEGER NOT NULL, account_id TEXT NOT NULL,
     kind TEXT NOT NULL, code TEXT NOT NULL, meter TEXT, interval_start_ms INTEGER, interval_end_ms INTEGER,
@@ -164,10 +166,18 @@ class SqliteLedgerStore(LedgerStore):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        if self._depth:
+        if self._depth:  # a savepoint of the outer transaction
+            name = f"sp{self._depth}"
+            self._db.execute(f"SAVEPOINT {name}")
             self._depth += 1
             try:
                 yield
+            except BaseException:
+                self._db.execute(f"ROLLBACK TO {name}")
+                self._db.execute(f"RELEASE {name}")
+                raise
+            else:
+                self._db.execute(f"RELEASE {name}")
             finally:
                 self._depth -= 1
             return

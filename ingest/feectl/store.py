@@ -164,7 +164,9 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[None]:
-        """One atomic unit; nested calls join the outer one."""
+        """One atomic unit. A nested call is a savepoint of the outer one: when it raises, its
+        own changes are undone and the exception goes on; the outer one commits or rolls back
+        everything, the nested units' changes included."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -19,6 +19,11 @@ from PostgreSQL (``amigw ingest --loss --json`` of either machine: the same acco
 missing, 0 lost and every gateway dense from seq 1. With each machine's state in its own SQLite
 file (the default) the same run fails that last check: each machine's account sees only the seqs
 it processed and reports the other machine's as holes.
+
+The second test runs the fleet bench (``amigw bench e2e --state-url``) with each ingest worker a
+machine of its own on the same PostgreSQL, fee control charging what both publish, one machine
+SIGKILLed and the other stopped for good mid-run: every reading, flag, interval, closed hour and
+day total and charge is checked against the generator's ground truth.
 """
 
 from __future__ import annotations
@@ -190,3 +195,41 @@ async def test_two_machines_share_one_state_and_lose_or_duplicate_nothing(
     for g in gateways:
         assert accounts[g.gw]["first"] == 1 and not accounts[g.gw]["gaps"], accounts[g.gw]
     assert not list(a.dir.glob("*.sqlite")) and not list(b.dir.glob("*.sqlite"))  # no machine's own file
+
+
+def test_two_machines_on_a_generated_fleet_every_reading_total_and_charge_once(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    """The fleet bench with each worker a machine of its own (``--state-url``): machine 0 is
+    SIGKILLed and restarted, then machine 1 is stopped for good, while a generated fleet publishes
+    4 simulated hours with every anomaly kind; fee control charges the intervals both machines
+    published. Every reading once, every anomaly flagged, intervals and the closed periods' hourly
+    and daily TOU totals equal to the truth's sums, every charge once (fee control's journal per
+    meter equal to the truth's), the shared loss account at 0."""
+    from simulators.bench_e2e import BenchOptions, parse_faults, run_bench
+
+    run_dir = tmp_path / "run"
+    opts = BenchOptions(
+        gateways=4, meters=24, hours=4, seed=11, min_each=1, workers=2,
+        faults=parse_faults(["worker-kill", "worker-stop"]), ack_timeout_s=3.0, resend_cap_s=5.0,
+        progress_s=1.0, settle_timeout_s=90.0, run_dir=run_dir,
+        state_url=postgres.create_database(f"state_{uuid.uuid4().hex[:8]}"),
+    )  # fmt: skip
+    report = asyncio.run(run_bench(opts, say=print))
+    print(report.summary())
+    assert report.ok, report.summary()
+    check = report.store_check
+    assert check["lost"] == check["duplicated"] == check["unexpected"] == 0, report.store_summary
+    assert check["totals_checked"] > 0 and check["total_mismatches"] == 0, report.store_summary
+    assert check["charges_checked"] > 0 and check["charge_mismatches"] == 0, report.store_summary
+    assert report.counts["missing_batches"] == report.counts["lost_batches"] == 0
+    written = report.counts["batches_written_by_worker"]
+    assert len(written) == 2 and all(n > 0 for n in written), written  # both machines took batches
+    faults = {f.name: f for f in report.faults}
+    assert faults["worker-kill"].evidence["pid_before"] != faults["worker-kill"].evidence["pid_after"]
+    assert faults["worker-stop"].evidence["live_workers"] == [0]
+    for i in (0, 1):  # separate working directories, no state file of a machine's own
+        machine = run_dir / f"ingest-{i}"
+        assert (machine / "ingest.toml").is_file()
+        assert not list(machine.glob("*.sqlite")), list(machine.iterdir())
+    assert not (run_dir / "ingest").exists()

@@ -224,6 +224,48 @@ def test_an_unforeseen_failure_is_contained_to_its_interval(
     assert balance(service) == -50
 
 
+def test_a_message_is_one_commit_however_many_intervals_it_charges(service: FeeControlService) -> None:
+    """A ledger commit is a sync to disk: one per message, not one per interval (a gateway's
+    message carries hundreds of prepaid meters' intervals)."""
+    commits: list[str] = []
+    service.controller.store.connection.set_trace_callback(  # type: ignore[attr-defined]
+        lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
+    )
+    payload = encode_intervals(
+        "gw-1", 3, [rec(100, START - 2 * QUARTER), rec(100, START - QUARTER), rec(100)]
+    )
+    assert service.handle_message(TOPIC, payload) is True
+    assert len(commits) == 1
+    assert balance(service) == -150 and counter(service, 'amigw_feectl_charges_total{status="charged"}') == 3
+
+
+def test_an_interval_that_fails_half_way_leaves_no_trace_and_the_others_commit(
+    service: FeeControlService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second interval fails after its charge was journaled and posted (in the re-evaluation
+    that follows): its savepoint undoes both, the intervals before and after it are charged."""
+    real = service.controller._evaluate
+    calls = [0]
+
+    def evaluate(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("a bug's stand-in, after the charge was written")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.controller, "_evaluate", evaluate)
+    payload = encode_intervals("gw-1", 4, [rec(100, START - 2 * QUARTER), rec(10, START - QUARTER), rec(100)])
+    assert service.handle_message(TOPIC, payload) is True
+    assert rejects(service) == [("internal_error", "m-1", START - QUARTER)]
+    assert balance(service) == -100  # 2 x 1 kWh at 0.5000 yuan/kWh; nothing of the failed one
+    charged = [e.interval_start_ms for e in service.controller.journal("acc-1") if e.kind.value == "charge"]
+    assert charged == [START - 2 * QUARTER, START]
+    assert service.controller.check_consistency().ok
+    monkeypatch.setattr(service.controller, "_evaluate", real)
+    assert service.handle_message(TOPIC, payload) is True  # redelivered: the failed one is charged now
+    assert balance(service) == -105
+
+
 def test_rejects_are_pruned_to_the_newest(tmp_path: Path) -> None:
     write_files(tmp_path)
     cfg = load_service_config(

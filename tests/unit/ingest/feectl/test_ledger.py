@@ -187,3 +187,32 @@ def test_ledger_survives_reopen(tmp_path, flat) -> None:  # type: ignore[no-unty
     assert again.balance("A17").balance_fen == 500 - 5
     assert charge(again, T0, 10).status is ChargeStatus.DUPLICATE
     assert again.store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_nested_transaction_that_raises_undoes_only_its_own_changes(ctl) -> None:  # type: ignore[no-untyped-def]
+    """A nested transaction is a savepoint: its changes go when it raises, the outer one's stay
+    and commit with it."""
+    store = ctl.store
+    with store.transaction():
+        charge(ctl, T0, 100)
+        with pytest.raises(RuntimeError), store.transaction():
+            charge(ctl, T0 + QUARTER, 100)
+            raise RuntimeError("the inner unit fails after writing")
+        charge(ctl, T0 + 2 * QUARTER, 100)
+    starts = [e.interval_start_ms for e in ctl.journal("A17") if e.kind is JournalKind.CHARGE]
+    assert starts == [T0, T0 + 2 * QUARTER]
+    assert ctl.balance("A17").balance_fen == -100
+    assert ctl.check_consistency().ok
+
+
+def test_an_accounts_meters_are_read_through_an_index(ctl) -> None:  # type: ignore[no-untyped-def]
+    """Every charge reads its account's meters; without the index each read scans every meter of
+    the ledger (2.4 ms a charge at 25,000 accounts instead of 0.4 ms)."""
+    db = ctl.store.connection
+    for sql in (
+        "SELECT meter FROM meters WHERE account_id = ? ORDER BY position",
+        "SELECT m.meter FROM meters m LEFT JOIN commands c ON c.meter = m.meter "
+        "WHERE m.account_id = ? ORDER BY m.position",
+    ):
+        plan = " ".join(str(r[-1]) for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", ("A17",)))
+        assert "USING INDEX meters_account" in plan, plan
