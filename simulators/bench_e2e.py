@@ -54,6 +54,7 @@ from simulators.fleet_headend import (
     HarnessError,
     HeadEnd,
     HeadEndSettings,
+    cpu_s,
     ledger_charges,
     rss_kib,
 )
@@ -111,6 +112,7 @@ class BenchReport:
     throughput: dict[str, Any] = field(default_factory=dict)
     latency_s: dict[str, Any] = field(default_factory=dict)
     memory_kib: dict[str, int] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
     faults: list[FaultResult] = field(default_factory=list)
     store_check: dict[str, Any] = field(default_factory=dict)
@@ -126,7 +128,7 @@ class BenchReport:
         return {
             "ok": self.ok, "options": self.options, "run_dir": self.run_dir, "cores": os.cpu_count(),
             "throughput": self.throughput, "latency_s": self.latency_s, "memory_kib": self.memory_kib,
-            "counts": self.counts, "faults": [f.to_dict() for f in self.faults],
+            "cpu_s": self.cpu_s, "counts": self.counts, "faults": [f.to_dict() for f in self.faults],
             "store_check": self.store_check, "anchors": self.anchors,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
         }  # fmt: skip
@@ -142,6 +144,8 @@ class BenchReport:
             f"p50 {lat.get('p50', 0):.2f} s,"
             f" p95 {lat.get('p95', 0):.2f} s, p99 {lat.get('p99', 0):.2f} s, max {lat.get('max', 0):.2f} s",
             "  memory (max RSS, MiB): " + ", ".join(f"{k} {v / 1024:.0f}" for k, v in mem.items()),
+            "  CPU seconds over the run (first boundary to last confirmation): "
+            + ", ".join(f"{k} {v:,.1f}" for k, v in self.cpu_s.items()),
             "  counts: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()),
         ]
         for f in self.faults:
@@ -387,17 +391,42 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class _Meter:
-    """Memory maxima, readings/s windows and the batches each worker wrote, sampled on every
-    progress tick."""
+    """Memory maxima, CPU seconds per program, readings/s windows and the batches each worker
+    wrote, sampled on every progress tick (and once when the run starts)."""
 
     def __init__(self, he: HeadEnd) -> None:
         self.he = he
         self.max: dict[str, int] = {}
         self.samples: list[tuple[float, int]] = []
+        self._cpu: dict[tuple[str, int], list[float]] = {}  # (program, pid): [at first sight, last]
+        self._first = True
+        self.sample_cpu()
+
+    def sample_cpu(self) -> None:
+        """CPU seconds of every program since the run started: a process already running then
+        counts from then, one started during the run (a restart) from its start."""
+        he = self.he
+        pids = [("ingest_workers", he.worker_pid(i)) for i in range(len(he.workers))]
+        pids += [("influxd", he.influx.pid), ("broker", he.broker.pid), ("feectl", he.feectl_pid)]
+        pids.append(("harness", os.getpid()))
+        for name, pid in pids:
+            if pid is None:
+                continue
+            used = cpu_s(pid)
+            seen = self._cpu.setdefault((name, pid), [used if self._first else 0.0, used])
+            seen[1] = max(seen[1], used)
+        self._first = False
+
+    def cpu_by_program(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (name, _pid), (first, last) in self._cpu.items():
+            out[name] = round(out.get(name, 0.0) + last - first, 1)
+        return out
 
     def sample(self, readings: int) -> None:
         he = self.he
         he.note_written()
+        self.sample_cpu()
         workers = [rss_kib(he.worker_pid(i)) for i in range(len(he.workers))]
         now = {
             "ingest_worker_max": max(workers, default=0),
@@ -630,6 +659,7 @@ async def _drive(
         "p99": round(percentile(lat, 99), 3), "max": round(max(lat, default=0.0), 3),
     }  # fmt: skip
     report.memory_kib = dict(meter.max)
+    report.cpu_s = meter.cpu_by_program()
     report.counts.update(batches_added=stats.added, batches_confirmed=stats.confirmed, resent=stats.resent,
                          outbox_dropped=stats.dropped, backlog_at_end=stats.backlog,
                          batches_written_by_worker=he.written_by_worker())  # fmt: skip

@@ -54,4 +54,7 @@ def test_every_fault_in_turn_nothing_lost_or_duplicated(tmp_path: Path) -> None:
     assert check["charges_checked"] > 0 and check["charge_mismatches"] == 0, report.store_summary
     assert report.counts["missing_batches"] == report.counts["lost_batches"] == 0
     assert report.counts["batches_added"] == report.counts["batches_confirmed"] > 0
+    # the report accounts for where the CPU went and which worker wrote what
+    assert all(report.cpu_s.get(k, 0) > 0 for k in ("ingest_workers", "influxd", "feectl", "harness"))
+    assert all(n > 0 for n in report.counts["batches_written_by_worker"])
     assert report.ok, report.summary()
