@@ -330,14 +330,8 @@ class HeadEnd:
 
     def labelled_metric(self, i: int, name: str) -> dict[str, float]:
         """Worker ``i``'s samples of ``name`` by their label text (e.g. ``result="duplicate"``)."""
-        try:
-            url = f"http://127.0.0.1:{self.metrics_port + i}/metrics"
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                text = resp.read().decode()
-        except (OSError, ValueError):
-            return {}
         out: dict[str, float] = {}
-        for line in text.splitlines():
+        for line in _exposition(f"http://127.0.0.1:{self.metrics_port + i}/metrics").splitlines():
             if line.startswith(name + "{"):
                 sample, _, value = line.rpartition(" ")
                 out[sample[len(name) + 1 : -1]] = float(value)
@@ -470,15 +464,19 @@ class HeadEnd:
         return proc.pid
 
 
-def _summed(url: str) -> dict[str, float]:
-    """The Prometheus samples at ``url``, summed per metric name ({} when it does not answer)."""
+def _exposition(url: str) -> str:
+    """The Prometheus text at ``url`` ("" when it does not answer)."""
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
+            return str(resp.read().decode())
     except (OSError, ValueError):
-        return {}
+        return ""
+
+
+def _summed(url: str) -> dict[str, float]:
+    """The Prometheus samples at ``url``, summed per metric name ({} when it does not answer)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in _exposition(url).splitlines():
         if line and not line.startswith("#"):
             sample, _, value = line.rpartition(" ")
             name = sample.partition("{")[0]
