@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 from protocols import topics
 from protocols.errors import ConfigError
+from simulators.bench_anchors import cpu_s
 from simulators.fleet_faults import FAULTS, Check, FaultContext, FaultResult, inject
 from simulators.fleet_headend import (
     DATABASE,
@@ -54,7 +55,6 @@ from simulators.fleet_headend import (
     HarnessError,
     HeadEnd,
     HeadEndSettings,
-    cpu_s,
     ledger_charges,
     rss_kib,
 )
@@ -412,7 +412,10 @@ class _Meter:
         for name, pid in pids:
             if pid is None:
                 continue
-            used = cpu_s(pid)
+            try:
+                used = cpu_s(pid)
+            except (OSError, ValueError, IndexError):  # gone since: its last sample stands
+                continue
             seen = self._cpu.setdefault((name, pid), [used if self._first else 0.0, used])
             seen[1] = max(seen[1], used)
         self._first = False

@@ -57,7 +57,6 @@ __all__ = [
     "HarnessError",
     "HeadEnd",
     "HeadEndSettings",
-    "cpu_s",
     "ledger_charges",
     "rss_kib",
 ]
@@ -121,17 +120,6 @@ def rss_kib(pid: int | None) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of ``pid`` so far (``/proc/<pid>/stat``), 0 when it is gone."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def ledger_charges(path: Path) -> dict[str, int]:
