@@ -602,7 +602,7 @@ retry_initial_s = 0.5
 retry_max_s = 30.0
 # Area outage (OUT-02): power-down or collapsed-voltage events of max(outage_min_meters,
 # outage_pct % of the area's customers) meters within outage_window_s raise one alarm; events
-# within outage_hold_s of an open alarm join it.
+# within outage_hold_s of an open alarm join it (an earlier one moves the alarm back to it).
 outage_window_s = 120
 outage_min_meters = 3
 outage_pct = 30
@@ -610,7 +610,8 @@ outage_hold_s = 1800
 # Run state of the run rules (VEE-08 stopped meter, VEE-09 long zero consumption, VEE-19 stuck
 # value) carried from one batch to the next, per channel (SQLite, shared by the workers of this
 # machine, or the [state] url database; "" = runstate.sqlite beside the dedup database). Channels not seen for
-# state_max_age_s are forgotten (their runs restart).
+# state_max_age_s are forgotten (their runs restart). The open area-outage alarms are kept
+# there too, for state_max_age_s.
 state_path = ""
 state_max_age_s = 604800.0
 

@@ -70,6 +70,7 @@ B = npt.NDArray[np.bool_]
 UTC_OFFSET_MS = 8 * 3_600_000
 """Local time of the fleet's meters and of its tariff calendar (China: UTC+8, no DST)."""
 DAY_MS = 86_400_000
+OUTAGE_HOLD_S = 1800  # ingest's [pipeline] outage_hold_s default (OUT-02)
 PROFILES = ("residential", "commercial", "pv")
 ANOMALY_KINDS = (
     "clean",
@@ -693,10 +694,14 @@ class Fleet:
                 if ok:
                     self._events.setdefault(k, []).append(_Event(K[kind], m, k, param))
                     count -= 1
-        # area outages: every meter of an area down for 1 or 2 boundaries, areas of >= 3 meters
+        # area outages: every meter of an area down for 1 or 2 boundaries, areas of >= 3 meters;
+        # two outages of an area start more than ingest's default outage_hold_s apart (closer,
+        # the second joins the first's alarm: one alarm, where the truth would count two)
         areas, sizes = np.unique(self.area_of, return_counts=True)
         big = areas[sizes >= 3]
         count = self._count(rng, big.size * ki, r.area_outage) if big.size else 0
+        apart = OUTAGE_HOLD_S // s.interval_s + 1
+        starts: dict[int, list[int]] = {}
         for _ in range(count * 4):
             if count <= 0:
                 break
@@ -706,6 +711,9 @@ class Fleet:
             members = np.flatnonzero(self.area_of == a)
             if k + d >= ki or self._busy[members, k : k + d + 1].any():
                 continue
+            if any(abs(k - k0) < apart for k0 in starts.get(a, ())):
+                continue
+            starts.setdefault(a, []).append(k)
             self._busy[members, k : k + d + 1] = True
             self._events.setdefault(k, []).append(_Event(K["area_outage"], a, k, d))
             count -= 1

@@ -121,6 +121,7 @@ from ingest.mqtt.publisher import MqttPublisher
 from ingest.pipeline.deadletter import DeadLetter, DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.loss import Alarm, LossStore
+from ingest.pipeline.outages import AreaAlarmStore, Merge, OpenAlarm
 from ingest.pipeline.rollup import RollupJob
 from ingest.pipeline.state import RunStateStore
 from ingest.pipeline.transform import BatchOutput, Settings, split_foreign, transform, warm_up
@@ -191,6 +192,7 @@ class _Resources:
     consumer: MqttConsumer | None = None
     loss: LossStore | None = None
     state: RunStateStore | None = None
+    alarms: AreaAlarmStore | None = None
 
 
 class IngestWorker:
@@ -261,13 +263,14 @@ class IngestWorker:
         on the way out."""
         cfg, p = self.cfg, self.cfg.pipeline
         url = cfg.state.url
-        dead, dedup, loss, state = await self._state(
+        dead, dedup, loss, state, alarms = await self._state(
             "open",
             lambda: (
                 DeadLetterStore.from_config(cfg.dead_letter, url),
                 DedupStore.from_config(cfg.dedup, url),
                 LossStore.from_config(cfg.loss, url),
                 RunStateStore(cfg.run_state_path, max_age_s=p.state_max_age_s, url=url),
+                AreaAlarmStore(cfg.run_state_path, max_age_s=p.state_max_age_s, url=url),
             ),
         )
         sinks: asyncio.Queue[Sink] = asyncio.Queue()
@@ -276,7 +279,7 @@ class IngestWorker:
         publisher = None
         if p.publish_intervals or p.publish_daily or p.publish_alarms or p.confirm:
             publisher = MqttPublisher(cfg.mqtt, f"{cfg.mqtt.client_id}-{publisher_id}-pub")
-        res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss, state=state)
+        res = self._res = _Resources(sinks, dead, dedup, publisher, loss=loss, state=state, alarms=alarms)
         try:
             sample = warm_up(self.settings)
             for sink in _drain(sinks):
@@ -295,6 +298,7 @@ class IngestWorker:
             dedup.close()
             loss.close()
             state.close()
+            alarms.close()
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -940,19 +944,45 @@ class IngestWorker:
             await self._raise_alarm(sink, area, int(out.alarm_ts[a]), int(out.alarm_events[a]))
 
     async def _raise_alarm(self, sink: Sink, area: str, ts: int, events: int) -> None:
+        """Open or merge the outage in the shared alarm store (:mod:`ingest.pipeline.outages`),
+        publish a new alarm, then make the sink hold the alarm as the store does."""
+        assert self._res is not None and self._res.alarms is not None
+        store = self._res.alarms
         hold = self.cfg.pipeline.outage_hold_s * 1000
-        existing = await sink.open_area_alarm(area, ts - hold, ts + hold)
-        if existing is not None:
-            ts, events = existing.ts_ms, max(events, existing.events)
-            if events == existing.events:
-                return
-        else:
+        stored = await sink.open_area_alarm(area, ts - hold, ts + hold)
+        known = None if stored is None else (stored.ts_ms, stored.events)
+        alarm, merge = await self._state("area alarm", lambda: store.merge(area, ts, events, hold, known))
+        if merge is Merge.OPENED:
             self.metrics.alarms.inc()
             log.warning("area outage alarm area=%s ts_ms=%d events=%d", area, ts, events)
-            # Published before it is written: a failed publish retries the step, and the written
-            # alarm is what stops a second publish (a repeat is harmless: (area, ts_ms) names it).
-            await self._publish_alarm(area, ts, events)
-        await self._dead_letter_rejected(await sink.write(Writes(area_alarms=[AreaAlarm(area, ts, events)])))
+        elif merge is Merge.MOVED:
+            log.info(
+                "area outage alarm moved back area=%s ts_ms=%d from_ms=%d", area, alarm.ts_ms, alarm.last_ms
+            )
+        if not alarm.published:
+            # Published before it is written, and marked after the PUBACK: a failed publish
+            # retries the step, and a repeat is harmless ((area, ts_ms) names the alarm).
+            await self._publish_alarm(area, alarm.ts_ms, alarm.events)
+            await self._state("area alarm", lambda: store.mark_published(area, alarm.ts_ms))
+        unmoved = alarm.last_ms == alarm.ts_ms
+        if merge is Merge.SAME and unmoved and stored == AreaAlarm(area, alarm.ts_ms, alarm.events):
+            return  # the sink holds it as the store does
+        await self._store_alarm(sink, store, alarm, hold)
+
+    async def _store_alarm(self, sink: Sink, store: AreaAlarmStore, alarm: OpenAlarm, hold: int) -> None:
+        """Write ``alarm``, drop the times it had before it moved back, and again while another
+        worker changed it meanwhile (see :mod:`ingest.pipeline.outages`)."""
+        current: OpenAlarm | None = alarm
+        while current is not None:
+            a = current
+            await self._dead_letter_rejected(
+                await sink.write(Writes(area_alarms=[AreaAlarm(a.area, a.ts_ms, a.events)]))
+            )
+            if a.last_ms > a.ts_ms:
+                await sink.drop_area_alarms(a.area, a.ts_ms, a.last_ms)
+            current = await self._state("area alarm", functools.partial(store.current, a.area, a.ts_ms, hold))
+            if current is not None and current.version == a.version:
+                return
 
     async def _publish_alarm(self, area: str, ts: int, events: int) -> None:
         """The new area-outage alarm on ``ami/v1/agg/alarms`` (``[pipeline] publish_alarms``),

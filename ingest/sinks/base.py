@@ -272,6 +272,11 @@ class Sink(Protocol):
         """The earliest area-outage alarm of ``area`` stored in ``[t_lo_ms, t_hi_ms]``."""
         ...
 
+    async def drop_area_alarms(self, area: str, after_ms: int, until_ms: int) -> None:
+        """Delete the area-outage alarms of ``area`` stored in ``(after_ms, until_ms]``: the
+        times an alarm had before it moved back to an earlier power-down."""
+        ...
+
     async def completeness(
         self,
         meter_id: str,

@@ -208,6 +208,13 @@ async def test_outage_events_and_area_alarms_read_back(store: Store) -> None:
     await store.sink.write(Writes(area_alarms=[AreaAlarm(area, T0 + Q, 5)]))  # updated in place
     assert await store.sink.open_area_alarm(area, T0, T0 + 2 * Q) == AreaAlarm(area, T0 + Q, 5)
     assert await store.sink.open_area_alarm("other", T0, T0 + 2 * Q) is None
+    # an alarm moved back to an earlier power-down: the times it had before are dropped
+    await store.sink.write(
+        Writes(area_alarms=[AreaAlarm(area, T0 + 2 * Q, 5), AreaAlarm(area, T0 + 3 * Q, 2)])
+    )
+    await store.sink.drop_area_alarms(area, T0 + Q, T0 + 2 * Q)
+    assert await store.sink.open_area_alarm(area, T0, T0 + 3 * Q) == AreaAlarm(area, T0 + Q, 5)
+    assert await store.sink.open_area_alarm(area, T0 + Q + 1, T0 + 3 * Q) == AreaAlarm(area, T0 + 3 * Q, 2)
 
 
 async def test_records_the_store_refuses_are_reported_back_and_the_rest_written(store: Store) -> None:

@@ -28,6 +28,7 @@ from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.worker import IngestWorker
 from ingest.sinks.influx.lines import stored_tag, unescape_tag
 from ingest.sinks.influx.sink import InfluxSink
+from protocols import topics
 from protocols.aggregates import decode_daily, decode_intervals
 from protocols.flags import Flag
 from protocols.payload import BatchBuilder, Event, ReadingBatch, encode
@@ -663,6 +664,52 @@ async def test_power_down_events_of_one_area_raise_one_alarm(
     alarms = influxd.query("SELECT * FROM alarms", db=db)
     assert len(alarms) == 1 and alarms[0]["area"] == "TA-1" and alarms[0]["time"] == T0 + 20_000
     assert alarms[0]["events"] == 5
+
+
+async def test_an_outage_handled_out_of_order_is_one_alarm_at_its_first_power_down(
+    mosquitto: Any, influx_db: Any, tmp_path: Path, run_worker: Any
+) -> None:
+    """The later power-downs of an outage are correlated first (their batches came first: another
+    worker, a re-sent batch): the alarm opens on them, is published once, and moves back to the
+    time the outage has in order when the earlier ones arrive -- one alarm, not one per order."""
+    influxd, db = influx_db
+    gw = f"gw-o-{_uid()}"
+    reg = tmp_path / "meters.toml"
+    reg.write_text(
+        "".join(
+            f'[meters."E{i}"]\nvoltage_v = 220\nimax_a = 60\nphases = 1\narea = "TA-1"\n' for i in range(6)
+        )
+    )
+    rec = MqttRecorder(mosquitto.host, mosquitto.port, [topics.ALARMS], client_id=f"rec-{_uid()}")
+    await run_worker(
+        ingest_toml(
+            tmp_path, mosquitto, influxd, db, topics_for(f"g{_uid()}", [gw], events=True), registry=str(reg)
+        )
+    )
+    pub = Publisher(mosquitto)
+
+    def down(*meters: int) -> None:
+        for i in meters:
+            ev = Event(f"{gw}-ev-{i}", gw, "power_down", T0 + i * 10_000, f"E{i}")
+            pub.send(f"ami/v1/{gw}/up/events", ev.to_json())
+
+    def alarms() -> list[tuple[int, int]]:
+        return [(r["time"], r["events"]) for r in influxd.query("SELECT * FROM alarms", db=db)]
+
+    try:
+        down(4, 3, 2)  # the outage's later three meters, 20-40 s in: enough for an alarm
+        await wait_for(lambda: alarms() == [(T0 + 40_000, 3)])
+        down(1)
+        await wait_for(lambda: alarms() == [(T0 + 30_000, 4)])
+        down(0)
+        await wait_for(lambda: alarms() == [(T0 + 20_000, 5)])  # where the in-order run puts it
+        await asyncio.sleep(1.0)  # room for a (wrong) second alarm or publish
+    finally:
+        pub.close()
+        rec.close()
+    assert alarms() == [(T0 + 20_000, 5)]
+    published = [json.loads(p) for p in rec.snapshot()]
+    assert [(a["area"], a["ts_ms"]) for a in published] == [("TA-1", T0 + 40_000)]  # once, as opened
 
 
 async def test_collapsed_voltages_of_one_area_raise_one_alarm(

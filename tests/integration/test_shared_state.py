@@ -5,7 +5,8 @@ stores take advisory locks and ``SKIP LOCKED`` claims instead. Each test runs se
 once, each with its own store (its own connection, as on another machine), on threads that block
 in the database, and checks the invariant the store's contract promises: the loss account's
 ranges merge to one, each owed rollup is claimed by one worker, the dead-letter bounds and
-counters hold, no worker's run state is lost, and a lost database is StateUnavailable, then
+counters hold, no worker's run state is lost, an area outage found by several workers at once is
+one alarm, and a lost database is StateUnavailable, then
 reconnected.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 from ingest.pipeline.deadletter import DeadLetterStore
 from ingest.pipeline.dedup import DedupStore
 from ingest.pipeline.loss import LossStore
+from ingest.pipeline.outages import AreaAlarmStore, Merge
 from ingest.pipeline.state import RunStateStore
 from ingest.rules import kernels as k
 from ingest.rules.stages import RunCarry
@@ -131,6 +134,30 @@ def test_run_states_written_at_once_by_several_machines_are_all_kept(
         got = reader.carry("gw", meters)
     assert sorted(got.meter.tolist()) == list(range(WRITERS))  # every machine's channel kept
     assert got.state[:, k.C_STOP_LEN].tolist() == [19] * WRITERS
+    for s in stores:
+        s.close()
+
+
+def test_an_outage_found_by_several_machines_at_once_is_one_alarm(tmp_path: Path, postgres_url: str) -> None:
+    """Each writer finds the same outages, each from a later point first (its batches came in
+    another order): every area ends with one alarm, at its earliest point, opened once."""
+    q, areas = 900_000, 40
+    t0 = int(time.time() * 1000) // q * q - 8 * q  # recent: kept (older alarms are dropped)
+    stores = [AreaAlarmStore(tmp_path / f"{i}.sqlite", url=postgres_url) for i in range(WRITERS)]
+    opened = [0] * WRITERS
+
+    def work(i: int) -> None:
+        for a in range(areas):
+            for p in (WRITERS - i, 0, i):  # 3 points of the outage, in this writer's order
+                if stores[i].merge(f"TA-{a}", t0 + p * q, 3 + i, 1_800_000 * 3)[1] is Merge.OPENED:
+                    opened[i] += 1
+
+    _concurrently(work)
+    held = stores[0].alarms()
+    assert [(x.area, x.ts_ms, x.events) for x in held] == sorted(
+        (f"TA-{a}", t0, 3 + WRITERS - 1) for a in range(areas)
+    )
+    assert sum(opened) == areas
     for s in stores:
         s.close()
 

@@ -119,6 +119,18 @@ class InfluxSink:
         first = min(rows, key=lambda r: r["time"])
         return AreaAlarm(area, int(first["time"]), int(first["events"]))
 
+    async def drop_area_alarms(self, area: str, after_ms: int, until_ms: int) -> None:
+        """InfluxDB 2.x's v1-compatibility ``/query`` takes no DELETE: the points are kept, logged."""
+        window = f"\"kind\" = 'area_outage' AND time > {after_ms}ms AND time <= {until_ms}ms"
+        try:
+            await self.query.rows(
+                f'DELETE FROM "alarms" WHERE "area" = {quote_str(stored_tag(area))} AND {window}'
+            )
+        except SinkError as exc:
+            if exc.retryable:
+                raise
+            log.warning("superseded area alarm not removed area=%s after_ms=%d error=%s", area, after_ms, exc)
+
     async def completeness(
         self,
         meter_id: str,

@@ -264,6 +264,9 @@ class VictoriaSink:
     async def open_area_alarm(self, area: str, t_lo_ms: int, t_hi_ms: int) -> AreaAlarm | None:
         return await self.records.open_area_alarm(area, t_lo_ms, t_hi_ms)
 
+    async def drop_area_alarms(self, area: str, after_ms: int, until_ms: int) -> None:
+        await self.records.drop_area_alarms(area, after_ms, until_ms)
+
     async def day_sums(self, start_ms: int, end_ms: int, fields: Sequence[str]) -> list[DaySums]:
         return await self.records.day_sums(start_ms, end_ms, fields)
 

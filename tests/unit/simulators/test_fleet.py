@@ -180,3 +180,19 @@ def test_a_forward_spike_of_a_pv_meter_leaves_its_export_interval_billable() -> 
     same = rev & np.isin(key, key[fwd_spiked])
     assert same.sum() == fwd_spiked.sum()
     assert not (iv["expect"][rev] & Flag.SPIKE).any() and iv["billable"][same].all()
+
+
+def test_outages_of_one_area_start_further_apart_than_ingests_alarm_hold() -> None:
+    """Closer, the head-end joins the second outage to the first's alarm (OUT-02's hold)."""
+    from ingest.config import PipelineSection
+    from simulators.fleet import OUTAGE_HOLD_S
+
+    assert PipelineSection().outage_hold_s == OUTAGE_HOLD_S
+    spec = _spec(gateways=2, meters_per_gateway=8, intervals=96, rates=AnomalyRates(area_outage=0.2))
+    fleet = Fleet(spec)
+    _run(fleet)
+    alarms = fleet.truth.alarms
+    assert alarms["area"].size >= 4
+    for a in np.unique(alarms["area"]):
+        ts = np.sort(alarms["ts"][alarms["area"] == a])
+        assert (np.diff(ts) > OUTAGE_HOLD_S * 1000).all(), ts
